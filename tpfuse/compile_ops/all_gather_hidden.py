@@ -1,0 +1,160 @@
+"""``tpfuse::all_gather_hidden``: the hidden-axis all-gather as a custom op.
+
+Schema (see docs/op.md for the full contract)::
+
+    tpfuse::all_gather_hidden(Tensor x, int[] hidden_widths, str group_name,
+                              int slot=-1, bool skip_entry_sync=False,
+                              bool zero_copy=False) -> Tensor
+
+``slot``, ``skip_entry_sync`` and ``zero_copy`` are *permissions* that only a
+pass which has proven them safe sets (CONTEXT §2).  A backend that cannot use
+one ignores it and still returns a correct, caller-owned tensor.
+
+Its backward is ``tpfuse::reduce_scatter_hidden``: rank ``r`` receives the sum
+over ranks of column band ``r`` of the gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from . import collective
+from .dispatch import Backend, check_device_matches_group, check_dtype, choose_backend
+from .groups import Group, group_name_of, resolve_group
+
+_SLOTS = (-1, 0, 1)
+
+
+def _check_widths(hidden_widths: Sequence[int]) -> None:
+    if len(hidden_widths) == 0:
+        raise ValueError("tpfuse: hidden_widths is empty; give one width per rank")
+    bad = [w for w in hidden_widths if w <= 0]
+    if bad:
+        raise ValueError(
+            f"tpfuse: hidden_widths={list(hidden_widths)} has width(s) {bad} <= 0; "
+            "every rank must contribute a positive number of columns"
+        )
+
+
+def _check_gather_args(x: Tensor, hidden_widths: Sequence[int], group: Group, slot: int) -> None:
+    """Every check of the eager path, in one place, with what would be accepted."""
+    _check_widths(hidden_widths)
+    if len(hidden_widths) != group.world_size:
+        raise ValueError(
+            f"tpfuse: len(hidden_widths)={len(hidden_widths)} but group "
+            f"{group.name!r} has {group.world_size} ranks; give exactly one width per rank"
+        )
+    if x.dim() == 0:
+        raise ValueError("tpfuse: x is a scalar; it needs a last (hidden) dimension")
+    expected = hidden_widths[group.rank]
+    if x.shape[-1] != expected:
+        raise ValueError(
+            f"tpfuse: x.shape[-1]={x.shape[-1]} on rank {group.rank} but "
+            f"hidden_widths[{group.rank}]={expected}; x's last dim must equal "
+            "this rank's entry in hidden_widths"
+        )
+    check_dtype(x.dtype)
+    check_device_matches_group(x.device.type, group)
+    if slot not in _SLOTS:
+        raise ValueError(f"tpfuse: slot={slot} is not one of {_SLOTS} (-1 lets the op choose)")
+
+
+@torch.library.custom_op(
+    "tpfuse::all_gather_hidden",
+    mutates_args=(),
+    schema="(Tensor x, int[] hidden_widths, str group_name, int slot=-1, "
+    "bool skip_entry_sync=False, bool zero_copy=False) -> Tensor",
+)
+def all_gather_hidden_op(
+    x: Tensor,
+    hidden_widths: list[int],
+    group_name: str,
+    slot: int = -1,
+    skip_entry_sync: bool = False,
+    zero_copy: bool = False,
+) -> Tensor:
+    group = resolve_group(group_name)
+    _check_gather_args(x, hidden_widths, group, slot)
+    out_numel = (x.numel() // x.shape[-1]) * sum(hidden_widths) if x.shape[-1] else 0
+    backend = choose_backend(x.device.type, x.dtype, out_numel, group)
+    if backend in (Backend.GLOO, Backend.NCCL):
+        return collective.gather_hidden(x, hidden_widths, group)
+    from . import push  # the GPU data path; imported only when chosen
+
+    return push.gather_hidden(x, hidden_widths, group, backend, slot, skip_entry_sync, zero_copy)
+
+
+@all_gather_hidden_op.register_fake
+def _(x, hidden_widths, group_name, slot=-1, skip_entry_sync=False, zero_copy=False):
+    # Shape only: never touches a process group, works for symbolic leading dims.
+    _check_widths(hidden_widths)
+    check_dtype(x.dtype)
+    torch._check(x.dim() >= 1, lambda: "tpfuse: x needs a last (hidden) dimension")
+    return x.new_empty(*x.shape[:-1], sum(hidden_widths))
+
+
+@torch.library.custom_op(
+    "tpfuse::reduce_scatter_hidden",
+    mutates_args=(),
+    schema="(Tensor grad, int[] hidden_widths, int local_width, str group_name) -> Tensor",
+)
+def reduce_scatter_hidden_op(
+    grad: Tensor, hidden_widths: list[int], local_width: int, group_name: str
+) -> Tensor:
+    group = resolve_group(group_name)
+    _check_widths(hidden_widths)
+    if hidden_widths[group.rank] != local_width or len(hidden_widths) != group.world_size:
+        raise ValueError(
+            f"tpfuse: reduce_scatter_hidden on rank {group.rank} of {group.world_size}: "
+            f"local_width={local_width} does not match hidden_widths={hidden_widths}"
+        )
+    if grad.shape[-1] != sum(hidden_widths):
+        raise ValueError(
+            f"tpfuse: reduce_scatter_hidden got grad.shape[-1]={grad.shape[-1]}, "
+            f"expected sum(hidden_widths)={sum(hidden_widths)}"
+        )
+    check_device_matches_group(grad.device.type, group)
+    return collective.reduce_scatter_hidden(grad, hidden_widths, group)
+
+
+@reduce_scatter_hidden_op.register_fake
+def _(grad, hidden_widths, local_width, group_name):
+    return grad.new_empty(*grad.shape[:-1], local_width)
+
+
+def _setup_context(ctx, inputs, output):
+    x, hidden_widths, group_name = inputs[0], inputs[1], inputs[2]
+    ctx.hidden_widths = hidden_widths
+    ctx.group_name = group_name
+    ctx.local_width = x.shape[-1]
+
+
+def _backward(ctx, grad):
+    grad_x = torch.ops.tpfuse.reduce_scatter_hidden(
+        grad.contiguous(), ctx.hidden_widths, ctx.local_width, ctx.group_name
+    )
+    return grad_x, None, None, None, None, None
+
+
+all_gather_hidden_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def all_gather_hidden(
+    x: Tensor,
+    group: "torch.distributed.ProcessGroup | str | None" = None,
+    hidden_widths: Sequence[int] | None = None,
+) -> Tensor:
+    """Gather every rank's ``[..., w_r]`` slab along the last axis, in rank order.
+
+    ``group`` is a ProcessGroup, a group name, or ``None`` for the default
+    group.  ``hidden_widths`` lists every rank's width (identical on all
+    ranks); by default all ranks have ``x.shape[-1]`` columns.  Returns a
+    fresh ``[..., sum(hidden_widths)]`` tensor owned by the caller.
+    """
+    name = group_name_of(group)
+    if hidden_widths is None:
+        hidden_widths = [x.shape[-1]] * resolve_group(name).world_size
+    return torch.ops.tpfuse.all_gather_hidden(x, list(hidden_widths), name)

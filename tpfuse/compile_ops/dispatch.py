@@ -1,0 +1,119 @@
+"""The one place that chooses how a hidden-axis gather moves its bytes.
+
+Rank consistency (CONTEXT §2.2): ``choose_backend`` looks only at what every
+rank of the group knows identically -- device type, dtype, the *full* output
+shape, the group and the configuration.  It never looks at this rank's width,
+pointers or timing, so all ranks of a group take the same path and no rank
+waits in a collective that its peers skipped.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+
+import torch
+
+from .groups import Group
+
+
+class Backend(str, enum.Enum):
+    GLOO = "gloo"  # CPU tensors: c10d gather through gloo (the reference)
+    NCCL = "nccl"  # CUDA tensors: gather on dim 0, then rearrange
+    P2P = "p2p"  # CUDA: Triton push into peers' symmetric memory
+    MULTIMEM = "multimem"  # CUDA: NVLink multicast push (compile-verified only)
+
+
+#: dtypes every backend moves bit-exactly (the push kernels move 1-, 2- and
+#: 4-byte elements).  Keeping one list for all backends means a program that
+#: runs on the CPU reference also runs on the GPU paths.
+SUPPORTED_DTYPES = (
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+)
+
+_FORCED_CHOICES = ("auto", "p2p", "nccl", "gloo")
+
+
+def forced_backend() -> str:
+    """``TPFUSE_BACKEND=auto|p2p|nccl|gloo`` forces a backend (benchmarks, debugging).
+
+    The variable must be set identically on every rank (torchrun passes the
+    parent's environment to all of them)."""
+    choice = os.environ.get("TPFUSE_BACKEND", "auto").strip().lower()
+    if choice not in _FORCED_CHOICES:
+        raise ValueError(
+            f"tpfuse: TPFUSE_BACKEND={choice!r} is not one of {', '.join(_FORCED_CHOICES)}"
+        )
+    return choice
+
+
+def _device_backend_name(device_type: str) -> str:
+    return {"cpu": "gloo", "cuda": "nccl"}.get(device_type, "")
+
+
+def check_device_matches_group(device_type: str, group: Group) -> None:
+    """``x`` must live where the group's backend can move it."""
+    needed = _device_backend_name(device_type)
+    group_backend = group.backend
+    if group_backend == "fake":  # torch's testing backend moves nothing; allow it
+        return
+    if not needed or needed not in group_backend:
+        accepted = ", ".join(
+            f"{dev} tensors with a {be} group" for dev, be in (("cpu", "gloo"), ("cuda", "nccl"))
+        )
+        raise ValueError(
+            f"tpfuse: x is on {device_type!r} but group {group.name!r} uses the "
+            f"{group_backend!r} backend; accepted are {accepted}"
+        )
+
+
+def check_dtype(dtype: torch.dtype) -> None:
+    if dtype not in SUPPORTED_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
+        raise TypeError(
+            f"tpfuse: all_gather_hidden cannot move dtype {dtype}; accepted dtypes "
+            f"are {names}"
+        )
+
+
+def choose_backend(
+    device_type: str,
+    dtype: torch.dtype,
+    out_numel: int,
+    group: Group,
+) -> Backend:
+    """Pick the backend from rank-invariant facts only (see module docstring)."""
+    forced = forced_backend()
+    if device_type == "cpu":
+        if forced not in ("auto", "gloo"):
+            raise ValueError(
+                f"tpfuse: TPFUSE_BACKEND={forced} cannot move CPU tensors; CPU "
+                "tensors use the gloo backend"
+            )
+        return Backend.GLOO
+    if device_type == "cuda":
+        if forced == "gloo":
+            raise ValueError("tpfuse: TPFUSE_BACKEND=gloo cannot move CUDA tensors")
+        push = _choose_push(dtype, out_numel, group, forced)
+        return push if push is not None else Backend.NCCL
+    raise ValueError(
+        f"tpfuse: all_gather_hidden has no backend for {device_type!r} tensors; "
+        "accepted devices are cpu (gloo) and cuda (nccl / symmetric-memory push)"
+    )
+
+
+def _choose_push(dtype, out_numel, group, forced):
+    """Hook for the symmetric-memory push backends (GPU data path).
+
+    Returns ``None`` to fall back to NCCL."""
+    if forced == "nccl":
+        return None
+    return None

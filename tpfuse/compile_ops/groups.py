@@ -1,0 +1,59 @@
+"""Process groups by name: the op takes a ``str group_name`` so that graphs and
+fake kernels never hold a ProcessGroup object."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+from torch.distributed.distributed_c10d import _resolve_process_group
+
+
+@dataclass(frozen=True)
+class Group:
+    """What every rank of a group knows: its name, size and the caller's rank."""
+
+    pg: dist.ProcessGroup
+    name: str
+    rank: int
+    world_size: int
+
+    @property
+    def backend(self) -> str:
+        return str(dist.get_backend(self.pg))
+
+
+def group_name_of(group: "dist.ProcessGroup | str | None") -> str:
+    """The registered name of ``group``; ``None`` means the default group."""
+    if isinstance(group, str):
+        return group
+    if group is None:
+        if not dist.is_initialized():
+            raise RuntimeError(
+                "tpfuse: no process group given and torch.distributed is not "
+                "initialised; call dist.init_process_group(...) or pass group=..."
+            )
+        group = dist.group.WORLD
+    if isinstance(group, dist.ProcessGroup):
+        return group.group_name
+    raise TypeError(
+        f"tpfuse: group must be a ProcessGroup, a group name (str) or None, "
+        f"got {type(group).__name__}"
+    )
+
+
+def resolve_group(group_name: str) -> Group:
+    if not dist.is_initialized():
+        raise RuntimeError(
+            f"tpfuse: cannot resolve group {group_name!r}: torch.distributed is "
+            "not initialised"
+        )
+    try:
+        pg = _resolve_process_group(group_name)
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise ValueError(
+            f"tpfuse: unknown process group name {group_name!r}; accepted are the "
+            "group_name of an initialised ProcessGroup (the default group is "
+            f"{dist.group.WORLD.group_name!r}) or a ProcessGroup object"
+        ) from err
+    return Group(pg, group_name, pg.rank(), pg.size())

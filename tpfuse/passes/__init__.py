@@ -1,0 +1,1 @@
+"""Graph passes: decide what to rewrite and where a barrier is provably redundant."""
