@@ -49,7 +49,7 @@ def gather_hidden(
         send = x.new_empty(tokens, max_width)
         send[:, :width].copy_(slab)
     stacked = x.new_empty(group.world_size, tokens, max_width)
-    _all_gather_single(_on_wire(stacked), _on_wire(send), group=group.pg)
+    _all_gather_single(_on_wire(stacked).view(-1), _on_wire(send).view(-1), group=group.pg)
     bands = [stacked[r, :, :w] for r, w in enumerate(hidden_widths)]
     torch.cat(bands, dim=-1, out=out.view(tokens, -1))
     return out
@@ -75,5 +75,5 @@ def reduce_scatter_hidden(
         send[r, :, :w].copy_(rows[:, offset : offset + w])
         offset += w
     recv = grad.new_empty(tokens, max_width)
-    _reduce_scatter_single(recv, send, group=group.pg)
+    _reduce_scatter_single(recv.view(-1), send.view(-1), group=group.pg)
     return recv[:, :width].reshape(*lead, width)
