@@ -142,6 +142,13 @@ def _backward(ctx, grad):
 all_gather_hidden_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch._dynamo.assume_constant_result
+def _world_size(group_name: str) -> int:
+    # A group's size never changes, so Dynamo may bake it into the graph
+    # instead of tracing into the C++ group registry.
+    return resolve_group(group_name).world_size
+
+
 def all_gather_hidden(
     x: Tensor,
     group: "torch.distributed.ProcessGroup | str | None" = None,
@@ -156,5 +163,5 @@ def all_gather_hidden(
     """
     name = group_name_of(group)
     if hidden_widths is None:
-        hidden_widths = [x.shape[-1]] * resolve_group(name).world_size
+        hidden_widths = [x.shape[-1]] * _world_size(name)
     return torch.ops.tpfuse.all_gather_hidden(x, list(hidden_widths), name)

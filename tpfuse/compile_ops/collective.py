@@ -76,4 +76,4 @@ def reduce_scatter_hidden(
         offset += w
     recv = grad.new_empty(tokens, max_width)
     _reduce_scatter_single(recv.view(-1), send.view(-1), group=group.pg)
-    return recv[:, :width].reshape(*lead, width)
+    return recv[:, :width].reshape(*lead, width).contiguous()
