@@ -1,0 +1,72 @@
+"""Compile the push kernels ahead of time for sm_90 and report what their PTX holds.
+
+Runs without torch (``python tests/aot_kernels_report.py`` prints JSON), so CI
+can run it under the GPU machines' Triton as well as the installed one
+(``PYTHONPATH=$TPFUSE_TRITON36_PATH``).  Imported by tests/test_kernels_aot.py.
+"""
+
+import json
+import os
+import re
+import sys
+import types
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (name, elem_size, rank, band_offsets, vec, skip_entry_sync, copy_out)
+P2P_CONFIGS = [
+    ("bf16_w4_even", 2, 1, (0, 4096, 8192, 12288, 16384), 8, False, True),
+    ("bf16_w2_uneven_skip", 2, 0, (0, 1024, 3072), 8, True, True),
+    ("fp32_w4_width1001", 4, 3, (0, 1001, 2002, 3003, 4004), 1, False, True),
+    ("fp16_w4_width1000", 2, 2, (0, 1000, 2000, 3000, 4000), 8, False, True),
+    ("i8_w8_1792", 1, 5, tuple(1792 * i for i in range(9)), 16, False, True),
+    ("bf16_w4_zero_copy", 2, 0, (0, 1792, 3584, 5376, 7168), 8, False, False),
+]
+# (name, rank, band_offsets in 32-bit words, skip_entry_sync, copy_out)
+MULTIMEM_CONFIGS = [
+    ("w4_words", 1, (0, 2048, 4096, 6144, 8192), False, True),
+    ("w2_words_skip", 0, (0, 512, 1536), True, True),
+]
+
+_INSTRUCTIONS = re.compile(r"\b((?:st|ld|red|atom|multimem)\.[\w.:]+)")
+
+
+def _import_kernels():
+    # Import tpfuse.kernels without running tpfuse/__init__.py, which imports torch.
+    if "tpfuse" not in sys.modules:
+        package = types.ModuleType("tpfuse")
+        package.__path__ = [os.path.join(REPO, "tpfuse")]
+        sys.modules["tpfuse"] = package
+    from tpfuse.kernels import push_gather
+
+    return push_gather
+
+
+def report():
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    push_gather = _import_kernels()
+    target = GPUTarget("cuda", 90, 32)
+    out = {"triton": triton.__version__, "torch_imported": "torch" in sys.modules and sys.modules["torch"] is not None, "kernels": {}}
+
+    def record(name, source):
+        kernel = push_gather.compile_source(source, target=target)
+        ptx = kernel.asm["ptx"]
+        out["kernels"][name] = {
+            "instructions": sorted(set(_INSTRUCTIONS.findall(ptx))),
+            "globaltimer": "%globaltimer" in ptx,
+            "cubin_bytes": len(kernel.asm["cubin"]),
+        }
+
+    for name, elem, rank, offsets, vec, skip, copy_out in P2P_CONFIGS:
+        record("p2p_" + name, push_gather.p2p_source(elem, rank, offsets, vec, 512, skip, copy_out))
+    for name, rank, offsets, skip, copy_out in MULTIMEM_CONFIGS:
+        record("multimem_" + name, push_gather.multimem_source(rank, offsets, 512, skip, copy_out))
+    return out
+
+
+if __name__ == "__main__":
+    if "--no-torch" in sys.argv:
+        sys.modules["torch"] = None  # prove the kernels compile without torch
+    print(json.dumps(report()))

@@ -1,0 +1,61 @@
+"""Ahead-of-time compilation of the push kernels for sm_90 (no GPU needed).
+
+The multimem kernel never runs on our machines (CONTEXT §4), so this is where
+it is checked; the P2P kernel is checked for 16-byte stores and for the
+barrier's memory orders.  Both compile under the installed Triton and under
+the GPU machines' Triton 3.6 (``TPFUSE_TRITON36_PATH``), which rejects some
+loops that newer releases accept (CONTEXT §6).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import aot_kernels_report as aot
+
+pytest.importorskip("triton")
+
+
+def _check(report):
+    kernels = report["kernels"]
+    for name, elem, rank, offsets, vec, skip, copy_out in aot.P2P_CONFIGS:
+        k = kernels["p2p_" + name]
+        ins = set(k["instructions"])
+        assert k["cubin_bytes"] > 0
+        if elem * vec == 16:
+            assert any(i.startswith("st.global.v4") for i in ins), (name, ins)
+            assert any(i.startswith("ld.global.v4") for i in ins), (name, ins)
+        # Exit barrier: release on signal, acquire on wait, system scope.
+        assert any(i.startswith(("red.", "atom.")) and ".sys" in i and "release" in i for i in ins), (name, ins)
+        assert any(i.startswith("atom.") and ".sys" in i and "acquire" in i for i in ins), (name, ins)
+        assert not any(i.startswith("multimem") for i in ins), name
+        assert k["globaltimer"], f"{name}: the barrier spin must be bounded by %globaltimer"
+    for name, *_ in aot.MULTIMEM_CONFIGS:
+        k = kernels["multimem_" + name]
+        assert any(i.startswith("multimem.st") for i in k["instructions"]), k["instructions"]
+        assert k["cubin_bytes"] > 0
+        assert k["globaltimer"]
+
+
+def test_kernels_compile_for_sm90_with_installed_triton():
+    _check(aot.report())
+
+
+def test_kernels_compile_for_sm90_with_triton_36():
+    path = os.environ.get("TPFUSE_TRITON36_PATH")
+    if not path:
+        if os.environ.get("CI"):
+            pytest.fail("CI must set TPFUSE_TRITON36_PATH (pip install --no-deps --target DIR triton==3.6.0)")
+        pytest.skip("TPFUSE_TRITON36_PATH is not set")
+    env = dict(os.environ, PYTHONPATH=path)
+    script = os.path.join(os.path.dirname(__file__), "aot_kernels_report.py")
+    done = subprocess.run([sys.executable, script, "--no-torch"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["triton"].startswith("3.6"), report["triton"]
+    assert not report["torch_imported"]
+    _check(report)

@@ -1,0 +1,177 @@
+"""Host launcher of the push backends (P2P and multimem).
+
+Per call it does as little as it can, because an eager call must cost about
+one torch elementwise op (CONTEXT §7):
+- the kernel of each (dtype, widths, flags) variant is compiled once and
+  launched through Triton's compiled launcher directly (no JIT binder, no
+  argument specialisation per call);
+- every address the kernel needs (peer buffers, signal pads, status word)
+  is a device table that the workspace built once; nothing is built per call;
+- a barrier timeout is reported through a host-mapped status word that the
+  host reads without synchronising, before each launch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from . import workspace as workspaces
+from .dispatch import Backend
+from .groups import Group
+
+#: vectors (of up to 16 bytes) per tile, and warps per block
+BLOCK_V = int(os.environ.get("TPFUSE_PUSH_BLOCK_V", "512"))
+NUM_WARPS = int(os.environ.get("TPFUSE_PUSH_NUM_WARPS", "4"))
+
+
+def vector_elements(elem_size: int, band_offsets: tuple[int, ...]) -> int:
+    """Elements per vector: up to 16 bytes, dividing every band offset (so every width) -- same on every rank."""
+    vec = 16 // elem_size
+    while vec > 1 and any(o % vec for o in band_offsets):
+        vec //= 2
+    return vec
+
+
+@dataclass
+class Plan:
+    """One compiled variant and what its launch needs besides the per-call pointers."""
+
+    run: object
+    function: object
+    packed_metadata: object
+    constexpr_values: tuple
+    elem_size: int
+    unit: int  # bytes moved per kernel "element" (the element size; 4 for multimem words)
+    vec: int
+    max_width_vec: int  # vectors in the widest band's row: the grid follows the widest rank
+    multimem: bool
+
+
+def _band_offsets(hidden_widths, scale=1):
+    offsets = [0]
+    for w in hidden_widths:
+        offsets.append(offsets[-1] + w * scale)
+    return tuple(offsets)
+
+
+def _build_plan(ws, dtype, hidden_widths, skip_entry_sync, copy_out, multimem) -> Plan:
+    from ..kernels import push_gather
+
+    rank = ws.group.rank
+    elem_size = dtype.itemsize
+    if multimem:
+        # Every width is a multiple of 16 bytes (checked by dispatch): move 32-bit words.
+        offsets = _band_offsets(hidden_widths, elem_size)
+        offsets = tuple(o // 4 for o in offsets)
+        source = push_gather.multimem_source(rank, offsets, BLOCK_V, skip_entry_sync, copy_out)
+        unit, vec = 4, 4
+    else:
+        offsets = _band_offsets(hidden_widths)
+        vec = vector_elements(elem_size, offsets)
+        source = push_gather.p2p_source(elem_size, rank, offsets, vec, BLOCK_V, skip_entry_sync, copy_out)
+        unit = elem_size
+    with torch.cuda.device(ws.device):
+        kernel = push_gather.compile_source(source, num_warps=NUM_WARPS)
+        run = kernel.run  # loads the module on this device
+    names = source.fn.arg_names
+    constexprs = tuple(source.constants[(names.index(n),)] for n in names if source.signature[n] == "constexpr")
+    widths = [offsets[i + 1] - offsets[i] for i in range(len(offsets) - 1)]
+    return Plan(run, kernel.function, kernel.packed_metadata, constexprs, elem_size, unit, vec,
+                max(widths) // vec, multimem)
+
+
+def raise_if_failed(ws: workspaces.Workspace, op: str = "tpfuse::all_gather_hidden") -> None:
+    """Raise if a barrier of an earlier call on this workspace timed out (reads host-mapped memory)."""
+    code = ws.failure_code()
+    if code == 0:
+        return
+    kind, block, peer = code >> 16, (code >> 8) & 0xFF, (code & 0xFF) - 1
+    which = {1: "entry", 2: "exit"}.get(kind, "?")
+    group = ws.group
+    try:
+        global_peer = f" (global rank {dist.get_global_rank(group.pg, peer)})"
+    except Exception:
+        global_peer = ""
+    raise RuntimeError(
+        f"{op}: rank {group.rank} of group {group.name!r} timed out in the {which} "
+        f"barrier (block {block}) after {ws.timeout_ns / 1e9:g}s waiting for rank "
+        f"{peer}{global_peer}, which never arrived: that rank skipped or has not "
+        "reached this collective. The group's tpfuse workspace is unusable from "
+        "now on; tear the process group down."
+    )
+
+
+def gather_hidden(
+    x: torch.Tensor,
+    hidden_widths: list[int],
+    group: Group,
+    backend: Backend,
+    slot: int = -1,
+    skip_entry_sync: bool = False,
+    zero_copy: bool = False,
+) -> torch.Tensor:
+    """``cat([x_0, ..., x_{W-1}], dim=-1)`` through symmetric memory. Returns a fresh tensor.
+
+    ``zero_copy`` is accepted but not used yet: the result is always copied out
+    of the symmetric buffer into memory the caller owns (CONTEXT §2.1).
+    """
+    return _launch(x, hidden_widths, group, backend, slot, skip_entry_sync, copy_out=True)
+
+
+def gather_into_slot(x, hidden_widths, group, slot, skip_entry_sync=False):
+    """The zero-copy form: the result is a view of symmetric slot ``slot``.
+
+    The next call that writes this slot overwrites it.  Only for callers that
+    have proven every reader is done first (and for the tests' negative control).
+    """
+    return _launch(x, hidden_widths, group, Backend.P2P, slot, skip_entry_sync, copy_out=False)
+
+
+def _launch(x, hidden_widths, group, backend, slot, skip_entry_sync, copy_out):
+    ws = workspaces.workspace(group, x.device)
+    raise_if_failed(ws)
+    total = sum(hidden_widths)
+    lead = x.shape[:-1]
+    tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if tokens == 0:  # identical on every rank: every rank skips
+        return x.new_empty(*lead, total)
+    # multimem.st moves 16 bytes at a time: bands that are not whole 16-byte
+    # vectors go through P2P (the widths are the same on every rank).
+    multimem = backend == Backend.MULTIMEM and all(w * x.element_size() % 16 == 0 for w in hidden_widths)
+    key = (x.dtype, tuple(hidden_widths), bool(skip_entry_sync), copy_out, multimem)
+    plan = ws.plans.get(key)
+    if plan is None:
+        plan = ws.plans[key] = _build_plan(ws, x.dtype, hidden_widths, skip_entry_sync, copy_out, multimem)
+    workspaces.ensure_capacity(ws, tokens * total * plan.elem_size)
+    slot = workspaces.take_slot(ws, slot)
+
+    # The kernel reads 16-byte vectors: a strided or misaligned input is
+    # copied first (a local fact; the grid and vector width do not change).
+    if not x.is_contiguous():
+        x = x.contiguous()
+    if x.data_ptr() % 16:
+        x = x.clone()
+    if copy_out:
+        out = torch.empty(*lead, total, dtype=x.dtype, device=x.device)
+        out_ptr = out.data_ptr()
+    else:
+        elems = ws.slot_bytes // plan.elem_size
+        out = ws.buffer.view(x.dtype)[slot * elems : slot * elems + tokens * total].view(*lead, total)
+        out_ptr = 0
+    # Grid: a pure function of T, the widths and W (rank-invariant, CONTEXT §2.2).
+    nblocks = min(ws.facts.max_blocks, max(1, -(-tokens * plan.max_width_vec // BLOCK_V)))
+    slot_offset = slot * (ws.slot_bytes // plan.unit)
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    if plan.multimem:
+        args = (x.data_ptr(), out_ptr, ws.multicast_ptr, ws.buffer_ptrs_dev, slot_offset, ws.signal_pads_dev,
+                ws.status_ptr, tokens, ws.timeout_ns)
+    else:
+        args = (x.data_ptr(), out_ptr, ws.buffer_ptrs_dev, slot_offset, ws.signal_pads_dev, ws.status_ptr,
+                tokens, ws.timeout_ns)
+    plan.run(nblocks, 1, 1, stream, plan.function, plan.packed_metadata, None, None, None, *args,
+             *plan.constexpr_values)
+    return out

@@ -1,0 +1,248 @@
+"""The symmetric workspace of the push backends, one per (group, device).
+
+What lives here:
+- **Group facts**, established collectively once per group (one all-gather):
+  whether every rank can use symmetric memory, whether all ranks share one
+  host, the smallest multiprocessor count (the grid cap).  Dispatch decides
+  only from these agreed facts, so every rank takes the same path
+  (CONTEXT §2.2).
+- **Signal pads**: a small symmetric allocation that is never freed or
+  regrown, whose signal pads hold the barrier slots.  Its size is set before
+  our first allocation.  The slots balance after every call, so they carry
+  over from call to call and across buffer growth.
+- **Data buffers**: two ping-pong slots in one symmetric allocation.  A call
+  that needs more room grows them; every rank grows at the same call because
+  the sizes come from the (identical) shapes.  Old buffers are kept alive:
+  kernels already queued may still use them.
+- **Status word**: host-mapped pinned memory that the kernels write when a
+  barrier times out, readable by the host without synchronising.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from .groups import Group
+
+#: the most ranks the push kernels handle (one barrier lane per peer)
+MAX_PUSH_WORLD_SIZE = 8
+#: the smallest slot (bytes); slots grow by powers of two from here
+MIN_SLOT_BYTES = 1 << 20
+#: a slot's byte size is a multiple of this, so slot offsets keep 16-byte alignment
+SLOT_ALIGN = 256
+
+
+@dataclass
+class GroupFacts:
+    """What every rank of a group agreed on, once."""
+
+    push_ok: bool
+    reason: str  # why push is off ("" when on)
+    max_blocks: int = 0  # grid cap: min multiprocessor count, and what the signal pads hold
+
+
+@dataclass
+class Workspace:
+    group: Group
+    device: torch.device
+    facts: GroupFacts
+    signal_handle: object = None
+    signal_pads_dev: int = 0  # device address of W signal-pad addresses
+    slot_bytes: int = 0
+    buffer: torch.Tensor | None = None
+    buffer_handle: object = None
+    buffer_ptrs_dev: int = 0  # device address of W buffer addresses
+    multicast_ptr: int = 0  # non-zero only when every rank has a multicast address
+    status: torch.Tensor | None = None  # pinned int32[1], host-mapped
+    status_view: object = None  # numpy view of it: a host read costs ~100 ns, no sync
+    status_ptr: int = 0
+    timeout_ns: int = 0
+    next_slot: int = 0  # for slot=-1: alternate 0, 1, 0, ...
+    retired: list = field(default_factory=list)
+    plans: dict = field(default_factory=dict)  # launch plans, filled by push.py
+
+    def failure_code(self) -> int:
+        """The status word: 0, or the code of a barrier that timed out (host read, no sync)."""
+        return int(self.status_view[0]) if self.status_view is not None else 0
+
+
+_workspaces: dict[tuple[str, int], Workspace] = {}
+
+
+def barrier_timeout_ns() -> int:
+    """How long a barrier spins before it reports the missing peer.
+
+    ``TPFUSE_BARRIER_TIMEOUT_S`` (default 60 s): long enough for a peer that is
+    still compiling or warming up, short of NCCL's 10-minute watchdog.
+    """
+    return int(float(os.environ.get("TPFUSE_BARRIER_TIMEOUT_S", "60")) * 1e9)
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no")
+
+
+def _host_id() -> int:
+    """A 62-bit id of this host (hostname and boot id): equal ids mean one host."""
+    boot = ""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        pass
+    digest = hashlib.sha256(f"{socket.gethostname()}/{boot}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 2
+
+
+def _local_reason(group: Group, device: torch.device) -> str:
+    """Why this rank alone cannot push ("" if it can)."""
+    if _env_flag("TPFUSE_DISABLE_PUSH"):
+        return "TPFUSE_DISABLE_PUSH is set"
+    if group.world_size < 2:
+        return "a group of one rank needs no push"
+    if group.world_size > MAX_PUSH_WORLD_SIZE:
+        return f"world size {group.world_size} > {MAX_PUSH_WORLD_SIZE}"
+    if not torch.cuda.is_available() or device.type != "cuda":
+        return "no CUDA device"
+    try:
+        import torch.distributed._symmetric_memory as symm_mem  # noqa: F401
+        import triton  # noqa: F401
+    except Exception as err:  # pragma: no cover - depends on the build
+        return f"symmetric memory or triton unavailable: {err}"
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return "GPU older than sm_80"
+    return ""
+
+
+def _all_gather_ints(values: list[int], group: Group, device: torch.device) -> torch.Tensor:
+    mine = torch.tensor(values, dtype=torch.int64, device=device)
+    everyone = torch.empty(group.world_size * len(values), dtype=torch.int64, device=device)
+    dist.all_gather_into_tensor(everyone, mine, group=group.pg)
+    return everyone.view(group.world_size, len(values)).cpu()
+
+
+def _agree(ok: bool, group: Group, device: torch.device) -> bool:
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group.pg)
+    return bool(flag.item())
+
+
+def _rendezvous(tensor: torch.Tensor, group: Group):
+    import torch.distributed._symmetric_memory as symm_mem
+
+    # Older torch needs the group registered first; newer torch does it itself.
+    enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
+    enabled = getattr(symm_mem, "is_symm_mem_enabled_for_group", lambda name: False)
+    if enable is not None and not enabled(group.name):
+        enable(group.name)
+    return symm_mem.rendezvous(tensor, group.name)
+
+
+def _establish(group: Group, device: torch.device) -> Workspace:
+    """Collective: every rank of ``group`` calls this at the same op call."""
+    reason = _local_reason(group, device)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if not reason else 0
+    table = _all_gather_ints([0 if reason else 1, _host_id(), sms], group, device)
+    if not bool(table[:, 0].all()):
+        bad = [r for r in range(group.world_size) if not table[r, 0]]
+        why = reason or "peer cannot use symmetric memory"
+        return Workspace(group, device, GroupFacts(False, f"rank(s) {bad}: {why}"))
+    if not bool((table[:, 1] == table[0, 1]).all()):
+        return Workspace(group, device, GroupFacts(False, "the group spans more than one host"))
+    max_blocks = int(table[:, 2].min())
+    ws = Workspace(group, device, GroupFacts(True, "", max_blocks), timeout_ns=barrier_timeout_ns())
+    ok = True
+    try:
+        _make_signal_pads(ws)
+    except Exception as err:  # agree below, so that every rank falls back together
+        ws.facts = GroupFacts(False, f"symmetric memory setup failed: {err}")
+        ok = False
+    if not _agree(ok, group, device) and ok:
+        ws.facts = GroupFacts(False, "symmetric memory setup failed on a peer")
+    return ws
+
+
+def _make_signal_pads(ws: Workspace) -> None:
+    import torch.distributed._symmetric_memory as symm_mem
+
+    W = ws.group.world_size
+    need = ws.facts.max_blocks * W * 4  # one int32 slot per (block, peer)
+    if symm_mem.get_signal_pad_size() < need:
+        # Effective only before the process's first symmetric allocation.
+        symm_mem.set_signal_pad_size(need)
+    # Whatever size the pads really have bounds the grid, identically on every
+    # rank (the size is a process-wide setting; we agreed on the max below).
+    have = symm_mem.get_signal_pad_size()
+    ws.facts.max_blocks = max(1, min(ws.facts.max_blocks, have // (W * 4)))
+    with torch.cuda.device(ws.device):
+        anchor = symm_mem.empty(64, dtype=torch.uint8, device=ws.device)
+        handle = _rendezvous(anchor, ws.group)
+        if any(p == 0 for p in handle.signal_pad_ptrs):
+            raise RuntimeError("a peer's signal pad is not mapped")
+        ws.signal_handle = (anchor, handle)
+        ws.signal_pads_dev = int(handle.signal_pad_ptrs_dev)
+        status = torch.zeros(1, dtype=torch.int32, pin_memory=True)
+        ws.status, ws.status_view, ws.status_ptr = status, status.numpy(), status.data_ptr()
+    # The grid cap must be identical everywhere.
+    cap = torch.tensor([ws.facts.max_blocks], dtype=torch.int32, device=ws.device)
+    dist.all_reduce(cap, op=dist.ReduceOp.MIN, group=ws.group.pg)
+    ws.facts.max_blocks = int(cap.item())
+
+
+def workspace(group: Group, device: torch.device, establish: bool = True) -> Workspace | None:
+    """The workspace of (group, device); the first call establishes it collectively."""
+    key = (group.name, device.index if device.index is not None else torch.cuda.current_device())
+    ws = _workspaces.get(key)
+    if ws is None and establish:
+        ws = _workspaces[key] = _establish(group, torch.device("cuda", key[1]))
+    return ws
+
+
+def slot_bytes_for(nbytes: int) -> int:
+    """The slot size a request of ``nbytes`` grows to (a pure function of the size)."""
+    size = MIN_SLOT_BYTES
+    while size < nbytes:
+        size *= 2
+    return size
+
+
+def ensure_capacity(ws: Workspace, nbytes: int) -> None:
+    """Grow both slots to hold ``nbytes``. Collective: every rank grows at the same call."""
+    if nbytes <= ws.slot_bytes:
+        return
+    import torch.distributed._symmetric_memory as symm_mem
+
+    slot_bytes = slot_bytes_for(nbytes)
+    with torch.cuda.device(ws.device):
+        buffer = symm_mem.empty(2 * slot_bytes, dtype=torch.uint8, device=ws.device)
+        handle = _rendezvous(buffer, ws.group)
+    ok = all(p != 0 for p in handle.buffer_ptrs)
+    if not _agree(ok, ws.group, ws.device):
+        raise RuntimeError(
+            f"tpfuse: symmetric buffer of {2 * slot_bytes} bytes for group "
+            f"{ws.group.name!r} is not mapped on every rank"
+        )
+    # Multicast: only when every rank has an address (never on our shared
+    # hosts, where TORCH_SYMM_MEM_DISABLE_MULTICAST=1 makes it 0).
+    multicast = int(getattr(handle, "multicast_ptr", 0) or 0)
+    multicast_everywhere = _agree(multicast != 0, ws.group, ws.device)
+    if ws.buffer is not None:
+        ws.retired.append((ws.buffer, ws.buffer_handle))  # queued kernels may still use it
+    ws.buffer, ws.buffer_handle, ws.slot_bytes = buffer, handle, slot_bytes
+    ws.buffer_ptrs_dev = int(handle.buffer_ptrs_dev)
+    ws.multicast_ptr = multicast if multicast_everywhere else 0
+
+
+def take_slot(ws: Workspace, slot: int) -> int:
+    """The slot this call uses: ``slot`` if given, else alternate (same sequence on every rank)."""
+    if slot >= 0:
+        return slot
+    chosen = ws.next_slot
+    ws.next_slot ^= 1
+    return chosen

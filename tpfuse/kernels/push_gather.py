@@ -1,0 +1,260 @@
+"""Push kernels for the hidden-axis all-gather: P2P (peer pointers) and multimem (NVLink multicast).
+
+Every rank holds a ``[T, w_rank]`` slab.  The result is ``[T, total]`` with
+rank r's slab in columns ``[band_offsets[r], band_offsets[r+1])``.  Every rank
+pushes its slab into the same column band of every peer's symmetric buffer,
+meets the peers in an exit barrier, and then copies the peers' bands out of
+its own buffer into the caller-owned result (COPY_OUT); its own band goes
+straight from the input to the result.  With COPY_OUT off the kernel also
+pushes into its own buffer and the buffer slot is the result (zero-copy).
+
+Work split.  The slab is cut into vectors of VEC elements (VEC elements fill
+16 bytes when the widths and offsets allow, else fewer) and tiles of BLOCK_V
+vectors; block ``b`` of the grid moves tiles ``b, b + nblocks, ...``.  Block b
+of rank q pushes band q's tiles b, b+nblocks, ... and block b of every other
+rank copies out exactly those tiles after the barrier it shares with rank q's
+block b (one barrier slot per (block, peer)).  The grid is the same on every
+rank (the host derives it from T, the widths and W only), so the blocks pair
+up.  Blocks never wait for other blocks of their own grid, and the host keeps
+the grid within the number of multiprocessors, so every block is resident.
+
+Elements are moved as same-sized integers (the host passes *i8/*i16/*i32
+pointers): a gather does no arithmetic, and integer moves are bit-exact for
+every dtype, NaN payloads included.
+
+No torch import here: CI compiles these kernels ahead of time with more than
+one Triton version, in processes that may not have torch.
+"""
+
+import triton
+import triton.language as tl
+
+from .barrier import ENTRY_TIMEOUT, EXIT_TIMEOUT, barrier
+
+
+@triton.jit
+def _band_tile(tile, tokens, BAND_OFFSET: tl.constexpr, WIDTH: tl.constexpr, TOTAL: tl.constexpr,
+               VEC: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Element indices of tile ``tile`` of one band.
+
+    Returns (index in the band's contiguous [T, WIDTH] slab, index in the
+    gathered [T, TOTAL] layout, live mask), each [BLOCK_V, VEC] with the VEC
+    lanes of a vector contiguous and VEC-aligned, so that loads and stores can
+    be one 16-byte access per vector.  The widths are compile-time constants,
+    so the row/column split is a multiply, not a division.
+    """
+    WIDTH_VEC: tl.constexpr = WIDTH // VEC
+    v = tile * BLOCK_V + tl.arange(0, BLOCK_V)
+    live = v < tokens * WIDTH_VEC
+    row = v // WIDTH_VEC
+    col = v - row * WIDTH_VEC
+    lanes = tl.arange(0, VEC)
+    slab = tl.multiple_of(v * VEC, VEC)
+    gathered = tl.multiple_of(row * TOTAL + BAND_OFFSET + col * VEC, VEC)
+    return slab[:, None] + lanes[None, :], gathered[:, None] + lanes[None, :], live[:, None]
+
+
+@triton.jit
+def _copy_out_peer_bands(own, out_ptr, tokens, pid, nblocks, RANK: tl.constexpr, BAND_OFFSETS: tl.constexpr,
+                         W: tl.constexpr, VEC: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Copy the peers' bands of our buffer into the result: exactly the tiles that block ``pid`` of each peer pushed."""
+    for s in tl.static_range(1, W):
+        off = BAND_OFFSETS[(RANK + s) % W]
+        width = BAND_OFFSETS[(RANK + s) % W + 1] - off
+        for tile in range(pid, tl.cdiv(tokens * (width // VEC), BLOCK_V), nblocks):
+            _, gathered, live = _band_tile(tile, tokens, off, width, BAND_OFFSETS[W], VEC, BLOCK_V)
+            tl.store(out_ptr + gathered, tl.load(own + gathered, mask=live), mask=live)
+
+
+@triton.jit
+def p2p_push_gather_kernel(
+    x_ptr,  # this rank's [T, w_rank] slab, contiguous, 16-byte aligned
+    out_ptr,  # the caller-owned [T, total] result (unused without COPY_OUT)
+    buffer_ptrs,  # *u64: rank r's symmetric data buffer at index r
+    slot_offset,  # elements from a buffer's base to the slot this call uses
+    signal_pads,  # *u64: rank r's signal pad at index r
+    status,  # *i32: 0, or the timeout code of a barrier that gave up
+    tokens,
+    timeout_ns,
+    RANK: tl.constexpr,
+    W: tl.constexpr,
+    WP: tl.constexpr,  # next power of two >= W: one barrier lane per peer
+    BAND_OFFSETS: tl.constexpr,  # W + 1 column offsets, prefix sums of hidden_widths
+    VEC: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    SKIP_ENTRY_SYNC: tl.constexpr,
+    COPY_OUT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nblocks = tl.num_programs(0)
+    OFF: tl.constexpr = BAND_OFFSETS[RANK]
+    WIDTH: tl.constexpr = BAND_OFFSETS[RANK + 1] - BAND_OFFSETS[RANK]
+
+    if not SKIP_ENTRY_SYNC:
+        # Entry: no peer may still be reading the slot we are about to write.
+        # Its reads were in kernels that finished before its signal (stream
+        # order), so relaxed atomics suffice.  Skipped only when the caller has
+        # proven that every peer is done with this slot (CONTEXT §2.3).
+        barrier(signal_pads, RANK, pid, status, timeout_ns, ENTRY_TIMEOUT, W, WP, False)
+
+    for tile in range(pid, tl.cdiv(tokens * (WIDTH // VEC), BLOCK_V), nblocks):
+        slab, gathered, live = _band_tile(tile, tokens, OFF, WIDTH, BAND_OFFSETS[W], VEC, BLOCK_V)
+        vals = tl.load(x_ptr + slab, mask=live)
+        if COPY_OUT:
+            tl.store(out_ptr + gathered, vals, mask=live)
+        # Peers in the order rank+1, rank+2, ...: ranks start on different
+        # peers, so no link is hit by every rank at once.
+        for s in tl.static_range(1 if COPY_OUT else 0, W):
+            base = tl.load(buffer_ptrs + (RANK + s) % W).to(x_ptr.dtype)
+            tl.store(tl.multiple_of(base, 16) + slot_offset + gathered, vals, mask=live)
+
+    # Exit: release our pushes, acquire the peers' pushes (system scope), so
+    # each band in our buffer is complete before we read it.
+    barrier(signal_pads, RANK, pid, status, timeout_ns, EXIT_TIMEOUT, W, WP, True)
+
+    if COPY_OUT:
+        own = tl.multiple_of(tl.load(buffer_ptrs + RANK).to(x_ptr.dtype), 16) + slot_offset
+        _copy_out_peer_bands(own, out_ptr, tokens, pid, nblocks, RANK, BAND_OFFSETS, W, VEC, BLOCK_V)
+
+
+@triton.jit
+def _multimem_store_v4(address, w0, w1, w2, w3, live):
+    """One 16-byte ``multimem.st``: the store reaches the same address on every rank of the multicast object."""
+    return tl.inline_asm_elementwise(
+        """
+        {
+            .reg .pred p;
+            setp.ne.b32 p, $6, 0;
+            @p multimem.st.relaxed.sys.global.v4.f32 [$1], {$2, $3, $4, $5};
+            mov.u32 $0, 0;
+        }
+        """,
+        "=r,l,r,r,r,r,r",
+        [address, w0, w1, w2, w3, live],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
+    )
+
+
+@triton.jit
+def multimem_push_gather_kernel(
+    x_ptr,  # *i32 words of this rank's [T, w_rank] slab; every width is a multiple of 16 bytes
+    out_ptr,  # *i32 words of the caller-owned [T, total] result
+    multicast_ptr,  # the multicast address of the data buffer (i64)
+    buffer_ptrs,  # *u64: rank r's symmetric data buffer at index r (for copy-out)
+    slot_offset,  # words from a buffer's base to the slot this call uses
+    signal_pads,
+    status,
+    tokens,
+    timeout_ns,
+    RANK: tl.constexpr,
+    W: tl.constexpr,
+    WP: tl.constexpr,
+    BAND_OFFSETS: tl.constexpr,  # in 32-bit words
+    BLOCK_V: tl.constexpr,
+    SKIP_ENTRY_SYNC: tl.constexpr,
+    COPY_OUT: tl.constexpr,
+):
+    """Like the P2P kernel, but one multicast store per 16 bytes reaches every rank.
+
+    Compile-verified only: NVLink multicast must not run on the shared GPU
+    hosts (CONTEXT §4), and the host selects this kernel only when the
+    buffer's ``multicast_ptr`` is non-zero on every rank.
+    """
+    VEC: tl.constexpr = 4  # 4 words = 16 bytes per multimem.st
+    pid = tl.program_id(0)
+    nblocks = tl.num_programs(0)
+    OFF: tl.constexpr = BAND_OFFSETS[RANK]
+    WIDTH: tl.constexpr = BAND_OFFSETS[RANK + 1] - BAND_OFFSETS[RANK]
+    TOTAL: tl.constexpr = BAND_OFFSETS[W]
+
+    if not SKIP_ENTRY_SYNC:
+        # Entry (relaxed): see the P2P kernel.
+        barrier(signal_pads, RANK, pid, status, timeout_ns, ENTRY_TIMEOUT, W, WP, False)
+
+    for tile in range(pid, tl.cdiv(tokens * (WIDTH // VEC), BLOCK_V), nblocks):
+        slab, gathered, live = _band_tile(tile, tokens, OFF, WIDTH, TOTAL, VEC, BLOCK_V)
+        words = tl.load(x_ptr + slab, mask=live)
+        if COPY_OUT:
+            tl.store(out_ptr + gathered, words, mask=live)
+        # Split each 16-byte vector into its four words for the asm operands.
+        even, odd = tl.split(tl.reshape(words, (BLOCK_V, 2, 2)))
+        w0, w2 = tl.split(even)
+        w1, w3 = tl.split(odd)
+        v = tile * BLOCK_V + tl.arange(0, BLOCK_V)
+        row = v // (WIDTH // VEC)
+        first_word = row * TOTAL + OFF + (v - row * (WIDTH // VEC)) * VEC
+        address = multicast_ptr + (slot_offset + first_word.to(tl.int64)) * 4
+        _multimem_store_v4(address, w0, w1, w2, w3, (v < tokens * (WIDTH // VEC)).to(tl.int32))
+
+    # Exit (release/acquire, system scope): the multicast stores are visible
+    # on every rank before any rank reads its buffer.
+    barrier(signal_pads, RANK, pid, status, timeout_ns, EXIT_TIMEOUT, W, WP, True)
+
+    if COPY_OUT:
+        own = tl.multiple_of(tl.load(buffer_ptrs + RANK).to(x_ptr.dtype), 16) + slot_offset
+        _copy_out_peer_bands(own, out_ptr, tokens, pid, nblocks, RANK, BAND_OFFSETS, W, VEC, BLOCK_V)
+
+
+# ---------------------------------------------------------------------------
+# Compilation: one explicit signature per variant, shared by the host launcher
+# (target = the current GPU) and the ahead-of-time CI tests (target = sm_90).
+
+#: element size in bytes -> the integer type the kernels move
+INT_OF_SIZE = {1: "i8", 2: "i16", 4: "i32"}
+
+_RUNTIME_ARGS = {
+    "buffer_ptrs": "*u64",
+    "slot_offset": "i64",
+    "signal_pads": "*u64",
+    "status": "*i32",
+    "tokens": "i32",
+    "timeout_ns": "i64",
+    "multicast_ptr": "i64",
+}
+# Triton's "tt.divisibility" attribute: these pointers are 16-byte aligned
+# and these integers multiples of 16 (the host guarantees both).
+_ALIGNED = ("x_ptr", "out_ptr", "buffer_ptrs", "signal_pads", "slot_offset")
+
+
+def _source(fn, elem, constexprs):
+    from triton.compiler import ASTSource
+
+    types = {"x_ptr": elem, "out_ptr": elem, **_RUNTIME_ARGS}
+    signature = {n: ("constexpr" if n in constexprs else types[n]) for n in fn.arg_names}
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in _ALIGNED}
+    return ASTSource(fn, signature, constexprs, attrs)
+
+
+def _barrier_constexprs(rank, band_offsets):
+    world_size = len(band_offsets) - 1
+    return {
+        "RANK": rank,
+        "W": world_size,
+        "WP": triton.next_power_of_2(max(world_size, 2)),
+        "BAND_OFFSETS": tuple(int(o) for o in band_offsets),
+    }
+
+
+def p2p_source(elem_size, rank, band_offsets, vec, block_v, skip_entry_sync, copy_out):
+    """The ``triton.compiler.ASTSource`` of one P2P variant.
+
+    ``band_offsets`` holds W + 1 column offsets in elements; ``vec`` elements
+    of ``elem_size`` bytes must divide every offset.
+    """
+    constexprs = _barrier_constexprs(rank, band_offsets)
+    constexprs.update(VEC=vec, BLOCK_V=block_v, SKIP_ENTRY_SYNC=bool(skip_entry_sync), COPY_OUT=bool(copy_out))
+    return _source(p2p_push_gather_kernel, "*" + INT_OF_SIZE[elem_size], constexprs)
+
+
+def multimem_source(rank, band_offsets_words, block_v, skip_entry_sync, copy_out):
+    """The ``ASTSource`` of one multimem variant; every dtype moves as 32-bit words, 4 per store."""
+    constexprs = _barrier_constexprs(rank, band_offsets_words)
+    constexprs.update(BLOCK_V=block_v, SKIP_ENTRY_SYNC=bool(skip_entry_sync), COPY_OUT=bool(copy_out))
+    return _source(multimem_push_gather_kernel, "*i32", constexprs)
+
+
+def compile_source(source, target=None, num_warps=4):
+    """Compile an ASTSource for ``target`` (a ``GPUTarget``; None means the current GPU)."""
+    return triton.compile(source, target=target, options={"num_warps": num_warps})
