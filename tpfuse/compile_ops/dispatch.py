@@ -110,10 +110,49 @@ def choose_backend(
     )
 
 
-def _choose_push(dtype, out_numel, group, forced):
-    """Hook for the symmetric-memory push backends (GPU data path).
+#: above this many bytes of output, ``auto`` leaves the gather to NCCL (the
+#: workspace holds two slots of this size); ``TPFUSE_PUSH_MAX_BYTES`` overrides.
+PUSH_MAX_BYTES = 256 << 20
 
-    Returns ``None`` to fall back to NCCL."""
+
+def _choose_push(dtype, out_numel, group, forced):
+    """The symmetric-memory push backends (GPU data path); ``None`` means NCCL.
+
+    Every input is identical on every rank: dtype, the full output size, the
+    group, the environment, and the workspace's agreed facts and capacity
+    (which grow at the same call everywhere).  The first call on a group
+    establishes those facts collectively, so it must run eagerly; under
+    CUDA-graph capture an unestablished group, or one whose buffers would have
+    to grow, takes NCCL (all ranks capture the same calls).
+    """
     if forced == "nccl":
         return None
-    return None
+    from . import workspace as workspaces
+
+    def refuse(reason):
+        if forced == "p2p":
+            raise RuntimeError(f"tpfuse: TPFUSE_BACKEND=p2p but the push path is unavailable: {reason}")
+        return None
+
+    nbytes = out_numel * dtype.itemsize
+    if out_numel >= 2**31:
+        return refuse(f"{out_numel} output elements exceed the kernels' 32-bit indexing")
+    max_bytes = int(os.environ.get("TPFUSE_PUSH_MAX_BYTES", PUSH_MAX_BYTES))
+    if forced == "auto" and nbytes > max_bytes:
+        return None
+    capturing = torch.cuda.is_current_stream_capturing()
+    device = torch.device("cuda", torch.cuda.current_device())
+    ws = workspaces.workspace(group, device, establish=not capturing)
+    if ws is None:
+        return refuse("the group's workspace must be set up by an eager call before graph capture")
+    if not ws.facts.push_ok:
+        return refuse(ws.facts.reason)
+    if nbytes > ws.slot_bytes:
+        if capturing:
+            return refuse(f"the workspace must grow to {nbytes} bytes, which an eager call must do first")
+        workspaces.ensure_capacity(ws, nbytes)  # collective; every rank grows at this call
+    # Multicast only where every rank has an address and the user asked for it:
+    # never on the shared hosts (CONTEXT §4), where the address is always 0.
+    if ws.multicast_ptr and os.environ.get("TPFUSE_ENABLE_MULTIMEM") == "1":
+        return Backend.MULTIMEM
+    return Backend.P2P
