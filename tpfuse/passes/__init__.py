@@ -1,1 +1,51 @@
-"""Graph passes: decide what to rewrite and where a barrier is provably redundant."""
+"""Graph passes: decide what to rewrite and where a barrier is provably redundant.
+
+Public entry points are re-exported by ``tpfuse``: ``enable``, ``disable``,
+``enabled``, ``backend``, ``report``.  The pieces:
+
+- ``graph_facts``: normalised meaning of nodes (views as reshapes, non-negative dims).
+- ``patterns``: the ``FusionPattern`` object and the registry.
+- ``builtin_patterns``: the built-in forms, registered through that API.
+- ``hidden_gather``: ``find_hidden_gathers`` (records) and ``rewrite_hidden_gathers``.
+- ``manager``: ``TpfusePass`` (a ``CustomGraphPass``), enable/disable/backend, report, dumps.
+"""
+
+from . import builtin_patterns as _builtin_patterns
+from .builtin_patterns import BUILTIN_PATTERNS
+from .hidden_gather import find_hidden_gathers, rewrite_hidden_gathers
+from .manager import (
+    PassConfig,
+    TpfusePass,
+    backend,
+    disable,
+    enable,
+    enabled,
+    is_enabled,
+    report,
+    reset_report,
+    run_passes,
+)
+from .patterns import (
+    REGISTRY,
+    Candidate,
+    FusionPattern,
+    GatherSite,
+    Precondition,
+    Reject,
+    register_pattern,
+    registered_patterns,
+    unregister_pattern,
+)
+from .records import GatherMatch, GraphReport, NearMiss, Producer, Report
+
+for _pattern in BUILTIN_PATTERNS:  # the built-in forms use the public registration API
+    register_pattern(_pattern)
+del _pattern
+
+__all__ = [
+    "BUILTIN_PATTERNS", "Candidate", "FusionPattern", "GatherMatch", "GatherSite", "GraphReport",
+    "NearMiss", "PassConfig", "Precondition", "Producer", "REGISTRY", "Reject", "Report",
+    "TpfusePass", "backend", "disable", "enable", "enabled", "find_hidden_gathers", "is_enabled",
+    "register_pattern", "registered_patterns", "report", "reset_report", "rewrite_hidden_gathers",
+    "run_passes", "unregister_pattern",
+]

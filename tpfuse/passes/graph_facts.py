@@ -1,0 +1,227 @@
+"""Normalised facts about FX nodes: what a node *means*, independent of how it was spelled.
+
+Every matcher reads nodes through this module so that the same meaning is
+recognised whatever the spelling:
+
+- views are reshapes (``view``, ``_unsafe_view``, ``reshape`` -> ``"reshape"``),
+  as Inductor's ``view_to_reshape`` does;
+- ``t``, ``transpose`` and ``permute`` are all permutations (``movedim``
+  decomposes to ``permute`` before we ever see it);
+- ``split``/``split_with_sizes`` + ``getitem``, ``slice`` and ``narrow`` on a
+  dim are all *bands* ``[start, start + length)`` of that dim;
+- dims are non-negative;
+- sizes are compared symbolically (``statically_known_true``), never by
+  guarding, so a pass never adds a guard or specialises a dynamic size.
+
+Shapes come from ``node.meta["val"]`` (the fake tensor every post-grad and AOT
+graph carries), never from the literal arguments of the node.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch.fx import Node
+
+aten = torch.ops.aten
+
+try:  # torch >= 2.1
+    from torch.fx.experimental.symbolic_shapes import statically_known_true as _known_true
+except ImportError:  # pragma: no cover - very old torch
+    def _known_true(expr):  # type: ignore[no-redef]
+        return bool(expr) if isinstance(expr, bool) else False
+
+
+def _ops(*names: str) -> frozenset:
+    """OpOverloads that exist in this torch build (feature-detected, never pinned)."""
+    found = []
+    for name in names:
+        packet_name, _, overload = name.partition(".")
+        packet = getattr(aten, packet_name, None)
+        if packet is not None and hasattr(packet, overload):
+            found.append(getattr(packet, overload))
+    return frozenset(found)
+
+
+RESHAPES = _ops("reshape.default", "view.default", "_unsafe_view.default")
+PERMUTES = _ops("permute.default")
+TRANSPOSES = _ops("transpose.int")
+T_OPS = _ops("t.default")
+CLONES = _ops("clone.default", "contiguous.default", "alias.default")
+SPLITS = _ops("split.Tensor", "split_with_sizes.default", "split.sizes")
+SLICES = _ops("slice.Tensor")
+NARROWS = _ops("narrow.default")
+CATS = _ops("cat.default")
+MATMULS = _ops("mm.default")
+ADDMMS = _ops("addmm.default")
+
+
+def _functional_collective(name: str):
+    for namespace in ("_c10d_functional", "c10d_functional"):
+        packet = getattr(getattr(torch.ops, namespace, None), name, None)
+        if packet is not None and hasattr(packet, "default"):
+            yield packet.default
+
+
+ALL_GATHERS = frozenset(_functional_collective("all_gather_into_tensor"))
+WAITS = frozenset(_functional_collective("wait_tensor"))
+
+
+# --------------------------------------------------------------------------- values
+
+
+def val(node: Any) -> Any:
+    """The example value of a node (fake tensor, SymInt, ...); plain values pass through."""
+    if isinstance(node, Node):
+        return node.meta.get("val", node.meta.get("example_value"))
+    return node
+
+
+def shape(node: Node) -> tuple | None:
+    v = val(node)
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def ndim(node: Node) -> int | None:
+    s = shape(node)
+    return None if s is None else len(s)
+
+
+def same_size(a: Any, b: Any) -> bool:
+    """``a == b`` for ints or SymInts, decided without adding a guard."""
+    a, b = val(a), val(b)
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    try:
+        return bool(_known_true(a == b))
+    except Exception:
+        return False
+
+
+def same_shape(a: Sequence, b: Sequence) -> bool:
+    return len(a) == len(b) and all(same_size(x, y) for x, y in zip(a, b))
+
+
+def product(sizes: Sequence) -> Any:
+    out: Any = 1
+    for s in sizes:
+        out = out * s
+    return out
+
+
+def nonneg_dim(dim: int, rank: int) -> int:
+    return dim + rank if dim < 0 else dim
+
+
+def arg(node: Node, index: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+# --------------------------------------------------------------------------- meanings
+
+
+def is_reshape(node: Node) -> bool:
+    return node.op == "call_function" and node.target in RESHAPES
+
+
+def is_clone(node: Node) -> bool:
+    return node.op == "call_function" and node.target in CLONES
+
+
+def is_cat(node: Node) -> bool:
+    return node.op == "call_function" and node.target in CATS
+
+
+def permutation(node: Node) -> tuple[int, ...] | None:
+    """The permutation a ``permute``/``transpose``/``t`` node applies, dims non-negative."""
+    if node.op != "call_function":
+        return None
+    rank = ndim(node)
+    if rank is None:
+        return None
+    if node.target in PERMUTES:
+        return tuple(nonneg_dim(d, rank) for d in node.args[1])
+    if node.target in TRANSPOSES:
+        d0, d1 = (nonneg_dim(d, rank) for d in node.args[1:3])
+        perm = list(range(rank))
+        perm[d0], perm[d1] = perm[d1], perm[d0]
+        return tuple(perm)
+    if node.target in T_OPS:
+        return (1, 0) if rank == 2 else tuple(range(rank))
+    return None
+
+
+def cat_dim(node: Node) -> int:
+    rank = ndim(node)
+    return nonneg_dim(arg(node, 1, "dim", 0), rank or 1)
+
+
+@dataclass(frozen=True)
+class Band:
+    """``node`` is rows ``[start, start + length)`` of dim ``dim`` of ``source``."""
+
+    node: Node
+    source: Node
+    dim: int
+    start: Any
+    length: Any
+
+
+def bands_of_user(source: Node, user: Node) -> list[Band] | None:
+    """The bands of ``source`` that ``user`` (a split, slice or narrow) produces.
+
+    ``None`` when ``user`` is not a banding op; a split yields one band per
+    ``getitem`` user of it."""
+    if user.op != "call_function":
+        return None
+    src_shape = shape(source)
+    if src_shape is None:
+        return None
+    rank = len(src_shape)
+    if user.target in SPLITS:
+        sizes = arg(user, 1, "split_size", None)
+        if sizes is None:
+            sizes = arg(user, 1, "split_sizes")
+        dim = nonneg_dim(arg(user, 2, "dim", 0), rank)
+        pieces = val(user)
+        if not isinstance(pieces, (list, tuple)):
+            return None
+        starts, offset = [], 0
+        for piece in pieces:
+            starts.append(offset)
+            offset = offset + piece.shape[dim]
+        out = []
+        for item in user.users:
+            if item.target is not operator.getitem or not isinstance(item.args[1], int):
+                return None
+            i = item.args[1]
+            out.append(Band(item, source, dim, starts[i], pieces[i].shape[dim]))
+        return out
+    if user.target in SLICES:
+        dim = nonneg_dim(arg(user, 1, "dim", 0), rank)
+        step = arg(user, 4, "step", 1)
+        if step != 1:
+            return None
+        start = arg(user, 2, "start", 0)
+        start = 0 if start is None else val(start)  # never bool() a SymInt: that guards
+        length = val(user).shape[dim]
+        return [Band(user, source, dim, start, length)]
+    if user.target in NARROWS:
+        dim = nonneg_dim(user.args[1], rank)
+        return [Band(user, source, dim, val(user.args[2]), val(user.args[3]))]
+    return None
+
+
+def describe(node: Node) -> str:
+    """``name = target`` in one short line, for near-miss reasons."""
+    if node.op == "output":
+        return "the graph output"
+    target = getattr(node.target, "__name__", None) or str(node.target)
+    if isinstance(node.target, torch._ops.OpOverload):
+        target = str(node.target.overloadpacket).replace("aten.", "")
+    return f"{node.name} ({target})"

@@ -1,0 +1,358 @@
+"""The pass manager: install the passes into Inductor (cache-safe), run them, keep the report.
+
+``TpfusePass`` is a ``CustomGraphPass``: Inductor calls it on every post-grad
+graph and folds its ``uuid()`` into the FX graph cache key.  The uuid covers
+the source of every module in ``tpfuse/passes``, the op's schema, the
+configuration and the registered patterns, so the cache stays on and a cached
+graph is never served for other settings (STYLE: caching is part of
+correctness).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import itertools
+import logging
+import os
+import pathlib
+import threading
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Iterator
+
+import torch
+from torch.fx import Graph
+
+from . import patterns as pattern_registry
+from .hidden_gather import find_hidden_gathers, rewrite_hidden_gathers
+from .records import GraphReport, Report
+
+log = logging.getLogger("tpfuse.passes")
+
+try:
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+except ImportError:  # pragma: no cover - torch without the interface (< 2.6)
+    class CustomGraphPass:  # type: ignore[no-redef]
+        pass
+
+
+@dataclass(frozen=True)
+class PassConfig:
+    """What ``tpfuse.enable(**config)`` accepts.
+
+    dry_run: find and report, but rewrite nothing.
+    patterns: names of the patterns to run (default: every registered one).
+    only_after_linear: rewrite only gathers whose producer is a column linear.
+    dump_dir: write before/after graph code here (default ``$TPFUSE_DUMP_DIR``).
+    """
+
+    dry_run: bool = False
+    patterns: tuple[str, ...] | None = None
+    only_after_linear: bool = False
+    dump_dir: str | None = None
+
+    def cache_key(self) -> str:
+        # dump_dir only decides where text goes, never what the graph becomes.
+        key = {k: v for k, v in asdict(self).items() if k != "dump_dir"}
+        return repr(sorted(key.items()))
+
+
+def make_config(**config: Any) -> PassConfig:
+    known = {f.name for f in fields(PassConfig)}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise TypeError(f"tpfuse: unknown option(s) {unknown}; accepted are {sorted(known)}")
+    if config.get("patterns") is not None:
+        names = config["patterns"]
+        config["patterns"] = (names,) if isinstance(names, str) else tuple(names)
+        pattern_registry.select(config["patterns"])  # unknown names fail now, not mid-compile
+    return PassConfig(**config)
+
+
+@functools.lru_cache(maxsize=None)
+def _pass_sources_hash() -> str:
+    digest = hashlib.sha256()
+    for path in sorted(pathlib.Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _op_schema() -> str:
+    return str(torch.ops.tpfuse.all_gather_hidden.default._schema)
+
+
+# --------------------------------------------------------------------------- report store
+
+
+class _ReportStore:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.graphs: list[GraphReport] = []
+        self.next_index = 0
+
+    def add(self, graph_report: GraphReport) -> None:
+        with self._lock:
+            self.graphs.append(graph_report)
+
+    def claim_index(self) -> int:
+        with self._lock:
+            self.next_index += 1
+            return self.next_index - 1
+
+    def clear(self) -> None:
+        with self._lock:
+            self.graphs = []
+
+
+_STORE = _ReportStore()
+
+
+def report(all: bool = False) -> Report:  # noqa: A002 - reads well at the call site
+    """The records of the latest compilation (every graph it produced), or of all
+    compilations since ``enable()`` / ``reset_report()`` with ``all=True``."""
+    graphs = list(_STORE.graphs)
+    if not all and graphs:
+        latest = graphs[-1].compile_id
+        graphs = [g for g in graphs if g.compile_id == latest]
+    return Report(graphs)
+
+
+def reset_report() -> None:
+    _STORE.clear()
+
+
+_compilations = itertools.count()
+
+
+def _compile_id() -> str:
+    """``"<n>:<frame>/<attempt>"``: Dynamo's compile id, made unique across
+    ``torch._dynamo.reset()`` (which restarts Dynamo's numbering) by the number
+    of the compile context it belongs to."""
+    try:
+        from torch._guards import CompileContext
+
+        context = CompileContext.try_get()
+        cid = CompileContext.current_compile_id()
+    except Exception:  # noqa: BLE001 - feature detection of a private API
+        context, cid = None, None
+    if context is None:
+        return f"{next(_compilations)}:-"
+    number = getattr(context, "_tpfuse_compilation", None)
+    if number is None:
+        number = next(_compilations)
+        try:
+            context._tpfuse_compilation = number
+        except AttributeError:  # slotted context: fall back to the plain id
+            return str(cid)
+    return f"{number}:{cid}"
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+# --------------------------------------------------------------------------- the pass
+
+
+def run_passes(graph: Graph, config: PassConfig) -> GraphReport:
+    """Find, rewrite (unless dry run), record and dump, for one graph."""
+    start = time.perf_counter()
+    dump_dir = config.dump_dir or os.environ.get("TPFUSE_DUMP_DIR") or None
+    tracing = _structured_trace_enabled()
+    before = _graph_code(graph) if (dump_dir or tracing) else None
+
+    found = find_hidden_gathers(
+        graph, pattern_registry.select(config.patterns), only_after_linear=config.only_after_linear
+    )
+    if config.dry_run:
+        matches = [f.record for f in found.matches]
+    else:
+        matches = rewrite_hidden_gathers(graph, found.matches)
+        if matches:
+            graph.lint()
+
+    graph_report = GraphReport(
+        graph_index=_STORE.claim_index(),
+        compile_id=_compile_id(),
+        rank=_rank(),
+        matches=matches,
+        near_misses=found.near_misses,
+        dry_run=config.dry_run,
+    )
+    graph_report.pass_ms = (time.perf_counter() - start) * 1e3
+    if before is not None:
+        after = _graph_code(graph)
+        if dump_dir:
+            graph_report.dump_path = _dump(dump_dir, graph_report, before, after)
+        if tracing:
+            _trace_artifacts(before, after, graph_report)
+    _STORE.add(graph_report)
+    if matches or found.near_misses:
+        log.info("%s", Report([graph_report]))
+    return graph_report
+
+
+class TpfusePass(CustomGraphPass):
+    """The object installed as Inductor's ``post_grad_custom_post_pass``.
+
+    Runs the tpfuse passes, then whatever pass was installed before (chained,
+    restored by ``disable()``)."""
+
+    def __init__(self, config: PassConfig, previous: Any = None) -> None:
+        self.config = config
+        self.previous = previous
+
+    def __call__(self, graph: Graph) -> None:
+        run_passes(graph, self.config)
+        for inner in _as_list(self.previous):
+            inner(graph)
+
+    def uuid(self) -> Any:
+        previous = []
+        for inner in _as_list(self.previous):
+            inner_uuid = getattr(inner, "uuid", None)
+            if inner_uuid is None:
+                # A plain callable has no identity Inductor can hash: caching it would
+                # be unsafe, so this chain opts out (Inductor does the same for it alone).
+                return None
+            previous.append(str(inner_uuid()))
+        digest = hashlib.sha256()
+        for part in (
+            _pass_sources_hash(),
+            _op_schema(),
+            self.config.cache_key(),
+            pattern_registry.REGISTRY.cache_key(),
+            *previous,
+        ):
+            digest.update(part.encode())
+            digest.update(b"\x00")
+        return digest.hexdigest()
+
+    def __repr__(self) -> str:
+        return f"TpfusePass({self.config}, previous={self.previous!r})"
+
+
+def _as_list(passes: Any) -> list:
+    if passes is None:
+        return []
+    return list(passes) if isinstance(passes, (list, tuple)) else [passes]
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _inductor_config():
+    import torch._inductor.config as inductor_config
+
+    return inductor_config
+
+
+def _without_tpfuse(installed: Any) -> Any:
+    return installed.previous if isinstance(installed, TpfusePass) else installed
+
+
+def enable(**config: Any) -> None:
+    """Install the tpfuse passes into Inductor's post-grad hook for every later compile.
+
+    A pass the user installed there keeps running after ours; ``disable()``
+    restores it.  Graphs compiled before ``enable()`` are not recompiled (call
+    ``torch._dynamo.reset()`` for that)."""
+    cfg = make_config(**config)
+    ic = _inductor_config()
+    ic.post_grad_custom_post_pass = TpfusePass(cfg, _without_tpfuse(ic.post_grad_custom_post_pass))
+    reset_report()
+
+
+def disable() -> None:
+    """Remove the tpfuse passes; whatever was installed before ``enable()`` is restored."""
+    ic = _inductor_config()
+    ic.post_grad_custom_post_pass = _without_tpfuse(ic.post_grad_custom_post_pass)
+
+
+def is_enabled() -> bool:
+    return isinstance(_inductor_config().post_grad_custom_post_pass, TpfusePass)
+
+
+@contextlib.contextmanager
+def enabled(**config: Any) -> Iterator[None]:
+    """``with tpfuse.enabled(**config):`` -- enable for the block, then restore exactly."""
+    ic = _inductor_config()
+    saved = ic.post_grad_custom_post_pass
+    enable(**config)
+    try:
+        yield
+    finally:
+        ic.post_grad_custom_post_pass = saved
+
+
+def backend(inner: str = "inductor", **config: Any):
+    """A ``torch.compile`` backend running the tpfuse passes, without touching global config.
+
+    ``inner="inductor"``: Inductor with the passes as its post-grad pass.
+    ``inner="aot_eager"``: AOTAutograd graphs, rewritten, run eagerly (no Inductor)."""
+    cfg = make_config(**config)
+    if inner == "inductor":
+        def tpfuse_inductor(gm, example_inputs):
+            from torch._inductor.compile_fx import compile_fx
+
+            installed = _without_tpfuse(_inductor_config().post_grad_custom_post_pass)
+            patches = {"post_grad_custom_post_pass": TpfusePass(cfg, installed)}
+            return compile_fx(gm, example_inputs, config_patches=patches)
+
+        return tpfuse_inductor
+    if inner == "aot_eager":
+        from torch._dynamo.backends.common import aot_autograd
+
+        try:
+            from torch._functorch.aot_autograd import make_boxed_func
+        except ImportError:  # pragma: no cover
+            from functorch.compile import make_boxed_func
+
+        def rewrite_then_run(gm, example_inputs):
+            run_passes(gm.graph, cfg)
+            gm.recompile()
+            return make_boxed_func(gm.forward)
+
+        return aot_autograd(fw_compiler=rewrite_then_run, bw_compiler=rewrite_then_run)
+    raise ValueError(f"tpfuse: backend inner={inner!r}; accepted are 'inductor' and 'aot_eager'")
+
+
+# --------------------------------------------------------------------------- dumps
+
+
+def _graph_code(graph: Graph) -> str:
+    return graph.python_code(root_module="self").src
+
+
+def _dump(dump_dir: str, graph_report: GraphReport, before: str, after: str) -> str:
+    directory = pathlib.Path(dump_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    cid = graph_report.compile_id.replace("/", "_").replace(":", "_")
+    path = directory / f"rank{graph_report.rank}_graph{graph_report.graph_index:03d}_{cid}.py"
+    summary = "\n".join("# " + line for line in str(Report([graph_report])).splitlines())
+    path.write_text(
+        f"# tpfuse before/after: rank {graph_report.rank}, graph {graph_report.graph_index}, "
+        f"compile {graph_report.compile_id}\n{summary}\n\n"
+        f"# ===== before tpfuse =====\n{before}\n\n# ===== after tpfuse =====\n{after}\n"
+    )
+    return str(path)
+
+
+def _structured_trace_enabled() -> bool:
+    """``TORCH_TRACE`` (tlparse) is on: emit before/after graphs as artifacts there."""
+    trace_log = getattr(getattr(torch._logging, "_internal", None), "trace_log", None)
+    return bool(trace_log is not None and trace_log.handlers and hasattr(torch._logging, "trace_structured"))
+
+
+def _trace_artifacts(before: str, after: str, graph_report: GraphReport) -> None:
+    for name, payload in (("tpfuse_before", before), ("tpfuse_after", after),
+                          ("tpfuse_report", str(Report([graph_report])))):
+        torch._logging.trace_structured(
+            "artifact",
+            metadata_fn=lambda name=name: {"name": name, "encoding": "string"},
+            payload_fn=lambda payload=payload: payload,
+        )
