@@ -1,0 +1,32 @@
+"""python -m tpfuse: command-line entry points (demo)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tpfuse", description="tpfuse command line")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_demo = sub.add_parser("demo", help="run tpfuse on spawned ranks and check the results")
+    p_demo.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p_demo.add_argument("--nproc", type=int, default=2, help="number of ranks (default 2)")
+    p_demo.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the ranks")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING - 10 * min(args.verbose, 2),
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if args.command == "demo":
+        from . import demo
+
+        return demo.run(args.device, args.nproc, args.timeout)
+    parser.error(f"unknown command {args.command!r}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
