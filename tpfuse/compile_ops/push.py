@@ -26,6 +26,8 @@ from .groups import Group
 #: vectors (of up to 16 bytes) per tile, and warps per block
 BLOCK_V = int(os.environ.get("TPFUSE_PUSH_BLOCK_V", "512"))
 NUM_WARPS = int(os.environ.get("TPFUSE_PUSH_NUM_WARPS", "4"))
+#: tiles per exit exchange: large messages alternate pushes and copy-out per chunk
+CHUNK_TILES = int(os.environ.get("TPFUSE_PUSH_CHUNK_TILES", "4"))
 
 
 def vector_elements(elem_size: int, band_offsets: tuple[int, ...]) -> int:
@@ -72,7 +74,8 @@ def _build_plan(ws, dtype, hidden_widths, skip_entry_sync, copy_out, multimem) -
     else:
         offsets = _band_offsets(hidden_widths)
         vec = vector_elements(elem_size, offsets)
-        source = push_gather.p2p_source(elem_size, rank, offsets, vec, BLOCK_V, skip_entry_sync, copy_out)
+        source = push_gather.p2p_source(elem_size, rank, offsets, vec, BLOCK_V, skip_entry_sync, copy_out,
+                                        CHUNK_TILES)
         unit = elem_size
     with torch.cuda.device(ws.device):
         kernel = push_gather.compile_source(source, num_warps=NUM_WARPS)
@@ -133,6 +136,8 @@ def gather_into_slot(x, hidden_widths, group, slot, skip_entry_sync=False):
 
 def _launch(x, hidden_widths, group, backend, slot, skip_entry_sync, copy_out):
     ws = workspaces.workspace(group, x.device)
+    if not ws.facts.push_ok:
+        raise RuntimeError(f"tpfuse: the push path is unavailable on group {group.name!r}: {ws.facts.reason}")
     raise_if_failed(ws)
     total = sum(hidden_widths)
     lead = x.shape[:-1]

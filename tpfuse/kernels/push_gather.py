@@ -12,8 +12,10 @@ Work split.  The slab is cut into vectors of VEC elements (VEC elements fill
 16 bytes when the widths and offsets allow, else fewer) and tiles of BLOCK_V
 vectors; block ``b`` of the grid moves tiles ``b, b + nblocks, ...``.  Block b
 of rank q pushes band q's tiles b, b+nblocks, ... and block b of every other
-rank copies out exactly those tiles after the barrier it shares with rank q's
-block b (one barrier slot per (block, peer)).  The grid is the same on every
+rank copies out exactly those tiles after the exchange it shares with rank
+q's block b (one barrier slot per (block, peer)); the P2P kernel does this
+per chunk of CHUNK tiles, so that large messages overlap pushes and
+copy-out.  The grid is the same on every
 rank (the host derives it from T, the widths and W only), so the blocks pair
 up.  Blocks never wait for other blocks of their own grid, and the host keeps
 the grid within the number of multiprocessors, so every block is resident.
@@ -29,7 +31,7 @@ one Triton version, in processes that may not have torch.
 import triton
 import triton.language as tl
 
-from .barrier import ENTRY_TIMEOUT, EXIT_TIMEOUT, barrier
+from .barrier import ENTRY_TIMEOUT, EXIT_TIMEOUT, barrier, exchange, peer_lanes
 
 
 @triton.jit
@@ -67,6 +69,13 @@ def _copy_out_peer_bands(own, out_ptr, tokens, pid, nblocks, RANK: tl.constexpr,
 
 
 @triton.jit
+def _block_chunks(width, tokens, pid, nblocks, VEC: tl.constexpr, BLOCK_V: tl.constexpr, CHUNK: tl.constexpr):
+    """How many chunks of CHUNK tiles block ``pid`` moves of a band ``width`` wide (tiles pid, pid+nblocks, ...)."""
+    tiles = tl.cdiv(tokens * (width // VEC), BLOCK_V)
+    return tl.cdiv(tl.cdiv(tl.maximum(tiles - pid, 0), nblocks), CHUNK)
+
+
+@triton.jit
 def p2p_push_gather_kernel(
     x_ptr,  # this rank's [T, w_rank] slab, contiguous, 16-byte aligned
     out_ptr,  # the caller-owned [T, total] result (unused without COPY_OUT)
@@ -82,39 +91,69 @@ def p2p_push_gather_kernel(
     BAND_OFFSETS: tl.constexpr,  # W + 1 column offsets, prefix sums of hidden_widths
     VEC: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    CHUNK: tl.constexpr,  # tiles per exit exchange (pipelines pushes against copy-out)
     SKIP_ENTRY_SYNC: tl.constexpr,
     COPY_OUT: tl.constexpr,
 ):
+    """Push this rank's band to every peer, then copy the peers' bands out, chunk by chunk.
+
+    A block moves its tiles in chunks of CHUNK tiles.  After pushing chunk c
+    it signals the peers (release) and waits for the peers' chunk c (acquire),
+    then copies those tiles out.  Small messages have one chunk: push, exit
+    barrier, copy-out.  Large ones alternate NVLink pushes and local copies, so
+    that blocks in different phases keep both busy.  Every rank derives every
+    peer's chunk count from the (constexpr) widths, T and the grid, so the
+    signals and waits match one for one.
+    """
     pid = tl.program_id(0)
     nblocks = tl.num_programs(0)
     OFF: tl.constexpr = BAND_OFFSETS[RANK]
     WIDTH: tl.constexpr = BAND_OFFSETS[RANK + 1] - BAND_OFFSETS[RANK]
+    TOTAL: tl.constexpr = BAND_OFFSETS[W]
+    peers, live = peer_lanes(RANK, W, WP)
 
     if not SKIP_ENTRY_SYNC:
         # Entry: no peer may still be reading the slot we are about to write.
         # Its reads were in kernels that finished before its signal (stream
         # order), so relaxed atomics suffice.  Skipped only when the caller has
         # proven that every peer is done with this slot (CONTEXT §2.3).
-        barrier(signal_pads, RANK, pid, status, timeout_ns, ENTRY_TIMEOUT, W, WP, False)
+        if barrier(signal_pads, RANK, pid, status, timeout_ns, ENTRY_TIMEOUT, W, WP, False):
+            timeout_ns = timeout_ns * 0  # already reported: don't spin a second full timeout at exit
 
-    for tile in range(pid, tl.cdiv(tokens * (WIDTH // VEC), BLOCK_V), nblocks):
-        slab, gathered, live = _band_tile(tile, tokens, OFF, WIDTH, BAND_OFFSETS[W], VEC, BLOCK_V)
-        vals = tl.load(x_ptr + slab, mask=live)
+    # Chunks per lane (peer) and our own; the stage count covers the longest.
+    lane_width = tl.zeros([WP], dtype=tl.int32)
+    for i in tl.static_range(W):
+        lane_width = tl.where(peers == i, BAND_OFFSETS[i + 1] - BAND_OFFSETS[i], lane_width)
+    lane_chunks = _block_chunks(lane_width, tokens, pid, nblocks, VEC, BLOCK_V, CHUNK)
+    my_chunks = _block_chunks(WIDTH, tokens, pid, nblocks, VEC, BLOCK_V, CHUNK)
+    stages = tl.maximum(tl.max(tl.where(live, lane_chunks, 0), axis=0), my_chunks)
+    own = tl.multiple_of(tl.load(buffer_ptrs + RANK).to(x_ptr.dtype), 16) + slot_offset
+
+    for c in range(0, stages):
+        for k in range(0, CHUNK):
+            tile = pid + (c * CHUNK + k) * nblocks
+            slab, gathered, in_band = _band_tile(tile, tokens, OFF, WIDTH, TOTAL, VEC, BLOCK_V)
+            vals = tl.load(x_ptr + slab, mask=in_band)
+            if COPY_OUT:
+                tl.store(out_ptr + gathered, vals, mask=in_band)
+            # Peers in the order rank+1, rank+2, ...: ranks start on different
+            # peers, so no link is hit by every rank at once.
+            for s in tl.static_range(1 if COPY_OUT else 0, W):
+                base = tl.load(buffer_ptrs + (RANK + s) % W).to(x_ptr.dtype)
+                tl.store(tl.multiple_of(base, 16) + slot_offset + gathered, vals, mask=in_band)
+        # Exit for chunk c: release our pushes of it, acquire the peers' (system
+        # scope), so those tiles in our buffer are complete before we read them.
+        if exchange(signal_pads, RANK, pid, live & (c < my_chunks), live & (c < lane_chunks), status, timeout_ns,
+                    EXIT_TIMEOUT, W, True):
+            timeout_ns = timeout_ns * 0
         if COPY_OUT:
-            tl.store(out_ptr + gathered, vals, mask=live)
-        # Peers in the order rank+1, rank+2, ...: ranks start on different
-        # peers, so no link is hit by every rank at once.
-        for s in tl.static_range(1 if COPY_OUT else 0, W):
-            base = tl.load(buffer_ptrs + (RANK + s) % W).to(x_ptr.dtype)
-            tl.store(tl.multiple_of(base, 16) + slot_offset + gathered, vals, mask=live)
-
-    # Exit: release our pushes, acquire the peers' pushes (system scope), so
-    # each band in our buffer is complete before we read it.
-    barrier(signal_pads, RANK, pid, status, timeout_ns, EXIT_TIMEOUT, W, WP, True)
-
-    if COPY_OUT:
-        own = tl.multiple_of(tl.load(buffer_ptrs + RANK).to(x_ptr.dtype), 16) + slot_offset
-        _copy_out_peer_bands(own, out_ptr, tokens, pid, nblocks, RANK, BAND_OFFSETS, W, VEC, BLOCK_V)
+            for s in tl.static_range(1, W):
+                q_off = BAND_OFFSETS[(RANK + s) % W]
+                q_width = BAND_OFFSETS[(RANK + s) % W + 1] - q_off
+                for k in range(0, CHUNK):
+                    tile = pid + (c * CHUNK + k) * nblocks
+                    _, gathered, in_band = _band_tile(tile, tokens, q_off, q_width, TOTAL, VEC, BLOCK_V)
+                    tl.store(out_ptr + gathered, tl.load(own + gathered, mask=in_band), mask=in_band)
 
 
 @triton.jit
@@ -171,7 +210,8 @@ def multimem_push_gather_kernel(
 
     if not SKIP_ENTRY_SYNC:
         # Entry (relaxed): see the P2P kernel.
-        barrier(signal_pads, RANK, pid, status, timeout_ns, ENTRY_TIMEOUT, W, WP, False)
+        if barrier(signal_pads, RANK, pid, status, timeout_ns, ENTRY_TIMEOUT, W, WP, False):
+            timeout_ns = timeout_ns * 0
 
     for tile in range(pid, tl.cdiv(tokens * (WIDTH // VEC), BLOCK_V), nblocks):
         slab, gathered, live = _band_tile(tile, tokens, OFF, WIDTH, TOTAL, VEC, BLOCK_V)
@@ -237,14 +277,15 @@ def _barrier_constexprs(rank, band_offsets):
     }
 
 
-def p2p_source(elem_size, rank, band_offsets, vec, block_v, skip_entry_sync, copy_out):
+def p2p_source(elem_size, rank, band_offsets, vec, block_v, skip_entry_sync, copy_out, chunk=4):
     """The ``triton.compiler.ASTSource`` of one P2P variant.
 
     ``band_offsets`` holds W + 1 column offsets in elements; ``vec`` elements
     of ``elem_size`` bytes must divide every offset.
     """
     constexprs = _barrier_constexprs(rank, band_offsets)
-    constexprs.update(VEC=vec, BLOCK_V=block_v, SKIP_ENTRY_SYNC=bool(skip_entry_sync), COPY_OUT=bool(copy_out))
+    constexprs.update(VEC=vec, BLOCK_V=block_v, CHUNK=chunk, SKIP_ENTRY_SYNC=bool(skip_entry_sync),
+                      COPY_OUT=bool(copy_out))
     return _source(p2p_push_gather_kernel, "*" + INT_OF_SIZE[elem_size], constexprs)
 
 

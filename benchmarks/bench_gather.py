@@ -1,0 +1,246 @@
+"""Hidden-axis all-gather: NCCL against the tpfuse P2P push, eager and CUDA-graph replay.
+
+    PYTHONPATH=. torchrun --nproc-per-node 4 benchmarks/bench_gather.py --out /tmp/bench
+
+Rows: T in {1, 8, 32, 128, 512} x local width in {1024, 1792, 4096, 32064}
+(bf16, every rank the same width).  Columns, each eager and graph-replayed:
+- ``nccl_gather``: ``all_gather_into_tensor`` into ``[W*T, w]`` only (not the result's layout);
+- ``nccl_rearrange``: the same plus the rearrange into ``[T, W*w]`` (tpfuse's NCCL backend);
+- ``tpfuse_both``: the push kernel with entry and exit barriers (the op's default);
+- ``tpfuse_elided``: entry barrier elided, ping-pong slots (what a proven pass may emit).
+Times are per call, median over repeats, the slowest rank's.  Egress is the
+bytes each GPU sends, ``T * w * 2 * (W - 1)``, over the time.  Prints the
+card, torch, NCCL and Triton versions first and a short table last; writes
+JSON and a PNG plot (latency against T) to ``--out`` on rank 0.
+"""
+
+import os
+
+# Never NVLink multicast on the shared hosts (CONTEXT §4); set before torch loads NCCL.
+os.environ["NCCL_NVLS_ENABLE"] = "0"
+os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
+os.environ["NVSHMEM_DISABLE_NVLS"] = "1"
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from tpfuse.compile_ops import collective, push  # noqa: E402
+from tpfuse.compile_ops.dispatch import Backend  # noqa: E402
+from tpfuse.compile_ops.groups import resolve_group  # noqa: E402
+
+METHODS = ("nccl_gather", "nccl_rearrange", "tpfuse_both", "tpfuse_elided")
+
+
+def make_methods(group, x, widths):
+    W = group.world_size
+    T, w = x.shape
+    flat = torch.empty(W * T * w, dtype=x.dtype, device=x.device)
+    slot = [0]
+
+    def nccl_gather():
+        dist.all_gather_into_tensor(flat, x, group=group.pg)
+        return flat
+
+    def nccl_rearrange():
+        return collective.gather_hidden(x, widths, group)
+
+    def tpfuse_both():
+        return push.gather_hidden(x, widths, group, Backend.P2P, -1, False)
+
+    def tpfuse_elided():
+        # Alternating slots with an even number of calls per timed unit: the
+        # last reader of a slot finished before the peers passed the exit
+        # barrier of the call in between (see tests/gpu, CUDA-graph test).
+        slot[0] ^= 1
+        return push.gather_hidden(x, widths, group, Backend.P2P, slot[0], True)
+
+    return {"nccl_gather": nccl_gather, "nccl_rearrange": nccl_rearrange, "tpfuse_both": tpfuse_both,
+            "tpfuse_elided": tpfuse_elided}
+
+
+def quiesce():
+    torch.cuda.synchronize()
+    dist.barrier()
+    torch.cuda.synchronize()
+
+
+def slowest(value):
+    t = torch.tensor([value], dtype=torch.float64, device="cuda")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def time_eager(fn, calls, repeats):
+    for _ in range(4):
+        fn()
+    quiesce()
+    samples = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1e3 / calls)
+    quiesce()
+    return slowest(statistics.median(samples))
+
+
+def time_graph(fn, calls, repeats):
+    for _ in range(4):
+        fn()
+    quiesce()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    for _ in range(3):
+        graph.replay()
+    quiesce()
+    samples = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1e3 / calls)
+    quiesce()
+    del graph
+    return slowest(statistics.median(samples))
+
+
+def host_cost(group, rank):
+    """Host time of one eager call (µs), against a torch elementwise op on the same machine."""
+    W = group.world_size
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    widths = [4096] * W
+    name = dist.group.WORLD.group_name
+
+    def per_call(fn, n=2000):
+        for _ in range(50):
+            fn()
+        quiesce()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        t1 = time.perf_counter()
+        quiesce()
+        return slowest((t1 - t0) / n * 1e6)
+
+    os.environ["TPFUSE_BACKEND"] = "p2p"
+    out = {
+        "torch_add": per_call(lambda: torch.add(x, 1)),
+        "op_p2p": per_call(lambda: torch.ops.tpfuse.all_gather_hidden(x, widths, name)),
+        "push_direct": per_call(lambda: push.gather_hidden(x, widths, group, Backend.P2P, -1, False)),
+    }
+    os.environ["TPFUSE_BACKEND"] = "nccl"
+    out["op_nccl"] = per_call(lambda: torch.ops.tpfuse.all_gather_hidden(x, widths, name))
+    del os.environ["TPFUSE_BACKEND"]
+    return out
+
+
+def plot(rows, W, card, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    widths = sorted({r["width"] for r in rows})
+    fig, axes = plt.subplots(1, len(widths), figsize=(4.2 * len(widths), 3.8), squeeze=False)
+    for ax, w in zip(axes[0], widths):
+        sel = sorted((r for r in rows if r["width"] == w), key=lambda r: r["T"])
+        ts = [r["T"] for r in sel]
+        for m, style in zip(METHODS, ("C0", "C1", "C2", "C3")):
+            ax.plot(ts, [r["graph"][m] for r in sel], "-o", color=style, label=f"{m} (graph)", ms=3)
+            ax.plot(ts, [r["eager"][m] for r in sel], ":", color=style, label=f"{m} (eager)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"W={W}, local width {w}, bf16")
+        ax.set_xlabel("tokens T")
+        ax.set_ylabel("µs per call")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle(f"hidden-axis all-gather, {card}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", default="1,8,32,128,512")
+    parser.add_argument("--widths", default="1024,1792,4096,32064")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--tag", default="")
+    args = parser.parse_args()
+
+    rank = int(os.environ["LOCAL_RANK"])
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", device_id=torch.device("cuda", rank))
+    group = resolve_group(dist.group.WORLD.group_name)
+    W = group.world_size
+    card = torch.cuda.get_device_name()
+    nccl = ".".join(map(str, torch.cuda.nccl.version()))
+    import triton
+
+    if rank == 0:
+        print(f"card: {W} x {card} | torch {torch.__version__} | NCCL {nccl} | triton {triton.__version__} "
+              f"| block_v {push.BLOCK_V} warps {push.NUM_WARPS} chunk {push.CHUNK_TILES} {args.tag}", flush=True)
+
+    rows = []
+    for w in map(int, args.widths.split(",")):
+        for T in map(int, args.tokens.split(",")):
+            x = torch.randn(T, w, device="cuda", dtype=torch.bfloat16)
+            methods = make_methods(group, x, [w] * W)
+            big = T * w * W * 2 > (64 << 20)
+            row = {"T": T, "width": w, "eager": {}, "graph": {}}
+            for name in METHODS:
+                fn = methods[name]
+                row["eager"][name] = time_eager(fn, calls=10 if big else 50, repeats=5)
+                row["graph"][name] = time_graph(fn, calls=4 if big else 20, repeats=10 if big else 20)
+            egress = T * w * 2 * (W - 1)
+            row["egress_GBps"] = {m: egress / (row["graph"][m] * 1e3) for m in METHODS}
+            rows.append(row)
+            if rank == 0:
+                g = row["graph"]
+                print(f"T={T:4d} w={w:5d} graph µs: " + " ".join(f"{m}={g[m]:8.1f}" for m in METHODS), flush=True)
+
+    costs = host_cost(group, rank)
+    if rank == 0:
+        print()
+        print(f"host cost per eager call (µs, slowest rank): " + ", ".join(f"{k} {v:.1f}" for k, v in costs.items()))
+        print(f"  op_p2p / torch_add = {costs['op_p2p'] / costs['torch_add']:.2f} (target <= 1.5)")
+        print()
+        print(f"W={W} {card}; µs per call (slowest rank, median); ratio = nccl_rearrange / tpfuse")
+        print(f"{'T':>4} {'width':>6} | {'graph: nccl':>11} {'nccl+rearr':>10} {'tp both':>8} {'tp elided':>9} "
+              f"{'ratio':>6} {'GB/s':>6} | {'eager: nccl+rearr':>17} {'tp both':>8} {'tp elided':>9}")
+        for r in rows:
+            g, e = r["graph"], r["eager"]
+            print(f"{r['T']:>4} {r['width']:>6} | {g['nccl_gather']:11.1f} {g['nccl_rearrange']:10.1f} "
+                  f"{g['tpfuse_both']:8.1f} {g['tpfuse_elided']:9.1f} "
+                  f"{g['nccl_rearrange'] / g['tpfuse_both']:6.2f} {r['egress_GBps']['tpfuse_both']:6.0f} | "
+                  f"{e['nccl_rearrange']:17.1f} {e['tpfuse_both']:8.1f} {e['tpfuse_elided']:9.1f}")
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            meta = {"W": W, "card": card, "torch": torch.__version__, "nccl": nccl, "triton": triton.__version__,
+                    "block_v": push.BLOCK_V, "num_warps": push.NUM_WARPS, "chunk": push.CHUNK_TILES,
+                    "tag": args.tag, "host_cost_us": costs}
+            stem = f"bench_w{W}{('_' + args.tag) if args.tag else ''}"
+            with open(os.path.join(args.out, stem + ".json"), "w") as f:
+                json.dump({"meta": meta, "rows": rows}, f, indent=1)
+            try:
+                plot(rows, W, card, os.path.join(args.out, stem + ".png"))
+            except Exception as err:  # the numbers matter more than the picture
+                print(f"plot failed: {err}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
