@@ -25,6 +25,11 @@ def funcol_gather(x, w, dim=-1):
     return funcol.all_gather_tensor(x @ w.t(), gather_dim=dim, group=dist.group.WORLD)
 
 
+def funcol_gather_relu(x, w):
+    gathered = funcol_gather(x, w)
+    return torch.relu(gathered) @ torch.ones(gathered.shape[-1], 4)
+
+
 def funcol_gather_dim1(x, w):
     return funcol_gather(x, w, dim=1)
 
@@ -380,6 +385,36 @@ add = add.Tensor(mul_1, mul_2)
 view_2 = reshape(add, [1, 1, 8])
 all_gather_hidden_default = tpfuse.all_gather_hidden(view_2, [8, 8], '0')
 return [all_gather_hidden_default]""")
+
+    def test_elementwise_pushed_through_cat_becomes_epilogue(self):
+        # Inductor rewrites relu(cat(bands)) as cat(relu(band) for band): the gather
+        # is still a hidden concat, with relu applied to the gathered result.
+        text, rep = capture(funcol_gather_relu, torch.randn(4, 16), _w())
+        self.assertEqual([m.pattern for m in rep.matches], ["split_cat"])
+        self.assertExpectedInline(text, """\
+inputs: arg0_1, arg1_1
+permute = permute(arg0_1, [1, 0])
+mm = mm(arg1_1, permute)
+all_gather_into_tensor = _c10d_functional.all_gather_into_tensor(mm, 2, '0')
+wait_tensor = _c10d_functional.wait_tensor(all_gather_into_tensor)
+split = split.Tensor(wait_tensor, 4)
+getitem = getitem(split, 0)
+getitem_1 = getitem(split, 1)
+relu = relu(getitem)
+relu_1 = relu(getitem_1)
+cat = cat([relu, relu_1], -1)
+full_default = full([16, 4], 1, dtype=float32)
+mm_1 = mm(cat, full_default)
+return [mm_1]
+---- after tpfuse ----
+inputs: arg0_1, arg1_1
+permute = permute(arg0_1, [1, 0])
+mm = mm(arg1_1, permute)
+all_gather_hidden_default = tpfuse.all_gather_hidden(mm, [8, 8], '0')
+relu_default = relu(all_gather_hidden_default)
+full_default = full([16, 4], 1, dtype=float32)
+mm_1 = mm(relu_default, full_default)
+return [mm_1]""")
 
     # ---- near-misses: never silent --------------------------------------------------
 

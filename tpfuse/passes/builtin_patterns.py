@@ -34,25 +34,51 @@ aten = torch.ops.aten
 # --------------------------------------------------------------------------- matchers
 
 
-def _raw_uses(site: GatherSite, accepted) -> list[Node]:
-    return [u for u in site.wait.users if not accepted(u)]
+def _rows(site: GatherSite) -> tuple[Node, list[Node]]:
+    """The gathered ``[W*T, ..., w]`` rows, looking through copies into fresh buffers
+    (in-place c10d code in AOT graphs) and clones."""
+    return facts.through_clones(site.wait)
 
 
-def _raw_use_reject(site: GatherSite, raw: list[Node]) -> Reject:
+def _raw_use_reject(raw: list[Node]) -> Reject:
     used_by = ", ".join(facts.describe(u) for u in raw)
     return Reject(f"wait_tensor result is also used raw (as [W*T, ...] rows) by {used_by}", tuple(raw))
 
 
+def _epilogue_signature(node: Node) -> tuple:
+    return (node.target, repr(node.args[1:]), repr(sorted(node.kwargs.items())))
+
+
+def _follow_band(band: Node) -> tuple[Node, list[Node], list[Node]]:
+    """From a band to what the cat reads: through clones and unary elementwise ops.
+
+    Inductor pushes elementwise ops through a cat (``relu(cat(a, b))`` becomes
+    ``cat(relu(a), relu(b))``), so a gather followed by an activation arrives
+    with the activation on every band.  Returns (end, skipped nodes, epilogue)."""
+    node, skipped, epilogue = band, [], []
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if facts.is_clone_like(user) and facts.clone_source(user) is node:
+            skipped.append(user)
+        elif facts.unary_pointwise(user):
+            skipped.append(user)
+            epilogue.append(user)
+        else:
+            break
+        node = user
+    return node, skipped, epilogue
+
+
 def _match_band_cat(site: GatherSite, band_ops: frozenset) -> Candidate | Reject | None:
     """``cat`` of the W rank bands of the gathered rows, in rank order, on the last dim."""
-    wait = site.wait
-    if not any(u.op == "call_function" and u.target in band_ops for u in wait.users):
+    rows, copies = _rows(site)
+    if not any(u.op == "call_function" and u.target in band_ops for u in rows.users):
         return None
     bands, banders = [], []
-    for user in wait.users:
-        found = facts.bands_of_user(wait, user) if user.target in band_ops else None
+    for user in rows.users:
+        found = facts.bands_of_user(rows, user) if user.target in band_ops else None
         if found is None:
-            return _raw_use_reject(site, [user])
+            return _raw_use_reject([user])
         bands += found
         banders.append(user)
     off_axis = [b for b in bands if b.dim != 0]
@@ -61,37 +87,45 @@ def _match_band_cat(site: GatherSite, band_ops: frozenset) -> Candidate | Reject
             f"bands taken along dim {off_axis[0].dim} of the gathered tensor; ranks are "
             "stacked along dim 0", tuple(b.node for b in off_axis),
         )
-    consumers = {u for b in bands for u in b.node.users}
+    followed = {b.node: _follow_band(b.node) for b in bands}
+    consumers = {u for end, _, _ in followed.values() for u in end.users}
     cat = next(iter(consumers)) if len(consumers) == 1 else None
     if cat is None or not facts.is_cat(cat):
-        used_by = ", ".join(sorted(facts.describe(u) for u in consumers))
+        used_by = ", ".join(sorted(facts.describe(u) for u in consumers)) or "nothing"
         return Reject(f"rank bands are consumed by {used_by}, not by a single cat")
     inputs = list(cat.args[0])
-    band_of = {b.node: b for b in bands}
+    band_of = {followed[b.node][0]: b for b in bands}
     if any(t not in band_of for t in inputs) or len(inputs) != len(band_of):
         return Reject(
             f"{cat.name} concatenates the gathered bands with other tensors, or not all of them",
             (cat,),
         )
     order = [band_of[t] for t in inputs]
-    rows = site.rows
+    rows_per_rank = site.rows
     in_rank_order = len(order) == site.world_size and all(
-        facts.same_size(b.start, k * rows) and facts.same_size(b.length, rows)
+        facts.same_size(b.start, k * rows_per_rank) and facts.same_size(b.length, rows_per_rank)
         for k, b in enumerate(order)
     )
     if not in_rank_order:
         return Reject(
             f"{cat.name} does not concatenate the {site.world_size} rank bands of "
-            f"{rows} rows in rank order (got starts {[str(b.start) for b in order]})",
+            f"{rows_per_rank} rows in rank order (got starts {[str(b.start) for b in order]})",
             (cat,),
         )
+    epilogues = {tuple(map(_epilogue_signature, followed[b.node][2])) for b in bands}
+    if len(epilogues) != 1:
+        return Reject(f"the rank bands pass through different elementwise ops before {cat.name}",
+                      (cat,))
     dim, rank = facts.cat_dim(cat), facts.ndim(cat)
     if dim != rank - 1:
         what = "a gather along dim 0" if dim == 0 else f"a gather along dim {dim} of {rank}"
         return Reject(f"{cat.name} concatenates the rank bands on dim {dim}: {what}, "
                       "not along the last (hidden) axis", (cat,))
-    region = tuple(banders) + tuple(b.node for b in bands if b.node not in banders) + (cat,)
-    return Candidate(output=cat, region=region, inputs=(site.local,))
+    skipped = [n for b in bands for n in followed[b.node][1]]
+    region = (*copies, *banders, *(b.node for b in bands if b.node not in banders), *skipped, cat)
+    epilogue = tuple(followed[order[0].node][2])
+    extra = (("epilogue", epilogue),) if epilogue else ()
+    return Candidate(output=cat, region=region, inputs=(site.local,), extra=extra)
 
 
 def match_split_cat(site: GatherSite):
@@ -108,13 +142,14 @@ def _single_user(node: Node) -> Node | None:
 
 def match_rearrange(site: GatherSite) -> Candidate | Reject | None:
     """``[W*N.., w] -> [W, *lead, w] -> move the rank axis next to w -> [.., W*w]``."""
-    reshapes = [u for u in site.wait.users if facts.is_reshape(u)]
+    rows, copies = _rows(site)
+    reshapes = [u for u in rows.users if facts.is_reshape(u)]
     split = next((r for r in reshapes if any(facts.permutation(p) is not None for p in r.users)), None)
     if split is None:
         return None
-    raw = [u for u in site.wait.users if u is not split]
+    raw = [u for u in rows.users if u is not split]
     if raw:
-        return _raw_use_reject(site, raw)
+        return _raw_use_reject(raw)
     permute = _single_user(split)
     if permute is None:
         return Reject(f"{split.name} is used by more than the rearrangement", (split,))
@@ -140,15 +175,14 @@ def match_rearrange(site: GatherSite) -> Candidate | Reject | None:
             f"rank axis next to the hidden axis ({list(rank_axis_to_hidden)}) is a "
             "hidden-axis concat", (permute,),
         )
-    region = [split, permute]
-    node = _single_user(permute)
-    if node is not None and facts.is_clone(node):
-        region.append(node)
-        node = _single_user(node)
+    region = [*copies, split, permute]
+    last, clones = facts.through_clones(permute)
+    region += clones
+    node = _single_user(last)
     if node is None or not facts.is_reshape(node):
         return Reject(
-            f"the permuted rows ({region[-1].name}) are not flattened back to [..., W*w] "
-            "by a single reshape", tuple(region),
+            f"the permuted rows ({last.name}) are not flattened back to [..., W*w] "
+            "by a single reshape", (last,),
         )
     out_shape = facts.shape(node)
     if not facts.same_size(out_shape[-1], world * width):
@@ -162,13 +196,14 @@ def match_rearrange(site: GatherSite) -> Candidate | Reject | None:
 
 def match_view(site: GatherSite) -> Candidate | Reject | None:
     """The view funcol emits when every leading dim is 1: ``[W, 1.., w] -> [1.., W*w]``."""
-    reshapes = [u for u in site.wait.users if facts.is_reshape(u)]
+    rows, copies = _rows(site)
+    reshapes = [u for u in rows.users if facts.is_reshape(u)]
     if len(reshapes) != 1 or any(facts.permutation(p) is not None for p in reshapes[0].users):
         return None
     view = reshapes[0]
-    raw = [u for u in site.wait.users if u is not view]
+    raw = [u for u in rows.users if u is not view]
     if raw:
-        return _raw_use_reject(site, raw)
+        return _raw_use_reject(raw)
     out_shape = facts.shape(view)
     lead = site.local_shape[:-1]
     if not facts.same_size(facts.product(lead), 1):
@@ -181,7 +216,7 @@ def match_view(site: GatherSite) -> Candidate | Reject | None:
             f"{view.name} reshapes to {list(out_shape)}, whose last dim is not "
             f"W*w = {site.world_size}*{site.hidden_width}", (view,),
         )
-    return Candidate(output=view, region=(view,), inputs=(site.local,))
+    return Candidate(output=view, region=(*copies, view), inputs=(site.local,))
 
 
 # --------------------------------------------------------------------------- preconditions
@@ -231,36 +266,40 @@ DEFAULT_PRECONDITIONS = (
 def gather_hidden_replacement(
     graph: Graph, site: GatherSite, candidate: Candidate, skip_entry_sync: bool
 ) -> Node:
-    """``tpfuse::all_gather_hidden(x, widths, group)``, reshaped to the output's shape if needed."""
+    """``tpfuse::all_gather_hidden(x, widths, group)``, reshaped to the output's shape if
+    needed, then the elementwise epilogue that Inductor had pushed onto every band."""
     (local,) = candidate.inputs
     widths = [int(w) for w in site.hidden_widths]
     kwargs = {"skip_entry_sync": True} if skip_entry_sync else {}
     with graph.inserting_before(candidate.output):
-        gathered = graph.call_function(
+        node = graph.call_function(
             torch.ops.tpfuse.all_gather_hidden.default, (local, widths, site.group_name), kwargs
         )
-        gathered.meta["val"] = _fake_value(gathered, local)
+        node.meta["val"] = _fake_run(node.target, facts.val(local), *node.args[1:], **kwargs)
+        for template in candidate.fact("epilogue", ()):
+            node = graph.call_function(template.target, (node, *template.args[1:]), template.kwargs)
+            node.meta["val"] = _fake_run(node.target, facts.val(node.args[0]), *node.args[1:],
+                                         **node.kwargs)
         want = facts.shape(candidate.output)
-        if facts.same_shape(facts.shape(gathered), want):
-            return gathered
+        if facts.same_shape(facts.shape(node), want):
+            return node
         # Same elements in the same row-major order, other leading dims: reuse the
-        # output node's own size arguments so symbolic sizes stay graph inputs.
+        # output node's own size arguments so symbolic sizes stay graph values.
         size_arg = candidate.output.args[1] if facts.is_reshape(candidate.output) else list(want)
-        reshaped = graph.call_function(aten.reshape.default, (gathered, size_arg))
+        reshaped = graph.call_function(aten.reshape.default, (node, size_arg))
         reshaped.meta["val"] = facts.val(candidate.output)
         return reshaped
 
 
-def _fake_value(node: Node, local: Node):
+def _fake_run(target, x, *args, **kwargs):
+    """The output's fake value, computed under the graph's own fake mode."""
     from torch._guards import detect_fake_mode
 
-    x = facts.val(local)
     mode = detect_fake_mode([x])
-    args = (x, *node.args[1:])
     if mode is None:
-        return torch.ops.tpfuse.all_gather_hidden.default(*args, **node.kwargs)
+        return target(x, *args, **kwargs)
     with mode:
-        return torch.ops.tpfuse.all_gather_hidden.default(*args, **node.kwargs)
+        return target(x, *args, **kwargs)
 
 
 # --------------------------------------------------------------------------- the objects

@@ -55,6 +55,8 @@ SPLITS = _ops("split.Tensor", "split_with_sizes.default", "split.sizes")
 SLICES = _ops("slice.Tensor")
 NARROWS = _ops("narrow.default")
 CATS = _ops("cat.default")
+COPIES = _ops("copy.default")
+FRESH = _ops("empty.memory_format", "empty_like.default", "empty_strided.default", "new_empty.default")
 MATMULS = _ops("mm.default")
 ADDMMS = _ops("addmm.default")
 
@@ -131,6 +133,57 @@ def is_reshape(node: Node) -> bool:
 
 def is_clone(node: Node) -> bool:
     return node.op == "call_function" and node.target in CLONES
+
+
+def is_copy_into_fresh(node: Node) -> bool:
+    """``copy(empty(...), src)`` of the same shape and dtype: a clone of ``src``.
+
+    AOT graphs of in-place c10d code (``all_gather_into_tensor(out, y)``,
+    ``all_gather(list, y)``) write the result into the user's fresh buffer
+    this way; Inductor later removes the copy."""
+    if node.op != "call_function" or node.target not in COPIES or len(node.args) < 2:
+        return False
+    dst, src = node.args[0], node.args[1]
+    if not (isinstance(dst, Node) and isinstance(src, Node)):
+        return False
+    if dst.op != "call_function" or dst.target not in FRESH or len(dst.users) != 1:
+        return False
+    d, s = val(dst), val(src)
+    return (
+        isinstance(d, torch.Tensor) and isinstance(s, torch.Tensor) and d.dtype == s.dtype
+        and same_shape(d.shape, s.shape)
+    )
+
+
+def is_clone_like(node: Node) -> bool:
+    """A node whose value equals its (first) tensor input: clone, contiguous, copy into fresh."""
+    return is_clone(node) or is_copy_into_fresh(node)
+
+
+def clone_source(node: Node) -> Node:
+    return node.args[1] if is_copy_into_fresh(node) else node.args[0]
+
+
+def through_clones(node: Node) -> tuple[Node, list[Node]]:
+    """Follow single-user chains of clone-like nodes; returns the last node and the skipped ones."""
+    skipped = []
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if not is_clone_like(user) or clone_source(user) is not node:
+            break
+        skipped.append(user)
+        node = user
+    return node, skipped
+
+
+def unary_pointwise(node: Node) -> bool:
+    """A pointwise op whose only tensor input is its first argument (relu, mul by a scalar, ...)."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return False
+    if torch.Tag.pointwise not in node.target.tags:
+        return False
+    first = node.args[0] if node.args else None
+    return isinstance(first, Node) and node.all_input_nodes == [first]
 
 
 def is_cat(node: Node) -> bool:

@@ -197,27 +197,39 @@ def rewrite_hidden_gathers(graph: Graph, found: list[Found]) -> list[GatherMatch
     return rewritten
 
 
-def _upstream(node: Node) -> list[Node]:
-    """``node`` and the nodes it was built from by the replacement (tpfuse op + reshape)."""
+def _upstream(node: Node, limit: int = 16) -> list[Node]:
+    """The nodes the replacement added: back from ``node`` along first arguments to the
+    first node that was not there before (bounded; replacements are a few nodes)."""
     chain = [node]
-    while chain[0].op == "call_function" and facts.is_reshape(chain[0]):
+    while len(chain) < limit and chain[0].args and isinstance(chain[0].args[0], Node):
+        if "tpfuse" in str(chain[0].target):
+            break
         chain.insert(0, chain[0].args[0])
-    return chain
+    return chain if "tpfuse" in str(chain[0].target) else [node]
 
 
 def _erase_dead(region) -> None:
-    """Erase the matched nodes (last first), then size arithmetic only they used.
+    """Erase the matched nodes once they have no users, then what only they used:
+    size arithmetic (``add = u0 + u0`` for a slice end) and fresh buffers
+    (``empty`` that an in-place gather copied into).
 
     ``wait_tensor`` is not always marked side-effecting, and an orphaned
     collective would still be launched by some backends, so the region is
     erased explicitly rather than left to dead-code elimination."""
-    orphans, erased = [], set()
-    for node in reversed(region):
-        if node not in erased and not node.users:
-            orphans += [a for a in node.all_input_nodes if a.op == "call_function"]
-            node.graph.erase_node(node)
-            erased.add(node)
-    for node in orphans:  # e.g. ``add = u0 + u0`` feeding only a slice's end
-        if node not in erased and not node.users and node.target.__module__ == "_operator":
-            node.graph.erase_node(node)
-            erased.add(node)
+    pending, erased = list(region), set()
+    progress = True
+    while progress:  # region order need not be topological
+        progress = False
+        for node in pending:
+            if node not in erased and not node.users:
+                inputs = node.all_input_nodes
+                node.graph.erase_node(node)
+                erased.add(node)
+                pending += [a for a in inputs if a not in pending and _pure_orphan(a)]
+                progress = True
+
+
+def _pure_orphan(node: Node) -> bool:
+    if node.op != "call_function":
+        return False
+    return getattr(node.target, "__module__", None) == "_operator" or node.target in facts.FRESH

@@ -1,0 +1,197 @@
+"""The public API of the passes: enable/disable/enabled chaining, uuid, report, dumps, cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch._inductor.config as inductor_config
+
+import tpfuse
+from tpfuse.passes import TpfusePass
+from tpfuse.passes.manager import PassConfig
+
+from pass_helpers import capture, fake_world
+
+try:
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+except ImportError:  # pragma: no cover
+    CustomGraphPass = object
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class UserPass(CustomGraphPass):
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, graph):
+        self.calls += 1
+
+    def uuid(self):
+        return "user-pass-v1"
+
+
+@pytest.fixture
+def clean_hook():
+    # no FX graph / AOT cache here: a cache hit skips the passes, and these tests count calls
+    import torch._functorch.config as functorch_config
+
+    saved = inductor_config.post_grad_custom_post_pass
+    inductor_config.post_grad_custom_post_pass = None
+    with inductor_config.patch(fx_graph_cache=False), \
+            functorch_config.patch(enable_autograd_cache=False):
+        yield
+    inductor_config.post_grad_custom_post_pass = saved
+
+
+def test_enable_chains_user_pass_and_disable_restores_it(clean_hook):
+    user = UserPass()
+    inductor_config.post_grad_custom_post_pass = user
+    tpfuse.enable()
+    installed = inductor_config.post_grad_custom_post_pass
+    assert isinstance(installed, TpfusePass) and installed.previous is user
+    tpfuse.enable(dry_run=True)  # re-enabling replaces ours, never stacks it
+    assert inductor_config.post_grad_custom_post_pass.previous is user
+    assert inductor_config.post_grad_custom_post_pass.config.dry_run
+    with fake_world(2):
+        torch._dynamo.reset()
+        torch.compile(_funcol_gather, fullgraph=True)(torch.randn(4, 16), torch.randn(8, 16))
+    assert user.calls == 1  # the user's pass still ran
+    assert len(tpfuse.report().matches) == 1
+    tpfuse.disable()
+    assert inductor_config.post_grad_custom_post_pass is user
+    tpfuse.disable()  # idempotent
+    assert inductor_config.post_grad_custom_post_pass is user
+
+
+def test_enabled_context_restores_exactly(clean_hook):
+    user = UserPass()
+    inductor_config.post_grad_custom_post_pass = user
+    with tpfuse.enabled(only_after_linear=True):
+        assert isinstance(inductor_config.post_grad_custom_post_pass, TpfusePass)
+        assert inductor_config.post_grad_custom_post_pass.config.only_after_linear
+    assert inductor_config.post_grad_custom_post_pass is user
+
+
+def test_unknown_option_and_pattern_fail_at_enable(clean_hook):
+    with pytest.raises(TypeError, match="unknown option"):
+        tpfuse.enable(fast=True)
+    with pytest.raises(ValueError, match="unknown pattern"):
+        tpfuse.enable(patterns=["no_such_pattern"])
+    with pytest.raises(ValueError, match="accepted are 'inductor' and 'aot_eager'"):
+        tpfuse.backend("eager")
+
+
+def test_uuid_covers_config_patterns_and_chained_pass():
+    base = TpfusePass(PassConfig()).uuid()
+    assert base == TpfusePass(PassConfig()).uuid()  # deterministic
+    assert base == TpfusePass(PassConfig(dump_dir="/tmp/x")).uuid()  # dumps don't change graphs
+    assert base != TpfusePass(PassConfig(dry_run=True)).uuid()
+    assert base != TpfusePass(PassConfig(patterns=("split_cat",))).uuid()
+    assert base != TpfusePass(PassConfig(), previous=UserPass()).uuid()
+    # a plain callable has no identity: the chain opts out of caching rather than lie
+    assert TpfusePass(PassConfig(), previous=lambda g: None).uuid() is None
+    from tpfuse.passes import REGISTRY, BUILTIN_PATTERNS
+    from dataclasses import replace
+
+    with REGISTRY.scoped(replace(BUILTIN_PATTERNS[0], name="split_cat_copy")):
+        assert TpfusePass(PassConfig()).uuid() != base
+    assert TpfusePass(PassConfig()).uuid() == base
+
+
+def _funcol_gather(x, w):
+    import torch.distributed as dist
+    import torch.distributed._functional_collectives as funcol
+
+    return funcol.all_gather_tensor(x @ w.t(), gather_dim=-1, group=dist.group.WORLD)
+
+
+def test_report_table_and_dump_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("TPFUSE_DUMP_DIR", str(tmp_path))
+    with fake_world(2):
+        _, graph_report = capture(_funcol_gather, torch.randn(4, 16), torch.randn(8, 16))
+    text = str(tpfuse.passes.Report([graph_report]))
+    assert "split_cat" in text and "cat -> all_gather_hidden_default" in text
+    assert "entry barrier kept: no elision proof attempted" in text
+    assert "mm(arg1_1 @ arg0_1.T)" in text
+    (dump,) = tmp_path.iterdir()
+    assert dump.name.startswith("rank0_graph") and dump == tmp_path / os.path.basename(graph_report.dump_path)
+    code = dump.read_text()
+    before, after = code.split("# ===== after tpfuse =====")
+    assert "all_gather_into_tensor" in before and "split" in before
+    assert "tpfuse.all_gather_hidden.default" in after and "all_gather_into_tensor" not in after
+    match = graph_report.matches[0]
+    assert match.skip_entry_sync is False and match.reason.startswith("entry barrier kept")
+    assert any("all_gather_hidden" in line for line in match.after)
+
+
+def test_report_says_when_nothing_ran():
+    assert "no graph passed through the tpfuse passes" in str(tpfuse.passes.Report([]))
+
+
+# ---- FX graph cache, in fresh processes ---------------------------------------------
+
+_CACHE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch, torch.distributed as dist
+    import torch.distributed._functional_collectives as funcol
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    from torch._dynamo.utils import counters
+    import tpfuse
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    tpfuse.enable(**json.loads(sys.argv[1]))
+
+    def f(x, w):
+        return funcol.all_gather_tensor(x @ w.t(), gather_dim=-1, group=dist.group.WORLD)
+
+    # count calls of the op's CPU implementation (a dispatch mode cannot wrap a compile)
+    from tpfuse.compile_ops import collective
+    calls = []
+    real_gather = collective.gather_hidden
+    collective.gather_hidden = lambda *a, **k: calls.append(1) or real_gather(*a, **k)
+
+    compiled = torch.compile(f, fullgraph=True)
+    compiled(torch.randn(4, 16), torch.randn(8, 16))
+    print(json.dumps({
+        "hit": counters["inductor"]["fxgraph_cache_hit"],
+        "miss": counters["inductor"]["fxgraph_cache_miss"],
+        "bypass": counters["inductor"]["fxgraph_cache_bypass"],
+        "op_calls": len(calls),
+        "graphs_through_pass": len(tpfuse.report(all=True).graphs),
+    }))
+    """
+)
+
+
+def _compile_in_fresh_process(cache_dir, config):
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache_dir), PYTHONPATH=REPO)
+    env.pop("TPFUSE_DUMP_DIR", None)
+    out = subprocess.run(
+        [sys.executable, "-c", _CACHE_SCRIPT, json.dumps(config)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_fx_graph_cache_hit_in_fresh_process_keeps_rewrite(tmp_path):
+    first = _compile_in_fresh_process(tmp_path, {})
+    assert (first["miss"], first["hit"], first["bypass"]) == (1, 0, 0), first
+    assert first["op_calls"] == 1 and first["graphs_through_pass"] == 1
+
+    second = _compile_in_fresh_process(tmp_path, {})
+    assert (second["hit"], second["miss"], second["bypass"]) == (1, 0, 0), second
+    assert second["graphs_through_pass"] == 0  # served from the cache: the pass did not run
+    assert second["op_calls"] == 1  # ...and the cached graph still calls the tpfuse op
+
+    changed = _compile_in_fresh_process(tmp_path, {"dry_run": True})
+    assert (changed["miss"], changed["hit"]) == (1, 0), changed  # new key, not the cached rewrite
+    assert changed["op_calls"] == 0
