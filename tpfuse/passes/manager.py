@@ -26,6 +26,7 @@ import torch
 from torch.fx import Graph
 
 from . import patterns as pattern_registry
+from .barrier_elision import apply_barrier_decisions, attach_to_matches, decide_barriers
 from .hidden_gather import find_hidden_gathers, rewrite_hidden_gathers
 from .records import GraphReport, Report
 
@@ -46,12 +47,15 @@ class PassConfig:
     patterns: names of the patterns to run (default: every registered one).
     only_after_linear: rewrite only gathers whose producer is a column linear.
     dump_dir: write before/after graph code here (default ``$TPFUSE_DUMP_DIR``).
+    elide_barriers: assign ping-pong slots and skip entry barriers where proven
+        (barrier_elision.py); False leaves every gather with both barriers.
     """
 
     dry_run: bool = False
     patterns: tuple[str, ...] | None = None
     only_after_linear: bool = False
     dump_dir: str | None = None
+    elide_barriers: bool = True
 
     def cache_key(self) -> str:
         # dump_dir only decides where text goes, never what the graph becomes.
@@ -174,6 +178,12 @@ def run_passes(graph: Graph, config: PassConfig) -> GraphReport:
         matches = rewrite_hidden_gathers(graph, found.matches)
         if matches:
             graph.lint()
+    barriers = []
+    if not config.dry_run:
+        # After the rewrite: decide slot / entry barrier / zero-copy of every tpfuse gather.
+        barriers = decide_barriers(graph, elide=config.elide_barriers)
+        apply_barrier_decisions(graph, barriers)
+        matches = attach_to_matches(graph, matches, barriers)
 
     graph_report = GraphReport(
         graph_index=_STORE.claim_index(),
@@ -182,6 +192,7 @@ def run_passes(graph: Graph, config: PassConfig) -> GraphReport:
         matches=matches,
         near_misses=found.near_misses,
         dry_run=config.dry_run,
+        barriers=barriers,
     )
     graph_report.pass_ms = (time.perf_counter() - start) * 1e3
     if before is not None:

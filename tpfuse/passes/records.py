@@ -57,6 +57,11 @@ class GatherMatch:
     skip_entry_sync: bool = False
     reason: str = ENTRY_BARRIER_KEPT
     replacement: str | None = None  # the tpfuse node, once rewritten
+    # Filled in by the barrier-elision pass (barrier_elision.py); -1: left to the op.
+    slot: int = -1
+    tpfuse_gather: str | None = None  # the tpfuse::all_gather_hidden node inside the replacement
+    zero_copy: bool = False
+    zero_copy_reason: str = "copy kept: no zero-copy proof attempted"
     before: tuple[str, ...] = field(default=(), repr=False, compare=False)
     after: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
@@ -82,6 +87,8 @@ class GraphReport:
     dry_run: bool = False
     pass_ms: float = 0.0
     dump_path: str | None = None
+    # barrier_elision.BarrierDecision of every tpfuse gather in the graph (rewritten or not)
+    barriers: list = field(default_factory=list)
 
     @property
     def rewritten(self) -> int:
@@ -125,7 +132,8 @@ class Report:
             )
             if g.matches:
                 lines.append(_table(
-                    ("pattern", "output", "group", "widths", "dtype", "producer", "entry barrier"),
+                    ("pattern", "output", "group", "widths", "dtype", "producer", "slot", "entry barrier",
+                     "zero-copy"),
                     [
                         (
                             m.pattern,
@@ -134,10 +142,21 @@ class Report:
                             "x".join(map(str, _compress(m.hidden_widths))),
                             str(m.dtype).removeprefix("torch."),
                             str(m.producer),
+                            str(m.slot),
                             ("skipped: " if m.skip_entry_sync else "") + m.reason,
+                            ("yes: " if m.zero_copy else "no: ") + m.zero_copy_reason,
                         )
                         for m in g.matches
                     ],
+                ))
+            matched = {m.tpfuse_gather for m in g.matches}
+            direct = [d for d in g.barriers if d.gather not in matched]
+            if direct:
+                lines.append(_table(
+                    ("tpfuse gather", "group", "slot", "entry barrier", "zero-copy"),
+                    [(d.gather, repr(d.group_name), str(d.slot),
+                      ("skipped: " if d.skip_entry_sync else "") + d.reason,
+                      ("yes: " if d.zero_copy else "no: ") + d.zero_copy_reason) for d in direct],
                 ))
             if g.near_misses:
                 lines.append(_table(

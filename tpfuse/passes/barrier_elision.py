@@ -1,0 +1,447 @@
+"""Barrier elision: per tpfuse gather, its workspace slot, whether its entry barrier may go, and zero-copy.
+
+Runs on the post-grad graph after the rewrite.  ``decide_barriers`` finds and
+decides (frozen ``BarrierDecision`` records, one per
+``tpfuse::all_gather_hidden`` node, each with a reason); ``apply_barrier_decisions``
+writes ``slot`` / ``skip_entry_sync`` / ``zero_copy`` into the nodes.  The
+safety argument is in docs/barrier_elision.md; in short:
+
+**What the backend does** (compile_ops/push.py, kernels/push_gather.py).  A
+call on slot ``s`` of group ``g`` runs one kernel per rank: [entry barrier],
+push this rank's band into slot ``s`` of every peer, exit barrier, copy the
+peers' bands out of our own slot ``s`` into a fresh result.  The copy-out is
+fused into the kernel, so **every read of a slot ends with the kernel that
+wrote it**.  The only hazard is a fast peer ``q`` pushing into rank ``r``'s
+slot ``s`` (for a later call G'') while ``r`` still copies out of slot ``s``
+for an earlier call H.
+
+**Fences.** A node F "fences" H before G'' when H -> F -> G'' along data
+edges and F's completion on any rank q implies that every rank r has started
+F, hence (single stream, kernel order) finished H:
+
+- (a) a tpfuse gather on g that provably launches (tokens > 0): q leaves its
+  exit barrier only after r signalled in it;
+- (b) a c10d all_reduce / all_gather / reduce_scatter on g (H -> collective,
+  its wait_tensor -> G''), of non-zero size: q's result contains r's
+  contribution, which r's NCCL kernel sends only after r's stream reached it.
+
+**Skip rule.**  G'' skips its entry barrier iff
+1. some fence precedes G'' (so everything issued before this graph, on any
+   slot, is finished on every rank before any rank writes in G''), and
+2. every other gather H on g that may run before G'' (H is not a data
+   descendant of G'') and uses G'''s slot is fenced before G''.
+
+Condition 2 uses data dependencies only: Inductor does reorder independent
+tpfuse gathers (``reorder_for_peak_memory``; see the test
+``test_inductor_reorders_independent_gathers``), so "textually earlier" or
+"the op order on the group" proves nothing.  A gather that may run just before
+G'' with no fence in between must use the other slot: a peer may push G''
+while we still copy that gather out.
+
+**Slots** are chosen greedily (other slot than the unfenced gathers that may
+run before); the skip rule above is then checked on the final assignment,
+so the assignment is a heuristic and the check is the proof.
+
+**Zero-copy** is decided (every reader internal, finished before the slot can
+be written again) but never applied: Inductor treats the op's output as fresh
+memory and may reuse it or write into it in place (``allow_buffer_reuse``,
+``inplace_buffers``), and push.py copies out regardless.  The decision and why
+it is not applied are recorded.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, replace
+from typing import Iterable
+
+import torch
+from torch.fx import Graph, Node
+
+try:
+    from torch.fx.experimental.symbolic_shapes import statically_known_true as _known_true
+except ImportError:  # pragma: no cover - very old torch
+    def _known_true(expr):  # type: ignore[no-redef]
+        return bool(expr) if isinstance(expr, bool) else False
+
+aten = torch.ops.aten
+
+#: The reason recorded for every gather when ``tpfuse.enable(elide_barriers=False)``.
+ELISION_OFF = "entry barrier kept: barrier elision disabled (elide_barriers=False)"
+ZERO_COPY_NOT_APPLIED = (
+    "not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)"
+)
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class BarrierDecision:
+    """What the pass decided for one ``tpfuse::all_gather_hidden`` node, and why."""
+
+    gather: str  # the tpfuse node
+    group_name: str
+    slot: int  # -1: left to the op (elision disabled)
+    slot_reason: str
+    skip_entry_sync: bool
+    reason: str  # why the entry barrier is kept or skipped
+    zero_copy: bool
+    zero_copy_reason: str
+
+    def __str__(self) -> str:
+        barrier = ("skipped: " if self.skip_entry_sync else "") + self.reason
+        copy = "zero-copy" if self.zero_copy else "copy"
+        return (f"{self.gather} group {self.group_name!r} slot {self.slot} ({self.slot_reason}); "
+                f"{barrier}; {copy}: {self.zero_copy_reason}")
+
+
+# --------------------------------------------------------------------------- graph facts
+
+
+def _ops(namespace: str, *names: str) -> frozenset:
+    found = []
+    for ns in (namespace, namespace.lstrip("_")):
+        for name in names:
+            packet = getattr(getattr(torch.ops, ns, None), name, None)
+            if packet is not None and hasattr(packet, "default"):
+                found.append(packet.default)
+    return frozenset(found)
+
+
+def _aten(*names: str) -> frozenset:
+    found = []
+    for name in names:
+        packet_name, _, overload = name.partition(".")
+        packet = getattr(aten, packet_name, None)
+        if packet is not None and hasattr(packet, overload):
+            found.append(getattr(packet, overload))
+    return frozenset(found)
+
+
+def _tpfuse(name: str):
+    packet = getattr(getattr(torch.ops, "tpfuse", None), name, None)
+    return getattr(packet, "default", None)
+
+
+#: c10d collectives whose result on every rank needs every rank's input: a
+#: fence (b) on their group.  (broadcast / all_to_all are not: a rank's result
+#: need not contain every peer's contribution.)
+FENCE_COLLECTIVES = _ops("_c10d_functional", "all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor")
+WAITS = _ops("_c10d_functional", "wait_tensor")
+#: Ops that read only the *metadata* of their tensor inputs (sizes, dtype,
+#: device): Inductor orders nothing after the input's producer for them, so
+#: these edges are no data dependency.
+METADATA_ONLY = _aten(
+    "sym_size.int", "sym_size.default", "sym_numel.default", "sym_stride.int", "sym_stride.default",
+    "sym_storage_offset.default", "size.default", "size.int", "stride.default", "numel.default",
+    "empty_like.default", "zeros_like.default", "ones_like.default", "full_like.default",
+    "rand_like.default", "randn_like.default", "randint_like.default", "new_empty.default",
+    "new_empty_strided.default", "new_zeros.default", "new_ones.default", "new_full.default",
+    "fill.Scalar", "zero.default", "scalar_tensor.default",
+)
+#: Ops whose output aliases their first input (zero-copy readers are followed through them).
+VIEWS = _aten(
+    "view.default", "_unsafe_view.default", "reshape.default", "alias.default", "permute.default",
+    "transpose.int", "t.default", "expand.default", "slice.Tensor", "select.int", "narrow.default",
+    "unsqueeze.default", "squeeze.dim", "squeeze.dims", "squeeze.default", "as_strided.default",
+    "split.Tensor", "split_with_sizes.default", "unbind.int", "chunk.default", "view_as.default",
+    "detach.default", "unflatten.int", "flatten.using_ints", "diagonal.default", "movedim.int",
+)
+
+
+def _is_gather(node: Node) -> bool:
+    return node.op == "call_function" and node.target is _tpfuse("all_gather_hidden")
+
+
+def _arg(node: Node, index: int, name: str, default=None):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _val(node):
+    return node.meta.get("val", node.meta.get("example_value")) if isinstance(node, Node) else node
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _provably_positive(size) -> bool:
+    if isinstance(size, int):
+        return size > 0
+    try:
+        return bool(_known_true(size >= 1))
+    except Exception:  # noqa: BLE001 - an undecidable size is not provably positive
+        return False
+
+
+def _provably_zero(size) -> bool:
+    if isinstance(size, int):
+        return size == 0
+    try:
+        return bool(_known_true(size == 0))
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _carries_data(value) -> bool:
+    """A tensor value (or tuple of them) that is not statically empty: Inductor drops reads
+    of statically empty tensors (``cat`` filters them out), so no order rests on them."""
+    tensors = _tensors(value)
+    return bool(tensors) and any(not _provably_zero(t.numel()) for t in tensors)
+
+
+def _launches(node: Node, tensor_arg) -> bool:
+    """The op really communicates: its tensor has provably at least one row and one column.
+
+    push.py returns without launching when T == 0, and a collective of size 0
+    may return without any rank waiting for any other."""
+    value = _val(tensor_arg)
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return False
+    return all(_provably_positive(s) for s in value.shape)
+
+
+@dataclass(frozen=True)
+class Fence:
+    """A node whose completion on any rank implies every rank finished what it depends on."""
+
+    name: str  # node whose data descendants are ordered after the fence (the wait, for c10d)
+    entry: str  # node whose data ancestors are ordered before the fence
+    kind: str  # "exit barrier of <gather>" / "<collective> on group <g>"
+
+
+def _group_of(node: Node):
+    """(group name, Fence) when ``node`` is a fence (a) or (b); else (None, None)."""
+    if _is_gather(node):
+        group = _arg(node, 2, "group_name")
+        x = _arg(node, 0, "x")
+        if isinstance(group, str) and _launches(node, x):
+            return group, Fence(node.name, node.name, f"(a) exit barrier of {node.name}")
+        return None, None
+    if node.op == "call_function" and node.target is _tpfuse("reduce_scatter_hidden"):
+        # Its c10d reduce-scatter is synchronous on the current stream.
+        group = _arg(node, 3, "group_name")
+        if isinstance(group, str) and _launches(node, _arg(node, 0, "grad")):
+            return group, Fence(node.name, node.name, f"(b) {node.name} (reduce-scatter) on group {group!r}")
+        return None, None
+    if node.op == "call_function" and node.target in FENCE_COLLECTIVES:
+        group = node.args[-1] if node.args else node.kwargs.get("group_name")
+        waits = [u for u in node.users if u.target in WAITS]
+        if isinstance(group, str) and len(waits) == 1 and _launches(node, node.args[0]):
+            op = str(node.target).split(".")[-2]
+            return group, Fence(waits[0].name, node.name, f"(b) {op} {node.name} on group {group!r}")
+    return None, None
+
+
+class _Order:
+    """Which graph nodes are ordered before which, along data edges only.
+
+    ``ancestors[n]`` is a bitmask over the *tracked* nodes (gathers and fence
+    ends) that ``n`` depends on through tensor data edges.  Edges that carry
+    no data (sizes, metadata-only ops, statically empty tensors) are left out,
+    so the relation under-approximates what any scheduler must respect."""
+
+    def __init__(self, graph: Graph, tracked: Iterable[Node]) -> None:
+        self.bit = {n: 1 << i for i, n in enumerate(tracked)}
+        self.ancestors: dict[Node, int] = {}
+        for node in graph.nodes:
+            mask = 0
+            for source in self.sources(node):
+                mask |= self.ancestors.get(source, 0) | self.bit.get(source, 0)
+            self.ancestors[node] = mask
+
+    @staticmethod
+    def sources(node: Node) -> list[Node]:
+        """The inputs whose *values* ``node`` reads (so it runs after their producers)."""
+        if node.op in ("placeholder", "get_attr") or node.target in METADATA_ONLY:
+            return []
+        out = _tensors(_val(node))
+        if out and all(_provably_zero(t.numel()) for t in out):
+            return []  # a statically empty result: Inductor may compute nothing
+        return [s for s in node.all_input_nodes if _carries_data(_val(s))]
+
+    def before(self, a: Node, b: Node) -> bool:
+        """``a`` is a data ancestor of ``b``: every schedule runs ``a`` first."""
+        if a in self.bit:
+            return bool(self.ancestors.get(b, 0) & self.bit[a])
+        pending, seen = [b], set()  # an untracked node: walk back from b
+        while pending:
+            for source in self.sources(pending.pop()):
+                if source is a:
+                    return True
+                if source not in seen:
+                    seen.add(source)
+                    pending.append(source)
+        return False
+
+
+# --------------------------------------------------------------------------- decide
+
+
+def decide_barriers(graph: Graph, elide: bool = True) -> list[BarrierDecision]:
+    """One decision per ``tpfuse::all_gather_hidden`` node, in graph order (changes nothing)."""
+    gathers = [n for n in graph.nodes if _is_gather(n)]
+    if not elide:
+        return [BarrierDecision(g.name, str(_arg(g, 2, "group_name")), -1, "left to the op",
+                                False, ELISION_OFF, False, "elision disabled")
+                for g in gathers]
+    fences: dict[str, list[tuple[Node, Node, Fence]]] = {}
+    by_name = {n.name: n for n in graph.nodes}
+    for node in graph.nodes:
+        group, fence = _group_of(node)
+        if fence is not None:
+            fences.setdefault(group, []).append((by_name[fence.entry], by_name[fence.name], fence))
+    tracked = list(gathers) + [n for fs in fences.values() for e, x, _ in fs for n in (e, x)]
+    order = _Order(graph, dict.fromkeys(tracked))
+
+    decisions = {}
+    for group in dict.fromkeys(str(_arg(g, 2, "group_name")) for g in gathers):
+        on_group = [g for g in gathers if str(_arg(g, 2, "group_name")) == group]
+        decisions.update(_decide_group(on_group, fences.get(group, []), order))
+    return [decisions[g.name] for g in gathers]
+
+
+def _fence_between(h: Node, g: Node, fences, order: _Order) -> Fence | None:
+    """A fence F with h -> F -> g (data edges), if any (h may be any node)."""
+    for entry, exit_, fence in fences:
+        if entry is h or exit_ is g:
+            continue
+        if order.before(exit_, g) and order.before(h, entry):
+            return fence
+    return None
+
+
+def _decide_group(gathers: list[Node], fences, order: _Order) -> dict[str, BarrierDecision]:
+    group = str(_arg(gathers[0], 2, "group_name"))
+    # The gathers that may run before g with no fence between: g's slot must differ from theirs.
+    unfenced = {
+        g: [h for h in gathers
+            if h is not g and not order.before(g, h) and _fence_between(h, g, fences, order) is None]
+        for g in gathers
+    }
+    slot, slot_reason = {}, {}
+    for g in gathers:  # graph order is a topological order
+        taken = sorted({slot[h] for h in unfenced[g] if h in slot})
+        names = ", ".join(h.name for h in unfenced[g] if h in slot)
+        if len(taken) == 1:
+            slot[g], slot_reason[g] = 1 - taken[0], f"other slot than {names}"
+        elif not taken:
+            slot[g], slot_reason[g] = 0, "no unfenced gather on the group may run before it"
+        else:
+            slot[g], slot_reason[g] = 0, f"both slots taken by {names}"
+
+    proofs = {g: _prove_skip(g, gathers, unfenced[g], slot, fences, order, group) for g in gathers}
+    skip = {g: proofs[g][0] for g in gathers}
+    out = {}
+    for g in gathers:
+        zero_copy, zc_reason = _decide_zero_copy(g, gathers, slot, skip, fences, order)
+        out[g.name] = BarrierDecision(g.name, group, slot[g], slot_reason[g], skip[g], proofs[g][1],
+                                      zero_copy, zc_reason)
+    return out
+
+
+def _prove_skip(g, gathers, unfenced, slot, fences, order, group) -> tuple[bool, str]:
+    prior = [f for e, x, f in fences if x is not g and order.before(x, g)]
+    if not prior:
+        return False, (f"entry barrier kept: no fence on group {group!r} precedes it in the graph, "
+                       f"so a peer may still read slot {slot[g]} for a call before this graph")
+    clash = [h for h in unfenced if slot[h] == slot[g]]
+    if clash:
+        return False, (f"entry barrier kept: {', '.join(h.name for h in clash)} also uses slot "
+                       f"{slot[g]} and may run before it with no fence between")
+    used = []
+    for h in gathers:
+        if h is not g and slot[h] == slot[g] and not order.before(g, h):
+            fence = _fence_between(h, g, fences, order)
+            used.append(f"{h.name} by {fence.kind}")
+    others = [h.name for h in unfenced]
+    parts = [f"after {prior[-1].kind}"]
+    if used:
+        parts.append(f"earlier slot-{slot[g]} users fenced: {'; '.join(used)}")
+    if others:
+        parts.append(f"{', '.join(others)} may run just before it on slot {1 - slot[g]}")
+    return True, "; ".join(parts)
+
+
+# --------------------------------------------------------------------------- zero-copy
+
+
+def _readers(node: Node) -> tuple[list[Node], bool]:
+    """Nodes that read ``node``'s buffer (through views), and whether a view of it escapes."""
+    readers, escapes, pending, seen = [], False, [node], set()
+    while pending:
+        current = pending.pop()
+        for user in current.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if user.op == "output":
+                escapes = True
+            elif user.target in VIEWS or user.target is operator.getitem:
+                pending.append(user)
+            elif user.target not in METADATA_ONLY:
+                readers.append(user)
+    return readers, escapes
+
+
+def _decide_zero_copy(g, gathers, slot, skip, fences, order) -> tuple[bool, str]:
+    """Could ``g``'s result be a view of its slot?  Every reader must be inside the graph and
+    finished on every rank before any peer pushes into the slot again: before each later
+    same-slot gather K in stream order when K keeps its entry barrier (reader -> K), behind
+    a fence when K skips it (reader -> F -> K).  Gathers of later graphs are covered by
+    their own rule 1 (a fence, or the entry barrier, after everything this graph issued)."""
+    readers, escapes = _readers(g)
+    if escapes:
+        return False, "the result (or a view of it) is a graph output"
+    for k in gathers:
+        if k is g or slot[k] != slot[g] or order.before(k, g):
+            continue
+        for r in readers:
+            if skip[k]:
+                if _fence_between(r, k, fences, order) is None:
+                    return False, (f"no fence orders reader {r.name} before the "
+                                   f"barrier-free push of {k.name} into slot {slot[g]}")
+            elif not order.before(r, k):
+                return False, (f"reader {r.name} may run after {k.name} "
+                               f"writes slot {slot[g]}")
+    return False, f"readers proven done before slot {slot[g]} is rewritten, {ZERO_COPY_NOT_APPLIED}"
+
+
+# --------------------------------------------------------------------------- apply
+
+
+def apply_barrier_decisions(graph: Graph, decisions: list[BarrierDecision]) -> None:
+    """Write each decision into its node's ``slot`` / ``skip_entry_sync`` / ``zero_copy``."""
+    by_name = {n.name: n for n in graph.nodes}
+    for d in decisions:
+        node = by_name[d.gather]
+        x, widths, group = node.args[:3] if len(node.args) >= 3 else (
+            _arg(node, 0, "x"), _arg(node, 1, "hidden_widths"), _arg(node, 2, "group_name"))
+        node.args = (x, widths, group)
+        node.kwargs = {"slot": d.slot, "skip_entry_sync": d.skip_entry_sync, "zero_copy": d.zero_copy}
+
+
+def attach_to_matches(graph: Graph, matches: list, decisions: list[BarrierDecision]) -> list:
+    """The match records with their gather's decision filled in (slot, reason, zero-copy)."""
+    by_gather = {d.gather: d for d in decisions}
+    by_name = {n.name: n for n in graph.nodes}
+    out = []
+    for m in matches:
+        node = by_name.get(m.replacement) if m.replacement else None
+        while node is not None and not _is_gather(node):
+            node = node.args[0] if node.args and isinstance(node.args[0], Node) else None
+        d = by_gather.get(node.name) if node is not None else None
+        if d is None:
+            out.append(m)
+            continue
+        out.append(replace(m, skip_entry_sync=d.skip_entry_sync, reason=d.reason, slot=d.slot,
+                           tpfuse_gather=d.gather,
+                           zero_copy=d.zero_copy, zero_copy_reason=d.zero_copy_reason))
+    return out
