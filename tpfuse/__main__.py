@@ -1,4 +1,4 @@
-"""python -m tpfuse: command-line entry points (demo)."""
+"""python -m tpfuse: command-line entry points (demo, explain)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,14 @@ def main(argv: list[str] | None = None) -> int:
     p_demo.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p_demo.add_argument("--nproc", type=int, default=2, help="number of ranks (default 2)")
     p_demo.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the ranks")
+    p_explain = sub.add_parser(
+        "explain", help="compile MODULE:FUNCTION with tpfuse on spawned ranks; print the report, dump graphs"
+    )
+    p_explain.add_argument("entry", metavar="MODULE:FUNCTION", help="e.g. mypkg.model:step or model.py:step")
+    p_explain.add_argument("--nproc", type=int, default=2, help="number of ranks (default 2)")
+    p_explain.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p_explain.add_argument("--dump-dir", default="tpfuse_dumps", help="where before/after graphs go")
+    p_explain.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the ranks")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING - 10 * min(args.verbose, 2),
@@ -24,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import demo
 
         return demo.run(args.device, args.nproc, args.timeout)
+    if args.command == "explain":
+        from . import explain
+
+        return explain.run(args.entry, args.nproc, args.dump_dir, args.device, args.timeout)
     parser.error(f"unknown command {args.command!r}")
     return 2
 
