@@ -1,0 +1,148 @@
+"""End to end: a compiled TP decode step, tpfuse on against tpfuse off.
+
+    PYTHONPATH=. torchrun --nproc-per-node 4 benchmarks/bench_e2e_decode.py --out /tmp/e2e
+
+The model is Llama-like and unmodified TP code: random bf16 weights, hidden
+4096, ``--layers`` SwiGLU MLP blocks (intermediate 14336, column-parallel
+gate/up, row-parallel down + all-reduce), RMSNorm, and a vocab-parallel LM
+head (vocab 128256) whose logits are gathered along the vocab axis with
+``funcol.all_gather_tensor`` (a replicated output), then greedy sampling.
+Attention is left out: it has no hidden-axis gather and its KV-cache reads
+would only dilute the comparison in both columns alike.
+
+Both variants are ``torch.compile(mode="reduce-overhead")``; the only
+difference is ``tpfuse.enable()``.  Per T in {1, 8, 32, 128}: the step's time
+(CUDA events over many CUDA-graph replays, median of repeats, slowest rank),
+the ratio off/on, and whether both variants sampled the same tokens.
+"""
+
+import os
+
+# Never NVLink multicast on the shared hosts (CONTEXT §4); set before torch loads NCCL.
+os.environ["NCCL_NVLS_ENABLE"] = "0"
+os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
+os.environ["NVSHMEM_DISABLE_NVLS"] = "1"
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.distributed._functional_collectives as funcol  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+import tpfuse  # noqa: E402
+
+HIDDEN, INTERMEDIATE, VOCAB = 4096, 14336, 128256
+
+
+def _weight(rows, cols, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    w = torch.randn(rows, cols, device="cuda", generator=g, dtype=torch.float32) / cols**0.5
+    return nn.Parameter(w.to(torch.bfloat16), requires_grad=False)
+
+
+class DecodeStep(nn.Module):
+    def __init__(self, rank, world_size, layers):
+        super().__init__()
+        inter = INTERMEDIATE // world_size
+        self.gate_up = nn.ParameterList([_weight(2 * inter, HIDDEN, 10 * i + rank) for i in range(layers)])
+        self.down = nn.ParameterList([_weight(HIDDEN, inter, 1000 + 10 * i + rank) for i in range(layers)])
+        self.lm_head = _weight(VOCAB // world_size, HIDDEN, 99 + rank)
+        self.norm = nn.Parameter(torch.ones(HIDDEN, device="cuda", dtype=torch.bfloat16), requires_grad=False)
+
+    def rms(self, h):
+        h32 = h.float()
+        return (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(h.dtype) * self.norm
+
+    def forward(self, h):
+        group = dist.group.WORLD
+        for gate_up, down in zip(self.gate_up, self.down):
+            gate, up = (self.rms(h) @ gate_up.t()).chunk(2, dim=-1)
+            partial = (nn.functional.silu(gate) * up) @ down.t()
+            h = h + funcol.all_reduce(partial, "sum", group)
+        local_logits = self.rms(h) @ self.lm_head.t()
+        logits = funcol.all_gather_tensor(local_logits, gather_dim=-1, group=group)
+        return logits.argmax(dim=-1)
+
+
+def slowest(value):
+    t = torch.tensor([value], dtype=torch.float64, device="cuda")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def time_step(step, h, calls=50, repeats=7):
+    for _ in range(5):  # warm-up, CUDA-graph recording, then replays
+        step(h)
+    torch.cuda.synchronize()
+    dist.barrier()
+    samples = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            step(h)
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1e3 / calls)
+    return slowest(statistics.median(samples))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", default="1,8,32,128")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    rank = int(os.environ["LOCAL_RANK"])
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", device_id=torch.device("cuda", rank))
+    W = dist.get_world_size()
+    torch.manual_seed(0)
+    model = DecodeStep(rank, W, args.layers)
+    card = torch.cuda.get_device_name()
+    if rank == 0:
+        nccl = ".".join(map(str, torch.cuda.nccl.version()))
+        print(f"card: {W} x {card} | torch {torch.__version__} | NCCL {nccl} | layers {args.layers}", flush=True)
+
+    rows = []
+    for T in map(int, args.tokens.split(",")):
+        h = torch.randn(T, HIDDEN, device="cuda", generator=torch.Generator(device="cuda").manual_seed(T))
+        h = h.to(torch.bfloat16)
+        torch._dynamo.reset()
+        tpfuse.disable()
+        off = torch.compile(model, mode="reduce-overhead", dynamic=False)
+        tokens_off = off(h).clone()
+        t_off = time_step(off, h)
+        torch._dynamo.reset()
+        tpfuse.enable()
+        on = torch.compile(model, mode="reduce-overhead", dynamic=False)
+        tokens_on = on(h).clone()
+        rewrites = tpfuse.report().rewritten
+        t_on = time_step(on, h)
+        tpfuse.disable()
+        same = bool(torch.equal(tokens_on, tokens_off))
+        rows.append({"T": T, "off_us": t_off, "on_us": t_on, "speedup": t_off / t_on, "same_tokens": same,
+                     "rewrites": rewrites})
+        if rank == 0:
+            print(f"T={T}: off {t_off:.1f} us, on {t_on:.1f} us, x{t_off / t_on:.2f}, "
+                  f"rewrites {rewrites}, same tokens {same}", flush=True)
+
+    if rank == 0:
+        print(f"\nTP decode step, W={W}, {card}, mode=reduce-overhead, CUDA-graph replay, median µs")
+        print(f"{'T':>5} {'tpfuse off':>11} {'tpfuse on':>10} {'speedup':>8} {'rewrites':>9} {'same tokens':>12}")
+        for r in rows:
+            print(f"{r['T']:>5} {r['off_us']:>11.1f} {r['on_us']:>10.1f} {r['speedup']:>7.2f}x "
+                  f"{r['rewrites']:>9} {str(r['same_tokens']):>12}")
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, f"e2e_w{W}.json"), "w") as f:
+                json.dump({"card": card, "W": W, "torch": torch.__version__, "rows": rows}, f, indent=1)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
