@@ -39,3 +39,14 @@ def test_explain_rejects_bad_entry():
     code, out, err = _run("explain", "examples/tp_lm_head.py:no_such_function")
     assert code != 0
     assert "has no attribute 'no_such_function'" in err
+
+
+def test_bench_without_gpus_says_why():
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU machine this would run the benchmarks")
+    code, out, err = _run("bench")
+    assert code == 2
+    assert "needs 4 CUDA GPUs, found 0" in err

@@ -1,4 +1,4 @@
-"""python -m tpfuse: command-line entry points (demo, explain)."""
+"""python -m tpfuse: command-line entry points (demo, explain, bench)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     p_explain.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p_explain.add_argument("--dump-dir", default="tpfuse_dumps", help="where before/after graphs go")
     p_explain.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the ranks")
+    p_bench = sub.add_parser("bench", help="run the GPU benchmarks (torchrun); write tables and PNG plots")
+    p_bench.add_argument("--nproc", type=int, default=4, help="GPUs to use (default 4)")
+    p_bench.add_argument("--out", default="tpfuse_bench", help="folder for tables and plots")
+    p_bench.add_argument("--only", default=None, help="run only benchmarks whose file name contains this")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING - 10 * min(args.verbose, 2),
@@ -36,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import explain
 
         return explain.run(args.entry, args.nproc, args.dump_dir, args.device, args.timeout)
+    if args.command == "bench":
+        from . import bench
+
+        return bench.run(args.nproc, args.out, args.only)
     parser.error(f"unknown command {args.command!r}")
     return 2
 

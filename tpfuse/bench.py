@@ -1,0 +1,55 @@
+"""``python -m tpfuse bench``: run the GPU benchmarks, write tables and PNG plots.
+
+Runs, with ``torchrun`` on ``--nproc`` GPUs of this machine:
+- ``benchmarks/bench_gather.py``: the gather against NCCL, eager and CUDA graphs;
+- ``benchmarks/bench_e2e_decode.py``: a compiled TP decode step, tpfuse on/off.
+
+The benchmark scripts live in the source checkout (``pip install -e .``).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+from .ranks import SAFE_GPU_ENV
+
+BENCHMARKS = ("bench_gather.py", "bench_e2e_decode.py")
+
+
+def _benchmarks_dir() -> pathlib.Path:
+    root = pathlib.Path(__file__).resolve().parents[1]
+    folder = root / "benchmarks"
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"tpfuse bench: no benchmarks/ folder next to the package ({root}); run it from a "
+            "source checkout installed with `pip install -e .`"
+        )
+    return folder
+
+
+def run(nproc: int, out: str, only: str | None = None) -> int:
+    import torch
+
+    found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if found < max(nproc, 2):
+        print(f"tpfuse bench: needs {max(nproc, 2)} CUDA GPUs, found {found}; the benchmarks "
+              "compare multi-GPU gathers", file=sys.stderr)
+        return 2
+    folder = _benchmarks_dir()
+    env = dict(os.environ, **SAFE_GPU_ENV)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(folder.parent), env.get("PYTHONPATH")]))
+    out_dir = pathlib.Path(out).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    status = 0
+    for script in BENCHMARKS:
+        if only and only not in script:
+            continue
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+               str(folder / script), "--out", str(out_dir)]
+        print("$", " ".join(cmd), flush=True)
+        status |= subprocess.call(cmd, env=env)
+    print(f"tables and plots: {out_dir}")
+    return status
