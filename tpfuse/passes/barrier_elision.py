@@ -229,14 +229,13 @@ def _group_of(node: Node):
         # Its c10d reduce-scatter is synchronous on the current stream.
         group = _arg(node, 3, "group_name")
         if isinstance(group, str) and _launches(node, _arg(node, 0, "grad")):
-            return group, Fence(node.name, node.name, f"(b) {node.name} (reduce-scatter) on group {group!r}")
+            return group, Fence(node.name, node.name, f"(b) collective {node.name} on group {group!r}")
         return None, None
     if node.op == "call_function" and node.target in FENCE_COLLECTIVES:
         group = node.args[-1] if node.args else node.kwargs.get("group_name")
         waits = [u for u in node.users if u.target in WAITS]
         if isinstance(group, str) and len(waits) == 1 and _launches(node, node.args[0]):
-            op = str(node.target).split(".")[-2]
-            return group, Fence(waits[0].name, node.name, f"(b) {op} {node.name} on group {group!r}")
+            return group, Fence(waits[0].name, node.name, f"(b) collective {node.name} on group {group!r}")
     return None, None
 
 
@@ -350,7 +349,10 @@ def _decide_group(gathers: list[Node], fences, order: _Order) -> dict[str, Barri
 def _prove_skip(g, gathers, unfenced, slot, fences, order, group) -> tuple[bool, str]:
     prior = [f for e, x, f in fences if x is not g and order.before(x, g)]
     if not prior:
-        return False, (f"entry barrier kept: no fence on group {group!r} precedes it in the graph, "
+        silent = [h.name for h in gathers if h is not g and order.before(h, g)]
+        why = (f" ({', '.join(silent)} precede{'s' if len(silent) == 1 else ''} it but may launch "
+               "nothing: token count not provably > 0)") if silent else ""
+        return False, (f"entry barrier kept: no fence on group {group!r} precedes it in the graph{why}, "
                        f"so a peer may still read slot {slot[g]} for a call before this graph")
     clash = [h for h in unfenced if slot[h] == slot[g]]
     if clash:

@@ -1,0 +1,432 @@
+"""Graph tests of the barrier-elision pass: where entry barriers must go and where they must stay.
+
+Each test compiles a small function on the CPU with a ``backend="fake"``
+process group, takes Inductor's real post-grad graph, runs the tpfuse passes
+(rewrite, then barrier elision) and compares the tpfuse / c10d nodes and the
+decisions with an inline expected text (``EXPECTTEST_ACCEPT=1 pytest
+tests/test_barrier_elision.py`` rewrites them).
+
+Most graphs call ``torch.ops.tpfuse.all_gather_hidden`` directly so that the
+dependency structure is exactly what the test says; the chain and the
+forward+backward tests go through the pattern rewrite of funcol gathers.
+
+The proofs rest on data dependencies only (docs/barrier_elision.md).
+``test_inductor_reorders_independent_gathers`` shows why: Inductor runs two
+independent gathers in the opposite of their textual order.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+from expecttest import TestCase
+
+from pass_helpers import capture, fake_world, graph_text
+
+W, w = 2, 8  # world size, columns per rank
+
+
+def gather(t, group=None):
+    name = (group or dist.group.WORLD).group_name
+    return torch.ops.tpfuse.all_gather_hidden(t, [t.shape[-1]] * W, name)
+
+
+def _short(line: str) -> str:
+    return line.replace("all_gather_hidden", "agh").replace("_c10d_functional.", "")
+
+
+def _decisions(graph_report) -> str:
+    lines = []
+    for d in graph_report.barriers:
+        verdict = "SKIP" if d.skip_entry_sync else "keep"
+        lines.append(f"{_short(d.gather)}: slot {d.slot} ({_short(d.slot_reason)}), {verdict}")
+        lines.append(f"    {_short(d.reason)}")
+        lines.append(f"    zero-copy: {_short(d.zero_copy_reason)}")
+    return "\n".join(lines)
+
+
+def elision(fn, *args, full_graph=False, **config) -> str:
+    """The rewritten graph's tpfuse and c10d nodes (or all of it), then one decision per gather."""
+    text, graph_report = capture(fn, *args, **config)
+    after = text.split("---- after tpfuse ----\n")[1].splitlines()
+    if not full_graph:
+        after = [x for x in after if re.search(r"tpfuse\.|_c10d_functional\.|^return", x)]
+    return "\n".join(_short(x) for x in after) + "\n----\n" + _decisions(graph_report)
+
+
+# --------------------------------------------------------------------------- graphs
+
+
+def chain3(x, w1, w2, w3):
+    """Three gathers in a row, each feeding the next through a column linear (funcol form)."""
+    g = dist.group.WORLD
+    h = funcol.all_gather_tensor(x @ w1.t(), gather_dim=-1, group=g)
+    h = funcol.all_gather_tensor(torch.relu(h) @ w2.t(), gather_dim=-1, group=g)
+    return funcol.all_gather_tensor(torch.relu(h) @ w3.t(), gather_dim=-1, group=g)
+
+
+def chain4_late_reader(x, a, b, c, d):
+    """Four gathers in a row; the first result is also read at the very end (after the 3rd gather)."""
+    h1 = gather(x @ a)
+    h2 = gather(torch.relu(h1) @ b)
+    h3 = gather(torch.relu(h2) @ c)
+    h4 = gather(torch.relu(h3) @ d)
+    return h4 * h1
+
+
+def independent_then_join(x, y, a):
+    """Ordering only: two gathers with no data dependency between them, then one that needs both."""
+    h1 = gather(x)
+    h2 = gather(y)
+    return gather((h1 + h2) @ a)
+
+
+def first_after_collective(x, a, group):
+    """The graph's first gather, behind an all_reduce on ``group``."""
+    s = funcol.all_reduce(x, "sum", group)
+    return gather(s @ a)
+
+
+def collective_between(x, a, b, group):
+    """gather -> all_reduce on ``group`` -> gather."""
+    h1 = gather(x @ a)
+    s = funcol.all_reduce(torch.relu(h1), "sum", group)
+    return gather(s @ b)
+
+
+def two_groups(x, a, b, c, other):
+    """A gather on WORLD, one on another group, then WORLD again: only same-group gathers fence."""
+    h1 = gather(x @ a)
+    h2 = gather(torch.relu(h1) @ b, other)
+    return gather(torch.relu(h2) @ c)
+
+
+def reader_not_fenced(x, a, b, c):
+    """h1's reader (a sum) feeds no later collective: h1 cannot be zero-copy; the barriers are
+    unaffected (the slot's reads end with the gather's own copy-out)."""
+    h1 = gather(x @ a)
+    side = h1.sum(dim=-1, keepdim=True)
+    h2 = gather(torch.relu(h1) @ b)
+    h3 = gather(torch.relu(h2) @ c)
+    return h3 + side
+
+
+def empty_fence(x, empty, a):
+    """A gather of zero tokens launches nothing (push.py returns early): it is no fence."""
+    h0 = gather(empty)
+    return gather(x @ a + h0.sum())
+
+
+def _world_group():
+    return dist.group.WORLD
+
+
+def _other_group():
+    return dist.new_group(list(range(W)))
+
+
+class TestBarrierElision(TestCase):
+    def test_three_gathers_in_a_row_alternate_slots_and_skip(self):
+        with fake_world(W):
+            got = elision(chain3, torch.randn(4, 16), torch.randn(w, 16), torch.randn(w, W * w),
+                          torch.randn(w, W * w))
+        self.assertExpectedInline(got, """\
+agh_default = tpfuse.agh(mm, [8, 8], '0', slot=0, skip_entry_sync=False, zero_copy=False)
+agh_default_1 = tpfuse.agh(mm_1, [8, 8], '0', slot=1, skip_entry_sync=True, zero_copy=False)
+agh_default_2 = tpfuse.agh(mm_2, [8, 8], '0', slot=0, skip_entry_sync=True, zero_copy=False)
+return [agh_default_2]
+----
+agh_default: slot 0 (no unfenced gather on the group may run before it), keep
+    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still read slot 0 for a call before this graph
+    zero-copy: readers proven done before slot 0 is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
+agh_default_1: slot 1 (other slot than agh_default), SKIP
+    after (a) exit barrier of agh_default; agh_default may run just before it on slot 0
+    zero-copy: readers proven done before slot 1 is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
+agh_default_2: slot 0 (other slot than agh_default_1), SKIP
+    after (a) exit barrier of agh_default_1; earlier slot-0 users fenced: agh_default by (a) exit barrier of agh_default_1; agh_default_1 may run just before it on slot 1
+    zero-copy: the result (or a view of it) is a graph output""")
+
+    def test_reader_scheduled_after_the_next_gathers(self):
+        # h1 * h4 reads h1 after h3 may have rewritten slot 0: no zero-copy for h1, but every
+        # later gather still skips (copy-out ends the slot's reads inside the gather itself).
+        with fake_world(W):
+            ws = [torch.randn(W * w, w) for _ in range(3)]
+            got = elision(chain4_late_reader, torch.randn(4, w), torch.randn(w, w), *ws)
+        self.assertExpectedInline(got, """\
+agh = tpfuse.agh(mm, [8, 8], '0', slot=0, skip_entry_sync=False, zero_copy=False)
+agh_1 = tpfuse.agh(mm_1, [8, 8], '0', slot=1, skip_entry_sync=True, zero_copy=False)
+agh_2 = tpfuse.agh(mm_2, [8, 8], '0', slot=0, skip_entry_sync=True, zero_copy=False)
+agh_3 = tpfuse.agh(mm_3, [8, 8], '0', slot=1, skip_entry_sync=True, zero_copy=False)
+return [mul]
+----
+agh: slot 0 (no unfenced gather on the group may run before it), keep
+    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still read slot 0 for a call before this graph
+    zero-copy: no fence orders reader mul before the barrier-free push of agh_2 into slot 0
+agh_1: slot 1 (other slot than agh), SKIP
+    after (a) exit barrier of agh; agh may run just before it on slot 0
+    zero-copy: readers proven done before slot 1 is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
+agh_2: slot 0 (other slot than agh_1), SKIP
+    after (a) exit barrier of agh_1; earlier slot-0 users fenced: agh by (a) exit barrier of agh_1; agh_1 may run just before it on slot 1
+    zero-copy: readers proven done before slot 0 is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
+agh_3: slot 1 (other slot than agh_2), SKIP
+    after (a) exit barrier of agh_2; earlier slot-1 users fenced: agh_1 by (a) exit barrier of agh_2; agh_2 may run just before it on slot 0
+    zero-copy: readers proven done before slot 1 is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)""")
+
+    def test_result_escaping_as_graph_output_is_never_zero_copy(self):
+        def escape(x, a, b):
+            h1 = gather(x @ a)
+            return h1.view(-1), gather(torch.relu(h1) @ b)
+
+        with fake_world(W):
+            got = elision(escape, torch.randn(4, w), torch.randn(w, w), torch.randn(W * w, w))
+        self.assertExpectedInline(got, """\
+agh = tpfuse.agh(mm, [8, 8], '0', slot=0, skip_entry_sync=False, zero_copy=False)
+agh_1 = tpfuse.agh(mm_1, [8, 8], '0', slot=1, skip_entry_sync=True, zero_copy=False)
+return [view, agh_1]
+----
+agh: slot 0 (no unfenced gather on the group may run before it), keep
+    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still read slot 0 for a call before this graph
+    zero-copy: the result (or a view of it) is a graph output
+agh_1: slot 1 (other slot than agh), SKIP
+    after (a) exit barrier of agh; agh may run just before it on slot 0
+    zero-copy: the result (or a view of it) is a graph output""")
+
+    def test_ordering_only_is_no_proof(self):
+        # h1 and h2 have no data dependency: either may run first (Inductor does reorder such
+        # gathers), so neither fences the other, and the join may follow either one directly.
+        with fake_world(W):
+            got = elision(independent_then_join, torch.randn(4, w), torch.randn(4, w), torch.randn(W * w, w),
+                          full_graph=True)
+        self.assertExpectedInline(got, """\
+inputs: arg0_1, arg1_1, arg2_1
+agh = tpfuse.agh(arg0_1, [8, 8], '0', slot=0, skip_entry_sync=False, zero_copy=False)
+agh_1 = tpfuse.agh(arg1_1, [8, 8], '0', slot=1, skip_entry_sync=False, zero_copy=False)
+add = add.Tensor(agh, agh_1)
+mm = mm(add, arg2_1)
+agh_2 = tpfuse.agh(mm, [8, 8], '0', slot=0, skip_entry_sync=False, zero_copy=False)
+return [agh_2]
+----
+agh: slot 0 (no unfenced gather on the group may run before it), keep
+    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still read slot 0 for a call before this graph
+    zero-copy: readers proven done before slot 0 is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
+agh_1: slot 1 (other slot than agh), keep
+    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still read slot 1 for a call before this graph
+    zero-copy: readers proven done before slot 1 is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
+agh_2: slot 0 (both slots taken by agh, agh_1), keep
+    entry barrier kept: agh also uses slot 0 and may run before it with no fence between
+    zero-copy: the result (or a view of it) is a graph output""")
+
+    def test_collective_on_the_same_group_fences_the_first_gather(self):
+        with fake_world(W):
+            got = elision(lambda x, a: first_after_collective(x, a, _world_group()), torch.randn(4, w),
+                          torch.randn(w, w))
+        self.assertExpectedInline(got, """\
+all_reduce = all_reduce(arg0_1, 'sum', '0')
+wait_tensor = wait_tensor(all_reduce)
+agh = tpfuse.agh(mm, [8, 8], '0', slot=0, skip_entry_sync=True, zero_copy=False)
+return [agh]
+----
+agh: slot 0 (no unfenced gather on the group may run before it), SKIP
+    after (b) collective all_reduce on group '0'
+    zero-copy: the result (or a view of it) is a graph output""")
+
+    def test_collective_on_another_group_is_no_fence(self):
+        with fake_world(W):
+            other = _other_group()
+            got = elision(lambda x, a: first_after_collective(x, a, other), torch.randn(4, w),
+                          torch.randn(w, w))
+        self.assertExpectedInline(got, """\
+all_reduce = all_reduce(arg0_1, 'sum', '1')
+wait_tensor = wait_tensor(all_reduce)
+agh = tpfuse.agh(mm, [8, 8], '0', slot=0, skip_entry_sync=False, zero_copy=False)
+return [agh]
+----
+agh: slot 0 (no unfenced gather on the group may run before it), keep
+    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still read slot 0 for a call before this graph
+    zero-copy: the result (or a view of it) is a graph output""")
+
+    def test_collective_between_gathers_lets_them_share_a_slot(self):
+        with fake_world(W):
+            got = elision(lambda x, a, b: collective_between(x, a, b, _world_group()), torch.randn(4, w),
+                          torch.randn(w, w), torch.randn(W * w, w))
+        self.assertExpectedInline(got, """\
+agh = tpfuse.agh(mm, [8, 8], '0', slot=0, skip_entry_sync=False, zero_copy=False)
+all_reduce = all_reduce(relu, 'sum', '0')
+wait_tensor = wait_tensor(all_reduce)
+agh_1 = tpfuse.agh(mm_1, [8, 8], '0', slot=0, skip_entry_sync=True, zero_copy=False)
+return [agh_1]
+----
+agh: slot 0 (no unfenced gather on the group may run before it), keep
+    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still read slot 0 for a call before this graph
+    zero-copy: readers proven done before slot 0 is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
+agh_1: slot 0 (no unfenced gather on the group may run before it), SKIP
+    after (b) collective all_reduce on group '0'; earlier slot-0 users fenced: agh by (b) collective all_reduce on group '0'
+    zero-copy: the result (or a view of it) is a graph output""")
+
+    def test_collective_between_on_another_group_needs_the_other_slot(self):
+        with fake_world(W):
+            other = _other_group()
+            got = elision(lambda x, a, b: collective_between(x, a, b, other), torch.randn(4, w),
+                          torch.randn(w, w), torch.randn(W * w, w))
+        self.assertExpectedInline(got, """\
+agh = tpfuse.agh(mm, [8, 8], '0', slot=0, skip_entry_sync=False, zero_copy=False)
+all_reduce = all_reduce(relu, 'sum', '1')
+wait_tensor = wait_tensor(all_reduce)
+agh_1 = tpfuse.agh(mm_1, [8, 8], '0', slot=1, skip_entry_sync=True, zero_copy=False)
+return [agh_1]
+----
+agh: slot 0 (no unfenced gather on the group may run before it), keep
+    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still read slot 0 for a call before this graph
+    zero-copy: readers proven done before slot 0 is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
+agh_1: slot 1 (other slot than agh), SKIP
+    after (a) exit barrier of agh; agh may run just before it on slot 0
+    zero-copy: the result (or a view of it) is a graph output""")
+
+    def test_different_groups_have_their_own_slots_and_fences(self):
+        with fake_world(W):
+            other = _other_group()
+            ws = [torch.randn(W * w, w) for _ in range(2)]
+            got = elision(lambda x, a, b, c: two_groups(x, a, b, c, other), torch.randn(4, w),
+                          torch.randn(w, w), *ws)
+        self.assertExpectedInline(got, """\
+agh = tpfuse.agh(mm, [8, 8], '0', slot=0, skip_entry_sync=False, zero_copy=False)
+agh_1 = tpfuse.agh(mm_1, [8, 8], '1', slot=0, skip_entry_sync=False, zero_copy=False)
+agh_2 = tpfuse.agh(mm_2, [8, 8], '0', slot=1, skip_entry_sync=True, zero_copy=False)
+return [agh_2]
+----
+agh: slot 0 (no unfenced gather on the group may run before it), keep
+    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still read slot 0 for a call before this graph
+    zero-copy: readers proven done before slot 0 is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
+agh_1: slot 0 (no unfenced gather on the group may run before it), keep
+    entry barrier kept: no fence on group '1' precedes it in the graph, so a peer may still read slot 0 for a call before this graph
+    zero-copy: readers proven done before slot 0 is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
+agh_2: slot 1 (other slot than agh), SKIP
+    after (a) exit barrier of agh; agh may run just before it on slot 0
+    zero-copy: the result (or a view of it) is a graph output""")
+
+    def test_reader_used_by_no_later_collective(self):
+        with fake_world(W):
+            ws = [torch.randn(W * w, w) for _ in range(2)]
+            got = elision(reader_not_fenced, torch.randn(4, w), torch.randn(w, w), *ws)
+        self.assertExpectedInline(got, """\
+agh = tpfuse.agh(mm, [8, 8], '0', slot=0, skip_entry_sync=False, zero_copy=False)
+agh_1 = tpfuse.agh(mm_1, [8, 8], '0', slot=1, skip_entry_sync=True, zero_copy=False)
+agh_2 = tpfuse.agh(mm_2, [8, 8], '0', slot=0, skip_entry_sync=True, zero_copy=False)
+return [add]
+----
+agh: slot 0 (no unfenced gather on the group may run before it), keep
+    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still read slot 0 for a call before this graph
+    zero-copy: no fence orders reader sum_1 before the barrier-free push of agh_2 into slot 0
+agh_1: slot 1 (other slot than agh), SKIP
+    after (a) exit barrier of agh; agh may run just before it on slot 0
+    zero-copy: readers proven done before slot 1 is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
+agh_2: slot 0 (other slot than agh_1), SKIP
+    after (a) exit barrier of agh_1; earlier slot-0 users fenced: agh by (a) exit barrier of agh_1; agh_1 may run just before it on slot 1
+    zero-copy: readers proven done before slot 0 is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)""")
+
+    def test_a_gather_of_zero_tokens_is_no_fence(self):
+        with fake_world(W):
+            got = elision(empty_fence, torch.randn(4, w), torch.randn(0, w), torch.randn(w, w))
+        self.assertExpectedInline(got, """\
+agh = tpfuse.agh(arg0_1, [8, 8], '0', slot=0, skip_entry_sync=False, zero_copy=False)
+agh_1 = tpfuse.agh(addmm_default, [8, 8], '0', slot=1, skip_entry_sync=False, zero_copy=False)
+return [agh_1]
+----
+agh: slot 0 (no unfenced gather on the group may run before it), keep
+    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still read slot 0 for a call before this graph
+    zero-copy: readers proven done before slot 0 is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
+agh_1: slot 1 (other slot than agh), keep
+    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still read slot 1 for a call before this graph
+    zero-copy: the result (or a view of it) is a graph output""")
+
+    def test_disabled_keeps_every_barrier_and_leaves_the_slot_to_the_op(self):
+        with fake_world(W):
+            got = elision(chain3, torch.randn(4, 16), torch.randn(w, 16), torch.randn(w, W * w),
+                          torch.randn(w, W * w), elide_barriers=False)
+        self.assertExpectedInline(got, """\
+agh_default = tpfuse.agh(mm, [8, 8], '0', slot=-1, skip_entry_sync=False, zero_copy=False)
+agh_default_1 = tpfuse.agh(mm_1, [8, 8], '0', slot=-1, skip_entry_sync=False, zero_copy=False)
+agh_default_2 = tpfuse.agh(mm_2, [8, 8], '0', slot=-1, skip_entry_sync=False, zero_copy=False)
+return [agh_default_2]
+----
+agh_default: slot -1 (left to the op), keep
+    entry barrier kept: barrier elision disabled (elide_barriers=False)
+    zero-copy: elision disabled
+agh_default_1: slot -1 (left to the op), keep
+    entry barrier kept: barrier elision disabled (elide_barriers=False)
+    zero-copy: elision disabled
+agh_default_2: slot -1 (left to the op), keep
+    entry barrier kept: barrier elision disabled (elide_barriers=False)
+    zero-copy: elision disabled""")
+
+    def test_symbolic_token_count_still_proves_a_launch(self):
+        # Dynamo specialises sizes 0 and 1, so a symbolic T is >= 2: the fences provably launch.
+        def chain(x, a, b):
+            h = gather(x @ a)
+            return gather(torch.relu(h) @ b)
+
+        with fake_world(W):
+            got = elision(chain, torch.randn(4, w), torch.randn(w, w), torch.randn(W * w, w), dynamic=True,
+                          full_graph=True)
+        self.assertExpectedInline(got, """\
+inputs: arg0_1, arg1_1, arg2_1, arg3_1
+mm = mm(arg1_1, arg2_1)
+agh = tpfuse.agh(mm, [8, 8], '0', slot=0, skip_entry_sync=False, zero_copy=False)
+relu = relu(agh)
+mm_1 = mm(relu, arg3_1)
+agh_1 = tpfuse.agh(mm_1, [8, 8], '0', slot=1, skip_entry_sync=True, zero_copy=False)
+return [agh_1]
+----
+agh: slot 0 (no unfenced gather on the group may run before it), keep
+    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still read slot 0 for a call before this graph
+    zero-copy: readers proven done before slot 0 is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
+agh_1: slot 1 (other slot than agh), SKIP
+    after (a) exit barrier of agh; agh may run just before it on slot 0
+    zero-copy: the result (or a view of it) is a graph output""")
+
+    def test_an_unbacked_token_count_may_be_zero_so_is_no_fence(self):
+        # push.py launches nothing for T == 0: a gather of x[:n] (n from .item()) may not sync.
+        def chain(x, k, a, b):
+            n = k.item()
+            torch._check(n <= x.shape[0])
+            h = gather(x[:n] @ a)
+            return gather(torch.relu(h) @ b)
+
+        import torch._dynamo.config as dynamo_config
+
+        with fake_world(W), dynamo_config.patch(capture_scalar_outputs=True):
+            got = elision(chain, torch.randn(4, w), torch.tensor(3), torch.randn(w, w), torch.randn(W * w, w))
+        self.assertExpectedInline(got, """\
+agh = tpfuse.agh(mm, [8, 8], '0', slot=0, skip_entry_sync=False, zero_copy=False)
+agh_1 = tpfuse.agh(mm_1, [8, 8], '0', slot=1, skip_entry_sync=False, zero_copy=False)
+return [agh_1]
+----
+agh: slot 0 (no unfenced gather on the group may run before it), keep
+    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still read slot 0 for a call before this graph
+    zero-copy: readers proven done before slot 0 is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
+agh_1: slot 1 (other slot than agh), keep
+    entry barrier kept: no fence on group '0' precedes it in the graph (agh precedes it but may launch nothing: token count not provably > 0), so a peer may still read slot 1 for a call before this graph
+    zero-copy: the result (or a view of it) is a graph output""")
+
+    def test_an_unproven_skip_written_by_hand_is_withdrawn(self):
+        def hand_skip(x, a):
+            name = dist.group.WORLD.group_name
+            h = torch.ops.tpfuse.all_gather_hidden(x, [w] * W, name, slot=1, skip_entry_sync=True)
+            return gather(h @ a)
+
+        with fake_world(W):
+            got = elision(hand_skip, torch.randn(4, w), torch.randn(W * w, w))
+        self.assertExpectedInline(got, """\
+agh = tpfuse.agh(arg0_1, [8, 8], '0', slot=0, skip_entry_sync=False, zero_copy=False)
+agh_1 = tpfuse.agh(mm, [8, 8], '0', slot=1, skip_entry_sync=True, zero_copy=False)
+return [agh_1]
+----
+agh: slot 0 (no unfenced gather on the group may run before it), keep
+    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still read slot 0 for a call before this graph
+    zero-copy: readers proven done before slot 0 is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
+agh_1: slot 1 (other slot than agh), SKIP
+    after (a) exit barrier of agh; agh may run just before it on slot 0
+    zero-copy: the result (or a view of it) is a graph output""")
