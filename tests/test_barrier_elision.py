@@ -430,3 +430,111 @@ agh: slot 0 (no unfenced gather on the group may run before it), keep
 agh_1: slot 1 (other slot than agh), SKIP
     after (a) exit barrier of agh; agh may run just before it on slot 0
     zero-copy: the result (or a view of it) is a graph output""")
+
+
+# --------------------------------------------------------------------------- full compiles
+
+
+class _Record:
+    """A post-grad pass that runs the tpfuse passes on every graph and keeps the text (no stop)."""
+
+    def __init__(self, **config):
+        from tpfuse.passes.manager import PassConfig
+
+        self.config, self.graphs = PassConfig(**config), []
+
+    def __call__(self, graph):
+        from tpfuse.passes import run_passes
+
+        graph_report = run_passes(graph, self.config)
+        self.graphs.append((graph_text(graph), graph_report))
+
+    def uuid(self):
+        return None
+
+
+def _compiled_run(fn, *args, backward=False):
+    import torch._inductor.config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    record = _Record()
+    with inductor_config.patch(post_grad_custom_post_pass=record, fx_graph_cache=False):
+        compiled = torch.compile(fn, fullgraph=True)
+        if backward:
+            compiled(*args).sum().backward()
+            return record, None
+        _, code = run_and_get_code(compiled, *args)
+    return record, code
+
+
+def big_then_small(a, b, m):
+    """Two independent gathers; the first (big) result is needed last.  Written big first."""
+    big = gather(a)
+    small = gather(b)
+    t = (torch.relu(small @ m) @ m.t() @ m).sum()
+    return (big * t).sum(dim=0)
+
+
+def train_step(x, a, b):
+    """Forward: gather, reduce-scatter on the hidden axis, gather.  Backward: the gathers'
+    reduce-scatters and the reduce-scatter's gather (rewritten by the pattern pass)."""
+    h = gather(x @ a)
+    y = funcol.reduce_scatter_tensor_autograd(torch.relu(h) @ b, "sum", scatter_dim=-1, group=dist.group.WORLD)
+    return gather(y)
+
+
+class TestBarrierElisionCompiled(TestCase):
+    def test_inductor_reorders_independent_gathers(self):
+        # The premise of the data-dependency-only rule: Inductor's reorder_for_peak_memory runs
+        # the textually second gather first.  Neither may rest a skip on the other.
+        with fake_world(W):
+            record, code = _compiled_run(big_then_small, torch.randn(256, 256), torch.randn(16, 4),
+                                         torch.randn(W * 4, 2048))
+        calls = [line.strip().split(" = ")[1].split(",")[0]
+                 for line in code[0].splitlines() if "tpfuse.all_gather_hidden.default(" in line]
+        (_, graph_report), = record.graphs
+        self.assertExpectedInline("\n".join(calls) + "\n----\n" + _decisions(graph_report), """\
+torch.ops.tpfuse.all_gather_hidden.default(arg1_1
+torch.ops.tpfuse.all_gather_hidden.default(arg0_1
+----
+agh: slot 0 (no unfenced gather on the group may run before it), keep
+    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still read slot 0 for a call before this graph
+    zero-copy: readers proven done before slot 0 is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
+agh_1: slot 1 (other slot than agh), keep
+    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still read slot 1 for a call before this graph
+    zero-copy: readers proven done before slot 1 is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)""")
+
+    def test_forward_and_backward_graphs_are_decided_separately(self):
+        with fake_world(W):
+            x = torch.randn(4, w)
+            a = torch.randn(w, w, requires_grad=True)
+            b = torch.randn(W * w, W * w, requires_grad=True)
+            record, _ = _compiled_run(train_step, x, a, b, backward=True)
+        parts = []
+        for text, graph_report in record.graphs:
+            lines = [_short(x) for x in text.splitlines()
+                     if re.search(r"tpfuse\.|_c10d_functional\.|^return", x)]
+            parts.append("\n".join(lines) + "\n----\n" + _decisions(graph_report))
+        self.assertExpectedInline("\n====\n".join(parts), """\
+agh = tpfuse.agh(mm, [8, 8], '0', slot=0, skip_entry_sync=False, zero_copy=False)
+reduce_scatter_tensor = reduce_scatter_tensor(cat, 'sum', 2, '0')
+wait_tensor = wait_tensor(reduce_scatter_tensor)
+agh_1 = tpfuse.agh(wait_tensor, [8, 8], '0', slot=0, skip_entry_sync=True, zero_copy=False)
+return [agh_1, relu, permute_1, permute_2]
+----
+agh: slot 0 (no unfenced gather on the group may run before it), keep
+    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still read slot 0 for a call before this graph
+    zero-copy: readers proven done before slot 0 is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
+agh_1: slot 0 (no unfenced gather on the group may run before it), SKIP
+    after (b) collective reduce_scatter_tensor on group '0'; earlier slot-0 users fenced: agh by (b) collective reduce_scatter_tensor on group '0'
+    zero-copy: the result (or a view of it) is a graph output
+====
+reduce_scatter_hidden = tpfuse.reduce_scatter_hidden(tangents_1, [8, 8], 8, '0')
+agh_default = tpfuse.agh(reduce_scatter_hidden, [8, 8], '0', slot=0, skip_entry_sync=True, zero_copy=False)
+reduce_scatter_hidden_1 = tpfuse.reduce_scatter_hidden(where, [8, 8], 8, '0')
+return [None, mm_4, mm_2]
+----
+agh_default: slot 0 (no unfenced gather on the group may run before it), SKIP
+    after (b) collective reduce_scatter_hidden on group '0'
+    zero-copy: readers proven done before slot 0 is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)""")
