@@ -538,3 +538,81 @@ return [None, mm_4, mm_2]
 agh_default: slot 0 (no unfenced gather on the group may run before it), SKIP
     after (b) collective reduce_scatter_hidden on group '0'
     zero-copy: readers proven done before slot 0 is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)""")
+
+
+# --------------------------------------------------------------------------- gloo ranks
+
+
+class ElisionMLP(torch.nn.Module):
+    """Four column-parallel linears with funcol gathers, an all_reduce between the 2nd and 3rd."""
+
+    def __init__(self, rank: int, world_size: int, hidden: int = 32, shard: int = 16):
+        super().__init__()
+        g = torch.Generator().manual_seed(100 + rank)
+        self.w = torch.nn.ParameterList(
+            torch.nn.Parameter(torch.randn(shard, fan_in, generator=g) / fan_in**0.5)
+            for fan_in in (hidden, shard * world_size, shard * world_size, shard * world_size)
+        )
+
+    def forward(self, x):
+        group = dist.group.WORLD
+        h = x
+        for i, weight in enumerate(self.w):
+            h = funcol.all_gather_tensor(torch.relu(h) @ weight.t(), gather_dim=-1, group=group)
+            if i == 1:
+                h = funcol.all_reduce(h, "sum", group)
+        return h
+
+
+def _elided_equals_eager(rank, world_size, cache_dir):
+    import os
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir + f"/rank{rank}"
+    import torch._inductor.config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    import tpfuse
+
+    model = ElisionMLP(rank, world_size)
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(5))
+    results = {}
+    with torch.no_grad(), inductor_config.patch(fx_graph_cache=True):
+        ref = model(x)
+        # elide, then not (the FX graph cache must not serve the first for the second), then
+        # elide again (may come from the cache: then the passes do not run, the code is the same)
+        for run, elide in enumerate((True, False, True)):
+            torch._dynamo.reset()
+            compiled = torch.compile(model, fullgraph=True, backend=tpfuse.backend(elide_barriers=elide))
+            out, code = run_and_get_code(compiled, x)
+            rep = tpfuse.report()
+            results[run] = {
+                "elide": elide,
+                "equal": bool(torch.equal(ref, out)),
+                "skips_in_code": sum(c.count("skip_entry_sync=True") for c in code),
+                "decisions": [(m.slot, m.skip_entry_sync) for m in rep.matches],
+            }
+    return results
+
+
+def test_gloo_compiled_with_elided_barriers_equals_eager(tmp_path):
+    from multiproc import run_ranks
+
+    for rank, results in enumerate(run_ranks(2, _elided_equals_eager, str(tmp_path), timeout=600)):
+        for run, r in results.items():
+            assert r["equal"], (rank, run, r)
+        on, off, again = results[0], results[1], results[2]
+        # G1 keeps its barrier; G2 skips (after G1's exit barrier, other slot); G3 skips
+        # (after the all_reduce, which fences G1 and G2); G4 skips (after G3's exit barrier).
+        assert on["decisions"] == [(0, False), (1, True), (0, True), (1, True)], on
+        assert on["skips_in_code"] == 3, on
+        assert off["decisions"] == [(-1, False)] * 4 and off["skips_in_code"] == 0, off
+        assert again["skips_in_code"] == 3, again
+
+
+def test_elide_barriers_is_part_of_the_cache_key():
+    from tpfuse.passes import TpfusePass
+    from tpfuse.passes.manager import PassConfig, make_config
+
+    assert make_config().elide_barriers is True
+    assert TpfusePass(PassConfig()).uuid() != TpfusePass(PassConfig(elide_barriers=False)).uuid()
+    assert TpfusePass(PassConfig()).uuid() == TpfusePass(make_config(elide_barriers=True)).uuid()
