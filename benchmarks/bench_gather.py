@@ -140,10 +140,41 @@ def host_cost(group, rank):
         "op_p2p": per_call(lambda: torch.ops.tpfuse.all_gather_hidden(x, widths, name)),
         "push_direct": per_call(lambda: push.gather_hidden(x, widths, group, Backend.P2P, -1, False)),
     }
+    from tpfuse.compile_ops.dispatch import choose_backend
+
+    out["dispatch_only"] = per_call(lambda: choose_backend("cuda", x.dtype, 4096 * W, group))
     os.environ["TPFUSE_BACKEND"] = "nccl"
     out["op_nccl"] = per_call(lambda: torch.ops.tpfuse.all_gather_hidden(x, widths, name))
     del os.environ["TPFUSE_BACKEND"]
     return out
+
+
+def sweep_configs(group, configs, config_rows):
+    """Time the push kernel under other tile/warp/chunk/grid settings (same process, same machine)."""
+    from tpfuse.compile_ops import workspace as workspaces
+    import torch.distributed._symmetric_memory as symm_mem
+
+    W = group.world_size
+    sms = torch.cuda.get_device_properties().multi_processor_count
+    lines = []
+    for config in configs.split(","):
+        block_v, warps, chunk, per_sm = map(int, config.split(":"))
+        push.BLOCK_V, push.NUM_WARPS, push.CHUNK_TILES = block_v, warps, chunk
+        for ws in workspaces._workspaces.values():
+            ws.plans.clear()
+            ws.facts.max_blocks = min(sms * per_sm, symm_mem.get_signal_pad_size() // (W * 4))
+        parts = []
+        for row in config_rows.split(","):
+            T, w = map(int, row.split("x"))
+            x = torch.randn(T, w, device="cuda", dtype=torch.bfloat16)
+            methods = make_methods(group, x, [w] * W)
+            big = T * w * W * 2 > (64 << 20)
+            both = time_graph(methods["tpfuse_both"], calls=4 if big else 20, repeats=10 if big else 20)
+            elided = time_graph(methods["tpfuse_elided"], calls=4 if big else 20, repeats=10 if big else 20)
+            gbps = T * w * 2 * (W - 1) / (both * 1e3)
+            parts.append(f"{T}x{w}: {both:.1f}/{elided:.1f} ({gbps:.0f} GB/s)")
+        lines.append(f"block_v={block_v} warps={warps} chunk={chunk} blocks/SM={per_sm}: " + "; ".join(parts))
+    return lines
 
 
 def plot(rows, W, card, path):
@@ -178,6 +209,10 @@ def main():
     parser.add_argument("--widths", default="1024,1792,4096,32064")
     parser.add_argument("--out", default=None)
     parser.add_argument("--tag", default="")
+    parser.add_argument("--configs", default="",
+                        help="extra kernel configs block_v:warps:chunk:blocks_per_sm,... timed on --config-rows")
+    parser.add_argument("--config-rows", default="1x4096,32x4096,128x32064,512x32064")
+    parser.add_argument("--skip-sweep", action="store_true")
     args = parser.parse_args()
 
     rank = int(os.environ["LOCAL_RANK"])
@@ -194,7 +229,7 @@ def main():
               f"| block_v {push.BLOCK_V} warps {push.NUM_WARPS} chunk {push.CHUNK_TILES} {args.tag}", flush=True)
 
     rows = []
-    for w in map(int, args.widths.split(",")):
+    for w in map(int, args.widths.split(",")) if not args.skip_sweep else ():
         for T in map(int, args.tokens.split(",")):
             x = torch.randn(T, w, device="cuda", dtype=torch.bfloat16)
             methods = make_methods(group, x, [w] * W)
@@ -212,7 +247,12 @@ def main():
                 print(f"T={T:4d} w={w:5d} graph µs: " + " ".join(f"{m}={g[m]:8.1f}" for m in METHODS), flush=True)
 
     costs = host_cost(group, rank)
-    if rank == 0:
+    tuning = sweep_configs(group, args.configs, args.config_rows) if args.configs else []
+    if rank == 0 and tuning:
+        print("\nkernel configs (graph µs, tpfuse both / elided; slowest rank):")
+        for line in tuning:
+            print("  " + line)
+    if rank == 0 and rows:
         print()
         print(f"host cost per eager call (µs, slowest rank): " + ", ".join(f"{k} {v:.1f}" for k, v in costs.items()))
         print(f"  op_p2p / torch_add = {costs['op_p2p'] / costs['torch_add']:.2f} (target <= 1.5)")
@@ -228,7 +268,7 @@ def main():
                   f"{e['nccl_rearrange']:17.1f} {e['tpfuse_both']:8.1f} {e['tpfuse_elided']:9.1f}")
         if args.out:
             os.makedirs(args.out, exist_ok=True)
-            meta = {"W": W, "card": card, "torch": torch.__version__, "nccl": nccl, "triton": triton.__version__,
+            meta = {"tuning": tuning, "W": W, "card": card, "torch": torch.__version__, "nccl": nccl, "triton": triton.__version__,
                     "block_v": push.BLOCK_V, "num_warps": push.NUM_WARPS, "chunk": push.CHUNK_TILES,
                     "tag": args.tag, "host_cost_us": costs}
             stem = f"bench_w{W}{('_' + args.tag) if args.tag else ''}"

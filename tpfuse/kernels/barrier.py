@@ -15,6 +15,10 @@ Parallel peers.  The W peers are handled by W lanes at once (one atomic per
 lane), not one after another: a serial walk costs one NVLink round trip per
 peer (CONTEXT §6: 7.6 us at W=4 against 2.5 us in parallel).
 
+Addresses.  The signal pads' addresses arrive as scalar kernel arguments
+(constant memory): no dependent global load stands between the kernel's
+start and its first signal.
+
 Bounded spin.  Every wait gives up after ``timeout_ns`` of %globaltimer time,
 writes ``kind * 65536 + block * 256 + missing_peer + 1`` into a status word
 (host-mapped, so the host reads it without synchronising) and returns; the host
@@ -42,18 +46,16 @@ def peer_lanes(rank, W: tl.constexpr, WP: tl.constexpr):
 
 
 @triton.jit
-def signal_peers(signal_pads, rank, block, want, W: tl.constexpr, RELEASE: tl.constexpr):
+def signal_peers(peer_pads, rank, block, want, W: tl.constexpr, RELEASE: tl.constexpr):
     """Add 1 to slot (block, rank) on every peer whose lane is in ``want``, one lane per peer.
 
-    ``signal_pads`` points to W uint64 addresses, rank r's signal pad at index
-    r (the symmetric handle's ``signal_pad_ptrs_dev``).  With RELEASE the add
-    is a system-scope release: every store this block made before it (the
-    caller puts a CTA barrier in front, so all threads' stores count) is
-    visible to a peer that acquires the slot's new value.
+    ``peer_pads`` holds, per lane, the address of that peer's signal pad.
+    With RELEASE the add is a system-scope release: every store this block
+    made before it (the caller puts a CTA barrier in front, so all threads'
+    stores count) is visible to a peer that acquires the slot's new value.
+    The add returns nothing, so the lane does not wait for the round trip.
     """
-    peers = tl.arange(0, want.shape[0])
-    pads = tl.load(signal_pads + peers, mask=want, other=0).to(tl.pointer_type(tl.int32))
-    slots = pads + block * W + rank
+    slots = peer_pads.to(tl.pointer_type(tl.int32)) + block * W + rank
     if RELEASE:
         tl.atomic_add(slots, 1, mask=want, sem="release", scope="sys")
     else:
@@ -61,45 +63,52 @@ def signal_peers(signal_pads, rank, block, want, W: tl.constexpr, RELEASE: tl.co
 
 
 @triton.jit
-def wait_peers(signal_pads, rank, block, want, status, timeout_ns, KIND: tl.constexpr, W: tl.constexpr,
+def _read_slots(slots, want, ACQUIRE: tl.constexpr):
+    # A read-modify-write of 0 reads the slot coherently at system scope.
+    if ACQUIRE:
+        vals = tl.atomic_add(slots, 0, mask=want, sem="acquire", scope="sys")
+    else:
+        vals = tl.atomic_add(slots, 0, mask=want, sem="relaxed", scope="sys")
+    return vals
+
+
+@triton.jit
+def wait_peers(own_pad, block, want, status, timeout_ns, KIND: tl.constexpr, W: tl.constexpr,
                ACQUIRE: tl.constexpr):
     """Spin until slot (block, peer) on our pad is >= 1 for every peer in ``want``, then consume one signal each.
 
-    The spin reads are relaxed; with ACQUIRE the consuming decrement is a
-    system-scope acquire, so this block's later reads see everything the peer
-    released before its signal (the caller puts a CTA barrier after this, so
-    every thread of the block is ordered after the acquire).  Returns whether
-    it gave up (and then records the missing peer in ``status``).
+    With ACQUIRE every spin read is a system-scope acquire, so once a read
+    sees the peer's signal, this block's later reads see everything the peer
+    released before it (the caller puts a CTA barrier after this, so every
+    thread is ordered after the acquiring lanes).  The consuming decrement
+    returns nothing, so nobody waits for it.  Returns whether the wait gave
+    up; then the missing peer is recorded in ``status``.
     """
     WP: tl.constexpr = want.shape[0]
     peers = tl.arange(0, WP)
-    own_pad = tl.load(signal_pads + rank).to(tl.pointer_type(tl.int32))
-    slots = own_pad + block * W + peers
-    # A relaxed RMW of 0 reads the slot coherently at system scope.
-    lo = tl.min(tl.where(want, tl.atomic_add(slots, 0, mask=want, sem="relaxed", scope="sys"), 1), axis=0)
+    slots = own_pad.to(tl.pointer_type(tl.int32)) + block * W + peers
+    lo = tl.min(tl.where(want, _read_slots(slots, want, ACQUIRE), 1), axis=0)
     start = globaltimer()
     elapsed = start - start
     while (lo < 1) & (elapsed < timeout_ns):
-        lo = tl.min(tl.where(want, tl.atomic_add(slots, 0, mask=want, sem="relaxed", scope="sys"), 1), axis=0)
+        lo = tl.min(tl.where(want, _read_slots(slots, want, ACQUIRE), 1), axis=0)
         elapsed = globaltimer() - start
-    if ACQUIRE:
-        before = tl.atomic_add(slots, -1, mask=want, sem="acquire", scope="sys")
-    else:
-        before = tl.atomic_add(slots, -1, mask=want, sem="relaxed", scope="sys")
-    # A lane whose slot was still 0 when we consumed it never arrived: we timed out.
-    missing = tl.min(tl.where(want & (before < 1), peers, WP), axis=0)
-    if missing < WP:
+    tl.atomic_add(slots, -1, mask=want, sem="relaxed", scope="sys")
+    if lo < 1:
+        # Timed out.  The lanes whose slot went negative never arrived.
+        after = _read_slots(slots, want, False)
+        missing = tl.min(tl.where(want & (after < 0), peers, WP), axis=0)
         # Keep the first report (a later barrier of a failed call gives up at
         # once and may name another peer).  Plain load and store: the status
         # word lives in host-mapped memory, where atomics are not guaranteed
         # over PCIe; any of the racing first writers' codes is a correct report.
         if tl.load(status, volatile=True) == 0:
             tl.store(status, KIND * 65536 + block * 256 + missing + 1)
-    return missing < WP
+    return lo < 1
 
 
 @triton.jit
-def exchange(signal_pads, rank, block, signal_want, wait_want, status, timeout_ns, KIND: tl.constexpr,
+def exchange(peer_pads, own_pad, rank, block, signal_want, wait_want, status, timeout_ns, KIND: tl.constexpr,
              W: tl.constexpr, ACQ_REL: tl.constexpr):
     """Signal the peers in ``signal_want``, then wait for those in ``wait_want`` (a barrier when both are all peers).
 
@@ -112,16 +121,16 @@ def exchange(signal_pads, rank, block, signal_want, wait_want, status, timeout_n
     """
     # Every thread's earlier stores happen before the one lane per peer signals.
     tl.debug_barrier()
-    signal_peers(signal_pads, rank, block, signal_want, W, ACQ_REL)
-    timed_out = wait_peers(signal_pads, rank, block, wait_want, status, timeout_ns, KIND, W, ACQ_REL)
+    signal_peers(peer_pads, rank, block, signal_want, W, ACQ_REL)
+    timed_out = wait_peers(own_pad, block, wait_want, status, timeout_ns, KIND, W, ACQ_REL)
     # Every thread's later loads and stores happen after the acquiring lanes.
     tl.debug_barrier()
     return timed_out
 
 
 @triton.jit
-def barrier(signal_pads, rank, block, status, timeout_ns, KIND: tl.constexpr, W: tl.constexpr,
-            WP: tl.constexpr, ACQ_REL: tl.constexpr):
+def barrier(peer_pads, own_pad, rank, block, status, timeout_ns, KIND: tl.constexpr, W: tl.constexpr,
+            ACQ_REL: tl.constexpr):
     """Block ``block`` of every rank meets block ``block`` of every other rank (see ``exchange``)."""
-    _, live = peer_lanes(rank, W, WP)
-    return exchange(signal_pads, rank, block, live, live, status, timeout_ns, KIND, W, ACQ_REL)
+    _, live = peer_lanes(rank, W, peer_pads.shape[0])
+    return exchange(peer_pads, own_pad, rank, block, live, live, status, timeout_ns, KIND, W, ACQ_REL)

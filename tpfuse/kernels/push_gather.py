@@ -33,6 +33,28 @@ import triton.language as tl
 
 from .barrier import ENTRY_TIMEOUT, EXIT_TIMEOUT, barrier, exchange, peer_lanes
 
+#: the most ranks the kernels take: peer addresses are 8 scalar arguments each
+MAX_RANKS = 8
+
+
+@triton.jit
+def _pick(i: tl.constexpr, a0, a1, a2, a3, a4, a5, a6, a7):
+    """Argument ``a<i>`` for a compile-time ``i``: peer addresses live in constant memory, not in a table."""
+    return a0 if i == 0 else (a1 if i == 1 else (a2 if i == 2 else (a3 if i == 3 else (
+        a4 if i == 4 else (a5 if i == 5 else (a6 if i == 6 else a7))))))
+
+
+@triton.jit
+def _lanes(peers, a0, a1, a2, a3, a4, a5, a6, a7):
+    """Per lane ``i`` of ``peers``, argument ``a<i>``."""
+    v = tl.where(peers == 0, a0, a7)
+    v = tl.where(peers == 1, a1, v)
+    v = tl.where(peers == 2, a2, v)
+    v = tl.where(peers == 3, a3, v)
+    v = tl.where(peers == 4, a4, v)
+    v = tl.where(peers == 5, a5, v)
+    return tl.where(peers == 6, a6, v)
+
 
 @triton.jit
 def _band_tile(tile, tokens, BAND_OFFSET: tl.constexpr, WIDTH: tl.constexpr, TOTAL: tl.constexpr,
@@ -57,18 +79,6 @@ def _band_tile(tile, tokens, BAND_OFFSET: tl.constexpr, WIDTH: tl.constexpr, TOT
 
 
 @triton.jit
-def _copy_out_peer_bands(own, out_ptr, tokens, pid, nblocks, RANK: tl.constexpr, BAND_OFFSETS: tl.constexpr,
-                         W: tl.constexpr, VEC: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Copy the peers' bands of our buffer into the result: exactly the tiles that block ``pid`` of each peer pushed."""
-    for s in tl.static_range(1, W):
-        off = BAND_OFFSETS[(RANK + s) % W]
-        width = BAND_OFFSETS[(RANK + s) % W + 1] - off
-        for tile in range(pid, tl.cdiv(tokens * (width // VEC), BLOCK_V), nblocks):
-            _, gathered, live = _band_tile(tile, tokens, off, width, BAND_OFFSETS[W], VEC, BLOCK_V)
-            tl.store(out_ptr + gathered, tl.load(own + gathered, mask=live), mask=live)
-
-
-@triton.jit
 def _block_chunks(width, tokens, pid, nblocks, VEC: tl.constexpr, BLOCK_V: tl.constexpr, CHUNK: tl.constexpr):
     """How many chunks of CHUNK tiles block ``pid`` moves of a band ``width`` wide (tiles pid, pid+nblocks, ...)."""
     tiles = tl.cdiv(tokens * (width // VEC), BLOCK_V)
@@ -79,12 +89,12 @@ def _block_chunks(width, tokens, pid, nblocks, VEC: tl.constexpr, BLOCK_V: tl.co
 def p2p_push_gather_kernel(
     x_ptr,  # this rank's [T, w_rank] slab, contiguous, 16-byte aligned
     out_ptr,  # the caller-owned [T, total] result (unused without COPY_OUT)
-    buffer_ptrs,  # *u64: rank r's symmetric data buffer at index r
     slot_offset,  # elements from a buffer's base to the slot this call uses
-    signal_pads,  # *u64: rank r's signal pad at index r
     status,  # *i32: 0, or the timeout code of a barrier that gave up
     tokens,
     timeout_ns,
+    buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7,  # rank r's symmetric buffer address (0 past W)
+    pad0, pad1, pad2, pad3, pad4, pad5, pad6, pad7,  # rank r's signal pad address
     RANK: tl.constexpr,
     W: tl.constexpr,
     WP: tl.constexpr,  # next power of two >= W: one barrier lane per peer
@@ -111,14 +121,10 @@ def p2p_push_gather_kernel(
     WIDTH: tl.constexpr = BAND_OFFSETS[RANK + 1] - BAND_OFFSETS[RANK]
     TOTAL: tl.constexpr = BAND_OFFSETS[W]
     peers, live = peer_lanes(RANK, W, WP)
-
-    if not SKIP_ENTRY_SYNC:
-        # Entry: no peer may still be reading the slot we are about to write.
-        # Its reads were in kernels that finished before its signal (stream
-        # order), so relaxed atomics suffice.  Skipped only when the caller has
-        # proven that every peer is done with this slot (CONTEXT §2.3).
-        if barrier(signal_pads, RANK, pid, status, timeout_ns, ENTRY_TIMEOUT, W, WP, False):
-            timeout_ns = timeout_ns * 0  # already reported: don't spin a second full timeout at exit
+    peer_pads = _lanes(peers, pad0, pad1, pad2, pad3, pad4, pad5, pad6, pad7)
+    own_pad = _pick(RANK, pad0, pad1, pad2, pad3, pad4, pad5, pad6, pad7)
+    own = tl.multiple_of(_pick(RANK, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7).to(x_ptr.dtype), 16)
+    own = own + slot_offset
 
     # Chunks per lane (peer) and our own; the stage count covers the longest.
     lane_width = tl.zeros([WP], dtype=tl.int32)
@@ -126,25 +132,35 @@ def p2p_push_gather_kernel(
         lane_width = tl.where(peers == i, BAND_OFFSETS[i + 1] - BAND_OFFSETS[i], lane_width)
     lane_chunks = _block_chunks(lane_width, tokens, pid, nblocks, VEC, BLOCK_V, CHUNK)
     my_chunks = _block_chunks(WIDTH, tokens, pid, nblocks, VEC, BLOCK_V, CHUNK)
+    # >= 1 for every block: the grid never exceeds the widest band's tiles.
     stages = tl.maximum(tl.max(tl.where(live, lane_chunks, 0), axis=0), my_chunks)
-    own = tl.multiple_of(tl.load(buffer_ptrs + RANK).to(x_ptr.dtype), 16) + slot_offset
 
     for c in range(0, stages):
         for k in range(0, CHUNK):
             tile = pid + (c * CHUNK + k) * nblocks
             slab, gathered, in_band = _band_tile(tile, tokens, OFF, WIDTH, TOTAL, VEC, BLOCK_V)
             vals = tl.load(x_ptr + slab, mask=in_band)
+            if not SKIP_ENTRY_SYNC:
+                if (c == 0) & (k == 0):
+                    # Entry, after the first load so that its latency hides
+                    # behind the barrier: no peer may still be reading the slot
+                    # we are about to write.  Its reads were in kernels that
+                    # finished before its signal (stream order), so relaxed
+                    # atomics suffice.  Skipped only when the caller has proven
+                    # that every peer is done with this slot (CONTEXT §2.3).
+                    if barrier(peer_pads, own_pad, RANK, pid, status, timeout_ns, ENTRY_TIMEOUT, W, False):
+                        timeout_ns = timeout_ns * 0  # reported: don't spin another full timeout at exit
             if COPY_OUT:
                 tl.store(out_ptr + gathered, vals, mask=in_band)
             # Peers in the order rank+1, rank+2, ...: ranks start on different
             # peers, so no link is hit by every rank at once.
             for s in tl.static_range(1 if COPY_OUT else 0, W):
-                base = tl.load(buffer_ptrs + (RANK + s) % W).to(x_ptr.dtype)
+                base = _pick((RANK + s) % W, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7).to(x_ptr.dtype)
                 tl.store(tl.multiple_of(base, 16) + slot_offset + gathered, vals, mask=in_band)
         # Exit for chunk c: release our pushes of it, acquire the peers' (system
         # scope), so those tiles in our buffer are complete before we read them.
-        if exchange(signal_pads, RANK, pid, live & (c < my_chunks), live & (c < lane_chunks), status, timeout_ns,
-                    EXIT_TIMEOUT, W, True):
+        if exchange(peer_pads, own_pad, RANK, pid, live & (c < my_chunks), live & (c < lane_chunks), status,
+                    timeout_ns, EXIT_TIMEOUT, W, True):
             timeout_ns = timeout_ns * 0
         if COPY_OUT:
             for s in tl.static_range(1, W):
@@ -180,13 +196,13 @@ def _multimem_store_v4(address, w0, w1, w2, w3, live):
 def multimem_push_gather_kernel(
     x_ptr,  # *i32 words of this rank's [T, w_rank] slab; every width is a multiple of 16 bytes
     out_ptr,  # *i32 words of the caller-owned [T, total] result
-    multicast_ptr,  # the multicast address of the data buffer (i64)
-    buffer_ptrs,  # *u64: rank r's symmetric data buffer at index r (for copy-out)
     slot_offset,  # words from a buffer's base to the slot this call uses
-    signal_pads,
     status,
     tokens,
     timeout_ns,
+    multicast_ptr,  # the multicast address of the data buffer (i64)
+    buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7,
+    pad0, pad1, pad2, pad3, pad4, pad5, pad6, pad7,
     RANK: tl.constexpr,
     W: tl.constexpr,
     WP: tl.constexpr,
@@ -195,7 +211,7 @@ def multimem_push_gather_kernel(
     SKIP_ENTRY_SYNC: tl.constexpr,
     COPY_OUT: tl.constexpr,
 ):
-    """Like the P2P kernel, but one multicast store per 16 bytes reaches every rank.
+    """Like the P2P kernel (one exit barrier), but one multicast store per 16 bytes reaches every rank.
 
     Compile-verified only: NVLink multicast must not run on the shared GPU
     hosts (CONTEXT §4), and the host selects this kernel only when the
@@ -207,17 +223,20 @@ def multimem_push_gather_kernel(
     OFF: tl.constexpr = BAND_OFFSETS[RANK]
     WIDTH: tl.constexpr = BAND_OFFSETS[RANK + 1] - BAND_OFFSETS[RANK]
     TOTAL: tl.constexpr = BAND_OFFSETS[W]
+    peers, live = peer_lanes(RANK, W, WP)
+    peer_pads = _lanes(peers, pad0, pad1, pad2, pad3, pad4, pad5, pad6, pad7)
+    own_pad = _pick(RANK, pad0, pad1, pad2, pad3, pad4, pad5, pad6, pad7)
 
     if not SKIP_ENTRY_SYNC:
         # Entry (relaxed): see the P2P kernel.
-        if barrier(signal_pads, RANK, pid, status, timeout_ns, ENTRY_TIMEOUT, W, WP, False):
+        if barrier(peer_pads, own_pad, RANK, pid, status, timeout_ns, ENTRY_TIMEOUT, W, False):
             timeout_ns = timeout_ns * 0
 
     for tile in range(pid, tl.cdiv(tokens * (WIDTH // VEC), BLOCK_V), nblocks):
-        slab, gathered, live = _band_tile(tile, tokens, OFF, WIDTH, TOTAL, VEC, BLOCK_V)
-        words = tl.load(x_ptr + slab, mask=live)
+        slab, gathered, live_v = _band_tile(tile, tokens, OFF, WIDTH, TOTAL, VEC, BLOCK_V)
+        words = tl.load(x_ptr + slab, mask=live_v)
         if COPY_OUT:
-            tl.store(out_ptr + gathered, words, mask=live)
+            tl.store(out_ptr + gathered, words, mask=live_v)
         # Split each 16-byte vector into its four words for the asm operands.
         even, odd = tl.split(tl.reshape(words, (BLOCK_V, 2, 2)))
         w0, w2 = tl.split(even)
@@ -230,11 +249,17 @@ def multimem_push_gather_kernel(
 
     # Exit (release/acquire, system scope): the multicast stores are visible
     # on every rank before any rank reads its buffer.
-    barrier(signal_pads, RANK, pid, status, timeout_ns, EXIT_TIMEOUT, W, WP, True)
+    barrier(peer_pads, own_pad, RANK, pid, status, timeout_ns, EXIT_TIMEOUT, W, True)
 
     if COPY_OUT:
-        own = tl.multiple_of(tl.load(buffer_ptrs + RANK).to(x_ptr.dtype), 16) + slot_offset
-        _copy_out_peer_bands(own, out_ptr, tokens, pid, nblocks, RANK, BAND_OFFSETS, W, VEC, BLOCK_V)
+        own = tl.multiple_of(_pick(RANK, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7).to(x_ptr.dtype), 16)
+        own = own + slot_offset
+        for s in tl.static_range(1, W):
+            q_off = BAND_OFFSETS[(RANK + s) % W]
+            q_width = BAND_OFFSETS[(RANK + s) % W + 1] - q_off
+            for tile in range(pid, tl.cdiv(tokens * (q_width // VEC), BLOCK_V), nblocks):
+                _, gathered, live_v = _band_tile(tile, tokens, q_off, q_width, TOTAL, VEC, BLOCK_V)
+                tl.store(out_ptr + gathered, tl.load(own + gathered, mask=live_v), mask=live_v)
 
 
 # ---------------------------------------------------------------------------
@@ -245,17 +270,17 @@ def multimem_push_gather_kernel(
 INT_OF_SIZE = {1: "i8", 2: "i16", 4: "i32"}
 
 _RUNTIME_ARGS = {
-    "buffer_ptrs": "*u64",
     "slot_offset": "i64",
-    "signal_pads": "*u64",
     "status": "*i32",
     "tokens": "i32",
     "timeout_ns": "i64",
     "multicast_ptr": "i64",
+    **{f"buf{i}": "i64" for i in range(MAX_RANKS)},
+    **{f"pad{i}": "i64" for i in range(MAX_RANKS)},
 }
 # Triton's "tt.divisibility" attribute: these pointers are 16-byte aligned
 # and these integers multiples of 16 (the host guarantees both).
-_ALIGNED = ("x_ptr", "out_ptr", "buffer_ptrs", "signal_pads", "slot_offset")
+_ALIGNED = ("x_ptr", "out_ptr", "slot_offset")
 
 
 def _source(fn, elem, constexprs):
