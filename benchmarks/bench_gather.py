@@ -149,6 +149,35 @@ def host_cost(group, rank):
     return out
 
 
+def diagnose(group, rows):
+    """Graph-replay time of the push kernel with parts removed, to explain the gap to the floor."""
+    W = group.world_size
+    lines = []
+    for row in rows.split(","):
+        T, w = map(int, row.split("x"))
+        x = torch.randn(T, w, device="cuda", dtype=torch.bfloat16)
+        widths = [w] * W
+        methods = make_methods(group, x, widths)
+        flip = [0]
+
+        def alternate():
+            flip[0] ^= 1
+            return flip[0]
+
+        variants = {
+            "empty kernel": lambda: torch.cuda._sleep(0),
+            "nccl+rearrange": methods["nccl_rearrange"],
+            "both": methods["tpfuse_both"],
+            "elided": methods["tpfuse_elided"],
+            "zero-copy both": lambda: push.gather_into_slot(x, widths, group, 0, False),
+            "zero-copy elided": lambda: push.gather_into_slot(x, widths, group, alternate(), True),
+            "no-sync": lambda: push.gather_into_slot(x, widths, group, 0, True, _exit_sync=False),
+        }
+        parts = [f"{name} {time_graph(fn, calls=20, repeats=20):.1f}" for name, fn in variants.items()]
+        lines.append(f"T={T} w={w}: " + ", ".join(parts))
+    return lines
+
+
 def sweep_configs(group, configs, config_rows):
     """Time the push kernel under other tile/warp/chunk/grid settings (same process, same machine)."""
     from tpfuse.compile_ops import workspace as workspaces
@@ -213,6 +242,8 @@ def main():
                         help="extra kernel configs block_v:warps:chunk:blocks_per_sm,... timed on --config-rows")
     parser.add_argument("--config-rows", default="1x4096,32x4096,128x32064,512x32064")
     parser.add_argument("--skip-sweep", action="store_true")
+    parser.add_argument("--diagnose", default="",
+                        help="rows TxW (e.g. 1x4096,32x4096) split into launch / data / barrier / copy-out costs")
     args = parser.parse_args()
 
     rank = int(os.environ["LOCAL_RANK"])
@@ -246,6 +277,12 @@ def main():
                 g = row["graph"]
                 print(f"T={T:4d} w={w:5d} graph µs: " + " ".join(f"{m}={g[m]:8.1f}" for m in METHODS), flush=True)
 
+    diagnosis = diagnose(group, args.diagnose) if args.diagnose else []
+    if rank == 0 and diagnosis:
+        print("\nwhere the time goes (graph µs; zero-copy = result left in the symmetric slot; "
+              "no-sync = no barrier at all, racy, floor only):")
+        for line in diagnosis:
+            print("  " + line)
     costs = host_cost(group, rank)
     tuning = sweep_configs(group, args.configs, args.config_rows) if args.configs else []
     if rank == 0 and tuning:

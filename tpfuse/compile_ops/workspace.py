@@ -151,9 +151,9 @@ def _rendezvous(tensor: torch.Tensor, group: Group):
 def _establish(group: Group, device: torch.device) -> Workspace:
     """Collective: every rank of ``group`` calls this at the same op call."""
     reason = _local_reason(group, device)
-    # Grid cap: resident blocks.  TPFUSE_PUSH_BLOCKS_PER_SM (default 1) must be
+    # Grid cap: resident blocks.  TPFUSE_PUSH_BLOCKS_PER_SM (default 2) must be
     # set alike on every rank; the minimum over ranks is used.
-    per_sm = int(os.environ.get("TPFUSE_PUSH_BLOCKS_PER_SM", "1"))
+    per_sm = int(os.environ.get("TPFUSE_PUSH_BLOCKS_PER_SM", "2"))
     sms = torch.cuda.get_device_properties(device).multi_processor_count * per_sm if not reason else 0
     table = _all_gather_ints([0 if reason else 1, _host_id(), sms], group, device)
     if not bool(table[:, 0].all()):

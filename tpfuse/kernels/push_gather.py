@@ -79,10 +79,10 @@ def _band_tile(tile, tokens, BAND_OFFSET: tl.constexpr, WIDTH: tl.constexpr, TOT
 
 
 @triton.jit
-def _block_chunks(width, tokens, pid, nblocks, VEC: tl.constexpr, BLOCK_V: tl.constexpr, CHUNK: tl.constexpr):
-    """How many chunks of CHUNK tiles block ``pid`` moves of a band ``width`` wide (tiles pid, pid+nblocks, ...)."""
+def _block_tiles(width, tokens, pid, nblocks, VEC: tl.constexpr, BLOCK_V: tl.constexpr):
+    """How many tiles block ``pid`` moves of a band ``width`` wide (tiles pid, pid + nblocks, ...)."""
     tiles = tl.cdiv(tokens * (width // VEC), BLOCK_V)
-    return tl.cdiv(tl.cdiv(tl.maximum(tiles - pid, 0), nblocks), CHUNK)
+    return tl.cdiv(tl.maximum(tiles - pid, 0), nblocks)
 
 
 @triton.jit
@@ -104,6 +104,7 @@ def p2p_push_gather_kernel(
     CHUNK: tl.constexpr,  # tiles per exit exchange (pipelines pushes against copy-out)
     SKIP_ENTRY_SYNC: tl.constexpr,
     COPY_OUT: tl.constexpr,
+    EXIT_SYNC: tl.constexpr = True,  # False only for the benchmark's floor diagnostics: results are then racy
 ):
     """Push this rank's band to every peer, then copy the peers' bands out, chunk by chunk.
 
@@ -130,13 +131,15 @@ def p2p_push_gather_kernel(
     lane_width = tl.zeros([WP], dtype=tl.int32)
     for i in tl.static_range(W):
         lane_width = tl.where(peers == i, BAND_OFFSETS[i + 1] - BAND_OFFSETS[i], lane_width)
-    lane_chunks = _block_chunks(lane_width, tokens, pid, nblocks, VEC, BLOCK_V, CHUNK)
-    my_chunks = _block_chunks(WIDTH, tokens, pid, nblocks, VEC, BLOCK_V, CHUNK)
+    lane_chunks = tl.cdiv(_block_tiles(lane_width, tokens, pid, nblocks, VEC, BLOCK_V), CHUNK)
+    my_tiles = _block_tiles(WIDTH, tokens, pid, nblocks, VEC, BLOCK_V)
+    my_chunks = tl.cdiv(my_tiles, CHUNK)
     # >= 1 for every block: the grid never exceeds the widest band's tiles.
     stages = tl.maximum(tl.max(tl.where(live, lane_chunks, 0), axis=0), my_chunks)
 
     for c in range(0, stages):
-        for k in range(0, CHUNK):
+        # Our tiles in this chunk; at least one pass in stage 0, which holds the entry barrier.
+        for k in range(0, tl.minimum(CHUNK, tl.maximum(my_tiles - c * CHUNK, (c == 0).to(tl.int32)))):
             tile = pid + (c * CHUNK + k) * nblocks
             slab, gathered, in_band = _band_tile(tile, tokens, OFF, WIDTH, TOTAL, VEC, BLOCK_V)
             vals = tl.load(x_ptr + slab, mask=in_band)
@@ -159,14 +162,16 @@ def p2p_push_gather_kernel(
                 tl.store(tl.multiple_of(base, 16) + slot_offset + gathered, vals, mask=in_band)
         # Exit for chunk c: release our pushes of it, acquire the peers' (system
         # scope), so those tiles in our buffer are complete before we read them.
-        if exchange(peer_pads, own_pad, RANK, pid, live & (c < my_chunks), live & (c < lane_chunks), status,
-                    timeout_ns, EXIT_TIMEOUT, W, True):
-            timeout_ns = timeout_ns * 0
+        if EXIT_SYNC:
+            if exchange(peer_pads, own_pad, RANK, pid, live & (c < my_chunks), live & (c < lane_chunks), status,
+                        timeout_ns, EXIT_TIMEOUT, W, True):
+                timeout_ns = timeout_ns * 0
         if COPY_OUT:
             for s in tl.static_range(1, W):
                 q_off = BAND_OFFSETS[(RANK + s) % W]
                 q_width = BAND_OFFSETS[(RANK + s) % W + 1] - q_off
-                for k in range(0, CHUNK):
+                q_tiles = _block_tiles(q_width, tokens, pid, nblocks, VEC, BLOCK_V)
+                for k in range(0, tl.minimum(CHUNK, q_tiles - c * CHUNK)):
                     tile = pid + (c * CHUNK + k) * nblocks
                     _, gathered, in_band = _band_tile(tile, tokens, q_off, q_width, TOTAL, VEC, BLOCK_V)
                     tl.store(out_ptr + gathered, tl.load(own + gathered, mask=in_band), mask=in_band)
@@ -302,7 +307,7 @@ def _barrier_constexprs(rank, band_offsets):
     }
 
 
-def p2p_source(elem_size, rank, band_offsets, vec, block_v, skip_entry_sync, copy_out, chunk=4):
+def p2p_source(elem_size, rank, band_offsets, vec, block_v, skip_entry_sync, copy_out, chunk=4, exit_sync=True):
     """The ``triton.compiler.ASTSource`` of one P2P variant.
 
     ``band_offsets`` holds W + 1 column offsets in elements; ``vec`` elements
@@ -310,7 +315,7 @@ def p2p_source(elem_size, rank, band_offsets, vec, block_v, skip_entry_sync, cop
     """
     constexprs = _barrier_constexprs(rank, band_offsets)
     constexprs.update(VEC=vec, BLOCK_V=block_v, CHUNK=chunk, SKIP_ENTRY_SYNC=bool(skip_entry_sync),
-                      COPY_OUT=bool(copy_out))
+                      COPY_OUT=bool(copy_out), EXIT_SYNC=bool(exit_sync))
     return _source(p2p_push_gather_kernel, "*" + INT_OF_SIZE[elem_size], constexprs)
 
 
