@@ -140,11 +140,11 @@ agh_default_2 = tpfuse.agh(mm_2, [8, 8], '0', slot=0, skip_entry_sync=True, zero
 return [agh_default_2]
 ----
 agh_default: slot 0 (no unfenced gather on the group may run before it), keep
-    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still read slot 0 for a call before this graph
-    zero-copy: readers proven done before slot 0 is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
+    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still be reading the slot for a call before this graph
+    zero-copy: readers proven done before the slot is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
 agh_default_1: slot 1 (other slot than agh_default), SKIP
     after (a) exit barrier of agh_default; agh_default may run just before it on slot 0
-    zero-copy: readers proven done before slot 1 is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
+    zero-copy: readers proven done before the slot is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
 agh_default_2: slot 0 (other slot than agh_default_1), SKIP
     after (a) exit barrier of agh_default_1; earlier slot-0 users fenced: agh_default by (a) exit barrier of agh_default_1; agh_default_1 may run just before it on slot 1
     zero-copy: the result (or a view of it) is a graph output""")
@@ -163,17 +163,17 @@ agh_3 = tpfuse.agh(mm_3, [8, 8], '0', slot=1, skip_entry_sync=True, zero_copy=Fa
 return [mul]
 ----
 agh: slot 0 (no unfenced gather on the group may run before it), keep
-    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still read slot 0 for a call before this graph
-    zero-copy: no fence orders reader mul before the barrier-free push of agh_2 into slot 0
+    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still be reading the slot for a call before this graph
+    zero-copy: no fence orders reader mul before the barrier-free push of agh_2 into the slot
 agh_1: slot 1 (other slot than agh), SKIP
     after (a) exit barrier of agh; agh may run just before it on slot 0
-    zero-copy: readers proven done before slot 1 is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
+    zero-copy: readers proven done before the slot is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
 agh_2: slot 0 (other slot than agh_1), SKIP
     after (a) exit barrier of agh_1; earlier slot-0 users fenced: agh by (a) exit barrier of agh_1; agh_1 may run just before it on slot 1
-    zero-copy: readers proven done before slot 0 is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
+    zero-copy: readers proven done before the slot is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
 agh_3: slot 1 (other slot than agh_2), SKIP
     after (a) exit barrier of agh_2; earlier slot-1 users fenced: agh_1 by (a) exit barrier of agh_2; agh_2 may run just before it on slot 0
-    zero-copy: readers proven done before slot 1 is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)""")
+    zero-copy: readers proven done before the slot is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)""")
 
     def test_result_escaping_as_graph_output_is_never_zero_copy(self):
         def escape(x, a, b):
@@ -188,7 +188,7 @@ agh_1 = tpfuse.agh(mm_1, [8, 8], '0', slot=1, skip_entry_sync=True, zero_copy=Fa
 return [view, agh_1]
 ----
 agh: slot 0 (no unfenced gather on the group may run before it), keep
-    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still read slot 0 for a call before this graph
+    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still be reading the slot for a call before this graph
     zero-copy: the result (or a view of it) is a graph output
 agh_1: slot 1 (other slot than agh), SKIP
     after (a) exit barrier of agh; agh may run just before it on slot 0
@@ -202,21 +202,21 @@ agh_1: slot 1 (other slot than agh), SKIP
                           full_graph=True)
         self.assertExpectedInline(got, """\
 inputs: arg0_1, arg1_1, arg2_1
-agh = tpfuse.agh(arg0_1, [8, 8], '0', slot=0, skip_entry_sync=False, zero_copy=False)
-agh_1 = tpfuse.agh(arg1_1, [8, 8], '0', slot=1, skip_entry_sync=False, zero_copy=False)
+agh = tpfuse.agh(arg0_1, [8, 8], '0')
+agh_1 = tpfuse.agh(arg1_1, [8, 8], '0')
 add = add.Tensor(agh, agh_1)
 mm = mm(add, arg2_1)
-agh_2 = tpfuse.agh(mm, [8, 8], '0', slot=0, skip_entry_sync=False, zero_copy=False)
+agh_2 = tpfuse.agh(mm, [8, 8], '0')
 return [agh_2]
 ----
-agh: slot 0 (no unfenced gather on the group may run before it), keep
-    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still read slot 0 for a call before this graph
-    zero-copy: readers proven done before slot 0 is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
-agh_1: slot 1 (other slot than agh), keep
-    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still read slot 1 for a call before this graph
-    zero-copy: readers proven done before slot 1 is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
-agh_2: slot 0 (both slots taken by agh, agh_1), keep
-    entry barrier kept: agh also uses slot 0 and may run before it with no fence between
+agh: slot -1 (left to the op: no skipped barrier on the group relies on it), keep
+    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still be reading the slot for a call before this graph
+    zero-copy: reader add may run after agh_1 writes the slot
+agh_1: slot -1 (left to the op: no skipped barrier on the group relies on it), keep
+    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still be reading the slot for a call before this graph
+    zero-copy: reader add may run after agh writes the slot
+agh_2: slot -1 (left to the op: no skipped barrier on the group relies on it), keep
+    entry barrier kept: agh may run before it with no fence between, on the same slot
     zero-copy: the result (or a view of it) is a graph output""")
 
     def test_collective_on_the_same_group_fences_the_first_gather(self):
@@ -241,11 +241,11 @@ agh: slot 0 (no unfenced gather on the group may run before it), SKIP
         self.assertExpectedInline(got, """\
 all_reduce = all_reduce(arg0_1, 'sum', '1')
 wait_tensor = wait_tensor(all_reduce)
-agh = tpfuse.agh(mm, [8, 8], '0', slot=0, skip_entry_sync=False, zero_copy=False)
+agh = tpfuse.agh(mm, [8, 8], '0')
 return [agh]
 ----
-agh: slot 0 (no unfenced gather on the group may run before it), keep
-    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still read slot 0 for a call before this graph
+agh: slot -1 (left to the op: no skipped barrier on the group relies on it), keep
+    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still be reading the slot for a call before this graph
     zero-copy: the result (or a view of it) is a graph output""")
 
     def test_collective_between_gathers_lets_them_share_a_slot(self):
@@ -260,8 +260,8 @@ agh_1 = tpfuse.agh(mm_1, [8, 8], '0', slot=0, skip_entry_sync=True, zero_copy=Fa
 return [agh_1]
 ----
 agh: slot 0 (no unfenced gather on the group may run before it), keep
-    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still read slot 0 for a call before this graph
-    zero-copy: readers proven done before slot 0 is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
+    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still be reading the slot for a call before this graph
+    zero-copy: readers proven done before the slot is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
 agh_1: slot 0 (no unfenced gather on the group may run before it), SKIP
     after (b) collective all_reduce on group '0'; earlier slot-0 users fenced: agh by (b) collective all_reduce on group '0'
     zero-copy: the result (or a view of it) is a graph output""")
@@ -279,8 +279,8 @@ agh_1 = tpfuse.agh(mm_1, [8, 8], '0', slot=1, skip_entry_sync=True, zero_copy=Fa
 return [agh_1]
 ----
 agh: slot 0 (no unfenced gather on the group may run before it), keep
-    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still read slot 0 for a call before this graph
-    zero-copy: readers proven done before slot 0 is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
+    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still be reading the slot for a call before this graph
+    zero-copy: readers proven done before the slot is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
 agh_1: slot 1 (other slot than agh), SKIP
     after (a) exit barrier of agh; agh may run just before it on slot 0
     zero-copy: the result (or a view of it) is a graph output""")
@@ -293,16 +293,16 @@ agh_1: slot 1 (other slot than agh), SKIP
                           torch.randn(w, w), *ws)
         self.assertExpectedInline(got, """\
 agh = tpfuse.agh(mm, [8, 8], '0', slot=0, skip_entry_sync=False, zero_copy=False)
-agh_1 = tpfuse.agh(mm_1, [8, 8], '1', slot=0, skip_entry_sync=False, zero_copy=False)
+agh_1 = tpfuse.agh(mm_1, [8, 8], '1')
 agh_2 = tpfuse.agh(mm_2, [8, 8], '0', slot=1, skip_entry_sync=True, zero_copy=False)
 return [agh_2]
 ----
 agh: slot 0 (no unfenced gather on the group may run before it), keep
-    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still read slot 0 for a call before this graph
-    zero-copy: readers proven done before slot 0 is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
-agh_1: slot 0 (no unfenced gather on the group may run before it), keep
-    entry barrier kept: no fence on group '1' precedes it in the graph, so a peer may still read slot 0 for a call before this graph
-    zero-copy: readers proven done before slot 0 is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
+    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still be reading the slot for a call before this graph
+    zero-copy: readers proven done before the slot is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
+agh_1: slot -1 (left to the op: no skipped barrier on the group relies on it), keep
+    entry barrier kept: no fence on group '1' precedes it in the graph, so a peer may still be reading the slot for a call before this graph
+    zero-copy: readers proven done before the slot is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
 agh_2: slot 1 (other slot than agh), SKIP
     after (a) exit barrier of agh; agh may run just before it on slot 0
     zero-copy: the result (or a view of it) is a graph output""")
@@ -318,28 +318,28 @@ agh_2 = tpfuse.agh(mm_2, [8, 8], '0', slot=0, skip_entry_sync=True, zero_copy=Fa
 return [add]
 ----
 agh: slot 0 (no unfenced gather on the group may run before it), keep
-    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still read slot 0 for a call before this graph
-    zero-copy: no fence orders reader sum_1 before the barrier-free push of agh_2 into slot 0
+    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still be reading the slot for a call before this graph
+    zero-copy: no fence orders reader sum_1 before the barrier-free push of agh_2 into the slot
 agh_1: slot 1 (other slot than agh), SKIP
     after (a) exit barrier of agh; agh may run just before it on slot 0
-    zero-copy: readers proven done before slot 1 is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
+    zero-copy: readers proven done before the slot is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
 agh_2: slot 0 (other slot than agh_1), SKIP
     after (a) exit barrier of agh_1; earlier slot-0 users fenced: agh by (a) exit barrier of agh_1; agh_1 may run just before it on slot 1
-    zero-copy: readers proven done before slot 0 is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)""")
+    zero-copy: readers proven done before the slot is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)""")
 
     def test_a_gather_of_zero_tokens_is_no_fence(self):
         with fake_world(W):
             got = elision(empty_fence, torch.randn(4, w), torch.randn(0, w), torch.randn(w, w))
         self.assertExpectedInline(got, """\
-agh = tpfuse.agh(arg0_1, [8, 8], '0', slot=0, skip_entry_sync=False, zero_copy=False)
-agh_1 = tpfuse.agh(addmm_default, [8, 8], '0', slot=1, skip_entry_sync=False, zero_copy=False)
+agh = tpfuse.agh(arg0_1, [8, 8], '0')
+agh_1 = tpfuse.agh(addmm_default, [8, 8], '0')
 return [agh_1]
 ----
-agh: slot 0 (no unfenced gather on the group may run before it), keep
-    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still read slot 0 for a call before this graph
-    zero-copy: readers proven done before slot 0 is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
-agh_1: slot 1 (other slot than agh), keep
-    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still read slot 1 for a call before this graph
+agh: slot -1 (left to the op: no skipped barrier on the group relies on it), keep
+    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still be reading the slot for a call before this graph
+    zero-copy: readers proven done before the slot is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
+agh_1: slot -1 (left to the op: no skipped barrier on the group relies on it), keep
+    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still be reading the slot for a call before this graph
     zero-copy: the result (or a view of it) is a graph output""")
 
     def test_disabled_keeps_every_barrier_and_leaves_the_slot_to_the_op(self):
@@ -347,9 +347,9 @@ agh_1: slot 1 (other slot than agh), keep
             got = elision(chain3, torch.randn(4, 16), torch.randn(w, 16), torch.randn(w, W * w),
                           torch.randn(w, W * w), elide_barriers=False)
         self.assertExpectedInline(got, """\
-agh_default = tpfuse.agh(mm, [8, 8], '0', slot=-1, skip_entry_sync=False, zero_copy=False)
-agh_default_1 = tpfuse.agh(mm_1, [8, 8], '0', slot=-1, skip_entry_sync=False, zero_copy=False)
-agh_default_2 = tpfuse.agh(mm_2, [8, 8], '0', slot=-1, skip_entry_sync=False, zero_copy=False)
+agh_default = tpfuse.agh(mm, [8, 8], '0')
+agh_default_1 = tpfuse.agh(mm_1, [8, 8], '0')
+agh_default_2 = tpfuse.agh(mm_2, [8, 8], '0')
 return [agh_default_2]
 ----
 agh_default: slot -1 (left to the op), keep
@@ -381,8 +381,8 @@ agh_1 = tpfuse.agh(mm_1, [8, 8], '0', slot=1, skip_entry_sync=True, zero_copy=Fa
 return [agh_1]
 ----
 agh: slot 0 (no unfenced gather on the group may run before it), keep
-    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still read slot 0 for a call before this graph
-    zero-copy: readers proven done before slot 0 is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
+    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still be reading the slot for a call before this graph
+    zero-copy: readers proven done before the slot is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
 agh_1: slot 1 (other slot than agh), SKIP
     after (a) exit barrier of agh; agh may run just before it on slot 0
     zero-copy: the result (or a view of it) is a graph output""")
@@ -400,15 +400,15 @@ agh_1: slot 1 (other slot than agh), SKIP
         with fake_world(W), dynamo_config.patch(capture_scalar_outputs=True):
             got = elision(chain, torch.randn(4, w), torch.tensor(3), torch.randn(w, w), torch.randn(W * w, w))
         self.assertExpectedInline(got, """\
-agh = tpfuse.agh(mm, [8, 8], '0', slot=0, skip_entry_sync=False, zero_copy=False)
-agh_1 = tpfuse.agh(mm_1, [8, 8], '0', slot=1, skip_entry_sync=False, zero_copy=False)
+agh = tpfuse.agh(mm, [8, 8], '0')
+agh_1 = tpfuse.agh(mm_1, [8, 8], '0')
 return [agh_1]
 ----
-agh: slot 0 (no unfenced gather on the group may run before it), keep
-    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still read slot 0 for a call before this graph
-    zero-copy: readers proven done before slot 0 is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
-agh_1: slot 1 (other slot than agh), keep
-    entry barrier kept: no fence on group '0' precedes it in the graph (agh precedes it but may launch nothing: token count not provably > 0), so a peer may still read slot 1 for a call before this graph
+agh: slot -1 (left to the op: no skipped barrier on the group relies on it), keep
+    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still be reading the slot for a call before this graph
+    zero-copy: readers proven done before the slot is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
+agh_1: slot -1 (left to the op: no skipped barrier on the group relies on it), keep
+    entry barrier kept: no fence on group '0' precedes it in the graph (agh precedes it but may launch nothing: token count not provably > 0), so a peer may still be reading the slot for a call before this graph
     zero-copy: the result (or a view of it) is a graph output""")
 
     def test_an_unproven_skip_written_by_hand_is_withdrawn(self):
@@ -425,8 +425,8 @@ agh_1 = tpfuse.agh(mm, [8, 8], '0', slot=1, skip_entry_sync=True, zero_copy=Fals
 return [agh_1]
 ----
 agh: slot 0 (no unfenced gather on the group may run before it), keep
-    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still read slot 0 for a call before this graph
-    zero-copy: readers proven done before slot 0 is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
+    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still be reading the slot for a call before this graph
+    zero-copy: readers proven done before the slot is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
 agh_1: slot 1 (other slot than agh), SKIP
     after (a) exit barrier of agh; agh may run just before it on slot 0
     zero-copy: the result (or a view of it) is a graph output""")
@@ -498,12 +498,12 @@ class TestBarrierElisionCompiled(TestCase):
 torch.ops.tpfuse.all_gather_hidden.default(arg1_1
 torch.ops.tpfuse.all_gather_hidden.default(arg0_1
 ----
-agh: slot 0 (no unfenced gather on the group may run before it), keep
-    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still read slot 0 for a call before this graph
-    zero-copy: readers proven done before slot 0 is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
-agh_1: slot 1 (other slot than agh), keep
-    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still read slot 1 for a call before this graph
-    zero-copy: readers proven done before slot 1 is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)""")
+agh: slot -1 (left to the op: no skipped barrier on the group relies on it), keep
+    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still be reading the slot for a call before this graph
+    zero-copy: reader mul may run after agh_1 writes the slot
+agh_1: slot -1 (left to the op: no skipped barrier on the group relies on it), keep
+    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still be reading the slot for a call before this graph
+    zero-copy: reader mm may run after agh writes the slot""")
 
     def test_forward_and_backward_graphs_are_decided_separately(self):
         with fake_world(W):
@@ -524,8 +524,8 @@ agh_1 = tpfuse.agh(wait_tensor, [8, 8], '0', slot=0, skip_entry_sync=True, zero_
 return [agh_1, relu, permute_1, permute_2]
 ----
 agh: slot 0 (no unfenced gather on the group may run before it), keep
-    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still read slot 0 for a call before this graph
-    zero-copy: readers proven done before slot 0 is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
+    entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still be reading the slot for a call before this graph
+    zero-copy: readers proven done before the slot is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
 agh_1: slot 0 (no unfenced gather on the group may run before it), SKIP
     after (b) collective reduce_scatter_tensor on group '0'; earlier slot-0 users fenced: agh by (b) collective reduce_scatter_tensor on group '0'
     zero-copy: the result (or a view of it) is a graph output
@@ -537,7 +537,7 @@ return [None, mm_4, mm_2]
 ----
 agh_default: slot 0 (no unfenced gather on the group may run before it), SKIP
     after (b) collective reduce_scatter_hidden on group '0'
-    zero-copy: readers proven done before slot 0 is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)""")
+    zero-copy: readers proven done before the slot is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)""")
 
 
 # --------------------------------------------------------------------------- gloo ranks

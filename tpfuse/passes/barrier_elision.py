@@ -338,6 +338,12 @@ def _decide_group(gathers: list[Node], fences, order: _Order) -> dict[str, Barri
 
     proofs = {g: _prove_skip(g, gathers, unfenced[g], slot, fences, order, group) for g in gathers}
     skip = {g: proofs[g][0] for g in gathers}
+    if not any(skip.values()):
+        # No skip rests on the slots: leave them to the op (slot=-1), so a graph without
+        # elision is exactly what the rewrite produced.  The op's alternation is then
+        # unknown here, so zero-copy must treat every later gather as using the same slot.
+        slot = {g: -1 for g in gathers}
+        slot_reason = {g: "left to the op: no skipped barrier on the group relies on it" for g in gathers}
     out = {}
     for g in gathers:
         zero_copy, zc_reason = _decide_zero_copy(g, gathers, slot, skip, fences, order)
@@ -353,11 +359,11 @@ def _prove_skip(g, gathers, unfenced, slot, fences, order, group) -> tuple[bool,
         why = (f" ({', '.join(silent)} precede{'s' if len(silent) == 1 else ''} it but may launch "
                "nothing: token count not provably > 0)") if silent else ""
         return False, (f"entry barrier kept: no fence on group {group!r} precedes it in the graph{why}, "
-                       f"so a peer may still read slot {slot[g]} for a call before this graph")
+                       "so a peer may still be reading the slot for a call before this graph")
     clash = [h for h in unfenced if slot[h] == slot[g]]
     if clash:
-        return False, (f"entry barrier kept: {', '.join(h.name for h in clash)} also uses slot "
-                       f"{slot[g]} and may run before it with no fence between")
+        return False, (f"entry barrier kept: {', '.join(h.name for h in clash)} may run before it with "
+                       "no fence between, on the same slot")
     used = []
     for h in gathers:
         if h is not g and slot[h] == slot[g] and not order.before(g, h):
@@ -403,17 +409,18 @@ def _decide_zero_copy(g, gathers, slot, skip, fences, order) -> tuple[bool, str]
     if escapes:
         return False, "the result (or a view of it) is a graph output"
     for k in gathers:
-        if k is g or slot[k] != slot[g] or order.before(k, g):
+        # slot -1: the op alternates at run time, so any later gather may reuse g's slot
+        same_slot = slot[g] < 0 or slot[k] == slot[g]
+        if k is g or not same_slot or order.before(k, g):
             continue
         for r in readers:
             if skip[k]:
                 if _fence_between(r, k, fences, order) is None:
                     return False, (f"no fence orders reader {r.name} before the "
-                                   f"barrier-free push of {k.name} into slot {slot[g]}")
+                                   f"barrier-free push of {k.name} into the slot")
             elif not order.before(r, k):
-                return False, (f"reader {r.name} may run after {k.name} "
-                               f"writes slot {slot[g]}")
-    return False, f"readers proven done before slot {slot[g]} is rewritten, {ZERO_COPY_NOT_APPLIED}"
+                return False, f"reader {r.name} may run after {k.name} writes the slot"
+    return False, f"readers proven done before the slot is rewritten, {ZERO_COPY_NOT_APPLIED}"
 
 
 # --------------------------------------------------------------------------- apply
@@ -427,7 +434,10 @@ def apply_barrier_decisions(graph: Graph, decisions: list[BarrierDecision]) -> N
         x, widths, group = node.args[:3] if len(node.args) >= 3 else (
             _arg(node, 0, "x"), _arg(node, 1, "hidden_widths"), _arg(node, 2, "group_name"))
         node.args = (x, widths, group)
-        node.kwargs = {"slot": d.slot, "skip_entry_sync": d.skip_entry_sync, "zero_copy": d.zero_copy}
+        if d.slot < 0 and not d.skip_entry_sync and not d.zero_copy:
+            node.kwargs = {}  # the defaults: the op picks the slot, both barriers, a copy
+        else:
+            node.kwargs = {"slot": d.slot, "skip_entry_sync": d.skip_entry_sync, "zero_copy": d.zero_copy}
 
 
 def attach_to_matches(graph: Graph, matches: list, decisions: list[BarrierDecision]) -> list:
