@@ -259,6 +259,7 @@ def main():
         print(f"card: {W} x {card} | torch {torch.__version__} | NCCL {nccl} | triton {triton.__version__} "
               f"| block_v {push.BLOCK_V} warps {push.NUM_WARPS} chunk {push.CHUNK_TILES} {args.tag}", flush=True)
 
+    defaults = {"block_v": push.BLOCK_V, "num_warps": push.NUM_WARPS, "chunk": push.CHUNK_TILES}
     rows = []
     for w in map(int, args.widths.split(",")) if not args.skip_sweep else ():
         for T in map(int, args.tokens.split(",")):
@@ -305,9 +306,8 @@ def main():
                   f"{e['nccl_rearrange']:17.1f} {e['tpfuse_both']:8.1f} {e['tpfuse_elided']:9.1f}")
         if args.out:
             os.makedirs(args.out, exist_ok=True)
-            meta = {"tuning": tuning, "W": W, "card": card, "torch": torch.__version__, "nccl": nccl, "triton": triton.__version__,
-                    "block_v": push.BLOCK_V, "num_warps": push.NUM_WARPS, "chunk": push.CHUNK_TILES,
-                    "tag": args.tag, "host_cost_us": costs}
+            meta = {"tuning": tuning, "diagnosis": diagnosis, "W": W, "card": card, "torch": torch.__version__,
+                    "nccl": nccl, "triton": triton.__version__, **defaults, "tag": args.tag, "host_cost_us": costs}
             stem = f"bench_w{W}{('_' + args.tag) if args.tag else ''}"
             with open(os.path.join(args.out, stem + ".json"), "w") as f:
                 json.dump({"meta": meta, "rows": rows}, f, indent=1)
