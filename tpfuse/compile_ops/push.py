@@ -93,7 +93,7 @@ def raise_if_failed(ws: workspaces.Workspace, op: str = "tpfuse::all_gather_hidd
     code = ws.failure_code()
     if code == 0:
         return
-    kind, block, peer = code >> 16, (code >> 8) & 0xFF, (code & 0xFF) - 1
+    kind, block, peer = code >> 24, (code >> 8) & 0xFFFF, (code & 0xFF) - 1
     which = {1: "entry", 2: "exit"}.get(kind, "?")
     group = ws.group
     try:

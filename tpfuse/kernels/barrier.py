@@ -20,7 +20,7 @@ Addresses.  The signal pads' addresses arrive as scalar kernel arguments
 start and its first signal.
 
 Bounded spin.  Every wait gives up after ``timeout_ns`` of %globaltimer time,
-writes ``kind * 65536 + block * 256 + missing_peer + 1`` into a status word
+writes ``kind * 2**24 + block * 256 + missing_peer + 1`` into a status word
 (host-mapped, so the host reads it without synchronising) and returns; the host
 turns that into an error naming the rank and the peer that never arrived.
 
@@ -103,7 +103,7 @@ def wait_peers(own_pad, block, want, status, timeout_ns, KIND: tl.constexpr, W: 
         # word lives in host-mapped memory, where atomics are not guaranteed
         # over PCIe; any of the racing first writers' codes is a correct report.
         if tl.load(status, volatile=True) == 0:
-            tl.store(status, KIND * 65536 + block * 256 + missing + 1)
+            tl.store(status, KIND * 16777216 + block * 256 + missing + 1)
     return lo < 1
 
 

@@ -1,0 +1,120 @@
+"""Host-side logic of the push backend, on the CPU: vector width, slot sizing,
+timeout reports, and the rank-consistent backend choice (with a stand-in
+workspace, since symmetric memory needs GPUs)."""
+
+import numpy as np
+import pytest
+import torch
+
+from tpfuse.compile_ops import dispatch, push, workspace as workspaces
+from tpfuse.compile_ops.dispatch import Backend
+from tpfuse.compile_ops.groups import Group
+
+
+@pytest.mark.parametrize(
+    "elem_size, widths, vec",
+    [(2, [1024] * 4, 8), (2, [1000] * 4, 8), (2, [1001, 1003], 1), (2, [1002, 1002], 2),
+     (4, [4096] * 2, 4), (1, [1792] * 8, 16), (2, [1024, 1536, 2048], 8), (4, [3, 5], 1)],
+)
+def test_vector_width_divides_every_band(elem_size, widths, vec):
+    offsets = push._band_offsets(widths)
+    assert push.vector_elements(elem_size, offsets) == vec
+    assert vec * elem_size <= 16 and all(o % vec == 0 for o in offsets)
+
+
+def test_slot_sizes_are_powers_of_two_from_one_mib():
+    assert workspaces.slot_bytes_for(1) == workspaces.MIN_SLOT_BYTES
+    assert workspaces.slot_bytes_for(workspaces.MIN_SLOT_BYTES + 1) == 2 * workspaces.MIN_SLOT_BYTES
+    size = workspaces.slot_bytes_for(131_334_144)  # T=512, 4 x 32064 bf16
+    assert size >= 131_334_144 and size & (size - 1) == 0
+
+
+def _fake_workspace(push_ok=True, slot_bytes=1 << 20, multicast=0, code=0):
+    group = Group(pg=None, name="g", rank=2, world_size=4)
+    ws = workspaces.Workspace(group, torch.device("cpu"),
+                              workspaces.GroupFacts(push_ok, "" if push_ok else "no symmetric memory", 8))
+    ws.slot_bytes, ws.multicast_ptr, ws.timeout_ns = slot_bytes, multicast, 2_000_000_000
+    ws.status_view = np.array([code], dtype=np.int32)
+    return ws
+
+
+def test_timeout_report_names_op_rank_and_missing_peer():
+    push.raise_if_failed(_fake_workspace(code=0))  # nothing failed: no error
+    code = 1 * 2**24 + 300 * 256 + 3 + 1  # entry barrier, block 300, peer 3 (the kernel's encoding)
+    with pytest.raises(RuntimeError) as err:
+        push.raise_if_failed(_fake_workspace(code=code))
+    message = str(err.value)
+    assert "tpfuse::all_gather_hidden: rank 2 of group 'g'" in message
+    assert "entry barrier (block 300)" in message and "waiting for rank 3" in message
+    assert "after 2s" in message
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """choose_backend's CUDA branch with one stand-in workspace on device 0."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.delenv("TPFUSE_BACKEND", raising=False)
+    monkeypatch.delenv("TPFUSE_ENABLE_MULTIMEM", raising=False)
+    monkeypatch.delenv("TPFUSE_PUSH_MAX_BYTES", raising=False)
+    saved = dict(workspaces._workspaces)
+    workspaces._workspaces.clear()
+
+    def install(ws):
+        workspaces._workspaces[(ws.group.name, 0)] = ws
+        return ws
+
+    yield install
+    workspaces._workspaces.clear()
+    workspaces._workspaces.update(saved)
+
+
+def choose(group, numel=4096, dtype=torch.bfloat16):
+    return dispatch.choose_backend("cuda", dtype, numel, group)
+
+
+def test_push_when_the_group_agreed_on_it(fake_cuda, monkeypatch):
+    ws = fake_cuda(_fake_workspace())
+    assert choose(ws.group) == Backend.P2P
+    monkeypatch.setenv("TPFUSE_BACKEND", "nccl")
+    assert choose(ws.group) == Backend.NCCL
+
+
+def test_nccl_when_a_rank_cannot_push_and_p2p_forcing_says_why(fake_cuda, monkeypatch):
+    ws = fake_cuda(_fake_workspace(push_ok=False))
+    assert choose(ws.group) == Backend.NCCL
+    monkeypatch.setenv("TPFUSE_BACKEND", "p2p")
+    with pytest.raises(RuntimeError, match="no symmetric memory"):
+        choose(ws.group)
+
+
+def test_size_policy_and_forcing(fake_cuda, monkeypatch):
+    ws = fake_cuda(_fake_workspace(slot_bytes=1 << 30))
+    monkeypatch.setenv("TPFUSE_PUSH_MAX_BYTES", str(1 << 20))
+    assert choose(ws.group, numel=1 << 20) == Backend.NCCL  # 2 MiB of bf16 > 1 MiB: NCCL
+    monkeypatch.setenv("TPFUSE_BACKEND", "p2p")
+    assert choose(ws.group, numel=1 << 20) == Backend.P2P
+    monkeypatch.delenv("TPFUSE_BACKEND")
+    assert choose(ws.group, numel=2**31) == Backend.NCCL  # beyond 32-bit indexing
+
+
+def test_graph_capture_never_sets_up_or_grows(fake_cuda, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    group = Group(pg=None, name="unseen", rank=0, world_size=2)
+    assert choose(group) == Backend.NCCL  # not set up: no collective inside a capture
+    ws = fake_cuda(_fake_workspace(slot_bytes=1 << 20))
+    assert choose(ws.group, numel=1 << 10) == Backend.P2P  # fits: fine under capture
+    assert choose(ws.group, numel=1 << 24) == Backend.NCCL  # would grow: NCCL
+    monkeypatch.setenv("TPFUSE_BACKEND", "p2p")
+    with pytest.raises(RuntimeError, match="eager call"):
+        choose(ws.group, numel=1 << 24)
+
+
+def test_multimem_only_with_a_multicast_address_and_opt_in(fake_cuda, monkeypatch):
+    ws = fake_cuda(_fake_workspace(multicast=0))
+    monkeypatch.setenv("TPFUSE_ENABLE_MULTIMEM", "1")
+    assert choose(ws.group) == Backend.P2P  # our hosts: multicast_ptr == 0
+    ws.multicast_ptr = 0x7F0000000000
+    assert choose(ws.group) == Backend.MULTIMEM
+    monkeypatch.delenv("TPFUSE_ENABLE_MULTIMEM")
+    assert choose(ws.group) == Backend.P2P
