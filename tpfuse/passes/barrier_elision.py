@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, replace
-from typing import Iterable
 
 import torch
 from torch.fx import Graph, Node
@@ -190,11 +189,30 @@ def _provably_zero(size) -> bool:
         return False
 
 
-def _carries_data(value) -> bool:
+def _carries_data(value, cache: dict | None = None) -> bool:
     """A tensor value (or tuple of them) that is not statically empty: Inductor drops reads
     of statically empty tensors (``cat`` filters them out), so no order rests on them."""
     tensors = _tensors(value)
-    return bool(tensors) and any(not _provably_zero(t.numel()) for t in tensors)
+    return bool(tensors) and any(not _provably_empty(t, cache) for t in tensors)
+
+
+def _provably_empty(t: torch.Tensor, cache: dict | None = None) -> bool:
+    """Some dim of ``t`` is provably 0 (symbolic dims decided once per expression)."""
+    for d in t.shape:
+        if isinstance(d, int):
+            if d == 0:
+                return True
+            continue
+        key = getattr(getattr(d, "node", None), "expr", None)
+        if cache is None or key is None:
+            zero = _provably_zero(d)
+        else:
+            zero = cache.get(key)
+            if zero is None:
+                zero = cache[key] = _provably_zero(d)
+        if zero:
+            return True
+    return False
 
 
 def _launches(node: Node, tensor_arg) -> bool:
@@ -240,45 +258,77 @@ def _group_of(node: Node):
 
 
 class _Order:
-    """Which graph nodes are ordered before which, along data edges only.
+    """Which nodes are ordered before which, along data edges only, as bitmasks.
 
-    ``ancestors[n]`` is a bitmask over the *tracked* nodes (gathers and fence
-    ends) that ``n`` depends on through tensor data edges.  Edges that carry
-    no data (sizes, metadata-only ops, statically empty tensors) are left out,
-    so the relation under-approximates what any scheduler must respect."""
+    Two sweeps over the graph (forward in graph order, which is topological,
+    and backward) give, for every node ``n``:
 
-    def __init__(self, graph: Graph, tracked: Iterable[Node]) -> None:
-        self.bit = {n: 1 << i for i, n in enumerate(tracked)}
-        self.ancestors: dict[Node, int] = {}
-        for node in graph.nodes:
-            mask = 0
-            for source in self.sources(node):
-                mask |= self.ancestors.get(source, 0) | self.bit.get(source, 0)
-            self.ancestors[node] = mask
+    - ``gathers_before[n]`` / ``gathers_after[n]``: the gathers that ``n``
+      strictly depends on / that strictly depend on ``n``;
+    - ``fences_before[n]``: the fences whose *exit* (the gather itself, or the
+      collective's wait) ``n`` strictly depends on;
+    - ``fences_after[n]``: the fences whose *entry* (the gather, or the
+      collective) strictly depends on ``n``.
+
+    So ``x -> F -> g`` for some fence F iff ``fences_after[x] & fences_before[g]``.
+    Edges that carry no data (sizes, metadata-only ops, statically empty
+    tensors) are left out: the relation under-approximates what any scheduler
+    must respect, which only makes proofs harder."""
+
+    def __init__(self, graph: Graph, gathers: list[Node], fences: list[tuple[Node, Node, "Fence"]]) -> None:
+        self.gathers, self.fences = gathers, fences
+        self.gather_bit = {g: 1 << i for i, g in enumerate(gathers)}
+        exit_bits: dict[Node, int] = {}
+        entry_bits: dict[Node, int] = {}
+        for i, (entry, exit_, _) in enumerate(fences):
+            exit_bits[exit_] = exit_bits.get(exit_, 0) | 1 << i
+            entry_bits[entry] = entry_bits.get(entry, 0) | 1 << i
+        nodes = list(graph.nodes)
+        dims: dict = {}  # symbolic dim -> provably 0, decided once per expression
+        carries = {n: _carries_data(_val(n), dims) for n in nodes}
+        sources = {n: self.sources(n, carries) for n in nodes}
+        self.gathers_before: dict[Node, int] = {}
+        self.fences_before: dict[Node, int] = {}
+        for n in nodes:
+            g_mask = f_mask = 0
+            for src in sources[n]:
+                g_mask |= self.gathers_before[src] | self.gather_bit.get(src, 0)
+                f_mask |= self.fences_before[src] | exit_bits.get(src, 0)
+            self.gathers_before[n], self.fences_before[n] = g_mask, f_mask
+        consumers: dict[Node, list[Node]] = {n: [] for n in nodes}
+        for n in nodes:
+            for src in sources[n]:
+                consumers[src].append(n)
+        self.gathers_after: dict[Node, int] = {}
+        self.fences_after: dict[Node, int] = {}
+        for n in reversed(nodes):
+            g_mask = f_mask = 0
+            for user in consumers[n]:
+                g_mask |= self.gathers_after[user] | self.gather_bit.get(user, 0)
+                f_mask |= self.fences_after[user] | entry_bits.get(user, 0)
+            self.gathers_after[n], self.fences_after[n] = g_mask, f_mask
 
     @staticmethod
-    def sources(node: Node) -> list[Node]:
+    def sources(node: Node, carries: dict) -> list[Node]:
         """The inputs whose *values* ``node`` reads (so it runs after their producers)."""
         if node.op in ("placeholder", "get_attr") or node.target in METADATA_ONLY:
             return []
-        out = _tensors(_val(node))
-        if out and all(_provably_zero(t.numel()) for t in out):
+        if not carries[node] and _tensors(_val(node)):
             return []  # a statically empty result: Inductor may compute nothing
-        return [s for s in node.all_input_nodes if _carries_data(_val(s))]
+        return [s for s in node.all_input_nodes if carries.get(s, False)]
 
-    def before(self, a: Node, b: Node) -> bool:
-        """``a`` is a data ancestor of ``b``: every schedule runs ``a`` first."""
-        if a in self.bit:
-            return bool(self.ancestors.get(b, 0) & self.bit[a])
-        pending, seen = [b], set()  # an untracked node: walk back from b
-        while pending:
-            for source in self.sources(pending.pop()):
-                if source is a:
-                    return True
-                if source not in seen:
-                    seen.add(source)
-                    pending.append(source)
-        return False
+    def before(self, a: Node, g: Node) -> bool:
+        """``a`` (any node) is a data ancestor of the gather ``g``: every schedule runs it first."""
+        return bool(self.gathers_after[a] & self.gather_bit[g])
+
+    def fence_between(self, x: Node, g: Node, group_mask: int) -> "Fence | None":
+        """A fence F of the group with x -> F -> g, if any."""
+        both = self.fences_after[x] & self.fences_before[g] & group_mask
+        return self.fences[(both & -both).bit_length() - 1][2] if both else None
+
+    def prior_fences(self, g: Node, group_mask: int) -> list["Fence"]:
+        mask = self.fences_before[g] & group_mask
+        return [f for i, (_, _, f) in enumerate(self.fences) if mask >> i & 1]
 
 
 # --------------------------------------------------------------------------- decide
@@ -291,38 +341,28 @@ def decide_barriers(graph: Graph, elide: bool = True) -> list[BarrierDecision]:
         return [BarrierDecision(g.name, str(_arg(g, 2, "group_name")), -1, "left to the op",
                                 False, ELISION_OFF, False, "elision disabled")
                 for g in gathers]
-    fences: dict[str, list[tuple[Node, Node, Fence]]] = {}
     by_name = {n.name: n for n in graph.nodes}
+    fences, group_masks = [], {}
     for node in graph.nodes:
         group, fence = _group_of(node)
         if fence is not None:
-            fences.setdefault(group, []).append((by_name[fence.entry], by_name[fence.name], fence))
-    tracked = list(gathers) + [n for fs in fences.values() for e, x, _ in fs for n in (e, x)]
-    order = _Order(graph, dict.fromkeys(tracked))
+            group_masks[group] = group_masks.get(group, 0) | 1 << len(fences)
+            fences.append((by_name[fence.entry], by_name[fence.name], fence))
+    order = _Order(graph, gathers, fences)
 
     decisions = {}
     for group in dict.fromkeys(str(_arg(g, 2, "group_name")) for g in gathers):
         on_group = [g for g in gathers if str(_arg(g, 2, "group_name")) == group]
-        decisions.update(_decide_group(on_group, fences.get(group, []), order))
+        decisions.update(_decide_group(on_group, group_masks.get(group, 0), order))
     return [decisions[g.name] for g in gathers]
 
 
-def _fence_between(h: Node, g: Node, fences, order: _Order) -> Fence | None:
-    """A fence F with h -> F -> g (data edges), if any (h may be any node)."""
-    for entry, exit_, fence in fences:
-        if entry is h or exit_ is g:
-            continue
-        if order.before(exit_, g) and order.before(h, entry):
-            return fence
-    return None
-
-
-def _decide_group(gathers: list[Node], fences, order: _Order) -> dict[str, BarrierDecision]:
+def _decide_group(gathers: list[Node], fences: int, order: _Order) -> dict[str, BarrierDecision]:
     group = str(_arg(gathers[0], 2, "group_name"))
     # The gathers that may run before g with no fence between: g's slot must differ from theirs.
     unfenced = {
         g: [h for h in gathers
-            if h is not g and not order.before(g, h) and _fence_between(h, g, fences, order) is None]
+            if h is not g and not order.before(g, h) and order.fence_between(h, g, fences) is None]
         for g in gathers
     }
     slot, slot_reason = {}, {}
@@ -353,7 +393,7 @@ def _decide_group(gathers: list[Node], fences, order: _Order) -> dict[str, Barri
 
 
 def _prove_skip(g, gathers, unfenced, slot, fences, order, group) -> tuple[bool, str]:
-    prior = [f for e, x, f in fences if x is not g and order.before(x, g)]
+    prior = order.prior_fences(g, fences)
     if not prior:
         silent = [h.name for h in gathers if h is not g and order.before(h, g)]
         why = (f" ({', '.join(silent)} precede{'s' if len(silent) == 1 else ''} it but may launch "
@@ -367,8 +407,7 @@ def _prove_skip(g, gathers, unfenced, slot, fences, order, group) -> tuple[bool,
     used = []
     for h in gathers:
         if h is not g and slot[h] == slot[g] and not order.before(g, h):
-            fence = _fence_between(h, g, fences, order)
-            used.append(f"{h.name} by {fence.kind}")
+            used.append(f"{h.name} by {order.fence_between(h, g, fences).kind}")
     others = [h.name for h in unfenced]
     parts = [f"after {prior[-1].kind}"]
     if used:
@@ -415,7 +454,7 @@ def _decide_zero_copy(g, gathers, slot, skip, fences, order) -> tuple[bool, str]
             continue
         for r in readers:
             if skip[k]:
-                if _fence_between(r, k, fences, order) is None:
+                if order.fence_between(r, k, fences) is None:
                     return False, (f"no fence orders reader {r.name} before the "
                                    f"barrier-free push of {k.name} into the slot")
             elif not order.before(r, k):
