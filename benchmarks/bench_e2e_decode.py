@@ -37,20 +37,21 @@ import tpfuse  # noqa: E402
 HIDDEN, INTERMEDIATE, VOCAB = 4096, 14336, 128256
 
 
-def _weight(rows, cols, seed):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    w = torch.randn(rows, cols, device="cuda", generator=g, dtype=torch.float32) / cols**0.5
-    return nn.Parameter(w.to(torch.bfloat16), requires_grad=False)
+def _weight(rows, cols, seed, device, dtype):
+    g = torch.Generator(device=device).manual_seed(seed)
+    w = torch.randn(rows, cols, device=device, generator=g, dtype=torch.float32) / cols**0.5
+    return nn.Parameter(w.to(dtype), requires_grad=False)
 
 
 class DecodeStep(nn.Module):
-    def __init__(self, rank, world_size, layers):
+    def __init__(self, rank, world_size, layers, device="cuda", dtype=torch.bfloat16):
         super().__init__()
         inter = INTERMEDIATE // world_size
-        self.gate_up = nn.ParameterList([_weight(2 * inter, HIDDEN, 10 * i + rank) for i in range(layers)])
-        self.down = nn.ParameterList([_weight(HIDDEN, inter, 1000 + 10 * i + rank) for i in range(layers)])
-        self.lm_head = _weight(VOCAB // world_size, HIDDEN, 99 + rank)
-        self.norm = nn.Parameter(torch.ones(HIDDEN, device="cuda", dtype=torch.bfloat16), requires_grad=False)
+        w = lambda rows, cols, seed: _weight(rows, cols, seed, device, dtype)  # noqa: E731
+        self.gate_up = nn.ParameterList([w(2 * inter, HIDDEN, 10 * i + rank) for i in range(layers)])
+        self.down = nn.ParameterList([w(HIDDEN, inter, 1000 + 10 * i + rank) for i in range(layers)])
+        self.lm_head = w(VOCAB // world_size, HIDDEN, 99 + rank)
+        self.norm = nn.Parameter(torch.ones(HIDDEN, device=device, dtype=dtype), requires_grad=False)
 
     def rms(self, h):
         h32 = h.float()
