@@ -235,25 +235,41 @@ class Fence:
     kind: str  # "exit barrier of <gather>" / "<collective> on group <g>"
 
 
-def _group_of(node: Node):
-    """(group name, Fence) when ``node`` is a fence (a) or (b); else (None, None)."""
+def _device_type(tensor_arg) -> str | None:
+    value = _val(tensor_arg)
+    return value.device.type if isinstance(value, torch.Tensor) else None
+
+
+def _key_of_gather(node: Node) -> tuple:
+    """(group name, device type): gathers share a workspace, and fences order them, per key.
+
+    A collective on the same group but another device (a CPU tensor on a
+    ``cpu:gloo,cuda:nccl`` group) is no fence: its completion says where the
+    peers' *hosts* are, not how far their GPU streams have run."""
+    return str(_arg(node, 2, "group_name")), _device_type(_arg(node, 0, "x"))
+
+
+def _fence_of(node: Node):
+    """(key, Fence) when ``node`` is a fence (a) or (b); else (None, None)."""
     if _is_gather(node):
         group = _arg(node, 2, "group_name")
         x = _arg(node, 0, "x")
         if isinstance(group, str) and _launches(node, x):
-            return group, Fence(node.name, node.name, f"(a) exit barrier of {node.name}")
+            return _key_of_gather(node), Fence(node.name, node.name, f"(a) exit barrier of {node.name}")
         return None, None
     if node.op == "call_function" and node.target is _tpfuse("reduce_scatter_hidden"):
         # Its c10d reduce-scatter is synchronous on the current stream.
-        group = _arg(node, 3, "group_name")
-        if isinstance(group, str) and _launches(node, _arg(node, 0, "grad")):
-            return group, Fence(node.name, node.name, f"(b) collective {node.name} on group {group!r}")
+        group, grad = _arg(node, 3, "group_name"), _arg(node, 0, "grad")
+        if isinstance(group, str) and _launches(node, grad):
+            key = (group, _device_type(grad))
+            return key, Fence(node.name, node.name, f"(b) collective {node.name} on group {group!r}")
         return None, None
     if node.op == "call_function" and node.target in FENCE_COLLECTIVES:
         group = node.args[-1] if node.args else node.kwargs.get("group_name")
         waits = [u for u in node.users if u.target in WAITS]
         if isinstance(group, str) and len(waits) == 1 and _launches(node, node.args[0]):
-            return group, Fence(waits[0].name, node.name, f"(b) collective {node.name} on group {group!r}")
+            key = (group, _device_type(node.args[0]))
+            return key, Fence(waits[0].name, node.name, f"(b) collective {node.name} on group {group!r}")
     return None, None
 
 
@@ -342,18 +358,18 @@ def decide_barriers(graph: Graph, elide: bool = True) -> list[BarrierDecision]:
                                 False, ELISION_OFF, False, "elision disabled")
                 for g in gathers]
     by_name = {n.name: n for n in graph.nodes}
-    fences, group_masks = [], {}
+    fences, key_masks = [], {}
     for node in graph.nodes:
-        group, fence = _group_of(node)
+        key, fence = _fence_of(node)
         if fence is not None:
-            group_masks[group] = group_masks.get(group, 0) | 1 << len(fences)
+            key_masks[key] = key_masks.get(key, 0) | 1 << len(fences)
             fences.append((by_name[fence.entry], by_name[fence.name], fence))
     order = _Order(graph, gathers, fences)
 
     decisions = {}
-    for group in dict.fromkeys(str(_arg(g, 2, "group_name")) for g in gathers):
-        on_group = [g for g in gathers if str(_arg(g, 2, "group_name")) == group]
-        decisions.update(_decide_group(on_group, group_masks.get(group, 0), order))
+    for key in dict.fromkeys(_key_of_gather(g) for g in gathers):
+        on_key = [g for g in gathers if _key_of_gather(g) == key]
+        decisions.update(_decide_group(on_key, key_masks.get(key, 0), order))
     return [decisions[g.name] for g in gathers]
 
 
