@@ -23,6 +23,7 @@ import operator
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import sympy
 import torch
 from torch.fx import Node
 
@@ -93,14 +94,37 @@ def ndim(node: Node) -> int | None:
 
 
 def same_size(a: Any, b: Any) -> bool:
-    """``a == b`` for ints or SymInts, decided without adding a guard."""
+    """``a == b`` for ints, SymInts or SymPy expressions, decided without adding a guard.
+
+    Structural equality of the SymPy expressions answers almost every query
+    (``u0 + u0`` and ``2*u0`` are the same expression); only the rest goes to
+    ``statically_known_true`` (which knows the shape environment's facts)."""
     a, b = val(a), val(b)
     if isinstance(a, int) and isinstance(b, int):
         return a == b
+    ea, eb = _expr(a), _expr(b)
+    if ea is not None and eb is not None:
+        if ea == eb:
+            return True
+        try:
+            if sympy.expand(ea - eb) == 0:
+                return True
+        except Exception:  # noqa: BLE001 - fall through to the shape environment
+            pass
+    if isinstance(a, sympy.Basic) or isinstance(b, sympy.Basic):
+        return False  # no shape environment to ask about a bare expression
     try:
         return bool(_known_true(a == b))
     except Exception:
         return False
+
+
+def _expr(x: Any):
+    """The SymPy expression of a size (ints stay ints)."""
+    if isinstance(x, (int, sympy.Basic)):
+        return x
+    node = getattr(x, "node", None)
+    return getattr(node, "expr", None) if node is not None else None
 
 
 def same_shape(a: Sequence, b: Sequence) -> bool:
@@ -108,9 +132,16 @@ def same_shape(a: Sequence, b: Sequence) -> bool:
 
 
 def product(sizes: Sequence) -> Any:
+    """Product of sizes: an int, or a SymPy expression when any size is symbolic.
+
+    SymPy arithmetic on expressions is ~10x cheaper than SymInt arithmetic
+    (which records and logs every operation)."""
     out: Any = 1
     for s in sizes:
-        out = out * s
+        e = _expr(val(s))
+        if e is None:
+            raise TypeError(f"tpfuse: not a size: {s!r}")
+        out = out * e
     return out
 
 
@@ -247,7 +278,7 @@ def bands_of_user(source: Node, user: Node) -> list[Band] | None:
         starts, offset = [], 0
         for piece in pieces:
             starts.append(offset)
-            offset = offset + piece.shape[dim]
+            offset = offset + _expr(piece.shape[dim])  # SymPy, not SymInt, arithmetic
         out = []
         for item in user.users:
             if item.target is not operator.getitem or not isinstance(item.args[1], int):

@@ -176,7 +176,7 @@ def _record(pattern, site: GatherSite, candidate: Candidate, producer: Producer)
         producer=producer,
         skip_entry_sync=False,  # no barrier-elision pass yet: never skip unproven (CONTEXT §2.3)
         reason=ENTRY_BARRIER_KEPT,
-        before=tuple(n.format_node() for n in region),
+        before=tuple(node_line(n) for n in region),
     )
 
 
@@ -192,9 +192,24 @@ def rewrite_hidden_gathers(graph: Graph, found: list[Found]) -> list[GatherMatch
         rewritten.append(replace(
             match.record,
             replacement=new.name,
-            after=tuple(n.format_node() for n in added),
+            after=tuple(node_line(n) for n in added),
         ))
     return rewritten
+
+
+def node_line(node: Node) -> str:
+    """``name = op(arg, ...)``: a cheap one-line form for the report (``format_node``
+    costs ~20 us a node; the report keeps a few lines per match)."""
+    def arg(a):
+        if isinstance(a, Node):
+            return a.name
+        if isinstance(a, (list, tuple)):
+            return "[" + ", ".join(map(arg, a)) + "]"
+        return repr(a)
+
+    target = facts.describe(node).split(" (", 1)[-1].rstrip(")") if node.op == "call_function" else node.op
+    args = ", ".join([arg(a) for a in node.args] + [f"{k}={arg(v)}" for k, v in node.kwargs.items()])
+    return f"{node.name} = {target}({args})"
 
 
 def _upstream(node: Node, limit: int = 16) -> list[Node]:
