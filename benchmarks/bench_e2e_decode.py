@@ -64,7 +64,8 @@ class DecodeStep(nn.Module):
             partial = (nn.functional.silu(gate) * up) @ down.t()
             h = h + funcol.all_reduce(partial, "sum", group)
         local_logits = self.rms(h) @ self.lm_head.t()
-        logits = funcol.all_gather_tensor(local_logits, gather_dim=-1, group=group)
+        # gather_dim written positive: funcol mis-shapes its T == 1 view form for -1 (torch 2.11-2.13)
+        logits = funcol.all_gather_tensor(local_logits, gather_dim=local_logits.dim() - 1, group=group)
         return logits.argmax(dim=-1)
 
 
