@@ -48,5 +48,9 @@ def run(device: str = "cpu", nproc: int = 2, timeout: float = 300.0) -> int:
         same = all(rows[i][3] for rows in per_rank)
         ok &= same
         print(f"{tokens:>5} {dtype:>9} {str(shape):>14}  {'yes' if same else 'NO'}")
+
+    from .demo_compile import run_compile_demo  # the compiler half (issue 3 item 7)
+
+    ok &= run_compile_demo(device, nproc, timeout, backend)
     print("\nOK" if ok else "\nMISMATCH")
     return 0 if ok else 1
