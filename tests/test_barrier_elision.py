@@ -665,13 +665,39 @@ def _elided_equals_eager(rank, world_size, cache_dir):
                 "skips_in_code": sum(c.count("skip_entry_sync=True") for c in code),
                 "decisions": [(m.slot, m.skip_entry_sync) for m in rep.matches],
             }
+    results["gpu_stress_plumbing"] = _gpu_stress_plumbing(rank, world_size)
     return results
+
+
+def _gpu_stress_plumbing(rank, world_size):
+    """The GPU stress test's chain graph on gloo: it compiles, decides as the GPU test
+    expects, and the loop runs (the GPU test itself runs only on the GPU machines)."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "gpu", "test_barrier_elision_stress.py")
+    spec = importlib.util.spec_from_file_location("barrier_elision_stress", path)
+    stress = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stress)
+    stress.DEVICE = "cpu"
+    widths = [16 + 8 * r for r in range(world_size)]
+    chain = stress.make_chain(rank, widths)
+    xs = [(stress._inputs(10 * j, 4, widths, rank)[0],) for j in range(3)]
+    spins = [torch.zeros((), dtype=torch.int64) for _ in range(4)]
+    reference = stress._compile(chain, (*xs[0], *spins), elide=False)
+    refs = [(reference(*x, *spins).clone(),) for x in xs]
+    elided = stress._compile(chain, (*xs[0], *spins), elide=True)
+    decisions = stress._decisions()
+    return {"decisions": decisions, "bad": stress._run_loop(elided, xs, refs, spins, 6, rank, seed=1)}
 
 
 def test_gloo_compiled_with_elided_barriers_equals_eager(tmp_path):
     from multiproc import run_ranks
 
     for rank, results in enumerate(run_ranks(2, _elided_equals_eager, str(tmp_path), timeout=600)):
+        # the GPU stress test's graph, on gloo: it compiles and decides as that test expects
+        plumbing = results.pop("gpu_stress_plumbing")
+        assert plumbing == {"decisions": [(0, False), (1, True), (0, True), (1, True)], "bad": 0}, plumbing
         for run, r in results.items():
             assert r["equal"], (rank, run, r)
         on, off, again = results[0], results[1], results[2]
