@@ -39,16 +39,24 @@ def _check_widths(hidden_widths: Sequence[int]) -> None:
         )
 
 
+#: argument signatures that passed ``_check_gather_args`` (the eager hot path
+#: validates each distinct call shape once)
+_validated: set = set()
+
+
 def _check_gather_args(x: Tensor, hidden_widths: Sequence[int], group: Group, slot: int) -> None:
     """Every check of the eager path, in one place, with what would be accepted."""
+    if x.dim() == 0:
+        raise ValueError("tpfuse: x is a scalar; it needs a last (hidden) dimension")
+    key = (group, tuple(hidden_widths), x.shape[-1], x.dtype, x.device.type, slot)
+    if key in _validated:
+        return
     _check_widths(hidden_widths)
     if len(hidden_widths) != group.world_size:
         raise ValueError(
             f"tpfuse: len(hidden_widths)={len(hidden_widths)} but group "
             f"{group.name!r} has {group.world_size} ranks; give exactly one width per rank"
         )
-    if x.dim() == 0:
-        raise ValueError("tpfuse: x is a scalar; it needs a last (hidden) dimension")
     expected = hidden_widths[group.rank]
     if x.shape[-1] != expected:
         raise ValueError(
@@ -60,15 +68,23 @@ def _check_gather_args(x: Tensor, hidden_widths: Sequence[int], group: Group, sl
     check_device_matches_group(x.device.type, group)
     if slot not in _SLOTS:
         raise ValueError(f"tpfuse: slot={slot} is not one of {_SLOTS} (-1 lets the op choose)")
+    _validated.add(key)
 
 
-@torch.library.custom_op(
-    "tpfuse::all_gather_hidden",
-    mutates_args=(),
-    schema="(Tensor x, int[] hidden_widths, str group_name, int slot=-1, "
-    "bool skip_entry_sync=False, bool zero_copy=False) -> Tensor",
+# The ops are registered through torch.library.Library rather than the
+# custom_op decorator: an eager call then costs one dispatcher hop into plain
+# Python (no generic autograd wrapper, no aliasing re-check), which matters for
+# the host-cost target (about one elementwise op).  opcheck covers the same
+# contract (schema, fake, autograd registration, aot_dispatch_dynamic).
+_lib = torch.library.Library("tpfuse", "DEF")
+_lib.define(
+    "all_gather_hidden(Tensor x, int[] hidden_widths, str group_name, int slot=-1, "
+    "bool skip_entry_sync=False, bool zero_copy=False) -> Tensor"
 )
-def all_gather_hidden_op(
+_lib.define("reduce_scatter_hidden(Tensor grad, int[] hidden_widths, int local_width, str group_name) -> Tensor")
+
+
+def _all_gather_hidden_impl(
     x: Tensor,
     hidden_widths: list[int],
     group_name: str,
@@ -87,26 +103,12 @@ def all_gather_hidden_op(
     return push.gather_hidden(x, hidden_widths, group, backend, slot, skip_entry_sync, zero_copy)
 
 
-@all_gather_hidden_op.register_fake
-def _(x, hidden_widths, group_name, slot=-1, skip_entry_sync=False, zero_copy=False):
-    # Shape only: never touches a process group, works for symbolic leading dims.
-    _check_widths(hidden_widths)
-    check_dtype(x.dtype)
-    torch._check(x.dim() >= 1, lambda: "tpfuse: x needs a last (hidden) dimension")
-    return x.new_empty(*x.shape[:-1], sum(hidden_widths))
-
-
-@torch.library.custom_op(
-    "tpfuse::reduce_scatter_hidden",
-    mutates_args=(),
-    schema="(Tensor grad, int[] hidden_widths, int local_width, str group_name) -> Tensor",
-)
-def reduce_scatter_hidden_op(
+def _reduce_scatter_hidden_impl(
     grad: Tensor, hidden_widths: list[int], local_width: int, group_name: str
 ) -> Tensor:
     group = resolve_group(group_name)
     _check_widths(hidden_widths)
-    if hidden_widths[group.rank] != local_width or len(hidden_widths) != group.world_size:
+    if len(hidden_widths) != group.world_size or hidden_widths[group.rank] != local_width:
         raise ValueError(
             f"tpfuse: reduce_scatter_hidden on rank {group.rank} of {group.world_size}: "
             f"local_width={local_width} does not match hidden_widths={hidden_widths}"
@@ -120,26 +122,55 @@ def reduce_scatter_hidden_op(
     return collective.reduce_scatter_hidden(grad, hidden_widths, group)
 
 
-@reduce_scatter_hidden_op.register_fake
+for _device in ("CPU", "CUDA"):
+    _lib.impl("all_gather_hidden", _all_gather_hidden_impl, _device)
+    _lib.impl("reduce_scatter_hidden", _reduce_scatter_hidden_impl, _device)
+
+
+@torch.library.register_fake("tpfuse::all_gather_hidden", lib=_lib)
+def _(x, hidden_widths, group_name, slot=-1, skip_entry_sync=False, zero_copy=False):
+    # Shape only: never touches a process group, works for symbolic leading dims.
+    _check_widths(hidden_widths)
+    check_dtype(x.dtype)
+    torch._check(x.dim() >= 1, lambda: "tpfuse: x needs a last (hidden) dimension")
+    return x.new_empty(*x.shape[:-1], sum(hidden_widths))
+
+
+@torch.library.register_fake("tpfuse::reduce_scatter_hidden", lib=_lib)
 def _(grad, hidden_widths, local_width, group_name):
     return grad.new_empty(*grad.shape[:-1], local_width)
 
 
-def _setup_context(ctx, inputs, output):
-    x, hidden_widths, group_name = inputs[0], inputs[1], inputs[2]
-    ctx.hidden_widths = hidden_widths
-    ctx.group_name = group_name
-    ctx.local_width = x.shape[-1]
+class _GatherHidden(torch.autograd.Function):
+    """Forward: the gather (below autograd). Backward: reduce-scatter over the hidden axis."""
+
+    @staticmethod
+    def forward(ctx, x, hidden_widths, group_name, slot, skip_entry_sync, zero_copy):
+        ctx.hidden_widths, ctx.group_name, ctx.local_width = hidden_widths, group_name, x.shape[-1]
+        with torch._C._AutoDispatchBelowAutograd():
+            return torch.ops.tpfuse.all_gather_hidden.default(
+                x, hidden_widths, group_name, slot, skip_entry_sync, zero_copy
+            )
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_x = torch.ops.tpfuse.reduce_scatter_hidden.default(
+            grad.contiguous(), ctx.hidden_widths, ctx.local_width, ctx.group_name
+        )
+        return grad_x, None, None, None, None, None
 
 
-def _backward(ctx, grad):
-    grad_x = torch.ops.tpfuse.reduce_scatter_hidden(
-        grad.contiguous(), ctx.hidden_widths, ctx.local_width, ctx.group_name
-    )
-    return grad_x, None, None, None, None, None
+def _all_gather_hidden_autograd(x, hidden_widths, group_name, slot=-1, skip_entry_sync=False, zero_copy=False):
+    # The common inference call needs no graph: skip the autograd.Function.
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        with torch._C._AutoDispatchBelowAutograd():
+            return torch.ops.tpfuse.all_gather_hidden.default(
+                x, hidden_widths, group_name, slot, skip_entry_sync, zero_copy
+            )
+    return _GatherHidden.apply(x, hidden_widths, group_name, slot, skip_entry_sync, zero_copy)
 
 
-all_gather_hidden_op.register_autograd(_backward, setup_context=_setup_context)
+_lib.impl("all_gather_hidden", _all_gather_hidden_autograd, "Autograd")
 
 
 @torch._dynamo.assume_constant_result

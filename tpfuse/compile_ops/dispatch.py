@@ -10,6 +10,7 @@ waits in a collective that its peers skipped.
 from __future__ import annotations
 
 import enum
+import functools
 import os
 
 import torch
@@ -47,7 +48,12 @@ def forced_backend() -> str:
 
     The variable must be set identically on every rank (torchrun passes the
     parent's environment to all of them)."""
-    choice = os.environ.get("TPFUSE_BACKEND", "auto").strip().lower()
+    return _parse_forced(os.environ.get("TPFUSE_BACKEND", "auto"))
+
+
+@functools.lru_cache(maxsize=None)
+def _parse_forced(raw: str) -> str:  # the op's hot path reads the variable on every call
+    choice = raw.strip().lower()
     if choice not in _FORCED_CHOICES:
         raise ValueError(
             f"tpfuse: TPFUSE_BACKEND={choice!r} is not one of {', '.join(_FORCED_CHOICES)}"

@@ -11,16 +11,13 @@ from torch.distributed.distributed_c10d import _resolve_process_group
 
 @dataclass(frozen=True)
 class Group:
-    """What every rank of a group knows: its name, size and the caller's rank."""
+    """What every rank of a group knows: its name, size, backend and the caller's rank."""
 
     pg: dist.ProcessGroup
     name: str
     rank: int
     world_size: int
-
-    @property
-    def backend(self) -> str:
-        return str(dist.get_backend(self.pg))
+    backend: str = ""
 
 
 def group_name_of(group: "dist.ProcessGroup | str | None") -> str:
@@ -42,7 +39,27 @@ def group_name_of(group: "dist.ProcessGroup | str | None") -> str:
     )
 
 
+# The op resolves its group on every call: keep what was resolved, and drop it
+# when the process group is destroyed (a new one may reuse the name).
+_resolved: dict[str, Group] = {}
+
+
+def _still_registered(pg: dist.ProcessGroup) -> bool:
+    world = getattr(dist.distributed_c10d, "_world", None)
+    pg_map = getattr(world, "pg_map", None)
+    return pg_map is not None and pg in pg_map
+
+
 def resolve_group(group_name: str) -> Group:
+    group = _resolved.get(group_name)
+    if group is not None and _still_registered(group.pg):
+        return group
+    group = _resolve_uncached(group_name)
+    _resolved[group_name] = group
+    return group
+
+
+def _resolve_uncached(group_name: str) -> Group:
     if not dist.is_initialized():
         raise RuntimeError(
             f"tpfuse: cannot resolve group {group_name!r}: torch.distributed is "
@@ -56,4 +73,4 @@ def resolve_group(group_name: str) -> Group:
             "group_name of an initialised ProcessGroup (the default group is "
             f"{dist.group.WORLD.group_name!r}) or a ProcessGroup object"
         ) from err
-    return Group(pg, group_name, pg.rank(), pg.size())
+    return Group(pg, group_name, pg.rank(), pg.size(), str(dist.get_backend(pg)))
