@@ -290,7 +290,7 @@ def main():
         print("\nkernel configs (graph µs, tpfuse both / elided; slowest rank):")
         for line in tuning:
             print("  " + line)
-    if rank == 0 and rows:
+    if rank == 0:
         print()
         print(f"host cost per eager call (µs, slowest rank): " + ", ".join(f"{k} {v:.1f}" for k, v in costs.items()))
         print(f"  op_p2p / torch_add = {costs['op_p2p'] / costs['torch_add']:.2f} (target <= 1.5)")
