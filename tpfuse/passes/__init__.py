@@ -11,7 +11,7 @@ Public entry points are re-exported by ``tpfuse``: ``enable``, ``disable``,
 """
 
 from . import builtin_patterns as _builtin_patterns
-from .builtin_patterns import BUILTIN_PATTERNS
+from .builtin_patterns import BUILTIN_PATTERNS, DEFAULT_PRECONDITIONS, RankBands, rank_bands
 from .hidden_gather import find_hidden_gathers, rewrite_hidden_gathers
 from .manager import (
     PassConfig,
@@ -32,18 +32,21 @@ from .patterns import (
     GatherSite,
     Precondition,
     Reject,
+    pattern_scope,
     register_pattern,
     registered_patterns,
     unregister_pattern,
 )
 from .records import GatherMatch, GraphReport, NearMiss, Producer, Report
+from .traced import Example, PatternError
 
 for _pattern in BUILTIN_PATTERNS:  # the built-in forms use the public registration API
     register_pattern(_pattern)
 del _pattern
 
 __all__ = [
-    "BUILTIN_PATTERNS", "Candidate", "FusionPattern", "GatherMatch", "GatherSite", "GraphReport",
+    "BUILTIN_PATTERNS", "DEFAULT_PRECONDITIONS", "Candidate", "Example", "PatternError", "RankBands", "rank_bands",
+    "pattern_scope", "FusionPattern", "GatherMatch", "GatherSite", "GraphReport",
     "NearMiss", "PassConfig", "Precondition", "Producer", "REGISTRY", "Reject", "Report",
     "TpfusePass", "backend", "disable", "enable", "enabled", "find_hidden_gathers", "is_enabled",
     "register_pattern", "registered_patterns", "report", "reset_report", "rewrite_hidden_gathers",

@@ -22,6 +22,8 @@ one set of preconditions.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch.fx import Graph, Node
 
@@ -38,6 +40,41 @@ def _rows(site: GatherSite) -> tuple[Node, list[Node]]:
     """The gathered ``[W*T, ..., w]`` rows, looking through copies into fresh buffers
     (in-place c10d code in AOT graphs) and clones."""
     return facts.through_clones(site.wait)
+
+
+@dataclass(frozen=True)
+class RankBands:
+    """The gathered rows cut into the W rank bands: ``bands[r]`` is rank r's ``[T, ..., w]``
+    slab; ``region`` holds the nodes that cut them (they die with a rewrite)."""
+
+    bands: tuple[Node, ...]
+    region: tuple[Node, ...]
+
+
+def rank_bands(site: GatherSite) -> RankBands | None:
+    """For user patterns: the rank bands of a gather site in rank order, however they
+    were cut (split + getitem, slice, narrow, chunk), or ``None`` when the gathered
+    rows are used in any other way."""
+    rows, copies = _rows(site)
+    bands, cutters = [], []
+    for user in rows.users:
+        found = facts.bands_of_user(rows, user)
+        if found is None:
+            return None
+        bands += found
+        cutters.append(user)
+    rows_per_rank = facts.product([site.rows])
+    ordered = []
+    for k in range(site.world_size):
+        band = next((b for b in bands if b.dim == 0 and facts.same_size(b.start, k * rows_per_rank)
+                     and facts.same_size(b.length, site.rows)), None)
+        if band is None:
+            return None
+        ordered.append(band.node)
+    if len(bands) != site.world_size:
+        return None
+    extra = [b.node for b in bands if b.node not in cutters]
+    return RankBands(tuple(ordered), (*copies, *cutters, *extra))
 
 
 def _raw_use_reject(raw: list[Node]) -> Reject:
@@ -289,6 +326,9 @@ def gather_hidden_replacement(
         reshaped = graph.call_function(aten.reshape.default, (node, size_arg))
         reshaped.meta["val"] = facts.val(candidate.output)
         return reshaped
+
+
+gather_hidden_replacement.emits_graph = True  # a graph emitter, not a traceable function
 
 
 def _value(candidate: Candidate, dtype: torch.dtype, node: Node, site: GatherSite):

@@ -189,12 +189,21 @@ def rewrite_hidden_gathers(graph: Graph, found: list[Found]) -> list[GatherMatch
         candidate.output.replace_all_uses_with(new)
         _erase_dead((site.gather, site.wait, *candidate.region))
         added = [n for n in _upstream(new) if n.op == "call_function"]
+        ops = [n for n in added if n.target is _GATHER_OP()]
+        widths = tuple(ops[0].args[1]) if ops else match.record.hidden_widths  # user patterns
         rewritten.append(replace(
             match.record,
             replacement=new.name,
+            hidden_widths=widths,
             after=tuple(node_line(n) for n in added),
         ))
     return rewritten
+
+
+def _GATHER_OP():
+    import torch
+
+    return torch.ops.tpfuse.all_gather_hidden.default
 
 
 def node_line(node: Node) -> str:

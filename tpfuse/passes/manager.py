@@ -232,12 +232,19 @@ class TpfusePass(CustomGraphPass):
                 # be unsafe, so this chain opts out (Inductor does the same for it alone).
                 return None
             previous.append(str(inner_uuid()))
+        # A rank-dependent pattern builds a different graph on each rank from the same
+        # input graph: the rank must then be part of the key, or ranks sharing a cache
+        # directory would be served each other's graphs.
+        rank_part = ""
+        if any(p.rank_dependent for p in pattern_registry.select(self.config.patterns)):
+            rank_part = f"rank={_rank()}"
         digest = hashlib.sha256()
         for part in (
             _pass_sources_hash(),
             _op_schema(),
             self.config.cache_key(),
             pattern_registry.REGISTRY.cache_key(),
+            rank_part,
             *previous,
         ):
             digest.update(part.encode())

@@ -107,24 +107,74 @@ Matcher = Callable[[GatherSite], "Candidate | Reject | None"]
 
 @dataclass(frozen=True)
 class FusionPattern:
-    """One graph form: its name, matcher, replacement, preconditions and priority."""
+    """One graph form: its name, matcher, replacement, preconditions and priority.
+
+    ``replacement`` is either a graph emitter (an object with ``emits_graph =
+    True``, as the built-in patterns use) or a plain traceable function of the
+    candidate's inputs (see ``traced.py``); a traceable replacement needs a
+    ``search`` (the reference computation on the gathered rows) and an
+    ``example`` so that it is checked when it is registered.
+    ``rank_dependent=True`` declares that the replacement takes ``rank=`` and
+    builds a different graph on each rank (the cache key then includes the rank).
+    """
 
     name: str
     match: Matcher
-    replacement: Replacement
+    replacement: Any
     preconditions: tuple[Precondition, ...] = ()
     priority: int = 0
     description: str = ""
+    search: Callable | None = None
+    example: Any = None  # traced.Example
+    rank_dependent: bool = False
     builtin: bool = field(default=False, compare=False)
+
+    def __post_init__(self) -> None:
+        from .traced import PatternError, TracedReplacement
+
+        if not isinstance(self.name, str) or not self.name.isidentifier():
+            raise PatternError(f"tpfuse: pattern name {self.name!r} must be an identifier-like string")
+        if not callable(self.match):
+            raise PatternError(f"tpfuse: pattern {self.name!r}: match must be callable (site -> "
+                               "Candidate | Reject | None)")
+        if not isinstance(self.priority, int):
+            raise PatternError(f"tpfuse: pattern {self.name!r}: priority must be an int")
+        preconditions = tuple(self.preconditions)
+        bad = [p for p in preconditions if not isinstance(p, Precondition)]
+        if bad:
+            raise PatternError(f"tpfuse: pattern {self.name!r}: preconditions must be "
+                               f"Precondition(name, check) objects, got {bad!r}")
+        object.__setattr__(self, "preconditions", preconditions)
+        if not getattr(self.replacement, "emits_graph", False):
+            object.__setattr__(self, "replacement",
+                               TracedReplacement(self.replacement, self.rank_dependent))
 
     def cache_key(self) -> str:
         """Changes whenever the pattern's behaviour can change: name, priority and
         the source of every function it runs."""
-        parts = [self.name, str(self.priority)]
-        for fn in (self.match, self.replacement, *(p.check for p in self.preconditions)):
+        parts = [self.name, str(self.priority), str(self.rank_dependent), repr(self.example)]
+        functions = (self.match, self.replacement, *(p.check for p in self.preconditions))
+        if self.search is not None:
+            functions += (self.search,)
+        for fn in functions:
             parts.append(_function_fingerprint(fn))
         parts += [p.name for p in self.preconditions]
         return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
+
+    def check(self) -> None:
+        """The registration-time checks of a traceable replacement (raises PatternError)."""
+        from .traced import Example, PatternError, TracedReplacement, check_traced_pattern
+
+        if not isinstance(self.replacement, TracedReplacement):
+            return  # a graph emitter: checked by graph tests, like the built-ins
+        if self.search is None or not isinstance(self.example, Example):
+            raise PatternError(
+                f"tpfuse: pattern {self.name!r}: a traceable replacement needs search= (the "
+                "computation it replaces, as a function of the gathered rows) and "
+                "example=Example(...) so that both can be checked now, at registration"
+            )
+        check_traced_pattern(self.name, self.search, self.replacement.fn, self.example,
+                             self.rank_dependent)
 
 
 def _function_fingerprint(fn: Callable) -> str:
@@ -159,6 +209,7 @@ class PatternRegistry:
             raise TypeError(
                 f"tpfuse: register_pattern expects a FusionPattern, got {type(pattern).__name__}"
             )
+        pattern.check()  # a bad pattern fails here, with the reason, not mid-compile
         if pattern.name in self._patterns and not replace:
             raise ValueError(
                 f"tpfuse: a pattern named {pattern.name!r} is already registered; "
@@ -186,6 +237,9 @@ class PatternRegistry:
     def ordered(self) -> list[FusionPattern]:
         return sorted(self._patterns.values(), key=lambda p: (-p.priority, self._order[p.name]))
 
+    def names(self) -> list[str]:
+        return [p.name for p in self.ordered()]
+
     def cache_key(self) -> str:
         keys = [p.cache_key() for p in self.ordered()]
         return hashlib.sha256("\x00".join(keys).encode()).hexdigest()
@@ -207,8 +261,24 @@ class PatternRegistry:
 REGISTRY = PatternRegistry()
 
 
-def register_pattern(pattern: FusionPattern, *, replace: bool = False) -> FusionPattern:
+def register_pattern(pattern: FusionPattern | None = None, *, replace: bool = False,
+                     **fields: Any) -> FusionPattern:
+    """Register a pattern: ``register_pattern(FusionPattern(...))`` or
+    ``register_pattern(name=..., match=..., replacement=..., search=..., example=...)``.
+
+    It joins the same pass, report and cache key as the built-in patterns.
+    Refused here, with the reason, when it is malformed or its replacement does
+    not compute the search's shape and dtype on the example."""
+    if pattern is None:
+        pattern = FusionPattern(**fields)
+    elif fields:
+        raise TypeError("tpfuse: give either a FusionPattern or its fields, not both")
     return REGISTRY.register(pattern, replace=replace)
+
+
+def pattern_scope(*patterns: FusionPattern):
+    """``with tpfuse.pattern_scope(p1, p2):`` -- registered inside the block only."""
+    return REGISTRY.scoped(*patterns)
 
 
 def unregister_pattern(name: str) -> FusionPattern:

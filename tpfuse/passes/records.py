@@ -139,7 +139,7 @@ class Report:
                             m.pattern,
                             f"{m.output} -> {m.replacement or '(not rewritten)'}",
                             f"{m.group_name!r} W={m.world_size}",
-                            "x".join(map(str, _compress(m.hidden_widths))),
+                            _widths_text(m.hidden_widths),
                             str(m.dtype).removeprefix("torch."),
                             str(m.producer),
                             str(m.slot),
@@ -168,11 +168,11 @@ class Report:
         return "\n".join(lines)
 
 
-def _compress(widths: tuple[int, ...]) -> tuple:
-    # [4096, 4096, 4096, 4096] prints as 4x4096
+def _widths_text(widths: tuple[int, ...]) -> str:
+    # [4096, 4096, 4096, 4096] prints as 4x4096; uneven widths as a list
     if widths and all(w == widths[0] for w in widths):
-        return (len(widths), widths[0])
-    return widths
+        return f"{len(widths)}x{widths[0]}"
+    return "[" + ",".join(map(str, widths)) + "]"
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
