@@ -5,8 +5,8 @@
 The model is Llama-like and unmodified TP code: random bf16 weights, hidden
 4096, ``--layers`` SwiGLU MLP blocks (intermediate 14336, column-parallel
 gate/up, row-parallel down + all-reduce), RMSNorm, and a vocab-parallel LM
-head (vocab 128256) whose logits are gathered along the vocab axis with
-``funcol.all_gather_tensor`` (a replicated output), then greedy sampling.
+head (vocab 128256) whose logits are gathered along the vocab axis (funcol
+gather on dim 0, then rearrange: a replicated output), then greedy sampling.
 Attention is left out: it has no hidden-axis gather and its KV-cache reads
 would only dilute the comparison in both columns alike.
 
@@ -64,8 +64,12 @@ class DecodeStep(nn.Module):
             partial = (nn.functional.silu(gate) * up) @ down.t()
             h = h + funcol.all_reduce(partial, "sum", group)
         local_logits = self.rms(h) @ self.lm_head.t()
-        # gather_dim written positive: funcol mis-shapes its T == 1 view form for -1 (torch 2.11-2.13)
-        logits = funcol.all_gather_tensor(local_logits, gather_dim=local_logits.dim() - 1, group=group)
+        # The vocab gather as vLLM writes it: gather on dim 0, then rearrange.
+        # (funcol's gather_dim=-1 form does not compile on torch 2.11: Dynamo
+        # refuses to trace its chunk-cat helper and breaks the graph.)
+        tokens, shard = local_logits.shape
+        stacked = funcol.all_gather_tensor(local_logits, gather_dim=0, group=group)
+        logits = stacked.view(-1, tokens, shard).permute(1, 0, 2).reshape(tokens, -1)
         return logits.argmax(dim=-1)
 
 
@@ -129,6 +133,9 @@ def main():
         same = bool(torch.equal(tokens_on, tokens_off))
         rows.append({"T": T, "off_us": t_off, "on_us": t_on, "speedup": t_off / t_on, "same_tokens": same,
                      "rewrites": rewrites})
+        if rank == 0 and rewrites == 0:
+            print(f"WARNING T={T}: tpfuse rewrote nothing (a graph break around the gather?); "
+                  "this row compares two identical programs", flush=True)
         if rank == 0:
             print(f"T={T}: off {t_off:.1f} us, on {t_on:.1f} us, x{t_off / t_on:.2f}, "
                   f"rewrites {rewrites}, same tokens {same}", flush=True)
