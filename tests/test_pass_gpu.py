@@ -37,6 +37,20 @@ def _median_us(fn, x):
     return sorted(times)[len(times) // 2]
 
 
+def _funcol_hidden_gather_compiles(device) -> bool:
+    import torch.distributed as dist
+    import torch.distributed._functional_collectives as funcol
+
+    def gather(t):
+        return funcol.all_gather_tensor(t, gather_dim=1, group=dist.group.WORLD)
+
+    try:
+        torch.compile(gather, fullgraph=True, backend="eager")(torch.ones(2, 4, device=device))
+        return True
+    except Exception:  # noqa: BLE001 - Dynamo's Unsupported, whatever its class in this version
+        return False
+
+
 def _gpu_models(rank, world_size):
     import os
 
@@ -60,6 +74,11 @@ def _gpu_models(rank, world_size):
         "dtensor": lambda: tp_models.dtensor_mlp(rank, world_size, device),
     }
     rows = []
+    if not _funcol_hidden_gather_compiles(device):
+        # torch 2.11: Dynamo refuses to trace funcol's chunk-cat helper, so the
+        # model breaks its graph before any pass sees the gather.
+        del builders["funcol"]
+        rows.append({"model": "funcol", "skipped": f"funcol gather_dim>0 does not compile on torch {torch.__version__}"})
     for style, build in builders.items():
         model = build()
         for T in (1, 32):
@@ -97,9 +116,15 @@ def test_compiled_models_bit_exact_on_gpus(world_size):
           f"NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}")
     print(f"{'model':<8} {'T':>4} {'compile us':>11} {'+tpfuse us':>11} {'ratio':>6}  bit-exact")
     for r in rows:
+        if "skipped" in r:
+            print(f"{r['model']:<8} skipped: {r['skipped']}")
+            continue
         print(f"{r['model']:<8} {r['T']:>4} {r['plain_us']:>11.1f} {r['tpfuse_us']:>11.1f} "
               f"{r['plain_us'] / r['tpfuse_us']:>6.2f}  {r['equal']}")
     for rank, rank_rows in enumerate(per_rank):
         for r in rank_rows:
+            if "skipped" in r:
+                assert not torch.__version__.startswith("2.13"), r  # the CPU tests compile it there
+                continue
             assert r["equal"], (rank, r)
             assert r["rewritten"] == r["expected"] and r["near_misses"] == [], (rank, r)
