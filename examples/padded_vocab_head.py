@@ -126,3 +126,65 @@ REAL_COLUMNS = FusionPattern(
     rank_dependent=True,  # the replacement slices this rank's own width
     description="per-rank padding stripped after the gather -> gather only the real columns",
 )
+
+
+# --------------------------------------------------------------------------- the walkthrough
+
+
+def walkthrough(rank: int, world_size: int, cache_dir: str | None = None) -> dict:
+    """Compile the head twice on this rank -- built-in patterns only, then with
+    REAL_COLUMNS registered -- and compare both with the uncompiled model."""
+    import os
+
+    import torch._inductor.config
+
+    import tpfuse
+
+    if cache_dir is not None:  # one directory shared by all ranks: rank-dependent graphs must not mix
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
+        torch._inductor.config.fx_graph_cache = True
+    model = PaddedVocabHead(rank, world_size)
+    h = torch.randn(5, HIDDEN, generator=torch.Generator().manual_seed(3))
+    results = {}
+    with torch.no_grad():
+        expected = model(h)
+        for label, scope in (("builtins only", ()), ("with REAL_COLUMNS", (REAL_COLUMNS,))):
+            torch._dynamo.reset()
+            with tpfuse.enabled(), tpfuse.pattern_scope(*scope):
+                out = torch.compile(model, fullgraph=True)(h)
+                rep = tpfuse.report()
+            results[label] = {
+                "equal": bool(torch.equal(out, expected)),
+                "shape": tuple(out.shape),
+                "matches": [(m.pattern, m.hidden_widths) for m in rep.matches],
+                "near_misses": [n.reason for n in rep.near_misses],
+                "report": str(rep),
+            }
+    return results
+
+
+def main() -> int:
+    import sys
+    import tempfile
+
+    from tpfuse.ranks import run_ranks
+
+    with tempfile.TemporaryDirectory() as cache_dir:
+        per_rank = run_ranks(2, walkthrough, cache_dir)
+    ok = True
+    for label in ("builtins only", "with REAL_COLUMNS"):
+        print(f"\n== {label} (rank 0) ==\n{per_rank[0][label]['report']}")
+        equal = all(r[label]["equal"] for r in per_rank)
+        ok &= equal
+        print(f"output {per_rank[0][label]['shape']} equals the uncompiled model on every rank: "
+              f"{'yes' if equal else 'NO'}")
+    ok &= all(r["with REAL_COLUMNS"]["matches"] == [("real_columns", tuple(real_widths(2)))]
+              for r in per_rank)
+    print("\nOK" if ok else "\nFAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -232,32 +232,9 @@ return [all_gather_hidden]""")
 # ---- the worked example end to end on gloo -------------------------------------------------
 
 
-def _worked_example(rank, world_size, cache_dir):
-    import torch._inductor.config
-
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir  # shared by both ranks: a real risk to test
-    torch._inductor.config.fx_graph_cache = True
-    results = {}
-    model = pv.PaddedVocabHead(rank, world_size)
-    h = torch.randn(5, pv.HIDDEN, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        expected = model(h)
-        for label, scope in (("builtins only", ()), ("with REAL_COLUMNS", (pv.REAL_COLUMNS,))):
-            torch._dynamo.reset()
-            with tpfuse.enabled(), tpfuse.pattern_scope(*scope):
-                out = torch.compile(model, fullgraph=True)(h)
-                rep = tpfuse.report()
-            results[label] = {
-                "equal": bool(torch.equal(out, expected)),
-                "shape": tuple(out.shape),
-                "matches": [(m.pattern, m.hidden_widths) for m in rep.matches],
-                "near_misses": [n.reason for n in rep.near_misses],
-            }
-    return results
-
-
 def test_worked_example_on_gloo(tmp_path):
-    per_rank = run_ranks(2, _worked_example, str(tmp_path), timeout=600)
+    # the same function that `python examples/padded_vocab_head.py` (docs/patterns.md) runs
+    per_rank = run_ranks(2, pv.walkthrough, str(tmp_path), timeout=600)
     for rank, results in enumerate(per_rank):
         before, after = results["builtins only"], results["with REAL_COLUMNS"]
         assert before["equal"] and after["equal"], (rank, results)
@@ -265,3 +242,16 @@ def test_worked_example_on_gloo(tmp_path):
         assert before["matches"] == [] and len(before["near_misses"]) == 1, (rank, before)
         assert after["matches"] == [("real_columns", (512, 488))], (rank, after)
         assert after["near_misses"] == []
+
+
+def test_patterns_doc_shows_the_tested_code():
+    """Every code block of docs/patterns.md marked as taken from the example is in it verbatim."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    doc = open(os.path.join(root, "docs", "patterns.md")).read()
+    example = open(os.path.join(root, "examples", "padded_vocab_head.py")).read()
+    blocks = [b.split("```", 1)[0] for b in doc.split("```python\n")[1:]]
+    quoted = [b for b in blocks if b.startswith("# from examples/padded_vocab_head.py\n")]
+    assert len(quoted) >= 3
+    for block in quoted:
+        body = block.split("\n", 1)[1]
+        assert body.strip() in example, body
