@@ -172,9 +172,12 @@ _CACHE_SCRIPT = textwrap.dedent(
 )
 
 
-def _compile_in_fresh_process(cache_dir, config):
+def _compile_in_fresh_process(cache_dir, config, trace_dir=None):
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache_dir), PYTHONPATH=REPO)
     env.pop("TPFUSE_DUMP_DIR", None)
+    env.pop("TORCH_TRACE", None)
+    if trace_dir is not None:
+        env["TORCH_TRACE"] = str(trace_dir)
     out = subprocess.run(
         [sys.executable, "-c", _CACHE_SCRIPT, json.dumps(config)],
         env=env, capture_output=True, text=True, timeout=300,
@@ -184,15 +187,20 @@ def _compile_in_fresh_process(cache_dir, config):
 
 
 def test_fx_graph_cache_hit_in_fresh_process_keeps_rewrite(tmp_path):
-    first = _compile_in_fresh_process(tmp_path, {})
+    trace_dir = tmp_path / "trace"
+    first = _compile_in_fresh_process(tmp_path / "cache", {}, trace_dir=trace_dir)
     assert (first["miss"], first["hit"], first["bypass"]) == (1, 0, 0), first
     assert first["op_calls"] == 1 and first["graphs_through_pass"] == 1
+    # TORCH_TRACE (tlparse) carries the before/after graphs and the report as artifacts
+    trace = "".join(p.read_text() for p in trace_dir.iterdir())
+    for artifact in ("tpfuse_before", "tpfuse_after", "tpfuse_report"):
+        assert f'"name": "{artifact}"' in trace, artifact
 
-    second = _compile_in_fresh_process(tmp_path, {})
+    second = _compile_in_fresh_process(tmp_path / "cache", {})
     assert (second["hit"], second["miss"], second["bypass"]) == (1, 0, 0), second
     assert second["graphs_through_pass"] == 0  # served from the cache: the pass did not run
     assert second["op_calls"] == 1  # ...and the cached graph still calls the tpfuse op
 
-    changed = _compile_in_fresh_process(tmp_path, {"dry_run": True})
+    changed = _compile_in_fresh_process(tmp_path / "cache", {"dry_run": True})
     assert (changed["miss"], changed["hit"]) == (1, 0), changed  # new key, not the cached rewrite
     assert changed["op_calls"] == 0

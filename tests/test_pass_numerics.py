@@ -72,6 +72,27 @@ def _numerics(rank, world_size):
     model = tp_models.C10dMLP(rank, world_size)
     compiled = torch.compile(model, fullgraph=True, backend=tpfuse.backend("aot_eager"))
     _check(model, tp_models.tokens(4), compiled, model.rewrites, "c10d/aot_eager/T=4", results)
+    # negative control: a careless pattern (no shape check) rewrites a rearrangement that
+    # is not a hidden concat; the equality check used above must catch it
+    from tpfuse.passes import FusionPattern
+    from tpfuse.passes.builtin_patterns import gather_hidden_replacement
+
+    def careless(site):
+        (reshape,) = site.wait.users
+        permute = next(iter(reshape.users))
+        (flatten,) = permute.users
+        return Candidate(output=flatten, region=(reshape, permute, flatten), inputs=(site.local,))
+
+    from tpfuse.passes import Candidate
+
+    wrong = FusionPattern(name="careless", match=careless, replacement=gather_hidden_replacement,
+                          priority=100)
+    model = tp_models.MisrearrangedC10d(rank, world_size)
+    for label, scope in (("misrearranged/builtins", ()), ("misrearranged/careless", (wrong,))):
+        torch._dynamo.reset()
+        with tpfuse.enabled(), tpfuse.pattern_scope(*scope):
+            compiled = torch.compile(model, fullgraph=True)
+            _check(model, tp_models.tokens(4), compiled, len(scope), label, results)
     return results
 
 
@@ -80,17 +101,31 @@ def gloo_w2():
     return run_ranks(2, _numerics, timeout=600)
 
 
+def _real_models(results):
+    return {k: v for k, v in results.items() if not k.startswith("misrearranged/")}
+
+
 def test_outputs_equal_uncompiled_model(gloo_w2):
     for rank, results in enumerate(gloo_w2):
-        for name, r in results.items():
+        for name, r in _real_models(results).items():
             assert r["equal"], f"rank {rank} {name}: max |diff| {r['max_abs_diff']}"
 
 
 def test_exact_rewrite_counts_and_no_near_misses(gloo_w2):
     for results in gloo_w2:
-        for name, r in results.items():
+        for name, r in _real_models(results).items():
             assert r["rewritten"] == r["expected"], (name, r)
             assert r["near_misses"] == [], (name, r["near_misses"])
+
+
+def test_negative_control_wrong_rewrite_is_caught(gloo_w2):
+    for results in gloo_w2:
+        safe, careless = results["misrearranged/builtins"], results["misrearranged/careless"]
+        # the built-in rearrange pattern refuses the form, with its reason ...
+        assert safe["rewritten"] == 0 and safe["equal"], safe
+        assert any("not to [W=2, ..., w=16]" in n for n in safe["near_misses"]), safe
+        # ... and a pattern that rewrites it anyway changes the output: the check above can fail
+        assert careless["rewritten"] == 1 and not careless["equal"], careless
 
 
 def test_every_style_hits_the_expected_forms(gloo_w2):

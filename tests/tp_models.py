@@ -88,3 +88,22 @@ def tokens(T: int, device="cpu", three_d: bool = False) -> torch.Tensor:
     # decode (T == 1) with B == 1 is the case where funcol emits its view form
     shape = (1 if T == 1 else 2, T, HIDDEN) if three_d else (T, HIDDEN)
     return torch.randn(*shape, generator=g).to(device)
+
+
+class MisrearrangedC10d(nn.Module):
+    """A negative control: ``view(T, W, -1)`` instead of ``view(W, T, -1)`` does not put
+    the ranks' columns side by side.  No built-in pattern rewrites it (near-miss); a
+    deliberately careless pattern that does must be caught by the numerics check."""
+
+    def __init__(self, rank: int, world_size: int, device="cpu"):
+        super().__init__()
+        self.world_size = world_size
+        self.w1 = _shard(rank, SHARD, HIDDEN, device)
+
+    def forward(self, x):
+        W = self.world_size
+        y = x @ self.w1.t()
+        T = y.shape[0]
+        stacked = torch.empty(W * T, y.shape[1], dtype=y.dtype, device=y.device)
+        dist.all_gather_into_tensor(stacked, y)
+        return stacked.view(T, W, -1).permute(1, 0, 2).reshape(T, -1)
