@@ -192,6 +192,24 @@ class TestPatternGraphs(TestCase):
             _, rep = capture(gather, *args)
         self.assertEqual([m.pattern for m in rep.matches], ["split_cat"])
 
+    def test_a_user_matcher_that_raises_is_a_near_miss_not_a_crash(self):
+        def buggy(site):
+            raise IndexError("my bug")
+
+        def gather(x, w):
+            import torch.distributed as dist
+            import torch.distributed._functional_collectives as funcol
+
+            return funcol.all_gather_tensor(x @ w.t(), gather_dim=-1, group=dist.group.WORLD)
+
+        bad = FusionPattern(name="buggy", match=buggy, replacement=gather_hidden_replacement,
+                            priority=100)
+        with tpfuse.pattern_scope(bad):
+            _, rep = capture(gather, torch.randn(4, 16), torch.randn(8, 16))
+        self.assertEqual([m.pattern for m in rep.matches], ["split_cat"])  # the built-in still wins
+        self.assertEqual([(n.pattern, n.reason) for n in rep.near_misses],
+                         [("buggy", "the matcher raised IndexError: my bug")])
+
     def test_worked_example_near_miss_then_match(self):
         model = pv.PaddedVocabHead(0, 2)
         _, rep = capture(model, torch.randn(4, pv.HIDDEN))

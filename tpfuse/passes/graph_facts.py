@@ -211,8 +211,9 @@ def unary_pointwise(node: Node) -> bool:
     """A pointwise op whose only tensor input is its first argument (relu, mul by a scalar, ...)."""
     if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
         return False
-    if torch.Tag.pointwise not in node.target.tags:
-        return False
+    tags = node.target.tags
+    if torch.Tag.pointwise not in tags or torch.Tag.nondeterministic_seeded in tags:
+        return False  # a random op drawn per band is not the same draw on the whole
     first = node.args[0] if node.args else None
     return isinstance(first, Node) and node.all_input_nodes == [first]
 

@@ -120,7 +120,13 @@ def find_hidden_gathers(
     for site in gather_sites(graph, result.near_misses):
         found, claimed = None, False
         for pattern in patterns:
-            outcome = pattern.match(site)
+            try:
+                outcome = pattern.match(site)
+            except Exception as err:  # noqa: BLE001
+                if pattern.builtin:
+                    raise  # our own bug: fail loudly
+                # A user matcher's bug must not break the user's compile, nor vanish.
+                outcome = Reject(f"the matcher raised {type(err).__name__}: {err}")
             if outcome is None:
                 continue
             claimed = True
