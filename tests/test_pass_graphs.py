@@ -93,6 +93,12 @@ def inplace_raw_and_rearranged(x, w):
     return out.view(W, T, -1).permute(1, 0, 2).reshape(T, -1), out.sum()
 
 
+def coalesced_gathers(x, w):
+    y1, y2 = x @ w.t(), (x * 2) @ w.t()
+    a, b = funcol.all_gather_into_tensor_coalesced([y1, y2], group=dist.group.WORLD)
+    return torch.cat(a.chunk(_world()), -1), b
+
+
 def _colwise_linear(bias=True):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate
@@ -463,6 +469,13 @@ return [mm_1]""")
         self.assertEqual(rep.matches, [])
         self.assertExpectedInline(
             "\n".join(f"{n.pattern}: {n.reason}" for n in rep.near_misses), """split_cat: dtype torch.float64 is not moved by tpfuse::all_gather_hidden"""
+        )
+
+    def test_near_miss_coalesced_gather(self):
+        text, rep = capture(coalesced_gathers, torch.randn(4, 16), _w())
+        self.assertEqual(rep.matches, [])
+        self.assertExpectedInline(
+            "\n".join(f"{n.pattern}: {n.reason}" for n in rep.near_misses), """gather_site: a coalesced all_gather moves 2 tensors in one collective; tpfuse rewrites single-tensor gathers (gather each tensor on its own)"""
         )
 
     def test_dry_run_finds_but_does_not_rewrite(self):

@@ -70,6 +70,7 @@ def _functional_collective(name: str):
 
 
 ALL_GATHERS = frozenset(_functional_collective("all_gather_into_tensor"))
+ALL_GATHERS_COALESCED = frozenset(_functional_collective("all_gather_into_tensor_coalesced"))
 WAITS = frozenset(_functional_collective("wait_tensor"))
 
 

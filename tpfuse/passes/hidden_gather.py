@@ -42,7 +42,16 @@ def gather_sites(graph: Graph, near_misses: list[NearMiss]) -> list[GatherSite]:
     """Every ``wait_tensor(all_gather_into_tensor(...))`` that a pattern may look at."""
     sites = []
     for gather in graph.nodes:
-        if gather.op != "call_function" or gather.target not in facts.ALL_GATHERS:
+        if gather.op != "call_function":
+            continue
+        if gather.target in facts.ALL_GATHERS_COALESCED:
+            near_misses.append(NearMiss(
+                SITE, f"a coalesced all_gather moves {len(gather.args[0])} tensors in one "
+                "collective; tpfuse rewrites single-tensor gathers (gather each tensor on its own)",
+                (gather.name,),
+            ))
+            continue
+        if gather.target not in facts.ALL_GATHERS:
             continue
         local, world_size, group_name = gather.args[:3]
         users = list(gather.users)
