@@ -195,4 +195,4 @@ def all_gather_hidden(
     name = group_name_of(group)
     if hidden_widths is None:
         hidden_widths = [x.shape[-1]] * _world_size(name)
-    return torch.ops.tpfuse.all_gather_hidden(x, list(hidden_widths), name)
+    return torch.ops.tpfuse.all_gather_hidden.default(x, list(hidden_widths), name)
