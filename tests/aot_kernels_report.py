@@ -28,7 +28,18 @@ MULTIMEM_CONFIGS = [
     ("w2_words_skip", 0, (0, 512, 1536), True, True),
 ]
 
-_INSTRUCTIONS = re.compile(r"\b((?:st|ld|red|atom|multimem)\.[\w.:]+)")
+# Fused linear + push (kernels/linear_push.py):
+# (name, dtype, rank, band_offsets, K, tokens, has_bias, skip_entry_sync, multimem)
+LINEAR_CONFIGS = [
+    ("bf16_w4_t1_decode", "bfloat16", 1, (0, 1024, 2048, 3072, 4096), 4096, 1, True, False, False),
+    ("bf16_w2_t128_bias", "bfloat16", 0, (0, 2048, 4096), 7168, 128, True, False, False),
+    ("fp16_w4_t32_skip", "float16", 3, (0, 3584, 7168, 10752, 14336), 4096, 32, False, True, False),
+    ("bf16_w2_uneven_k1000", "bfloat16", 1, (0, 1024, 3072), 1000, 64, False, False, False),
+    ("multimem_bf16_w4_t8", "bfloat16", 2, (0, 1792, 3584, 5376, 7168), 21504, 8, True, False, True),
+    ("multimem_fp16_w2_t64", "float16", 0, (0, 2048, 4096), 4096, 64, False, True, True),
+]
+
+_INSTRUCTIONS = re.compile(r"\b((?:st|ld|red|atom|multimem|mma|wgmma)\.[\w.:]+)")
 
 
 def _import_kernels():
@@ -37,32 +48,40 @@ def _import_kernels():
         package = types.ModuleType("tpfuse")
         package.__path__ = [os.path.join(REPO, "tpfuse")]
         sys.modules["tpfuse"] = package
-    from tpfuse.kernels import push_gather
+    from tpfuse.kernels import linear_push, push_gather
 
-    return push_gather
+    return push_gather, linear_push
 
 
 def report():
     import triton
     from triton.backends.compiler import GPUTarget
 
-    push_gather = _import_kernels()
+    push_gather, linear_push = _import_kernels()
     target = GPUTarget("cuda", 90, 32)
     out = {"triton": triton.__version__, "torch_imported": "torch" in sys.modules and sys.modules["torch"] is not None, "kernels": {}}
 
-    def record(name, source):
-        kernel = push_gather.compile_source(source, target=target)
+    def record(name, source, compile=None):
+        kernel = (compile or push_gather.compile_source)(source, target=target)
         ptx = kernel.asm["ptx"]
         out["kernels"][name] = {
             "instructions": sorted(set(_INSTRUCTIONS.findall(ptx))),
             "globaltimer": "%globaltimer" in ptx,
             "cubin_bytes": len(kernel.asm["cubin"]),
+            "shared_bytes": int(getattr(kernel.metadata, "shared", 0)),
         }
 
     for name, elem, rank, offsets, vec, skip, copy_out in P2P_CONFIGS:
         record("p2p_" + name, push_gather.p2p_source(elem, rank, offsets, vec, 512, skip, copy_out))
     for name, rank, offsets, skip, copy_out in MULTIMEM_CONFIGS:
         record("multimem_" + name, push_gather.multimem_source(rank, offsets, 512, skip, copy_out))
+    for name, dtype, rank, offsets, k, tokens, bias, skip, multimem in LINEAR_CONFIGS:
+        widths = [offsets[i + 1] - offsets[i] for i in range(len(offsets) - 1)]
+        config = linear_push.launch_config(tokens, k, widths)
+        source = linear_push.linear_source(dtype, rank, offsets, k, config, bias, skip, multimem=multimem)
+        record("linear_" + name, source, lambda src, target, config=config: linear_push.compile_linear(
+            src, config, target=target))
+        out["kernels"]["linear_" + name]["config"] = config
     return out
 
 

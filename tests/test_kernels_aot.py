@@ -38,6 +38,25 @@ def _check(report):
         assert any(i.startswith("multimem.st") for i in k["instructions"]), k["instructions"]
         assert k["cubin_bytes"] > 0
         assert k["globaltimer"]
+    for name, dtype, rank, offsets, k_dim, tokens, bias, skip, multimem in aot.LINEAR_CONFIGS:
+        k = kernels["linear_" + name]
+        ins = set(k["instructions"])
+        config = k["config"]
+        assert k["cubin_bytes"] > 0, name
+        # The GEMM runs on tensor cores (mma.sync for 16-row tiles, wgmma for 64).
+        assert any(i.startswith(("mma.", "wgmma.")) for i in ins), (name, ins)
+        # Exit barrier: release on signal, acquire on wait, system scope; the spin is bounded.
+        assert any(i.startswith(("red.", "atom.")) and ".sys" in i and "release" in i for i in ins), (name, ins)
+        assert any(i.startswith("atom.") and ".sys" in i and "acquire" in i for i in ins), (name, ins)
+        assert k["globaltimer"], name
+        assert k["shared_bytes"] <= 227 * 1024, (name, k["shared_bytes"])  # one block per SM must fit
+        if multimem:
+            assert any(i.startswith("multimem.st") for i in ins), (name, ins)
+        else:
+            assert not any(i.startswith("multimem") for i in ins), name
+            # A tile of >= 8 elements per thread is stored in 16-byte vectors (local and remote).
+            if config["BLOCK_M"] * config["BLOCK_N"] >= 8 * 32 * config["num_warps"]:
+                assert any(i.startswith("st.global.v4") for i in ins), (name, config, ins)
 
 
 def test_kernels_compile_for_sm90_with_installed_triton():

@@ -1,0 +1,305 @@
+"""Fused column linear + hidden-axis push: ``y_r = x @ W_r^T (+ b_r)`` whose epilogue stores into every peer.
+
+Every rank holds the same ``x [T, K]`` and its own weight band ``W_r [w_r, K]``
+(``nn.Linear`` layout).  The result is ``[T, total]`` with rank r's
+``y_r`` in columns ``[band_offsets[r], band_offsets[r+1])``, as
+``tpfuse::all_gather_hidden(linear(x, W_r, b_r))`` would return it, but with
+no intermediate ``y_r`` and no second launch: each output tile goes from the
+accumulator straight into our column band of every peer's symmetric slot
+(and of our own result), then the blocks meet their peers in the exit
+barrier and copy the peers' bands out.
+
+Work split.  Output tiles are ``[BLOCK_M, BLOCK_N]``; tile ``t`` is
+(m = t // N_TILES, n = t % N_TILES), so consecutive blocks stream
+consecutive weight rows.  Block ``b`` computes tiles ``b, b + nblocks, ...``
+of its band; block ``b`` of every other rank copies out exactly those tiles
+after the exit exchange it shares with block ``b`` here (one barrier slot per
+(block, peer), as in push_gather.py).  Each block runs exactly one entry
+(unless skipped) and one exit exchange per call, whether or not it has
+tiles, so the slots balance on every rank.  The grid comes from T, K, the
+widths and W (``launch_config``) and the group's agreed grid cap: the same on
+every rank, and every block resident (blocks wait for peers, never for
+blocks of their own grid).
+
+Decode is weight-bandwidth bound (T <= 128): the weight is read exactly once
+(each tile's K loop streams ``[BLOCK_N, K]`` of it), ``x`` is re-read from
+L2 once per N tile (``T / BLOCK_N`` times the weight traffic), so
+``launch_config`` grows BLOCK_N with T and shrinks it until the tiles fill
+the SMs.  No split-K: a K-split tile needs either a reduction across blocks
+of our own grid (a wait for blocks of our own grid) or a pusher chosen at run
+time (which breaks the block pairing of the exit exchange).  See
+benchmarks/NOTES.md ("fused linear+push") for where that is predicted to
+cost (few, long tiles: the EAGLE3 projection at W=4).
+
+Entry barrier.  Placed after the first tile's K loop, right before the first
+remote store: the barrier's round trips hide behind that tile's weight loads.
+
+No torch import here (CI compiles these kernels with more than one Triton).
+"""
+
+import triton
+import triton.language as tl
+
+from .barrier import ENTRY_TIMEOUT, EXIT_TIMEOUT, barrier, exchange, peer_lanes
+from .push_gather import _RUNTIME_ARGS, _barrier_constexprs, _lanes, _multimem_store_v4, _pick
+
+#: output tiles the config aims for: about one per multiprocessor of an H100 (132)
+TARGET_TILES = 128
+
+
+@triton.jit
+def _tile_gemm(x_ptr, w_ptr, bias_ptr, tile, tokens, WIDTH: tl.constexpr, K: tl.constexpr,
+               HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One ``[BLOCK_M, BLOCK_N]`` output tile of ``x @ W^T (+ b)``, fp32 accumulate; returns (acc, rows, cols)."""
+    N_TILES: tl.constexpr = (WIDTH + BLOCK_N - 1) // BLOCK_N
+    tm = tile // N_TILES
+    tn = tile - tm * N_TILES
+    rows = tm * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tn * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    row_ok = rows < tokens
+    col_ok = cols < WIDTH
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * K
+    w_rows = w_ptr + cols.to(tl.int64)[:, None] * K
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        k_ok = (k + ks) < K
+        a = tl.load(x_rows + (k + ks)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        # The weight is streamed once: don't let it evict x (re-read by every N tile) from L2.
+        b = tl.load(w_rows + (k + ks)[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0,
+                    eviction_policy="evict_first")
+        acc = tl.dot(a, tl.trans(b), acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return acc, rows, cols
+
+
+@triton.jit
+def _gathered(rows, cols, tokens, OFF: tl.constexpr, WIDTH: tl.constexpr, TOTAL: tl.constexpr):
+    """Indices of a tile in the gathered ``[T, TOTAL]`` layout, and its live mask."""
+    index = rows[:, None] * TOTAL + OFF + cols[None, :]
+    return index, (rows < tokens)[:, None] & (cols < WIDTH)[None, :]
+
+
+@triton.jit
+def _copy_out_peers(out_ptr, own, tokens, pid, nblocks, RANK: tl.constexpr, W: tl.constexpr,
+                    BAND_OFFSETS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Copy the tiles that block ``pid`` of every peer pushed into our slot out to the result."""
+    TOTAL: tl.constexpr = BAND_OFFSETS[W]
+    for s in tl.static_range(1, W):
+        q_off = BAND_OFFSETS[(RANK + s) % W]  # compile-time values (static_range)
+        q_width = BAND_OFFSETS[(RANK + s) % W + 1] - q_off
+        q_n_tiles = (q_width + BLOCK_N - 1) // BLOCK_N
+        for tile in range(pid, tl.cdiv(tokens, BLOCK_M) * q_n_tiles, nblocks):
+            tm = tile // q_n_tiles
+            tn = tile - tm * q_n_tiles
+            rows = tm * BLOCK_M + tl.arange(0, BLOCK_M)
+            cols = tn * BLOCK_N + tl.arange(0, BLOCK_N)
+            index, ok = _gathered(rows, cols, tokens, q_off, q_width, TOTAL)
+            tl.store(out_ptr + index, tl.load(own + index, mask=ok), mask=ok)
+
+
+@triton.jit
+def p2p_linear_push_kernel(
+    x_ptr,  # [T, K] activations, contiguous, 16-byte aligned (identical on every rank)
+    w_ptr,  # [w_rank, K] this rank's weight band, contiguous, 16-byte aligned
+    bias_ptr,  # [w_rank] bias band (unused without HAS_BIAS)
+    out_ptr,  # the caller-owned [T, total] result
+    slot_offset,  # elements from a buffer's base to the slot this call uses
+    status,  # *i32: 0, or the timeout code of a barrier that gave up
+    tokens,
+    timeout_ns,
+    buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7,  # rank r's symmetric buffer address (0 past W)
+    pad0, pad1, pad2, pad3, pad4, pad5, pad6, pad7,  # rank r's signal pad address
+    RANK: tl.constexpr,
+    W: tl.constexpr,
+    WP: tl.constexpr,
+    BAND_OFFSETS: tl.constexpr,  # W + 1 column offsets, prefix sums of hidden_widths
+    K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SKIP_ENTRY_SYNC: tl.constexpr,
+    EXIT_SYNC: tl.constexpr = True,  # False only for negative controls / floor diagnostics: racy
+):
+    pid = tl.program_id(0)
+    nblocks = tl.num_programs(0)
+    OFF: tl.constexpr = BAND_OFFSETS[RANK]
+    WIDTH: tl.constexpr = BAND_OFFSETS[RANK + 1] - BAND_OFFSETS[RANK]
+    TOTAL: tl.constexpr = BAND_OFFSETS[W]
+    N_TILES: tl.constexpr = (WIDTH + BLOCK_N - 1) // BLOCK_N
+    peers, live = peer_lanes(RANK, W, WP)
+    peer_pads = _lanes(peers, pad0, pad1, pad2, pad3, pad4, pad5, pad6, pad7)
+    own_pad = _pick(RANK, pad0, pad1, pad2, pad3, pad4, pad5, pad6, pad7)
+    own = tl.multiple_of(_pick(RANK, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7).to(out_ptr.dtype), 16)
+    own = own + slot_offset
+
+    my_tiles = tl.cdiv(tl.maximum(tl.cdiv(tokens, BLOCK_M) * N_TILES - pid, 0), nblocks)
+    if not SKIP_ENTRY_SYNC:
+        if my_tiles == 0:
+            # Nothing to compute: still meet the peers (the slots must balance).
+            if barrier(peer_pads, own_pad, RANK, pid, status, timeout_ns, ENTRY_TIMEOUT, W, False):
+                timeout_ns = timeout_ns * 0
+    for i in range(0, my_tiles):
+        tile = pid + i * nblocks
+        acc, rows, cols = _tile_gemm(x_ptr, w_ptr, bias_ptr, tile, tokens, WIDTH, K, HAS_BIAS,
+                                     BLOCK_M, BLOCK_N, BLOCK_K)
+        vals = acc.to(out_ptr.dtype.element_ty)
+        if not SKIP_ENTRY_SYNC:
+            if i == 0:
+                # Entry (relaxed), after the first tile's weight stream so that its round trips
+                # hide behind it: no peer may still be reading the slot we are about to write.
+                # Its reads ended in kernels that finished before its signal (stream order).
+                # Skipped only when the caller proved every peer is done with the slot (CONTEXT §2.3).
+                if barrier(peer_pads, own_pad, RANK, pid, status, timeout_ns, ENTRY_TIMEOUT, W, False):
+                    timeout_ns = timeout_ns * 0
+        index, ok = _gathered(rows, cols, tokens, OFF, WIDTH, TOTAL)
+        tl.store(out_ptr + index, vals, mask=ok)
+        # Peers in the order rank+1, rank+2, ...: ranks start on different links.
+        for s in tl.static_range(1, W):
+            base = _pick((RANK + s) % W, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7).to(out_ptr.dtype)
+            tl.store(tl.multiple_of(base, 16) + slot_offset + index, vals, mask=ok)
+    if EXIT_SYNC:
+        # Exit (release/acquire, system scope): our pushes are visible to each peer before it
+        # reads them, and theirs to us before the copy-out below.
+        exchange(peer_pads, own_pad, RANK, pid, live, live, status, timeout_ns, EXIT_TIMEOUT, W, True)
+    _copy_out_peers(out_ptr, own, tokens, pid, nblocks, RANK, W, BAND_OFFSETS, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def multimem_linear_push_kernel(
+    x_ptr, w_ptr, bias_ptr, out_ptr,
+    slot_offset,  # elements (of the output dtype) from a buffer's base to the slot
+    status, tokens, timeout_ns,
+    multicast_ptr,  # the multicast address of the data buffer (i64)
+    buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7,
+    pad0, pad1, pad2, pad3, pad4, pad5, pad6, pad7,
+    RANK: tl.constexpr,
+    W: tl.constexpr,
+    WP: tl.constexpr,
+    BAND_OFFSETS: tl.constexpr,  # in elements; every offset a multiple of 8 (16 bytes of 2-byte elements)
+    K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SKIP_ENTRY_SYNC: tl.constexpr,
+):
+    """Like the P2P kernel, but one ``multimem.st`` per 16 bytes of a tile reaches every rank.
+
+    Compile-verified only: NVLink multicast must not run on the shared GPU hosts (CONTEXT §4).
+    2-byte outputs only (bf16/fp16): a tile row of BLOCK_N elements is BLOCK_N / 8 vectors.
+    """
+    pid = tl.program_id(0)
+    nblocks = tl.num_programs(0)
+    OFF: tl.constexpr = BAND_OFFSETS[RANK]
+    WIDTH: tl.constexpr = BAND_OFFSETS[RANK + 1] - BAND_OFFSETS[RANK]
+    TOTAL: tl.constexpr = BAND_OFFSETS[W]
+    N_TILES: tl.constexpr = (WIDTH + BLOCK_N - 1) // BLOCK_N
+    VECS: tl.constexpr = BLOCK_M * BLOCK_N // 8
+    peers, live = peer_lanes(RANK, W, WP)
+    peer_pads = _lanes(peers, pad0, pad1, pad2, pad3, pad4, pad5, pad6, pad7)
+    own_pad = _pick(RANK, pad0, pad1, pad2, pad3, pad4, pad5, pad6, pad7)
+    own = tl.multiple_of(_pick(RANK, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7).to(out_ptr.dtype), 16)
+    own = own + slot_offset
+
+    my_tiles = tl.cdiv(tl.maximum(tl.cdiv(tokens, BLOCK_M) * N_TILES - pid, 0), nblocks)
+    if not SKIP_ENTRY_SYNC:
+        if barrier(peer_pads, own_pad, RANK, pid, status, timeout_ns, ENTRY_TIMEOUT, W, False):
+            timeout_ns = timeout_ns * 0
+    for i in range(0, my_tiles):
+        tile = pid + i * nblocks
+        acc, rows, cols = _tile_gemm(x_ptr, w_ptr, bias_ptr, tile, tokens, WIDTH, K, HAS_BIAS,
+                                     BLOCK_M, BLOCK_N, BLOCK_K)
+        vals = acc.to(out_ptr.dtype.element_ty)
+        index, ok = _gathered(rows, cols, tokens, OFF, WIDTH, TOTAL)
+        tl.store(out_ptr + index, vals, mask=ok)
+        # Pack pairs of 2-byte elements into 32-bit words, four words per 16-byte multimem.st.
+        halves = tl.reshape(vals.to(tl.int16, bitcast=True), (BLOCK_M * BLOCK_N // 2, 2))
+        lo, hi = tl.split(halves)
+        words = (lo.to(tl.int32) & 0xFFFF) | (hi.to(tl.int32) << 16)
+        even, odd = tl.split(tl.reshape(words, (VECS, 2, 2)))
+        w0, w2 = tl.split(even)
+        w1, w3 = tl.split(odd)
+        first = tl.reshape(index, (VECS, 8))
+        first = tl.min(first, axis=1)  # the vector's first element (its lanes are contiguous)
+        vec_ok = tl.max(tl.reshape(ok.to(tl.int32), (VECS, 8)), axis=1)
+        address = multicast_ptr + (slot_offset + first.to(tl.int64)) * 2
+        _multimem_store_v4(address, w0, w1, w2, w3, vec_ok)
+    # Exit (release/acquire, system scope): the multicast stores are visible everywhere first.
+    barrier(peer_pads, own_pad, RANK, pid, status, timeout_ns, EXIT_TIMEOUT, W, True)
+    _copy_out_peers(out_ptr, own, tokens, pid, nblocks, RANK, W, BAND_OFFSETS, BLOCK_M, BLOCK_N)
+
+
+# ---------------------------------------------------------------------------
+# Launch configuration: a pure function of (T, K, widths), the same on every rank.
+
+
+def _next_pow2(n):
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def launch_config(tokens, k, widths, elem_size=2):
+    """Tile sizes, warps and stages for T tokens, reduction K and the ranks' widths.
+
+    - BLOCK_M: T rounded up to a power of two, 16..64 (``tl.dot`` needs 16;
+      beyond 64 rows several M tiles share the weight through L2).
+    - BLOCK_N: from min(T, 128) upward (x is re-read from L2 once per N tile:
+      ``T / BLOCK_N`` times the weight traffic), halved while the widest band
+      has fewer than TARGET_TILES tiles (every SM should stream weight).
+    - BLOCK_K: about 32 KiB of operands per pipeline stage, 64..512.
+
+    Returns a dict; ``tiles`` is the widest band's tile count (the grid before the cap).
+    """
+    block_m = min(max(16, _next_pow2(tokens)), 64)
+    m_tiles = -(-max(int(tokens), 1) // block_m)
+    widest = max(widths)
+    block_n = 128 if tokens > 64 else min(128, max(32, _next_pow2(tokens)))
+    while block_n > 16 and m_tiles * -(-widest // block_n) < TARGET_TILES:
+        block_n //= 2
+    stage_bytes = 32 << 10
+    block_k = max(64, min(512, _next_pow2(stage_bytes // ((block_m + block_n) * elem_size)) // 2 * 2))
+    while block_k > 64 and (block_m + block_n) * block_k * elem_size > stage_bytes:
+        block_k //= 2
+    block_k = min(block_k, max(64, _next_pow2(k)))
+    num_warps = 8 if block_m * block_n >= 64 * 128 else 4
+    return {
+        "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
+        "num_warps": num_warps, "num_stages": 4 if block_m + block_n <= 64 else 3,
+        "tiles": m_tiles * -(-widest // block_n),
+    }
+
+
+# ---------------------------------------------------------------------------
+# Compilation (shared by the host launcher and the AOT tests).
+
+#: torch dtype name -> Triton pointer type of the operands and the result
+FLOAT_PTR = {"bfloat16": "*bf16", "float16": "*fp16"}
+_ALIGNED = ("x_ptr", "w_ptr", "out_ptr", "slot_offset")
+
+
+def _source(fn, ptr_type, constexprs):
+    from triton.compiler import ASTSource
+
+    types = {"x_ptr": ptr_type, "w_ptr": ptr_type, "bias_ptr": ptr_type, "out_ptr": ptr_type, **_RUNTIME_ARGS}
+    signature = {n: ("constexpr" if n in constexprs else types[n]) for n in fn.arg_names}
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in _ALIGNED}
+    return ASTSource(fn, signature, constexprs, attrs)
+
+
+def linear_source(dtype_name, rank, band_offsets, k, config, has_bias, skip_entry_sync, multimem=False,
+                  exit_sync=True):
+    """The ``ASTSource`` of one fused variant; ``config`` from ``launch_config``."""
+    constexprs = _barrier_constexprs(rank, band_offsets)
+    constexprs.update(K=int(k), HAS_BIAS=bool(has_bias), BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
+                      BLOCK_K=config["BLOCK_K"], SKIP_ENTRY_SYNC=bool(skip_entry_sync))
+    if multimem:
+        return _source(multimem_linear_push_kernel, FLOAT_PTR[dtype_name], constexprs)
+    constexprs["EXIT_SYNC"] = bool(exit_sync)
+    return _source(p2p_linear_push_kernel, FLOAT_PTR[dtype_name], constexprs)
+
+
+def compile_linear(source, config, target=None):
+    return triton.compile(source, target=target,
+                          options={"num_warps": config["num_warps"], "num_stages": config["num_stages"]})
