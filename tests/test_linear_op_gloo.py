@@ -1,0 +1,210 @@
+"""``tpfuse::linear_all_gather_hidden`` on real gloo ranks: the reference composite, errors, autograd, opcheck.
+
+The CPU path is the reference the fused CUDA kernel is held to
+(tests/gpu/test_linear_push.py).  Here it must equal, bit for bit, each rank
+computing every rank's ``linear`` locally and concatenating (the same
+``F.linear`` on the same bytes gives the same bits), for even and uneven
+widths, with and without bias, and leading dims of any size.
+"""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from multiproc import run_ranks
+
+import tpfuse  # noqa: F401  (registers the ops)
+from tpfuse.compile_ops.linear_all_gather_hidden import linear_all_gather_hidden
+
+
+def _random(shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g).to(dtype)
+
+
+def _cases(world_size):
+    even = [16] * world_size
+    uneven = [8 * (r + 1) + 3 * (r % 2) for r in range(world_size)]
+    return [
+        ("2d-bf16-bias", (7,), 32, even, torch.bfloat16, True),
+        ("3d-fp16-nobias-uneven", (2, 3), 24, uneven, torch.float16, False),
+        ("T=1-fp32-bias", (1,), 40, uneven, torch.float32, True),
+        ("4d-bf16", (2, 1, 3), 16, even, torch.bfloat16, False),
+        ("T=0", (0,), 16, even, torch.float32, True),
+    ]
+
+
+def _check_reference(rank, world_size):
+    done = []
+    for i, (name, lead, k, widths, dtype, has_bias) in enumerate(_cases(world_size)):
+        x = _random((*lead, k), dtype, seed=1000 * i)  # the same x on every rank
+        weights = [_random((w, k), dtype, seed=1000 * i + 1 + r) for r, w in enumerate(widths)]
+        biases = [_random((w,), dtype, seed=1000 * i + 50 + r) if has_bias else None for r, w in enumerate(widths)]
+        out = torch.ops.tpfuse.linear_all_gather_hidden(x, weights[rank], biases[rank], widths,
+                                                        dist.group.WORLD.group_name)
+        expected = torch.cat([F.linear(x, w, b) for w, b in zip(weights, biases)], dim=-1)
+        assert out.shape == expected.shape and out.dtype == dtype, (name, out.shape, expected.shape)
+        assert torch.equal(out.view(torch.uint8) if out.numel() else out, expected.view(torch.uint8)
+                           if expected.numel() else expected), name
+        done.append(name)
+    # The Python wrapper: default widths from the weight, group by object.
+    x = _random((3, 8), torch.float32, seed=5)
+    w = _random((4, 8), torch.float32, seed=6 + rank)
+    got = linear_all_gather_hidden(x, w, group=dist.group.WORLD)
+    expected = torch.cat([F.linear(x, _random((4, 8), torch.float32, seed=6 + r)) for r in range(world_size)], -1)
+    assert torch.equal(got, expected)
+    done.append("wrapper")
+    return done
+
+
+def _check_autograd(rank, world_size):
+    """Backward of the op == backward of linear then all_gather_hidden (the composite), exactly."""
+    widths = [4 + 2 * r for r in range(world_size)]
+    k = 6
+
+    def leaves():
+        x = torch.randint(-4, 4, (2, 3, k)).float()
+        w = torch.randint(-4, 4, (widths[rank], k), generator=torch.Generator().manual_seed(rank)).float()
+        b = torch.randint(-4, 4, (widths[rank],), generator=torch.Generator().manual_seed(9 + rank)).float()
+        return [t.requires_grad_() for t in (x, w, b)]
+
+    torch.manual_seed(0)
+    x1, w1, b1 = leaves()
+    torch.manual_seed(0)
+    x2, w2, b2 = leaves()
+    upstream = torch.randint(-4, 4, (2, 3, sum(widths)), generator=torch.Generator().manual_seed(100 + rank)).float()
+    name = dist.group.WORLD.group_name
+    torch.ops.tpfuse.linear_all_gather_hidden(x1, w1, b1, widths, name).backward(upstream)
+    torch.ops.tpfuse.all_gather_hidden(F.linear(x2, w2, b2), widths, name).backward(upstream)
+    return all(torch.equal(a.grad, b.grad) for a, b in ((x1, x2), (w1, w2), (b1, b2)))
+
+
+def _check_opcheck(rank, world_size):
+    widths = [8 + r for r in range(world_size)]
+    x = _random((3, 5), torch.float32, seed=1).requires_grad_()
+    w = _random((widths[rank], 5), torch.float32, seed=2 + rank).requires_grad_()
+    b = _random((widths[rank],), torch.float32, seed=3 + rank)
+    op = torch.ops.tpfuse.linear_all_gather_hidden.default
+    torch.library.opcheck(op, (x, w, b, widths, dist.group.WORLD.group_name))
+    torch.library.opcheck(op, (x.detach(), w.detach(), None, widths, dist.group.WORLD.group_name))
+    return True
+
+
+def _check_compile(rank, world_size):
+    """The op under torch.compile (fullgraph, dynamic T): no graph break, the eager bytes."""
+    torch._dynamo.reset()
+    w = _random((8, 16), torch.float32, seed=rank)
+    name = dist.group.WORLD.group_name
+
+    def fn(x):
+        return torch.relu(torch.ops.tpfuse.linear_all_gather_hidden(x, w, None, [8] * world_size, name)) * 2
+
+    compiled = torch.compile(fn, fullgraph=True, backend="inductor")
+    for tokens in (3, 5):
+        x = _random((tokens, 16), torch.float32, seed=tokens)
+        torch._dynamo.mark_dynamic(x, 0)
+        if not torch.equal(compiled(x), fn(x)):
+            return False
+    return True
+
+
+def _capture(fn):
+    try:
+        fn()
+    except Exception as err:  # noqa: BLE001 - we return what was raised
+        return type(err).__name__, str(err)
+    return None
+
+
+def _error_cases(rank, world_size):
+    op = torch.ops.tpfuse.linear_all_gather_hidden
+    name = dist.group.WORLD.group_name
+    x = torch.randn(3, 8)
+    w = torch.randn(4, 8)
+    return {
+        "weight_shape": _capture(lambda: op(x, torch.randn(4, 7), None, [4, 4], name)),
+        "wrong_width": _capture(lambda: op(x, torch.randn(5, 8), None, [4, 4], name)),
+        "bias_shape": _capture(lambda: op(x, w, torch.randn(3), [4, 4], name)),
+        "mixed_dtype": _capture(lambda: op(x, w.double(), None, [4, 4], name)),
+        "int_dtype": _capture(lambda: op(x.int(), w.int(), None, [4, 4], name)),
+        "wrong_count": _capture(lambda: op(x, w, None, [4, 4, 4], name)),
+        "slot": _capture(lambda: op(x, w, None, [4, 4], name, slot=3)),
+    }
+
+
+ERRORS = {
+    "weight_shape": ("ValueError", r"weight.shape=\[4, 7\] on rank \d; expected \[hidden_widths\[\d\]=4, x.shape\[-1\]=8\]"),
+    "wrong_width": ("ValueError", r"weight.shape=\[5, 8\] on rank \d; expected \[hidden_widths\[\d\]=4"),
+    "bias_shape": ("ValueError", r"bias.shape=\[3\] on rank \d; expected \[4\] or None"),
+    "mixed_dtype": ("TypeError", r"x, weight and bias must share one dtype"),
+    "int_dtype": ("TypeError", r"needs a floating dtype, got torch.int32"),
+    "wrong_count": ("ValueError", r"len\(hidden_widths\)=3 but group '0' has 2 ranks"),
+    "slot": ("ValueError", r"slot=3 is not one of \(-1, 0, 1\)"),
+}
+
+
+def _w2_all(rank, world_size):
+    return {
+        "reference": _check_reference(rank, world_size),
+        "autograd": _check_autograd(rank, world_size),
+        "opcheck": _check_opcheck(rank, world_size),
+        "compile": _check_compile(rank, world_size),
+        "errors": _error_cases(rank, world_size),
+    }
+
+
+@pytest.fixture(scope="module")
+def w2():
+    return run_ranks(2, _w2_all)
+
+
+def test_reference_equals_local_linear_then_cat(w2):
+    names = [c[0] for c in _cases(2)] + ["wrapper"]
+    assert [r["reference"] for r in w2] == [names, names]
+
+
+def test_autograd_is_the_composites(w2):
+    assert all(r["autograd"] for r in w2)
+
+
+def test_opcheck(w2):
+    assert all(r["opcheck"] for r in w2)
+
+
+def test_compile_fullgraph_dynamic(w2):
+    assert all(r["compile"] for r in w2)
+
+
+@pytest.mark.parametrize("case", sorted(ERRORS))
+def test_error_message(w2, case):
+    import re
+
+    kind, pattern = ERRORS[case]
+    for r in w2:
+        got = r["errors"][case]
+        assert got is not None, f"{case}: no error raised"
+        assert got[0] == kind and re.search(pattern, got[1]), got
+
+
+def test_fake_kernel_shapes_without_process_group():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    with FakeTensorMode(shape_env=ShapeEnv()) as mode:
+        dynamic = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC, DimDynamic.STATIC, DimDynamic.STATIC])
+        x = mode.from_tensor(torch.empty(5, 3, 64, dtype=torch.bfloat16), symbolic_context=dynamic)
+        w = mode.from_tensor(torch.empty(32, 64, dtype=torch.bfloat16))
+        y = torch.ops.tpfuse.linear_all_gather_hidden(x, w, None, [32, 48], "never-registered")
+        assert y.shape[-1] == 80 and y.shape[:-1] == x.shape[:-1] and y.dtype == torch.bfloat16
+
+
+def test_cost_rule_is_a_pure_function_and_off_for_unsupported_shapes():
+    from tpfuse.compile_ops import linear_cost
+
+    a = linear_cost.decide(1, 4096, [3584] * 4, "bfloat16")
+    assert a == linear_cost.decide(1, 4096, [3584] * 4, "bfloat16")
+    assert a.rule in ("predicted_faster", "predicted_slower") and "predicted" in a.reason
+    assert linear_cost.decide(1, 4096, [3584] * 4, "float32").rule == "unsupported"
+    assert linear_cost.decide(1, 4100, [3584] * 4, "bfloat16").rule == "unsupported"
+    assert linear_cost.decide(1, 4096, [3584], "bfloat16").rule == "unsupported"
+    assert linear_cost.decide(4096, 4096, [3584] * 4, "bfloat16").rule == "unsupported"

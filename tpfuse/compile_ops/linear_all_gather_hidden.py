@@ -1,0 +1,197 @@
+"""``tpfuse::linear_all_gather_hidden``: a column linear followed by the hidden-axis all-gather, as one op.
+
+Schema (see docs/op.md, "linear_all_gather_hidden")::
+
+    tpfuse::linear_all_gather_hidden(Tensor x, Tensor weight, Tensor? bias, int[] hidden_widths,
+                                     str group_name, int slot=-1, bool skip_entry_sync=False) -> Tensor
+
+Every rank passes the same ``x [..., K]`` and its own column band of the
+weight, ``weight [w_rank, K]`` (``nn.Linear`` layout) and ``bias [w_rank]``.
+The result is ``cat_r(linear(x, W_r, b_r), dim=-1)``, ``[..., sum(hidden_widths)]``,
+owned by the caller -- exactly ``all_gather_hidden(linear(x, weight, bias), ...)``.
+
+Backends:
+- CPU: the reference composite, ``linear`` then the gloo gather.
+- CUDA: when ``dispatch.choose_backend`` picks a push backend (rank-consistent)
+  and the cost rule (``linear_cost.decide``, a function of T, K, the widths
+  and the dtype) picks the fused kernel, one Triton kernel per rank computes
+  the linear and pushes each output tile into every peer; otherwise cuBLAS
+  ``linear`` then ``all_gather_hidden`` with the same permissions.
+  ``TPFUSE_LINEAR_PUSH=auto|fused|unfused`` (identical on every rank) forces
+  the choice for benchmarks and tests.
+
+``slot`` and ``skip_entry_sync`` are the gather's permissions, with the same
+meaning (only a pass that proved them sets them).
+
+Autograd: when a gradient is needed the op runs as its composite (``linear``,
+then ``all_gather_hidden``), so the backward is ``reduce_scatter_hidden`` then
+``linear``'s backward; the fused kernel serves calls that need no graph.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import linear_cost
+from .all_gather_hidden import _check_widths
+from .dispatch import Backend, check_device_matches_group, check_dtype, choose_backend
+from .groups import Group, group_name_of, resolve_group
+
+_SLOTS = (-1, 0, 1)
+_MODES = ("auto", "fused", "unfused")
+
+
+def linear_push_mode() -> str:
+    """``TPFUSE_LINEAR_PUSH``: ``auto`` (the cost rule), ``fused`` or ``unfused``; same on every rank."""
+    return _parse_mode(os.environ.get("TPFUSE_LINEAR_PUSH", "auto"))
+
+
+@functools.lru_cache(maxsize=None)
+def _parse_mode(raw: str) -> str:
+    mode = raw.strip().lower()
+    if mode not in _MODES:
+        raise ValueError(f"tpfuse: TPFUSE_LINEAR_PUSH={mode!r} is not one of {', '.join(_MODES)}")
+    return mode
+
+
+@functools.lru_cache(maxsize=4096)
+def fused_decision(tokens: int, k: int, widths: tuple, dtype: torch.dtype) -> linear_cost.LinearFusionDecision:
+    """The cost rule for one call shape (cached: the eager hot path)."""
+    return linear_cost.decide(tokens, k, widths, str(dtype).removeprefix("torch."), dtype.itemsize)
+
+
+_validated: set = set()
+
+
+def _check_linear_args(x: Tensor, weight: Tensor, bias: Tensor | None, hidden_widths: Sequence[int],
+                       group: Group, slot: int) -> None:
+    """Every check of the eager path, in one place, with what would be accepted."""
+    key = (group, tuple(hidden_widths), tuple(x.shape[-1:]), tuple(weight.shape),
+           None if bias is None else tuple(bias.shape), x.dtype, weight.dtype,
+           None if bias is None else bias.dtype, x.device.type, slot)
+    if key in _validated:
+        return
+    if x.dim() == 0:
+        raise ValueError("tpfuse: x is a scalar; it needs a last (input feature) dimension")
+    _check_widths(hidden_widths)
+    if len(hidden_widths) != group.world_size:
+        raise ValueError(
+            f"tpfuse: len(hidden_widths)={len(hidden_widths)} but group {group.name!r} has "
+            f"{group.world_size} ranks; give exactly one width per rank")
+    width = hidden_widths[group.rank]
+    if weight.dim() != 2 or weight.shape[0] != width or weight.shape[1] != x.shape[-1]:
+        raise ValueError(
+            f"tpfuse: weight.shape={list(weight.shape)} on rank {group.rank}; expected "
+            f"[hidden_widths[{group.rank}]={width}, x.shape[-1]={x.shape[-1]}] (nn.Linear layout: out, in)")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != width):
+        raise ValueError(f"tpfuse: bias.shape={list(bias.shape)} on rank {group.rank}; expected [{width}] or None")
+    dtypes = {x.dtype, weight.dtype} | ({bias.dtype} if bias is not None else set())
+    if len(dtypes) != 1:
+        raise TypeError(f"tpfuse: x, weight and bias must share one dtype, got {sorted(map(str, dtypes))}")
+    check_dtype(x.dtype)
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"tpfuse: linear_all_gather_hidden needs a floating dtype, got {x.dtype}")
+    devices = {x.device, weight.device} | ({bias.device} if bias is not None else set())
+    if len(devices) != 1:
+        raise ValueError(f"tpfuse: x, weight and bias must be on one device, got {sorted(map(str, devices))}")
+    check_device_matches_group(x.device.type, group)
+    if slot not in _SLOTS:
+        raise ValueError(f"tpfuse: slot={slot} is not one of {_SLOTS} (-1 lets the op choose)")
+    _validated.add(key)
+
+
+_lib = torch.library.Library("tpfuse", "FRAGMENT")
+_lib.define(
+    "linear_all_gather_hidden(Tensor x, Tensor weight, Tensor? bias, int[] hidden_widths, str group_name, "
+    "int slot=-1, bool skip_entry_sync=False) -> Tensor"
+)
+
+
+def _use_fused(backend: Backend, tokens: int, k: int, widths: list[int], dtype: torch.dtype) -> bool:
+    """Rank-consistent: the backend (agreed), T, K, the widths and the dtype."""
+    if backend not in (Backend.P2P, Backend.MULTIMEM):
+        return False
+    mode = linear_push_mode()
+    if mode == "unfused":
+        return False
+    decision = fused_decision(tokens, k, tuple(widths), dtype)
+    if mode == "fused":
+        if decision.rule == "unsupported":
+            raise RuntimeError(f"tpfuse: TPFUSE_LINEAR_PUSH=fused but the fused kernel cannot run: {decision.reason}")
+        return True
+    return decision.fuse
+
+
+def _linear_all_gather_hidden_impl(x, weight, bias, hidden_widths, group_name, slot=-1, skip_entry_sync=False):
+    group = resolve_group(group_name)
+    _check_linear_args(x, weight, bias, hidden_widths, group, slot)
+    if x.device.type == "cuda":
+        k = x.shape[-1]
+        tokens = x.numel() // k if k else 0
+        backend = choose_backend("cuda", x.dtype, tokens * sum(hidden_widths), group)
+        if tokens > 0 and _use_fused(backend, tokens, k, hidden_widths, x.dtype):
+            from . import linear_push  # the GPU data path; imported only when chosen
+
+            return linear_push.linear_gather_hidden(x, weight, bias, hidden_widths, group, backend, slot,
+                                                    skip_entry_sync)
+    # The reference composite (CPU), and CUDA when the fused kernel is not chosen.
+    y = F.linear(x, weight, bias)
+    return torch.ops.tpfuse.all_gather_hidden.default(y, hidden_widths, group_name, slot, skip_entry_sync)
+
+
+for _device in ("CPU", "CUDA"):
+    _lib.impl("linear_all_gather_hidden", _linear_all_gather_hidden_impl, _device)
+
+
+@torch.library.register_fake("tpfuse::linear_all_gather_hidden", lib=_lib)
+def _(x, weight, bias, hidden_widths, group_name, slot=-1, skip_entry_sync=False):
+    # Shape only: never touches a process group; symbolic leading dims are fine.
+    _check_widths(hidden_widths)
+    check_dtype(x.dtype)
+    torch._check(x.dim() >= 1, lambda: "tpfuse: x needs a last (input feature) dimension")
+    torch._check(weight.dim() == 2, lambda: f"tpfuse: weight must be 2-D, got {weight.dim()}-D")
+    torch._check(weight.shape[1] == x.shape[-1],
+                 lambda: f"tpfuse: weight.shape[1]={weight.shape[1]} != x.shape[-1]={x.shape[-1]}")
+    torch._check(x.dtype == weight.dtype, lambda: f"tpfuse: x is {x.dtype} but weight is {weight.dtype}")
+    return x.new_empty(*x.shape[:-1], sum(hidden_widths))
+
+
+def _linear_all_gather_hidden_autograd(x, weight, bias, hidden_widths, group_name, slot=-1,
+                                       skip_entry_sync=False):
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+    if needs_grad:
+        # The composite, under autograd: linear's backward after the gather's (reduce_scatter_hidden).
+        y = F.linear(x, weight, bias)
+        return torch.ops.tpfuse.all_gather_hidden.default(y, hidden_widths, group_name, slot, skip_entry_sync)
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.tpfuse.linear_all_gather_hidden.default(
+            x, weight, bias, hidden_widths, group_name, slot, skip_entry_sync)
+
+
+_lib.impl("linear_all_gather_hidden", _linear_all_gather_hidden_autograd, "Autograd")
+
+
+def linear_all_gather_hidden(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    group: "torch.distributed.ProcessGroup | str | None" = None,
+    hidden_widths: Sequence[int] | None = None,
+) -> Tensor:
+    """``cat_r(F.linear(x, W_r, b_r), dim=-1)``: this rank's column band of a linear, gathered.
+
+    ``weight`` is this rank's ``[w_rank, K]`` band; ``hidden_widths`` lists
+    every rank's ``w_r`` (by default all equal to ``weight.shape[0]``)."""
+    from .all_gather_hidden import _world_size
+
+    name = group_name_of(group)
+    if hidden_widths is None:
+        hidden_widths = [weight.shape[0]] * _world_size(name)
+    return torch.ops.tpfuse.linear_all_gather_hidden(x, weight, bias, list(hidden_widths), name)

@@ -1,0 +1,131 @@
+"""Host launcher of the fused column-linear + push kernel (kernels/linear_push.py).
+
+Shares the group's workspace with the gather (same symmetric slots, signal
+pads, status word and slot alternation), so a fused call and a gather on the
+same group follow one sequence of slots and barriers on every rank.  Like
+push.py it compiles each variant once and launches it through Triton's
+compiled launcher.
+
+**Unverified on a GPU** (written without GPU time): see docs/op.md.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from . import workspace as workspaces
+from .dispatch import Backend
+from .groups import Group
+from .push import _raw_stream, raise_if_failed
+
+OP = "tpfuse::linear_all_gather_hidden"
+
+
+@dataclass
+class LinearPlan:
+    run: object
+    function: object
+    packed_metadata: object
+    constexpr_values: tuple
+    config: dict
+    multimem: bool
+
+
+def grid_cap(ws) -> int:
+    """Blocks of the fused kernel: at most one per multiprocessor, so that every block is resident.
+
+    The workspace's agreed cap holds ``TPFUSE_PUSH_BLOCKS_PER_SM`` blocks per
+    SM (for the light gather kernel); a GEMM block with ~100 KB of shared
+    memory may not fit twice, and a block that waits for its peers must never
+    wait for a block that is not resident.  Agreed facts only: rank-invariant."""
+    per_sm = max(1, int(os.environ.get("TPFUSE_PUSH_BLOCKS_PER_SM", "2")))
+    return max(1, ws.facts.max_blocks // per_sm)
+
+
+def _build(ws, dtype, k, hidden_widths, tokens, has_bias, skip_entry_sync, multimem, exit_sync):
+    from ..kernels import linear_push
+
+    offsets = [0]
+    for w in hidden_widths:
+        offsets.append(offsets[-1] + w)
+    config = linear_push.launch_config(tokens, k, hidden_widths, dtype.itemsize)
+    source = linear_push.linear_source(str(dtype).removeprefix("torch."), ws.group.rank, tuple(offsets), k,
+                                       config, has_bias, skip_entry_sync, multimem=multimem, exit_sync=exit_sync)
+    with torch.cuda.device(ws.device):
+        kernel = linear_push.compile_linear(source, config)
+        run = kernel.run
+    names = source.fn.arg_names
+    constexprs = tuple(source.constants[(names.index(n),)] for n in names if source.signature[n] == "constexpr")
+    return LinearPlan(run, kernel.function, kernel.packed_metadata, constexprs, config, multimem)
+
+
+def _config_key(tokens):
+    """Launch configs depend on T only through BLOCK_M/BLOCK_N: bucket T so that a
+    dynamic T compiles a handful of variants, not one per value (same on every rank)."""
+    from ..kernels.linear_push import _next_pow2
+
+    return min(_next_pow2(max(tokens, 1)), 128) if tokens <= 128 else 256
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return t.clone() if t.data_ptr() % 16 else t
+
+
+def linear_gather_hidden(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    hidden_widths: list[int],
+    group: Group,
+    backend: Backend,
+    slot: int = -1,
+    skip_entry_sync: bool = False,
+    _exit_sync: bool = True,
+) -> torch.Tensor:
+    """``cat_r(linear(x, W_r, b_r))`` along the last axis, in one kernel per rank. Returns a fresh tensor."""
+    device_index = x.device.index
+    ws = workspaces.workspace(group, device_index)
+    if not ws.facts.push_ok:
+        raise RuntimeError(f"{OP}: the push path is unavailable on group {group.name!r}: {ws.facts.reason}")
+    raise_if_failed(ws, OP)
+    total = sum(hidden_widths)
+    lead = x.shape[:-1]
+    k = x.shape[-1]
+    tokens = x.numel() // k if k else 0
+    out = torch.empty(*lead, total, dtype=x.dtype, device=x.device)
+    if tokens == 0:  # identical on every rank: every rank skips
+        return out
+    multimem = backend == Backend.MULTIMEM
+    bucket = _config_key(tokens)
+    key = ("linear", x.dtype, k, tuple(hidden_widths), bucket, bias is not None, bool(skip_entry_sync), multimem,
+           _exit_sync)
+    plan = ws.plans.get(key)
+    if plan is None:
+        plan = ws.plans[key] = _build(ws, x.dtype, k, hidden_widths, bucket, bias is not None, skip_entry_sync,
+                                      multimem, _exit_sync)
+    workspaces.ensure_capacity(ws, tokens * total * x.element_size())
+    slot = workspaces.take_slot(ws, slot)
+    # The kernel reads 16-byte vectors of rows: strided or misaligned operands are copied first
+    # (a local fact; the grid and the config do not change).
+    x, weight = _aligned(x.reshape(tokens, k)), _aligned(weight)
+    bias_ptr = 0
+    if bias is not None:
+        bias = bias.contiguous()
+        bias_ptr = bias.data_ptr()
+    # Grid: the widest band's tiles (a pure function of T, K, the widths), capped by agreed facts.
+    block_m, block_n = plan.config["BLOCK_M"], plan.config["BLOCK_N"]
+    tiles = -(-tokens // block_m) * -(-max(hidden_widths) // block_n)
+    nblocks = max(1, min(grid_cap(ws), tiles))
+    slot_offset = slot * (ws.slot_bytes // x.element_size())
+    args = (x.data_ptr(), weight.data_ptr(), bias_ptr, out.data_ptr(), slot_offset, ws.status_ptr, tokens,
+            ws.timeout_ns)
+    if multimem:
+        args += (ws.multicast_ptr,)
+    plan.run(nblocks, 1, 1, _raw_stream(device_index), plan.function, plan.packed_metadata, None, None, None,
+             *args, *ws.pointer_args, *plan.constexpr_values)
+    return out
