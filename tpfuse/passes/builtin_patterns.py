@@ -337,8 +337,8 @@ def _value(candidate: Candidate, dtype: torch.dtype, node: Node, site: GatherSit
     shape, dtype and (contiguous) layout."""
     out = facts.val(candidate.output)
     want = (*site.local_shape[:-1], site.world_size * facts.product([site.hidden_width]))
-    if (isinstance(out, torch.Tensor) and out.dtype == dtype and out.is_contiguous()
-            and facts.same_shape(tuple(out.shape), want)):
+    if (isinstance(out, torch.Tensor) and out.dtype == dtype
+            and facts.same_shape(tuple(out.shape), want) and facts.is_contiguous(out)):
         return out
     return _fake_run(node.target, facts.val(node.args[0]), *node.args[1:], **node.kwargs)
 

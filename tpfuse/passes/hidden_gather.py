@@ -99,7 +99,7 @@ def find_producer(local: Node) -> Producer:
                 "column_linear", node.name, "addmm" if is_addmm else "mm",
                 input=_name(lhs), weight=weight.name, bias=_name(bias), reshapes=tuple(reshapes),
             )
-    return Producer("other", node.name, facts.describe(node).split(" (")[-1].rstrip(")"))
+    return Producer("other", node.name, facts.target_name(node))
 
 
 def _transposed_input(node) -> Node | None:
@@ -231,7 +231,7 @@ def node_line(node: Node) -> str:
             return "[" + ", ".join(map(arg, a)) + "]"
         return repr(a)
 
-    target = facts.describe(node).split(" (", 1)[-1].rstrip(")") if node.op == "call_function" else node.op
+    target = facts.target_name(node) if node.op == "call_function" else node.op
     args = ", ".join([arg(a) for a in node.args] + [f"{k}={arg(v)}" for k, v in node.kwargs.items()])
     return f"{node.name} = {target}({args})"
 
