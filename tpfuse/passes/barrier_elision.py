@@ -150,10 +150,20 @@ VIEWS = _aten(
 
 
 def _is_gather(node: Node) -> bool:
-    return node.op == "call_function" and node.target is _tpfuse("all_gather_hidden")
+    """A tpfuse push op on a group's workspace: the gather, or the fused linear + gather
+    (linear_fusion.py), which uses the same slots and barriers and so is decided alike."""
+    return node.op == "call_function" and node.target in (
+        _tpfuse("all_gather_hidden"), _tpfuse("linear_all_gather_hidden"))
 
 
 def _arg(node: Node, index: int, name: str, default=None):
+    # By name through the op's schema where it has one (the fused op puts x, weight and
+    # bias before hidden_widths and group_name); ``index`` for all_gather_hidden's layout.
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None:
+        names = [a.name for a in schema.arguments]
+        if name in names:
+            index = names.index(name)
     if len(node.args) > index:
         return node.args[index]
     return node.kwargs.get(name, default)
@@ -486,13 +496,16 @@ def apply_barrier_decisions(graph: Graph, decisions: list[BarrierDecision]) -> N
     by_name = {n.name: n for n in graph.nodes}
     for d in decisions:
         node = by_name[d.gather]
-        x, widths, group = node.args[:3] if len(node.args) >= 3 else (
-            _arg(node, 0, "x"), _arg(node, 1, "hidden_widths"), _arg(node, 2, "group_name"))
-        node.args = (x, widths, group)
+        names = [a.name for a in node.target._schema.arguments]
+        leading = names[: names.index("slot")]  # the tensors, hidden_widths and group_name
+        node.args = tuple(_arg(node, i, n) for i, n in enumerate(leading))
         if d.slot < 0 and not d.skip_entry_sync and not d.zero_copy:
             node.kwargs = {}  # the defaults: the op picks the slot, both barriers, a copy
         else:
-            node.kwargs = {"slot": d.slot, "skip_entry_sync": d.skip_entry_sync, "zero_copy": d.zero_copy}
+            kwargs = {"slot": d.slot, "skip_entry_sync": d.skip_entry_sync}
+            if "zero_copy" in names:
+                kwargs["zero_copy"] = d.zero_copy
+            node.kwargs = kwargs
 
 
 def attach_to_matches(graph: Graph, matches: list, decisions: list[BarrierDecision]) -> list:

@@ -28,6 +28,8 @@ from torch.fx import Graph
 from . import patterns as pattern_registry
 from .barrier_elision import apply_barrier_decisions, attach_to_matches, decide_barriers
 from .hidden_gather import find_hidden_gathers, rewrite_hidden_gathers
+from .linear_fusion import cache_key as linear_fusion_cache_key
+from .linear_fusion import fuse_linear_gathers
 from .records import GraphReport, Report
 
 log = logging.getLogger("tpfuse.passes")
@@ -49,6 +51,9 @@ class PassConfig:
     dump_dir: write before/after graph code here (default ``$TPFUSE_DUMP_DIR``).
     elide_barriers: assign ping-pong slots and skip entry barriers where proven
         (barrier_elision.py); False leaves every gather with both barriers.
+    fuse_linear: rewrite a column linear + gather into ``tpfuse::linear_all_gather_hidden``
+        where the cost rule predicts a gain (linear_fusion.py).  Off by default: the
+        rule's thresholds are predictions, not yet measurements.
     """
 
     dry_run: bool = False
@@ -56,6 +61,7 @@ class PassConfig:
     only_after_linear: bool = False
     dump_dir: str | None = None
     elide_barriers: bool = True
+    fuse_linear: bool = False
 
     def cache_key(self) -> str:
         # dump_dir only decides where text goes, never what the graph becomes.
@@ -178,9 +184,12 @@ def run_passes(graph: Graph, config: PassConfig) -> GraphReport:
         # No graph.lint() here: Inductor lints after its post-grad passes, and the
         # tests lint after every rewrite; at ~3 ms per 1000 nodes it is our largest cost.
         matches = rewrite_hidden_gathers(graph, found.matches)
+    if config.fuse_linear and matches:
+        # Before barrier elision, which then treats the fused op like any tpfuse gather.
+        matches = fuse_linear_gathers(graph, matches, found.near_misses, config.dry_run)
     barriers = []
-    op = torch.ops.tpfuse.all_gather_hidden.default
-    if not config.dry_run and any(n.target is op for n in graph.nodes):  # most graphs have none
+    ops = (torch.ops.tpfuse.all_gather_hidden.default, torch.ops.tpfuse.linear_all_gather_hidden.default)
+    if not config.dry_run and any(n.target in ops for n in graph.nodes):  # most graphs have none
         # After the rewrite: decide slot / entry barrier / zero-copy of every tpfuse gather.
         barriers = decide_barriers(graph, elide=config.elide_barriers)
         apply_barrier_decisions(graph, barriers)
@@ -244,6 +253,7 @@ class TpfusePass(CustomGraphPass):
             _op_schema(),
             self.config.cache_key(),
             pattern_registry.REGISTRY.cache_key(),
+            linear_fusion_cache_key() if self.config.fuse_linear else "",
             rank_part,
             *previous,
         ):

@@ -62,6 +62,8 @@ class GatherMatch:
     tpfuse_gather: str | None = None  # the tpfuse::all_gather_hidden node inside the replacement
     zero_copy: bool = False
     zero_copy_reason: str = "copy kept: no zero-copy proof attempted"
+    # The fused linear+gather decision (linear_fusion.py) and the rule that fired; None when not asked.
+    linear_fusion: str | None = None
     before: tuple[str, ...] = field(default=(), repr=False, compare=False)
     after: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
@@ -149,6 +151,10 @@ class Report:
                         for m in g.matches
                     ],
                 ))
+            fusions = [m for m in g.matches if m.linear_fusion is not None]
+            if fusions:
+                lines.append(_table(("output", "producer", "fused linear"),
+                                    [(m.output, str(m.producer), m.linear_fusion) for m in fusions]))
             matched = {m.tpfuse_gather for m in g.matches}
             direct = [d for d in g.barriers if d.gather not in matched]
             if direct:

@@ -1,0 +1,177 @@
+"""Graph tests of the fused linear + gather rewrite (``tpfuse.enable(fuse_linear=True)``).
+
+Post-grad graphs on the CPU with a ``backend="fake"`` group, before and after,
+as inline expected text (``EXPECTTEST_ACCEPT=1`` rewrites them).  The cost
+rule's thresholds are predictions (compile_ops/linear_cost.py); these tests
+pin which rule fires for a shape, not that the rule is right.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+from expecttest import TestCase
+
+from pass_helpers import capture, fake_world
+
+
+def linear_gather(x, w):
+    return funcol.all_gather_tensor(x @ w.t(), gather_dim=-1, group=dist.group.WORLD)
+
+
+def linear_gather_t1(x, w):
+    # dim written positively: funcol mis-shapes the T=1 view form for -1 (see bench_e2e_decode)
+    return funcol.all_gather_tensor(x @ w.t(), gather_dim=1, group=dist.group.WORLD)
+
+
+def linear_bias_gather_3d(x, w, b):
+    return funcol.all_gather_tensor(torch.nn.functional.linear(x, w, b), gather_dim=2, group=dist.group.WORLD)
+
+
+def linear_used_twice(x, w):
+    y = x @ w.t()
+    return funcol.all_gather_tensor(y, gather_dim=-1, group=dist.group.WORLD), y.sum()
+
+
+def two_layers(x, w1, w2):
+    h = linear_gather(x, w1)  # [T, W*8]
+    return linear_gather(torch.relu(h[:, : w2.shape[1]]), w2)
+
+
+def _decisions(rep):
+    return "\n".join(m.linear_fusion or "None" for m in rep.matches)
+
+
+def _near(rep):
+    return "\n".join(f"{n.pattern}: {n.reason}" for n in rep.near_misses)
+
+
+class TestLinearFusionW2(TestCase):
+    maxDiff = None
+
+    def setUp(self):
+        self._world = fake_world(2)
+        self._world.__enter__()
+
+    def tearDown(self):
+        self._world.__exit__(None, None, None)
+
+    def test_off_by_default(self):
+        x, w = torch.randn(4, 16, dtype=torch.bfloat16), torch.randn(8, 16, dtype=torch.bfloat16)
+        text, rep = capture(linear_gather, x, w)
+        self.assertIsNone(rep.matches[0].linear_fusion)
+        self.assertIn("tpfuse.all_gather_hidden(mm, [8, 8], '0')", text)
+        self.assertNotIn("linear_all_gather_hidden", text)
+
+    def test_small_linear_is_fused(self):
+        x, w = torch.randn(4, 16, dtype=torch.bfloat16), torch.randn(8, 16, dtype=torch.bfloat16)
+        text, rep = capture(linear_gather, x, w, fuse_linear=True)
+        self.assertExpectedInline(text, """\
+inputs: arg0_1, arg1_1
+permute = permute(arg0_1, [1, 0])
+mm = mm(arg1_1, permute)
+all_gather_into_tensor = _c10d_functional.all_gather_into_tensor(mm, 2, '0')
+wait_tensor = _c10d_functional.wait_tensor(all_gather_into_tensor)
+split = split.Tensor(wait_tensor, 4)
+getitem = getitem(split, 0)
+getitem_1 = getitem(split, 1)
+cat = cat([getitem, getitem_1], -1)
+return [cat]
+---- after tpfuse ----
+inputs: arg0_1, arg1_1
+linear_all_gather_hidden_default = tpfuse.linear_all_gather_hidden(arg1_1, arg0_1, None, [8, 8], '0')
+return [linear_all_gather_hidden_default]""")
+        self.assertExpectedInline(_decisions(rep), """fused [predicted_faster]: T=4 K=16 N_r=8 W=2: predicted fused 2.5 us vs linear+gather 6.1 us (2.43x, threshold 1.10x; floors-v0 (predicted, unmeasured))""")
+        self.assertEqual(rep.near_misses, [])
+
+    def test_3d_with_bias_fused_and_reshaped(self):
+        x = torch.randn(2, 3, 16, dtype=torch.bfloat16)
+        w, b = torch.randn(8, 16, dtype=torch.bfloat16), torch.randn(8, dtype=torch.bfloat16)
+        text, rep = capture(linear_bias_gather_3d, x, w, b, fuse_linear=True)
+        self.assertExpectedInline(text.split("---- after tpfuse ----\n")[1], """\
+inputs: arg0_1, arg1_1, arg2_1
+view = reshape(arg0_1, [6, 16])
+linear_all_gather_hidden_default = tpfuse.linear_all_gather_hidden(view, arg1_1, arg2_1, [8, 8], '0')
+reshape_default = reshape(linear_all_gather_hidden_default, [2, 3, 16])
+return [reshape_default]""")
+        self.assertTrue(rep.matches[0].linear_fusion.startswith("fused [predicted_faster]"))
+
+    def test_float32_is_a_near_miss(self):
+        text, rep = capture(linear_gather, torch.randn(4, 16), torch.randn(8, 16), fuse_linear=True)
+        self.assertIn("tpfuse.all_gather_hidden(mm, [8, 8], '0')", text)
+        self.assertExpectedInline(_near(rep), """fused_linear: not fused [unsupported]: dtype float32 (the fused kernel takes bfloat16 / float16)""")
+
+    def test_linear_used_twice_is_a_near_miss(self):
+        x, w = torch.randn(4, 16, dtype=torch.bfloat16), torch.randn(8, 16, dtype=torch.bfloat16)
+        text, rep = capture(linear_used_twice, x, w, fuse_linear=True)
+        self.assertNotIn("linear_all_gather_hidden", text)
+        self.assertExpectedInline(_near(rep), """fused_linear: not fused [shape]: mm is also used by all_gather_hidden_default, sum_1; fusing would compute the linear twice""")
+
+    def test_large_weight_predicted_slower(self):
+        # The Llama-8B MLP projection at W=2 and T=1: the model predicts no gain (0.99x).
+        x, w = torch.randn(1, 4096, dtype=torch.bfloat16), torch.empty(7168, 4096, dtype=torch.bfloat16)
+        text, rep = capture(linear_gather_t1, x, w, fuse_linear=True)
+        self.assertNotIn("linear_all_gather_hidden", text)
+        self.assertExpectedInline(_decisions(rep), """not fused [predicted_slower]: T=1 K=4096 N_r=7168 W=2: predicted fused 25.9 us vs linear+gather 25.6 us (0.99x, threshold 1.10x; floors-v0 (predicted, unmeasured))""")
+
+    def test_dry_run_records_without_rewriting(self):
+        x, w = torch.randn(4, 16, dtype=torch.bfloat16), torch.randn(8, 16, dtype=torch.bfloat16)
+        text, rep = capture(linear_gather, x, w, fuse_linear=True, dry_run=True)
+        self.assertNotIn("linear_all_gather_hidden", text)
+        self.assertTrue(rep.matches[0].linear_fusion.startswith("fused [predicted_faster]"))
+
+    def test_second_fused_layer_skips_its_entry_barrier(self):
+        """The fused op joins barrier elision: the first layer's exit barrier fences the second."""
+        x = torch.randn(4, 16, dtype=torch.bfloat16)
+        w1, w2 = torch.randn(8, 16, dtype=torch.bfloat16), torch.randn(8, 16, dtype=torch.bfloat16)
+        text, rep = capture(two_layers, x, w1, w2, fuse_linear=True)
+        self.assertExpectedInline(text.split("---- after tpfuse ----\n")[1], """\
+inputs: arg0_1, arg1_1, arg2_1
+linear_all_gather_hidden_default = tpfuse.linear_all_gather_hidden(arg1_1, arg0_1, None, [8, 8], '0', slot=0, skip_entry_sync=False)
+relu = relu(linear_all_gather_hidden_default)
+linear_all_gather_hidden_default_1 = tpfuse.linear_all_gather_hidden(relu, arg2_1, None, [8, 8], '0', slot=1, skip_entry_sync=True)
+return [linear_all_gather_hidden_default_1]""")
+        self.assertExpectedInline("\n".join(str(d) for d in rep.barriers), """\
+linear_all_gather_hidden_default group '0' slot 0 (no unfenced gather on the group may run before it); entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still be reading the slot for a call before this graph; copy: readers proven done before the slot is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
+linear_all_gather_hidden_default_1 group '0' slot 1 (other slot than linear_all_gather_hidden_default); skipped: after (a) exit barrier of linear_all_gather_hidden_default; linear_all_gather_hidden_default may run just before it on slot 0; copy: the result (or a view of it) is a graph output""")
+
+    def test_report_names_the_rule(self):
+        from tpfuse.passes.records import Report
+
+        x, w = torch.randn(4, 16, dtype=torch.bfloat16), torch.randn(8, 16, dtype=torch.bfloat16)
+        _, rep = capture(linear_gather, x, w, fuse_linear=True)
+        self.assertIn("fused linear", str(Report([rep])))
+        self.assertIn("[predicted_faster]", str(Report([rep])))
+
+
+class TestLinearFusionW4(TestCase):
+    maxDiff = None
+
+    def setUp(self):
+        self._world = fake_world(4)
+        self._world.__enter__()
+
+    def tearDown(self):
+        self._world.__exit__(None, None, None)
+
+    def test_mlp_projection_w4_decode_fused(self):
+        # Llama-8B MLP-sized column projection at W=4, T=1: predicted 1.2x (docs/passes.md).
+        x, w = torch.randn(1, 4096, dtype=torch.bfloat16), torch.empty(3584, 4096, dtype=torch.bfloat16)
+        text, rep = capture(linear_gather_t1, x, w, fuse_linear=True)
+        self.assertIn("tpfuse.linear_all_gather_hidden(arg1_1, arg0_1, None, [3584, 3584, 3584, 3584], '0')", text)
+        self.assertExpectedInline(_decisions(rep), """fused [predicted_faster]: T=1 K=4096 N_r=3584 W=4: predicted fused 14.2 us vs linear+gather 17.1 us (1.21x, threshold 1.10x; floors-v0 (predicted, unmeasured))""")
+
+    def test_symbolic_tokens_decided_at_t1(self):
+        x, w = torch.randn(5, 16, dtype=torch.bfloat16), torch.randn(8, 16, dtype=torch.bfloat16)
+        torch._dynamo.mark_dynamic(x, 0)
+        text, rep = capture(linear_gather, x, w, fuse_linear=True)
+        self.assertIn("linear_all_gather_hidden", text)
+        self.assertIn("is symbolic: decided at T=1; the op applies the rule again to every call's T", _decisions(rep))
+        self.assertTrue(_decisions(rep).startswith("fused [predicted_faster]: T=1 K=16 N_r=8 W=4"))
+
+
+def test_fuse_linear_enters_the_cache_key():
+    from tpfuse.passes.manager import PassConfig, TpfusePass
+
+    assert TpfusePass(PassConfig()).uuid() != TpfusePass(PassConfig(fuse_linear=True)).uuid()

@@ -1,0 +1,183 @@
+"""The fused linear + gather rewrite: ``all_gather_hidden(mm/addmm(x, W.T))`` -> ``linear_all_gather_hidden``.
+
+A post-rewrite step: it runs after the gather patterns (so every graph form
+they recognise feeds it) and before barrier elision (which then decides the
+fused op's slot and entry barrier like any other tpfuse gather: the fused op
+uses the same workspace, slots and barriers).  Off unless
+``tpfuse.enable(fuse_linear=True)``.
+
+For every rewritten gather whose producer is a column linear
+(``records.Producer`` kind ``"column_linear"``), it checks:
+
+- the linear's output feeds only the gather (through the reshapes that the
+  producer record names): otherwise fusing would compute the linear twice;
+- the bias, if any, is a ``[w]`` vector (``addmm`` also broadcasts ``[T, w]``);
+- the reduction dim K is a static, positive int;
+- the cost rule ``compile_ops.linear_cost.decide(T, K, widths, dtype)``: a
+  function of what every rank knows identically.  With a symbolic T the rule
+  is evaluated at T=1 (decode) and the op applies it again to every call's T.
+
+Each decision (fused or not, and the rule that fired) is recorded in the
+match's ``linear_fusion`` field, and a failing check is also a near-miss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from dataclasses import replace
+
+import torch
+from torch.fx import Graph, Node
+
+from . import graph_facts as facts
+from .records import GatherMatch, NearMiss
+
+PATTERN = "fused_linear"
+
+
+def _fused_op():
+    return torch.ops.tpfuse.linear_all_gather_hidden.default
+
+
+def _gather_op():
+    return torch.ops.tpfuse.all_gather_hidden.default
+
+
+def cache_key() -> str:
+    """The cost rule and the kernel config live in compile_ops / kernels: their source
+    must be part of the pass's cache key (a changed threshold changes the graph)."""
+    from ..compile_ops import linear_cost
+    from ..kernels import linear_push
+
+    digest = hashlib.sha256(inspect.getsource(linear_cost).encode())
+    digest.update(inspect.getsource(linear_push.launch_config).encode())
+    return digest.hexdigest()
+
+
+def _tokens(shape) -> object:
+    return facts.product(list(shape[:-1]))
+
+
+def decide(match: GatherMatch, graph: Graph):
+    """(decision text, near-miss reason or None, fused?) for one rewritten match; changes nothing."""
+    from ..compile_ops import linear_cost
+
+    producer = match.producer
+    if producer.kind != "column_linear":
+        return None, None, False
+    nodes = {n.name: n for n in graph.nodes}
+    linear = nodes.get(producer.node)
+    lhs = nodes.get(producer.input)
+    weight = nodes.get(producer.weight)
+    if linear is None or lhs is None or weight is None:
+        return None, None, False
+    chain = [nodes[name] for name in producer.reshapes if name in nodes]
+    # The linear's value must reach only the gather (through the producer's reshapes).
+    for node in [linear, *reversed(chain)]:
+        if len(node.users) != 1:
+            users = ", ".join(sorted(u.name for u in node.users))
+            why = f"not fused [shape]: {node.name} is also used by {users}; fusing would compute the linear twice"
+            return why, why, False
+    k = facts.shape(lhs)[-1] if facts.shape(lhs) else None
+    if not isinstance(k, int) or k <= 0:
+        why = f"not fused [shape]: the reduction dim K={k} is not a static positive int"
+        return why, why, False
+    if producer.bias is not None:
+        bias_shape = facts.shape(nodes[producer.bias])
+        if bias_shape is None or len(bias_shape) != 1:
+            why = (f"not fused [shape]: the bias {producer.bias} has shape "
+                   f"{list(bias_shape) if bias_shape else '?'}, not [w]")
+            return why, why, False
+    tokens = _tokens(facts.shape(lhs))
+    note = ""
+    if not isinstance(tokens, int):
+        note = f" (T={tokens} is symbolic: decided at T=1; the op applies the rule again to every call's T)"
+        tokens = 1
+    widths = tuple(int(w) for w in match.hidden_widths)
+    decision = linear_cost.decide(tokens, k, widths, str(match.dtype).removeprefix("torch."),
+                                  match.dtype.itemsize)
+    text = str(decision) + note
+    return text, (None if decision.fuse else text), decision.fuse
+
+
+def fuse_linear_gathers(graph: Graph, matches: list[GatherMatch], near_misses: list[NearMiss],
+                        dry_run: bool = False) -> list[GatherMatch]:
+    """Decide (and unless ``dry_run``, apply) the fused rewrite for every match; returns the updated records."""
+    out = []
+    nodes = {n.name: n for n in graph.nodes}
+    for m in matches:
+        if m.replacement is None and not dry_run:
+            out.append(m)
+            continue
+        text, near_miss, fuse = decide(m, graph)
+        if text is None:
+            out.append(m)
+            continue
+        if near_miss is not None:
+            near_misses.append(NearMiss(PATTERN, near_miss, (m.gather, m.producer.node)))
+        if not fuse or dry_run:
+            out.append(replace(m, linear_fusion=text))
+            continue
+        gather = _gather_node(nodes.get(m.replacement))
+        if gather is None:  # a user pattern's replacement without a tpfuse gather: leave it
+            out.append(replace(m, linear_fusion="not fused [shape]: no tpfuse gather in the replacement"))
+            continue
+        new = _rewrite(graph, gather, m, nodes)
+        replacement = new.name if nodes.get(m.replacement) is gather else m.replacement
+        out.append(replace(m, linear_fusion=text, replacement=replacement,
+                           after=tuple(_line(n) for n in _added(new)) + m.after[1:]))
+        nodes = {n.name: n for n in graph.nodes}
+    return out
+
+
+def _gather_node(node):
+    """The tpfuse gather in a replacement: the node itself or up its first arguments."""
+    while isinstance(node, Node):
+        if node.op == "call_function" and node.target is _gather_op():
+            return node
+        node = node.args[0] if node.args else None
+    return None
+
+
+def _rewrite(graph: Graph, gather: Node, m: GatherMatch, nodes: dict) -> Node:
+    producer = m.producer
+    linear, lhs, weight = nodes[producer.node], nodes[producer.input], nodes[producer.weight]
+    bias = nodes[producer.bias] if producer.bias is not None else None
+    chain = [nodes[name] for name in producer.reshapes if name in nodes]
+    transposed = linear.args[2] if linear.target in facts.ADDMMS else linear.args[1]
+    want = facts.val(gather)
+    with graph.inserting_before(gather):
+        fused = graph.call_function(_fused_op(), (lhs, weight, bias, list(gather.args[1]), gather.args[2]))
+        fused.meta["val"] = _fake_value(fused, want)
+        new = fused
+        if not facts.same_shape(facts.shape(fused), tuple(want.shape)):
+            new = graph.call_function(torch.ops.aten.reshape.default, (fused, list(want.shape)))
+            new.meta["val"] = want
+    gather.replace_all_uses_with(new)
+    for node in (gather, *chain, linear, transposed):
+        if isinstance(node, Node) and not node.users:
+            graph.erase_node(node)
+    return new
+
+
+def _fake_value(node: Node, want):
+    """``[T, total]`` with the fused op's input's leading dims (the fake kernel's answer)."""
+    lhs = facts.val(node.args[0])
+    shape = (*lhs.shape[:-1], want.shape[-1])
+    if tuple(want.shape) == tuple(shape):
+        return want
+    return want.new_empty(shape)
+
+
+def _added(node: Node) -> list[Node]:
+    chain = [node]
+    while chain[0].target is not _fused_op() and chain[0].args and isinstance(chain[0].args[0], Node):
+        chain.insert(0, chain[0].args[0])
+    return chain
+
+
+def _line(node: Node) -> str:
+    from .hidden_gather import node_line
+
+    return node_line(node)
