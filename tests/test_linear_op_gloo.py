@@ -108,6 +108,29 @@ def _check_compile(rank, world_size):
     return True
 
 
+def _check_pass_end_to_end(rank, world_size):
+    """An unmodified bf16 column linear + funcol gather compiled with ``fuse_linear=True``:
+    the fused op is in the graph (report), and the output equals the uncompiled model's bits."""
+    import torch._inductor.config
+    import torch.distributed._functional_collectives as funcol
+
+    torch._dynamo.reset()
+    torch._inductor.config.fx_graph_cache = False
+    w = _random((8, 16), torch.bfloat16, seed=40 + rank)
+    b = _random((8,), torch.bfloat16, seed=60 + rank)
+
+    def model(x):
+        y = F.linear(x, w, b)
+        return funcol.all_gather_tensor(y, gather_dim=-1, group=dist.group.WORLD) * 2
+
+    x = _random((4, 16), torch.bfloat16, seed=3)
+    with torch.no_grad(), tpfuse.enabled(fuse_linear=True):
+        out = torch.compile(model, fullgraph=True, dynamic=False)(x)
+        rep = tpfuse.report()
+    fused = [m.linear_fusion for m in rep.matches]
+    return {"equal": bool(torch.equal(out, model(x))), "fused": fused}
+
+
 def _capture(fn):
     try:
         fn()
@@ -150,6 +173,7 @@ def _w2_all(rank, world_size):
         "opcheck": _check_opcheck(rank, world_size),
         "compile": _check_compile(rank, world_size),
         "errors": _error_cases(rank, world_size),
+        "pass": _check_pass_end_to_end(rank, world_size),
     }
 
 
@@ -173,6 +197,12 @@ def test_opcheck(w2):
 
 def test_compile_fullgraph_dynamic(w2):
     assert all(r["compile"] for r in w2)
+
+
+def test_pass_end_to_end_fused_and_bit_exact(w2):
+    for r in w2:
+        assert r["pass"]["equal"], r["pass"]
+        assert len(r["pass"]["fused"]) == 1 and r["pass"]["fused"][0].startswith("fused [predicted_faster]"), r
 
 
 @pytest.mark.parametrize("case", sorted(ERRORS))
