@@ -1,0 +1,285 @@
+"""The fused column-linear + P2P push kernel on real GPUs: accuracy, rank agreement, CUDA graphs, stress, controls.
+
+**Written without GPU time: never run yet.**  Run on the GPU machines with::
+
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=. \\
+        python -m pytest -q tests/gpu/test_linear_push.py
+
+Tolerance (stated, issue 6).  Inputs are scaled so that outputs are about
+N(0, 1): ``x ~ N(0, 1)``, ``W ~ N(0, 1) / sqrt(K)``, ``b ~ N(0, 1)``.  The
+reference is the fp32 linear of the same bf16/fp16 operands, rounded to the
+output dtype.  The kernel accumulates in fp32 in another order and rounds
+once, so it may differ by a rounding step of the output plus fp32
+reordering: ``|fused - ref| <= ATOL + RTOL * |ref|`` with bf16 ATOL = RTOL =
+2**-6 (two bf16 ulps at 1.0), fp16 ATOL = RTOL = 2**-9.  Beyond accuracy,
+every rank's result must be **bit-identical** to every other rank's (each
+band is computed once, by its owner, and moved as bytes), and a stressed or
+replayed call bit-identical to a quiet call (the kernel's reduction order is
+fixed).
+"""
+
+import os
+import random
+
+import pytest
+import torch
+
+from multiproc import run_ranks
+
+pytestmark = [pytest.mark.gpu, pytest.mark.multigpu]
+
+TOL = {torch.bfloat16: 2.0**-6, torch.float16: 2.0**-9}
+TOKENS = (1, 7, 32, 128, 300)
+
+
+def _needs(world_size):
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n < world_size:
+        pytest.skip(f"needs {world_size} GPUs, found {n}")
+
+
+def _group():
+    import torch.distributed as dist
+
+    from tpfuse.compile_ops.groups import resolve_group
+
+    return resolve_group(dist.group.WORLD.group_name)
+
+
+def _quiesce():
+    import torch.distributed as dist
+
+    torch.cuda.synchronize()
+    dist.barrier()
+    torch.cuda.synchronize()
+
+
+def _randn(seed, shape, dtype, scale=1.0):
+    # A CUDA generator gives the same stream on every GPU: every rank can build every rank's weights.
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return (torch.randn(shape, generator=g, device="cuda") * scale).to(dtype)
+
+
+def _problem(seed, T, K, widths, dtype, has_bias):
+    x = _randn(seed, (T, K), dtype)
+    weights = [_randn(seed * 16 + 1 + r, (w, K), dtype, K**-0.5) for r, w in enumerate(widths)]
+    biases = [_randn(seed * 16 + 9 + r, (w,), dtype) if has_bias else None for r, w in enumerate(widths)]
+    ref = torch.cat([x.float() @ w.float().t() + (b.float() if b is not None else 0) for w, b in zip(weights, biases)],
+                    -1).to(dtype)
+    return x, weights, biases, ref
+
+
+def _poison(ws, nbytes):
+    from tpfuse.compile_ops import workspace
+
+    workspace.ensure_capacity(ws, max(nbytes, 1))
+    _quiesce()
+    ws.buffer.fill_(0xFF)
+
+
+def _agree_across_ranks(out):
+    """Every rank's result, gathered: all must be bit-identical."""
+    import torch.distributed as dist
+
+    everyone = [torch.empty_like(out) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, out.contiguous())
+    return all(torch.equal(e.view(torch.int16), everyone[0].view(torch.int16)) for e in everyone)
+
+
+def _correctness(rank, W):
+    import torch.distributed as dist
+
+    from tpfuse.compile_ops import linear_push, workspace
+    from tpfuse.compile_ops.dispatch import Backend
+
+    group = _group()
+    ws = workspace.workspace(group, rank)
+    failures, cases, seed, worst = [], 0, 0, 0.0
+    for dtype in (torch.bfloat16, torch.float16):
+        for K in (256, 4096):
+            for kind, widths in (("even", [1024] * W), ("uneven", [1024 + 512 * r for r in range(W)])):
+                for T in TOKENS:
+                    for has_bias in (False, True):
+                        seed += 1
+                        x, weights, biases, ref = _problem(seed, T, K, widths, dtype, has_bias)
+                        for mode in ("both_barriers", "entry_elided_slot1"):
+                            _poison(ws, T * sum(widths) * dtype.itemsize)
+                            skip, slot = (False, -1) if mode == "both_barriers" else (True, 1)  # safe: quiesced
+                            out = linear_push.linear_gather_hidden(x, weights[rank], biases[rank], widths, group,
+                                                                   Backend.P2P, slot, skip)
+                            torch.cuda.synchronize()
+                            cases += 1
+                            err = ((out.float() - ref.float()).abs() - TOL[dtype] * ref.float().abs()).max().item()
+                            worst = max(worst, err)
+                            if out.shape != ref.shape or err > TOL[dtype] or not _agree_across_ranks(out):
+                                failures.append((str(dtype), K, kind, T, has_bias, mode, err))
+    # The op through dispatch: TPFUSE_LINEAR_PUSH=fused and unfused agree within the tolerance,
+    # and 3-D leading dims are flattened.
+    dtype, widths = torch.bfloat16, [1024] * W
+    x, weights, biases, ref = _problem(999, 8, 4096, widths, dtype, True)
+    x3 = x.view(2, 4, 4096)
+    outs = {}
+    for mode in ("fused", "unfused"):
+        os.environ["TPFUSE_LINEAR_PUSH"] = mode
+        from tpfuse.compile_ops.linear_all_gather_hidden import _parse_mode
+
+        _parse_mode.cache_clear()
+        outs[mode] = torch.ops.tpfuse.linear_all_gather_hidden(x3, weights[rank], biases[rank], widths,
+                                                               dist.group.WORLD.group_name)
+    os.environ.pop("TPFUSE_LINEAR_PUSH")
+    op_ok = all(o.shape == (2, 4, 1024 * W) for o in outs.values()) and all(
+        ((o.view(8, -1).float() - ref.float()).abs() <= TOL[dtype] * (1 + ref.float().abs())).all() for o in outs.values())
+    return {"failures": failures, "cases": cases, "worst_excess": worst, "op_ok": bool(op_ok),
+            "multicast_ptr": ws.multicast_ptr}
+
+
+@pytest.mark.parametrize("W", [2, 4])
+def test_correctness_within_bf16_gemm_tolerance_and_ranks_agree(W):
+    _needs(W)
+    results = run_ranks(W, _correctness, backend="nccl", timeout=900)
+    for rank, res in enumerate(results):
+        assert res["failures"] == [], f"rank {rank}: {res['failures'][:10]}"
+        assert res["cases"] == 2 * 2 * 2 * len(TOKENS) * 2 * 2
+        assert res["op_ok"]
+        assert res["multicast_ptr"] == 0  # multicast stays off on the shared hosts
+
+
+# ---------------------------------------------------------------------------
+def _cuda_graph(rank, W):
+    from tpfuse.compile_ops import linear_push
+    from tpfuse.compile_ops.dispatch import Backend
+
+    group = _group()
+    dtype, T, K = torch.bfloat16, 32, 2048
+    widths = [1024 + 256 * r for r in range(W)]
+    x_a, weights, biases, _ = _problem(1, T, K, widths, dtype, True)
+    x_b = _randn(2, (T, K), dtype)
+
+    def call(x, slot, skip):
+        return linear_push.linear_gather_hidden(x, weights[rank], biases[rank], widths, group, Backend.P2P, slot, skip)
+
+    def step():
+        # Slots 0, 1 with both barriers, then 0, 1 with the entry barrier elided (each slot's
+        # last reader finished before every peer passed the next call's exit barrier).
+        return call(x_a, 0, False), call(x_b, 1, False), call(x_a, 0, True), call(x_b, 1, True)
+
+    step()
+    _quiesce()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    bad = []
+    for i in range(100):
+        x_a.copy_(_randn(1000 + 2 * i, (T, K), dtype))
+        x_b.copy_(_randn(1001 + 2 * i, (T, K), dtype))
+        graph.replay()
+        torch.cuda.synchronize()
+        quiet = [call(x_a, -1, False), call(x_b, -1, False)]  # eager, both barriers
+        torch.cuda.synchronize()
+        for k, out in enumerate(outs):
+            if not torch.equal(out.view(torch.int16), quiet[k % 2].view(torch.int16)):
+                bad.append((i, k))
+    return bad
+
+
+@pytest.mark.parametrize("W", [2, 4])
+def test_cuda_graph_replays_bit_identical_to_eager(W):
+    _needs(W)
+    for rank, bad in enumerate(run_ranks(W, _cuda_graph, backend="nccl", timeout=300)):
+        assert bad == [], f"rank {rank}: replays/outputs wrong: {bad[:10]}"
+
+
+# ---------------------------------------------------------------------------
+RING = 16
+
+
+def _delayed_loop(rank, W, iters, T, K, widths, call, seed, max_delay_cycles=40000):
+    """``iters`` fused calls, each after a random spin on this rank; returns how many differ from quiet calls."""
+    from tpfuse.compile_ops import linear_push
+    from tpfuse.compile_ops.dispatch import Backend
+
+    group = _group()
+    dtype = torch.bfloat16
+    _, weights, biases, _ = _problem(seed, 1, K, widths, dtype, True)
+    xs = [_randn(seed * 1000 + j, (T, K), dtype) for j in range(RING)]
+    refs = []
+    for x in xs:  # quiet references: both barriers, then a full quiesce
+        refs.append(linear_push.linear_gather_hidden(x, weights[rank], biases[rank], widths, group, Backend.P2P))
+        _quiesce()
+    rng = random.Random(seed * 31 + rank)
+    bad = torch.zeros((), dtype=torch.int64, device="cuda")
+    outs = []
+    for i in range(iters):
+        torch.cuda._sleep(rng.randint(0, max_delay_cycles))
+        outs.append(call(xs[i % RING], weights[rank], biases[rank], i))
+        if len(outs) == RING or i == iters - 1:
+            for j, out in enumerate(outs):
+                bad += (out.view(torch.int16) != refs[(i - len(outs) + 1 + j) % RING].view(torch.int16)).any()
+            outs = []
+    torch.cuda.synchronize()
+    return int(bad)
+
+
+def _stress(rank, W, iters):
+    from tpfuse.compile_ops import linear_push
+    from tpfuse.compile_ops.dispatch import Backend
+
+    group = _group()
+    results = {}
+    # rank 0 owns a wide band: its peers copy it out for long while it may already run ahead.
+    for name, T, K, widths in (("wide_uneven", 128, 1024, [8192] + [256] * (W - 1)),
+                               ("decode_even", 1, 4096, [1024] * W)):
+        def fused(x, w, b, i, skip=False, slot=-1, widths=widths):
+            return linear_push.linear_gather_hidden(x, w, b, widths, group, Backend.P2P, slot, skip)
+
+        results[f"{name}/both_barriers"] = _delayed_loop(rank, W, iters, T, K, widths, fused, 11)
+        _quiesce()
+        results[f"{name}/entry_elided_ping_pong"] = _delayed_loop(
+            rank, W, iters, T, K, widths, lambda x, w, b, i: fused(x, w, b, i, True, i % 2), 12)
+        _quiesce()
+    return results
+
+
+def _negative_control(rank, W, iters):
+    """Forced-off barriers must corrupt results, so the stress test above can fail."""
+    from tpfuse.compile_ops import linear_push
+    from tpfuse.compile_ops.dispatch import Backend
+
+    group = _group()
+    wide = [8192] + [256] * (W - 1)
+    results = {}
+
+    def no_barriers(x, w, b, i):
+        # No entry, no exit: the copy-out reads our slot before (some) peers pushed into it.
+        return linear_push.linear_gather_hidden(x, w, b, wide, group, Backend.P2P, 0, True, _exit_sync=False)
+
+    results["no_exit_barrier"] = _delayed_loop(rank, W, iters, 128, 1024, wide, no_barriers, 21)
+    _quiesce()
+
+    def no_entry_one_slot(x, w, b, i):
+        return linear_push.linear_gather_hidden(x, w, b, wide, group, Backend.P2P, 0, True)
+
+    results["no_entry_one_slot"] = _delayed_loop(rank, W, iters, 128, 1024, wide, no_entry_one_slot, 22)
+    _quiesce()
+    return results
+
+
+@pytest.mark.parametrize("W", [2, 4])
+def test_stress_random_delays_bit_identical(W):
+    _needs(W)
+    iters = int(os.environ.get("TPFUSE_STRESS_ITERS", "4000"))
+    for rank, res in enumerate(run_ranks(W, _stress, iters, backend="nccl", timeout=900)):
+        bad = {k: v for k, v in res.items() if v}
+        assert not bad, f"rank {rank}: corrupted outputs {bad}"
+
+
+@pytest.mark.parametrize("W", [2, 4])
+def test_negative_control_detects_missing_barriers(W):
+    _needs(W)
+    results = run_ranks(W, _negative_control, 2000, backend="nccl", timeout=600)
+    total = {k: sum(r[k] for r in results) for k in results[0]}
+    print(f"fused negative control, W={W}, corrupted results per mode: {total}")
+    # Without the exit barrier the copy-out races the peers' pushes: corruption must show.
+    # Without the entry barrier on one slot the window is small (see test_push_gather.py):
+    # reported, not asserted.
+    assert total["no_exit_barrier"] > 0, total
