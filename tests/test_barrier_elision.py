@@ -145,10 +145,10 @@ return [agh_default_2]
 ----
 agh_default: slot 0 (no unfenced gather on the group may run before it), keep
     entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still be reading the slot for a call before this graph
-    zero-copy: readers proven done before the slot is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
+    zero-copy: readers proven done before the slot is rewritten, not applied (the backend always copies out; docs/barrier_elision.md §8)
 agh_default_1: slot 1 (other slot than agh_default), SKIP
     after (a) exit barrier of agh_default; agh_default may run just before it on slot 0
-    zero-copy: readers proven done before the slot is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
+    zero-copy: readers proven done before the slot is rewritten, not applied (the backend always copies out; docs/barrier_elision.md §8)
 agh_default_2: slot 0 (other slot than agh_default_1), SKIP
     after (a) exit barrier of agh_default_1; earlier slot-0 users fenced: agh_default by (a) exit barrier of agh_default_1; agh_default_1 may run just before it on slot 1
     zero-copy: the result (or a view of it) is a graph output""")
@@ -171,13 +171,13 @@ agh: slot 0 (no unfenced gather on the group may run before it), keep
     zero-copy: no fence orders reader mul before the barrier-free push of agh_2 into the slot
 agh_1: slot 1 (other slot than agh), SKIP
     after (a) exit barrier of agh; agh may run just before it on slot 0
-    zero-copy: readers proven done before the slot is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
+    zero-copy: readers proven done before the slot is rewritten, not applied (the backend always copies out; docs/barrier_elision.md §8)
 agh_2: slot 0 (other slot than agh_1), SKIP
     after (a) exit barrier of agh_1; earlier slot-0 users fenced: agh by (a) exit barrier of agh_1; agh_1 may run just before it on slot 1
-    zero-copy: readers proven done before the slot is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
+    zero-copy: readers proven done before the slot is rewritten, not applied (the backend always copies out; docs/barrier_elision.md §8)
 agh_3: slot 1 (other slot than agh_2), SKIP
     after (a) exit barrier of agh_2; earlier slot-1 users fenced: agh_1 by (a) exit barrier of agh_2; agh_2 may run just before it on slot 0
-    zero-copy: readers proven done before the slot is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)""")
+    zero-copy: readers proven done before the slot is rewritten, not applied (the backend always copies out; docs/barrier_elision.md §8)""")
 
     def test_result_escaping_as_graph_output_is_never_zero_copy(self):
         def escape(x, a, b):
@@ -265,7 +265,7 @@ return [agh_1]
 ----
 agh: slot 0 (no unfenced gather on the group may run before it), keep
     entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still be reading the slot for a call before this graph
-    zero-copy: readers proven done before the slot is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
+    zero-copy: readers proven done before the slot is rewritten, not applied (the backend always copies out; docs/barrier_elision.md §8)
 agh_1: slot 0 (no unfenced gather on the group may run before it), SKIP
     after (b) collective all_reduce on group '0'; earlier slot-0 users fenced: agh by (b) collective all_reduce on group '0'
     zero-copy: the result (or a view of it) is a graph output""")
@@ -284,7 +284,7 @@ return [agh_1]
 ----
 agh: slot 0 (no unfenced gather on the group may run before it), keep
     entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still be reading the slot for a call before this graph
-    zero-copy: readers proven done before the slot is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
+    zero-copy: readers proven done before the slot is rewritten, not applied (the backend always copies out; docs/barrier_elision.md §8)
 agh_1: slot 1 (other slot than agh), SKIP
     after (a) exit barrier of agh; agh may run just before it on slot 0
     zero-copy: the result (or a view of it) is a graph output""")
@@ -303,10 +303,10 @@ return [agh_2]
 ----
 agh: slot 0 (no unfenced gather on the group may run before it), keep
     entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still be reading the slot for a call before this graph
-    zero-copy: readers proven done before the slot is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
+    zero-copy: readers proven done before the slot is rewritten, not applied (the backend always copies out; docs/barrier_elision.md §8)
 agh_1: slot -1 (left to the op: no skipped barrier on the group relies on it), keep
     entry barrier kept: no fence on group '1' precedes it in the graph, so a peer may still be reading the slot for a call before this graph
-    zero-copy: readers proven done before the slot is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
+    zero-copy: readers proven done before the slot is rewritten, not applied (the backend always copies out; docs/barrier_elision.md §8)
 agh_2: slot 1 (other slot than agh), SKIP
     after (a) exit barrier of agh; agh may run just before it on slot 0
     zero-copy: the result (or a view of it) is a graph output""")
@@ -326,10 +326,10 @@ agh: slot 0 (no unfenced gather on the group may run before it), keep
     zero-copy: no fence orders reader sum_1 before the barrier-free push of agh_2 into the slot
 agh_1: slot 1 (other slot than agh), SKIP
     after (a) exit barrier of agh; agh may run just before it on slot 0
-    zero-copy: readers proven done before the slot is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
+    zero-copy: readers proven done before the slot is rewritten, not applied (the backend always copies out; docs/barrier_elision.md §8)
 agh_2: slot 0 (other slot than agh_1), SKIP
     after (a) exit barrier of agh_1; earlier slot-0 users fenced: agh by (a) exit barrier of agh_1; agh_1 may run just before it on slot 1
-    zero-copy: readers proven done before the slot is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)""")
+    zero-copy: readers proven done before the slot is rewritten, not applied (the backend always copies out; docs/barrier_elision.md §8)""")
 
     def test_a_gather_of_zero_tokens_is_no_fence(self):
         with fake_world(W):
@@ -341,7 +341,7 @@ return [agh_1]
 ----
 agh: slot -1 (left to the op: no skipped barrier on the group relies on it), keep
     entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still be reading the slot for a call before this graph
-    zero-copy: readers proven done before the slot is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
+    zero-copy: readers proven done before the slot is rewritten, not applied (the backend always copies out; docs/barrier_elision.md §8)
 agh_1: slot -1 (left to the op: no skipped barrier on the group relies on it), keep
     entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still be reading the slot for a call before this graph
     zero-copy: the result (or a view of it) is a graph output""")
@@ -386,7 +386,7 @@ return [agh_1]
 ----
 agh: slot 0 (no unfenced gather on the group may run before it), keep
     entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still be reading the slot for a call before this graph
-    zero-copy: readers proven done before the slot is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
+    zero-copy: readers proven done before the slot is rewritten, not applied (the backend always copies out; docs/barrier_elision.md §8)
 agh_1: slot 1 (other slot than agh), SKIP
     after (a) exit barrier of agh; agh may run just before it on slot 0
     zero-copy: the result (or a view of it) is a graph output""")
@@ -410,7 +410,7 @@ return [agh_1]
 ----
 agh: slot -1 (left to the op: no skipped barrier on the group relies on it), keep
     entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still be reading the slot for a call before this graph
-    zero-copy: readers proven done before the slot is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
+    zero-copy: readers proven done before the slot is rewritten, not applied (the backend always copies out; docs/barrier_elision.md §8)
 agh_1: slot -1 (left to the op: no skipped barrier on the group relies on it), keep
     entry barrier kept: no fence on group '0' precedes it in the graph (agh precedes it but may launch nothing: token count not provably > 0), so a peer may still be reading the slot for a call before this graph
     zero-copy: the result (or a view of it) is a graph output""")
@@ -430,7 +430,7 @@ return [agh_1]
 ----
 agh: slot 0 (no unfenced gather on the group may run before it), keep
     entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still be reading the slot for a call before this graph
-    zero-copy: readers proven done before the slot is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
+    zero-copy: readers proven done before the slot is rewritten, not applied (the backend always copies out; docs/barrier_elision.md §8)
 agh_1: slot 1 (other slot than agh), SKIP
     after (a) exit barrier of agh; agh may run just before it on slot 0
     zero-copy: the result (or a view of it) is a graph output""")
@@ -529,7 +529,7 @@ return [agh_1, relu, permute_1, permute_2]
 ----
 agh: slot 0 (no unfenced gather on the group may run before it), keep
     entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still be reading the slot for a call before this graph
-    zero-copy: readers proven done before the slot is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
+    zero-copy: readers proven done before the slot is rewritten, not applied (the backend always copies out; docs/barrier_elision.md §8)
 agh_1: slot 0 (no unfenced gather on the group may run before it), SKIP
     after (b) collective reduce_scatter_tensor on group '0'; earlier slot-0 users fenced: agh by (b) collective reduce_scatter_tensor on group '0'
     zero-copy: the result (or a view of it) is a graph output
@@ -541,7 +541,7 @@ return [None, mm_4, mm_2]
 ----
 agh_default: slot 0 (no unfenced gather on the group may run before it), SKIP
     after (b) collective reduce_scatter_hidden on group '0'
-    zero-copy: readers proven done before the slot is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)""")
+    zero-copy: readers proven done before the slot is rewritten, not applied (the backend always copies out; docs/barrier_elision.md §8)""")
 
 
 # --------------------------------------------------------------------------- fake CUDA graphs

@@ -1,12 +1,13 @@
 """The compiler half of ``python -m tpfuse demo``: an unmodified TP model, compiled with tpfuse.
 
 The model is plain tensor-parallel code, written the way people write it
-(no tpfuse in it): a column-parallel up-projection gathered with
-``funcol.all_gather_tensor``, then a column-parallel LM head gathered with
-the in-place ``dist.all_gather_into_tensor`` + view/permute rearrangement.
-Each rank compiles it with ``tpfuse.enabled()`` and Inductor; the demo prints
-the report, the before/after of each rewritten region, and checks that the
-compiled outputs equal the uncompiled model's, bit for bit.
+(no tpfuse in it): an MLP whose column-parallel up-projection is gathered with
+``funcol.all_gather_tensor``, then an ``nn.Linear`` LM head parallelised with
+DTensor's ``ColwiseParallel(output_layouts=Replicate())`` (a vocab-parallel
+head with replicated logits).  Each rank compiles it with ``tpfuse.enabled()``
+and Inductor; the demo prints the report, the before/after of each rewritten
+region, and checks that the compiled outputs equal the uncompiled model's,
+bit for bit.
 """
 
 from __future__ import annotations
@@ -19,26 +20,35 @@ import torch.nn as nn
 HIDDEN, SHARD, VOCAB_SHARD = 64, 32, 48
 
 
-class TinyTPModel(nn.Module):
-    def __init__(self, rank: int, world_size: int, device: str):
+class FuncolMLP(nn.Module):
+    def __init__(self, rank: int, device: str):
         super().__init__()
         g = torch.Generator().manual_seed(1234 + rank)  # each rank holds its own column shard
-        self.world_size = world_size
         self.up = nn.Parameter((torch.randn(SHARD, HIDDEN, generator=g) / HIDDEN**0.5).to(device))
-        self.head = nn.Parameter(
-            (torch.randn(VOCAB_SHARD, SHARD * world_size, generator=g) / SHARD**0.5).to(device)
-        )
 
     def forward(self, x):
         h = x @ self.up.t()  # [T, SHARD] on each rank
         h = funcol.all_gather_tensor(h, gather_dim=h.dim() - 1, group=dist.group.WORLD)
         # relu, not gelu: Inductor's fused gelu rounds differently from eager, and the
         # demo checks the compiled model bit for bit against the uncompiled one
-        logits = torch.relu(h) @ self.head.t()  # [T, VOCAB_SHARD]
-        T, W = logits.shape[0], self.world_size
-        stacked = torch.empty(W * T, VOCAB_SHARD, dtype=logits.dtype, device=logits.device)
-        dist.all_gather_into_tensor(stacked, logits)
-        return stacked.view(W, T, -1).permute(1, 0, 2).reshape(T, -1)  # [T, W * VOCAB_SHARD]
+        return torch.relu(h)  # [T, SHARD * W]
+
+
+class TinyTPModel(nn.Module):
+    def __init__(self, rank: int, world_size: int, device: str):
+        super().__init__()
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Replicate
+        from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+        self.mlp = FuncolMLP(rank, device)
+        torch.manual_seed(7)  # the full LM head is identical on every rank before sharding
+        self.lm_head = nn.Linear(SHARD * world_size, VOCAB_SHARD * world_size, bias=False).to(device)
+        mesh = init_device_mesh(torch.device(device).type, (world_size,))
+        parallelize_module(self, mesh, {"lm_head": ColwiseParallel(output_layouts=Replicate())})
+
+    def forward(self, x):
+        return self.lm_head(self.mlp(x))  # [T, VOCAB_SHARD * W] logits on every rank
 
 
 def compile_check(rank: int, world_size: int, device: str) -> dict:

@@ -68,7 +68,7 @@ aten = torch.ops.aten
 #: The reason recorded for every gather when ``tpfuse.enable(elide_barriers=False)``.
 ELISION_OFF = "entry barrier kept: barrier elision disabled (elide_barriers=False)"
 ZERO_COPY_NOT_APPLIED = (
-    "not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)"
+    "not applied (the backend always copies out; docs/barrier_elision.md §8)"
 )
 
 
