@@ -132,9 +132,10 @@ linear_all_gather_hidden_default = tpfuse.linear_all_gather_hidden(arg1_1, arg0_
 relu = relu(linear_all_gather_hidden_default)
 linear_all_gather_hidden_default_1 = tpfuse.linear_all_gather_hidden(relu, arg2_1, None, [8, 8], '0', slot=1, skip_entry_sync=True)
 return [linear_all_gather_hidden_default_1]""")
-        self.assertExpectedInline("\n".join(str(d) for d in rep.barriers), """\
-linear_all_gather_hidden_default group '0' slot 0 (no unfenced gather on the group may run before it); entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still be reading the slot for a call before this graph; copy: readers proven done before the slot is rewritten, not applied (Inductor may reuse or write in place into the op's output buffer; push.py copies out)
-linear_all_gather_hidden_default_1 group '0' slot 1 (other slot than linear_all_gather_hidden_default); skipped: after (a) exit barrier of linear_all_gather_hidden_default; linear_all_gather_hidden_default may run just before it on slot 0; copy: the result (or a view of it) is a graph output""")
+        self.assertExpectedInline("\n".join(f"{d.gather} slot {d.slot} skip={d.skip_entry_sync}: {d.reason}"
+                                             for d in rep.barriers), """\
+linear_all_gather_hidden_default slot 0 skip=False: entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still be reading the slot for a call before this graph
+linear_all_gather_hidden_default_1 slot 1 skip=True: after (a) exit barrier of linear_all_gather_hidden_default; linear_all_gather_hidden_default may run just before it on slot 0""")
 
     def test_report_names_the_rule(self):
         from tpfuse.passes.records import Report

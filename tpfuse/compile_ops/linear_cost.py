@@ -17,10 +17,11 @@ The model:
 - weight floor ``t_w = N_r * K * elem / HBM_BYTES_PER_S``;
 - unfused = ``t_w / CUBLAS_EFFICIENCY`` + the tpfuse gather
   (``GATHER_LATENCY_US[W] + egress / GATHER_BYTES_PER_S``) + one launch gap;
-- fused = ``max(t_w / (FUSED_EFFICIENCY * fill), egress / GATHER_BYTES_PER_S)``
-  + one exit barrier + the local copy-out of the peers' bands, where
-  ``fill = min(1, tiles / SMS)`` (few tiles leave multiprocessors idle: no
-  split-K) -- the pushes overlap the weight stream, tile by tile;
+- fused = ``max(t_w / (FUSED_EFFICIENCY * fill), x re-reads / L2_BYTES_PER_S,
+  egress / GATHER_BYTES_PER_S)`` + one exit barrier + the local copy-out of
+  the peers' bands, where ``fill = min(1, tiles / SMS)`` (few tiles leave
+  multiprocessors idle: no split-K) and every N tile re-reads ``x [T, K]``
+  from L2 -- the pushes overlap the weight stream, tile by tile;
 - fuse iff every shape condition holds and unfused / fused >= MIN_SPEEDUP.
 """
 
@@ -43,6 +44,8 @@ GATHER_BYTES_PER_S = 250e9
 #: one exit barrier (CONTEXT §6: 2.5 us at W=2 and 4) and a graph launch gap (0.8 us)
 EXIT_BARRIER_US = 2.5
 LAUNCH_US = 0.8
+#: L2 read bandwidth for the re-reads of x (one per N tile).  PREDICTION (H100 L2, ~2x HBM).
+L2_BYTES_PER_S = 6.0e12
 #: local copy bandwidth of the copy-out (read + write of the peers' bands).  PREDICTION.
 LOCAL_COPY_BYTES_PER_S = 2.0e12
 #: fuse only where the model predicts at least this gain (leaves room for its errors)
@@ -87,9 +90,12 @@ def predict(tokens: int, k: int, widths, elem_size: int = 2) -> tuple[float, flo
     floor = weight_floor_us(k, width, elem_size)
     gather, egress = _gather_us(tokens, width, world_size, elem_size)
     unfused = floor / CUBLAS_EFFICIENCY + LAUNCH_US + gather
-    fill = min(1.0, launch_config(tokens, k, widths, elem_size)["tiles"] / SMS)
+    config = launch_config(tokens, k, widths, elem_size)
+    fill = min(1.0, config["tiles"] / SMS)
+    x_rereads = -(-width // config["BLOCK_N"]) * tokens * k * elem_size
     copy_out = 2 * tokens * width * elem_size * (world_size - 1) / LOCAL_COPY_BYTES_PER_S * 1e6
-    fused = max(floor / (FUSED_EFFICIENCY * fill), egress / GATHER_BYTES_PER_S * 1e6) + EXIT_BARRIER_US + copy_out
+    fused = max(floor / (FUSED_EFFICIENCY * fill), x_rereads / L2_BYTES_PER_S * 1e6,
+                egress / GATHER_BYTES_PER_S * 1e6) + EXIT_BARRIER_US + copy_out
     return fused, unfused
 
 
