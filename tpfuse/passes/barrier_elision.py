@@ -57,11 +57,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch.fx import Graph, Node
 
-try:
-    from torch.fx.experimental.symbolic_shapes import statically_known_true as _known_true
-except ImportError:  # pragma: no cover - very old torch
-    def _known_true(expr):  # type: ignore[no-redef]
-        return bool(expr) if isinstance(expr, bool) else False
+from .graph_facts import _known_true
+from .graph_facts import _ops as _aten
 
 aten = torch.ops.aten
 
@@ -105,16 +102,6 @@ def _ops(namespace: str, *names: str) -> frozenset:
             packet = getattr(getattr(torch.ops, ns, None), name, None)
             if packet is not None and hasattr(packet, "default"):
                 found.append(packet.default)
-    return frozenset(found)
-
-
-def _aten(*names: str) -> frozenset:
-    found = []
-    for name in names:
-        packet_name, _, overload = name.partition(".")
-        packet = getattr(aten, packet_name, None)
-        if packet is not None and hasattr(packet, overload):
-            found.append(getattr(packet, overload))
     return frozenset(found)
 
 
