@@ -137,6 +137,26 @@ return [linear_all_gather_hidden_default_1]""")
 linear_all_gather_hidden_default slot 0 skip=False: entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still be reading the slot for a call before this graph
 linear_all_gather_hidden_default_1 slot 1 skip=True: after (a) exit barrier of linear_all_gather_hidden_default; linear_all_gather_hidden_default may run just before it on slot 0""")
 
+    def test_direct_fused_call_is_seen_by_barrier_elision(self):
+        """A fused op the user called directly shares the gathers' slots: elision must see it,
+        or a gather that may run right after it could skip its entry barrier on the same slot."""
+        name = dist.group.WORLD.group_name
+
+        def fn(x, w):
+            first = torch.ops.tpfuse.all_gather_hidden(x @ w.t(), [8, 8], name)  # a fence for both below
+            h = torch.relu(first)
+            fused = torch.ops.tpfuse.linear_all_gather_hidden(h, w, None, [8, 8], name)
+            gathered = torch.ops.tpfuse.all_gather_hidden(h @ w.t(), [8, 8], name)  # independent of `fused`
+            return fused, gathered
+
+        x, w = torch.randn(4, 16, dtype=torch.bfloat16), torch.randn(8, 16, dtype=torch.bfloat16)
+        _, rep = capture(fn, x, w)
+        decided = {d.gather: (d.slot, d.skip_entry_sync) for d in rep.barriers}
+        self.assertIn("linear_all_gather_hidden", decided)
+        # fused and gathered may run in either order with no fence between: different slots.
+        self.assertNotEqual(decided["linear_all_gather_hidden"][0], decided["all_gather_hidden_1"][0])
+        self.assertExpectedInline(repr(decided), """{'all_gather_hidden': (0, False), 'linear_all_gather_hidden': (1, True), 'all_gather_hidden_1': (0, False)}""")
+
     def test_report_names_the_rule(self):
         from tpfuse.passes.records import Report
 
