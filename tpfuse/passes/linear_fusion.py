@@ -45,13 +45,14 @@ def _gather_op():
 
 
 def cache_key() -> str:
-    """The cost rule and the kernel config live in compile_ops / kernels: their source
-    must be part of the pass's cache key (a changed threshold changes the graph)."""
+    """The cost rule, the kernel config and the fused op's schema live outside tpfuse/passes:
+    they must be part of the pass's cache key (a changed threshold changes the graph)."""
     from ..compile_ops import linear_cost
     from ..kernels import linear_push
 
     digest = hashlib.sha256(inspect.getsource(linear_cost).encode())
     digest.update(inspect.getsource(linear_push.launch_config).encode())
+    digest.update(str(_fused_op()._schema).encode())  # the node the rewrite emits
     return digest.hexdigest()
 
 
