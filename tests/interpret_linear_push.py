@@ -1,0 +1,83 @@
+"""Run the fused linear + push kernel in Triton's interpreter on the CPU, W ranks simulated in one process.
+
+``TRITON_INTERPRET=1`` executes the kernel's Python body with numpy on CPU
+memory, and raw addresses work as pointers, so the peers' symmetric buffers
+are plain CPU tensors whose addresses go in ``buf0..7``.  The barriers cannot
+run here (``%globaltimer`` is inline PTX), so the ranks run with
+SKIP_ENTRY_SYNC and EXIT_SYNC off, in two passes: the first fills every
+rank's buffer with its band, the second recomputes and copies the now
+complete peer bands out.  What this checks is everything but the
+synchronisation: tile indexing, uneven bands, bias, masking of T and K, a
+block taking several tiles, the push into every peer's band and the copy-out.
+``--one-pass`` is the negative control: the copy-out runs before the later
+ranks pushed, so those ranks' bands are missing (NaN poison) in early ranks'
+results.
+
+Prints one JSON line (tests/test_kernels_aot.py runs it in a subprocess,
+because the interpreter is chosen when Triton is imported).
+"""
+
+import json
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from tpfuse.kernels import linear_push  # noqa: E402
+
+#: (T, K, widths, dtype, has_bias, max blocks): small grids make every block take several tiles.
+#: fp16 only: Triton 3.9's interpreter gets bf16 dot products wrong (numpy has no bf16; a plain
+#: 16x16 bf16 tl.dot is off by 1e10 there), and the kernel's code does not depend on the dtype.
+CASES = [
+    (1, 64, [32, 32], torch.float16, True, 8),
+    (5, 96, [16, 48, 32], torch.float16, False, 2),
+    (40, 40, [64, 32, 32, 96], torch.float16, True, 3),
+    (70, 128, [32, 64], torch.float16, True, 7),
+    (3, 64, [8, 24], torch.float16, False, 4),
+]
+TOL = 2.0**-6  # the GPU tests' bf16 GEMM tolerance (fp16 is well within it at these K)
+
+
+def simulate(T, K, widths, dtype, has_bias, max_blocks, passes=2, seed=0):
+    W = len(widths)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, K, generator=g).to(dtype)
+    weights = [(torch.randn(w, K, generator=g) * K**-0.5).to(dtype) for w in widths]
+    biases = [torch.randn(w, generator=g).to(dtype) if has_bias else torch.zeros(1, dtype=dtype) for w in widths]
+    total = sum(widths)
+    offsets = [0]
+    for w in widths:
+        offsets.append(offsets[-1] + w)
+    slot_elems = -(-(T * total) // 64) * 64
+    buffers = [torch.full((2 * slot_elems,), float("nan"), dtype=dtype) for _ in range(W)]
+    pads = [torch.zeros(1024, dtype=torch.int32) for _ in range(W)]
+    status = torch.zeros(1, dtype=torch.int32)
+    config = linear_push.launch_config(T, K, widths)
+    tiles = -(-T // config["BLOCK_M"]) * -(-max(widths) // config["BLOCK_N"])
+    nblocks = max(1, min(tiles, max_blocks))
+    outs = [torch.full((T, total), float("nan"), dtype=dtype) for _ in range(W)]
+    buf_args = [b.data_ptr() for b in buffers] + [0] * (8 - W)
+    pad_args = [p.data_ptr() for p in pads] + [0] * (8 - W)
+    slot = 1
+    for _ in range(passes):
+        for r in range(W):
+            linear_push.p2p_linear_push_kernel[(nblocks,)](
+                x, weights[r], biases[r], outs[r], slot * slot_elems, status, T, 10**9, *buf_args, *pad_args,
+                RANK=r, W=W, WP=max(2, 1 << (W - 1).bit_length()), BAND_OFFSETS=tuple(offsets), K=K,
+                HAS_BIAS=has_bias, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
+                SKIP_ENTRY_SYNC=True, EXIT_SYNC=False)
+    ref = torch.cat([F.linear(x.float(), w.float(), b.float() if has_bias else None)
+                     for w, b in zip(weights, biases)], -1)
+    within = all(bool(((o.float() - ref).abs() <= TOL * (1 + ref.abs())).all()) for o in outs)
+    agree = all(torch.equal(o.view(torch.int16), outs[0].view(torch.int16)) for o in outs)
+    return {"T": T, "K": K, "widths": widths, "dtype": str(dtype), "bias": has_bias, "nblocks": nblocks,
+            "tiles": tiles, "within_tolerance": within, "ranks_agree": agree}
+
+
+if __name__ == "__main__":
+    passes = 1 if "--one-pass" in sys.argv else 2
+    print(json.dumps([simulate(*case, passes=passes) for case in CASES]))
