@@ -21,11 +21,14 @@ P2P_CONFIGS = [
     ("fp16_w4_width1000", 2, 2, (0, 1000, 2000, 3000, 4000), 8, False, True),
     ("i8_w8_1792", 1, 5, tuple(1792 * i for i in range(9)), 16, False, True),
     ("bf16_w4_zero_copy", 2, 0, (0, 1792, 3584, 5376, 7168), 8, False, False),
+    # W=8 (TP=8, issue 8): uneven widths, entry barrier skipped, the last rank
+    ("bf16_w8_uneven_skip", 2, 7, (0, 1024, 2048, 3072, 4096, 5120, 6144, 7168, 8200), 8, True, True),
 ]
 # (name, rank, band_offsets in 32-bit words, skip_entry_sync, copy_out)
 MULTIMEM_CONFIGS = [
     ("w4_words", 1, (0, 2048, 4096, 6144, 8192), False, True),
     ("w2_words_skip", 0, (0, 512, 1536), True, True),
+    ("w8_words", 6, tuple(2048 * i for i in range(9)), False, True),
 ]
 
 # Fused linear + push (kernels/linear_push.py):
@@ -37,6 +40,7 @@ LINEAR_CONFIGS = [
     ("bf16_w2_uneven_k1000", "bfloat16", 1, (0, 1024, 3072), 1000, 64, False, False, False),
     ("multimem_bf16_w4_t8", "bfloat16", 2, (0, 1792, 3584, 5376, 7168), 21504, 8, True, False, True),
     ("multimem_fp16_w2_t64", "float16", 0, (0, 2048, 4096), 4096, 64, False, True, True),
+    ("bf16_w8_t8", "bfloat16", 5, tuple(1024 * i for i in range(9)), 4096, 8, False, False, False),
 ]
 
 _INSTRUCTIONS = re.compile(r"\b((?:st|ld|red|atom|multimem|mma|wgmma)\.[\w.:]+)")

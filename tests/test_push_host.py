@@ -118,3 +118,25 @@ def test_multimem_only_with_a_multicast_address_and_opt_in(fake_cuda, monkeypatc
     assert choose(ws.group) == Backend.MULTIMEM
     monkeypatch.delenv("TPFUSE_ENABLE_MULTIMEM")
     assert choose(ws.group) == Backend.P2P
+
+
+def test_w8_signal_pads_and_status_word_fit():
+    """TP=8 without an 8-GPU machine (issue 8): the sizing arithmetic at W=8.
+
+    H100 and H200 have 132 SMs; the grid cap is 2 blocks per SM by default."""
+    from tpfuse.compile_ops.workspace import MAX_PUSH_WORLD_SIZE, blocks_that_fit, signal_pad_bytes
+
+    assert MAX_PUSH_WORLD_SIZE >= 8
+    blocks = 132 * 2
+    need = signal_pad_bytes(blocks, 8)
+    assert need == 264 * 8 * 4 == 8448
+    assert need <= 9216  # torch's default signal pad: no resize needed at W=8
+    assert blocks_that_fit(blocks, 8, 9216) == blocks
+    # 3 blocks per SM would need a larger pad; if it could not be enlarged (a
+    # symmetric allocation came first) the grid shrinks to what the pad holds.
+    assert signal_pad_bytes(132 * 3, 8) == 12672 > 9216
+    assert blocks_that_fit(132 * 3, 8, 9216) == 9216 // 32 == 288
+    # The status word: kind in bits 24+, block in 8..23 (16 bits), peer + 1 in 0..7.
+    code = 2 * 2**24 + (blocks - 1) * 256 + 7 + 1
+    kind, block, peer = code >> 24, (code >> 8) & 0xFFFF, (code & 0xFF) - 1
+    assert (kind, block, peer) == (2, blocks - 1, 7)

@@ -175,18 +175,27 @@ def _establish(group: Group, device: torch.device) -> Workspace:
     return ws
 
 
+def signal_pad_bytes(max_blocks: int, world_size: int) -> int:
+    """Bytes of signal pad the barriers need: one int32 slot per (block, peer)."""
+    return max_blocks * world_size * 4
+
+
+def blocks_that_fit(max_blocks: int, world_size: int, pad_bytes: int) -> int:
+    """The grid cap once the pad size is known: no block may lack its slots."""
+    return max(1, min(max_blocks, pad_bytes // (world_size * 4)))
+
+
 def _make_signal_pads(ws: Workspace) -> None:
     import torch.distributed._symmetric_memory as symm_mem
 
     W = ws.group.world_size
-    need = ws.facts.max_blocks * W * 4  # one int32 slot per (block, peer)
+    need = signal_pad_bytes(ws.facts.max_blocks, W)
     if symm_mem.get_signal_pad_size() < need:
         # Effective only before the process's first symmetric allocation.
         symm_mem.set_signal_pad_size(need)
     # Whatever size the pads really have bounds the grid, identically on every
     # rank (the size is a process-wide setting; we agreed on the max below).
-    have = symm_mem.get_signal_pad_size()
-    ws.facts.max_blocks = max(1, min(ws.facts.max_blocks, have // (W * 4)))
+    ws.facts.max_blocks = blocks_that_fit(ws.facts.max_blocks, W, symm_mem.get_signal_pad_size())
     with torch.cuda.device(ws.device):
         anchor = symm_mem.empty(64, dtype=torch.uint8, device=ws.device)
         handle = _rendezvous(anchor, ws.group)
