@@ -4,6 +4,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # so spawned ranks can import test modules
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "gpu"))  # and the GPU tests' shared helpers
 
 # Never use NVLink multicast on the shared GPU hosts (CONTEXT §4); children inherit these.
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")

@@ -39,6 +39,7 @@ import pytest
 import torch
 
 from multiproc import run_ranks
+from gpu_helpers import needs as _needs
 
 pytestmark = [pytest.mark.gpu, pytest.mark.multigpu]
 
@@ -46,12 +47,6 @@ ITERS = int(os.environ.get("TPFUSE_STRESS_ITERS", "10000"))
 POOL = 8  # distinct inputs, chosen per iteration
 MAX_SPIN = 20000  # cycles (~10 us) of the random per-rank delays
 DEVICE = "cuda"  # a CPU dry run of the chain (gloo) sets "cpu": graph plumbing and decisions only
-
-
-def _needs(world_size):
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if n < world_size:
-        pytest.skip(f"needs {world_size} GPUs, found {n}")
 
 
 # --------------------------------------------------------------------------- test ops

@@ -25,33 +25,12 @@ import pytest
 import torch
 
 from multiproc import run_ranks
+from gpu_helpers import needs as _needs, world_group as _group, quiesce as _quiesce
 
 pytestmark = [pytest.mark.gpu, pytest.mark.multigpu]
 
 TOL = {torch.bfloat16: 2.0**-6, torch.float16: 2.0**-9}
 TOKENS = (1, 7, 32, 128, 300)
-
-
-def _needs(world_size):
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if n < world_size:
-        pytest.skip(f"needs {world_size} GPUs, found {n}")
-
-
-def _group():
-    import torch.distributed as dist
-
-    from tpfuse.compile_ops.groups import resolve_group
-
-    return resolve_group(dist.group.WORLD.group_name)
-
-
-def _quiesce():
-    import torch.distributed as dist
-
-    torch.cuda.synchronize()
-    dist.barrier()
-    torch.cuda.synchronize()
 
 
 def _randn(seed, shape, dtype, scale=1.0):

@@ -16,18 +16,13 @@ import pytest
 import torch
 
 from multiproc import run_ranks
+from gpu_helpers import needs as _needs, world_group as _group, quiesce as _quiesce
 
 pytestmark = [pytest.mark.gpu, pytest.mark.multigpu]
 
 TOKENS = (0, 1, 7, 128, 513, 4096)
 DTYPES = ("bfloat16", "float16", "float32")
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32}
-
-
-def _needs(world_size):
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if n < world_size:
-        pytest.skip(f"needs {world_size} GPUs, found {n}")
 
 
 def _widths(kind, W):
@@ -51,22 +46,6 @@ def _bits(seed, shape, dtype, device="cuda"):
 
 def _as_int(t):
     return t.view(_INT_OF_SIZE[t.element_size()])
-
-
-def _group():
-    import torch.distributed as dist
-
-    from tpfuse.compile_ops.groups import resolve_group
-
-    return resolve_group(dist.group.WORLD.group_name)
-
-
-def _quiesce():
-    import torch.distributed as dist
-
-    torch.cuda.synchronize()
-    dist.barrier()
-    torch.cuda.synchronize()
 
 
 def _poison(ws, nbytes):
