@@ -74,6 +74,8 @@ def _gpu_models(rank, world_size):
         "dtensor": lambda: tp_models.dtensor_mlp(rank, world_size, device),
     }
     rows = []
+    tpfuse.enable()  # the funcol trace rule (passes/dynamo_compat.py) applies from here on
+    tpfuse.disable()
     if not _funcol_hidden_gather_compiles(device):
         # torch 2.11: Dynamo refuses to trace funcol's chunk-cat helper, so the
         # model breaks its graph before any pass sees the gather.
@@ -112,7 +114,8 @@ def test_compiled_models_bit_exact_on_gpus(world_size):
         pytest.skip(f"needs {world_size} GPUs")
     per_rank = run_ranks(world_size, _gpu_models, backend="nccl", timeout=900)
     rows = per_rank[0]
-    print(f"\n{rows[0]['card']} x{world_size}, torch {torch.__version__}, "
+    card = torch.cuda.get_device_name(0)
+    print(f"\n{card} x{world_size}, torch {torch.__version__}, "
           f"NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}")
     print(f"{'model':<8} {'T':>4} {'compile us':>11} {'+tpfuse us':>11} {'ratio':>6}  bit-exact")
     for r in rows:

@@ -22,7 +22,8 @@ What it shows, per world size:
    gather's entry barrier ("no fence precedes it"): bit-exact.  Forced to
    skip, a fast peer overwrites the slot before the slow rank's reader runs:
    corruption, which the test requires to appear.
-3. The time saved per gather by elision (no spins, printed, not asserted).
+3. The time saved per gather by elision (no spins, CUDA-graph replay, printed,
+   not asserted).
 
 Every rank sets ``TPFUSE_BACKEND=p2p`` (the push path, on every rank alike)
 and never touches NVLink multicast (tests/conftest.py and tpfuse.ranks set
@@ -223,6 +224,34 @@ def _run_loop(fn, xs, refs, spins, iters, rank, seed):
     return int(bad)
 
 
+def _graph_time(fn, args, per_graph=10, replays=50):
+    """Median µs per call of ``fn`` over CUDA-graph replays (``per_graph`` calls captured)."""
+    import statistics
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(stream)
+    _quiesce()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(per_graph):
+            fn(*args)
+    _quiesce()
+    samples = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1e3 / (replays * per_graph))
+    return statistics.median(samples)
+
+
 def _decisions():
     import tpfuse
 
@@ -250,19 +279,13 @@ def _chain_body(rank, W, iters):
         results[f"{name}/seconds"] = time.perf_counter() - t0
         results[f"{name}/decisions"] = decisions
         results[f"{name}/reference_decisions"] = ref_decisions
-        # time per call without spins: what elision saves (3 entry barriers of 4 gathers)
+        # time per call without spins (a CUDA-graph replay, so host launch cost does not hide
+        # the GPU time): what elision saves, 3 entry barriers of 4 gathers
+        for c in spins:
+            c.zero_()  # _run_loop leaves its last random delays in them
         _quiesce()
         for label, fn in (("us_barriers", reference), ("us_elided", elided)):
-            for _ in range(20):
-                fn(*xs[0], *spins)
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(200):
-                fn(*xs[0], *spins)
-            end.record()
-            torch.cuda.synchronize()
-            results[f"{name}/{label}"] = start.elapsed_time(end) * 1e3 / 200
+            results[f"{name}/{label}"] = _graph_time(fn, (*xs[0], *spins))
             _quiesce()
     return results
 

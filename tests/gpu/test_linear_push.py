@@ -33,6 +33,16 @@ TOL = {torch.bfloat16: 2.0**-6, torch.float16: 2.0**-9}
 TOKENS = (1, 7, 32, 128, 300)
 
 
+def CASES(W):  # noqa: N802 - a table
+    """(dtype, K, kind, widths): bf16 at a short and a long K, even and uneven bands; fp16 once.
+
+    Each case compiles its own kernels (K, widths, bias, token bucket and entry mode are
+    compile-time constants), so the table is kept to what exercises distinct code."""
+    even, uneven = [1024] * W, [1024 + 512 * r for r in range(W)]
+    return [(torch.bfloat16, 256, "uneven", uneven), (torch.bfloat16, 4096, "even", even),
+            (torch.bfloat16, 4096, "uneven", uneven), (torch.float16, 4096, "uneven", uneven)]
+
+
 def _randn(seed, shape, dtype, scale=1.0):
     # A CUDA generator gives the same stream on every GPU: every rank can build every rank's weights.
     g = torch.Generator(device="cuda").manual_seed(seed)
@@ -74,24 +84,22 @@ def _correctness(rank, W):
     group = _group()
     ws = workspace.workspace(group, rank)
     failures, cases, seed, worst = [], 0, 0, 0.0
-    for dtype in (torch.bfloat16, torch.float16):
-        for K in (256, 4096):
-            for kind, widths in (("even", [1024] * W), ("uneven", [1024 + 512 * r for r in range(W)])):
-                for T in TOKENS:
-                    for has_bias in (False, True):
-                        seed += 1
-                        x, weights, biases, ref = _problem(seed, T, K, widths, dtype, has_bias)
-                        for mode in ("both_barriers", "entry_elided_slot1"):
-                            _poison(ws, T * sum(widths) * dtype.itemsize)
-                            skip, slot = (False, -1) if mode == "both_barriers" else (True, 1)  # safe: quiesced
-                            out = linear_push.linear_gather_hidden(x, weights[rank], biases[rank], widths, group,
-                                                                   Backend.P2P, slot, skip)
-                            torch.cuda.synchronize()
-                            cases += 1
-                            err = ((out.float() - ref.float()).abs() - TOL[dtype] * ref.float().abs()).max().item()
-                            worst = max(worst, err)
-                            if out.shape != ref.shape or err > TOL[dtype] or not _agree_across_ranks(out):
-                                failures.append((str(dtype), K, kind, T, has_bias, mode, err))
+    for dtype, K, kind, widths in CASES(W):
+        for T in TOKENS:
+            for has_bias in (False, True):
+                seed += 1
+                x, weights, biases, ref = _problem(seed, T, K, widths, dtype, has_bias)
+                for mode in ("both_barriers", "entry_elided_slot1"):
+                    _poison(ws, T * sum(widths) * dtype.itemsize)
+                    skip, slot = (False, -1) if mode == "both_barriers" else (True, 1)  # safe: quiesced
+                    out = linear_push.linear_gather_hidden(x, weights[rank], biases[rank], widths, group,
+                                                           Backend.P2P, slot, skip)
+                    torch.cuda.synchronize()
+                    cases += 1
+                    err = ((out.float() - ref.float()).abs() - TOL[dtype] * ref.float().abs()).max().item()
+                    worst = max(worst, err)
+                    if out.shape != ref.shape or err > TOL[dtype] or not _agree_across_ranks(out):
+                        failures.append((str(dtype), K, kind, T, has_bias, mode, err))
     # The op through dispatch: TPFUSE_LINEAR_PUSH=fused and unfused agree within the tolerance,
     # and 3-D leading dims are flattened.
     dtype, widths = torch.bfloat16, [1024] * W
@@ -118,7 +126,7 @@ def test_correctness_within_bf16_gemm_tolerance_and_ranks_agree(W):
     results = run_ranks(W, _correctness, backend="nccl", timeout=900)
     for rank, res in enumerate(results):
         assert res["failures"] == [], f"rank {rank}: {res['failures'][:10]}"
-        assert res["cases"] == 2 * 2 * 2 * len(TOKENS) * 2 * 2
+        assert res["cases"] == len(CASES(W)) * len(TOKENS) * 2 * 2
         assert res["op_ok"]
         assert res["multicast_ptr"] == 0  # multicast stays off on the shared hosts
 

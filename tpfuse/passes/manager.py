@@ -26,6 +26,7 @@ import torch
 from torch.fx import Graph
 
 from . import patterns as pattern_registry
+from .dynamo_compat import allow_funcol_gather_tracing
 from .barrier_elision import apply_barrier_decisions, attach_to_matches, decide_barriers
 from .hidden_gather import find_hidden_gathers, rewrite_hidden_gathers
 from .linear_fusion import cache_key as linear_fusion_cache_key
@@ -291,6 +292,7 @@ def enable(**config: Any) -> None:
     restores it.  Graphs compiled before ``enable()`` are not recompiled (call
     ``torch._dynamo.reset()`` for that)."""
     cfg = make_config(**config)
+    allow_funcol_gather_tracing()
     ic = _inductor_config()
     ic.post_grad_custom_post_pass = TpfusePass(cfg, _without_tpfuse(ic.post_grad_custom_post_pass))
     reset_report()
@@ -324,6 +326,7 @@ def backend(inner: str = "inductor", **config: Any):
     ``inner="inductor"``: Inductor with the passes as its post-grad pass.
     ``inner="aot_eager"``: AOTAutograd graphs, rewritten, run eagerly (no Inductor)."""
     cfg = make_config(**config)
+    allow_funcol_gather_tracing()
     if inner == "inductor":
         def tpfuse_inductor(gm, example_inputs):
             from torch._inductor.compile_fx import compile_fx
