@@ -3,7 +3,9 @@
 The same unmodified models as the gloo numerics test, compiled with Inductor
 and ``tpfuse.enable()``: the rewritten gathers take whatever backend
 ``choose_backend`` picks (the symmetric-memory push backend where available,
-NCCL otherwise), must be bit-exact against the uncompiled model, and print
+NCCL otherwise), must be bit-exact against the same model compiled without
+tpfuse and close to the uncompiled model (fp32; on the GPU Inductor's fused
+addmm may round differently from eager mm + add, with or without tpfuse), and print
 a timing table (median per step, same run, same card):
 
     PYTHONPATH=. python -m pytest -q -s -m multigpu tests/test_pass_gpu.py
@@ -89,7 +91,7 @@ def _gpu_models(rank, world_size):
                 ref = model(x)
                 torch._dynamo.reset()
                 plain = torch.compile(model, fullgraph=True)
-                plain(x)
+                plain_out = plain(x)
                 plain_us = _median_us(plain, x)
                 torch._dynamo.reset()
                 with tpfuse.enabled():
@@ -98,7 +100,11 @@ def _gpu_models(rank, world_size):
                     rep = tpfuse.report()
                 fused_us = _median_us(fused, x)
             rows.append({
-                "model": style, "T": T, "equal": bool(torch.equal(ref, out)),
+                # The gathers move bytes, so tpfuse must not change a bit of what Inductor computes
+                # without it.  Against eager only closeness: cuBLAS may pick another algorithm for
+                # Inductor's fused addmm than for eager's mm + add.
+                "model": style, "T": T, "equal": bool(torch.equal(plain_out, out)),
+                "close_to_eager": bool(torch.allclose(ref, out, rtol=1e-5, atol=1e-5)),
                 "rewritten": rep.rewritten, "expected": model.rewrites,
                 "near_misses": [n.reason for n in rep.near_misses],
                 "plain_us": plain_us, "tpfuse_us": fused_us,
@@ -117,7 +123,7 @@ def test_compiled_models_bit_exact_on_gpus(world_size):
     card = torch.cuda.get_device_name(0)
     print(f"\n{card} x{world_size}, torch {torch.__version__}, "
           f"NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}")
-    print(f"{'model':<8} {'T':>4} {'compile us':>11} {'+tpfuse us':>11} {'ratio':>6}  bit-exact")
+    print(f"{'model':<8} {'T':>4} {'compile us':>11} {'+tpfuse us':>11} {'ratio':>6}  bit-exact vs compile")
     for r in rows:
         if "skipped" in r:
             print(f"{r['model']:<8} skipped: {r['skipped']}")
@@ -129,5 +135,5 @@ def test_compiled_models_bit_exact_on_gpus(world_size):
             if "skipped" in r:
                 assert not torch.__version__.startswith("2.13"), r  # the CPU tests compile it there
                 continue
-            assert r["equal"], (rank, r)
+            assert r["equal"] and r["close_to_eager"], (rank, r)
             assert r["rewritten"] == r["expected"] and r["near_misses"] == [], (rank, r)

@@ -326,3 +326,35 @@ def test_missing_peer_raises_instead_of_hanging(W):
         assert f"rank {rank} of group" in res["message"], res
         assert f"waiting for rank {W - 1}" in res["message"], res
         assert "all_gather_hidden" in res["message"]
+
+
+# ---------------------------------------------------------------------------
+def _reduce_overhead(rank, W):
+    """A compiled model under ``mode="reduce-overhead"`` whose *first* call sets up the
+    workspace and whose later input grows the slots: both happen during CUDA-graph trees'
+    warm-up, on a side stream, so the graph pool never owns set-up tensors."""
+    import torch.distributed as dist
+
+    import tpfuse
+
+    os.environ["TPFUSE_BACKEND"] = "p2p"
+    widths = [1024 + 512 * r for r in range(W)]
+
+    def step(x):
+        return torch.relu(tpfuse.all_gather_hidden(x * 2, dist.group.WORLD, widths))
+
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    bad = []
+    for T in (8, 8, 8, 4096, 4096, 4096):  # 4096 rows need bigger slots than the first shape
+        full = [_bits(100 * T + r, (T, w), torch.bfloat16).nan_to_num(0.0, 1.0, -1.0) for r, w in enumerate(widths)]
+        out = compiled(full[rank]).clone()
+        if not torch.equal(out, torch.relu(torch.cat([f * 2 for f in full], dim=-1))):
+            bad.append(T)
+    return bad
+
+
+@pytest.mark.parametrize("W", [2, 4])
+def test_reduce_overhead_sets_up_outside_the_graph_pool(W):
+    _needs(W)
+    for rank, bad in enumerate(run_ranks(W, _reduce_overhead, backend="nccl", timeout=300)):
+        assert bad == [], f"rank {rank}: wrong results for T in {bad}"

@@ -16,10 +16,19 @@ What lives here:
   kernels already queued may still use them.
 - **Status word**: host-mapped pinned memory that the kernels write when a
   barrier times out, readable by the host without synchronising.
+
+Set-up and growth are collective and allocate small device tensors that NCCL
+keeps alive after the call.  They run on a side stream (``_set_up_stream``):
+CUDA-graph trees (``mode="reduce-overhead"``) route the current stream's
+allocations to the graph's memory pool during warm-up and refuse any that
+outlive the call untracked.  Neither may happen during stream capture: the
+first call of a group, or one that needs bigger slots, must run once eagerly
+(warm-up) before capture, and is refused with that message otherwise.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
@@ -121,6 +130,26 @@ def _local_reason(group: Group, device: torch.device) -> str:
     return ""
 
 
+@contextlib.contextmanager
+def _set_up_stream(device: torch.device, what: str):
+    """Run the collective set-up ``what`` on a side stream, never inside stream capture."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        yield
+        return
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"tpfuse: {what} is collective and cannot run inside CUDA-graph capture; call the op "
+            "once eagerly with the same shapes before capturing (torch.compile's "
+            "mode='reduce-overhead' does this warm-up itself)"
+        )
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        yield
+    current.wait_stream(side)
+
+
 def _all_gather_ints(values: list[int], group: Group, device: torch.device) -> torch.Tensor:
     mine = torch.tensor(values, dtype=torch.int64, device=device)
     everyone = torch.empty(group.world_size * len(values), dtype=torch.int64, device=device)
@@ -151,6 +180,11 @@ def _rendezvous(tensor: torch.Tensor, group: Group):
 def _establish(group: Group, device: torch.device) -> Workspace:
     """Collective: every rank of ``group`` calls this at the same op call."""
     reason = _local_reason(group, device)
+    with _set_up_stream(device, "setting up the symmetric workspace"):
+        return _establish_facts(group, device, reason)
+
+
+def _establish_facts(group: Group, device: torch.device, reason: str) -> Workspace:
     # Grid cap: resident blocks.  TPFUSE_PUSH_BLOCKS_PER_SM (default 2) must be
     # set alike on every rank; the minimum over ranks is used.
     per_sm = int(os.environ.get("TPFUSE_PUSH_BLOCKS_PER_SM", "2"))
@@ -231,6 +265,11 @@ def ensure_capacity(ws: Workspace, nbytes: int) -> None:
     """Grow both slots to hold ``nbytes``. Collective: every rank grows at the same call."""
     if nbytes <= ws.slot_bytes:
         return
+    with _set_up_stream(ws.device, f"growing the symmetric slots to {slot_bytes_for(nbytes)} bytes"):
+        _grow(ws, nbytes)
+
+
+def _grow(ws: Workspace, nbytes: int) -> None:
     import torch.distributed._symmetric_memory as symm_mem
 
     slot_bytes = slot_bytes_for(nbytes)
