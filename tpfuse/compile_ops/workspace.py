@@ -18,8 +18,8 @@ What lives here:
   barrier times out, readable by the host without synchronising.
 
 Set-up and growth are collective and allocate small device tensors that NCCL
-keeps alive after the call.  They run on a side stream (``_set_up_stream``):
-CUDA-graph trees (``mode="reduce-overhead"``) route the current stream's
+keeps alive after the call.  They run on a worker thread (``_set_up``):
+CUDA-graph trees (``mode="reduce-overhead"``) route the calling thread's
 allocations to the graph's memory pool during warm-up and refuse any that
 outlive the call untracked.  Neither may happen during stream capture: the
 first call of a group, or one that needs bigger slots, must run once eagerly
@@ -28,7 +28,7 @@ first call of a group, or one that needs bigger slots, must run once eagerly
 
 from __future__ import annotations
 
-import contextlib
+import concurrent.futures
 import hashlib
 import os
 import socket
@@ -130,24 +130,31 @@ def _local_reason(group: Group, device: torch.device) -> str:
     return ""
 
 
-@contextlib.contextmanager
-def _set_up_stream(device: torch.device, what: str):
-    """Run the collective set-up ``what`` on a side stream, never inside stream capture."""
+def _set_up(device: torch.device, what: str, fn, *args):
+    """Run the collective set-up ``fn(*args)`` (described by ``what``) on a worker thread.
+
+    CUDA-graph trees' warm-up routes every allocation *of the calling thread* to
+    the graph's pool and then refuses live ones it does not track; the set-up's
+    small tensors (kept alive by NCCL after the call) must not land there.  A
+    worker thread allocates from the ordinary pool; the caller waits for it."""
     if device.type != "cuda" or not torch.cuda.is_available():
-        yield
-        return
+        return fn(*args)
     if torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
             f"tpfuse: {what} is collective and cannot run inside CUDA-graph capture; call the op "
             "once eagerly with the same shapes before capturing (torch.compile's "
             "mode='reduce-overhead' does this warm-up itself)"
         )
-    current = torch.cuda.current_stream(device)
-    side = torch.cuda.Stream(device)
-    side.wait_stream(current)
-    with torch.cuda.stream(side):
-        yield
-    current.wait_stream(side)
+    torch.cuda.current_stream(device).synchronize()  # what the caller queued comes first
+
+    def run():
+        with torch.cuda.device(device):
+            result = fn(*args)
+            torch.cuda.synchronize(device)
+            return result
+
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tpfuse-set-up") as pool:
+        return pool.submit(run).result()
 
 
 def _all_gather_ints(values: list[int], group: Group, device: torch.device) -> torch.Tensor:
@@ -180,8 +187,7 @@ def _rendezvous(tensor: torch.Tensor, group: Group):
 def _establish(group: Group, device: torch.device) -> Workspace:
     """Collective: every rank of ``group`` calls this at the same op call."""
     reason = _local_reason(group, device)
-    with _set_up_stream(device, "setting up the symmetric workspace"):
-        return _establish_facts(group, device, reason)
+    return _set_up(device, "setting up the symmetric workspace", _establish_facts, group, device, reason)
 
 
 def _establish_facts(group: Group, device: torch.device, reason: str) -> Workspace:
@@ -265,8 +271,7 @@ def ensure_capacity(ws: Workspace, nbytes: int) -> None:
     """Grow both slots to hold ``nbytes``. Collective: every rank grows at the same call."""
     if nbytes <= ws.slot_bytes:
         return
-    with _set_up_stream(ws.device, f"growing the symmetric slots to {slot_bytes_for(nbytes)} bytes"):
-        _grow(ws, nbytes)
+    _set_up(ws.device, f"growing the symmetric slots to {slot_bytes_for(nbytes)} bytes", _grow, ws, nbytes)
 
 
 def _grow(ws: Workspace, nbytes: int) -> None:
