@@ -150,6 +150,7 @@ def main():
             os.makedirs(args.out, exist_ok=True)
             with open(os.path.join(args.out, f"e2e_w{W}.json"), "w") as f:
                 json.dump({"card": card, "W": W, "torch": torch.__version__, "rows": rows}, f, indent=1)
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -1,0 +1,104 @@
+"""Launch-config sweep of the fused linear+push kernel (issue 6): which tile shape streams the weight fastest?
+
+    PYTHONPATH=. torchrun --nproc-per-node 4 benchmarks/sweep_linear_config.py --out /tmp/sweep
+
+The first measurement (docs/benchmarks.md, "Fused linear + push") found the
+fused kernel at 0.29-0.93x of cuBLAS + the tpfuse gather: its GEMM streams
+the weight at ~2.6 TB/s where cuBLAS reaches ~3.9 TB/s (H200).  This times
+the fused kernel (both barriers, CUDA-graph replay, slowest rank) under
+alternative ``launch_config`` results, next to cuBLAS alone, for decode
+shapes.  Configs are (BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_M
+stays ``launch_config``'s (T rounded up, 16..64).  The grid cap (2 blocks
+per SM) is unchanged: every block must stay resident for the barriers.
+"""
+
+import os
+
+os.environ["NCCL_NVLS_ENABLE"] = "0"
+os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
+os.environ["NVSHMEM_DISABLE_NVLS"] = "1"
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_gather import quiesce, time_graph  # noqa: E402
+from bench_linear_gather import SHAPES  # noqa: E402
+
+from tpfuse.compile_ops import linear_push, workspace  # noqa: E402
+from tpfuse.compile_ops.dispatch import Backend  # noqa: E402
+from tpfuse.compile_ops.groups import resolve_group  # noqa: E402
+from tpfuse.kernels import linear_push as kernels  # noqa: E402
+
+CONFIGS = [(32, 256, 4, 4), (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 3), (128, 64, 8, 4),
+           (32, 512, 4, 3), (16, 512, 4, 4)]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cases", default="lm_head_4096:1,lm_head_4096:32,llama8b_mlp:1,llama8b_mlp:32")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    rank = int(os.environ["LOCAL_RANK"])
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", device_id=torch.device("cuda", rank))
+    group = resolve_group(dist.group.WORLD.group_name)
+    W = group.world_size
+    card = torch.cuda.get_device_name()
+    original = kernels.launch_config
+    rows = []
+    for case in args.cases.split(","):
+        name, T = case.split(":")
+        T = int(T)
+        K, N = SHAPES[name]
+        widths = [N // W] * W
+        weight = torch.randn(N // W, K, device="cuda", dtype=torch.bfloat16) * K**-0.5
+        x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
+        cublas = time_graph(lambda: F.linear(x, weight), calls=4, repeats=10)
+        ref = F.linear(x, weight)
+        for bn, bk, warps, stages in CONFIGS:
+            bm = original(T, K, widths)["BLOCK_M"]
+            if (bm + bn) * bk * 2 * (stages - 1) > 100 << 10:
+                continue  # two blocks per SM must stay resident (shared memory of the pipeline)
+            def config(tokens, k, ws_, elem_size=2, bn=bn, bk=bk, warps=warps, stages=stages):
+                c = original(tokens, k, ws_, elem_size)
+                m_tiles = -(-max(int(tokens), 1) // c["BLOCK_M"])
+                return {**c, "BLOCK_N": bn, "BLOCK_K": min(bk, max(64, k)), "num_warps": warps,
+                        "num_stages": stages, "tiles": m_tiles * -(-max(ws_) // bn)}
+
+            kernels.launch_config = config
+            workspace.workspace(group, rank).plans.clear()
+
+            def fused():
+                return linear_push.linear_gather_hidden(x, weight, None, widths, group, Backend.P2P)
+
+            out = fused()
+            torch.cuda.synchronize()
+            mine = out[:, rank * widths[0]:(rank + 1) * widths[0]]
+            ok = bool(((mine.float() - ref.float()).abs() <= 2.0**-6 * (1 + ref.float().abs())).all())
+            quiesce()
+            us = time_graph(fused, calls=4, repeats=10)
+            gbs = widths[0] * K * 2 / (us * 1e-6) / 1e9
+            rows.append({"case": case, "config": [bn, bk, warps, stages], "fused_us": us, "cublas_us": cublas,
+                         "weight_GBps": gbs, "correct": ok})
+            if rank == 0:
+                print(f"{case:16s} BN={bn:4d} BK={bk:4d} warps={warps} stages={stages} | fused {us:7.1f} us "
+                      f"({gbs:6.0f} GB/s of weight) | cuBLAS alone {cublas:7.1f} us | correct {ok}", flush=True)
+        kernels.launch_config = original
+        del weight
+        torch.cuda.empty_cache()
+    if rank == 0 and args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, f"sweep_linear_w{W}.json"), "w") as f:
+            json.dump({"card": card, "W": W, "torch": torch.__version__, "rows": rows}, f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
