@@ -24,8 +24,8 @@ blocks of their own grid).
 Decode is weight-bandwidth bound (T <= 128): the weight is read exactly once
 (each tile's K loop streams ``[BLOCK_N, K]`` of it), ``x`` is re-read from
 L2 once per N tile (``T / BLOCK_N`` times the weight traffic), so
-``launch_config`` grows BLOCK_N with T and shrinks it until the tiles fill
-the SMs.  No split-K: a K-split tile needs either a reduction across blocks
+``launch_config`` takes 128-column tiles where the band is wide enough to
+fill the SMs with them and narrower tiles otherwise (measured, see there).  No split-K: a K-split tile needs either a reduction across blocks
 of our own grid (a wait for blocks of our own grid) or a pusher chosen at run
 time (which breaks the block pairing of the exit exchange).  See
 benchmarks/NOTES.md ("fused linear+push") for where that is predicted to
@@ -45,6 +45,8 @@ from .push_gather import _RUNTIME_ARGS, _barrier_constexprs, _lanes, _multimem_s
 
 #: output tiles the config aims for: about one per multiprocessor of an H100 (132)
 TARGET_TILES = 128
+#: shared memory of one block's operand pipeline: two blocks per SM must fit in 228 KiB
+PIPELINE_BYTES = 96 << 10
 
 
 @triton.jit
@@ -243,30 +245,39 @@ def _next_pow2(n):
 def launch_config(tokens, k, widths, elem_size=2):
     """Tile sizes, warps and stages for T tokens, reduction K and the ranks' widths.
 
+    Chosen from the launch-config sweep on 4xH200 (benchmarks/sweep_linear_config.py,
+    benchmarks/NOTES.md "fused linear+push: the sweep"):
+
     - BLOCK_M: T rounded up to a power of two, 16..64 (``tl.dot`` needs 16;
       beyond 64 rows several M tiles share the weight through L2).
-    - BLOCK_N: from min(T, 128) upward (x is re-read from L2 once per N tile:
-      ``T / BLOCK_N`` times the weight traffic), halved while the widest band
-      has fewer than TARGET_TILES tiles (every SM should stream weight).
-    - BLOCK_K: about 32 KiB of operands per pipeline stage, 64..512.
+    - Wide bands (at least TARGET_TILES tiles of 128 columns, e.g. LM heads):
+      BLOCK_N = 128, BLOCK_K = 128, 3 stages -- 3.49 TB/s of weight at T=1
+      against 2.57 TB/s for 32 x 256 tiles.
+    - Otherwise BLOCK_N = 32 (BLOCK_K 256, 4 stages; the best measured for a
+      3584-column band), and 16 where even 32-column tiles would leave more
+      than half of the SMs idle (no split-K yet).
+    - BLOCK_K shrinks until the pipeline's buffers (stages - 1 of them) hold at
+      most PIPELINE_BYTES, so two blocks per SM stay resident (the barriers need
+      every block of the grid resident).
 
     Returns a dict; ``tiles`` is the widest band's tile count (the grid before the cap).
     """
     block_m = min(max(16, _next_pow2(tokens)), 64)
     m_tiles = -(-max(int(tokens), 1) // block_m)
     widest = max(widths)
-    block_n = 128 if tokens > 64 else min(128, max(32, _next_pow2(tokens)))
-    while block_n > 16 and m_tiles * -(-widest // block_n) < TARGET_TILES:
-        block_n //= 2
-    stage_bytes = 32 << 10
-    block_k = max(64, min(512, _next_pow2(stage_bytes // ((block_m + block_n) * elem_size)) // 2 * 2))
-    while block_k > 64 and (block_m + block_n) * block_k * elem_size > stage_bytes:
+    if m_tiles * -(-widest // 128) >= TARGET_TILES:
+        block_n, block_k, stages = 128, 128, 3
+    else:
+        block_n, block_k, stages = 32, 256, 4
+        if m_tiles * -(-widest // 32) < TARGET_TILES // 2:
+            block_n = 16
+    while block_k > 64 and (block_m + block_n) * block_k * elem_size * (stages - 1) > PIPELINE_BYTES:
         block_k //= 2
     block_k = min(block_k, max(64, _next_pow2(k)))
     num_warps = 8 if block_m * block_n >= 64 * 128 else 4
     return {
         "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
-        "num_warps": num_warps, "num_stages": 4 if block_m + block_n <= 64 else 3,
+        "num_warps": num_warps, "num_stages": stages,
         "tiles": m_tiles * -(-widest // block_n),
     }
 
