@@ -116,14 +116,15 @@ def _check_pass_end_to_end(rank, world_size):
 
     torch._dynamo.reset()
     torch._inductor.config.fx_graph_cache = False
-    w = _random((8, 16), torch.bfloat16, seed=40 + rank)
-    b = _random((8,), torch.bfloat16, seed=60 + rank)
+    # a shape the calibrated cost rule fuses at W=2 (T=32, K=512, N_r=32768: predicted 1.33x)
+    w = _random((32768, 512), torch.bfloat16, seed=40 + rank)
+    b = _random((32768,), torch.bfloat16, seed=60 + rank)
 
     def model(x):
         y = F.linear(x, w, b)
         return funcol.all_gather_tensor(y, gather_dim=-1, group=dist.group.WORLD) * 2
 
-    x = _random((4, 16), torch.bfloat16, seed=3)
+    x = _random((32, 512), torch.bfloat16, seed=3)
     with torch.no_grad(), tpfuse.enabled(fuse_linear=True):
         out = torch.compile(model, fullgraph=True, dynamic=False)(x)
         rep = tpfuse.report()
@@ -237,4 +238,9 @@ def test_cost_rule_is_a_pure_function_and_off_for_unsupported_shapes():
     assert linear_cost.decide(1, 4096, [3584] * 4, "float32").rule == "unsupported"
     assert linear_cost.decide(1, 4100, [3584] * 4, "bfloat16").rule == "unsupported"
     assert linear_cost.decide(1, 4096, [3584], "bfloat16").rule == "unsupported"
-    assert linear_cost.decide(4096, 4096, [3584] * 4, "bfloat16").rule == "unsupported"
+    assert linear_cost.decide(4096, 4096, [3584] * 4, "bfloat16").rule == "measured_slower"
+    # the calibrated rule on the measured rows (4xH200): fuse the LM head at T=32, not at T=1 or T=128
+    assert linear_cost.decide(32, 4096, [32064] * 4, "bfloat16").fuse
+    assert not linear_cost.decide(1, 4096, [32064] * 4, "bfloat16").fuse
+    assert not linear_cost.decide(128, 4096, [32064] * 4, "bfloat16").fuse
+    assert not linear_cost.decide(32, 4096, [3584] * 4, "bfloat16").fuse  # measured 0.94x

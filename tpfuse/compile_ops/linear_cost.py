@@ -5,56 +5,57 @@ identically -- so every rank decides the same (CONTEXT §2.2).  The pass uses it
 to decide whether to rewrite; the op uses it again per call (T may be
 symbolic at compile time), unless ``TPFUSE_LINEAR_PUSH`` forces a path.
 
-**Every constant below is a PREDICTION, not a measurement** (no GPU time was
-available when this was written).  They come from the weight-bandwidth floors
-(benchmarks/NOTES.md, "fused linear+push: floors and predictions") and from
-the gather's measured latency and bandwidth (docs/benchmarks.md, 4xH100).
-Replace them with measured values from ``benchmarks/bench_linear_gather.py``
-and keep the function's shape.
-
-The model:
+**Calibrated on 4xH200** (torch 2.11, Triton 3.6; ``benchmarks/bench_linear_gather.py``
+and ``benchmarks/sweep_linear_config.py``, tables in docs/benchmarks.md).  The model:
 
 - weight floor ``t_w = N_r * K * elem / HBM_BYTES_PER_S``;
-- unfused = ``t_w / CUBLAS_EFFICIENCY`` + the tpfuse gather
-  (``GATHER_LATENCY_US[W] + egress / GATHER_BYTES_PER_S``) + one launch gap;
+- unfused = ``t_w / CUBLAS_EFFICIENCY + CUBLAS_FIXED_US`` + the tpfuse gather
+  (``GATHER_LATENCY_US[W] + egress / GATHER_BYTES_PER_S``);
 - fused = ``max(t_w / (FUSED_EFFICIENCY * fill), x re-reads / L2_BYTES_PER_S,
-  egress / GATHER_BYTES_PER_S)`` + one exit barrier + the local copy-out of
-  the peers' bands, where ``fill = min(1, tiles / SMS)`` (few tiles leave
-  multiprocessors idle: no split-K) and every N tile re-reads ``x [T, K]``
-  from L2 -- the pushes overlap the weight stream, tile by tile;
-- fuse iff every shape condition holds and unfused / fused >= MIN_SPEEDUP.
+  egress / GATHER_BYTES_PER_S) + FUSED_FIXED_US`` + the local copy-out of the
+  peers' bands, where ``fill = min(1, tiles / SMS)`` (few tiles leave
+  multiprocessors idle: no split-K);
+- fuse iff T <= MAX_TOKENS, every shape condition holds and
+  unfused / fused >= MIN_SPEEDUP.
+
+The efficiencies and fixed costs are fitted to two rows at T=1, W=4: the LM
+head (K=4096, N_r=32064) and the Llama-8B MLP projection (K=4096, N_r=3584),
+with the launch configs of the sweep.  At T=128 the fused kernel measured
+0.54-0.78x of linear + gather on every shape (its per-tile remote stores do not
+overlap the weight stream at that size); the model does not capture that,
+hence MAX_TOKENS.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-#: H100 SXM HBM3 peak (bytes/s).  PREDICTION input: the spec sheet, not a measurement.
-HBM_BYTES_PER_S = 3.35e12
-#: fraction of the HBM peak that cuBLAS reaches on a decode linear.  PREDICTION.
-CUBLAS_EFFICIENCY = 0.90
-#: fraction of the HBM peak that the fused Triton GEMM reaches when it fills the GPU.  PREDICTION.
-FUSED_EFFICIENCY = 0.75
-#: multiprocessors of an H100 SXM (the fill term)
+#: H200 HBM3e peak (bytes/s), the card the constants below were fitted on
+HBM_BYTES_PER_S = 4.8e12
+#: fraction of the HBM peak that cuBLAS reaches on a decode linear, and its fixed cost (graph replay)
+CUBLAS_EFFICIENCY = 0.88
+CUBLAS_FIXED_US = 5.0
+#: the same for the fused kernel: weight stream, and launch + both barriers + pipeline ramp
+FUSED_EFFICIENCY = 0.84
+FUSED_FIXED_US = 10.3
+#: multiprocessors of an H100 / H200 SXM (the fill term)
 SMS = 132
-#: tpfuse gather, both barriers, small messages (measured, docs/benchmarks.md, 4xH100)
-GATHER_LATENCY_US = {2: 5.3, 4: 6.5}
-#: tpfuse gather, per-GPU egress at mid sizes (measured 220-264 GB/s at T=32..128, w=32064)
-GATHER_BYTES_PER_S = 250e9
-#: one exit barrier (CONTEXT §6: 2.5 us at W=2 and 4) and a graph launch gap (0.8 us)
-EXIT_BARRIER_US = 2.5
-LAUNCH_US = 0.8
-#: L2 read bandwidth for the re-reads of x (one per N tile).  PREDICTION (H100 L2, ~2x HBM).
+#: tpfuse gather, both barriers, small messages (4xH200: linear + gather minus linear, at T=1)
+GATHER_LATENCY_US = {2: 6.5, 4: 7.6}
+#: tpfuse gather, per-GPU egress at decode sizes (4xH200, T=1..32 of a 32064-column band)
+GATHER_BYTES_PER_S = 236e9
+#: L2 read bandwidth for the re-reads of x (one per N tile)
 L2_BYTES_PER_S = 6.0e12
-#: local copy bandwidth of the copy-out (read + write of the peers' bands).  PREDICTION.
+#: local copy bandwidth of the copy-out (read + write of the peers' bands)
 LOCAL_COPY_BYTES_PER_S = 2.0e12
-#: fuse only where the model predicts at least this gain (leaves room for its errors)
-MIN_SPEEDUP = 1.10
-#: the largest T the fused kernel is configured for (beyond it the GEMM is compute-bound)
-MAX_TOKENS = 512
+#: fuse only where the model predicts at least this gain: its error on the measured decode rows is up to
+#: ~20 % (Llama-8B MLP at T=32: predicted 1.15x, measured 0.94x)
+MIN_SPEEDUP = 1.20
+#: the largest T the rule fuses: at T=128 the fused kernel measured slower on every shape
+MAX_TOKENS = 32
 FUSED_DTYPES = ("bfloat16", "float16")
 #: the model's name, printed with each decision
-MODEL = "floors-v0 (predicted, unmeasured)"
+MODEL = "measured-v1 (4xH200, 2026-11-27)"
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class LinearFusionDecision:
     """Whether to run the fused kernel, which rule said so, and the model's numbers."""
 
     fuse: bool
-    rule: str  # "predicted_faster", "predicted_slower", or "unsupported"
+    rule: str  # "predicted_faster", "predicted_slower", "measured_slower" or "unsupported"
     reason: str
     fused_us: float = 0.0
     unfused_us: float = 0.0
@@ -83,19 +84,19 @@ def _gather_us(tokens, width, world_size, elem_size):
 
 
 def predict(tokens: int, k: int, widths, elem_size: int = 2) -> tuple[float, float]:
-    """(fused µs, unfused µs) under the model above (predictions)."""
+    """(fused µs, unfused µs) under the model above."""
     from ..kernels.linear_push import launch_config
 
     world_size, width = len(widths), max(widths)
     floor = weight_floor_us(k, width, elem_size)
     gather, egress = _gather_us(tokens, width, world_size, elem_size)
-    unfused = floor / CUBLAS_EFFICIENCY + LAUNCH_US + gather
+    unfused = floor / CUBLAS_EFFICIENCY + CUBLAS_FIXED_US + gather
     config = launch_config(tokens, k, widths, elem_size)
     fill = min(1.0, config["tiles"] / SMS)
     x_rereads = -(-width // config["BLOCK_N"]) * tokens * k * elem_size
     copy_out = 2 * tokens * width * elem_size * (world_size - 1) / LOCAL_COPY_BYTES_PER_S * 1e6
     fused = max(floor / (FUSED_EFFICIENCY * fill), x_rereads / L2_BYTES_PER_S * 1e6,
-                egress / GATHER_BYTES_PER_S * 1e6) + EXIT_BARRIER_US + copy_out
+                egress / GATHER_BYTES_PER_S * 1e6) + FUSED_FIXED_US + copy_out
     return fused, unfused
 
 
@@ -112,8 +113,8 @@ def decide(tokens: int, k: int, widths, dtype_name: str, elem_size: int = 2) -> 
         return LinearFusionDecision(False, "unsupported", f"K={k} or a width in {list(widths)} is not a "
                                     "multiple of 8 elements (16-byte rows)")
     if tokens > MAX_TOKENS:
-        return LinearFusionDecision(False, "unsupported", f"T={tokens} > {MAX_TOKENS} (compute-bound: "
-                                    "cuBLAS + the gather)")
+        return LinearFusionDecision(False, "measured_slower", f"T={tokens} > {MAX_TOKENS} (the fused kernel "
+                                    "measured 0.54-0.78x of linear + gather at T=128)")
     fused, unfused = predict(max(int(tokens), 1), k, widths, elem_size)
     speedup = unfused / fused
     text = (f"T={tokens} K={k} N_r={max(widths)} W={world_size}: predicted fused {fused:.1f} us vs "

@@ -45,7 +45,8 @@ from .push_gather import _RUNTIME_ARGS, _barrier_constexprs, _lanes, _multimem_s
 
 #: output tiles the config aims for: about one per multiprocessor of an H100 (132)
 TARGET_TILES = 128
-#: shared memory of one block's operand pipeline: two blocks per SM must fit in 228 KiB
+#: operand bytes of one block's pipeline buffers (stages - 1 of them); measured configs stay within
+#: it, and the compiled kernel (pipeline plus epilogue scratch, at most 144 KiB) fits an SM once
 PIPELINE_BYTES = 96 << 10
 
 
@@ -257,8 +258,8 @@ def launch_config(tokens, k, widths, elem_size=2):
       3584-column band), and 16 where even 32-column tiles would leave more
       than half of the SMs idle (no split-K yet).
     - BLOCK_K shrinks until the pipeline's buffers (stages - 1 of them) hold at
-      most PIPELINE_BYTES, so two blocks per SM stay resident (the barriers need
-      every block of the grid resident).
+      most PIPELINE_BYTES.  The grid is one block per SM (``grid_cap``): every
+      block must be resident, since blocks wait for their peers.
 
     Returns a dict; ``tiles`` is the widest band's tile count (the grid before the cap).
     """
