@@ -1,0 +1,77 @@
+"""Latency plots from saved bench_linear_gather results (runs on any machine, no GPU).
+
+    python benchmarks/plot_linear_gather.py benchmarks/results/bench_linear_gather_w4_h200.json \
+        benchmarks/results/bench_linear_gather_w2_h200.json \
+        --sweep benchmarks/results/sweep_linear_w4_h200.json --out docs/img/bench_linear_gather_h200.png
+
+One row per world size, one panel per shape: µs per call (CUDA-graph replay, slowest
+rank) against T for the fused kernel, cuBLAS + the tpfuse gather, cuBLAS + NCCL, and
+cuBLAS alone, with the weight floor at the card's HBM peak.  ``--sweep`` adds the
+fused kernel under the launch config that ``launch_config`` now picks, where the
+sweep measured it (same W).
+"""
+
+import argparse
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+HBM_PEAK = {"H100": 3.35e12, "H200": 4.8e12}
+LINES = (("fused", "C3", "fused (first config)"), ("cublas_tpfuse", "C2", "cuBLAS + tpfuse gather"),
+         ("cublas_nccl", "C1", "cuBLAS + NCCL gather"), ("cublas_only", "C7", "cuBLAS alone"))
+
+
+def _peak(card):
+    return next((v for k, v in HBM_PEAK.items() if k in card), HBM_PEAK["H100"])
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("results", nargs="+")
+    parser.add_argument("--sweep", default=None)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    runs = [json.load(open(p)) for p in args.results]
+    sweep = json.load(open(args.sweep)) if args.sweep else None
+    shapes = list(dict.fromkeys(r["shape"] for r in runs[0]["rows"]))
+    fig, axes = plt.subplots(len(runs), len(shapes), figsize=(3.6 * len(shapes), 3.2 * len(runs)), squeeze=False)
+    for row_axes, data in zip(axes, runs):
+        W, card = data["meta"]["W"], data["meta"]["card"]
+        for ax, shape in zip(row_axes, shapes):
+            rows = [r for r in data["rows"] if r["shape"] == shape]
+            ts = [r["T"] for r in rows]
+            for key, color, label in LINES:
+                ax.plot(ts, [r["graph"][key] for r in rows], "o-", color=color, ms=3, lw=1, label=label)
+            floor = rows[0]["N_r"] * rows[0]["K"] * 2 / _peak(card) * 1e6
+            ax.axhline(floor, color="grey", ls="--", lw=0.8, label="weight floor (HBM peak)")
+            if sweep and sweep["W"] == W:
+                from tpfuse.kernels.linear_push import launch_config
+
+                picked = []
+                for r in rows:
+                    c = launch_config(r["T"], r["K"], [r["N_r"]] * W)
+                    key = [c["BLOCK_N"], c["BLOCK_K"], c["num_warps"], c["num_stages"]]
+                    hit = [s for s in sweep["rows"] if s["case"] == f"{shape}:{r['T']}" and s["config"] == key]
+                    if hit:
+                        picked.append((r["T"], hit[0]["fused_us"]))
+                if picked:
+                    ax.plot(*zip(*picked), "*", color="C3", ms=10, label="fused (config picked now, sweep)")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(ts, [str(t) for t in ts])
+            ax.set_title(f"{shape}, W={W}", fontsize=9)
+            ax.set_xlabel("T")
+            ax.set_ylabel("µs per call")
+            ax.set_ylim(bottom=0)
+            ax.grid(True, alpha=0.3)
+        row_axes[0].legend(fontsize=6)
+    fig.suptitle(f"column linear + hidden-axis gather, {runs[0]['meta']['card']}, bf16, CUDA-graph replay", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=100)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
