@@ -2,7 +2,9 @@
 
 Runs, with ``torchrun`` on ``--nproc`` GPUs of this machine:
 - ``benchmarks/bench_gather.py``: the gather against NCCL, eager and CUDA graphs;
-- ``benchmarks/bench_e2e_decode.py``: a compiled TP decode step, tpfuse on/off.
+- ``benchmarks/bench_e2e_decode.py``: a compiled TP decode step, tpfuse on/off;
+- ``benchmarks/bench_linear_gather.py``: the fused column linear + push against
+  cuBLAS + the NCCL or tpfuse gather.
 
 The benchmark scripts live in the source checkout (``pip install -e .``).
 """
@@ -16,7 +18,7 @@ import sys
 
 from .ranks import SAFE_GPU_ENV
 
-BENCHMARKS = ("bench_gather.py", "bench_e2e_decode.py")
+BENCHMARKS = ("bench_gather.py", "bench_e2e_decode.py", "bench_linear_gather.py")
 
 
 def _benchmarks_dir() -> pathlib.Path:
@@ -51,5 +53,10 @@ def run(nproc: int, out: str, only: str | None = None) -> int:
                str(folder / script), "--out", str(out_dir)]
         print("$", " ".join(cmd), flush=True)
         status |= subprocess.call(cmd, env=env)
+        linear = out_dir / f"bench_linear_gather_w{nproc}.json"
+        if script == "bench_linear_gather.py" and linear.exists():  # its plot, drawn from the JSON
+            plot = [sys.executable, str(folder / "plot_linear_gather.py"), str(linear),
+                    "--out", str(linear.with_suffix(".png"))]
+            status |= subprocess.call(plot, env=env)
     print(f"tables and plots: {out_dir}")
     return status
