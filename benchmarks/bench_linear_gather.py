@@ -3,7 +3,7 @@
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=. \\
         torchrun --nproc-per-node 4 benchmarks/bench_linear_gather.py --out /tmp/bench_linear
 
-**Written without GPU time: never run yet** (issue 6).
+Results (4xH200) and the plot: docs/benchmarks.md, "Fused column linear + push" (issue 6).
 
 Shapes (bf16, every rank the same width; ``N_r`` is this rank's output columns):
 - ``lm_head_4096``: LM head, hidden 4096, vocab 128256 -> K=4096, N_r=128256/W;
@@ -16,7 +16,7 @@ T in {1, 8, 32, 128}.  Columns, CUDA-graph replay, µs per call, slowest rank:
 - ``cublas_nccl``: ``F.linear`` (cuBLAS) + NCCL gather + rearrange (tpfuse's NCCL backend);
 - ``cublas_tpfuse``: ``F.linear`` + the tpfuse P2P gather, both barriers (the issue's baseline);
 - ``cublas_only``: ``F.linear`` alone (how close the linear is to its floor);
-- ``floor``: the weight-bandwidth floor ``N_r * K * 2 / HBM peak`` (no linear can be faster).
+- ``floor``: the weight-bandwidth floor ``N_r * K * 2 / HBM peak`` of the card (no linear can be faster).
 Also prints the cost rule's prediction for each row, so the measurement can replace it.
 Prints the card, torch, NCCL and Triton versions first and a short table last;
 writes JSON to ``--out`` on rank 0.
@@ -107,7 +107,7 @@ def main():
 
     if rank == 0:
         print(f"card: {W} x {card} | torch {torch.__version__} | NCCL {nccl} | triton {triton.__version__} "
-              f"| HBM peak assumed {linear_cost.HBM_BYTES_PER_S / 1e12:.2f} TB/s {args.tag}", flush=True)
+              f"| HBM peak {linear_cost.hbm_peak(card) / 1e12:.2f} TB/s {args.tag}", flush=True)
     rows = []
     for name in args.shapes.split(","):
         K, N = SHAPES[name]
@@ -118,7 +118,7 @@ def main():
             x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
             methods = make_methods(group, x, weight, widths)
             row = {"shape": name, "T": T, "K": K, "N_r": n_r, "graph": {},
-                   "floor": linear_cost.weight_floor_us(K, n_r),
+                   "floor": n_r * K * 2 / linear_cost.hbm_peak(card) * 1e6,
                    "config": launch_config(T, K, widths)}
             row["correct"] = check_once(methods, group)
             quiesce()

@@ -19,13 +19,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-HBM_PEAK = {"H100": 3.35e12, "H200": 4.8e12}
+from tpfuse.compile_ops import linear_cost  # noqa: E402
+
 LINES = (("fused", "C3", "fused (first config)"), ("cublas_tpfuse", "C2", "cuBLAS + tpfuse gather"),
          ("cublas_nccl", "C1", "cuBLAS + NCCL gather"), ("cublas_only", "C7", "cuBLAS alone"))
-
-
-def _peak(card):
-    return next((v for k, v in HBM_PEAK.items() if k in card), HBM_PEAK["H100"])
 
 
 def main():
@@ -45,7 +42,7 @@ def main():
             ts = [r["T"] for r in rows]
             for key, color, label in LINES:
                 ax.plot(ts, [r["graph"][key] for r in rows], "o-", color=color, ms=3, lw=1, label=label)
-            floor = rows[0]["N_r"] * rows[0]["K"] * 2 / _peak(card) * 1e6
+            floor = rows[0]["N_r"] * rows[0]["K"] * 2 / linear_cost.hbm_peak(card) * 1e6
             ax.axhline(floor, color="grey", ls="--", lw=0.8, label="weight floor (HBM peak)")
             if sweep and sweep["W"] == W:
                 from tpfuse.kernels.linear_push import launch_config

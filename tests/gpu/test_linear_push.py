@@ -1,6 +1,6 @@
 """The fused column-linear + P2P push kernel on real GPUs: accuracy, rank agreement, CUDA graphs, stress, controls.
 
-**Written without GPU time: never run yet.**  Run on the GPU machines with::
+Passed on 2 and 4 GPUs (4xH200, torch 2.11, Triton 3.6).  Run on the GPU machines with::
 
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=. \\
         python -m pytest -q tests/gpu/test_linear_push.py

@@ -30,8 +30,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-#: H200 HBM3e peak (bytes/s), the card the constants below were fitted on
-HBM_BYTES_PER_S = 4.8e12
+#: HBM peak per card (bytes/s), for weight floors in the benchmarks; unknown cards get the H100's
+HBM_PEAK_BY_CARD = {"H100": 3.35e12, "H200": 4.8e12}
+#: the H200's, the card the constants below were fitted on
+HBM_BYTES_PER_S = HBM_PEAK_BY_CARD["H200"]
 #: fraction of the HBM peak that cuBLAS reaches on a decode linear, and its fixed cost (graph replay)
 CUBLAS_EFFICIENCY = 0.88
 CUBLAS_FIXED_US = 5.0
@@ -70,6 +72,11 @@ class LinearFusionDecision:
 
     def __str__(self) -> str:
         return f"{'fused' if self.fuse else 'not fused'} [{self.rule}]: {self.reason}"
+
+
+def hbm_peak(card_name: str) -> float:
+    """The HBM peak of a card named like ``torch.cuda.get_device_name()`` (H100's when unknown)."""
+    return next((v for k, v in HBM_PEAK_BY_CARD.items() if k in card_name), HBM_PEAK_BY_CARD["H100"])
 
 
 def weight_floor_us(k: int, width: int, elem_size: int = 2) -> float:
