@@ -64,9 +64,9 @@ class DecodeStep(nn.Module):
             partial = (nn.functional.silu(gate) * up) @ down.t()
             h = h + funcol.all_reduce(partial, "sum", group)
         local_logits = self.rms(h) @ self.lm_head.t()
-        # The vocab gather as vLLM writes it: gather on dim 0, then rearrange.
-        # (funcol's gather_dim=-1 form does not compile on torch 2.11: Dynamo
-        # refuses to trace its chunk-cat helper and breaks the graph.)
+        # The vocab gather as vLLM writes it: gather on dim 0, then rearrange.  (funcol's
+        # gather_dim=-1 form breaks the graph on torch 2.11 unless tpfuse is enabled --
+        # passes/dynamo_compat.py -- which would handicap the "off" column.)
         tokens, shard = local_logits.shape
         stacked = funcol.all_gather_tensor(local_logits, gather_dim=0, group=group)
         logits = stacked.view(-1, tokens, shard).permute(1, 0, 2).reshape(tokens, -1)

@@ -79,8 +79,8 @@ def _gpu_models(rank, world_size):
     tpfuse.enable()  # the funcol trace rule (passes/dynamo_compat.py) applies from here on
     tpfuse.disable()
     if not _funcol_hidden_gather_compiles(device):
-        # torch 2.11: Dynamo refuses to trace funcol's chunk-cat helper, so the
-        # model breaks its graph before any pass sees the gather.
+        # A torch whose Dynamo skips funcol's chunk-cat helper and that the shim
+        # cannot fix: the model would break its graph before any pass sees the gather.
         del builders["funcol"]
         rows.append({"model": "funcol", "skipped": f"funcol gather_dim>0 does not compile on torch {torch.__version__}"})
     for style, build in builders.items():

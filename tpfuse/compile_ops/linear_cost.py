@@ -21,8 +21,8 @@ and ``benchmarks/sweep_linear_config.py``, tables in docs/benchmarks.md).  The m
 The efficiencies and fixed costs are fitted to two rows at T=1, W=4: the LM
 head (K=4096, N_r=32064) and the Llama-8B MLP projection (K=4096, N_r=3584),
 with the launch configs of the sweep.  At T=128 the fused kernel measured
-0.54-0.78x of linear + gather on every shape (its per-tile remote stores do not
-overlap the weight stream at that size); the model does not capture that,
+0.54-0.78x of linear + gather on every shape (its pushes, which the model lets
+overlap the weight stream, evidently do not at that size; not diagnosed),
 hence MAX_TOKENS.
 """
 

@@ -25,8 +25,8 @@ Decode is weight-bandwidth bound (T <= 128): the weight is read exactly once
 (each tile's K loop streams ``[BLOCK_N, K]`` of it), ``x`` is re-read from
 L2 once per N tile (``T / BLOCK_N`` times the weight traffic), so
 ``launch_config`` takes 128-column tiles where the band is wide enough to
-fill the SMs with them and narrower tiles otherwise (measured, see there).  No split-K: a K-split tile needs either a reduction across blocks
-of our own grid (a wait for blocks of our own grid) or a pusher chosen at run
+fill the SMs with them and narrower tiles otherwise (measured, see there).
+No split-K: a K-split tile needs either a reduction across blocks of our own grid (a wait for blocks of our own grid) or a pusher chosen at run
 time (which breaks the block pairing of the exit exchange).  See
 benchmarks/NOTES.md ("fused linear+push") for where that is predicted to
 cost (few, long tiles: the EAGLE3 projection at W=4).
@@ -247,7 +247,7 @@ def launch_config(tokens, k, widths, elem_size=2):
     """Tile sizes, warps and stages for T tokens, reduction K and the ranks' widths.
 
     Chosen from the launch-config sweep on 4xH200 (benchmarks/sweep_linear_config.py,
-    benchmarks/NOTES.md "fused linear+push: the sweep"):
+    benchmarks/NOTES.md, "fused linear+push", its results and the sweep):
 
     - BLOCK_M: T rounded up to a power of two, 16..64 (``tl.dot`` needs 16;
       beyond 64 rows several M tiles share the weight through L2).
