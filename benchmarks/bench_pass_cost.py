@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import os
 import platform
 import statistics
@@ -98,6 +99,10 @@ def time_pass(gm, reps):
     config = PassConfig()
     for _ in range(reps):
         fresh = copy.deepcopy(gm)
+        # A full collection first: the compile before leaves ~10^5 objects of garbage, and a
+        # generation-2 collection of it (0.4-1 s on this machine) would otherwise land in
+        # whichever rep triggers it -- Inductor's garbage, not the pass's cost.
+        gc.collect()
         start = time.perf_counter()
         report = run_passes(fresh.graph, config)
         times.append((time.perf_counter() - start) * 1e3)
