@@ -38,6 +38,9 @@ CASES = [
     (40, 40, [64, 32, 32, 96], torch.float16, True, 3),
     (70, 128, [32, 64], torch.float16, True, 7),
     (3, 64, [8, 24], torch.float16, False, 4),
+    # wide bands: launch_config's 128-column tiles (16 and 64 rows)
+    (2, 64, [16384, 16384], torch.float16, True, 16),
+    (65, 64, [8192, 8192], torch.float16, False, 16),
 ]
 TOL = 2.0**-6  # the GPU tests' bf16 GEMM tolerance (fp16 is well within it at these K)
 

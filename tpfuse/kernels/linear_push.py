@@ -256,7 +256,10 @@ def launch_config(tokens, k, widths, elem_size=2):
       against 2.57 TB/s for 32 x 256 tiles.
     - Otherwise BLOCK_N = 32 (BLOCK_K 256, 4 stages; the best measured for a
       3584-column band), and 16 where even 32-column tiles would leave more
-      than half of the SMs idle (no split-K yet).
+      than half of the SMs idle (no split-K yet); 64-row tiles take BLOCK_K
+      128 and 3 stages (as measured).
+    - Every config this returns has run on GPUs (the sweep or the first
+      benchmark and tests); keep it that way when changing it.
     - BLOCK_K shrinks until the pipeline's buffers (stages - 1 of them) hold at
       most PIPELINE_BYTES.  The grid is one block per SM (``grid_cap``): every
       block must be resident, since blocks wait for their peers.
@@ -267,11 +270,12 @@ def launch_config(tokens, k, widths, elem_size=2):
     m_tiles = -(-max(int(tokens), 1) // block_m)
     widest = max(widths)
     if m_tiles * -(-widest // 128) >= TARGET_TILES:
-        block_n, block_k, stages = 128, 128, 3
+        # 64-row tiles keep BLOCK_K 64: the config that ran at T=128 (128 not yet measured there)
+        block_n, block_k, stages = 128, 128 if block_m <= 32 else 64, 3
     else:
-        block_n, block_k, stages = 32, 256, 4
-        if m_tiles * -(-widest // 32) < TARGET_TILES // 2:
-            block_n = 16
+        block_n = 32 if m_tiles * -(-widest // 32) >= TARGET_TILES // 2 else 16
+        block_k = 128 if block_m == 64 else 256 if block_n == 32 else 512
+        stages = 4 if block_m + block_n <= 64 else 3
     while block_k > 64 and (block_m + block_n) * block_k * elem_size * (stages - 1) > PIPELINE_BYTES:
         block_k //= 2
     block_k = min(block_k, max(64, _next_pow2(k)))
