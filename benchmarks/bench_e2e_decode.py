@@ -11,7 +11,8 @@ Attention is left out: it has no hidden-axis gather and its KV-cache reads
 would only dilute the comparison in both columns alike.
 
 Both variants are ``torch.compile(mode="reduce-overhead")``; the only
-difference is ``tpfuse.enable()``.  Per T in {1, 8, 32, 128}: the step's time
+difference is ``tpfuse.enable()`` (``--fuse-linear`` adds a third variant with
+``tpfuse.enable(fuse_linear=True)``).  Per T in {1, 8, 32, 128}: the step's time
 (CUDA events over many CUDA-graph replays, median of repeats, slowest rank),
 the ratio off/on, and whether both variants sampled the same tokens.
 """
@@ -101,6 +102,9 @@ def main():
     parser.add_argument("--tokens", default="1,8,32,128")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--fuse-linear", action="store_true",
+                        help="a third column: tpfuse.enable(fuse_linear=True) (the LM head's linear + gather "
+                             "as one kernel where the cost rule picks it)")
     args = parser.parse_args()
 
     rank = int(os.environ["LOCAL_RANK"])
@@ -131,21 +135,36 @@ def main():
         t_on = time_step(on, h)
         tpfuse.disable()
         same = bool(torch.equal(tokens_on, tokens_off))
-        rows.append({"T": T, "off_us": t_off, "on_us": t_on, "speedup": t_off / t_on, "same_tokens": same,
-                     "rewrites": rewrites})
+        row = {"T": T, "off_us": t_off, "on_us": t_on, "speedup": t_off / t_on, "same_tokens": same,
+               "rewrites": rewrites}
+        if args.fuse_linear:
+            torch._dynamo.reset()
+            tpfuse.enable(fuse_linear=True)
+            fused = torch.compile(model, mode="reduce-overhead", dynamic=False)
+            tokens_fused = fused(h).clone()
+            row["fused_linear"] = [m.linear_fusion for m in tpfuse.report().matches]
+            row["fused_us"] = time_step(fused, h)
+            tpfuse.disable()
+            # the fused GEMM rounds like any bf16 GEMM, not like cuBLAS: report, do not require, equality
+            row["fused_same_tokens"] = bool(torch.equal(tokens_fused, tokens_off))
+        rows.append(row)
         if rank == 0 and rewrites == 0:
             print(f"WARNING T={T}: tpfuse rewrote nothing (a graph break around the gather?); "
                   "this row compares two identical programs", flush=True)
         if rank == 0:
             print(f"T={T}: off {t_off:.1f} us, on {t_on:.1f} us, x{t_off / t_on:.2f}, "
                   f"rewrites {rewrites}, same tokens {same}", flush=True)
+            if args.fuse_linear:
+                print(f"T={T}: fuse_linear {row['fused_us']:.1f} us, x{t_off / row['fused_us']:.2f}, "
+                      f"{row['fused_linear']}, same tokens {row['fused_same_tokens']}", flush=True)
 
     if rank == 0:
         print(f"\nTP decode step, W={W}, {card}, mode=reduce-overhead, CUDA-graph replay, median µs")
         print(f"{'T':>5} {'tpfuse off':>11} {'tpfuse on':>10} {'speedup':>8} {'rewrites':>9} {'same tokens':>12}")
         for r in rows:
             print(f"{r['T']:>5} {r['off_us']:>11.1f} {r['on_us']:>10.1f} {r['speedup']:>7.2f}x "
-                  f"{r['rewrites']:>9} {str(r['same_tokens']):>12}")
+                  f"{r['rewrites']:>9} {str(r['same_tokens']):>12}"
+                  + (f"   fuse_linear {r['fused_us']:.1f} us x{r['off_us'] / r['fused_us']:.2f}" if "fused_us" in r else ""))
         if args.out:
             os.makedirs(args.out, exist_ok=True)
             with open(os.path.join(args.out, f"e2e_w{W}.json"), "w") as f:

@@ -30,6 +30,14 @@ def linear_bias_gather_3d(x, w, b):
     return funcol.all_gather_tensor(torch.nn.functional.linear(x, w, b), gather_dim=2, group=dist.group.WORLD)
 
 
+def linear_gather_dim0_rearrange(x, w):
+    # the vocab gather as vLLM (and benchmarks/bench_e2e_decode.py) write it
+    y = x @ w.t()
+    tokens, shard = y.shape
+    stacked = funcol.all_gather_tensor(y, gather_dim=0, group=dist.group.WORLD)
+    return stacked.view(-1, tokens, shard).permute(1, 0, 2).reshape(tokens, -1)
+
+
 def linear_used_twice(x, w):
     y = x @ w.t()
     return funcol.all_gather_tensor(y, gather_dim=-1, group=dist.group.WORLD), y.sum()
@@ -94,6 +102,12 @@ linear_all_gather_hidden_default = tpfuse.linear_all_gather_hidden(arg1_1, arg0_
 return [linear_all_gather_hidden_default]""")
         self.assertExpectedInline(_decisions(rep), """fused [predicted_faster]: T=32 K=512 N_r=32768 W=2: predicted fused 21.3 us vs linear+gather 28.3 us (1.33x, threshold 1.20x; measured-v1 (4xH200, 2026-11-27))""")
         self.assertEqual(rep.near_misses, [])
+
+    def test_dim0_gather_then_rearrange_is_fused(self):
+        x, w = _wide()
+        text, rep = capture(linear_gather_dim0_rearrange, x, w, fuse_linear=True)
+        self.assertIn("tpfuse.linear_all_gather_hidden(arg1_1, arg0_1, None, [32768, 32768], '0')", text.split("after tpfuse")[1])
+        self.assertExpectedInline(_decisions(rep), """fused [predicted_faster]: T=32 K=512 N_r=32768 W=2: predicted fused 21.3 us vs linear+gather 28.3 us (1.33x, threshold 1.20x; measured-v1 (4xH200, 2026-11-27))""")
 
     def test_3d_with_bias_fused_and_reshaped(self):
         x = torch.randn(2, 16, WIDE_K, dtype=torch.bfloat16)
