@@ -332,7 +332,7 @@ def test_missing_peer_raises_instead_of_hanging(W):
 def _reduce_overhead(rank, W):
     """A compiled model under ``mode="reduce-overhead"`` whose *first* call sets up the
     workspace and whose later input grows the slots: both happen during CUDA-graph trees'
-    warm-up, on a side stream, so the graph pool never owns set-up tensors."""
+    warm-up, on a worker thread, so the graph pool never owns set-up tensors."""
     import torch.distributed as dist
 
     import tpfuse
