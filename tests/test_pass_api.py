@@ -118,7 +118,10 @@ def test_report_table_and_dump_files(tmp_path, monkeypatch):
         _, graph_report = capture(_funcol_gather, torch.randn(4, 16), torch.randn(8, 16))
     text = str(tpfuse.passes.Report([graph_report]))
     assert "split_cat" in text and "cat -> all_gather_hidden_default" in text
-    assert "entry barrier kept" in text  # the barrier decision always comes with its reason
+    # the table says what was decided; the "why" lines under it say why, per tpfuse gather
+    assert "| kept          | copied" in text
+    assert "    all_gather_hidden_default: entry barrier kept: no fence on group" in text
+    assert "result copied: the result (or a view of it) is a graph output" in text
     assert "mm(arg1_1 @ arg0_1.T)" in text
     (dump,) = tmp_path.iterdir()
     assert dump.name.startswith("rank0_graph") and dump == tmp_path / os.path.basename(graph_report.dump_path)

@@ -135,7 +135,7 @@ class Report:
             if g.matches:
                 lines.append(_table(
                     ("pattern", "output", "group", "widths", "dtype", "producer", "slot", "entry barrier",
-                     "zero-copy"),
+                     "result"),
                     [
                         (
                             m.pattern,
@@ -145,12 +145,14 @@ class Report:
                             str(m.dtype).removeprefix("torch."),
                             str(m.producer),
                             str(m.slot),
-                            ("skipped: " if m.skip_entry_sync else "") + m.reason,
-                            ("yes: " if m.zero_copy else "no: ") + m.zero_copy_reason,
+                            "skipped" if m.skip_entry_sync else "kept",
+                            "zero-copy" if m.zero_copy else "copied",
                         )
                         for m in g.matches
                     ],
                 ))
+                lines += _why([(m.tpfuse_gather or m.output, m.skip_entry_sync, m.reason, m.zero_copy,
+                                m.zero_copy_reason) for m in g.matches])
             fusions = [m for m in g.matches if m.linear_fusion is not None]
             if fusions:
                 lines.append(_table(("output", "producer", "fused linear"),
@@ -159,11 +161,12 @@ class Report:
             direct = [d for d in g.barriers if d.gather not in matched]
             if direct:
                 lines.append(_table(
-                    ("tpfuse gather", "group", "slot", "entry barrier", "zero-copy"),
-                    [(d.gather, repr(d.group_name), str(d.slot),
-                      ("skipped: " if d.skip_entry_sync else "") + d.reason,
-                      ("yes: " if d.zero_copy else "no: ") + d.zero_copy_reason) for d in direct],
+                    ("tpfuse gather", "group", "slot", "entry barrier", "result"),
+                    [(d.gather, repr(d.group_name), str(d.slot), "skipped" if d.skip_entry_sync else "kept",
+                      "zero-copy" if d.zero_copy else "copied") for d in direct],
                 ))
+                lines += _why([(d.gather, d.skip_entry_sync, d.reason, d.zero_copy, d.zero_copy_reason)
+                               for d in direct])
             if g.near_misses:
                 lines.append(_table(
                     ("near-miss pattern", "nodes", "reason"),
@@ -172,6 +175,16 @@ class Report:
             if g.dump_path:
                 lines.append(f"  dump: {g.dump_path}")
         return "\n".join(lines)
+
+
+def _why(rows: list[tuple[str, bool, str, bool, str]]) -> list[str]:
+    """The reasons behind the table's two decision columns, two lines per gather."""
+    out = ["  why:"]
+    for name, skipped, barrier, zero_copy, copy in rows:
+        barrier = barrier.removeprefix("entry barrier kept: ")
+        out += [f"    {name}: entry barrier {'skipped' if skipped else 'kept'}: {barrier}",
+                f"    {' ' * len(name)}  result {'zero-copy' if zero_copy else 'copied'}: {copy}"]
+    return out
 
 
 def _widths_text(widths: tuple[int, ...]) -> str:
