@@ -145,10 +145,10 @@ return [agh_default_2]
 ----
 agh_default: slot 0 (no unfenced gather on the group may run before it), keep
     entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still be reading the slot for a call before this graph
-    zero-copy: readers proven done before the slot is rewritten, not applied (the backend always copies out; docs/barrier_elision.md §8)
+    zero-copy: readers proven done before the slot is rewritten, not applied: zero_copy=False (experimental, off by default; docs/barrier_elision.md §8)
 agh_default_1: slot 1 (other slot than agh_default), SKIP
     after (a) exit barrier of agh_default; agh_default may run just before it on slot 0
-    zero-copy: readers proven done before the slot is rewritten, not applied (the backend always copies out; docs/barrier_elision.md §8)
+    zero-copy: readers proven done before the slot is rewritten, not applied: zero_copy=False (experimental, off by default; docs/barrier_elision.md §8)
 agh_default_2: slot 0 (other slot than agh_default_1), SKIP
     after (a) exit barrier of agh_default_1; earlier slot-0 users fenced: agh_default by (a) exit barrier of agh_default_1; agh_default_1 may run just before it on slot 1
     zero-copy: the result (or a view of it) is a graph output""")
@@ -171,13 +171,13 @@ agh: slot 0 (no unfenced gather on the group may run before it), keep
     zero-copy: no fence orders reader mul before the barrier-free push of agh_2 into the slot
 agh_1: slot 1 (other slot than agh), SKIP
     after (a) exit barrier of agh; agh may run just before it on slot 0
-    zero-copy: readers proven done before the slot is rewritten, not applied (the backend always copies out; docs/barrier_elision.md §8)
+    zero-copy: readers proven done before the slot is rewritten, not applied: zero_copy=False (experimental, off by default; docs/barrier_elision.md §8)
 agh_2: slot 0 (other slot than agh_1), SKIP
     after (a) exit barrier of agh_1; earlier slot-0 users fenced: agh by (a) exit barrier of agh_1; agh_1 may run just before it on slot 1
-    zero-copy: readers proven done before the slot is rewritten, not applied (the backend always copies out; docs/barrier_elision.md §8)
+    zero-copy: readers proven done before the slot is rewritten, not applied: zero_copy=False (experimental, off by default; docs/barrier_elision.md §8)
 agh_3: slot 1 (other slot than agh_2), SKIP
     after (a) exit barrier of agh_2; earlier slot-1 users fenced: agh_1 by (a) exit barrier of agh_2; agh_2 may run just before it on slot 0
-    zero-copy: readers proven done before the slot is rewritten, not applied (the backend always copies out; docs/barrier_elision.md §8)""")
+    zero-copy: readers proven done before the slot is rewritten, not applied: zero_copy=False (experimental, off by default; docs/barrier_elision.md §8)""")
 
     def test_result_escaping_as_graph_output_is_never_zero_copy(self):
         def escape(x, a, b):
@@ -265,7 +265,7 @@ return [agh_1]
 ----
 agh: slot 0 (no unfenced gather on the group may run before it), keep
     entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still be reading the slot for a call before this graph
-    zero-copy: readers proven done before the slot is rewritten, not applied (the backend always copies out; docs/barrier_elision.md §8)
+    zero-copy: readers proven done before the slot is rewritten, not applied: zero_copy=False (experimental, off by default; docs/barrier_elision.md §8)
 agh_1: slot 0 (no unfenced gather on the group may run before it), SKIP
     after (b) collective all_reduce on group '0'; earlier slot-0 users fenced: agh by (b) collective all_reduce on group '0'
     zero-copy: the result (or a view of it) is a graph output""")
@@ -284,7 +284,7 @@ return [agh_1]
 ----
 agh: slot 0 (no unfenced gather on the group may run before it), keep
     entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still be reading the slot for a call before this graph
-    zero-copy: readers proven done before the slot is rewritten, not applied (the backend always copies out; docs/barrier_elision.md §8)
+    zero-copy: readers proven done before the slot is rewritten, not applied: zero_copy=False (experimental, off by default; docs/barrier_elision.md §8)
 agh_1: slot 1 (other slot than agh), SKIP
     after (a) exit barrier of agh; agh may run just before it on slot 0
     zero-copy: the result (or a view of it) is a graph output""")
@@ -303,10 +303,10 @@ return [agh_2]
 ----
 agh: slot 0 (no unfenced gather on the group may run before it), keep
     entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still be reading the slot for a call before this graph
-    zero-copy: readers proven done before the slot is rewritten, not applied (the backend always copies out; docs/barrier_elision.md §8)
+    zero-copy: readers proven done before the slot is rewritten, not applied: zero_copy=False (experimental, off by default; docs/barrier_elision.md §8)
 agh_1: slot -1 (left to the op: no skipped barrier on the group relies on it), keep
     entry barrier kept: no fence on group '1' precedes it in the graph, so a peer may still be reading the slot for a call before this graph
-    zero-copy: readers proven done before the slot is rewritten, not applied (the backend always copies out; docs/barrier_elision.md §8)
+    zero-copy: readers proven done before the slot is rewritten, not applied: zero_copy=False (experimental, off by default; docs/barrier_elision.md §8)
 agh_2: slot 1 (other slot than agh), SKIP
     after (a) exit barrier of agh; agh may run just before it on slot 0
     zero-copy: the result (or a view of it) is a graph output""")
@@ -326,10 +326,10 @@ agh: slot 0 (no unfenced gather on the group may run before it), keep
     zero-copy: no fence orders reader sum_1 before the barrier-free push of agh_2 into the slot
 agh_1: slot 1 (other slot than agh), SKIP
     after (a) exit barrier of agh; agh may run just before it on slot 0
-    zero-copy: readers proven done before the slot is rewritten, not applied (the backend always copies out; docs/barrier_elision.md §8)
+    zero-copy: readers proven done before the slot is rewritten, not applied: zero_copy=False (experimental, off by default; docs/barrier_elision.md §8)
 agh_2: slot 0 (other slot than agh_1), SKIP
     after (a) exit barrier of agh_1; earlier slot-0 users fenced: agh by (a) exit barrier of agh_1; agh_1 may run just before it on slot 1
-    zero-copy: readers proven done before the slot is rewritten, not applied (the backend always copies out; docs/barrier_elision.md §8)""")
+    zero-copy: readers proven done before the slot is rewritten, not applied: zero_copy=False (experimental, off by default; docs/barrier_elision.md §8)""")
 
     def test_a_gather_of_zero_tokens_is_no_fence(self):
         with fake_world(W):
@@ -341,7 +341,7 @@ return [agh_1]
 ----
 agh: slot -1 (left to the op: no skipped barrier on the group relies on it), keep
     entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still be reading the slot for a call before this graph
-    zero-copy: readers proven done before the slot is rewritten, not applied (the backend always copies out; docs/barrier_elision.md §8)
+    zero-copy: readers proven done before the slot is rewritten, not applied: zero_copy=False (experimental, off by default; docs/barrier_elision.md §8)
 agh_1: slot -1 (left to the op: no skipped barrier on the group relies on it), keep
     entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still be reading the slot for a call before this graph
     zero-copy: the result (or a view of it) is a graph output""")
@@ -386,7 +386,7 @@ return [agh_1]
 ----
 agh: slot 0 (no unfenced gather on the group may run before it), keep
     entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still be reading the slot for a call before this graph
-    zero-copy: readers proven done before the slot is rewritten, not applied (the backend always copies out; docs/barrier_elision.md §8)
+    zero-copy: readers proven done before the slot is rewritten, not applied: zero_copy=False (experimental, off by default; docs/barrier_elision.md §8)
 agh_1: slot 1 (other slot than agh), SKIP
     after (a) exit barrier of agh; agh may run just before it on slot 0
     zero-copy: the result (or a view of it) is a graph output""")
@@ -410,7 +410,7 @@ return [agh_1]
 ----
 agh: slot -1 (left to the op: no skipped barrier on the group relies on it), keep
     entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still be reading the slot for a call before this graph
-    zero-copy: readers proven done before the slot is rewritten, not applied (the backend always copies out; docs/barrier_elision.md §8)
+    zero-copy: readers proven done before the slot is rewritten, not applied: zero_copy=False (experimental, off by default; docs/barrier_elision.md §8)
 agh_1: slot -1 (left to the op: no skipped barrier on the group relies on it), keep
     entry barrier kept: no fence on group '0' precedes it in the graph (agh precedes it but may launch nothing: token count not provably > 0), so a peer may still be reading the slot for a call before this graph
     zero-copy: the result (or a view of it) is a graph output""")
@@ -430,7 +430,7 @@ return [agh_1]
 ----
 agh: slot 0 (no unfenced gather on the group may run before it), keep
     entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still be reading the slot for a call before this graph
-    zero-copy: readers proven done before the slot is rewritten, not applied (the backend always copies out; docs/barrier_elision.md §8)
+    zero-copy: readers proven done before the slot is rewritten, not applied: zero_copy=False (experimental, off by default; docs/barrier_elision.md §8)
 agh_1: slot 1 (other slot than agh), SKIP
     after (a) exit barrier of agh; agh may run just before it on slot 0
     zero-copy: the result (or a view of it) is a graph output""")
@@ -529,7 +529,7 @@ return [agh_1, relu, permute_1, permute_2]
 ----
 agh: slot 0 (no unfenced gather on the group may run before it), keep
     entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still be reading the slot for a call before this graph
-    zero-copy: readers proven done before the slot is rewritten, not applied (the backend always copies out; docs/barrier_elision.md §8)
+    zero-copy: readers proven done before the slot is rewritten, not applied: zero_copy=False (experimental, off by default; docs/barrier_elision.md §8)
 agh_1: slot 0 (no unfenced gather on the group may run before it), SKIP
     after (b) collective reduce_scatter_tensor on group '0'; earlier slot-0 users fenced: agh by (b) collective reduce_scatter_tensor on group '0'
     zero-copy: the result (or a view of it) is a graph output
@@ -541,7 +541,7 @@ return [None, mm_4, mm_2]
 ----
 agh_default: slot 0 (no unfenced gather on the group may run before it), SKIP
     after (b) collective reduce_scatter_hidden on group '0'
-    zero-copy: readers proven done before the slot is rewritten, not applied (the backend always copies out; docs/barrier_elision.md §8)""")
+    zero-copy: readers proven done before the slot is rewritten, not applied: zero_copy=False (experimental, off by default; docs/barrier_elision.md §8)""")
 
 
 # --------------------------------------------------------------------------- fake CUDA graphs
@@ -688,7 +688,12 @@ def _gpu_stress_plumbing(rank, world_size):
     refs = [(reference(*x, *spins).clone(),) for x in xs]
     elided = stress._compile(chain, (*xs[0], *spins), elide=True)
     decisions = stress._decisions()
-    return {"decisions": decisions, "bad": stress._run_loop(elided, xs, refs, spins, 6, rank, seed=1)}
+    bad = stress._run_loop(elided, xs, refs, spins, 6, rank, seed=1)
+    import tpfuse
+
+    stress._compile(chain, (*xs[0], *spins), elide=True, zero_copy=True)  # test_zero_copy_chain_is_bit_exact
+    zero_copy = [d.zero_copy for g in tpfuse.report().graphs for d in g.barriers]
+    return {"decisions": decisions, "bad": bad, "zero_copy": zero_copy}
 
 
 def test_gloo_compiled_with_elided_barriers_equals_eager(tmp_path):
@@ -697,7 +702,9 @@ def test_gloo_compiled_with_elided_barriers_equals_eager(tmp_path):
     for rank, results in enumerate(run_ranks(2, _elided_equals_eager, str(tmp_path), timeout=600)):
         # the GPU stress test's graph, on gloo: it compiles and decides as that test expects
         plumbing = results.pop("gpu_stress_plumbing")
+        zero_copy = plumbing.pop("zero_copy")
         assert plumbing == {"decisions": [(0, False), (1, True), (0, True), (1, True)], "bad": 0}, plumbing
+        assert any(zero_copy) and len(zero_copy) == 4, zero_copy  # what the GPU zero-copy test relies on
         for run, r in results.items():
             assert r["equal"], (rank, run, r)
         on, off, again = results[0], results[1], results[2]
@@ -716,3 +723,68 @@ def test_elide_barriers_is_part_of_the_cache_key():
     assert make_config().elide_barriers is True
     assert TpfusePass(PassConfig()).uuid() != TpfusePass(PassConfig(elide_barriers=False)).uuid()
     assert TpfusePass(PassConfig()).uuid() == TpfusePass(make_config(elide_barriers=True)).uuid()
+
+
+def _relu_twice_of_gather(x, wt):
+    g = funcol.all_gather_tensor(x @ wt.t(), gather_dim=1, group=dist.group.WORLD)
+    return torch.relu(g) * 2  # a pointwise reader Inductor would like to run in place
+
+
+def test_zero_copy_result_is_never_recycled_by_inductor():
+    """The hazard and its fix, in Inductor's generated code.  The one gather's only reader is
+    inside the graph and nothing writes its slot later: zero-copy is proven.  Left alone,
+    Inductor runs the reader *in place* in the op's output buffer (``# reuse``), which with
+    zero-copy would be the symmetric slot, returned as the graph output.  The lowering
+    (compile_ops/inductor_lowering.py) puts a zero-copy result in ``never_reuse_buffers``."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    import tpfuse
+
+    codes, decisions = {}, {}
+    with fake_world(W):
+        for zero_copy in (False, True):
+            torch._dynamo.reset()
+            with inductor_config.patch(fx_graph_cache=False):
+                fn = torch.compile(_relu_twice_of_gather, fullgraph=True, backend=tpfuse.backend(zero_copy=zero_copy))
+                _, (code, *_) = run_and_get_code(fn, torch.randn(4, 16), torch.randn(w, 16))
+            codes[zero_copy] = code[code.index("def call("):]
+            decisions[zero_copy] = [(m.zero_copy, m.zero_copy_reason) for m in tpfuse.report().matches]
+    assert decisions[True] == [(True, "readers proven done before the slot is rewritten: the result is a view of "
+                                      "the slot")], decisions
+    assert decisions[False][0][0] is False and "zero_copy=False" in decisions[False][0][1], decisions
+    (out_buf,) = re.findall(r"(buf\d+) = torch\.ops\.tpfuse\.all_gather_hidden", codes[True])
+    assert "zero_copy=True" in codes[True]
+    # without zero-copy Inductor recycles the op's output (the hazard the lowering prevents) ...
+    assert re.search(r"= buf\d+; del buf\d+  # reuse", codes[False]), codes[False]
+    # ... with it, no buffer that aliases the op's output is reused or written in place
+    aliases = {out_buf} | set(re.findall(rf"(buf\d+) = {out_buf}\b", codes[True]))
+    for name in aliases:
+        assert not re.search(rf"= {name}; del {name}  # reuse", codes[True]), codes[True]
+    assert "# reuse" not in codes[True], codes[True]
+
+
+def test_zero_copy_is_off_by_default_and_in_the_cache_key():
+    from tpfuse.passes import TpfusePass
+    from tpfuse.passes.manager import PassConfig, make_config
+
+    assert make_config().zero_copy is False
+    assert TpfusePass(PassConfig()).uuid() != TpfusePass(PassConfig(zero_copy=True)).uuid()
+
+
+def _all_reduce_reads_the_gather(x, wt):
+    g = gather(x @ wt.t())
+    return funcol.all_reduce(g, "sum", dist.group.WORLD) * 2
+
+
+def test_zero_copy_refused_where_inductor_would_reinplace_a_reader():
+    """A funcol all_reduce that reads the gather's result is turned into ``all_reduce_`` on that
+    very buffer by Inductor's reinplacing, which runs after the tpfuse passes: with zero-copy
+    it would write the slot.  The pass refuses zero-copy and says why."""
+    with fake_world(W):
+        _, rep = capture(_all_reduce_reads_the_gather, torch.randn(4, w), torch.randn(w, w), zero_copy=True)
+    (d,) = rep.barriers
+    assert d.zero_copy is False
+    assert re.fullmatch(r"reader all_reduce\S* \(_c10d_functional\.all_reduce\.default\) may become an in-place "
+                        r"write into the slot \(Inductor's reinplacing runs after this pass\)", d.zero_copy_reason), d
+

@@ -155,7 +155,7 @@ class ForceSlotZeroSkip:
         return "tpfuse-stress-force-slot0-skip"
 
 
-def _compile(fn, example, elide, force=False):
+def _compile(fn, example, elide, force=False, zero_copy=False):
     """``torch.compile`` with the tpfuse passes, compiled now by a first call on ``example``.
 
     ``force`` chains ``ForceSlotZeroSkip`` after the tpfuse passes (tpfuse.backend runs
@@ -165,7 +165,7 @@ def _compile(fn, example, elide, force=False):
     import tpfuse
 
     torch._dynamo.reset()
-    compiled = torch.compile(fn, fullgraph=True, backend=tpfuse.backend(elide_barriers=elide))
+    compiled = torch.compile(fn, fullgraph=True, backend=tpfuse.backend(elide_barriers=elide, zero_copy=zero_copy))
     with inductor_config.patch(post_grad_custom_post_pass=ForceSlotZeroSkip() if force else None):
         compiled(*example)
     return compiled
@@ -290,6 +290,35 @@ def _chain_body(rank, W, iters):
     return results
 
 
+def _zero_copy_chain_body(rank, W, iters):
+    """The chain with ``zero_copy=True``: gathers whose readers are proven done before their
+    slot is rewritten return views of the slot; the rest copy.  Random delays as above."""
+    import tpfuse
+
+    _setup(rank)
+    results = {}
+    for name, T, base in (("small", 16, 1024), ("multi_chunk", 2048, 4096)):
+        widths = [base + 256 * r for r in range(W)]
+        chain = make_chain(rank, widths)
+        xs = [(_inputs(1000 * j + T, T, widths, rank)[0],) for j in range(POOL)]
+        spins = [torch.zeros((), dtype=torch.int64) for _ in range(4)]
+        reference = _compile(chain, (*xs[0], *spins), elide=False)
+        refs = [(reference(*x, *spins).clone(),) for x in xs]
+        _quiesce()
+        zero_copy = _compile(chain, (*xs[0], *spins), elide=True, zero_copy=True)
+        results[f"{name}/zero_copy"] = [d.zero_copy for g in tpfuse.report().graphs for d in g.barriers]
+        _quiesce()
+        results[f"{name}/bad"] = _run_loop(zero_copy, xs, refs, spins, iters, rank, seed=5)
+        for c in spins:
+            c.zero_()
+        _quiesce()
+        elided = _compile(chain, (*xs[0], *spins), elide=True)
+        for label, fn in (("us_copy", elided), ("us_zero_copy", zero_copy)):
+            results[f"{name}/{label}"] = _graph_time(fn, (*xs[0], *spins))
+            _quiesce()
+    return results
+
+
 def _slot_reader_body(rank, W, iters):
     _setup(rank)
     T = 512
@@ -350,3 +379,19 @@ def test_forced_skip_corrupts(W):
     corrupted = sum(r["forced_skip"] for r in results)
     print(f"\nnegative control W={W}: {corrupted} corrupted outputs over {iters} iterations x {W} ranks")
     assert corrupted > 0, "forcing the refused skip corrupted nothing: the stress test cannot detect the race"
+
+
+@pytest.mark.parametrize("W", [2, 4])
+def test_zero_copy_chain_is_bit_exact(W):
+    """``tpfuse.backend(zero_copy=True)`` (experimental, off by default): bit-exact under the
+    same random delays, and the time the skipped copy-outs save."""
+    _needs(W)
+    results = run_ranks(W, _zero_copy_chain_body, ITERS, backend="nccl", timeout=600)
+    print(f"\n{torch.cuda.get_device_name(0)}, torch {torch.__version__}, W={W}, {ITERS} iterations, zero-copy")
+    for rank, r in enumerate(results):
+        for name in ("small", "multi_chunk"):
+            assert any(r[f"{name}/zero_copy"]), f"rank {rank} {name}: the pass proved no zero-copy: {r}"
+            assert r[f"{name}/bad"] == 0, f"rank {rank} {name}: {r[f'{name}/bad']} corrupted outputs with zero-copy"
+            print(f"rank {rank} {name}: zero-copy gathers {r[f'{name}/zero_copy']}, µs per chain "
+                  f"{r[f'{name}/us_copy']:.1f} copied -> {r[f'{name}/us_zero_copy']:.1f} zero-copy")
+

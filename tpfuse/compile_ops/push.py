@@ -118,12 +118,13 @@ def gather_hidden(
     skip_entry_sync: bool = False,
     zero_copy: bool = False,
 ) -> torch.Tensor:
-    """``cat([x_0, ..., x_{W-1}], dim=-1)`` through symmetric memory. Returns a fresh tensor.
+    """``cat([x_0, ..., x_{W-1}], dim=-1)`` through symmetric memory.
 
-    ``zero_copy`` is accepted but not used yet: the result is always copied out
-    of the symmetric buffer into memory the caller owns (CONTEXT §2.1).
+    Returns a fresh tensor the caller owns (CONTEXT §2.1), or, with ``zero_copy``
+    (a permission only the barrier-elision pass grants, having proven every reader
+    done before the slot is written again), a view of the symmetric slot.
     """
-    return _launch(x, hidden_widths, group, backend, slot, skip_entry_sync, copy_out=True)
+    return _launch(x, hidden_widths, group, backend, slot, skip_entry_sync, copy_out=not zero_copy)
 
 
 def gather_into_slot(x, hidden_widths, group, slot, skip_entry_sync=False, _exit_sync=True):

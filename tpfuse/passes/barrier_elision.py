@@ -51,6 +51,7 @@ it is not applied are recorded.
 
 from __future__ import annotations
 
+import functools
 import operator
 from dataclasses import dataclass, replace
 
@@ -65,7 +66,7 @@ aten = torch.ops.aten
 #: The reason recorded for every gather when ``tpfuse.enable(elide_barriers=False)``.
 ELISION_OFF = "entry barrier kept: barrier elision disabled (elide_barriers=False)"
 ZERO_COPY_NOT_APPLIED = (
-    "not applied (the backend always copies out; docs/barrier_elision.md §8)"
+    "not applied: zero_copy=False (experimental, off by default; docs/barrier_elision.md §8)"
 )
 
 
@@ -347,7 +348,7 @@ class _Order:
 # --------------------------------------------------------------------------- decide
 
 
-def decide_barriers(graph: Graph, elide: bool = True) -> list[BarrierDecision]:
+def decide_barriers(graph: Graph, elide: bool = True, zero_copy: bool = False) -> list[BarrierDecision]:
     """One decision per ``tpfuse::all_gather_hidden`` node, in graph order (changes nothing)."""
     gathers = [n for n in graph.nodes if _is_gather(n)]
     if not elide:
@@ -366,11 +367,12 @@ def decide_barriers(graph: Graph, elide: bool = True) -> list[BarrierDecision]:
     decisions = {}
     for key in dict.fromkeys(_key_of_gather(g) for g in gathers):
         on_key = [g for g in gathers if _key_of_gather(g) == key]
-        decisions.update(_decide_group(on_key, key_masks.get(key, 0), order))
+        decisions.update(_decide_group(on_key, key_masks.get(key, 0), order, zero_copy))
     return [decisions[g.name] for g in gathers]
 
 
-def _decide_group(gathers: list[Node], fences: int, order: _Order) -> dict[str, BarrierDecision]:
+def _decide_group(gathers: list[Node], fences: int, order: _Order, allow_zero_copy: bool = False
+                  ) -> dict[str, BarrierDecision]:
     group = str(_arg(gathers[0], 2, "group_name"))
     # The gathers that may run before g with no fence between: g's slot must differ from theirs.
     unfenced = {
@@ -399,7 +401,7 @@ def _decide_group(gathers: list[Node], fences: int, order: _Order) -> dict[str, 
         slot_reason = {g: "left to the op: no skipped barrier on the group relies on it" for g in gathers}
     out = {}
     for g in gathers:
-        zero_copy, zc_reason = _decide_zero_copy(g, gathers, slot, skip, fences, order)
+        zero_copy, zc_reason = _decide_zero_copy(g, gathers, slot, skip, fences, order, allow_zero_copy)
         out[g.name] = BarrierDecision(g.name, group, slot[g], slot_reason[g], skip[g], proofs[g][1],
                                       zero_copy, zc_reason)
     return out
@@ -451,7 +453,28 @@ def _readers(node: Node) -> tuple[list[Node], bool]:
     return readers, escapes
 
 
-def _decide_zero_copy(g, gathers, slot, skip, fences, order) -> tuple[bool, str]:
+@functools.lru_cache(maxsize=None)
+def _reinplaceable_targets() -> frozenset | None:
+    """The ops Inductor's ``reinplace_inplaceable_ops`` (after the custom post-grad pass) may turn
+    into in-place writes on their input; None where this torch does not say."""
+    try:
+        from torch._inductor.fx_passes import reinplace
+    except ImportError:  # pragma: no cover
+        return None
+    names = ("inplaceable_ops", "inplaceable_foreach_ops", "inplaceable_triton_ops")
+    if not all(hasattr(reinplace, n) for n in names):  # pragma: no cover - another torch
+        return None
+    return frozenset(t for n in names for t in getattr(reinplace, n))
+
+
+def _may_be_reinplaced(node: Node) -> bool:
+    targets = _reinplaceable_targets()
+    if targets is None:  # cannot tell: assume the worst
+        return True
+    return node.target in targets or "auto_functionalized" in str(node.target)
+
+
+def _decide_zero_copy(g, gathers, slot, skip, fences, order, allow=False) -> tuple[bool, str]:
     """Could ``g``'s result be a view of its slot?  Every reader must be inside the graph and
     finished on every rank before any peer pushes into the slot again: before each later
     same-slot gather K in stream order when K keeps its entry barrier (reader -> K), behind
@@ -460,6 +483,10 @@ def _decide_zero_copy(g, gathers, slot, skip, fences, order) -> tuple[bool, str]
     readers, escapes = _readers(g)
     if escapes:
         return False, "the result (or a view of it) is a graph output"
+    writer = next((r for r in readers if _may_be_reinplaced(r)), None)
+    if writer is not None:
+        return False, (f"reader {writer.name} ({writer.target}) may become an in-place write into the "
+                       "slot (Inductor's reinplacing runs after this pass)")
     for k in gathers:
         # slot -1: the op alternates at run time, so any later gather may reuse g's slot
         same_slot = slot[g] < 0 or slot[k] == slot[g]
@@ -472,7 +499,11 @@ def _decide_zero_copy(g, gathers, slot, skip, fences, order) -> tuple[bool, str]
                                    f"barrier-free push of {k.name} into the slot")
             elif not order.before(r, k):
                 return False, f"reader {r.name} may run after {k.name} writes the slot"
-    return False, f"readers proven done before the slot is rewritten, {ZERO_COPY_NOT_APPLIED}"
+    if g.target is not _tpfuse("all_gather_hidden"):
+        return False, "readers proven done before the slot is rewritten; the fused linear op always copies out"
+    if not allow:
+        return False, f"readers proven done before the slot is rewritten, {ZERO_COPY_NOT_APPLIED}"
+    return True, "readers proven done before the slot is rewritten: the result is a view of the slot"
 
 
 # --------------------------------------------------------------------------- apply

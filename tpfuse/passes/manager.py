@@ -26,6 +26,7 @@ import torch
 from torch.fx import Graph
 
 from . import patterns as pattern_registry
+from ..compile_ops import inductor_lowering
 from .dynamo_compat import allow_funcol_gather_tracing
 from .barrier_elision import apply_barrier_decisions, attach_to_matches, decide_barriers
 from .hidden_gather import find_hidden_gathers, rewrite_hidden_gathers
@@ -54,7 +55,11 @@ class PassConfig:
         (barrier_elision.py); False leaves every gather with both barriers.
     fuse_linear: rewrite a column linear + gather into ``tpfuse::linear_all_gather_hidden``
         where the cost rule predicts a gain (linear_fusion.py).  Off by default: the
-        rule's thresholds are predictions, not yet measurements.
+        measured gain is small (docs/benchmarks.md).
+    zero_copy: where the pass proves every reader of a gather's result finishes before its
+        slot is written again, let the op return a view of the slot (no copy-out).
+        Experimental and off by default until the GPU stress test has run with it
+        (docs/barrier_elision.md §8).
     """
 
     dry_run: bool = False
@@ -63,6 +68,7 @@ class PassConfig:
     dump_dir: str | None = None
     elide_barriers: bool = True
     fuse_linear: bool = False
+    zero_copy: bool = False
 
     def cache_key(self) -> str:
         # dump_dir only decides where text goes, never what the graph becomes.
@@ -192,7 +198,7 @@ def run_passes(graph: Graph, config: PassConfig) -> GraphReport:
     ops = (torch.ops.tpfuse.all_gather_hidden.default, torch.ops.tpfuse.linear_all_gather_hidden.default)
     if not config.dry_run and any(n.target in ops for n in graph.nodes):  # most graphs have none
         # After the rewrite: decide slot / entry barrier / zero-copy of every tpfuse gather.
-        barriers = decide_barriers(graph, elide=config.elide_barriers)
+        barriers = decide_barriers(graph, elide=config.elide_barriers, zero_copy=config.zero_copy)
         apply_barrier_decisions(graph, barriers)
         matches = attach_to_matches(graph, matches, barriers)
 
@@ -293,6 +299,7 @@ def enable(**config: Any) -> None:
     ``torch._dynamo.reset()`` for that)."""
     cfg = make_config(**config)
     allow_funcol_gather_tracing()
+    inductor_lowering.register()
     ic = _inductor_config()
     ic.post_grad_custom_post_pass = TpfusePass(cfg, _without_tpfuse(ic.post_grad_custom_post_pass))
     reset_report()
@@ -327,6 +334,7 @@ def backend(inner: str = "inductor", **config: Any):
     ``inner="aot_eager"``: AOTAutograd graphs, rewritten, run eagerly (no Inductor)."""
     cfg = make_config(**config)
     allow_funcol_gather_tracing()
+    inductor_lowering.register()
     if inner == "inductor":
         def tpfuse_inductor(gm, example_inputs):
             from torch._inductor.compile_fx import compile_fx
