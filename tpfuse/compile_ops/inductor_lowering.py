@@ -37,6 +37,7 @@ def register() -> None:
 
     op = torch.ops.tpfuse.all_gather_hidden.default
     extern = fallback_handler(op, add_to_fallback_set=False)
+    _keep_default_layout_constraint(op)
 
     @register_lowering(op, type_promotion_kind=None)
     def all_gather_hidden(*args, **kwargs):
@@ -46,3 +47,19 @@ def register() -> None:
         return out
 
     _registered = True
+
+
+def _keep_default_layout_constraint(op) -> None:
+    """Inductor's implicit fallback for a custom op also registers the default layout
+    constraint of custom ops; an explicit lowering skips that, so register it here
+    (best effort: the op accepts any strides, this only keeps the layout as before)."""
+    try:
+        from torch._inductor.lowering import add_layout_constraint, tag_to_layout_constraint
+        from torch._library.utils import get_layout_constraint_tag
+
+        constraint = tag_to_layout_constraint(get_layout_constraint_tag(op, with_default=True))
+    except Exception:  # noqa: BLE001 - another torch: leave the layout to Inductor
+        return
+    if constraint is not None:
+        add_layout_constraint(op, constraint)
+
