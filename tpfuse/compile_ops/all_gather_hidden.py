@@ -99,7 +99,11 @@ def _all_gather_hidden_impl(
     if backend in (Backend.GLOO, Backend.NCCL):
         return collective.gather_hidden(x, hidden_widths, group)
     from . import push  # the GPU data path; imported only when chosen
+    from .inductor_lowering import is_registered
 
+    # A view of the slot is safe only where Inductor is kept from recycling it (tpfuse.enable()
+    # and backend() install that lowering); anywhere else the permission is ignored.
+    zero_copy = zero_copy and is_registered()
     return push.gather_hidden(x, hidden_widths, group, backend, slot, skip_entry_sync, zero_copy)
 
 

@@ -20,6 +20,11 @@ import torch
 _registered = False
 
 
+def is_registered() -> bool:
+    """Whether Inductor would keep a zero-copy result's storage; the op copies out otherwise."""
+    return _registered
+
+
 def _zero_copy(args, kwargs) -> bool:
     # schema: (x, hidden_widths, group_name, slot=-1, skip_entry_sync=False, zero_copy=False)
     if "zero_copy" in kwargs:
