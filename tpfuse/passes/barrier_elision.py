@@ -42,11 +42,12 @@ while we still copy that gather out.
 run before); the skip rule above is then checked on the final assignment,
 so the assignment is a heuristic and the check is the proof.
 
-**Zero-copy** is decided (every reader internal, finished before the slot can
-be written again) but never applied: Inductor treats the op's output as fresh
-memory and may reuse it or write into it in place (``allow_buffer_reuse``,
-``inplace_buffers``), and push.py copies out regardless.  The decision and why
-it is not applied are recorded.
+**Zero-copy** is proven when every reader is internal, finished before the slot
+can be written again, and not an op Inductor's later reinplacing could turn into
+a write on it.  It is applied only with ``tpfuse.enable(zero_copy=True)``
+(experimental, off by default); the op's lowering (compile_ops/inductor_lowering.py)
+then keeps Inductor from reusing the result's storage.  Either way the decision
+and its reason are recorded.
 """
 
 from __future__ import annotations
