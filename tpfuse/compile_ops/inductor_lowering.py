@@ -15,7 +15,11 @@ Registered by ``tpfuse.enable()``, ``enabled()`` and ``backend()``.
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+log = logging.getLogger(__name__)
 
 _registered = False
 
@@ -37,8 +41,12 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    from torch._inductor.lowering import fallback_handler, register_lowering
-    from torch._inductor.virtualized import V
+    try:
+        from torch._inductor.lowering import fallback_handler, register_lowering
+        from torch._inductor.virtualized import V
+    except ImportError as err:  # pragma: no cover - another torch: zero-copy stays unavailable
+        log.warning("tpfuse: no Inductor lowering for the gather (%s); zero_copy will be ignored", err)
+        return
 
     op = torch.ops.tpfuse.all_gather_hidden.default
     extern = fallback_handler(op, add_to_fallback_set=False)
