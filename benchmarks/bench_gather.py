@@ -63,6 +63,14 @@ def make_methods(group, x, widths):
             "tpfuse_elided": tpfuse_elided}
 
 
+def torchrun_group():
+    """Under torchrun: this rank's GPU, the NCCL default group, its tpfuse Group, the card's name."""
+    rank = int(os.environ["LOCAL_RANK"])
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", device_id=torch.device("cuda", rank))
+    return rank, resolve_group(dist.group.WORLD.group_name), torch.cuda.get_device_name()
+
+
 def quiesce():
     torch.cuda.synchronize()
     dist.barrier()
@@ -246,12 +254,8 @@ def main():
                         help="rows TxW (e.g. 1x4096,32x4096) split into launch / data / barrier / copy-out costs")
     args = parser.parse_args()
 
-    rank = int(os.environ["LOCAL_RANK"])
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", device_id=torch.device("cuda", rank))
-    group = resolve_group(dist.group.WORLD.group_name)
+    rank, group, card = torchrun_group()
     W = group.world_size
-    card = torch.cuda.get_device_name()
     nccl = ".".join(map(str, torch.cuda.nccl.version()))
     import triton
 

@@ -38,11 +38,10 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_gather import quiesce, time_graph  # noqa: E402
+from bench_gather import quiesce, time_graph, torchrun_group  # noqa: E402
 
 from tpfuse.compile_ops import collective, linear_cost, linear_push, push  # noqa: E402
 from tpfuse.compile_ops.dispatch import Backend  # noqa: E402
-from tpfuse.compile_ops.groups import resolve_group  # noqa: E402
 from tpfuse.kernels.linear_push import launch_config  # noqa: E402
 
 #: name -> (K, full output width N; N_r = N / W)
@@ -96,12 +95,8 @@ def main():
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
 
-    rank = int(os.environ["LOCAL_RANK"])
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", device_id=torch.device("cuda", rank))
-    group = resolve_group(dist.group.WORLD.group_name)
+    rank, group, card = torchrun_group()
     W = group.world_size
-    card = torch.cuda.get_device_name()
     nccl = ".".join(map(str, torch.cuda.nccl.version()))
     import triton
 

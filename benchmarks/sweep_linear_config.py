@@ -28,12 +28,11 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_gather import quiesce, time_graph  # noqa: E402
+from bench_gather import quiesce, time_graph, torchrun_group  # noqa: E402
 from bench_linear_gather import SHAPES  # noqa: E402
 
 from tpfuse.compile_ops import linear_push, workspace  # noqa: E402
 from tpfuse.compile_ops.dispatch import Backend  # noqa: E402
-from tpfuse.compile_ops.groups import resolve_group  # noqa: E402
 from tpfuse.kernels import linear_push as kernels  # noqa: E402
 
 CONFIGS = [(32, 256, 4, 4), (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 3), (128, 64, 8, 4),
@@ -45,12 +44,8 @@ def main():
     parser.add_argument("--cases", default="lm_head_4096:1,lm_head_4096:32,llama8b_mlp:1,llama8b_mlp:32")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    rank = int(os.environ["LOCAL_RANK"])
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", device_id=torch.device("cuda", rank))
-    group = resolve_group(dist.group.WORLD.group_name)
+    rank, group, card = torchrun_group()
     W = group.world_size
-    card = torch.cuda.get_device_name()
     original = kernels.launch_config
     rows = []
     for case in args.cases.split(","):
@@ -91,7 +86,6 @@ def main():
                 print(f"{case:16s} BN={bn:4d} BK={bk:4d} warps={warps} stages={stages} | fused {us:7.1f} us "
                       f"({gbs:6.0f} GB/s of weight) | cuBLAS alone {cublas:7.1f} us | correct {ok}", flush=True)
         kernels.launch_config = original
-        del weight
         torch.cuda.empty_cache()
     if rank == 0 and args.out:
         os.makedirs(args.out, exist_ok=True)
