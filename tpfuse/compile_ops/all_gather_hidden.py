@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from . import collective
+from . import collective, inductor_lowering
 from .dispatch import Backend, check_device_matches_group, check_dtype, choose_backend
 from .groups import Group, group_name_of, resolve_group
 
@@ -99,11 +99,10 @@ def _all_gather_hidden_impl(
     if backend in (Backend.GLOO, Backend.NCCL):
         return collective.gather_hidden(x, hidden_widths, group)
     from . import push  # the GPU data path; imported only when chosen
-    from .inductor_lowering import is_registered
 
     # A view of the slot is safe only where Inductor is kept from recycling it (tpfuse.enable()
     # and backend() install that lowering); anywhere else the permission is ignored.
-    zero_copy = zero_copy and is_registered()
+    zero_copy = zero_copy and inductor_lowering.is_registered()
     return push.gather_hidden(x, hidden_widths, group, backend, slot, skip_entry_sync, zero_copy)
 
 
