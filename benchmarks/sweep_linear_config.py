@@ -10,7 +10,12 @@ alternative ``launch_config`` results, next to cuBLAS alone, for decode
 shapes.  Configs are (BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_M
 stays ``launch_config``'s (T rounded up, 16..64).  The grid (one block
 per SM, ``grid_cap``) is unchanged: every block must stay resident for the
-barriers, and configs beyond ~100 KiB of pipeline buffers are skipped.
+barriers; configs beyond ``--budget-kib`` of pipeline buffers are skipped, and
+ones that do not compile (shared memory) are reported and skipped.
+
+``--diag`` times ``launch_config``'s config with parts of the kernel left out
+(the pushes to the peers, the copy-out of their bands, the exit barrier):
+where the time beyond the weight stream goes.  Racy variants, timings only.
 """
 
 import os
@@ -20,6 +25,7 @@ os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
 os.environ["NVSHMEM_DISABLE_NVLS"] = "1"
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 
@@ -35,6 +41,10 @@ from tpfuse.compile_ops import linear_push, workspace  # noqa: E402
 from tpfuse.compile_ops.dispatch import Backend  # noqa: E402
 from tpfuse.kernels import linear_push as kernels  # noqa: E402
 
+#: --diag: what each floor diagnostic leaves out of the kernel (label, constexprs, exit barrier)
+DIAGNOSTICS = [("full", {}, True), ("no copy-out", {"COPY_OUT": False}, True),
+               ("no push", {"PUSH": False}, True), ("no push, no copy-out", {"PUSH": False, "COPY_OUT": False}, True),
+               ("GEMM + entry barrier only", {"PUSH": False, "COPY_OUT": False}, False)]
 CONFIGS = [(32, 256, 4, 4), (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 3), (128, 64, 8, 4),
            (32, 512, 4, 3), (16, 512, 4, 4)]
 
@@ -42,11 +52,25 @@ CONFIGS = [(32, 256, 4, 4), (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 3), 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--cases", default="lm_head_4096:1,lm_head_4096:32,llama8b_mlp:1,llama8b_mlp:32")
+    parser.add_argument("--configs", default=None,
+                        help="BNxBKxWARPSxSTAGES,... (default: the first sweep's CONFIGS)")
+    parser.add_argument("--budget-kib", type=int, default=kernels.PIPELINE_BYTES >> 10,
+                        help="skip configs whose pipeline buffers (stages - 1 of them) exceed this")
+    parser.add_argument("--diag", action="store_true",
+                        help="instead of configs: launch_config's config without the pushes, the copy-out, "
+                             "the exit barrier (racy floor diagnostics, timings only)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.diag:
+        variants = [(f"diag {label}", None, diag, exit_sync) for label, diag, exit_sync in DIAGNOSTICS]
+    else:
+        configs = CONFIGS
+        if args.configs:
+            configs = [tuple(int(v) for v in c.split("x")) for c in args.configs.split(",")]
+        variants = [(f"BN={c[0]:4d} BK={c[1]:4d} warps={c[2]} stages={c[3]}", c, {}, True) for c in configs]
     rank, group, card = torchrun_group()
     W = group.world_size
-    original = kernels.launch_config
+    original, original_source = kernels.launch_config, kernels.linear_source
     rows = []
     for case in args.cases.split(","):
         name, T = case.split(":")
@@ -57,35 +81,48 @@ def main():
         x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16)
         cublas = time_graph(lambda: F.linear(x, weight), calls=4, repeats=10)
         ref = F.linear(x, weight)
-        for bn, bk, warps, stages in CONFIGS:
-            bm = original(T, K, widths)["BLOCK_M"]
-            if (bm + bn) * bk * 2 * (stages - 1) > kernels.PIPELINE_BYTES:
-                continue  # beyond the pipeline budget the measured rule allows (kernels.linear_push.PIPELINE_BYTES)
-            def config(tokens, k, ws_, elem_size=2, bn=bn, bk=bk, warps=warps, stages=stages):
-                c = original(tokens, k, ws_, elem_size)
-                m_tiles = -(-max(int(tokens), 1) // c["BLOCK_M"])
-                return {**c, "BLOCK_N": bn, "BLOCK_K": min(bk, max(64, k)), "num_warps": warps,
-                        "num_stages": stages, "tiles": m_tiles * -(-max(ws_) // bn)}
+        bm = original(T, K, widths)["BLOCK_M"]
+        for label, cfg, diag, exit_sync in variants:
+            if cfg is not None:
+                bn, bk, warps, stages = cfg
+                if (bm + bn) * bk * 2 * (stages - 1) > args.budget_kib << 10:
+                    continue  # beyond the pipeline budget (default: the rule's, kernels.linear_push.PIPELINE_BYTES)
 
-            kernels.launch_config = config
+                def config(tokens, k, ws_, elem_size=2, bn=bn, bk=bk, warps=warps, stages=stages):
+                    c = original(tokens, k, ws_, elem_size)
+                    m_tiles = -(-max(int(tokens), 1) // c["BLOCK_M"])
+                    return {**c, "BLOCK_N": bn, "BLOCK_K": min(bk, max(64, k)), "num_warps": warps,
+                            "num_stages": stages, "tiles": m_tiles * -(-max(ws_) // bn)}
+
+                kernels.launch_config = config
+            kernels.linear_source = functools.partial(original_source, diagnostic=diag)
             workspace.workspace(group, rank).plans.clear()
 
             def fused():
-                return linear_push.linear_gather_hidden(x, weight, None, widths, group, Backend.P2P)
+                return linear_push.linear_gather_hidden(x, weight, None, widths, group, Backend.P2P,
+                                                        _exit_sync=exit_sync)
 
-            out = fused()
-            torch.cuda.synchronize()
+            try:
+                out = fused()
+                torch.cuda.synchronize()
+            except Exception as err:  # e.g. Triton's OutOfResources: the same on every rank
+                if rank == 0:
+                    print(f"{case:16s} {label} | skipped: {type(err).__name__}: {str(err)[:80]}", flush=True)
+                continue
             mine = out[:, rank * widths[0]:(rank + 1) * widths[0]]
             ok = bool(((mine.float() - ref.float()).abs() <= 2.0**-6 * (1 + ref.float().abs())).all())
             quiesce()
             us = time_graph(fused, calls=4, repeats=10)
             gbs = widths[0] * K * 2 / (us * 1e-6) / 1e9
-            rows.append({"case": case, "config": [bn, bk, warps, stages], "fused_us": us, "cublas_us": cublas,
-                         "weight_GBps": gbs, "correct": ok})
+            c = kernels.launch_config(T, K, widths)
+            rows.append({"case": case, "variant": label, "diagnostic": {**diag, "EXIT_SYNC": exit_sync},
+                         "config": [c["BLOCK_N"], c["BLOCK_K"], c["num_warps"], c["num_stages"]], "fused_us": us,
+                         "cublas_us": cublas, "weight_GBps": gbs, "correct": ok})
             if rank == 0:
-                print(f"{case:16s} BN={bn:4d} BK={bk:4d} warps={warps} stages={stages} | fused {us:7.1f} us "
-                      f"({gbs:6.0f} GB/s of weight) | cuBLAS alone {cublas:7.1f} us | correct {ok}", flush=True)
-        kernels.launch_config = original
+                print(f"{case:16s} {label} | fused {us:7.1f} us ({gbs:6.0f} GB/s of weight) | "
+                      f"cuBLAS alone {cublas:7.1f} us | own band correct {ok}", flush=True)
+            kernels.launch_config = original
+        kernels.launch_config, kernels.linear_source = original, original_source
         torch.cuda.empty_cache()
     if rank == 0 and args.out:
         os.makedirs(args.out, exist_ok=True)

@@ -46,8 +46,8 @@ from .push_gather import _RUNTIME_ARGS, _barrier_constexprs, _lanes, _multimem_s
 #: output tiles the config aims for: about one per multiprocessor of an H100 (132)
 TARGET_TILES = 128
 #: operand bytes of one block's pipeline buffers (stages - 1 of them); measured configs stay within
-#: it, and the compiled kernel (pipeline plus epilogue scratch, at most 144 KiB) fits an SM once
-PIPELINE_BYTES = 96 << 10
+#: it, and the compiled kernel (120 KiB of shared memory for 32 x 128 x 128 tiles, 4 stages) fits an SM once
+PIPELINE_BYTES = 120 << 10
 
 
 @triton.jit
@@ -125,6 +125,8 @@ def p2p_linear_push_kernel(
     BLOCK_K: tl.constexpr,
     SKIP_ENTRY_SYNC: tl.constexpr,
     EXIT_SYNC: tl.constexpr = True,  # False only for negative controls / floor diagnostics: racy
+    PUSH: tl.constexpr = True,  # False only for floor diagnostics: the peers' bands are never written
+    COPY_OUT: tl.constexpr = True,  # False only for floor diagnostics: the peers' bands stay in the slot
 ):
     pid = tl.program_id(0)
     nblocks = tl.num_programs(0)
@@ -159,15 +161,17 @@ def p2p_linear_push_kernel(
                     timeout_ns = timeout_ns * 0
         index, ok = _gathered(rows, cols, tokens, OFF, WIDTH, TOTAL)
         tl.store(out_ptr + index, vals, mask=ok)
-        # Peers in the order rank+1, rank+2, ...: ranks start on different links.
-        for s in tl.static_range(1, W):
-            base = _pick((RANK + s) % W, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7).to(out_ptr.dtype)
-            tl.store(tl.multiple_of(base, 16) + slot_offset + index, vals, mask=ok)
+        if PUSH:
+            # Peers in the order rank+1, rank+2, ...: ranks start on different links.
+            for s in tl.static_range(1, W):
+                base = _pick((RANK + s) % W, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7).to(out_ptr.dtype)
+                tl.store(tl.multiple_of(base, 16) + slot_offset + index, vals, mask=ok)
     if EXIT_SYNC:
         # Exit (release/acquire, system scope): our pushes are visible to each peer before it
         # reads them, and theirs to us before the copy-out below.
         exchange(peer_pads, own_pad, RANK, pid, live, live, status, timeout_ns, EXIT_TIMEOUT, W, True)
-    _copy_out_peers(out_ptr, own, tokens, pid, nblocks, RANK, W, BAND_OFFSETS, BLOCK_M, BLOCK_N)
+    if COPY_OUT:
+        _copy_out_peers(out_ptr, own, tokens, pid, nblocks, RANK, W, BAND_OFFSETS, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -252,8 +256,9 @@ def launch_config(tokens, k, widths, elem_size=2):
     - BLOCK_M: T rounded up to a power of two, 16..64 (``tl.dot`` needs 16;
       beyond 64 rows several M tiles share the weight through L2).
     - Wide bands (at least TARGET_TILES tiles of 128 columns, e.g. LM heads):
-      BLOCK_N = 128, BLOCK_K = 128, 3 stages -- 3.49 TB/s of weight at T=1
-      against 2.57 TB/s for 32 x 256 tiles.
+      BLOCK_N = 128, BLOCK_K = 128, 8 warps, 4 stages -- 3.46 TB/s of weight
+      at T=1 against 2.57 TB/s for 32 x 256 tiles, and at T=32 88.4 us where
+      4 warps and 3 stages took 94.1 (second sweep).
     - Otherwise BLOCK_N = 32 (BLOCK_K 256, 4 stages; the best measured for a
       3584-column band), and 16 where even 32-column tiles would leave more
       than half of the SMs idle (no split-K yet); 64-row tiles take BLOCK_K
@@ -270,8 +275,8 @@ def launch_config(tokens, k, widths, elem_size=2):
     m_tiles = -(-max(int(tokens), 1) // block_m)
     widest = max(widths)
     if m_tiles * -(-widest // 128) >= TARGET_TILES:
-        # 64-row tiles keep BLOCK_K 64: the config that ran at T=128 (128 not yet measured there)
-        block_n, block_k, stages = 128, 128 if block_m <= 32 else 64, 3
+        # 64-row tiles keep BLOCK_K 64 and 3 stages: the config that ran at T=128
+        block_n, block_k, stages = 128, 128 if block_m <= 32 else 64, 4 if block_m <= 32 else 3
     else:
         block_n = 32 if m_tiles * -(-widest // 32) >= TARGET_TILES // 2 else 16
         block_k = 128 if block_m == 64 else 256 if block_n == 32 else 512
@@ -279,7 +284,7 @@ def launch_config(tokens, k, widths, elem_size=2):
     while block_k > 64 and (block_m + block_n) * block_k * elem_size * (stages - 1) > PIPELINE_BYTES:
         block_k //= 2
     block_k = min(block_k, max(64, _next_pow2(k)))
-    num_warps = 8 if block_m * block_n >= 64 * 128 else 4
+    num_warps = 8 if block_n == 128 else 4
     return {
         "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
         "num_warps": num_warps, "num_stages": stages,
@@ -305,14 +310,15 @@ def _source(fn, ptr_type, constexprs):
 
 
 def linear_source(dtype_name, rank, band_offsets, k, config, has_bias, skip_entry_sync, multimem=False,
-                  exit_sync=True):
+                  exit_sync=True, diagnostic=None):
     """The ``ASTSource`` of one fused variant; ``config`` from ``launch_config``."""
     constexprs = _barrier_constexprs(rank, band_offsets)
     constexprs.update(K=int(k), HAS_BIAS=bool(has_bias), BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
                       BLOCK_K=config["BLOCK_K"], SKIP_ENTRY_SYNC=bool(skip_entry_sync))
     if multimem:
         return _source(multimem_linear_push_kernel, FLOAT_PTR[dtype_name], constexprs)
-    constexprs["EXIT_SYNC"] = bool(exit_sync)
+    constexprs.update(EXIT_SYNC=bool(exit_sync), PUSH=True, COPY_OUT=True)
+    constexprs.update(diagnostic or {})  # {"PUSH": False} / {"COPY_OUT": False}: floor diagnostics only
     return _source(p2p_linear_push_kernel, FLOAT_PTR[dtype_name], constexprs)
 
 
