@@ -38,6 +38,7 @@ CASES = [
     (40, 40, [64, 32, 32, 96], torch.float16, True, 3),
     (70, 128, [32, 64], torch.float16, True, 7),
     (3, 64, [8, 24], torch.float16, False, 4),
+    (9, 64, [64, 64, 64, 64], torch.float16, True, 3),  # even bands: the copy-out takes all peers at once
     # wide bands: launch_config's 128-column tiles (16 and 64 rows)
     (2, 64, [16384, 16384], torch.float16, True, 16),
     (65, 64, [8192, 8192], torch.float16, False, 16),
@@ -72,12 +73,13 @@ def simulate(T, K, widths, dtype, has_bias, max_blocks, passes=2, seed=0):
                 x, weights[r], biases[r], outs[r], slot * slot_elems, status, T, 10**9, *buf_args, *pad_args,
                 RANK=r, W=W, WP=max(2, 1 << (W - 1).bit_length()), BAND_OFFSETS=tuple(offsets), K=K,
                 HAS_BIAS=has_bias, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
-                SKIP_ENTRY_SYNC=True, EXIT_SYNC=False)
+                SKIP_ENTRY_SYNC=True, EVEN_BANDS=linear_push.even_bands(offsets, config), EXIT_SYNC=False)
     ref = torch.cat([F.linear(x.float(), w.float(), b.float() if has_bias else None)
                      for w, b in zip(weights, biases)], -1)
     within = all(bool(((o.float() - ref).abs() <= TOL * (1 + ref.abs())).all()) for o in outs)
     agree = all(torch.equal(o.view(torch.int16), outs[0].view(torch.int16)) for o in outs)
     return {"T": T, "K": K, "widths": widths, "dtype": str(dtype), "bias": has_bias, "nblocks": nblocks,
+            "even_bands": linear_push.even_bands(offsets, config),
             "tiles": tiles, "within_tolerance": within, "ranks_agree": agree}
 
 
