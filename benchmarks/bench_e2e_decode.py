@@ -25,7 +25,9 @@ os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
 os.environ["NVSHMEM_DISABLE_NVLS"] = "1"
 
 import argparse  # noqa: E402
+import faulthandler  # noqa: E402
 import json  # noqa: E402
+import signal  # noqa: E402
 import statistics  # noqa: E402
 
 import torch  # noqa: E402
@@ -106,6 +108,8 @@ def main():
                         help="a third column: tpfuse.enable(fuse_linear=True) (the LM head's linear + gather "
                              "as one kernel where the cost rule picks it)")
     args = parser.parse_args()
+    # A run stopped from outside (torchrun forwards SIGTERM) prints where every thread was.
+    faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
 
     rank = int(os.environ["LOCAL_RANK"])
     torch.cuda.set_device(rank)
@@ -169,8 +173,10 @@ def main():
             os.makedirs(args.out, exist_ok=True)
             with open(os.path.join(args.out, f"e2e_w{W}.json"), "w") as f:
                 json.dump({"card": card, "W": W, "torch": torch.__version__, "rows": rows}, f, indent=1)
+    print(f"rank {rank}: finished, tearing down", flush=True)
     dist.barrier()
     dist.destroy_process_group()
+    print(f"rank {rank}: torn down", flush=True)
 
 
 if __name__ == "__main__":
