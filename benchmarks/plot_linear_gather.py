@@ -1,14 +1,12 @@
 """Latency plots from saved bench_linear_gather results (runs on any machine, no GPU).
 
     python benchmarks/plot_linear_gather.py benchmarks/results/bench_linear_gather_w4_h200.json \
-        benchmarks/results/bench_linear_gather_w2_h200.json \
-        --sweep benchmarks/results/sweep_linear_w4_h200.json --out docs/img/bench_linear_gather_h200.png
+        benchmarks/results/bench_linear_gather_w2_h200.json --out docs/img/bench_linear_gather_h200.png
 
 One row per world size, one panel per shape: µs per call (CUDA-graph replay, slowest
 rank) against T for the fused kernel, cuBLAS + the tpfuse gather, cuBLAS + NCCL, and
-cuBLAS alone, with the weight floor at the card's HBM peak.  ``--sweep`` adds the
-fused kernel under the launch config that ``launch_config`` now picks, where the
-sweep measured it (same W).
+cuBLAS alone, with the weight floor at the card's HBM peak; a ring marks the T
+where the cost rule fuses.
 """
 
 import argparse
@@ -21,18 +19,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from tpfuse.compile_ops import linear_cost  # noqa: E402
 
-LINES = (("fused", "C3", "fused (first config)"), ("cublas_tpfuse", "C2", "cuBLAS + tpfuse gather"),
+LINES = (("fused", "C3", "fused linear + push"), ("cublas_tpfuse", "C2", "cuBLAS + tpfuse gather"),
          ("cublas_nccl", "C1", "cuBLAS + NCCL gather"), ("cublas_only", "C7", "cuBLAS alone"))
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("results", nargs="+")
-    parser.add_argument("--sweep", default=None)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     runs = [json.load(open(p)) for p in args.results]
-    sweep = json.load(open(args.sweep)) if args.sweep else None
     shapes = list(dict.fromkeys(r["shape"] for r in runs[0]["rows"]))
     fig, axes = plt.subplots(len(runs), len(shapes), figsize=(3.6 * len(shapes), 3.2 * len(runs)), squeeze=False)
     for row_axes, data in zip(axes, runs):
@@ -44,18 +40,10 @@ def main():
                 ax.plot(ts, [r["graph"][key] for r in rows], "o-", color=color, ms=3, lw=1, label=label)
             floor = rows[0]["N_r"] * rows[0]["K"] * 2 / linear_cost.hbm_peak(card) * 1e6
             ax.axhline(floor, color="grey", ls="--", lw=0.8, label="weight floor (HBM peak)")
-            if sweep and sweep["W"] == W:
-                from tpfuse.kernels.linear_push import launch_config
-
-                picked = []
-                for r in rows:
-                    c = launch_config(r["T"], r["K"], [r["N_r"]] * W)
-                    key = [c["BLOCK_N"], c["BLOCK_K"], c["num_warps"], c["num_stages"]]
-                    hit = [s for s in sweep["rows"] if s["case"] == f"{shape}:{r['T']}" and s["config"] == key]
-                    if hit:
-                        picked.append((r["T"], hit[0]["fused_us"]))
-                if picked:
-                    ax.plot(*zip(*picked), "*", color="C3", ms=10, label="fused (config picked now, sweep)")
+            fused = [(r["T"], r["graph"]["fused"]) for r in rows
+                     if linear_cost.decide(r["T"], r["K"], [r["N_r"]] * W, "bfloat16").fuse]
+            if fused:
+                ax.plot(*zip(*fused), "o", mfc="none", color="C3", ms=9, label="the cost rule fuses")
             ax.set_xscale("log", base=2)
             ax.set_xticks(ts, [str(t) for t in ts])
             ax.set_title(f"{shape}, W={W}", fontsize=9)
