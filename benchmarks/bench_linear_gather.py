@@ -10,12 +10,14 @@ Shapes (bf16, every rank the same width; ``N_r`` is this rank's output columns):
 - ``lm_head_7168``: LM head, hidden 7168, vocab 129280 -> K=7168, N_r=129280/W;
 - ``eagle3_fc``: EAGLE3 input projection -> K=3*7168=21504, N_r=7168/W;
 - ``llama8b_mlp``: Llama-8B MLP up/gate projection -> K=4096, N_r=14336/W.
-T in {1, 8, 32, 128}.  Columns, CUDA-graph replay, µs per call, slowest rank:
+T in {1, 8, 32, 128} (``--tokens``).  Columns, CUDA-graph replay, µs per call, slowest rank:
 - ``fused``: ``tpfuse::linear_all_gather_hidden``'s fused kernel, both barriers;
 - ``fused_elided``: the same, entry barrier elided, ping-pong slots (what a proven pass emits);
 - ``cublas_nccl``: ``F.linear`` (cuBLAS) + NCCL gather + rearrange (tpfuse's NCCL backend);
 - ``cublas_tpfuse``: ``F.linear`` + the tpfuse P2P gather, both barriers (the issue's baseline);
 - ``cublas_only``: ``F.linear`` alone (how close the linear is to its floor);
+- ``fused_zero_copy`` / ``cublas_tpfuse_zero_copy``: both sides with zero-copy results (a
+  view of the slot, no copy-out: what ``tpfuse.enable(zero_copy=True)`` emits where proven);
 - ``floor``: the weight-bandwidth floor ``N_r * K * 2 / HBM peak`` of the card (no linear can be faster).
 Also prints the cost rule's prediction for each row, so the measurement can replace it.
 Prints the card, torch, NCCL and Triton versions first and a short table last;
@@ -51,7 +53,8 @@ SHAPES = {
     "eagle3_fc": (3 * 7168, 7168),
     "llama8b_mlp": (4096, 14336),
 }
-METHODS = ("fused", "fused_elided", "cublas_nccl", "cublas_tpfuse", "cublas_only")
+METHODS = ("fused", "fused_elided", "cublas_nccl", "cublas_tpfuse", "cublas_only", "fused_zero_copy",
+           "cublas_tpfuse_zero_copy")
 
 
 def make_methods(group, x, weight, widths):
@@ -73,8 +76,17 @@ def make_methods(group, x, weight, widths):
     def cublas_only():
         return F.linear(x, weight)
 
+    # zero-copy (opt-in, the pass grants it where proven): the result is the slot, no copy-out;
+    # both sides, so that the ratio stays fair
+    def fused_zero_copy():
+        return linear_push.linear_gather_hidden(x, weight, None, widths, group, Backend.P2P, -1, False, True)
+
+    def cublas_tpfuse_zero_copy():
+        return push.gather_hidden(F.linear(x, weight), widths, group, Backend.P2P, -1, False, True)
+
     return {"fused": fused, "fused_elided": fused_elided, "cublas_nccl": cublas_nccl,
-            "cublas_tpfuse": cublas_tpfuse, "cublas_only": cublas_only}
+            "cublas_tpfuse": cublas_tpfuse, "cublas_only": cublas_only, "fused_zero_copy": fused_zero_copy,
+            "cublas_tpfuse_zero_copy": cublas_tpfuse_zero_copy}
 
 
 def check_once(methods, group):
@@ -134,13 +146,16 @@ def main():
         print(f"W={W} {card}; graph µs per call (slowest rank, median); "
               "speedup = cublas_tpfuse / fused (target >= 1.2 at T <= 32, W = 4, where the rule fuses)")
         print(f"{'shape':13s} {'T':>4} {'floor':>7} {'fused':>8} {'f.elided':>8} {'cuBLAS+NCCL':>11} "
-              f"{'cuBLAS+tpf':>10} {'cuBLAS':>8} {'speedup':>7} {'pred':>5} {'rule':>6}")
+              f"{'cuBLAS+tpf':>10} {'cuBLAS':>8} {'speedup':>7} {'pred':>5} {'rule':>6} | zero-copy: "
+              f"{'fused':>8} {'cuBLAS+tpf':>10} {'speedup':>7}")
         for r in rows:
             g = r["graph"]
             pred = r["predicted"]["cublas_tpfuse"] / r["predicted"]["fused"]
             print(f"{r['shape']:13s} {r['T']:>4} {r['floor']:7.1f} {g['fused']:8.1f} {g['fused_elided']:8.1f} "
                   f"{g['cublas_nccl']:11.1f} {g['cublas_tpfuse']:10.1f} {g['cublas_only']:8.1f} "
-                  f"{g['cublas_tpfuse'] / g['fused']:7.2f} {pred:5.2f} {'fuse' if r['rule'].startswith('fused') else '-':>6}")
+                  f"{g['cublas_tpfuse'] / g['fused']:7.2f} {pred:5.2f} {'fuse' if r['rule'].startswith('fused') else '-':>6}"
+                  f" | {'':10s} {g['fused_zero_copy']:8.1f} {g['cublas_tpfuse_zero_copy']:10.1f} "
+                  f"{g['cublas_tpfuse_zero_copy'] / g['fused_zero_copy']:7.2f}")
         if args.out:
             os.makedirs(args.out, exist_ok=True)
             meta = {"W": W, "card": card, "torch": torch.__version__, "nccl": nccl, "triton": triton.__version__,

@@ -32,17 +32,20 @@ MULTIMEM_CONFIGS = [
 ]
 
 # Fused linear + push (kernels/linear_push.py):
-# (name, dtype, rank, band_offsets, K, tokens, has_bias, skip_entry_sync, multimem)
+# (name, dtype, rank, band_offsets, K, tokens, has_bias, skip_entry_sync, multimem, copy_out)
 LINEAR_CONFIGS = [
-    ("bf16_w4_t1_decode", "bfloat16", 1, (0, 1024, 2048, 3072, 4096), 4096, 1, True, False, False),
-    ("bf16_w2_t128_bias", "bfloat16", 0, (0, 2048, 4096), 7168, 128, True, False, False),
-    ("fp16_w4_t32_skip", "float16", 3, (0, 3584, 7168, 10752, 14336), 4096, 32, False, True, False),
-    ("bf16_w2_uneven_k1000", "bfloat16", 1, (0, 1024, 3072), 1000, 64, False, False, False),
+    ("bf16_w4_t1_decode", "bfloat16", 1, (0, 1024, 2048, 3072, 4096), 4096, 1, True, False, False, True),
+    ("bf16_w2_t128_bias", "bfloat16", 0, (0, 2048, 4096), 7168, 128, True, False, False, True),
+    ("fp16_w4_t32_skip", "float16", 3, (0, 3584, 7168, 10752, 14336), 4096, 32, False, True, False, True),
+    ("bf16_w2_uneven_k1000", "bfloat16", 1, (0, 1024, 3072), 1000, 64, False, False, False, True),
     # an LM head band at T=128: 64 x 128 x 64 tiles, 8 warps (the widest tile launch_config picks)
-    ("bf16_w4_t128_lm_head", "bfloat16", 2, tuple(32064 * i for i in range(5)), 4096, 128, False, False, False),
-    ("multimem_bf16_w4_t8", "bfloat16", 2, (0, 1792, 3584, 5376, 7168), 21504, 8, True, False, True),
-    ("multimem_fp16_w2_t64", "float16", 0, (0, 2048, 4096), 4096, 64, False, True, True),
-    ("bf16_w8_t8", "bfloat16", 5, tuple(1024 * i for i in range(9)), 4096, 8, False, False, False),
+    ("bf16_w4_t128_lm_head", "bfloat16", 2, tuple(32064 * i for i in range(5)), 4096, 128, False, False, False, True),
+    ("multimem_bf16_w4_t8", "bfloat16", 2, (0, 1792, 3584, 5376, 7168), 21504, 8, True, False, True, True),
+    ("multimem_fp16_w2_t64", "float16", 0, (0, 2048, 4096), 4096, 64, False, True, True, True),
+    # zero-copy: the LM head at T=32 writes its own tiles into its slot, no copy-out
+    ("bf16_w4_t32_lm_head_zero_copy", "bfloat16", 1, tuple(32064 * i for i in range(5)), 4096, 32, False, True, False,
+     False),
+    ("bf16_w8_t8", "bfloat16", 5, tuple(1024 * i for i in range(9)), 4096, 8, False, False, False, True),
 ]
 
 _INSTRUCTIONS = re.compile(r"\b((?:st|ld|red|atom|multimem|mma|wgmma)\.[\w.:]+)")
@@ -81,10 +84,11 @@ def report():
         record("p2p_" + name, push_gather.p2p_source(elem, rank, offsets, vec, 512, skip, copy_out))
     for name, rank, offsets, skip, copy_out in MULTIMEM_CONFIGS:
         record("multimem_" + name, push_gather.multimem_source(rank, offsets, 512, skip, copy_out))
-    for name, dtype, rank, offsets, k, tokens, bias, skip, multimem in LINEAR_CONFIGS:
+    for name, dtype, rank, offsets, k, tokens, bias, skip, multimem, copy_out in LINEAR_CONFIGS:
         widths = [offsets[i + 1] - offsets[i] for i in range(len(offsets) - 1)]
         config = linear_push.launch_config(tokens, k, widths)
-        source = linear_push.linear_source(dtype, rank, offsets, k, config, bias, skip, multimem=multimem)
+        source = linear_push.linear_source(dtype, rank, offsets, k, config, bias, skip, multimem=multimem,
+                                           copy_out=copy_out)
         record("linear_" + name, source, lambda src, target, config=config: linear_push.compile_linear(
             src, config, target=target))
         out["kernels"]["linear_" + name]["config"] = config

@@ -11,7 +11,9 @@ synchronisation: tile indexing, uneven bands, bias, masking of T and K, a
 block taking several tiles, the push into every peer's band and the copy-out.
 ``--one-pass`` is the negative control: the copy-out runs before the later
 ranks pushed, so those ranks' bands are missing (NaN poison) in early ranks'
-results.
+results.  ``--zero-copy`` runs the zero-copy variant (``COPY_OUT`` off, the
+result is the rank's slot): one pass fills every slot; its negative control is
+rank 0's slot read right after rank 0 ran, before the others pushed.
 
 Prints one JSON line (tests/test_kernels_aot.py runs it in a subprocess,
 because the interpreter is chosen when Triton is imported).
@@ -46,7 +48,7 @@ CASES = [
 TOL = 2.0**-6  # the GPU tests' bf16 GEMM tolerance (fp16 is well within it at these K)
 
 
-def simulate(T, K, widths, dtype, has_bias, max_blocks, passes=2, seed=0):
+def simulate(T, K, widths, dtype, has_bias, max_blocks, passes=2, seed=0, zero_copy=False):
     W = len(widths)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(T, K, generator=g).to(dtype)
@@ -63,26 +65,38 @@ def simulate(T, K, widths, dtype, has_bias, max_blocks, passes=2, seed=0):
     config = linear_push.launch_config(T, K, widths)
     tiles = -(-T // config["BLOCK_M"]) * -(-max(widths) // config["BLOCK_N"])
     nblocks = max(1, min(tiles, max_blocks))
-    outs = [torch.full((T, total), float("nan"), dtype=dtype) for _ in range(W)]
+    slot = 1
+    if zero_copy:  # the result is the rank's slot
+        outs = [b[slot * slot_elems: slot * slot_elems + T * total].view(T, total) for b in buffers]
+    else:
+        outs = [torch.full((T, total), float("nan"), dtype=dtype) for _ in range(W)]
     buf_args = [b.data_ptr() for b in buffers] + [0] * (8 - W)
     pad_args = [p.data_ptr() for p in pads] + [0] * (8 - W)
-    slot = 1
+    ref = torch.cat([F.linear(x.float(), w.float(), b.float() if has_bias else None)
+                     for w, b in zip(weights, biases)], -1)
+
+    def close(o):
+        return bool(((o.float() - ref).abs() <= TOL * (1 + ref.abs())).all())
+
+    first_alone = None
     for _ in range(passes):
         for r in range(W):
             linear_push.p2p_linear_push_kernel[(nblocks,)](
                 x, weights[r], biases[r], outs[r], slot * slot_elems, status, T, 10**9, *buf_args, *pad_args,
                 RANK=r, W=W, WP=max(2, 1 << (W - 1).bit_length()), BAND_OFFSETS=tuple(offsets), K=K,
                 HAS_BIAS=has_bias, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
-                SKIP_ENTRY_SYNC=True, EVEN_BANDS=linear_push.even_bands(offsets, config), EXIT_SYNC=False)
-    ref = torch.cat([F.linear(x.float(), w.float(), b.float() if has_bias else None)
-                     for w, b in zip(weights, biases)], -1)
-    within = all(bool(((o.float() - ref).abs() <= TOL * (1 + ref.abs())).all()) for o in outs)
+                SKIP_ENTRY_SYNC=True, EVEN_BANDS=linear_push.even_bands(offsets, config), EXIT_SYNC=False,
+                COPY_OUT=not zero_copy)
+            if first_alone is None:
+                first_alone = close(outs[0])  # rank 0's result before any peer ran: must be incomplete
+    within = all(close(o) for o in outs)
     agree = all(torch.equal(o.view(torch.int16), outs[0].view(torch.int16)) for o in outs)
     return {"T": T, "K": K, "widths": widths, "dtype": str(dtype), "bias": has_bias, "nblocks": nblocks,
             "even_bands": linear_push.even_bands(offsets, config),
-            "tiles": tiles, "within_tolerance": within, "ranks_agree": agree}
+            "tiles": tiles, "within_tolerance": within, "ranks_agree": agree, "first_alone_complete": first_alone}
 
 
 if __name__ == "__main__":
-    passes = 1 if "--one-pass" in sys.argv else 2
-    print(json.dumps([simulate(*case, passes=passes) for case in CASES]))
+    zero_copy = "--zero-copy" in sys.argv
+    passes = 1 if "--one-pass" in sys.argv or zero_copy else 2
+    print(json.dumps([simulate(*case, passes=passes, zero_copy=zero_copy) for case in CASES]))

@@ -125,11 +125,16 @@ def _check_pass_end_to_end(rank, world_size):
         return funcol.all_gather_tensor(y, gather_dim=-1, group=dist.group.WORLD) * 2
 
     x = _random((32, 512), torch.bfloat16, seed=3)
-    with torch.no_grad(), tpfuse.enabled(fuse_linear=True):
-        out = torch.compile(model, fullgraph=True, dynamic=False)(x)
-        rep = tpfuse.report()
-    fused = [m.linear_fusion for m in rep.matches]
-    return {"equal": bool(torch.equal(out, model(x))), "fused": fused}
+    results = {}
+    for zero_copy in (False, True):  # zero-copy: the op's lowering and permission on a real compile
+        torch._dynamo.reset()
+        with torch.no_grad(), tpfuse.enabled(fuse_linear=True, zero_copy=zero_copy):
+            out = torch.compile(model, fullgraph=True, dynamic=False)(x)
+            rep = tpfuse.report()
+        results[zero_copy] = {"equal": bool(torch.equal(out, model(x))),
+                              "fused": [m.linear_fusion for m in rep.matches],
+                              "zero_copy": [m.zero_copy for m in rep.matches]}
+    return results
 
 
 def _capture(fn):
@@ -202,8 +207,10 @@ def test_compile_fullgraph_dynamic(w2):
 
 def test_pass_end_to_end_fused_and_bit_exact(w2):
     for r in w2:
-        assert r["pass"]["equal"], r["pass"]
-        assert len(r["pass"]["fused"]) == 1 and r["pass"]["fused"][0].startswith("fused [predicted_faster]"), r
+        for zero_copy, got in r["pass"].items():
+            assert got["equal"], r["pass"]
+            assert len(got["fused"]) == 1 and got["fused"][0].startswith("fused [predicted_faster]"), r
+            assert got["zero_copy"] == [zero_copy], r  # the pass grants it to the fused op (gloo copies anyway)
 
 
 @pytest.mark.parametrize("case", sorted(ERRORS))

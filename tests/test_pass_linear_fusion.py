@@ -159,15 +159,28 @@ return [reshape_default]""")
         text, rep = capture(two_layers, x, w1, w2, fuse_linear=True)
         self.assertExpectedInline(text.split("---- after tpfuse ----\n")[1], """\
 inputs: arg0_1, arg1_1, arg2_1
-linear_all_gather_hidden_default = tpfuse.linear_all_gather_hidden(arg1_1, arg0_1, None, [32768, 32768], '0', slot=0, skip_entry_sync=False)
+linear_all_gather_hidden_default = tpfuse.linear_all_gather_hidden(arg1_1, arg0_1, None, [32768, 32768], '0', slot=0, skip_entry_sync=False, zero_copy=False)
 slice_1 = slice.Tensor(linear_all_gather_hidden_default, 1, 0, 512)
 relu = relu(slice_1)
-linear_all_gather_hidden_default_1 = tpfuse.linear_all_gather_hidden(relu, arg2_1, None, [32768, 32768], '0', slot=1, skip_entry_sync=True)
+linear_all_gather_hidden_default_1 = tpfuse.linear_all_gather_hidden(relu, arg2_1, None, [32768, 32768], '0', slot=1, skip_entry_sync=True, zero_copy=False)
 return [linear_all_gather_hidden_default_1]""")
         self.assertExpectedInline("\n".join(f"{d.gather} slot {d.slot} skip={d.skip_entry_sync}: {d.reason}"
                                              for d in rep.barriers), """\
 linear_all_gather_hidden_default slot 0 skip=False: entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still be reading the slot for a call before this graph
 linear_all_gather_hidden_default_1 slot 1 skip=True: after (a) exit barrier of linear_all_gather_hidden_default; linear_all_gather_hidden_default may run just before it on slot 0""")
+
+    def test_fused_result_may_be_a_view_of_the_slot(self):
+        """With zero_copy=True the fused op gets the gather's zero-copy rule: the first layer's
+        readers finish before anything rewrites its slot; the second's result leaves the graph."""
+        x, w1 = _wide()
+        w2 = torch.empty(WIDE_N, WIDE_K, dtype=torch.bfloat16)
+        text, rep = capture(two_layers, x, w1, w2, fuse_linear=True, zero_copy=True)
+        after = text.split("---- after tpfuse ----\n")[1]
+        self.assertIn("slot=0, skip_entry_sync=False, zero_copy=True)", after)
+        self.assertIn("slot=1, skip_entry_sync=True, zero_copy=False)", after)
+        self.assertExpectedInline("\n".join(f"{d.gather}: {d.zero_copy_reason}" for d in rep.barriers), """\
+linear_all_gather_hidden_default: readers proven done before the slot is rewritten: the result is a view of the slot
+linear_all_gather_hidden_default_1: the result (or a view of it) is a graph output""")
 
     def test_direct_fused_call_is_seen_by_barrier_elision(self):
         """A fused op the user called directly shares the gathers' slots: elision must see it,

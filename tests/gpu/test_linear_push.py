@@ -1,6 +1,8 @@
 """The fused column-linear + P2P push kernel on real GPUs: accuracy, rank agreement, CUDA graphs, stress, controls.
 
-Passed on 2 and 4 GPUs (4xH200, torch 2.11, Triton 3.6).  Run on the GPU machines with::
+Passed on 2 and 4 GPUs (4xH200, torch 2.11, Triton 3.6), except the zero-copy modes
+(correctness ``zero_copy``, stress ``zero_copy_ping_pong``), written after the last GPU
+run and not yet run.  Run on the GPU machines with::
 
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=. \\
         python -m pytest -q tests/gpu/test_linear_push.py
@@ -89,11 +91,11 @@ def _correctness(rank, W):
             for has_bias in (False, True):
                 seed += 1
                 x, weights, biases, ref = _problem(seed, T, K, widths, dtype, has_bias)
-                for mode in ("both_barriers", "entry_elided_slot1"):
+                for mode in ("both_barriers", "entry_elided_slot1", "zero_copy"):
                     _poison(ws, T * sum(widths) * dtype.itemsize)
-                    skip, slot = (False, -1) if mode == "both_barriers" else (True, 1)  # safe: quiesced
+                    skip, slot = (True, 1) if mode == "entry_elided_slot1" else (False, -1)  # safe: quiesced
                     out = linear_push.linear_gather_hidden(x, weights[rank], biases[rank], widths, group,
-                                                           Backend.P2P, slot, skip)
+                                                           Backend.P2P, slot, skip, mode == "zero_copy")
                     torch.cuda.synchronize()
                     cases += 1
                     err = ((out.float() - ref.float()).abs() - TOL[dtype] * ref.float().abs()).max().item()
@@ -180,8 +182,11 @@ def test_cuda_graph_replays_bit_identical_to_eager(W):
 RING = 16
 
 
-def _delayed_loop(rank, W, iters, T, K, widths, call, seed, max_delay_cycles=40000):
-    """``iters`` fused calls, each after a random spin on this rank; returns how many differ from quiet calls."""
+def _delayed_loop(rank, W, iters, T, K, widths, call, seed, max_delay_cycles=40000, compare_now=False):
+    """``iters`` fused calls, each after a random spin on this rank; returns how many differ from quiet calls.
+
+    ``compare_now``: compare each result before the next call (a zero-copy result is the slot,
+    valid until the next call on that slot), instead of RING results at a time."""
     from tpfuse.compile_ops import linear_push
     from tpfuse.compile_ops.dispatch import Backend
 
@@ -199,7 +204,7 @@ def _delayed_loop(rank, W, iters, T, K, widths, call, seed, max_delay_cycles=400
     for i in range(iters):
         torch.cuda._sleep(rng.randint(0, max_delay_cycles))
         outs.append(call(xs[i % RING], weights[rank], biases[rank], i))
-        if len(outs) == RING or i == iters - 1:
+        if compare_now or len(outs) == RING or i == iters - 1:
             for j, out in enumerate(outs):
                 bad += (out.view(torch.int16) != refs[(i - len(outs) + 1 + j) % RING].view(torch.int16)).any()
             outs = []
@@ -216,13 +221,19 @@ def _stress(rank, W, iters):
     # rank 0 owns a wide band: its peers copy it out for long while it may already run ahead.
     for name, T, K, widths in (("wide_uneven", 128, 1024, [8192] + [256] * (W - 1)),
                                ("decode_even", 1, 4096, [1024] * W)):
-        def fused(x, w, b, i, skip=False, slot=-1, widths=widths):
-            return linear_push.linear_gather_hidden(x, w, b, widths, group, Backend.P2P, slot, skip)
+        def fused(x, w, b, i, skip=False, slot=-1, zero_copy=False, widths=widths):
+            return linear_push.linear_gather_hidden(x, w, b, widths, group, Backend.P2P, slot, skip, zero_copy)
 
         results[f"{name}/both_barriers"] = _delayed_loop(rank, W, iters, T, K, widths, fused, 11)
         _quiesce()
         results[f"{name}/entry_elided_ping_pong"] = _delayed_loop(
             rank, W, iters, T, K, widths, lambda x, w, b, i: fused(x, w, b, i, True, i % 2), 12)
+        _quiesce()
+        # zero-copy, ping-pong without entry barriers: each result is read (compared) before the
+        # next call, which is what the pass proves of a zero-copy result's readers
+        results[f"{name}/zero_copy_ping_pong"] = _delayed_loop(
+            rank, W, iters, T, K, widths, lambda x, w, b, i: fused(x, w, b, i, True, i % 2, True), 13,
+            compare_now=True)
         _quiesce()
     return results
 

@@ -1,7 +1,8 @@
 """How Inductor must treat a zero-copy gather's result: never recycle its storage.
 
 With ``zero_copy=True`` (granted only by the barrier-elision pass)
-``tpfuse::all_gather_hidden`` returns a view of a symmetric workspace slot.
+``tpfuse::all_gather_hidden`` and ``tpfuse::linear_all_gather_hidden`` return
+a view of a symmetric workspace slot.
 The pass proved that every reader inside the graph finishes before any peer
 writes that slot again.  Inductor does not know the buffer is shared: after
 the last reader it may hand the storage to a later kernel (buffer reuse) or let
@@ -29,11 +30,11 @@ def is_registered() -> bool:
     return _registered
 
 
-def _zero_copy(args, kwargs) -> bool:
-    # schema: (x, hidden_widths, group_name, slot=-1, skip_entry_sync=False, zero_copy=False)
+def _zero_copy(index, args, kwargs) -> bool:
+    """The call's ``zero_copy`` argument; ``index`` is its position in the op's schema."""
     if "zero_copy" in kwargs:
         return bool(kwargs["zero_copy"])
-    return len(args) > 5 and bool(args[5])
+    return len(args) > index and bool(args[index])
 
 
 def register() -> None:
@@ -48,18 +49,24 @@ def register() -> None:
         log.warning("tpfuse: no Inductor lowering for the gather (%s); zero_copy will be ignored", err)
         return
 
-    op = torch.ops.tpfuse.all_gather_hidden.default
+    from . import linear_all_gather_hidden  # noqa: F401 - defines tpfuse::linear_all_gather_hidden
+
+    for op in (torch.ops.tpfuse.all_gather_hidden.default, torch.ops.tpfuse.linear_all_gather_hidden.default):
+        _lower(op, fallback_handler, register_lowering, V)
+    _registered = True
+
+
+def _lower(op, fallback_handler, register_lowering, V) -> None:
     extern = fallback_handler(op, add_to_fallback_set=False)
     _keep_default_layout_constraint(op)
+    index = [a.name for a in op._schema.arguments].index("zero_copy")
 
     @register_lowering(op, type_promotion_kind=None)
-    def all_gather_hidden(*args, **kwargs):
+    def lowering(*args, **kwargs):
         out = extern(*args, **kwargs)
-        if _zero_copy(args, kwargs):
+        if _zero_copy(index, args, kwargs):
             V.graph.never_reuse_buffers.add(out.get_name())
         return out
-
-    _registered = True
 
 
 def _keep_default_layout_constraint(op) -> None:

@@ -3,7 +3,8 @@
 Schema (see docs/op.md, "linear_all_gather_hidden")::
 
     tpfuse::linear_all_gather_hidden(Tensor x, Tensor weight, Tensor? bias, int[] hidden_widths,
-                                     str group_name, int slot=-1, bool skip_entry_sync=False) -> Tensor
+                                     str group_name, int slot=-1, bool skip_entry_sync=False,
+                                     bool zero_copy=False) -> Tensor
 
 Every rank passes the same ``x [..., K]`` and its own column band of the
 weight, ``weight [w_rank, K]`` (``nn.Linear`` layout) and ``bias [w_rank]``.
@@ -20,8 +21,10 @@ Backends:
   ``TPFUSE_LINEAR_PUSH=auto|fused|unfused`` (identical on every rank) forces
   the choice for benchmarks and tests.
 
-``slot`` and ``skip_entry_sync`` are the gather's permissions, with the same
-meaning (only a pass that proved them sets them).
+``slot``, ``skip_entry_sync`` and ``zero_copy`` are the gather's permissions,
+with the same meaning (only a pass that proved them sets them; ``zero_copy``
+is honoured by the fused P2P kernel and the gather, and only where the op's
+Inductor lowering keeps the result's storage: ``inductor_lowering.py``).
 
 Autograd: when a gradient is needed the op runs as its composite (``linear``,
 then ``all_gather_hidden``), so the backward is ``reduce_scatter_hidden`` then
@@ -38,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import linear_cost
+from . import inductor_lowering, linear_cost
 from .all_gather_hidden import _check_widths
 from .dispatch import Backend, check_device_matches_group, check_dtype, choose_backend
 from .groups import Group, group_name_of, resolve_group
@@ -109,7 +112,7 @@ def _check_linear_args(x: Tensor, weight: Tensor, bias: Tensor | None, hidden_wi
 _lib = torch.library.Library("tpfuse", "FRAGMENT")
 _lib.define(
     "linear_all_gather_hidden(Tensor x, Tensor weight, Tensor? bias, int[] hidden_widths, str group_name, "
-    "int slot=-1, bool skip_entry_sync=False) -> Tensor"
+    "int slot=-1, bool skip_entry_sync=False, bool zero_copy=False) -> Tensor"
 )
 
 
@@ -128,7 +131,8 @@ def _use_fused(backend: Backend, tokens: int, k: int, widths: list[int], dtype: 
     return decision.fuse
 
 
-def _linear_all_gather_hidden_impl(x, weight, bias, hidden_widths, group_name, slot=-1, skip_entry_sync=False):
+def _linear_all_gather_hidden_impl(x, weight, bias, hidden_widths, group_name, slot=-1, skip_entry_sync=False,
+                                   zero_copy=False):
     group = resolve_group(group_name)
     _check_linear_args(x, weight, bias, hidden_widths, group, slot)
     if x.device.type == "cuda":
@@ -139,10 +143,13 @@ def _linear_all_gather_hidden_impl(x, weight, bias, hidden_widths, group_name, s
             from . import linear_push  # the GPU data path; imported only when chosen
 
             return linear_push.linear_gather_hidden(x, weight, bias, hidden_widths, group, backend, slot,
-                                                    skip_entry_sync)
-    # The reference composite (CPU), and CUDA when the fused kernel is not chosen.
+                                                    skip_entry_sync, zero_copy and inductor_lowering.is_registered())
+    # The reference composite (CPU), and CUDA when the fused kernel is not chosen (the gather
+    # applies its own zero-copy guard).
     y = F.linear(x, weight, bias)
-    return torch.ops.tpfuse.all_gather_hidden.default(y, hidden_widths, group_name, slot, skip_entry_sync)
+    return torch.ops.tpfuse.all_gather_hidden.default(y, hidden_widths, group_name, slot, skip_entry_sync,
+                                                      zero_copy)
+
 
 
 for _device in ("CPU", "CUDA"):
@@ -150,7 +157,7 @@ for _device in ("CPU", "CUDA"):
 
 
 @torch.library.register_fake("tpfuse::linear_all_gather_hidden", lib=_lib)
-def _(x, weight, bias, hidden_widths, group_name, slot=-1, skip_entry_sync=False):
+def _(x, weight, bias, hidden_widths, group_name, slot=-1, skip_entry_sync=False, zero_copy=False):
     # Shape only: never touches a process group; symbolic leading dims are fine.
     _check_widths(hidden_widths)
     check_dtype(x.dtype)
@@ -163,16 +170,17 @@ def _(x, weight, bias, hidden_widths, group_name, slot=-1, skip_entry_sync=False
 
 
 def _linear_all_gather_hidden_autograd(x, weight, bias, hidden_widths, group_name, slot=-1,
-                                       skip_entry_sync=False):
+                                       skip_entry_sync=False, zero_copy=False):
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
     if needs_grad:
         # The composite, under autograd: linear's backward after the gather's (reduce_scatter_hidden).
         y = F.linear(x, weight, bias)
-        return torch.ops.tpfuse.all_gather_hidden.default(y, hidden_widths, group_name, slot, skip_entry_sync)
+        return torch.ops.tpfuse.all_gather_hidden.default(y, hidden_widths, group_name, slot, skip_entry_sync,
+                                                          zero_copy)
     with torch._C._AutoDispatchBelowAutograd():
         return torch.ops.tpfuse.linear_all_gather_hidden.default(
-            x, weight, bias, hidden_widths, group_name, slot, skip_entry_sync)
+            x, weight, bias, hidden_widths, group_name, slot, skip_entry_sync, zero_copy)
 
 
 _lib.impl("linear_all_gather_hidden", _linear_all_gather_hidden_autograd, "Autograd")

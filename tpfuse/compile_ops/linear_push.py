@@ -46,7 +46,7 @@ def grid_cap(ws) -> int:
     return max(1, ws.facts.max_blocks // per_sm)
 
 
-def _build(ws, dtype, k, hidden_widths, tokens, has_bias, skip_entry_sync, multimem, exit_sync):
+def _build(ws, dtype, k, hidden_widths, tokens, has_bias, skip_entry_sync, multimem, exit_sync, copy_out):
     from ..kernels import linear_push
 
     offsets = [0]
@@ -54,7 +54,8 @@ def _build(ws, dtype, k, hidden_widths, tokens, has_bias, skip_entry_sync, multi
         offsets.append(offsets[-1] + w)
     config = linear_push.launch_config(tokens, k, hidden_widths, dtype.itemsize)
     source = linear_push.linear_source(str(dtype).removeprefix("torch."), ws.group.rank, tuple(offsets), k,
-                                       config, has_bias, skip_entry_sync, multimem=multimem, exit_sync=exit_sync)
+                                       config, has_bias, skip_entry_sync, multimem=multimem, exit_sync=exit_sync,
+                                       copy_out=copy_out)
     with torch.cuda.device(ws.device):
         kernel = linear_push.compile_linear(source, config)
         run = kernel.run
@@ -86,9 +87,14 @@ def linear_gather_hidden(
     backend: Backend,
     slot: int = -1,
     skip_entry_sync: bool = False,
+    zero_copy: bool = False,
     _exit_sync: bool = True,
 ) -> torch.Tensor:
-    """``cat_r(linear(x, W_r, b_r))`` along the last axis, in one kernel per rank. Returns a fresh tensor."""
+    """``cat_r(linear(x, W_r, b_r))`` along the last axis, in one kernel per rank.
+
+    Returns a fresh tensor the caller owns, or, with ``zero_copy`` (P2P; granted
+    only by the barrier-elision pass, docs/barrier_elision.md §8), a view of the
+    workspace slot, valid until the next call that uses the same slot."""
     device_index = x.device.index
     ws = workspaces.workspace(group, device_index)
     if not ws.facts.push_ok:
@@ -98,19 +104,24 @@ def linear_gather_hidden(
     lead = x.shape[:-1]
     k = x.shape[-1]
     tokens = x.numel() // k if k else 0
-    out = torch.empty(*lead, total, dtype=x.dtype, device=x.device)
     if tokens == 0:  # identical on every rank: every rank skips
-        return out
+        return torch.empty(*lead, total, dtype=x.dtype, device=x.device)
     multimem = backend == Backend.MULTIMEM
+    copy_out = multimem or not zero_copy
     bucket = _config_key(tokens)
     key = ("linear", x.dtype, k, tuple(hidden_widths), bucket, bias is not None, bool(skip_entry_sync), multimem,
-           _exit_sync)
+           _exit_sync, copy_out)
     plan = ws.plans.get(key)
     if plan is None:
         plan = ws.plans[key] = _build(ws, x.dtype, k, hidden_widths, bucket, bias is not None, skip_entry_sync,
-                                      multimem, _exit_sync)
+                                      multimem, _exit_sync, copy_out)
     workspaces.ensure_capacity(ws, tokens * total * x.element_size())
     slot = workspaces.take_slot(ws, slot)
+    elems = ws.slot_bytes // x.element_size()
+    if copy_out:
+        out = torch.empty(*lead, total, dtype=x.dtype, device=x.device)
+    else:  # zero-copy: our tiles and the peers' land in the slot, which is the result
+        out = ws.buffer.view(x.dtype)[slot * elems: slot * elems + tokens * total].view(*lead, total)
     # The kernel reads 16-byte vectors of rows: strided or misaligned operands are copied first
     # (a local fact; the grid and the config do not change).
     x, weight = _aligned(x.reshape(tokens, k)), _aligned(weight)
@@ -122,7 +133,7 @@ def linear_gather_hidden(
     block_m, block_n = plan.config["BLOCK_M"], plan.config["BLOCK_N"]
     tiles = -(-tokens // block_m) * -(-max(hidden_widths) // block_n)
     nblocks = max(1, min(grid_cap(ws), tiles))
-    slot_offset = slot * (ws.slot_bytes // x.element_size())
+    slot_offset = slot * elems
     args = (x.data_ptr(), weight.data_ptr(), bias_ptr, out.data_ptr(), slot_offset, ws.status_ptr, tokens,
             ws.timeout_ns)
     if multimem:

@@ -149,7 +149,7 @@ def p2p_linear_push_kernel(
     EVEN_BANDS: tl.constexpr,  # every rank's width the same (the copy-out takes all peers at once)
     EXIT_SYNC: tl.constexpr = True,  # False only for negative controls / floor diagnostics: racy
     PUSH: tl.constexpr = True,  # False only for floor diagnostics: the peers' bands are never written
-    COPY_OUT: tl.constexpr = True,  # False only for floor diagnostics: the peers' bands stay in the slot
+    COPY_OUT: tl.constexpr = True,  # False: zero-copy (out_ptr is our slot, which the peers fill), or diagnostics
 ):
     pid = tl.program_id(0)
     nblocks = tl.num_programs(0)
@@ -348,15 +348,20 @@ def even_bands(band_offsets, config):
 
 
 def linear_source(dtype_name, rank, band_offsets, k, config, has_bias, skip_entry_sync, multimem=False,
-                  exit_sync=True, diagnostic=None):
-    """The ``ASTSource`` of one fused variant; ``config`` from ``launch_config``."""
+                  exit_sync=True, copy_out=True, diagnostic=None):
+    """The ``ASTSource`` of one fused variant; ``config`` from ``launch_config``.
+
+    ``copy_out=False`` is the zero-copy variant (P2P only): the caller passes its
+    slot as ``out_ptr``, so our own tiles land there and the peers' arrive there."""
     constexprs = _barrier_constexprs(rank, band_offsets)
     constexprs.update(K=int(k), HAS_BIAS=bool(has_bias), BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
                       BLOCK_K=config["BLOCK_K"], SKIP_ENTRY_SYNC=bool(skip_entry_sync),
                       EVEN_BANDS=even_bands(band_offsets, config))
     if multimem:
+        if not copy_out:
+            raise ValueError("tpfuse: the multimem fused kernel always copies out (zero-copy is P2P only)")
         return _source(multimem_linear_push_kernel, FLOAT_PTR[dtype_name], constexprs)
-    constexprs.update(EXIT_SYNC=bool(exit_sync), PUSH=True, COPY_OUT=True)
+    constexprs.update(EXIT_SYNC=bool(exit_sync), PUSH=True, COPY_OUT=bool(copy_out))
     constexprs.update(diagnostic or {})  # {"PUSH": False} / {"COPY_OUT": False}: floor diagnostics only
     return _source(p2p_linear_push_kernel, FLOAT_PTR[dtype_name], constexprs)
 

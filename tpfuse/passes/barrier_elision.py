@@ -500,8 +500,6 @@ def _decide_zero_copy(g, gathers, slot, skip, fences, order, allow=False) -> tup
                                    f"barrier-free push of {k.name} into the slot")
             elif not order.before(r, k):
                 return False, f"reader {r.name} may run after {k.name} writes the slot"
-    if g.target is not _tpfuse("all_gather_hidden"):
-        return False, "readers proven done before the slot is rewritten; the fused linear op always copies out"
     if not allow:
         return False, f"readers proven done before the slot is rewritten, {ZERO_COPY_NOT_APPLIED}"
     return True, "readers proven done before the slot is rewritten: the result is a view of the slot"
