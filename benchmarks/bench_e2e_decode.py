@@ -12,7 +12,8 @@ would only dilute the comparison in both columns alike.
 
 Both variants are ``torch.compile(mode="reduce-overhead")``; the only
 difference is ``tpfuse.enable()`` (``--fuse-linear`` adds a third variant with
-``tpfuse.enable(fuse_linear=True)``).  Per T in {1, 8, 32, 128}: the step's time
+``tpfuse.enable(fuse_linear=True)``; ``--zero-copy`` turns on zero-copy results in both
+tpfuse variants).  Per T in {1, 8, 32, 128}: the step's time
 (CUDA events over many CUDA-graph replays, median of repeats, slowest rank),
 the ratio off/on, and whether both variants sampled the same tokens.
 """
@@ -107,6 +108,9 @@ def main():
     parser.add_argument("--fuse-linear", action="store_true",
                         help="a third column: tpfuse.enable(fuse_linear=True) (the LM head's linear + gather "
                              "as one kernel where the cost rule picks it)")
+    parser.add_argument("--zero-copy", action="store_true",
+                        help="every tpfuse variant with zero_copy=True (results that are views of the slot "
+                             "where the pass proves it)")
     args = parser.parse_args()
     # A run stopped from outside (torchrun forwards SIGTERM) prints where every thread was.
     faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
@@ -132,7 +136,7 @@ def main():
         tokens_off = off(h).clone()
         t_off = time_step(off, h)
         torch._dynamo.reset()
-        tpfuse.enable()
+        tpfuse.enable(zero_copy=args.zero_copy)
         on = torch.compile(model, mode="reduce-overhead", dynamic=False)
         tokens_on = on(h).clone()
         rewrites = tpfuse.report().rewritten
@@ -143,7 +147,7 @@ def main():
                "rewrites": rewrites}
         if args.fuse_linear:
             torch._dynamo.reset()
-            tpfuse.enable(fuse_linear=True)
+            tpfuse.enable(fuse_linear=True, zero_copy=args.zero_copy)
             fused = torch.compile(model, mode="reduce-overhead", dynamic=False)
             tokens_fused = fused(h).clone()
             row["fused_linear"] = [m.linear_fusion for m in tpfuse.report().matches]
@@ -172,7 +176,8 @@ def main():
         if args.out:
             os.makedirs(args.out, exist_ok=True)
             with open(os.path.join(args.out, f"e2e_w{W}.json"), "w") as f:
-                json.dump({"card": card, "W": W, "torch": torch.__version__, "rows": rows}, f, indent=1)
+                json.dump({"card": card, "W": W, "torch": torch.__version__, "zero_copy": args.zero_copy,
+                           "rows": rows}, f, indent=1)
     print(f"rank {rank}: finished, tearing down", flush=True)
     dist.barrier()
     dist.destroy_process_group()
