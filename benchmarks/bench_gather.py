@@ -296,7 +296,7 @@ def main():
             print("  " + line)
     if rank == 0:
         print()
-        print(f"host cost per eager call (µs, slowest rank): " + ", ".join(f"{k} {v:.1f}" for k, v in costs.items()))
+        print("host cost per eager call (µs, slowest rank): " + ", ".join(f"{k} {v:.1f}" for k, v in costs.items()))
         print(f"  op_p2p / torch_add = {costs['op_p2p'] / costs['torch_add']:.2f} (target <= 1.5)")
         print()
         print(f"W={W} {card}; µs per call (slowest rank, median); ratio = nccl_rearrange / tpfuse")

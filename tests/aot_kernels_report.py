@@ -46,6 +46,8 @@ LINEAR_CONFIGS = [
     ("bf16_w4_t32_lm_head_zero_copy", "bfloat16", 1, tuple(32064 * i for i in range(5)), 4096, 32, False, True, False,
      False),
     ("bf16_w8_t8", "bfloat16", 5, tuple(1024 * i for i in range(9)), 4096, 8, False, False, False, True),
+    # W=8, wide bands at T=16: 128-column tiles, the even-band copy-out holds 8 x 16 x 128 elements
+    ("bf16_w8_t16_wide", "bfloat16", 7, tuple(32768 * i for i in range(9)), 4096, 16, False, False, False, True),
 ]
 
 _INSTRUCTIONS = re.compile(r"\b((?:st|ld|red|atom|multimem|mma|wgmma)\.[\w.:]+)")
