@@ -151,7 +151,6 @@ def _linear_all_gather_hidden_impl(x, weight, bias, hidden_widths, group_name, s
                                                       zero_copy)
 
 
-
 for _device in ("CPU", "CUDA"):
     _lib.impl("linear_all_gather_hidden", _linear_all_gather_hidden_impl, _device)
 

@@ -7,7 +7,9 @@ Every rank holds the same ``x [T, K]`` and its own weight band ``W_r [w_r, K]``
 no intermediate ``y_r`` and no second launch: each output tile goes from the
 accumulator straight into our column band of every peer's symmetric slot
 (and of our own result), then the blocks meet their peers in the exit
-barrier and copy the peers' bands out.
+barrier and copy the peers' bands out.  Zero-copy (``COPY_OUT`` off, granted
+by the barrier-elision pass): our own result is our slot, so there is nothing
+to copy.
 
 Work split.  Output tiles are ``[BLOCK_M, BLOCK_N]``; tile ``t`` is
 (m = t // N_TILES, n = t % N_TILES), so consecutive blocks stream
@@ -261,8 +263,7 @@ def multimem_linear_push_kernel(
         _multimem_store_v4(address, w0, w1, w2, w3, vec_ok)
     # Exit (release/acquire, system scope): the multicast stores are visible everywhere first.
     barrier(peer_pads, own_pad, RANK, pid, status, timeout_ns, EXIT_TIMEOUT, W, True)
-    _copy_out_peers(out_ptr, own, tokens, pid, nblocks, RANK, W, WP, BAND_OFFSETS, BLOCK_M, BLOCK_N,
-                        EVEN_BANDS)
+    _copy_out_peers(out_ptr, own, tokens, pid, nblocks, RANK, W, WP, BAND_OFFSETS, BLOCK_M, BLOCK_N, EVEN_BANDS)
 
 
 # ---------------------------------------------------------------------------
@@ -336,7 +337,7 @@ def _source(fn, ptr_type, constexprs):
 
 
 #: the even-band copy-out holds WP x BLOCK_M x BLOCK_N elements per block in registers: at most this many
-#: (W=4 at 32 x 128 tiles; W=8 or 64-row tiles take the one-peer-at-a-time loop)
+#: (W=4 at 32 x 128 tiles, W=8 at 16 x 128; larger take the one-peer-at-a-time loop)
 COPY_OUT_ELEMENTS = 4 * 32 * 128
 
 
