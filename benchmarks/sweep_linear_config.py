@@ -53,7 +53,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--cases", default="lm_head_4096:1,lm_head_4096:32,llama8b_mlp:1,llama8b_mlp:32")
     parser.add_argument("--configs", default=None,
-                        help="BNxBKxWARPSxSTAGES,... (default: the first sweep's CONFIGS)")
+                        help="BNxBKxWARPSxSTAGES[xtma],... (default: the first sweep's CONFIGS); 'tma' loads "
+                             "the weight tiles through a TMA descriptor")
     parser.add_argument("--budget-kib", type=int, default=kernels.PIPELINE_BYTES >> 10,
                         help="skip configs whose pipeline buffers (stages - 1 of them) exceed this")
     parser.add_argument("--diag", action="store_true",
@@ -66,8 +67,10 @@ def main():
     else:
         configs = CONFIGS
         if args.configs:
-            configs = [tuple(int(v) for v in c.split("x")) for c in args.configs.split(",")]
-        variants = [(f"BN={c[0]:4d} BK={c[1]:4d} warps={c[2]} stages={c[3]}", c, {}, True) for c in configs]
+            configs = [tuple(int(v) for v in c.split("x")[:4]) + (c.endswith("xtma"),) for c in args.configs.split(",")]
+        configs = [c if len(c) == 5 else (*c, False) for c in configs]
+        variants = [(f"BN={c[0]:4d} BK={c[1]:4d} warps={c[2]} stages={c[3]}{' TMA' if c[4] else ''}", c, {}, True)
+                    for c in configs]
     rank, group, card = torchrun_group()
     W = group.world_size
     original, original_source = kernels.launch_config, kernels.linear_source
@@ -84,15 +87,15 @@ def main():
         bm = original(T, K, widths)["BLOCK_M"]
         for label, cfg, diag, exit_sync in variants:
             if cfg is not None:
-                bn, bk, warps, stages = cfg
+                bn, bk, warps, stages, tma = cfg
                 if (bm + bn) * bk * 2 * (stages - 1) > args.budget_kib << 10:
                     continue  # beyond the pipeline budget (default: the rule's, kernels.linear_push.PIPELINE_BYTES)
 
-                def config(tokens, k, ws_, elem_size=2, bn=bn, bk=bk, warps=warps, stages=stages):
+                def config(tokens, k, ws_, elem_size=2, bn=bn, bk=bk, warps=warps, stages=stages, tma=tma):
                     c = original(tokens, k, ws_, elem_size)
                     m_tiles = -(-max(int(tokens), 1) // c["BLOCK_M"])
                     return {**c, "BLOCK_N": bn, "BLOCK_K": min(bk, max(64, k)), "num_warps": warps,
-                            "num_stages": stages, "tiles": m_tiles * -(-max(ws_) // bn)}
+                            "num_stages": stages, "tiles": m_tiles * -(-max(ws_) // bn), "TMA": tma}
 
                 kernels.launch_config = config
             kernels.linear_source = functools.partial(original_source, diagnostic=diag)
@@ -116,7 +119,8 @@ def main():
             gbs = widths[0] * K * 2 / (us * 1e-6) / 1e9
             c = kernels.launch_config(T, K, widths)
             rows.append({"case": case, "variant": label, "diagnostic": {**diag, "EXIT_SYNC": exit_sync},
-                         "config": [c["BLOCK_N"], c["BLOCK_K"], c["num_warps"], c["num_stages"]], "fused_us": us,
+                         "config": [c["BLOCK_N"], c["BLOCK_K"], c["num_warps"], c["num_stages"]],
+                         "tma": bool(c.get("TMA")), "fused_us": us,
                          "cublas_us": cublas, "weight_GBps": gbs, "correct": ok})
             if rank == 0:
                 print(f"{case:16s} {label} | fused {us:7.1f} us ({gbs:6.0f} GB/s of weight) | "

@@ -50,7 +50,12 @@ LINEAR_CONFIGS = [
     ("bf16_w8_t16_wide", "bfloat16", 7, tuple(32768 * i for i in range(9)), 4096, 16, False, False, False, True),
 ]
 
-_INSTRUCTIONS = re.compile(r"\b((?:st|ld|red|atom|multimem|mma|wgmma)\.[\w.:]+)")
+#: the LM head at T=32 with its weight tiles through TMA (an experimental config the sweep can pick)
+LINEAR_TMA_CONFIGS = [
+    ("bf16_w4_t32_lm_head_tma", "bfloat16", 1, tuple(32064 * i for i in range(5)), 4096, 32),
+]
+
+_INSTRUCTIONS = re.compile(r"\b((?:st|ld|red|atom|multimem|mma|wgmma|cp\.async\.bulk\.tensor)\.[\w.:]+)")
 
 
 def _import_kernels():
@@ -80,6 +85,7 @@ def report():
             "globaltimer": "%globaltimer" in ptx,
             "cubin_bytes": len(kernel.asm["cubin"]),
             "shared_bytes": int(getattr(kernel.metadata, "shared", 0)),
+            "global_scratch_bytes": int(getattr(kernel.metadata, "global_scratch_size", 0) or 0),
         }
 
     for name, elem, rank, offsets, vec, skip, copy_out in P2P_CONFIGS:
@@ -91,6 +97,13 @@ def report():
         config = linear_push.launch_config(tokens, k, widths)
         source = linear_push.linear_source(dtype, rank, offsets, k, config, bias, skip, multimem=multimem,
                                            copy_out=copy_out)
+        record("linear_" + name, source, lambda src, target, config=config: linear_push.compile_linear(
+            src, config, target=target))
+        out["kernels"]["linear_" + name]["config"] = config
+    for name, dtype, rank, offsets, k, tokens in LINEAR_TMA_CONFIGS:
+        widths = [offsets[i + 1] - offsets[i] for i in range(len(offsets) - 1)]
+        config = {**linear_push.launch_config(tokens, k, widths), "TMA": True}
+        source = linear_push.linear_source(dtype, rank, offsets, k, config, False, False)
         record("linear_" + name, source, lambda src, target, config=config: linear_push.compile_linear(
             src, config, target=target))
         out["kernels"]["linear_" + name]["config"] = config

@@ -57,6 +57,13 @@ def _check(report):
             # A tile of >= 8 elements per thread is stored in 16-byte vectors (local and remote).
             if config["BLOCK_M"] * config["BLOCK_N"] >= 8 * 32 * config["num_warps"]:
                 assert any(i.startswith("st.global.v4") for i in ins), (name, config, ins)
+    for name, *_ in aot.LINEAR_TMA_CONFIGS:
+        k = kernels["linear_" + name]
+        ins = set(k["instructions"])
+        # the weight tiles come through TMA (bulk tensor copies); each block builds its descriptor in scratch
+        assert any(i.startswith("cp.async.bulk.tensor") for i in ins), (name, ins)
+        assert k["global_scratch_bytes"] > 0, name
+        assert k["shared_bytes"] <= 227 * 1024, (name, k["shared_bytes"])
 
 
 def test_kernels_compile_for_sm90_with_installed_triton():
@@ -104,6 +111,14 @@ def test_fused_linear_push_zero_copy_in_the_interpreter():
     results = _interpret("--zero-copy")
     assert results and all(r["within_tolerance"] and r["ranks_agree"] for r in results), results
     assert not any(r["first_alone_complete"] for r in results), results
+
+
+def test_fused_linear_push_tma_weight_in_the_interpreter():
+    """The experimental TMA weight loads: same results, uneven bands included (the box past a band is zeros)."""
+    pytest.importorskip("torch")
+    results = _interpret("--tma")
+    assert results and all(r["tma"] for r in results), results
+    assert all(r["within_tolerance"] and r["ranks_agree"] for r in results), results
 
 
 def test_fused_linear_push_interpreter_negative_control():

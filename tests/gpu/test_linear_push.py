@@ -281,3 +281,46 @@ def test_negative_control_detects_missing_barriers(W):
     # Without the entry barrier on one slot the window is small (see test_push_gather.py):
     # reported, not asserted.
     assert total["no_exit_barrier"] > 0, total
+
+
+# ---------------------------------------------------------------------------
+def _tma_weight(rank, W):
+    """The experimental TMA weight loads (a config the sweep can pick, launch_config never does)
+    against the default loads: within the tolerance of the reference, ranks bit-identical."""
+    from tpfuse.compile_ops import linear_push, workspace
+    from tpfuse.compile_ops.dispatch import Backend
+    from tpfuse.kernels import linear_push as kernels
+
+    group = _group()
+    ws = workspace.workspace(group, rank)
+    original = kernels.launch_config
+    widths = [16384] * (W - 1) + [16000]  # wide bands (128-column tiles), one uneven
+    found = {}
+    try:
+        for T in (1, 32):
+            x, weights, biases, ref = _problem(500 + T, T, 4096, widths, torch.bfloat16, True)
+            outs = {}
+            for tma in (False, True):
+                kernels.launch_config = lambda *a, tma=tma, **kw: {**original(*a, **kw), "TMA": tma}
+                ws.plans.clear()
+                outs[tma] = linear_push.linear_gather_hidden(x, weights[rank], biases[rank], widths, group,
+                                                             Backend.P2P)
+                torch.cuda.synchronize()
+            tol = TOL[torch.bfloat16]
+            found[T] = {"within": bool(((outs[True].float() - ref.float()).abs() <= tol * (1 + ref.float().abs()))
+                                       .all()),
+                        "agree": _agree_across_ranks(outs[True]),
+                        "same_bits_as_default": bool(torch.equal(outs[True], outs[False]))}
+    finally:
+        kernels.launch_config = original
+        ws.plans.clear()
+    return found
+
+
+@pytest.mark.parametrize("W", [2, 4])
+def test_tma_weight_loads_match(W):
+    # Written after the last GPU run; not yet run.
+    _needs(W)
+    for rank, found in enumerate(run_ranks(W, _tma_weight, backend="nccl", timeout=300)):
+        print(f"rank {rank}: TMA weight loads {found}")
+        assert all(v["within"] and v["agree"] for v in found.values()), (rank, found)

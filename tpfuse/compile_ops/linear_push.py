@@ -33,6 +33,7 @@ class LinearPlan:
     constexpr_values: tuple
     config: dict
     multimem: bool
+    scratch: torch.Tensor | None = None  # TMA descriptors, one per block (TMA configs only)
 
 
 def grid_cap(ws) -> int:
@@ -61,7 +62,31 @@ def _build(ws, dtype, k, hidden_widths, tokens, has_bias, skip_entry_sync, multi
         run = kernel.run
     names = source.fn.arg_names
     constexprs = tuple(source.constants[(names.index(n),)] for n in names if source.signature[n] == "constexpr")
-    return LinearPlan(run, kernel.function, kernel.packed_metadata, constexprs, config, multimem)
+    scratch = None
+    per_block = int(getattr(kernel.metadata, "global_scratch_size", 0) or 0)
+    if per_block:  # the kernel builds its TMA descriptors here: one region per block, kept for CUDA graphs
+        scratch = torch.empty(grid_cap(ws) * per_block, dtype=torch.uint8, device=ws.device)
+    return LinearPlan(run, kernel.function, kernel.packed_metadata, constexprs, config, multimem, scratch)
+
+
+def _launch_with_scratch(plan, run_args):
+    """Run ``launch`` with Triton's scratch allocator answering with the plan's own buffer.
+
+    The launcher asks for ``blocks * per-block`` bytes at every launch; a fresh
+    allocation would be freed right after (and, under CUDA-graph capture, reused
+    by a later node of the graph), so the plan keeps one for its lifetime."""
+    from triton.runtime import _allocation
+
+    def allocator(size, align, stream):
+        if size > plan.scratch.numel() or plan.scratch.data_ptr() % max(int(align), 1):
+            raise RuntimeError(f"{OP}: TMA scratch of {size} bytes requested, {plan.scratch.numel()} kept")
+        return plan.scratch
+
+    token = _allocation._allocator.set(allocator)
+    try:
+        plan.run(*run_args)
+    finally:
+        _allocation._allocator.reset(token)
 
 
 def _config_key(tokens):
@@ -138,6 +163,10 @@ def linear_gather_hidden(
             ws.timeout_ns)
     if multimem:
         args += (ws.multicast_ptr,)
-    plan.run(nblocks, 1, 1, _raw_stream(device_index), plan.function, plan.packed_metadata, None, None, None,
-             *args, *ws.pointer_args, *plan.constexpr_values)
+    run_args = (nblocks, 1, 1, _raw_stream(device_index), plan.function, plan.packed_metadata, None, None, None,
+                *args, *ws.pointer_args, *plan.constexpr_values)
+    if plan.scratch is None:
+        plan.run(*run_args)
+    else:
+        _launch_with_scratch(plan, run_args)
     return out

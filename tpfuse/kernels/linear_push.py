@@ -53,9 +53,14 @@ PIPELINE_BYTES = 120 << 10
 
 
 @triton.jit
-def _tile_gemm(x_ptr, w_ptr, bias_ptr, tile, tokens, WIDTH: tl.constexpr, K: tl.constexpr,
-               HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One ``[BLOCK_M, BLOCK_N]`` output tile of ``x @ W^T (+ b)``, fp32 accumulate; returns (acc, rows, cols)."""
+def _tile_gemm(x_ptr, w_ptr, w_desc, bias_ptr, tile, tokens, WIDTH: tl.constexpr, K: tl.constexpr,
+               HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               TMA_WEIGHT: tl.constexpr):
+    """One ``[BLOCK_M, BLOCK_N]`` output tile of ``x @ W^T (+ b)``, fp32 accumulate; returns (acc, rows, cols).
+
+    With TMA_WEIGHT the weight tiles come through ``w_desc`` (a TMA descriptor of
+    ``[WIDTH, K]``, which fills rows and columns past the band with zeros);
+    otherwise ``w_desc`` is unused and the tiles are masked 16-byte loads."""
     N_TILES: tl.constexpr = (WIDTH + BLOCK_N - 1) // BLOCK_N
     tm = tile // N_TILES
     tn = tile - tm * N_TILES
@@ -70,9 +75,12 @@ def _tile_gemm(x_ptr, w_ptr, bias_ptr, tile, tokens, WIDTH: tl.constexpr, K: tl.
     for k in range(0, K, BLOCK_K):
         k_ok = (k + ks) < K
         a = tl.load(x_rows + (k + ks)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        # The weight is streamed once: don't let it evict x (re-read by every N tile) from L2.
-        b = tl.load(w_rows + (k + ks)[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0,
-                    eviction_policy="evict_first")
+        if TMA_WEIGHT:
+            b = w_desc.load([tn * BLOCK_N, k])
+        else:
+            # The weight is streamed once: don't let it evict x (re-read by every N tile) from L2.
+            b = tl.load(w_rows + (k + ks)[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0,
+                        eviction_policy="evict_first")
         acc = tl.dot(a, tl.trans(b), acc)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -152,6 +160,7 @@ def p2p_linear_push_kernel(
     EXIT_SYNC: tl.constexpr = True,  # False only for negative controls / floor diagnostics: racy
     PUSH: tl.constexpr = True,  # False only for floor diagnostics: the peers' bands are never written
     COPY_OUT: tl.constexpr = True,  # False: zero-copy (out_ptr is our slot, which the peers fill), or diagnostics
+    TMA_WEIGHT: tl.constexpr = False,  # weight tiles through a TMA descriptor (needs global scratch; experimental)
 ):
     pid = tl.program_id(0)
     nblocks = tl.num_programs(0)
@@ -159,6 +168,10 @@ def p2p_linear_push_kernel(
     WIDTH: tl.constexpr = BAND_OFFSETS[RANK + 1] - BAND_OFFSETS[RANK]
     TOTAL: tl.constexpr = BAND_OFFSETS[W]
     N_TILES: tl.constexpr = (WIDTH + BLOCK_N - 1) // BLOCK_N
+    if TMA_WEIGHT:
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[WIDTH, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
+    else:
+        w_desc = w_ptr
     peers, live = peer_lanes(RANK, W, WP)
     peer_pads = _lanes(peers, pad0, pad1, pad2, pad3, pad4, pad5, pad6, pad7)
     own_pad = _pick(RANK, pad0, pad1, pad2, pad3, pad4, pad5, pad6, pad7)
@@ -173,8 +186,8 @@ def p2p_linear_push_kernel(
                 timeout_ns = timeout_ns * 0
     for i in range(0, my_tiles):
         tile = pid + i * nblocks
-        acc, rows, cols = _tile_gemm(x_ptr, w_ptr, bias_ptr, tile, tokens, WIDTH, K, HAS_BIAS,
-                                     BLOCK_M, BLOCK_N, BLOCK_K)
+        acc, rows, cols = _tile_gemm(x_ptr, w_ptr, w_desc, bias_ptr, tile, tokens, WIDTH, K, HAS_BIAS,
+                                     BLOCK_M, BLOCK_N, BLOCK_K, TMA_WEIGHT)
         vals = acc.to(out_ptr.dtype.element_ty)
         if not SKIP_ENTRY_SYNC:
             if i == 0:
@@ -244,8 +257,8 @@ def multimem_linear_push_kernel(
             timeout_ns = timeout_ns * 0
     for i in range(0, my_tiles):
         tile = pid + i * nblocks
-        acc, rows, cols = _tile_gemm(x_ptr, w_ptr, bias_ptr, tile, tokens, WIDTH, K, HAS_BIAS,
-                                     BLOCK_M, BLOCK_N, BLOCK_K)
+        acc, rows, cols = _tile_gemm(x_ptr, w_ptr, w_ptr, bias_ptr, tile, tokens, WIDTH, K, HAS_BIAS,
+                                     BLOCK_M, BLOCK_N, BLOCK_K, False)
         vals = acc.to(out_ptr.dtype.element_ty)
         index, ok = _gathered(rows, cols, tokens, OFF, WIDTH, TOTAL)
         tl.store(out_ptr + index, vals, mask=ok)
@@ -316,6 +329,7 @@ def launch_config(tokens, k, widths, elem_size=2):
         "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
         "num_warps": num_warps, "num_stages": stages,
         "tiles": m_tiles * -(-widest // block_n),
+        "TMA": False,  # weight tiles through TMA: not yet measured, so never picked (the sweep can)
     }
 
 
@@ -348,6 +362,11 @@ def even_bands(band_offsets, config):
     return len(widths) == 1 and wp * config["BLOCK_M"] * config["BLOCK_N"] <= COPY_OUT_ELEMENTS
 
 
+def tma_weight_ok(k, config):
+    """Whether the weight tiles fit a TMA box: 16-byte row stride, at most 256 elements per row of a box."""
+    return int(k) % 8 == 0 and config["BLOCK_K"] <= 256 and config["BLOCK_N"] <= 256
+
+
 def linear_source(dtype_name, rank, band_offsets, k, config, has_bias, skip_entry_sync, multimem=False,
                   exit_sync=True, copy_out=True, diagnostic=None):
     """The ``ASTSource`` of one fused variant; ``config`` from ``launch_config``.
@@ -358,11 +377,16 @@ def linear_source(dtype_name, rank, band_offsets, k, config, has_bias, skip_entr
     constexprs.update(K=int(k), HAS_BIAS=bool(has_bias), BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
                       BLOCK_K=config["BLOCK_K"], SKIP_ENTRY_SYNC=bool(skip_entry_sync),
                       EVEN_BANDS=even_bands(band_offsets, config))
+    if config.get("TMA", False) and not tma_weight_ok(k, config):
+        raise ValueError(f"tpfuse: TMA weight loads need K % 8 == 0 and BLOCK_K <= 256 (a TMA box), got K={k}, "
+                         f"BLOCK_K={config['BLOCK_K']}")
     if multimem:
-        if not copy_out:
-            raise ValueError("tpfuse: the multimem fused kernel always copies out (zero-copy is P2P only)")
+        if not copy_out or config.get("TMA", False):
+            raise ValueError("tpfuse: the multimem fused kernel copies out and loads the weight with plain "
+                             "loads (zero-copy and TMA are P2P only)")
         return _source(multimem_linear_push_kernel, FLOAT_PTR[dtype_name], constexprs)
-    constexprs.update(EXIT_SYNC=bool(exit_sync), PUSH=True, COPY_OUT=bool(copy_out))
+    constexprs.update(EXIT_SYNC=bool(exit_sync), PUSH=True, COPY_OUT=bool(copy_out),
+                      TMA_WEIGHT=bool(config.get("TMA", False)))
     constexprs.update(diagnostic or {})  # {"PUSH": False} / {"COPY_OUT": False}: floor diagnostics only
     return _source(p2p_linear_push_kernel, FLOAT_PTR[dtype_name], constexprs)
 
