@@ -178,9 +178,13 @@ def main():
             with open(os.path.join(args.out, f"e2e_w{W}.json"), "w") as f:
                 json.dump({"card": card, "W": W, "torch": torch.__version__, "zero_copy": args.zero_copy,
                            "rows": rows}, f, indent=1)
+    # Two runs with --fuse-linear ran out of their time limit after printing their table, in this
+    # teardown (not diagnosed): a stuck teardown now prints every thread's stack and exits.
     print(f"rank {rank}: finished, tearing down", flush=True)
+    faulthandler.dump_traceback_later(120, exit=True)
     dist.barrier()
     dist.destroy_process_group()
+    faulthandler.cancel_dump_traceback_later()
     print(f"rank {rank}: torn down", flush=True)
 
 
