@@ -179,12 +179,12 @@ def main():
                 json.dump({"card": card, "W": W, "torch": torch.__version__, "zero_copy": args.zero_copy,
                            "rows": rows}, f, indent=1)
     # Two runs with --fuse-linear ran out of their time limit after printing their table, in this
-    # teardown (not diagnosed): a stuck teardown now prints every thread's stack and exits.
+    # teardown (not diagnosed): a teardown or interpreter exit stuck for 120 s now prints every
+    # thread's stack and exits (the watchdog stays armed until the process ends).
     print(f"rank {rank}: finished, tearing down", flush=True)
     faulthandler.dump_traceback_later(120, exit=True)
     dist.barrier()
     dist.destroy_process_group()
-    faulthandler.cancel_dump_traceback_later()
     print(f"rank {rank}: torn down", flush=True)
 
 
