@@ -140,3 +140,25 @@ def test_w8_signal_pads_and_status_word_fit():
     code = 2 * 2**24 + (blocks - 1) * 256 + 7 + 1
     kind, block, peer = code >> 24, (code >> 8) & 0xFFFF, (code & 0xFF) - 1
     assert (kind, block, peer) == (2, blocks - 1, 7)
+
+
+def test_tma_scratch_is_the_plans_own_buffer_and_the_allocator_is_restored():
+    """The fused kernel's TMA variant: Triton's launcher asks its allocator for descriptor
+    scratch at every launch; the plan answers with one buffer it keeps (valid across CUDA-graph
+    replays), refuses a request larger than it, and leaves the user's allocator as it was."""
+    from triton.runtime import _allocation
+
+    from tpfuse.compile_ops import linear_push
+
+    got = []
+
+    def run(*args):  # stands in for Triton's launcher: asks for grid x per-block bytes
+        got.append(_allocation._allocator.get()(args[0] * 128, 64, None))  # torch's CPU allocations: 64-aligned
+
+    plan = linear_push.LinearPlan(run, None, None, (), {}, False, scratch=torch.empty(4 * 128, dtype=torch.uint8))
+    before = _allocation._allocator.get()
+    linear_push._launch_with_scratch(plan, (4, 1, 1))
+    assert got[0] is plan.scratch and _allocation._allocator.get() is before
+    with pytest.raises(RuntimeError, match="TMA scratch of 640 bytes .* the plan keeps 512 bytes"):
+        linear_push._launch_with_scratch(plan, (5, 1, 1))
+    assert _allocation._allocator.get() is before

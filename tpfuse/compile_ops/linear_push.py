@@ -79,7 +79,8 @@ def _launch_with_scratch(plan, run_args):
 
     def allocator(size, align, stream):
         if size > plan.scratch.numel() or plan.scratch.data_ptr() % max(int(align), 1):
-            raise RuntimeError(f"{OP}: TMA scratch of {size} bytes requested, {plan.scratch.numel()} kept")
+            raise RuntimeError(f"{OP}: TMA scratch of {size} bytes ({align}-byte aligned) requested; the plan "
+                               f"keeps {plan.scratch.numel()} bytes at address {plan.scratch.data_ptr():#x}")
         return plan.scratch
 
     token = _allocation._allocator.set(allocator)
