@@ -35,6 +35,15 @@ def test_explain_prints_report_and_writes_dumps(tmp_path):
     assert "all_gather_into_tensor" in before and "tpfuse.all_gather_hidden" in after
 
 
+def test_explain_shows_the_opt_in_rewrites(tmp_path):
+    code, out, err = _run("explain", "examples/tp_lm_head.py:decode_step", "--dump-dir", str(tmp_path),
+                          "--fuse-linear", "--zero-copy")
+    assert code == 0, out + err
+    # the example is fp32: the fused kernel takes bf16/fp16, and the report says so
+    assert "not fused [unsupported]: dtype float32" in out, out
+    assert "zero-copy" in out, out
+
+
 def test_explain_rejects_bad_entry():
     code, out, err = _run("explain", "examples/tp_lm_head.py:no_such_function")
     assert code != 0

@@ -23,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     p_explain.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p_explain.add_argument("--dump-dir", default="tpfuse_dumps", help="where before/after graphs go")
     p_explain.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the ranks")
+    p_explain.add_argument("--fuse-linear", action="store_true",
+                           help="also fuse column linears with their gather where the cost rule says so")
+    p_explain.add_argument("--zero-copy", action="store_true",
+                           help="also let proven gathers return a view of their slot")
     p_bench = sub.add_parser("bench", help="run the GPU benchmarks (torchrun); write tables and PNG plots")
     p_bench.add_argument("--nproc", type=int, default=4, help="GPUs to use (default 4)")
     p_bench.add_argument("--out", default="tpfuse_bench", help="folder for tables and plots")
@@ -39,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "explain":
         from . import explain
 
-        return explain.run(args.entry, args.nproc, args.dump_dir, args.device, args.timeout)
+        return explain.run(args.entry, args.nproc, args.dump_dir, args.device, args.timeout,
+                           args.fuse_linear, args.zero_copy)
     if args.command == "bench":
         from . import bench
 

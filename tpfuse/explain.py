@@ -59,7 +59,7 @@ def _compile_fresh() -> None:
         functorch_config.enable_autograd_cache = False
 
 
-def _explain_rank(rank: int, world_size: int, spec: str, dump_dir: str, device: str):
+def _explain_rank(rank: int, world_size: int, spec: str, dump_dir: str, device: str, options: dict):
     import torch
 
     import tpfuse
@@ -68,7 +68,7 @@ def _explain_rank(rank: int, world_size: int, spec: str, dump_dir: str, device: 
         torch.cuda.set_device(rank)
     _compile_fresh()
     entry = load_entry(spec)
-    with tpfuse.enabled(dump_dir=dump_dir):
+    with tpfuse.enabled(dump_dir=dump_dir, **options):
         result = entry()
         if result is not None:
             if not isinstance(result, tuple) or len(result) not in (2, 3) or not callable(result[0]):
@@ -84,7 +84,7 @@ def _explain_rank(rank: int, world_size: int, spec: str, dump_dir: str, device: 
 
 
 def run(spec: str, nproc: int = 2, dump_dir: str = "tpfuse_dumps", device: str = "cpu",
-        timeout: float = 600.0) -> int:
+        timeout: float = 600.0, fuse_linear: bool = False, zero_copy: bool = False) -> int:
     from .ranks import run_ranks
 
     load_entry(spec)  # fail here, with one clear message, not once per rank
@@ -92,7 +92,8 @@ def run(spec: str, nproc: int = 2, dump_dir: str = "tpfuse_dumps", device: str =
     backend = "nccl" if device == "cuda" else "gloo"
     print(f"tpfuse explain {spec}: {nproc} {backend} ranks, dumps in {dump_dir}")
     log.info("spawning ranks and compiling (first compiles take a while)")
-    per_rank = run_ranks(nproc, _explain_rank, spec, dump_dir, device, backend=backend, timeout=timeout)
+    options = {"fuse_linear": fuse_linear, "zero_copy": zero_copy}  # tpfuse.enable's opt-in rewrites
+    per_rank = run_ranks(nproc, _explain_rank, spec, dump_dir, device, options, backend=backend, timeout=timeout)
     text, shape, matches, near = per_rank[0]
     print(text)
     differing = [r for r, (_, s, _, _) in enumerate(per_rank) if s != shape]
