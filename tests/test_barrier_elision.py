@@ -761,6 +761,32 @@ def test_zero_copy_result_is_never_recycled_by_inductor():
     aliases = {out_buf} | set(re.findall(rf"(buf\d+) = {out_buf}\b", codes[True]))
     for name in aliases:
         assert not re.search(rf"= {name}; del {name}  # reuse", codes[True]), codes[True]
+
+
+def test_fused_zero_copy_result_is_never_recycled_by_inductor():
+    """The same hazard for the fused linear op: its lowering keeps a zero-copy result too.
+    A wide band with a tiny K (K=16, 32768 columns per rank, T=1: the rule fuses it)."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    import tpfuse
+
+    codes = {}
+    x, wt = torch.randn(1, 16, dtype=torch.bfloat16), torch.randn(32768, 16, dtype=torch.bfloat16)
+    with fake_world(W):
+        for zero_copy in (False, True):
+            torch._dynamo.reset()
+            with inductor_config.patch(fx_graph_cache=False):
+                fn = torch.compile(_relu_twice_of_gather, fullgraph=True,
+                                   backend=tpfuse.backend(zero_copy=zero_copy, fuse_linear=True))
+                _, (code, *_) = run_and_get_code(fn, x, wt)
+            codes[zero_copy] = code[code.index("def call("):]
+    (out_buf,) = re.findall(r"(buf\d+) = torch\.ops\.tpfuse\.linear_all_gather_hidden", codes[True])
+    assert "zero_copy=True" in codes[True]
+    assert re.search(r"= buf\d+; del buf\d+  # reuse", codes[False]), codes[False]
+    aliases = {out_buf} | set(re.findall(rf"(buf\d+) = {out_buf}\b", codes[True]))
+    for name in aliases:
+        assert not re.search(rf"= {name}; del {name}  # reuse", codes[True]), codes[True]
     assert "# reuse" not in codes[True], codes[True]
 
 
