@@ -30,6 +30,7 @@ import faulthandler  # noqa: E402
 import json  # noqa: E402
 import signal  # noqa: E402
 import statistics  # noqa: E402
+import sys  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -178,14 +179,19 @@ def main():
             with open(os.path.join(args.out, f"e2e_w{W}.json"), "w") as f:
                 json.dump({"card": card, "W": W, "torch": torch.__version__, "zero_copy": args.zero_copy,
                            "rows": rows}, f, indent=1)
-    # Two runs with --fuse-linear ran out of their time limit after printing their table, in this
-    # teardown (not diagnosed): a teardown or interpreter exit stuck for 120 s now prints every
-    # thread's stack and exits (the watchdog stays armed until the process ends).
+    # Teardown: destroy_process_group() can hang once CUDA graphs captured NCCL collectives (the
+    # "tpfuse off" graphs do; pytorch/pytorch#115388). Seen here: with --fuse-linear every rank
+    # printed its results, then sat in destroy_process_group for > 120 s (stacks in
+    # benchmarks/results/). Every rank is done with NCCL after this barrier, so the process
+    # exits without destroying the group; the watchdog still catches a stuck barrier.
     print(f"rank {rank}: finished, tearing down", flush=True)
     faulthandler.dump_traceback_later(120, exit=True)
     dist.barrier()
-    dist.destroy_process_group()
-    print(f"rank {rank}: torn down", flush=True)
+    torch.cuda.synchronize()
+    print(f"rank {rank}: done (exiting without destroy_process_group, pytorch/pytorch#115388)", flush=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -49,12 +49,32 @@ CONFIGS = [(32, 256, 4, 4), (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 3), 
            (32, 512, 4, 3), (16, 512, 4, 4)]
 
 
+def parse_config(text):
+    """``BNxBKxWARPSxSTAGES[xtma][xswap][xbal][xtail2]`` -> (BN, BK, warps, stages, {option: value})."""
+    parts = text.split("x")
+    flags = set(parts[4:])
+    if len(parts) < 4 or not flags <= {"tma", "swap", "bal", "tail2"}:
+        raise SystemExit(f"bad config {text!r}: expected BNxBKxWARPSxSTAGES, optionally followed by "
+                         f"xtma / xswap / xbal / xtail2")
+    return (*(int(v) for v in parts[:4]), {"TMA": "tma" in flags, "SWAP_AB": "swap" in flags,
+                                           "BALANCED": "bal" in flags or "tail2" in flags,
+                                           "TAIL_SPLIT": 2 if "tail2" in flags else 1})
+
+
+def option_labels(options):
+    """' SWAP_AB BALANCED TAIL_SPLIT=2' for the options that differ from launch_config's defaults."""
+    return "".join(f" {o}" if v is True else f" {o}={v}" for o, v in options.items()
+                   if v is not False and not (o == "TAIL_SPLIT" and v == 1))
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--cases", default="lm_head_4096:1,lm_head_4096:32,llama8b_mlp:1,llama8b_mlp:32")
     parser.add_argument("--configs", default=None,
-                        help="BNxBKxWARPSxSTAGES[xtma],... (default: the first sweep's CONFIGS); 'tma' loads "
-                             "the weight tiles through a TMA descriptor")
+                        help="BNxBKxWARPSxSTAGES[xtma][xswap][xbal][xtail2],... (default: the first sweep's "
+                             "CONFIGS); 'tma' loads the weight tiles through a TMA descriptor, 'swap' puts the "
+                             "weight tile on the MMA's M side (wgmma for few tokens), 'bal' gives each block an "
+                             "even column share, 'tail2' (implies bal) ends each share on two half-width tiles")
     parser.add_argument("--budget-kib", type=int, default=kernels.PIPELINE_BYTES >> 10,
                         help="skip configs whose pipeline buffers (stages - 1 of them) exceed this")
     parser.add_argument("--diag", action="store_true",
@@ -65,11 +85,10 @@ def main():
     if args.diag:
         variants = [(f"diag {label}", None, diag, exit_sync) for label, diag, exit_sync in DIAGNOSTICS]
     else:
-        configs = CONFIGS
+        configs = [(*c, {}) for c in CONFIGS]
         if args.configs:
-            configs = [tuple(int(v) for v in c.split("x")[:4]) + (c.endswith("xtma"),) for c in args.configs.split(",")]
-        configs = [c if len(c) == 5 else (*c, False) for c in configs]
-        variants = [(f"BN={c[0]:4d} BK={c[1]:4d} warps={c[2]} stages={c[3]}{' TMA' if c[4] else ''}", c, {}, True)
+            configs = [parse_config(c) for c in args.configs.split(",")]
+        variants = [(f"BN={c[0]:4d} BK={c[1]:4d} warps={c[2]} stages={c[3]}{option_labels(c[4])}", c, {}, True)
                     for c in configs]
     rank, group, card = torchrun_group()
     W = group.world_size
@@ -87,15 +106,15 @@ def main():
         bm = original(T, K, widths)["BLOCK_M"]
         for label, cfg, diag, exit_sync in variants:
             if cfg is not None:
-                bn, bk, warps, stages, tma = cfg
+                bn, bk, warps, stages, options = cfg
                 if (bm + bn) * bk * 2 * (stages - 1) > args.budget_kib << 10:
                     continue  # beyond the pipeline budget (default: the rule's, kernels.linear_push.PIPELINE_BYTES)
 
-                def config(tokens, k, ws_, elem_size=2, bn=bn, bk=bk, warps=warps, stages=stages, tma=tma):
+                def config(tokens, k, ws_, elem_size=2, bn=bn, bk=bk, warps=warps, stages=stages, options=options):
                     c = original(tokens, k, ws_, elem_size)
                     m_tiles = -(-max(int(tokens), 1) // c["BLOCK_M"])
                     return {**c, "BLOCK_N": bn, "BLOCK_K": min(bk, max(64, k)), "num_warps": warps,
-                            "num_stages": stages, "tiles": m_tiles * -(-max(ws_) // bn), "TMA": tma}
+                            "num_stages": stages, "tiles": m_tiles * -(-max(ws_) // bn), **options}
 
                 kernels.launch_config = config
             kernels.linear_source = functools.partial(original_source, diagnostic=diag)
@@ -120,7 +139,8 @@ def main():
             c = kernels.launch_config(T, K, widths)
             rows.append({"case": case, "variant": label, "diagnostic": {**diag, "EXIT_SYNC": exit_sync},
                          "config": [c["BLOCK_N"], c["BLOCK_K"], c["num_warps"], c["num_stages"]],
-                         "tma": bool(c.get("TMA")), "fused_us": us,
+                         "tma": bool(c.get("TMA")), "swap_ab": bool(c.get("SWAP_AB")),
+                         "balanced": bool(c.get("BALANCED")), "tail_split": int(c.get("TAIL_SPLIT", 1)), "fused_us": us,
                          "cublas_us": cublas, "weight_GBps": gbs, "correct": ok})
             if rank == 0:
                 print(f"{case:16s} {label} | fused {us:7.1f} us ({gbs:6.0f} GB/s of weight) | "

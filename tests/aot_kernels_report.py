@@ -42,6 +42,9 @@ LINEAR_CONFIGS = [
     ("bf16_w4_t128_lm_head", "bfloat16", 2, tuple(32064 * i for i in range(5)), 4096, 128, False, False, False, True),
     ("multimem_bf16_w4_t8", "bfloat16", 2, (0, 1792, 3584, 5376, 7168), 21504, 8, True, False, True, True),
     ("multimem_fp16_w2_t64", "float16", 0, (0, 2048, 4096), 4096, 64, False, True, True, True),
+    # the multimem kernel on an LM head band at T=16 (where P2P takes swap-AB and column shares)
+    ("multimem_bf16_w4_t16_lm_head", "bfloat16", 1, tuple(32064 * i for i in range(5)), 4096, 16, False, False, True,
+     True),
     # zero-copy: the LM head at T=32 writes its own tiles into its slot, no copy-out
     ("bf16_w4_t32_lm_head_zero_copy", "bfloat16", 1, tuple(32064 * i for i in range(5)), 4096, 32, False, True, False,
      False),
@@ -50,9 +53,21 @@ LINEAR_CONFIGS = [
     ("bf16_w8_t16_wide", "bfloat16", 7, tuple(32768 * i for i in range(9)), 4096, 16, False, False, False, True),
 ]
 
-#: the LM head at T=32 with its weight tiles through TMA (an experimental config the sweep can pick)
-LINEAR_TMA_CONFIGS = [
-    ("bf16_w4_t32_lm_head_tma", "bfloat16", 1, tuple(32064 * i for i in range(5)), 4096, 32),
+def _options(tma=False, swap_ab=False, balanced=False, tail_split=1):
+    return {"TMA": tma, "SWAP_AB": swap_ab, "BALANCED": balanced, "TAIL_SPLIT": tail_split}
+
+
+_LM_HEAD_W4 = tuple(32064 * i for i in range(5))
+#: the config options the sweeps compared, on launch_config's tiles (launch_config picks some per T, see there):
+#: weight tiles through TMA, swap-AB (the weight tile on the MMA's M side), even column shares, split tails,
+#: and the round-robin mma.sync path (the default before the third sweep)
+LINEAR_VARIANT_CONFIGS = [
+    ("bf16_w4_t8_lm_head_round_robin", "bfloat16", 1, _LM_HEAD_W4, 4096, 8, _options()),
+    ("bf16_w4_t32_lm_head_tma", "bfloat16", 1, _LM_HEAD_W4, 4096, 32, _options(tma=True)),
+    ("bf16_w4_t32_lm_head_tma_swap_ab", "bfloat16", 3, _LM_HEAD_W4, 4096, 32, _options(tma=True, swap_ab=True)),
+    ("bf16_w4_t16_lm_head_balanced_tail2_swap_ab", "bfloat16", 2, _LM_HEAD_W4, 4096, 16,
+     _options(swap_ab=True, balanced=True, tail_split=2)),
+    ("bf16_w2_t16_uneven_balanced", "bfloat16", 0, (0, 40000, 64064), 4096, 16, _options(balanced=True)),
 ]
 
 _INSTRUCTIONS = re.compile(r"\b((?:st|ld|red|atom|multimem|mma|wgmma|cp\.async\.bulk\.tensor)\.[\w.:]+)")
@@ -94,15 +109,15 @@ def report():
         record("multimem_" + name, push_gather.multimem_source(rank, offsets, 512, skip, copy_out))
     for name, dtype, rank, offsets, k, tokens, bias, skip, multimem, copy_out in LINEAR_CONFIGS:
         widths = [offsets[i + 1] - offsets[i] for i in range(len(offsets) - 1)]
-        config = linear_push.launch_config(tokens, k, widths)
+        config = linear_push.launch_config(tokens, k, widths, multimem=multimem)
         source = linear_push.linear_source(dtype, rank, offsets, k, config, bias, skip, multimem=multimem,
                                            copy_out=copy_out)
         record("linear_" + name, source, lambda src, target, config=config: linear_push.compile_linear(
             src, config, target=target))
         out["kernels"]["linear_" + name]["config"] = config
-    for name, dtype, rank, offsets, k, tokens in LINEAR_TMA_CONFIGS:
+    for name, dtype, rank, offsets, k, tokens, options in LINEAR_VARIANT_CONFIGS:
         widths = [offsets[i + 1] - offsets[i] for i in range(len(offsets) - 1)]
-        config = {**linear_push.launch_config(tokens, k, widths), "TMA": True}
+        config = {**linear_push.launch_config(tokens, k, widths), **options}
         source = linear_push.linear_source(dtype, rank, offsets, k, config, False, False)
         record("linear_" + name, source, lambda src, target, config=config: linear_push.compile_linear(
             src, config, target=target))

@@ -57,13 +57,20 @@ def _check(report):
             # A tile of >= 8 elements per thread is stored in 16-byte vectors (local and remote).
             if config["BLOCK_M"] * config["BLOCK_N"] >= 8 * 32 * config["num_warps"]:
                 assert any(i.startswith("st.global.v4") for i in ins), (name, config, ins)
-    for name, *_ in aot.LINEAR_TMA_CONFIGS:
+    for name, *_, options in aot.LINEAR_VARIANT_CONFIGS:  # every option spelled out, none left to launch_config
         k = kernels["linear_" + name]
         ins = set(k["instructions"])
-        # the weight tiles come through TMA (bulk tensor copies); each block builds its descriptor in scratch
-        assert any(i.startswith("cp.async.bulk.tensor") for i in ins), (name, ins)
-        assert k["global_scratch_bytes"] > 0, name
         assert k["shared_bytes"] <= 227 * 1024, (name, k["shared_bytes"])
+        if options["TMA"]:
+            # the weight tiles come through TMA (bulk tensor copies); each block builds its descriptor in scratch
+            assert any(i.startswith("cp.async.bulk.tensor") for i in ins), (name, ins)
+            assert k["global_scratch_bytes"] > 0, name
+        if options["SWAP_AB"]:
+            # the weight tile is the MMA's M side: Hopper's warpgroup MMA, not mma.sync (8 to 32 tokens)
+            assert any(i.startswith("wgmma.") for i in ins), (name, ins)
+            assert not any(i.startswith("mma.") for i in ins), (name, ins)
+        else:  # 8 to 32 tokens on the M side: mma.sync
+            assert any(i.startswith("mma.") for i in ins) and not any(i.startswith("wgmma.") for i in ins), name
 
 
 def test_kernels_compile_for_sm90_with_installed_triton():
@@ -119,6 +126,27 @@ def test_fused_linear_push_tma_weight_in_the_interpreter():
     results = _interpret("--tma")
     assert results and all(r["tma"] for r in results), results
     assert all(r["within_tolerance"] and r["ranks_agree"] for r in results), results
+
+
+def test_fused_linear_push_swap_ab_in_the_interpreter():
+    """Swap-AB (the transposed tile, then its transpose): same results on every case, with and without TMA."""
+    pytest.importorskip("torch")
+    for flags in (["--swap-ab"], ["--swap-ab", "--tma"]):
+        results = _interpret(*flags)
+        assert results and all(r["swap_ab"] for r in results), results
+        assert all(r["within_tolerance"] and r["ranks_agree"] for r in results), (flags, results)
+
+
+def test_fused_linear_push_balanced_shares_in_the_interpreter():
+    """Even column shares per block (the tail in two narrower tiles), with swap-AB, and zero-copy;
+    the one-pass negative control still finds the later ranks' bands missing."""
+    pytest.importorskip("torch")
+    for flags in (["--balanced"], ["--balanced", "--tail-split", "--swap-ab"], ["--balanced", "--zero-copy"]):
+        results = _interpret(*flags)
+        assert results and all(r["balanced"] for r in results), results
+        assert all(r["within_tolerance"] and r["ranks_agree"] for r in results), (flags, results)
+    assert any(r["tail_split"] == 2 for r in _interpret("--balanced", "--tail-split"))
+    assert not any(r["within_tolerance"] for r in _interpret("--balanced", "--one-pass"))
 
 
 def test_fused_linear_push_interpreter_negative_control():

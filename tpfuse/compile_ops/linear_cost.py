@@ -17,8 +17,8 @@ at W=2 and 4, T=1..32, tables in docs/benchmarks.md).  The model:
   ramp; and the part of the pushes and the copy-out that does not hide (the
   last wave's pushes, the exit barrier's wait for them, the copy-out of the
   peers' bands: ``sweep_linear_config.py --diag``);
-- fuse iff T <= MAX_TOKENS, the band is wide (``launch_config`` picks 128-column
-  tiles), the shape conditions hold and unfused / fused >= MIN_SPEEDUP.
+- fuse iff T <= MAX_TOKENS, the band is wide (``kernels.linear_push.wide_band``: 128-column
+  tiles fill the SMs), the shape conditions hold and unfused / fused >= MIN_SPEEDUP.
 
 Fitted by least squares to the LM-head rows (K 4096 and 7168, W=2 and 4,
 T=1..32): the model's speedup is within 0.05 of the measured one on all 14.
@@ -121,10 +121,10 @@ def decide(tokens: int, k: int, widths, dtype_name: str, elem_size: int = 2) -> 
     if tokens > MAX_TOKENS:
         return LinearFusionDecision(False, "measured_slower", f"T={tokens} > {MAX_TOKENS} (the fused kernel "
                                     "measured 0.37-1.00x of linear + gather at T=64 and 128)")
-    from ..kernels.linear_push import launch_config
+    from ..kernels.linear_push import launch_config, wide_band
 
-    block_n = launch_config(max(int(tokens), 1), k, widths, elem_size)["BLOCK_N"]
-    if block_n < 128:
+    if not wide_band(max(int(tokens), 1), widths):
+        block_n = launch_config(max(int(tokens), 1), k, widths, elem_size)["BLOCK_N"]
         return LinearFusionDecision(False, "measured_slower", f"N_r={max(widths)} at T={tokens}: too narrow for "
                                     f"128-column tiles to fill the SMs; its {block_n}-column tiles measured "
                                     "0.63-1.07x of linear + gather (Llama-8B MLP, EAGLE3 projection)")

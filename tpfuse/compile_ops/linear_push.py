@@ -53,7 +53,7 @@ def _build(ws, dtype, k, hidden_widths, tokens, has_bias, skip_entry_sync, multi
     offsets = [0]
     for w in hidden_widths:
         offsets.append(offsets[-1] + w)
-    config = linear_push.launch_config(tokens, k, hidden_widths, dtype.itemsize)
+    config = linear_push.launch_config(tokens, k, hidden_widths, dtype.itemsize, multimem=multimem)
     source = linear_push.linear_source(str(dtype).removeprefix("torch."), ws.group.rank, tuple(offsets), k,
                                        config, has_bias, skip_entry_sync, multimem=multimem, exit_sync=exit_sync,
                                        copy_out=copy_out)

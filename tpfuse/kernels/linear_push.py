@@ -53,85 +53,162 @@ PIPELINE_BYTES = 120 << 10
 
 
 @triton.jit
-def _tile_gemm(x_ptr, w_ptr, w_desc, bias_ptr, tile, tokens, WIDTH: tl.constexpr, K: tl.constexpr,
+def _tile_gemm(x_ptr, w_ptr, w_desc, bias_ptr, row0, col0, col_end, tokens, K: tl.constexpr,
                HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               TMA_WEIGHT: tl.constexpr):
-    """One ``[BLOCK_M, BLOCK_N]`` output tile of ``x @ W^T (+ b)``, fp32 accumulate; returns (acc, rows, cols).
+               TMA_WEIGHT: tl.constexpr, SWAP_AB: tl.constexpr):
+    """The ``[BLOCK_M, BLOCK_N]`` output tile at (row0, col0) of ``x @ W^T (+ b)``, columns below
+    ``col_end`` live, fp32 accumulate; returns (acc, rows, cols).
 
     With TMA_WEIGHT the weight tiles come through ``w_desc`` (a TMA descriptor of
-    ``[WIDTH, K]``, which fills rows and columns past the band with zeros);
-    otherwise ``w_desc`` is unused and the tiles are masked 16-byte loads."""
-    N_TILES: tl.constexpr = (WIDTH + BLOCK_N - 1) // BLOCK_N
-    tm = tile // N_TILES
-    tn = tile - tm * N_TILES
-    rows = tm * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tn * BLOCK_N + tl.arange(0, BLOCK_N)
+    the band ``[WIDTH, K]``, which fills rows and columns past the band with zeros);
+    otherwise ``w_desc`` is unused and the tiles are masked 16-byte loads.
+
+    SWAP_AB computes the transposed tile ``W_tile @ x_tile^T`` (``[BLOCK_N, BLOCK_M]``)
+    and transposes the accumulator: the weight tile becomes the MMA's M side
+    (64 or 128 rows), so Hopper's warpgroup MMA (``wgmma``, operands straight
+    from shared memory, asynchronous) replaces ``mma.sync``, which Triton picks
+    for 16- and 32-row tiles.  Same products, same fp32 sums per K step."""
+    rows = row0 + tl.arange(0, BLOCK_M)
+    cols = col0 + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     row_ok = rows < tokens
-    col_ok = cols < WIDTH
+    col_ok = cols < col_end
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * K
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * K
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if SWAP_AB:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
         k_ok = (k + ks) < K
         a = tl.load(x_rows + (k + ks)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         if TMA_WEIGHT:
-            b = w_desc.load([tn * BLOCK_N, k])
+            b = w_desc.load([col0, k])
         else:
             # The weight is streamed once: don't let it evict x (re-read by every N tile) from L2.
             b = tl.load(w_rows + (k + ks)[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0,
                         eviction_policy="evict_first")
-        acc = tl.dot(a, tl.trans(b), acc)
+        if SWAP_AB:
+            acc = tl.dot(b, tl.trans(a), acc)
+        else:
+            acc = tl.dot(a, tl.trans(b), acc)
+    if SWAP_AB:
+        acc = tl.trans(acc)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     return acc, rows, cols
 
 
 @triton.jit
-def _gathered(rows, cols, tokens, OFF: tl.constexpr, WIDTH: tl.constexpr, TOTAL: tl.constexpr):
-    """Indices of a tile in the gathered ``[T, TOTAL]`` layout, and its live mask."""
+def _gathered(rows, cols, tokens, OFF: tl.constexpr, col_end, TOTAL: tl.constexpr):
+    """Indices of a tile in the gathered ``[T, TOTAL]`` layout, and its live mask (columns below col_end)."""
     index = rows[:, None] * TOTAL + OFF + cols[None, :]
-    return index, (rows < tokens)[:, None] & (cols < WIDTH)[None, :]
+    return index, (rows < tokens)[:, None] & (cols < col_end)[None, :]
+
+
+@triton.jit
+def _column_range(pid, nblocks, WIDTH: tl.constexpr):
+    """Block ``pid``'s share of a band: contiguous columns ``[c0, c1)`` in 8-column (16-byte) units,
+    the units spread as evenly as they divide (shares differ by at most one unit)."""
+    UNITS: tl.constexpr = (WIDTH + 7) // 8
+    base = UNITS // nblocks
+    extra = UNITS - base * nblocks
+    first = pid * base + tl.minimum(pid, extra)
+    count = base + (pid < extra).to(tl.int32)
+    return tl.minimum(first * 8, WIDTH), tl.minimum((first + count) * 8, WIDTH)
+
+
+@triton.jit
+def _tile_out(x_ptr, w_ptr, w_desc, bias_ptr, out_ptr, row0, col0, col_end, tokens, first, timeout_ns,
+              peer_pads, own_pad, pid, status, slot_offset, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7,
+              RANK: tl.constexpr, W: tl.constexpr, OFF: tl.constexpr, TOTAL: tl.constexpr, K: tl.constexpr,
+              HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              TMA_WEIGHT: tl.constexpr, SWAP_AB: tl.constexpr, ENTRY_SYNC: tl.constexpr, PUSH: tl.constexpr):
+    """Compute one output tile, store it into our result and push it into every peer's slot.
+
+    ``first`` (the block's first tile): the entry barrier goes between its K loop and its
+    first remote store, so its round trips hide behind that tile's weight loads.  Returns
+    ``timeout_ns`` (0 once a barrier gave up: later ones give up at once)."""
+    acc, rows, cols = _tile_gemm(x_ptr, w_ptr, w_desc, bias_ptr, row0, col0, col_end, tokens, K, HAS_BIAS,
+                                 BLOCK_M, BLOCK_N, BLOCK_K, TMA_WEIGHT, SWAP_AB)
+    vals = acc.to(out_ptr.dtype.element_ty)
+    if ENTRY_SYNC:
+        if first:
+            # Entry (relaxed): no peer may still be reading the slot we are about to write.
+            # Its reads ended in kernels that finished before its signal (stream order).
+            # Skipped only when the caller proved every peer is done with the slot (CONTEXT §2.3).
+            if barrier(peer_pads, own_pad, RANK, pid, status, timeout_ns, ENTRY_TIMEOUT, W, False):
+                timeout_ns = timeout_ns * 0
+    index, ok = _gathered(rows, cols, tokens, OFF, col_end, TOTAL)
+    tl.store(out_ptr + index, vals, mask=ok)
+    if PUSH:
+        # Peers in the order rank+1, rank+2, ...: ranks start on different links.
+        for s in tl.static_range(1, W):
+            base = _pick((RANK + s) % W, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7).to(out_ptr.dtype)
+            tl.store(tl.multiple_of(base, 16) + slot_offset + index, vals, mask=ok)
+    return timeout_ns
+
+
+@triton.jit
+def _copy_tiles(out_ptr, own, tokens, row0, col0, col_end, band, live, OFF: tl.constexpr, TOTAL: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_BANDS: tl.constexpr):
+    """Copy the tile position (row0, col0) of the peers' bands from our slot to the result: with even
+    bands every peer's at once (``band``: per lane, a peer's column offset), else the band at OFF."""
+    rows = row0 + tl.arange(0, BLOCK_M)
+    cols = col0 + tl.arange(0, BLOCK_N)
+    index, ok = _gathered(rows, cols, tokens, OFF, col_end, TOTAL)
+    if EVEN_BANDS:
+        index = band[:, None, None] + index[None, :, :]
+        ok = live[:, None, None] & ok[None, :, :]
+    tl.store(out_ptr + index, tl.load(own + index, mask=ok), mask=ok)
 
 
 @triton.jit
 def _copy_out_peers(out_ptr, own, tokens, pid, nblocks, RANK: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
                     BAND_OFFSETS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    EVEN_BANDS: tl.constexpr):
+                    EVEN_BANDS: tl.constexpr, BALANCED: tl.constexpr):
     """Copy the tiles that block ``pid`` of every peer pushed into our slot out to the result.
 
     Latency-bound (one tile is a few KiB per block): with even bands, one
     ``[WP, BLOCK_M, BLOCK_N]`` load takes a tile position of every peer at
     once (W - 1 tiles in flight instead of one; measured: the one-tile loop
     cost ~12 us for 6 MB at T=32, W=4).  Uneven bands differ in tile counts:
-    one peer at a time."""
+    one peer at a time.  Block ``pid`` of a peer covered the same tiles
+    (BALANCED: the same column share of its band) as block ``pid`` here."""
     TOTAL: tl.constexpr = BAND_OFFSETS[W]
+    m_tiles = tl.cdiv(tokens, BLOCK_M)
+    peers, live = peer_lanes(RANK, W, WP)
     if EVEN_BANDS:
         WIDTH: tl.constexpr = BAND_OFFSETS[1]
-        N_TILES: tl.constexpr = (WIDTH + BLOCK_N - 1) // BLOCK_N
-        peers, live = peer_lanes(RANK, W, WP)
-        band = (peers * WIDTH)[:, None, None]
-        for tile in range(pid, tl.cdiv(tokens, BLOCK_M) * N_TILES, nblocks):
-            tm = tile // N_TILES
-            tn = tile - tm * N_TILES
-            rows = tm * BLOCK_M + tl.arange(0, BLOCK_M)
-            cols = tn * BLOCK_N + tl.arange(0, BLOCK_N)
-            index, ok = _gathered(rows, cols, tokens, 0, WIDTH, TOTAL)
-            index = band + index[None, :, :]
-            ok = live[:, None, None] & ok[None, :, :]
-            tl.store(out_ptr + index, tl.load(own + index, mask=ok), mask=ok)
+        band = peers * WIDTH
+        if BALANCED:
+            c0, c1 = _column_range(pid, nblocks, WIDTH)
+            for col0 in range(c0, c1, BLOCK_N):
+                for tm in range(0, m_tiles):
+                    _copy_tiles(out_ptr, own, tokens, tm * BLOCK_M, col0, c1, band, live, 0, TOTAL, BLOCK_M,
+                                BLOCK_N, True)
+        else:
+            N_TILES: tl.constexpr = (WIDTH + BLOCK_N - 1) // BLOCK_N
+            for tile in range(pid, m_tiles * N_TILES, nblocks):
+                tm = tile // N_TILES
+                _copy_tiles(out_ptr, own, tokens, tm * BLOCK_M, (tile - tm * N_TILES) * BLOCK_N, WIDTH, band, live,
+                            0, TOTAL, BLOCK_M, BLOCK_N, True)
     else:
         for s in tl.static_range(1, W):
             q_off = BAND_OFFSETS[(RANK + s) % W]  # compile-time values (static_range)
             q_width = BAND_OFFSETS[(RANK + s) % W + 1] - q_off
-            q_n_tiles = (q_width + BLOCK_N - 1) // BLOCK_N
-            for tile in range(pid, tl.cdiv(tokens, BLOCK_M) * q_n_tiles, nblocks):
-                tm = tile // q_n_tiles
-                tn = tile - tm * q_n_tiles
-                rows = tm * BLOCK_M + tl.arange(0, BLOCK_M)
-                cols = tn * BLOCK_N + tl.arange(0, BLOCK_N)
-                index, ok = _gathered(rows, cols, tokens, q_off, q_width, TOTAL)
-                tl.store(out_ptr + index, tl.load(own + index, mask=ok), mask=ok)
+            if BALANCED:
+                c0, c1 = _column_range(pid, nblocks, q_width)
+                for col0 in range(c0, c1, BLOCK_N):
+                    for tm in range(0, m_tiles):
+                        _copy_tiles(out_ptr, own, tokens, tm * BLOCK_M, col0, c1, peers, live, q_off, TOTAL,
+                                    BLOCK_M, BLOCK_N, False)
+            else:
+                q_n_tiles = (q_width + BLOCK_N - 1) // BLOCK_N
+                for tile in range(pid, m_tiles * q_n_tiles, nblocks):
+                    tm = tile // q_n_tiles
+                    _copy_tiles(out_ptr, own, tokens, tm * BLOCK_M, (tile - tm * q_n_tiles) * BLOCK_N, q_width,
+                                peers, live, q_off, TOTAL, BLOCK_M, BLOCK_N, False)
 
 
 @triton.jit
@@ -161,13 +238,23 @@ def p2p_linear_push_kernel(
     PUSH: tl.constexpr = True,  # False only for floor diagnostics: the peers' bands are never written
     COPY_OUT: tl.constexpr = True,  # False: zero-copy (out_ptr is our slot, which the peers fill), or diagnostics
     TMA_WEIGHT: tl.constexpr = False,  # weight tiles through a TMA descriptor (needs global scratch; experimental)
+    SWAP_AB: tl.constexpr = False,  # the weight tile on the MMA's M side (wgmma for few tokens; see _tile_gemm)
+    BALANCED: tl.constexpr = False,  # each block a contiguous, even share of the columns (see below)
+    TAIL_SPLIT: tl.constexpr = 1,  # BALANCED: the share's last (<= BLOCK_N) columns in this many narrower tiles
 ):
+    """Without BALANCED, block ``b`` takes tiles ``b, b + nblocks, ...`` (round robin).  With
+    it, block ``b`` takes the columns ``_column_range`` gives it (every block within 8
+    columns of the others: 251 tiles of 128 over 132 blocks leave some blocks 2 tiles and
+    some 1, shares leave them 240 or 248 columns), in BLOCK_N tiles and then its last
+    columns in TAIL_SPLIT tiles of BLOCK_N / TAIL_SPLIT: the pushes that cannot hide
+    behind a later weight load are the last, narrow tile's."""
     pid = tl.program_id(0)
     nblocks = tl.num_programs(0)
     OFF: tl.constexpr = BAND_OFFSETS[RANK]
     WIDTH: tl.constexpr = BAND_OFFSETS[RANK + 1] - BAND_OFFSETS[RANK]
     TOTAL: tl.constexpr = BAND_OFFSETS[W]
     N_TILES: tl.constexpr = (WIDTH + BLOCK_N - 1) // BLOCK_N
+    ENTRY_SYNC: tl.constexpr = not SKIP_ENTRY_SYNC
     if TMA_WEIGHT:
         w_desc = tl.make_tensor_descriptor(w_ptr, shape=[WIDTH, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
     else:
@@ -177,40 +264,54 @@ def p2p_linear_push_kernel(
     own_pad = _pick(RANK, pad0, pad1, pad2, pad3, pad4, pad5, pad6, pad7)
     own = tl.multiple_of(_pick(RANK, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7).to(out_ptr.dtype), 16)
     own = own + slot_offset
+    m_tiles = tl.cdiv(tokens, BLOCK_M)
 
-    my_tiles = tl.cdiv(tl.maximum(tl.cdiv(tokens, BLOCK_M) * N_TILES - pid, 0), nblocks)
-    if not SKIP_ENTRY_SYNC:
-        if my_tiles == 0:
+    if BALANCED:
+        c0, c1 = _column_range(pid, nblocks, WIDTH)
+        busy = c1 > c0
+        full = tl.maximum(c1 - c0 - 1, 0) // BLOCK_N  # BLOCK_N tiles before the tail (1..BLOCK_N columns)
+    else:
+        my_tiles = tl.cdiv(tl.maximum(m_tiles * N_TILES - pid, 0), nblocks)
+        busy = my_tiles > 0
+    if ENTRY_SYNC:
+        if not busy:
             # Nothing to compute: still meet the peers (the slots must balance).
             if barrier(peer_pads, own_pad, RANK, pid, status, timeout_ns, ENTRY_TIMEOUT, W, False):
                 timeout_ns = timeout_ns * 0
-    for i in range(0, my_tiles):
-        tile = pid + i * nblocks
-        acc, rows, cols = _tile_gemm(x_ptr, w_ptr, w_desc, bias_ptr, tile, tokens, WIDTH, K, HAS_BIAS,
-                                     BLOCK_M, BLOCK_N, BLOCK_K, TMA_WEIGHT)
-        vals = acc.to(out_ptr.dtype.element_ty)
-        if not SKIP_ENTRY_SYNC:
-            if i == 0:
-                # Entry (relaxed), after the first tile's weight stream so that its round trips
-                # hide behind it: no peer may still be reading the slot we are about to write.
-                # Its reads ended in kernels that finished before its signal (stream order).
-                # Skipped only when the caller proved every peer is done with the slot (CONTEXT §2.3).
-                if barrier(peer_pads, own_pad, RANK, pid, status, timeout_ns, ENTRY_TIMEOUT, W, False):
-                    timeout_ns = timeout_ns * 0
-        index, ok = _gathered(rows, cols, tokens, OFF, WIDTH, TOTAL)
-        tl.store(out_ptr + index, vals, mask=ok)
-        if PUSH:
-            # Peers in the order rank+1, rank+2, ...: ranks start on different links.
-            for s in tl.static_range(1, W):
-                base = _pick((RANK + s) % W, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7).to(out_ptr.dtype)
-                tl.store(tl.multiple_of(base, 16) + slot_offset + index, vals, mask=ok)
+    if BALANCED:
+        for j in range(0, full):
+            for tm in range(0, m_tiles):
+                timeout_ns = _tile_out(
+                    x_ptr, w_ptr, w_desc, bias_ptr, out_ptr, tm * BLOCK_M, c0 + j * BLOCK_N, c1, tokens,
+                    (j == 0) & (tm == 0), timeout_ns, peer_pads, own_pad, pid, status, slot_offset,
+                    buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7, RANK, W, OFF, TOTAL, K, HAS_BIAS,
+                    BLOCK_M, BLOCK_N, BLOCK_K, TMA_WEIGHT, SWAP_AB, ENTRY_SYNC, PUSH)
+        TAIL_N: tl.constexpr = BLOCK_N // TAIL_SPLIT
+        for h in tl.static_range(TAIL_SPLIT):
+            col0 = c0 + full * BLOCK_N + h * TAIL_N
+            if col0 < c1:
+                for tm in range(0, m_tiles):
+                    timeout_ns = _tile_out(
+                        x_ptr, w_ptr, w_desc, bias_ptr, out_ptr, tm * BLOCK_M, col0, c1, tokens,
+                        (full == 0) & (h == 0) & (tm == 0), timeout_ns, peer_pads, own_pad, pid, status,
+                        slot_offset, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7, RANK, W, OFF, TOTAL, K,
+                        HAS_BIAS, BLOCK_M, TAIL_N, BLOCK_K, TMA_WEIGHT, SWAP_AB, ENTRY_SYNC, PUSH)
+    else:
+        for i in range(0, my_tiles):
+            tile = pid + i * nblocks
+            tm = tile // N_TILES
+            timeout_ns = _tile_out(
+                x_ptr, w_ptr, w_desc, bias_ptr, out_ptr, tm * BLOCK_M, (tile - tm * N_TILES) * BLOCK_N, WIDTH,
+                tokens, i == 0, timeout_ns, peer_pads, own_pad, pid, status, slot_offset,
+                buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7, RANK, W, OFF, TOTAL, K, HAS_BIAS,
+                BLOCK_M, BLOCK_N, BLOCK_K, TMA_WEIGHT, SWAP_AB, ENTRY_SYNC, PUSH)
     if EXIT_SYNC:
         # Exit (release/acquire, system scope): our pushes are visible to each peer before it
         # reads them, and theirs to us before the copy-out below.
         exchange(peer_pads, own_pad, RANK, pid, live, live, status, timeout_ns, EXIT_TIMEOUT, W, True)
     if COPY_OUT:
         _copy_out_peers(out_ptr, own, tokens, pid, nblocks, RANK, W, WP, BAND_OFFSETS, BLOCK_M, BLOCK_N,
-                        EVEN_BANDS)
+                        EVEN_BANDS, BALANCED)
 
 
 @triton.jit
@@ -257,8 +358,9 @@ def multimem_linear_push_kernel(
             timeout_ns = timeout_ns * 0
     for i in range(0, my_tiles):
         tile = pid + i * nblocks
-        acc, rows, cols = _tile_gemm(x_ptr, w_ptr, w_ptr, bias_ptr, tile, tokens, WIDTH, K, HAS_BIAS,
-                                     BLOCK_M, BLOCK_N, BLOCK_K, False)
+        tm = tile // N_TILES
+        acc, rows, cols = _tile_gemm(x_ptr, w_ptr, w_ptr, bias_ptr, tm * BLOCK_M, (tile - tm * N_TILES) * BLOCK_N,
+                                     WIDTH, tokens, K, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, False, False)
         vals = acc.to(out_ptr.dtype.element_ty)
         index, ok = _gathered(rows, cols, tokens, OFF, WIDTH, TOTAL)
         tl.store(out_ptr + index, vals, mask=ok)
@@ -276,7 +378,8 @@ def multimem_linear_push_kernel(
         _multimem_store_v4(address, w0, w1, w2, w3, vec_ok)
     # Exit (release/acquire, system scope): the multicast stores are visible everywhere first.
     barrier(peer_pads, own_pad, RANK, pid, status, timeout_ns, EXIT_TIMEOUT, W, True)
-    _copy_out_peers(out_ptr, own, tokens, pid, nblocks, RANK, W, WP, BAND_OFFSETS, BLOCK_M, BLOCK_N, EVEN_BANDS)
+    _copy_out_peers(out_ptr, own, tokens, pid, nblocks, RANK, W, WP, BAND_OFFSETS, BLOCK_M, BLOCK_N, EVEN_BANDS,
+                    False)
 
 
 # ---------------------------------------------------------------------------
@@ -287,24 +390,39 @@ def _next_pow2(n):
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def launch_config(tokens, k, widths, elem_size=2):
-    """Tile sizes, warps and stages for T tokens, reduction K and the ranks' widths.
+def wide_band(tokens, widths):
+    """Whether the widest band fills the SMs with 128-column tiles (LM heads): the configs tuned for them."""
+    block_m = min(max(16, _next_pow2(tokens)), 64)
+    return -(-max(int(tokens), 1) // block_m) * -(-max(widths) // 128) >= TARGET_TILES
 
-    Chosen from the launch-config sweep on 4xH200 (benchmarks/sweep_linear_config.py,
-    benchmarks/NOTES.md, "fused linear+push", its results and the sweep):
+
+def launch_config(tokens, k, widths, elem_size=2, multimem=False):
+    """Tile sizes, warps, stages and weight path for T tokens, reduction K and the ranks' widths.
+
+    ``multimem``: for the multimem kernel, which has neither swap-AB nor column shares
+    (compile-verified only; same tiles, round robin, mma.sync below 64 rows).
+
+    Chosen from the launch-config sweeps on 4xH200 (benchmarks/sweep_linear_config.py,
+    benchmarks/NOTES.md, "fused linear+push", its results and the sweeps):
 
     - BLOCK_M: T rounded up to a power of two, 16..64 (``tl.dot`` needs 16;
       beyond 64 rows several M tiles share the weight through L2).
-    - Wide bands (at least TARGET_TILES tiles of 128 columns, e.g. LM heads):
-      BLOCK_N = 128, BLOCK_K = 128, 8 warps, 4 stages -- 3.46 TB/s of weight
-      at T=1 against 2.57 TB/s for 32 x 256 tiles, and at T=32 88.4 us where
-      4 warps and 3 stages took 94.1 (second sweep).
+    - Wide bands (at least TARGET_TILES tiles of 128 columns, e.g. LM heads), by BLOCK_M
+      (third sweep, LM heads 4096 and 7168):
+      - 16 rows (T <= 16): 128 x 128 tiles, 8 warps, 4 stages, swap-AB (the weight
+        tile on wgmma's M side) and even column shares per block: 71.5 / 75.5 / 85.1 us
+        at T = 1 / 8 / 16 where the round-robin mma.sync config took 74.1 / 78.8 / 85.5;
+      - 32 rows: 64-column tiles, 4 warps, 6 stages, swap-AB: 82.5 us at T=32 against
+        87.2 (the second sweep's pick), and 128.5 against 135.7 for hidden 7168;
+      - 64 rows: 128 x 128 (BLOCK_K 64), 8 warps, 3 stages (the config that ran at T=128).
     - Otherwise BLOCK_N = 32 (BLOCK_K 256, 4 stages; the best measured for a
       3584-column band), and 16 where even 32-column tiles would leave more
       than half of the SMs idle (no split-K yet); 64-row tiles take BLOCK_K
       128 and 3 stages (as measured).
-    - Every config this returns has run on GPUs (the sweep or the first
-      benchmark and tests); keep it that way when changing it.
+    - Measured and never picked: TMA weight loads (no gain), a share's tail in two
+      narrower tiles (TAIL_SPLIT: 4-17 us slower).
+    - Every config this returns has run on GPUs (the sweeps or the benchmark and tests);
+      keep it that way when changing it.
     - BLOCK_K shrinks until the pipeline's buffers (stages - 1 of them) hold at
       most PIPELINE_BYTES.  The grid is one block per SM (``grid_cap``): every
       block must be resident, since blocks wait for their peers.
@@ -314,22 +432,30 @@ def launch_config(tokens, k, widths, elem_size=2):
     block_m = min(max(16, _next_pow2(tokens)), 64)
     m_tiles = -(-max(int(tokens), 1) // block_m)
     widest = max(widths)
-    if m_tiles * -(-widest // 128) >= TARGET_TILES:
-        # 64-row tiles keep BLOCK_K 64 and 3 stages: the config that ran at T=128
-        block_n, block_k, stages = 128, 128 if block_m <= 32 else 64, 4 if block_m <= 32 else 3
+    swap_ab = balanced = False
+    if wide_band(tokens, widths):
+        if block_m == 16:
+            block_n, block_k, stages, num_warps, swap_ab, balanced = 128, 128, 4, 8, True, True
+        elif block_m == 32:
+            block_n, block_k, stages, num_warps, swap_ab = 64, 128, 6, 4, True
+        else:
+            block_n, block_k, stages, num_warps = 128, 64, 3, 8
     else:
         block_n = 32 if m_tiles * -(-widest // 32) >= TARGET_TILES // 2 else 16
         block_k = 128 if block_m == 64 else 256 if block_n == 32 else 512
         stages = 4 if block_m + block_n <= 64 else 3
+        num_warps = 4
     while block_k > 64 and (block_m + block_n) * block_k * elem_size * (stages - 1) > PIPELINE_BYTES:
         block_k //= 2
     block_k = min(block_k, max(64, _next_pow2(k)))
-    num_warps = 8 if block_n == 128 else 4
     return {
         "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
         "num_warps": num_warps, "num_stages": stages,
         "tiles": m_tiles * -(-widest // block_n),
-        "TMA": False,  # weight tiles through TMA: not yet measured, so never picked (the sweep can)
+        "TMA": False,  # weight tiles through TMA: measured no faster (third sweep), never picked
+        "SWAP_AB": swap_ab and not multimem,  # the weight tile on the MMA's M side (wgmma)
+        "BALANCED": balanced and not multimem,  # each block an even, contiguous column share (else round robin)
+        "TAIL_SPLIT": 1,  # a share's last columns in narrower tiles: measured slower, never picked
     }
 
 
@@ -380,13 +506,20 @@ def linear_source(dtype_name, rank, band_offsets, k, config, has_bias, skip_entr
     if config.get("TMA", False) and not tma_weight_ok(k, config):
         raise ValueError(f"tpfuse: TMA weight loads need K % 8 == 0 and BLOCK_K <= 256 (a TMA box), got K={k}, "
                          f"BLOCK_K={config['BLOCK_K']}")
+    balanced, tail_split = bool(config.get("BALANCED", False)), int(config.get("TAIL_SPLIT", 1))
+    if tail_split not in (1, 2, 4) or (tail_split > 1 and not balanced) or config["BLOCK_N"] // tail_split < 16:
+        raise ValueError(f"tpfuse: TAIL_SPLIT must be 1, 2 or 4, with BALANCED, and leave tiles of at least 16 "
+                         f"columns; got TAIL_SPLIT={tail_split}, BALANCED={balanced}, BLOCK_N={config['BLOCK_N']}")
+    if balanced and config.get("TMA", False):
+        raise ValueError("tpfuse: TMA weight loads take BLOCK_N-row boxes at BLOCK_N multiples: not with BALANCED")
     if multimem:
-        if not copy_out or config.get("TMA", False):
+        if not copy_out or config.get("TMA", False) or config.get("SWAP_AB", False) or balanced:
             raise ValueError("tpfuse: the multimem fused kernel copies out and loads the weight with plain "
-                             "loads (zero-copy and TMA are P2P only)")
+                             "loads, in round-robin tiles (zero-copy, TMA, swap-AB and BALANCED are P2P only)")
         return _source(multimem_linear_push_kernel, FLOAT_PTR[dtype_name], constexprs)
     constexprs.update(EXIT_SYNC=bool(exit_sync), PUSH=True, COPY_OUT=bool(copy_out),
-                      TMA_WEIGHT=bool(config.get("TMA", False)))
+                      TMA_WEIGHT=bool(config.get("TMA", False)), SWAP_AB=bool(config.get("SWAP_AB", False)),
+                      BALANCED=balanced, TAIL_SPLIT=tail_split)
     constexprs.update(diagnostic or {})  # {"PUSH": False} / {"COPY_OUT": False}: floor diagnostics only
     return _source(p2p_linear_push_kernel, FLOAT_PTR[dtype_name], constexprs)
 
