@@ -50,31 +50,29 @@ CONFIGS = [(32, 256, 4, 4), (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 3), 
 
 
 def parse_config(text):
-    """``BNxBKxWARPSxSTAGES[xtma][xswap][xbal][xtail2]`` -> (BN, BK, warps, stages, {option: value})."""
+    """``BNxBKxWARPSxSTAGES[xtma][xswap][xbal]`` -> (BN, BK, warps, stages, {option: on})."""
     parts = text.split("x")
     flags = set(parts[4:])
-    if len(parts) < 4 or not flags <= {"tma", "swap", "bal", "tail2"}:
+    if len(parts) < 4 or not flags <= {"tma", "swap", "bal"}:
         raise SystemExit(f"bad config {text!r}: expected BNxBKxWARPSxSTAGES, optionally followed by "
-                         f"xtma / xswap / xbal / xtail2")
+                         f"xtma / xswap / xbal")
     return (*(int(v) for v in parts[:4]), {"TMA": "tma" in flags, "SWAP_AB": "swap" in flags,
-                                           "BALANCED": "bal" in flags or "tail2" in flags,
-                                           "TAIL_SPLIT": 2 if "tail2" in flags else 1})
+                                           "BALANCED": "bal" in flags})
 
 
 def option_labels(options):
-    """' SWAP_AB BALANCED TAIL_SPLIT=2' for the options that differ from launch_config's defaults."""
-    return "".join(f" {o}" if v is True else f" {o}={v}" for o, v in options.items()
-                   if v is not False and not (o == "TAIL_SPLIT" and v == 1))
+    """' SWAP_AB BALANCED' for the options that are on."""
+    return "".join(f" {o}" for o, on in options.items() if on)
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--cases", default="lm_head_4096:1,lm_head_4096:32,llama8b_mlp:1,llama8b_mlp:32")
     parser.add_argument("--configs", default=None,
-                        help="BNxBKxWARPSxSTAGES[xtma][xswap][xbal][xtail2],... (default: the first sweep's "
-                             "CONFIGS); 'tma' loads the weight tiles through a TMA descriptor, 'swap' puts the "
-                             "weight tile on the MMA's M side (wgmma for few tokens), 'bal' gives each block an "
-                             "even column share, 'tail2' (implies bal) ends each share on two half-width tiles")
+                        help="BNxBKxWARPSxSTAGES[xtma][xswap][xbal],... (default: the first sweep's CONFIGS); "
+                             "'tma' loads the weight tiles through a TMA descriptor, 'swap' puts the weight tile "
+                             "on the MMA's M side (wgmma for few tokens), 'bal' gives each block an even column "
+                             "share")
     parser.add_argument("--budget-kib", type=int, default=kernels.PIPELINE_BYTES >> 10,
                         help="skip configs whose pipeline buffers (stages - 1 of them) exceed this")
     parser.add_argument("--diag", action="store_true",
@@ -110,8 +108,9 @@ def main():
                 if (bm + bn) * bk * 2 * (stages - 1) > args.budget_kib << 10:
                     continue  # beyond the pipeline budget (default: the rule's, kernels.linear_push.PIPELINE_BYTES)
 
-                def config(tokens, k, ws_, elem_size=2, bn=bn, bk=bk, warps=warps, stages=stages, options=options):
-                    c = original(tokens, k, ws_, elem_size)
+                def config(tokens, k, ws_, elem_size=2, multimem=False, bn=bn, bk=bk, warps=warps, stages=stages,
+                           options=options):
+                    c = original(tokens, k, ws_, elem_size, multimem)
                     m_tiles = -(-max(int(tokens), 1) // c["BLOCK_M"])
                     return {**c, "BLOCK_N": bn, "BLOCK_K": min(bk, max(64, k)), "num_warps": warps,
                             "num_stages": stages, "tiles": m_tiles * -(-max(ws_) // bn), **options}
@@ -140,7 +139,7 @@ def main():
             rows.append({"case": case, "variant": label, "diagnostic": {**diag, "EXIT_SYNC": exit_sync},
                          "config": [c["BLOCK_N"], c["BLOCK_K"], c["num_warps"], c["num_stages"]],
                          "tma": bool(c.get("TMA")), "swap_ab": bool(c.get("SWAP_AB")),
-                         "balanced": bool(c.get("BALANCED")), "tail_split": int(c.get("TAIL_SPLIT", 1)), "fused_us": us,
+                         "balanced": bool(c.get("BALANCED")), "fused_us": us,
                          "cublas_us": cublas, "weight_GBps": gbs, "correct": ok})
             if rank == 0:
                 print(f"{case:16s} {label} | fused {us:7.1f} us ({gbs:6.0f} GB/s of weight) | "

@@ -53,20 +53,20 @@ LINEAR_CONFIGS = [
     ("bf16_w8_t16_wide", "bfloat16", 7, tuple(32768 * i for i in range(9)), 4096, 16, False, False, False, True),
 ]
 
-def _options(tma=False, swap_ab=False, balanced=False, tail_split=1):
-    return {"TMA": tma, "SWAP_AB": swap_ab, "BALANCED": balanced, "TAIL_SPLIT": tail_split}
+def _options(tma=False, swap_ab=False, balanced=False):
+    return {"TMA": tma, "SWAP_AB": swap_ab, "BALANCED": balanced}
 
 
 _LM_HEAD_W4 = tuple(32064 * i for i in range(5))
 #: the config options the sweeps compared, on launch_config's tiles (launch_config picks some per T, see there):
-#: weight tiles through TMA, swap-AB (the weight tile on the MMA's M side), even column shares, split tails,
-#: and the round-robin mma.sync path (the default before the third sweep)
+#: weight tiles through TMA, swap-AB (the weight tile on the MMA's M side), even column shares, and the
+#: round-robin mma.sync path (the default before the third sweep)
 LINEAR_VARIANT_CONFIGS = [
     ("bf16_w4_t8_lm_head_round_robin", "bfloat16", 1, _LM_HEAD_W4, 4096, 8, _options()),
     ("bf16_w4_t32_lm_head_tma", "bfloat16", 1, _LM_HEAD_W4, 4096, 32, _options(tma=True)),
     ("bf16_w4_t32_lm_head_tma_swap_ab", "bfloat16", 3, _LM_HEAD_W4, 4096, 32, _options(tma=True, swap_ab=True)),
-    ("bf16_w4_t16_lm_head_balanced_tail2_swap_ab", "bfloat16", 2, _LM_HEAD_W4, 4096, 16,
-     _options(swap_ab=True, balanced=True, tail_split=2)),
+    ("bf16_w4_t32_lm_head_balanced_swap_ab", "bfloat16", 2, _LM_HEAD_W4, 4096, 32,
+     _options(swap_ab=True, balanced=True)),
     ("bf16_w2_t16_uneven_balanced", "bfloat16", 0, (0, 40000, 64064), 4096, 16, _options(balanced=True)),
 ]
 

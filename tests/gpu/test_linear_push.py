@@ -33,16 +33,22 @@ pytestmark = [pytest.mark.gpu, pytest.mark.multigpu]
 
 TOL = {torch.bfloat16: 2.0**-6, torch.float16: 2.0**-9}
 TOKENS = (1, 7, 32, 128, 300)
+#: both barriers; entry elided on a quiesced slot; zero-copy (the result a view of the slot)
+MODES = ("both_barriers", "entry_elided_slot1", "zero_copy")
 
 
 def CASES(W):  # noqa: N802 - a table
-    """(dtype, K, kind, widths): bf16 at a short and a long K, even and uneven bands; fp16 once.
+    """(dtype, K, kind, widths): bf16 at a short and a long K, even and uneven bands; fp16 once;
+    and LM-head-wide bands, where launch_config takes swap-AB with column shares (T <= 16)
+    or 64-column round-robin tiles (T = 32), and 64-row tiles beyond.
 
     Each case compiles its own kernels (K, widths, bias, token bucket and entry mode are
     compile-time constants), so the table is kept to what exercises distinct code."""
     even, uneven = [1024] * W, [1024 + 512 * r for r in range(W)]
+    wide = [16384] * (W - 1) + [16000]
     return [(torch.bfloat16, 256, "uneven", uneven), (torch.bfloat16, 4096, "even", even),
-            (torch.bfloat16, 4096, "uneven", uneven), (torch.float16, 4096, "uneven", uneven)]
+            (torch.bfloat16, 4096, "uneven", uneven), (torch.float16, 4096, "uneven", uneven),
+            (torch.bfloat16, 4096, "wide", wide)]
 
 
 def _randn(seed, shape, dtype, scale=1.0):
@@ -91,7 +97,7 @@ def _correctness(rank, W):
             for has_bias in (False, True):
                 seed += 1
                 x, weights, biases, ref = _problem(seed, T, K, widths, dtype, has_bias)
-                for mode in ("both_barriers", "entry_elided_slot1", "zero_copy"):
+                for mode in MODES:
                     _poison(ws, T * sum(widths) * dtype.itemsize)
                     skip, slot = (True, 1) if mode == "entry_elided_slot1" else (False, -1)  # safe: quiesced
                     out = linear_push.linear_gather_hidden(x, weights[rank], biases[rank], widths, group,
@@ -128,7 +134,7 @@ def test_correctness_within_bf16_gemm_tolerance_and_ranks_agree(W):
     results = run_ranks(W, _correctness, backend="nccl", timeout=900)
     for rank, res in enumerate(results):
         assert res["failures"] == [], f"rank {rank}: {res['failures'][:10]}"
-        assert res["cases"] == len(CASES(W)) * len(TOKENS) * 2 * 2
+        assert res["cases"] == len(CASES(W)) * len(TOKENS) * 2 * len(MODES)
         assert res["op_ok"]
         assert res["multicast_ptr"] == 0  # multicast stays off on the shared hosts
 
@@ -219,8 +225,11 @@ def _stress(rank, W, iters):
     group = _group()
     results = {}
     # rank 0 owns a wide band: its peers copy it out for long while it may already run ahead.
+    # lm_head_shares: LM-head-wide bands at T=8, where launch_config takes even column shares
+    # (the copy-out follows the shares; one band narrower, so the shares differ per peer).
     for name, T, K, widths in (("wide_uneven", 128, 1024, [8192] + [256] * (W - 1)),
-                               ("decode_even", 1, 4096, [1024] * W)):
+                               ("decode_even", 1, 4096, [1024] * W),
+                               ("lm_head_shares", 8, 1024, [16384] * (W - 1) + [16000])):
         def fused(x, w, b, i, skip=False, slot=-1, zero_copy=False, widths=widths):
             return linear_push.linear_gather_hidden(x, w, b, widths, group, Backend.P2P, slot, skip, zero_copy)
 
@@ -259,6 +268,13 @@ def _negative_control(rank, W, iters):
 
     results["no_entry_one_slot"] = _delayed_loop(rank, W, iters, 128, 1024, wide, no_entry_one_slot, 22)
     _quiesce()
+    shares = [16384] * W  # even column shares (T=8), no exit barrier: must corrupt too
+
+    def no_barriers_shares(x, w, b, i):
+        return linear_push.linear_gather_hidden(x, w, b, shares, group, Backend.P2P, 0, True, _exit_sync=False)
+
+    results["no_exit_barrier_column_shares"] = _delayed_loop(rank, W, iters, 8, 1024, shares, no_barriers_shares, 23)
+    _quiesce()
     return results
 
 
@@ -280,26 +296,25 @@ def test_negative_control_detects_missing_barriers(W):
     # Without the exit barrier the copy-out races the peers' pushes: corruption must show.
     # Without the entry barrier on one slot the window is small (see test_push_gather.py):
     # reported, not asserted.
-    assert total["no_exit_barrier"] > 0, total
+    assert total["no_exit_barrier"] > 0 and total["no_exit_barrier_column_shares"] > 0, total
 
 
 # ---------------------------------------------------------------------------
 #: experimental config options the sweep can pick (launch_config never does), each run against the default
-def _options(tma=False, swap_ab=False, balanced=False, tail_split=1):
-    return {"TMA": tma, "SWAP_AB": swap_ab, "BALANCED": balanced, "TAIL_SPLIT": tail_split}
+def _options(tma=False, swap_ab=False, balanced=False):
+    return {"TMA": tma, "SWAP_AB": swap_ab, "BALANCED": balanced}
 
 
 #: the config options the sweeps compared (launch_config picks some per T), each run on the same problem
 OPTIONS = {"round_robin_mma_sync": _options(), "tma": _options(tma=True), "swap_ab": _options(swap_ab=True),
            "tma_swap_ab": _options(tma=True, swap_ab=True), "balanced": _options(balanced=True),
-           "balanced_swap_ab": _options(balanced=True, swap_ab=True),
-           "balanced_tail2_swap_ab": _options(balanced=True, swap_ab=True, tail_split=2)}
+           "balanced_swap_ab": _options(balanced=True, swap_ab=True)}
 
 
 def _config_options(rank, W):
     """Every config option the sweeps compared (TMA loads, swap-AB wgmma, even column shares,
-    split tails, and the round-robin mma.sync path) against the reference: within its
-    tolerance, ranks bit-identical."""
+    and the round-robin mma.sync path) against the reference: within its tolerance, ranks
+    bit-identical."""
     from tpfuse.compile_ops import linear_push, workspace
     from tpfuse.compile_ops.dispatch import Backend
     from tpfuse.kernels import linear_push as kernels

@@ -240,14 +240,11 @@ def p2p_linear_push_kernel(
     TMA_WEIGHT: tl.constexpr = False,  # weight tiles through a TMA descriptor (needs global scratch; experimental)
     SWAP_AB: tl.constexpr = False,  # the weight tile on the MMA's M side (wgmma for few tokens; see _tile_gemm)
     BALANCED: tl.constexpr = False,  # each block a contiguous, even share of the columns (see below)
-    TAIL_SPLIT: tl.constexpr = 1,  # BALANCED: the share's last (<= BLOCK_N) columns in this many narrower tiles
 ):
     """Without BALANCED, block ``b`` takes tiles ``b, b + nblocks, ...`` (round robin).  With
     it, block ``b`` takes the columns ``_column_range`` gives it (every block within 8
     columns of the others: 251 tiles of 128 over 132 blocks leave some blocks 2 tiles and
-    some 1, shares leave them 240 or 248 columns), in BLOCK_N tiles and then its last
-    columns in TAIL_SPLIT tiles of BLOCK_N / TAIL_SPLIT: the pushes that cannot hide
-    behind a later weight load are the last, narrow tile's."""
+    some 1, shares leave them 240 or 248 columns), in BLOCK_N tiles, the last one masked."""
     pid = tl.program_id(0)
     nblocks = tl.num_programs(0)
     OFF: tl.constexpr = BAND_OFFSETS[RANK]
@@ -269,7 +266,6 @@ def p2p_linear_push_kernel(
     if BALANCED:
         c0, c1 = _column_range(pid, nblocks, WIDTH)
         busy = c1 > c0
-        full = tl.maximum(c1 - c0 - 1, 0) // BLOCK_N  # BLOCK_N tiles before the tail (1..BLOCK_N columns)
     else:
         my_tiles = tl.cdiv(tl.maximum(m_tiles * N_TILES - pid, 0), nblocks)
         busy = my_tiles > 0
@@ -279,23 +275,13 @@ def p2p_linear_push_kernel(
             if barrier(peer_pads, own_pad, RANK, pid, status, timeout_ns, ENTRY_TIMEOUT, W, False):
                 timeout_ns = timeout_ns * 0
     if BALANCED:
-        for j in range(0, full):
+        for j in range(0, tl.cdiv(c1 - c0, BLOCK_N)):
             for tm in range(0, m_tiles):
                 timeout_ns = _tile_out(
                     x_ptr, w_ptr, w_desc, bias_ptr, out_ptr, tm * BLOCK_M, c0 + j * BLOCK_N, c1, tokens,
                     (j == 0) & (tm == 0), timeout_ns, peer_pads, own_pad, pid, status, slot_offset,
                     buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7, RANK, W, OFF, TOTAL, K, HAS_BIAS,
                     BLOCK_M, BLOCK_N, BLOCK_K, TMA_WEIGHT, SWAP_AB, ENTRY_SYNC, PUSH)
-        TAIL_N: tl.constexpr = BLOCK_N // TAIL_SPLIT
-        for h in tl.static_range(TAIL_SPLIT):
-            col0 = c0 + full * BLOCK_N + h * TAIL_N
-            if col0 < c1:
-                for tm in range(0, m_tiles):
-                    timeout_ns = _tile_out(
-                        x_ptr, w_ptr, w_desc, bias_ptr, out_ptr, tm * BLOCK_M, col0, c1, tokens,
-                        (full == 0) & (h == 0) & (tm == 0), timeout_ns, peer_pads, own_pad, pid, status,
-                        slot_offset, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7, RANK, W, OFF, TOTAL, K,
-                        HAS_BIAS, BLOCK_M, TAIL_N, BLOCK_K, TMA_WEIGHT, SWAP_AB, ENTRY_SYNC, PUSH)
     else:
         for i in range(0, my_tiles):
             tile = pid + i * nblocks
@@ -419,8 +405,8 @@ def launch_config(tokens, k, widths, elem_size=2, multimem=False):
       3584-column band), and 16 where even 32-column tiles would leave more
       than half of the SMs idle (no split-K yet); 64-row tiles take BLOCK_K
       128 and 3 stages (as measured).
-    - Measured and never picked: TMA weight loads (no gain), a share's tail in two
-      narrower tiles (TAIL_SPLIT: 4-17 us slower).
+    - Measured and never picked: TMA weight loads (no gain); a share's last columns in two
+      half-width tiles (4-17 us slower, removed; benchmarks/NOTES.md).
     - Every config this returns has run on GPUs (the sweeps or the benchmark and tests);
       keep it that way when changing it.
     - BLOCK_K shrinks until the pipeline's buffers (stages - 1 of them) hold at
@@ -455,7 +441,6 @@ def launch_config(tokens, k, widths, elem_size=2, multimem=False):
         "TMA": False,  # weight tiles through TMA: measured no faster (third sweep), never picked
         "SWAP_AB": swap_ab and not multimem,  # the weight tile on the MMA's M side (wgmma)
         "BALANCED": balanced and not multimem,  # each block an even, contiguous column share (else round robin)
-        "TAIL_SPLIT": 1,  # a share's last columns in narrower tiles: measured slower, never picked
     }
 
 
@@ -506,12 +491,10 @@ def linear_source(dtype_name, rank, band_offsets, k, config, has_bias, skip_entr
     if config.get("TMA", False) and not tma_weight_ok(k, config):
         raise ValueError(f"tpfuse: TMA weight loads need K % 8 == 0 and BLOCK_K <= 256 (a TMA box), got K={k}, "
                          f"BLOCK_K={config['BLOCK_K']}")
-    balanced, tail_split = bool(config.get("BALANCED", False)), int(config.get("TAIL_SPLIT", 1))
-    if tail_split not in (1, 2, 4) or (tail_split > 1 and not balanced) or config["BLOCK_N"] // tail_split < 16:
-        raise ValueError(f"tpfuse: TAIL_SPLIT must be 1, 2 or 4, with BALANCED, and leave tiles of at least 16 "
-                         f"columns; got TAIL_SPLIT={tail_split}, BALANCED={balanced}, BLOCK_N={config['BLOCK_N']}")
+    balanced = bool(config.get("BALANCED", False))
     if balanced and config.get("TMA", False):
-        raise ValueError("tpfuse: TMA weight loads take BLOCK_N-row boxes at BLOCK_N multiples: not with BALANCED")
+        raise ValueError("tpfuse: TMA weight loads are not combined with BALANCED (a share's last box would read "
+                         "rows of the next share; not measured)")
     if multimem:
         if not copy_out or config.get("TMA", False) or config.get("SWAP_AB", False) or balanced:
             raise ValueError("tpfuse: the multimem fused kernel copies out and loads the weight with plain "
@@ -519,7 +502,7 @@ def linear_source(dtype_name, rank, band_offsets, k, config, has_bias, skip_entr
         return _source(multimem_linear_push_kernel, FLOAT_PTR[dtype_name], constexprs)
     constexprs.update(EXIT_SYNC=bool(exit_sync), PUSH=True, COPY_OUT=bool(copy_out),
                       TMA_WEIGHT=bool(config.get("TMA", False)), SWAP_AB=bool(config.get("SWAP_AB", False)),
-                      BALANCED=balanced, TAIL_SPLIT=tail_split)
+                      BALANCED=balanced)
     constexprs.update(diagnostic or {})  # {"PUSH": False} / {"COPY_OUT": False}: floor diagnostics only
     return _source(p2p_linear_push_kernel, FLOAT_PTR[dtype_name], constexprs)
 
