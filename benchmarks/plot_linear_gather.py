@@ -35,6 +35,9 @@ def main():
         W, card = data["meta"]["W"], data["meta"]["card"]
         for ax, shape in zip(row_axes, shapes):
             rows = [r for r in data["rows"] if r["shape"] == shape]
+            if not rows:  # a run that left this shape out
+                ax.set_visible(False)
+                continue
             ts = [r["T"] for r in rows]
             for key, color, label in LINES:
                 ax.plot(ts, [r["graph"][key] for r in rows], "o-", color=color, ms=3, lw=1, label=label)

@@ -1,0 +1,106 @@
+"""Fit the fused-linear cost rule (tpfuse/compile_ops/linear_cost.py) to saved benchmark results.
+
+    PYTHONPATH=. python benchmarks/fit_linear_cost.py            # the committed H200 results
+    PYTHONPATH=. python benchmarks/fit_linear_cost.py a.json b.json
+
+Runs anywhere (no GPU). Rows: the wide bands (``kernels.linear_push.wide_band``, the only
+ones the rule may fuse) at T <= ``MAX_TOKENS`` from ``bench_linear_gather.py`` JSON files.
+Three least-squares fits, one per term of the model (see linear_cost.py):
+
+- cuBLAS alone:   ``cublas_only = floor / CUBLAS_EFFICIENCY + CUBLAS_FIXED_US``;
+- the gather:     ``cublas_tpfuse - cublas_only = GATHER_LATENCY_US[W] + egress / GATHER_BYTES_PER_S``;
+- fused:          ``fused = floor / (FUSED_EFFICIENCY * fill) + FUSED_FIXED_US + egress / FUSED_TAIL_BYTES_PER_S``
+  (on these rows the weight stream is the larger term of the model's ``max``).
+
+Prints the constants, then every row's measured and predicted speedup under the fitted
+constants and under the ones linear_cost.py holds now.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tpfuse.compile_ops import linear_cost  # noqa: E402
+from tpfuse.kernels.linear_push import launch_config, wide_band  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+#: the results the committed constants are fitted to (4xH200, the launch configs of 2026-11-27, third sweep)
+DEFAULT_FILES = [os.path.join(RESULTS, f) for f in (
+    "bench_linear_gather_w4_h200.json", "bench_linear_gather_w4_h200_second_run.json",
+    "bench_linear_gather_w2_h200.json")]
+
+
+def load_rows(paths):
+    """(W, row) for the wide-band rows at T <= MAX_TOKENS of each results file."""
+    out = []
+    for path in paths:
+        data = json.load(open(path))
+        W = data["meta"]["W"]
+        for row in data["rows"]:
+            if row["T"] <= linear_cost.MAX_TOKENS and wide_band(row["T"], [row["N_r"]] * W):
+                out.append((W, row))
+    return out
+
+
+def _lstsq(columns, target):
+    a = torch.tensor(columns, dtype=torch.float64).T
+    b = torch.tensor(target, dtype=torch.float64)[:, None]
+    return torch.linalg.lstsq(a, b).solution[:, 0].tolist()
+
+
+def fit(rows):
+    """The model's constants, fitted to ``rows`` (as load_rows returns them)."""
+    floor = [linear_cost.weight_floor_us(r["K"], r["N_r"]) for _, r in rows]
+    egress = [r["T"] * r["N_r"] * 2 * (W - 1) / 1e6 for W, r in rows]  # MB: / (B/s) * 1e6 -> us
+    fill = [min(1.0, launch_config(r["T"], r["K"], [r["N_r"]] * W)["tiles"] / linear_cost.SMS) for W, r in rows]
+    slope, fixed = _lstsq([floor, [1.0] * len(rows)], [r["graph"]["cublas_only"] for _, r in rows])
+    worlds = sorted({W for W, _ in rows})
+    gather = _lstsq([[1.0 if W == w else 0.0 for W, _ in rows] for w in worlds] + [egress],
+                    [r["graph"]["cublas_tpfuse"] - r["graph"]["cublas_only"] for _, r in rows])
+    f_slope, f_fixed, f_tail = _lstsq([[f / c for f, c in zip(floor, fill)], [1.0] * len(rows), egress],
+                                      [r["graph"]["fused"] for _, r in rows])
+    return {"CUBLAS_EFFICIENCY": 1 / slope, "CUBLAS_FIXED_US": fixed,
+            "GATHER_LATENCY_US": dict(zip(worlds, gather[:-1])), "GATHER_BYTES_PER_S": 1e6 / gather[-1] * 1e6,
+            "FUSED_EFFICIENCY": 1 / f_slope, "FUSED_FIXED_US": f_fixed, "FUSED_TAIL_BYTES_PER_S": 1e6 / f_tail * 1e6}
+
+
+def speedups(rows, constants=None):
+    """(W, row, measured, predicted) speedups of fused over cuBLAS + the gather, with ``constants`` in place."""
+    saved = {k: getattr(linear_cost, k) for k in (constants or {})}
+    try:
+        for k, v in (constants or {}).items():
+            setattr(linear_cost, k, v)
+        out = []
+        for W, r in rows:
+            fused, unfused = linear_cost.predict(r["T"], r["K"], [r["N_r"]] * W)
+            out.append((W, r, r["graph"]["cublas_tpfuse"] / r["graph"]["fused"], unfused / fused))
+        return out
+    finally:
+        for k, v in saved.items():
+            setattr(linear_cost, k, v)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("results", nargs="*", default=DEFAULT_FILES)
+    args = parser.parse_args()
+    rows = load_rows(args.results)
+    constants = fit(rows)
+    print(f"{len(rows)} wide-band rows at T <= {linear_cost.MAX_TOKENS} from {len(args.results)} files")
+    for k, v in constants.items():
+        print(f"  {k} = {({w: round(x, 1) for w, x in v.items()} if isinstance(v, dict) else round(v, 3))}"
+              f"   (linear_cost.py: {getattr(linear_cost, k)})")
+    print(f"{'shape':13s} {'W':>2} {'T':>3} {'measured':>9} {'fitted':>7} {'now':>6}")
+    fitted, now = speedups(rows, constants), speedups(rows)
+    for (W, r, m, p), (*_, q) in zip(fitted, now):
+        print(f"{r['shape']:13s} {W:>2} {r['T']:>3} {m:9.2f} {p:7.2f} {q:6.2f}")
+    print(f"worst |error|: fitted {max(abs(m - p) for *_, m, p in fitted):.3f}, "
+          f"linear_cost.py now {max(abs(m - q) for *_, m, q in now):.3f}")
+
+
+if __name__ == "__main__":
+    main()
