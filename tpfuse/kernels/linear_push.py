@@ -11,25 +11,30 @@ barrier and copy the peers' bands out.  Zero-copy (``COPY_OUT`` off, granted
 by the barrier-elision pass): our own result is our slot, so there is nothing
 to copy.
 
-Work split.  Output tiles are ``[BLOCK_M, BLOCK_N]``; tile ``t`` is
-(m = t // N_TILES, n = t % N_TILES), so consecutive blocks stream
-consecutive weight rows.  Block ``b`` computes tiles ``b, b + nblocks, ...``
-of its band; block ``b`` of every other rank copies out exactly those tiles
-after the exit exchange it shares with block ``b`` here (one barrier slot per
-(block, peer), as in push_gather.py).  Each block runs exactly one entry
-(unless skipped) and one exit exchange per call, whether or not it has
-tiles, so the slots balance on every rank.  The grid comes from T, K, the
-widths and W (``launch_config``) and the group's agreed grid cap: the same on
-every rank, and every block resident (blocks wait for peers, never for
-blocks of their own grid).
+Work split.  Output tiles are ``[BLOCK_M, BLOCK_N]``.  Round robin (default):
+tile ``t`` is (m = t // N_TILES, n = t % N_TILES), block ``b`` computes tiles
+``b, b + nblocks, ...`` of its band, so consecutive blocks stream consecutive
+weight rows.  BALANCED: block ``b`` takes a contiguous, even share of the band's
+columns (``_column_range``, 8-column units) in masked BLOCK_N tiles, so no block
+streams more than 8 columns' weight more than another.  Either way block ``b``
+of every other rank copies out exactly what block ``b`` here pushed, after the
+exit exchange it shares with block ``b`` here (one barrier slot per (block,
+peer), as in push_gather.py).  Each block runs exactly one entry (unless
+skipped) and one exit exchange per call, whether or not it has tiles, so the
+slots balance on every rank.  The grid comes from T, K, the widths and W
+(``launch_config``) and the group's agreed grid cap: the same on every rank,
+and every block resident (blocks wait for peers, never for blocks of their own
+grid).
 
 Decode is weight-bandwidth bound (T <= 128): the weight is read exactly once
 (each tile's K loop streams ``[BLOCK_N, K]`` of it), ``x`` is re-read from
 L2 once per N tile (``T / BLOCK_N`` times the weight traffic), so
-``launch_config`` takes 128-column tiles where the band is wide enough to
-fill the SMs with them and narrower tiles otherwise (measured, see there).
-No split-K: a K-split tile needs either a reduction across blocks of our own grid (a wait for blocks of our own grid) or a pusher chosen at run
-time (which breaks the block pairing of the exit exchange).  See
+``launch_config`` takes 64- or 128-column tiles where the band is wide enough
+to fill the SMs with 128-column ones (there, below 64 tokens, with the weight
+tile on the MMA's M side: SWAP_AB, wgmma) and narrower tiles otherwise (measured, see
+there).  No split-K: a K-split tile needs either a reduction across blocks of
+our own grid (a wait for blocks of our own grid) or a pusher chosen at run time
+(which breaks the block pairing of the exit exchange).  See
 benchmarks/NOTES.md ("fused linear+push") for where that is predicted to
 cost (few, long tiles: the EAGLE3 projection at W=4).
 
@@ -406,7 +411,7 @@ def launch_config(tokens, k, widths, elem_size=2, multimem=False):
       than half of the SMs idle (no split-K yet); 64-row tiles take BLOCK_K
       128 and 3 stages (as measured).
     - Measured and never picked: TMA weight loads (no gain); a share's last columns in two
-      half-width tiles (4-17 us slower, removed; benchmarks/NOTES.md).
+      half-width tiles (5-18 us slower, removed; benchmarks/NOTES.md).
     - Every config this returns has run on GPUs (the sweeps or the benchmark and tests);
       keep it that way when changing it.
     - BLOCK_K shrinks until the pipeline's buffers (stages - 1 of them) hold at
