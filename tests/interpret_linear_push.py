@@ -17,7 +17,8 @@ rank 0's slot read right after rank 0 ran, before the others pushed.
 ``--tma`` loads the weight tiles through a TMA descriptor where the config allows
 (the interpreter fills the box past the band with zeros, as the hardware does).
 ``--swap-ab`` computes the transposed tiles (the weight tile on the MMA's M side);
-``--balanced`` gives each block an even column share.
+``--balanced`` gives each block an even column share; ``--shares`` prints the shares
+``_column_range`` gives each block for a few (width, blocks) instead.
 
 Prints one JSON line (tests/test_kernels_aot.py runs it in a subprocess,
 because the interpreter is chosen when Triton is imported).
@@ -32,6 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 from tpfuse.kernels import linear_push  # noqa: E402
 
@@ -51,6 +54,23 @@ CASES = [
     (65, 64, [8192, 8192], torch.float16, False, 16),
 ]
 TOL = 2.0**-6  # the GPU tests' bf16 GEMM tolerance (fp16 is well within it at these K)
+#: (band width, blocks) for --shares: LM-head bands at W=4 and 8 on 132 SMs, fewer columns than
+#: blocks, widths that are not multiples of 8
+SHARES = [(32064, 132), (16032, 132), (64, 16), (40, 3), (1003, 7), (7, 3)]
+
+
+@triton.jit
+def _shares_kernel(out, WIDTH: tl.constexpr):
+    pid = tl.program_id(0)
+    c0, c1 = linear_push._column_range(pid, tl.num_programs(0), WIDTH)
+    tl.store(out + 2 * pid, c0)
+    tl.store(out + 2 * pid + 1, c1)
+
+
+def shares(width, nblocks):
+    out = torch.full((2 * nblocks,), -1, dtype=torch.int32)
+    _shares_kernel[(nblocks,)](out, WIDTH=width)
+    return {"width": width, "nblocks": nblocks, "ranges": out.view(nblocks, 2).tolist()}
 
 
 def simulate(T, K, widths, dtype, has_bias, max_blocks, passes=2, seed=0, zero_copy=False, tma=False,
@@ -105,6 +125,9 @@ def simulate(T, K, widths, dtype, has_bias, max_blocks, passes=2, seed=0, zero_c
 
 
 if __name__ == "__main__":
+    if "--shares" in sys.argv:
+        print(json.dumps([shares(*case) for case in SHARES]))
+        sys.exit(0)
     zero_copy = "--zero-copy" in sys.argv
     passes = 1 if "--one-pass" in sys.argv or zero_copy else 2
     print(json.dumps([simulate(*case, passes=passes, zero_copy=zero_copy, tma="--tma" in sys.argv,

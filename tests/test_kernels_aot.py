@@ -148,6 +148,23 @@ def test_fused_linear_push_balanced_shares_in_the_interpreter():
     assert not any(r["within_tolerance"] for r in _interpret("--balanced", "--one-pass"))
 
 
+def test_column_shares_partition_the_band():
+    """``_column_range`` (BALANCED), run by the interpreter: every column in exactly one block's share,
+    shares contiguous and in block order, 16-byte aligned starts (empty shares sit at the band's end),
+    sizes within 8 columns of each other."""
+    pytest.importorskip("torch")
+    for case in _interpret("--shares"):
+        width, ranges = case["width"], case["ranges"]
+        assert len(ranges) == case["nblocks"]
+        assert ranges[0][0] == 0 and ranges[-1][1] == width, case
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])), case
+        assert all(c0 <= c1 and (c0 % 8 == 0 or c0 == c1 == width) for c0, c1 in ranges), case
+        sizes = [c1 - c0 for c0, c1 in ranges]
+        assert max(sizes) - min(sizes) <= 8, (width, sizes)
+        if width >= 8 * case["nblocks"]:
+            assert min(sizes) > 0, case  # every block has columns when there are enough
+
+
 def test_fused_linear_push_interpreter_negative_control():
     """One pass: a rank copies out before the later ranks pushed, so their bands are missing."""
     pytest.importorskip("torch")
