@@ -188,6 +188,16 @@ def w2():
     return run_ranks(2, _w2_all)
 
 
+def _reference_and_autograd(rank, world_size):
+    return _check_reference(rank, world_size), _check_autograd(rank, world_size)
+
+
+def test_reference_and_autograd_w8():
+    # TP=8 (issue 8) on the CPU: even and uneven bands, bias, 3-D leading dims, backward
+    names = [c[0] for c in _cases(8)] + ["wrapper"]
+    assert run_ranks(8, _reference_and_autograd) == [(names, True)] * 8
+
+
 def test_reference_equals_local_linear_then_cat(w2):
     names = [c[0] for c in _cases(2)] + ["wrapper"]
     assert [r["reference"] for r in w2] == [names, names]
