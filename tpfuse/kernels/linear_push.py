@@ -406,6 +406,8 @@ def launch_config(tokens, k, widths, elem_size=2, multimem=False):
       - 32 rows: 64-column tiles, 4 warps, 6 stages, swap-AB: 82.5 us at T=32 against
         87.2 (the second sweep's pick), and 128.5 against 135.7 for hidden 7168;
       - 64 rows: 128 x 128 (BLOCK_K 64), 8 warps, 3 stages (the config that ran at T=128).
+      (One sweep's numbers; same-run repeats move by about 3 us, and in them the new configs
+      were faster in 16 of 18 pairs: docs/benchmarks.md, "Fused column linear + push".)
     - Otherwise BLOCK_N = 32 (BLOCK_K 256, 4 stages; the best measured for a
       3584-column band), and 16 where even 32-column tiles would leave more
       than half of the SMs idle (no split-K yet); 64-row tiles take BLOCK_K
