@@ -34,6 +34,8 @@ class LinearPlan:
     config: dict
     multimem: bool
     scratch: torch.Tensor | None = None  # TMA descriptors, one per block (TMA configs only)
+    shared_bytes: int = 0  # the compiled kernel's shared memory per block (for the config sweep's occupancy)
+    registers: int = 0  # its registers per thread
 
 
 def grid_cap(ws) -> int:
@@ -66,7 +68,8 @@ def _build(ws, dtype, k, hidden_widths, tokens, has_bias, skip_entry_sync, multi
     per_block = int(getattr(kernel.metadata, "global_scratch_size", 0) or 0)
     if per_block:  # the kernel builds its TMA descriptors here: one region per block, kept for CUDA graphs
         scratch = torch.empty(grid_cap(ws) * per_block, dtype=torch.uint8, device=ws.device)
-    return LinearPlan(run, kernel.function, kernel.packed_metadata, constexprs, config, multimem, scratch)
+    return LinearPlan(run, kernel.function, kernel.packed_metadata, constexprs, config, multimem, scratch,
+                      int(kernel.metadata.shared), int(kernel.n_regs))
 
 
 def _launch_with_scratch(plan, run_args):

@@ -38,8 +38,12 @@ our own grid (a wait for blocks of our own grid) or a pusher chosen at run time
 benchmarks/NOTES.md ("fused linear+push") for where that is predicted to
 cost (few, long tiles: the EAGLE3 projection at W=4).
 
-Entry barrier.  Placed after the first tile's K loop, right before the first
-remote store: the barrier's round trips hide behind that tile's weight loads.
+Entry barrier.  Split in two: each block signals its peers first thing, and
+waits for theirs after its first tile's K loop, right before its first remote
+store, so the round trip hides behind that tile's weight loads.  (Signal and
+wait together after the K loop, as before, stalled every block for a round
+trip with no loads in flight.)  A block without tiles signals and waits at
+once.
 
 No torch import here (CI compiles these kernels with more than one Triton).
 """
@@ -47,7 +51,7 @@ No torch import here (CI compiles these kernels with more than one Triton).
 import triton
 import triton.language as tl
 
-from .barrier import ENTRY_TIMEOUT, EXIT_TIMEOUT, barrier, exchange, peer_lanes
+from .barrier import ENTRY_TIMEOUT, EXIT_TIMEOUT, barrier, exchange, peer_lanes, signal_peers, wait_peers
 from .push_gather import _RUNTIME_ARGS, _barrier_constexprs, _lanes, _multimem_store_v4, _pick
 
 #: output tiles the config aims for: about one per multiprocessor of an H100 (132)
@@ -131,19 +135,23 @@ def _tile_out(x_ptr, w_ptr, w_desc, bias_ptr, out_ptr, row0, col0, col_end, toke
               TMA_WEIGHT: tl.constexpr, SWAP_AB: tl.constexpr, ENTRY_SYNC: tl.constexpr, PUSH: tl.constexpr):
     """Compute one output tile, store it into our result and push it into every peer's slot.
 
-    ``first`` (the block's first tile): the entry barrier goes between its K loop and its
-    first remote store, so its round trips hide behind that tile's weight loads.  Returns
-    ``timeout_ns`` (0 once a barrier gave up: later ones give up at once)."""
+    ``first`` (the block's first tile): the entry barrier's wait goes between its K loop and
+    its first remote store; the block signalled at its start, so the round trip has the
+    whole K loop to complete in.  Returns ``timeout_ns`` (0 once a barrier gave up: later
+    ones give up at once)."""
     acc, rows, cols = _tile_gemm(x_ptr, w_ptr, w_desc, bias_ptr, row0, col0, col_end, tokens, K, HAS_BIAS,
                                  BLOCK_M, BLOCK_N, BLOCK_K, TMA_WEIGHT, SWAP_AB)
     vals = acc.to(out_ptr.dtype.element_ty)
     if ENTRY_SYNC:
         if first:
-            # Entry (relaxed): no peer may still be reading the slot we are about to write.
-            # Its reads ended in kernels that finished before its signal (stream order).
+            # Entry, its wait (relaxed): no peer may still be reading the slot we are about to
+            # write.  Its reads ended in kernels that finished before its signal (stream order).
             # Skipped only when the caller proved every peer is done with the slot (CONTEXT §2.3).
-            if barrier(peer_pads, own_pad, RANK, pid, status, timeout_ns, ENTRY_TIMEOUT, W, False):
+            _, live = peer_lanes(RANK, W, peer_pads.shape[0])
+            if wait_peers(own_pad, pid, live, status, timeout_ns, ENTRY_TIMEOUT, W, False):
                 timeout_ns = timeout_ns * 0
+            # Every thread's stores below happen after the waiting lanes saw the signals.
+            tl.debug_barrier()
     index, ok = _gathered(rows, cols, tokens, OFF, col_end, TOTAL)
     tl.store(out_ptr + index, vals, mask=ok)
     if PUSH:
@@ -275,9 +283,13 @@ def p2p_linear_push_kernel(
         my_tiles = tl.cdiv(tl.maximum(m_tiles * N_TILES - pid, 0), nblocks)
         busy = my_tiles > 0
     if ENTRY_SYNC:
+        # Entry, its signal (relaxed): this call has started here, so every kernel before it on our
+        # stream, and with it every read of the slot it will write, has finished.  Sent first thing;
+        # the wait comes before the first remote store (_tile_out).
+        signal_peers(peer_pads, RANK, pid, live, W, False)
         if not busy:
             # Nothing to compute: still meet the peers (the slots must balance).
-            if barrier(peer_pads, own_pad, RANK, pid, status, timeout_ns, ENTRY_TIMEOUT, W, False):
+            if wait_peers(own_pad, pid, live, status, timeout_ns, ENTRY_TIMEOUT, W, False):
                 timeout_ns = timeout_ns * 0
     if BALANCED:
         for j in range(0, tl.cdiv(c1 - c0, BLOCK_N)):
