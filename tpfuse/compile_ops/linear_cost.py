@@ -24,8 +24,8 @@ below equal to what it gives on the committed results).  The model:
 
 Fitted by least squares to the LM-head rows (K 4096 and 7168, W=2 and 4,
 T=1..32, with the split entry barrier and the third sweep's launch configs; three
-W=4 runs on three hosts, one with T=17..28 as well): the model's speedup is within
-0.084 of the measured one on all 38, and the hosts differ by up to 0.07 on one row.
+W=4 runs on three leased machines, one with T=17..28 as well): the model's speedup is within
+0.084 of the measured one on all 38, and the runs differ by up to 0.07 on one row.
 Not fitted, hence not fused: narrow bands (their 16- and 32-column tiles
 measured 0.62-1.11x, under the margin on every row: cuBLAS's GEMV kernels are
 fast there, and the model's fixed costs overrate cuBLAS's on small weights) and
@@ -57,7 +57,7 @@ GATHER_LATENCY_US = {2: 8.7, 4: 8.1}
 #: tpfuse gather, per-GPU egress at decode sizes (fitted with the latencies above)
 GATHER_BYTES_PER_S = 235e9
 #: fuse only where the model predicts at least this gain: twice its worst speedup error on the fitted
-#: rows (0.084: hidden 4096 at T=8 measured 1.04x on one host, 1.10x on two, where the model says 1.12x)
+#: rows (0.084: hidden 4096 at T=8 measured 1.04x in one run, 1.10x in two, where the model says 1.12x)
 MIN_SPEEDUP = 1.17
 #: the largest T the rule fuses: at T=64 and 128 the fused kernel measured 0.37-1.00x on every shape
 MAX_TOKENS = 32
