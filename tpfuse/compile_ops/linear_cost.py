@@ -23,9 +23,9 @@ below equal to what it gives on the committed results).  The model:
   tiles fill the SMs), the shape conditions hold and unfused / fused >= MIN_SPEEDUP.
 
 Fitted by least squares to the LM-head rows (K 4096 and 7168, W=2 and 4,
-T=1..32, with the split entry barrier and the third sweep's launch configs; four
-W=4 runs on four leased machines, two with T=17..28 as well): the model's speedup is within
-0.089 of the measured one on all 48, and the runs differ by up to 0.09 on one row.
+T=1..32, with the split entry barrier and the third sweep's launch configs; six
+W=4 runs on five leased machines, two with T=17..28 as well): the model's speedup is within
+0.090 of the measured one on all 64, and the runs differ by up to 0.09 on one row.
 Not fitted, hence not fused: narrow bands (their 16- and 32-column tiles
 measured 0.62-1.11x, under the margin on every row: cuBLAS's GEMV kernels are
 fast there, and the model's fixed costs overrate cuBLAS's on small weights) and
@@ -42,22 +42,22 @@ HBM_PEAK_BY_CARD = {"H100": 3.35e12, "H200": 4.8e12}
 #: the H200's, the card the constants below were fitted on
 HBM_BYTES_PER_S = HBM_PEAK_BY_CARD["H200"]
 #: fraction of the HBM peak that cuBLAS reaches on a decode linear, and its fixed cost (graph replay)
-CUBLAS_EFFICIENCY = 0.892
-CUBLAS_FIXED_US = 6.81
+CUBLAS_EFFICIENCY = 0.891
+CUBLAS_FIXED_US = 7.91
 #: the same for the fused kernel: weight stream, and launch + both barriers + pipeline ramp
-FUSED_EFFICIENCY = 0.922
-FUSED_FIXED_US = 12.02
+FUSED_EFFICIENCY = 0.923
+FUSED_FIXED_US = 13.33
 #: the fused kernel's egress that does not hide behind the weight stream (pushes of the last
 #: wave, exit barrier, copy-out), as a rate over the whole egress
-FUSED_TAIL_BYTES_PER_S = 497e9
+FUSED_TAIL_BYTES_PER_S = 471e9
 #: multiprocessors of an H100 / H200 SXM (the fill term)
 SMS = 132
 #: tpfuse gather, both barriers, small messages (linear + gather minus linear, fitted at T=1..32)
-GATHER_LATENCY_US = {2: 8.4, 4: 8.9}
+GATHER_LATENCY_US = {2: 8.0, 4: 9.0}
 #: tpfuse gather, per-GPU egress at decode sizes (fitted with the latencies above)
-GATHER_BYTES_PER_S = 228e9
+GATHER_BYTES_PER_S = 215e9
 #: fuse only where the model predicts at least this gain: twice its worst speedup error on the fitted
-#: rows (0.089: hidden 4096 at T=8 measured 1.04x in one run, 1.10x in two, where the model says 1.13x)
+#: rows (0.090: hidden 4096 at T=8 measured 1.04-1.10x in five runs, where the model says 1.13x)
 MIN_SPEEDUP = 1.18
 #: the largest T the rule fuses: at T=64 and 128 the fused kernel measured 0.37-1.00x on every shape
 MAX_TOKENS = 32
