@@ -48,7 +48,7 @@ CASES = [
     (70, 128, [32, 64], torch.float16, True, 7),
     (3, 64, [8, 24], torch.float16, False, 4),
     (9, 64, [64, 64, 64, 64], torch.float16, True, 3),  # even bands: the copy-out takes all peers at once
-    (20, 64, [384] * 4, torch.float16, True, 5),  # even bands, an odd number of tile positions per block (pairs)
+    (20, 64, [384] * 4, torch.float16, True, 5),  # even bands, several (and an odd number of) tile positions per block
     (3, 32, [32] * 8, torch.float16, False, 2),  # W=8, even bands
     # wide bands: launch_config's 128-column tiles (16 and 64 rows)
     (2, 64, [16384, 16384], torch.float16, True, 16),
