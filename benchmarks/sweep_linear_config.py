@@ -101,7 +101,7 @@ def main():
                         help="skip configs whose pipeline buffers (stages - 1 of them) exceed this")
     parser.add_argument("--diag", action="store_true",
                         help="instead of configs: launch_config's config without the pushes, the copy-out, "
-                             "the exit barrier (racy floor diagnostics, timings only)")
+                             "either barrier (DIAGNOSTICS; racy floor diagnostics, timings only)")
     parser.add_argument("--gemm-only", action="store_true",
                         help="also time each config without its barriers, pushes and copy-out (the weight "
                              "stream alone; racy, timings only)")
