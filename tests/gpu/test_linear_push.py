@@ -301,19 +301,21 @@ def test_negative_control_detects_missing_barriers(W):
 
 # ---------------------------------------------------------------------------
 #: experimental config options the sweep can pick (launch_config never does), each run against the default
-def _options(tma=False, swap_ab=False, balanced=False):
-    return {"TMA": tma, "SWAP_AB": swap_ab, "BALANCED": balanced}
+def _options(tma=False, swap_ab=False, balanced=False, flat=False):
+    return {"TMA": tma, "SWAP_AB": swap_ab, "BALANCED": balanced, "FLAT": flat}
 
 
 #: the config options the sweeps compared (launch_config picks some per T), each run on the same problem
 OPTIONS = {"round_robin_mma_sync": _options(), "tma": _options(tma=True), "swap_ab": _options(swap_ab=True),
            "tma_swap_ab": _options(tma=True, swap_ab=True), "balanced": _options(balanced=True),
-           "balanced_swap_ab": _options(balanced=True, swap_ab=True)}
+           "balanced_swap_ab": _options(balanced=True, swap_ab=True), "flat": _options(flat=True),
+           "flat_swap_ab": _options(flat=True, swap_ab=True),
+           "flat_balanced_swap_ab": _options(flat=True, balanced=True, swap_ab=True)}
 
 
 def _config_options(rank, W):
     """Every config option the sweeps compared (TMA loads, swap-AB wgmma, even column shares,
-    and the round-robin mma.sync path) against the reference: within its tolerance, ranks
+    the flat tile loop, and the round-robin mma.sync path) against the reference: within its tolerance, ranks
     bit-identical."""
     from tpfuse.compile_ops import linear_push, workspace
     from tpfuse.compile_ops.dispatch import Backend

@@ -62,6 +62,37 @@ PIPELINE_BYTES = 120 << 10
 
 
 @triton.jit
+def _k_step(x_rows, w_rows, w_desc, row_ok, col_ok, col0, k, acc, K: tl.constexpr, BLOCK_K: tl.constexpr,
+            TMA_WEIGHT: tl.constexpr, SWAP_AB: tl.constexpr):
+    """One BLOCK_K step of a tile's K loop: ``acc += x[rows, k:k+BLOCK_K] @ W[cols, k:k+BLOCK_K]^T``
+    (transposed with SWAP_AB).  ``x_rows`` / ``w_rows``: the tile's row pointers of x and W."""
+    ks = k + tl.arange(0, BLOCK_K)
+    k_ok = ks < K
+    a = tl.load(x_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+    if TMA_WEIGHT:
+        b = w_desc.load([col0, k])
+    else:
+        # The weight is streamed once: don't let it evict x (re-read by every N tile) from L2.
+        b = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0,
+                    eviction_policy="evict_first")
+    if SWAP_AB:
+        acc = tl.dot(b, tl.trans(a), acc)
+    else:
+        acc = tl.dot(a, tl.trans(b), acc)
+    return acc
+
+
+@triton.jit
+def _tile_result(acc, bias_ptr, cols, col_ok, HAS_BIAS: tl.constexpr, SWAP_AB: tl.constexpr):
+    """The finished fp32 tile ``[BLOCK_M, BLOCK_N]``: the accumulator (transposed back with SWAP_AB) plus bias."""
+    if SWAP_AB:
+        acc = tl.trans(acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
 def _tile_gemm(x_ptr, w_ptr, w_desc, bias_ptr, row0, col0, col_end, tokens, K: tl.constexpr,
                HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                TMA_WEIGHT: tl.constexpr, SWAP_AB: tl.constexpr):
@@ -79,7 +110,6 @@ def _tile_gemm(x_ptr, w_ptr, w_desc, bias_ptr, row0, col0, col_end, tokens, K: t
     for 16- and 32-row tiles.  Same products, same fp32 sums per K step."""
     rows = row0 + tl.arange(0, BLOCK_M)
     cols = col0 + tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K)
     row_ok = rows < tokens
     col_ok = cols < col_end
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * K
@@ -89,23 +119,8 @@ def _tile_gemm(x_ptr, w_ptr, w_desc, bias_ptr, row0, col0, col_end, tokens, K: t
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
-        k_ok = (k + ks) < K
-        a = tl.load(x_rows + (k + ks)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        if TMA_WEIGHT:
-            b = w_desc.load([col0, k])
-        else:
-            # The weight is streamed once: don't let it evict x (re-read by every N tile) from L2.
-            b = tl.load(w_rows + (k + ks)[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0,
-                        eviction_policy="evict_first")
-        if SWAP_AB:
-            acc = tl.dot(b, tl.trans(a), acc)
-        else:
-            acc = tl.dot(a, tl.trans(b), acc)
-    if SWAP_AB:
-        acc = tl.trans(acc)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    return acc, rows, cols
+        acc = _k_step(x_rows, w_rows, w_desc, row_ok, col_ok, col0, k, acc, K, BLOCK_K, TMA_WEIGHT, SWAP_AB)
+    return _tile_result(acc, bias_ptr, cols, col_ok, HAS_BIAS, SWAP_AB), rows, cols
 
 
 @triton.jit
@@ -152,6 +167,16 @@ def _tile_out(x_ptr, w_ptr, w_desc, bias_ptr, out_ptr, row0, col0, col_end, toke
                 timeout_ns = timeout_ns * 0
             # Every thread's stores below happen after the waiting lanes saw the signals.
             tl.debug_barrier()
+    _store_and_push(out_ptr, vals, rows, cols, tokens, col_end, slot_offset, buf0, buf1, buf2, buf3, buf4, buf5,
+                    buf6, buf7, RANK, W, OFF, TOTAL, PUSH)
+    return timeout_ns
+
+
+@triton.jit
+def _store_and_push(out_ptr, vals, rows, cols, tokens, col_end, slot_offset, buf0, buf1, buf2, buf3, buf4, buf5,
+                    buf6, buf7, RANK: tl.constexpr, W: tl.constexpr, OFF: tl.constexpr, TOTAL: tl.constexpr,
+                    PUSH: tl.constexpr):
+    """Store a finished tile into our result, and into our band of every peer's slot."""
     index, ok = _gathered(rows, cols, tokens, OFF, col_end, TOTAL)
     tl.store(out_ptr + index, vals, mask=ok)
     if PUSH:
@@ -159,7 +184,57 @@ def _tile_out(x_ptr, w_ptr, w_desc, bias_ptr, out_ptr, row0, col0, col_end, toke
         for s in tl.static_range(1, W):
             base = _pick((RANK + s) % W, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7).to(out_ptr.dtype)
             tl.store(tl.multiple_of(base, 16) + slot_offset + index, vals, mask=ok)
-    return timeout_ns
+
+
+@triton.jit
+def _tile_at(i, pid, nblocks, c0, c1, m_tiles, WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             BALANCED: tl.constexpr):
+    """(row0, col0, col_end) of the block's ``i``-th tile: BALANCED, the ``i``-th of its share
+    ``[c0, c1)`` (column tiles outer, M tiles inner); round robin, tile ``pid + i * nblocks`` of the band."""
+    if BALANCED:
+        j = i // m_tiles
+        return (i - j * m_tiles) * BLOCK_M, c0 + j * BLOCK_N, c1
+    else:
+        N_TILES: tl.constexpr = (WIDTH + BLOCK_N - 1) // BLOCK_N
+        tile = pid + i * nblocks
+        tm = tile // N_TILES
+        return tm * BLOCK_M, (tile - tm * N_TILES) * BLOCK_N, WIDTH + tm * 0
+
+
+@triton.jit
+def _flat_tiles(x_ptr, w_ptr, w_desc, bias_ptr, out_ptr, start, count, pid, nblocks, c0, c1, m_tiles, tokens,
+                slot_offset, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7, RANK: tl.constexpr, W: tl.constexpr,
+                OFF: tl.constexpr, WIDTH: tl.constexpr, TOTAL: tl.constexpr, K: tl.constexpr,
+                HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                TMA_WEIGHT: tl.constexpr, SWAP_AB: tl.constexpr, BALANCED: tl.constexpr, PUSH: tl.constexpr):
+    """The block's tiles ``start .. count - 1`` as one loop over (tile, K step), the epilogue
+    (store and pushes) under ``if`` at each tile's last K step.
+
+    One software pipeline for all of them: the next tile's first weight loads are in
+    flight while this tile's epilogue stores and pushes, where separate K loops drain
+    and refill the pipeline at every tile.  Triton pipelines only innermost loops, so no
+    loop (a barrier's spin) may sit in here: the caller runs the first tile, which
+    waits for the entry barrier, on its own (``_tile_out``)."""
+    K_STEPS: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
+    if SWAP_AB:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for step in range(start * K_STEPS, count * K_STEPS):
+        i = step // K_STEPS
+        k = (step - i * K_STEPS) * BLOCK_K
+        row0, col0, col_end = _tile_at(i, pid, nblocks, c0, c1, m_tiles, WIDTH, BLOCK_M, BLOCK_N, BALANCED)
+        rows = row0 + tl.arange(0, BLOCK_M)
+        cols = col0 + tl.arange(0, BLOCK_N)
+        row_ok = rows < tokens
+        col_ok = cols < col_end
+        acc = _k_step(x_ptr + rows.to(tl.int64)[:, None] * K, w_ptr + cols.to(tl.int64)[:, None] * K, w_desc,
+                      row_ok, col_ok, col0, k, acc, K, BLOCK_K, TMA_WEIGHT, SWAP_AB)
+        if k == (K_STEPS - 1) * BLOCK_K:
+            vals = _tile_result(acc, bias_ptr, cols, col_ok, HAS_BIAS, SWAP_AB).to(out_ptr.dtype.element_ty)
+            _store_and_push(out_ptr, vals, rows, cols, tokens, col_end, slot_offset, buf0, buf1, buf2, buf3, buf4,
+                            buf5, buf6, buf7, RANK, W, OFF, TOTAL, PUSH)
+            acc = acc * 0.0
 
 
 @triton.jit
@@ -253,6 +328,7 @@ def p2p_linear_push_kernel(
     TMA_WEIGHT: tl.constexpr = False,  # weight tiles through a TMA descriptor (needs global scratch; experimental)
     SWAP_AB: tl.constexpr = False,  # the weight tile on the MMA's M side (wgmma for few tokens; see _tile_gemm)
     BALANCED: tl.constexpr = False,  # each block a contiguous, even share of the columns (see below)
+    FLAT: tl.constexpr = False,  # the tiles after the first as one pipelined loop over (tile, K step)
 ):
     """Without BALANCED, block ``b`` takes tiles ``b, b + nblocks, ...`` (round robin).  With
     it, block ``b`` takes the columns ``_column_range`` gives it (every block within 8
@@ -291,7 +367,28 @@ def p2p_linear_push_kernel(
             # Nothing to compute: still meet the peers (the slots must balance).
             if wait_peers(own_pad, pid, live, status, timeout_ns, ENTRY_TIMEOUT, W, False):
                 timeout_ns = timeout_ns * 0
-    if BALANCED:
+    if FLAT:
+        # The first tile on its own (its epilogue waits for the entry barrier), the rest as one flat loop.
+        if BALANCED:
+            count = tl.cdiv(c1 - c0, BLOCK_N) * m_tiles
+        else:
+            c0 = pid
+            c1 = pid
+            count = my_tiles
+        start = pid * 0
+        if ENTRY_SYNC:
+            if busy:
+                row0, col0, col_end = _tile_at(0, pid, nblocks, c0, c1, m_tiles, WIDTH, BLOCK_M, BLOCK_N, BALANCED)
+                timeout_ns = _tile_out(
+                    x_ptr, w_ptr, w_desc, bias_ptr, out_ptr, row0, col0, col_end, tokens, True, timeout_ns,
+                    peer_pads, own_pad, pid, status, slot_offset, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7,
+                    RANK, W, OFF, TOTAL, K, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, TMA_WEIGHT, SWAP_AB, ENTRY_SYNC,
+                    PUSH)
+                start = start + 1
+        _flat_tiles(x_ptr, w_ptr, w_desc, bias_ptr, out_ptr, start, count, pid, nblocks, c0, c1, m_tiles, tokens,
+                    slot_offset, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7, RANK, W, OFF, WIDTH, TOTAL, K,
+                    HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, TMA_WEIGHT, SWAP_AB, BALANCED, PUSH)
+    elif BALANCED:
         for j in range(0, tl.cdiv(c1 - c0, BLOCK_N)):
             for tm in range(0, m_tiles):
                 timeout_ns = _tile_out(
@@ -521,7 +618,7 @@ def linear_source(dtype_name, rank, band_offsets, k, config, has_bias, skip_entr
         return _source(multimem_linear_push_kernel, FLOAT_PTR[dtype_name], constexprs)
     constexprs.update(EXIT_SYNC=bool(exit_sync), PUSH=True, COPY_OUT=bool(copy_out),
                       TMA_WEIGHT=bool(config.get("TMA", False)), SWAP_AB=bool(config.get("SWAP_AB", False)),
-                      BALANCED=balanced)
+                      BALANCED=balanced, FLAT=bool(config.get("FLAT", False)))
     constexprs.update(diagnostic or {})  # {"PUSH": False} / {"COPY_OUT": False}: floor diagnostics only
     return _source(p2p_linear_push_kernel, FLOAT_PTR[dtype_name], constexprs)
 
