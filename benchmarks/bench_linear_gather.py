@@ -10,7 +10,8 @@ Shapes (bf16, every rank the same width; ``N_r`` is this rank's output columns):
 - ``lm_head_7168``: LM head, hidden 7168, vocab 129280 -> K=7168, N_r=129280/W;
 - ``eagle3_fc``: EAGLE3 input projection -> K=3*7168=21504, N_r=7168/W;
 - ``llama8b_mlp``: Llama-8B MLP up/gate projection -> K=4096, N_r=14336/W.
-T in {1, 8, 32, 128} (``--tokens``).  Columns, CUDA-graph replay, µs per call, slowest rank:
+T in {1, 8, 32, 128} (``--tokens``).  Columns, CUDA-graph replay of 32 calls (``--calls``), µs per
+call, slowest rank:
 - ``fused``: ``tpfuse::linear_all_gather_hidden``'s fused kernel, both barriers;
 - ``fused_elided``: the same, entry barrier elided, ping-pong slots (what a proven pass emits);
 - ``cublas_nccl``: ``F.linear`` (cuBLAS) + NCCL gather + rearrange (tpfuse's NCCL backend);
@@ -107,6 +108,10 @@ def main():
     parser.add_argument("--out", default=None)
     parser.add_argument("--tag", default="")
     parser.add_argument("--rounds", type=int, default=3, help="timings per method (rotated order; median)")
+    parser.add_argument("--calls", type=int, default=32,
+                        help="calls per captured CUDA graph (each replay starts with the ranks' host skew, which "
+                             "the first barrier absorbs; a decode step's graph pays it once for the whole model)")
+    parser.add_argument("--repeats", type=int, default=10, help="graph replays per timing (median)")
     args = parser.parse_args()
 
     rank, group, card = torchrun_group()
@@ -137,7 +142,7 @@ def main():
             for r in range(args.rounds):
                 shift = r % len(METHODS)
                 for m in METHODS[shift:] + METHODS[:shift]:
-                    samples[m].append(time_graph(methods[m], calls=4, repeats=10))
+                    samples[m].append(time_graph(methods[m], calls=args.calls, repeats=args.repeats))
             row["graph"] = {m: statistics.median(v) for m, v in samples.items()}
             fused_pred, unfused_pred = linear_cost.predict(T, K, widths)
             row["predicted"] = {"fused": fused_pred, "cublas_tpfuse": unfused_pred}
@@ -167,7 +172,7 @@ def main():
         if args.out:
             os.makedirs(args.out, exist_ok=True)
             meta = {"W": W, "card": card, "torch": torch.__version__, "nccl": nccl, "triton": triton.__version__,
-                    "tag": args.tag, "model": linear_cost.MODEL}
+                    "tag": args.tag, "model": linear_cost.MODEL, "calls": args.calls, "repeats": args.repeats}
             stem = f"bench_linear_gather_w{W}{('_' + args.tag) if args.tag else ''}"
             with open(os.path.join(args.out, stem + ".json"), "w") as f:
                 json.dump({"meta": meta, "rows": rows}, f, indent=1)

@@ -29,13 +29,12 @@ from tpfuse.kernels.linear_push import launch_config, wide_band  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 #: the results the committed constants are fitted to (4xH200, the kernel with the split entry barrier and the
-#: third sweep's launch configs, 2026-11-27): six W=4 runs on five leases (the third and fourth add T=17..28,
-#: the fifth lease ran T=8..32 twice) and W=2
+#: fifth sweep's launch configs, CUDA graphs of 32 calls, 2026-11-27): four W=4 runs on two leases (the
+#: second lease's two are the out-of-sample check of the rule fitted to the first's) and W=2
 DEFAULT_FILES = [os.path.join(RESULTS, f) for f in (
-    "bench_linear_gather_w4_h200.json", "bench_linear_gather_w4_h200_second_run.json",
-    "bench_linear_gather_w4_h200_mid_tokens.json", "bench_linear_gather_w4_h200_fourth_run.json",
-    "bench_linear_gather_w4_h200_fifth_run_a.json", "bench_linear_gather_w4_h200_fifth_run_b.json",
-    "bench_linear_gather_w2_h200.json")]
+    "bench_linear_gather_w4_h200_c32.json", "bench_linear_gather_w4_h200_c32_lm.json",
+    "bench_linear_gather_w4_h200_c32_check_a.json", "bench_linear_gather_w4_h200_c32_check_b.json",
+    "bench_linear_gather_w2_h200_c32.json")]
 
 
 def load_rows(paths):

@@ -74,15 +74,14 @@ def blocks_per_sm(plan) -> int:
 
 
 def parse_config(text):
-    """``BNxBKxWARPSxSTAGES[xtma][xswap][xbal][xflat][xsm2]`` -> (BN, BK, warps, stages, {option: on})."""
+    """``BNxBKxWARPSxSTAGES[xtma][xswap][xbal][xsm2]`` -> (BN, BK, warps, stages, {option: on})."""
     parts = text.split("x")
     flags = set(parts[4:])
-    if len(parts) < 4 or not flags <= {"tma", "swap", "bal", "flat", "sm2"}:
+    if len(parts) < 4 or not flags <= {"tma", "swap", "bal", "sm2"}:
         raise SystemExit(f"bad config {text!r}: expected BNxBKxWARPSxSTAGES, optionally followed by "
-                         f"xtma / xswap / xbal / xflat / xsm2")
+                         f"xtma / xswap / xbal / xsm2")
     return (*(int(v) for v in parts[:4]), {"TMA": "tma" in flags, "SWAP_AB": "swap" in flags,
-                                           "BALANCED": "bal" in flags, "FLAT": "flat" in flags,
-                                           "SM2": "sm2" in flags})
+                                           "BALANCED": "bal" in flags, "SM2": "sm2" in flags})
 
 
 def option_labels(options):
@@ -94,11 +93,10 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--cases", default="lm_head_4096:1,lm_head_4096:32,llama8b_mlp:1,llama8b_mlp:32")
     parser.add_argument("--configs", default=None,
-                        help="BNxBKxWARPSxSTAGES[xtma][xswap][xbal][xflat][xsm2],... (default: the first "
+                        help="BNxBKxWARPSxSTAGES[xtma][xswap][xbal][xsm2],... (default: the first "
                              "sweep's CONFIGS); 'tma' loads the weight tiles through a TMA descriptor, 'swap' puts "
                              "the weight tile on the MMA's M side (wgmma for few tokens), 'bal' gives each block an "
-                             "even column share, 'flat' runs a block's tiles after the first as one pipelined loop, "
-                             "'sm2' two blocks per SM")
+                             "even column share, 'sm2' two blocks per SM")
     parser.add_argument("--budget-kib", type=int, default=kernels.PIPELINE_BYTES >> 10,
                         help="skip configs whose pipeline buffers (stages - 1 of them) exceed this")
     parser.add_argument("--diag", action="store_true",
@@ -107,7 +105,7 @@ def main():
     parser.add_argument("--gemm-only", action="store_true",
                         help="also time each config without its barriers, pushes and copy-out (the weight "
                              "stream alone; racy, timings only)")
-    parser.add_argument("--calls", type=int, default=4, help="calls per captured CUDA graph")
+    parser.add_argument("--calls", type=int, default=32, help="calls per captured CUDA graph (see bench_linear_gather.py)")
     parser.add_argument("--repeats", type=int, default=10, help="graph replays; the median is reported")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -192,7 +190,7 @@ def main():
                          "shared_bytes": plan.shared_bytes, "registers": plan.registers,
                          "config": [c["BLOCK_N"], c["BLOCK_K"], c["num_warps"], c["num_stages"]],
                          "tma": bool(c.get("TMA")), "swap_ab": bool(c.get("SWAP_AB")),
-                         "balanced": bool(c.get("BALANCED")), "flat": bool(c.get("FLAT")), "fused_us": us,
+                         "balanced": bool(c.get("BALANCED")), "fused_us": us,
                          "cublas_us": cublas, "weight_GBps": gbs, "correct": ok})
             if rank == 0:
                 print(f"{case:16s} {label} | grid {rows[-1]['grid']} | fused {us:7.1f} us ({gbs:6.0f} GB/s of weight) | "

@@ -45,6 +45,8 @@ LINEAR_CONFIGS = [
     # the multimem kernel on an LM head band at T=16 (where P2P takes swap-AB and column shares)
     ("multimem_bf16_w4_t16_lm_head", "bfloat16", 1, tuple(32064 * i for i in range(5)), 4096, 16, False, False, True,
      True),
+    # an LM head band at T=20: 32-row tiles of 128 columns (T <= MID_TOKENS), swap-AB, round robin
+    ("bf16_w4_t20_lm_head", "bfloat16", 3, tuple(32064 * i for i in range(5)), 4096, 20, False, False, False, True),
     # zero-copy: the LM head at T=32 writes its own tiles into its slot, no copy-out
     ("bf16_w4_t32_lm_head_zero_copy", "bfloat16", 1, tuple(32064 * i for i in range(5)), 4096, 32, False, True, False,
      False),

@@ -17,8 +17,7 @@ rank 0's slot read right after rank 0 ran, before the others pushed.
 ``--tma`` loads the weight tiles through a TMA descriptor where the config allows
 (the interpreter fills the box past the band with zeros, as the hardware does).
 ``--swap-ab`` computes the transposed tiles (the weight tile on the MMA's M side);
-``--balanced`` gives each block an even column share; ``--flat`` runs a block's tiles after
-the first as one loop over (tile, K step); ``--shares`` prints the shares
+``--balanced`` gives each block an even column share; ``--shares`` prints the shares
 ``_column_range`` gives each block for a few (width, blocks) instead.
 
 Prints one JSON line (tests/test_kernels_aot.py runs it in a subprocess,
@@ -76,7 +75,7 @@ def shares(width, nblocks):
 
 
 def simulate(T, K, widths, dtype, has_bias, max_blocks, passes=2, seed=0, zero_copy=False, tma=False,
-             swap_ab=False, balanced=False, flat=False):
+             swap_ab=False, balanced=False):
     W = len(widths)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(T, K, generator=g).to(dtype)
@@ -115,7 +114,7 @@ def simulate(T, K, widths, dtype, has_bias, max_blocks, passes=2, seed=0, zero_c
                 RANK=r, W=W, WP=max(2, 1 << (W - 1).bit_length()), BAND_OFFSETS=tuple(offsets), K=K,
                 HAS_BIAS=has_bias, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
                 SKIP_ENTRY_SYNC=True, EVEN_BANDS=linear_push.even_bands(offsets, config), EXIT_SYNC=False,
-                COPY_OUT=not zero_copy, TMA_WEIGHT=tma, SWAP_AB=swap_ab, BALANCED=balanced, FLAT=flat)
+                COPY_OUT=not zero_copy, TMA_WEIGHT=tma, SWAP_AB=swap_ab, BALANCED=balanced)
             if first_alone is None:
                 first_alone = close(outs[0])  # rank 0's result before any peer ran: must be incomplete
     within = all(close(o) for o in outs)
@@ -123,7 +122,7 @@ def simulate(T, K, widths, dtype, has_bias, max_blocks, passes=2, seed=0, zero_c
     return {"T": T, "K": K, "widths": widths, "dtype": str(dtype), "bias": has_bias, "nblocks": nblocks,
             "even_bands": linear_push.even_bands(offsets, config),
             "tiles": tiles, "within_tolerance": within, "ranks_agree": agree, "first_alone_complete": first_alone,
-            "tma": tma, "swap_ab": swap_ab, "balanced": balanced, "flat": flat}
+            "tma": tma, "swap_ab": swap_ab, "balanced": balanced}
 
 
 if __name__ == "__main__":
@@ -133,6 +132,5 @@ if __name__ == "__main__":
     zero_copy = "--zero-copy" in sys.argv
     passes = 1 if "--one-pass" in sys.argv or zero_copy else 2
     print(json.dumps([simulate(*case, passes=passes, zero_copy=zero_copy, tma="--tma" in sys.argv,
-                               swap_ab="--swap-ab" in sys.argv, balanced="--balanced" in sys.argv,
-                               flat="--flat" in sys.argv)
+                               swap_ab="--swap-ab" in sys.argv, balanced="--balanced" in sys.argv)
                       for case in CASES]))

@@ -2,9 +2,8 @@
 
 ``benchmarks/fit_linear_cost.py`` fits the model's constants to the saved 4xH200 results;
 these tests keep ``linear_cost.py``'s constants equal to that fit, and check the decisions
-against the measurements themselves: every row the rule fuses measured faster than cuBLAS +
-the tpfuse gather, and the model's speedups stay within half the rule's margin of the
-measured ones.
+against the measurements themselves: every row the rule fuses measured at least the target
+speedup over cuBLAS + the tpfuse gather, and the model's error stays within its margin there.
 """
 
 import importlib.util
@@ -24,7 +23,7 @@ _spec.loader.exec_module(fit_linear_cost)
 @pytest.fixture(scope="module")
 def rows():
     rows = fit_linear_cost.load_rows(fit_linear_cost.DEFAULT_FILES)
-    assert len(rows) >= 20, len(rows)  # both LM heads, W=2 and 4, T=1..32
+    assert len(rows) >= 60, len(rows)  # both LM heads, W=2 and 4, T=1..32
     return rows
 
 
@@ -38,13 +37,20 @@ def test_constants_are_the_fit_of_the_committed_results(rows):
         assert abs(linear_cost.GATHER_LATENCY_US[w] - latency) <= 0.1, (w, latency)
 
 
-def test_model_error_is_within_half_the_margin(rows):
-    worst = max(abs(measured - predicted) for *_, measured, predicted in fit_linear_cost.speedups(rows))
-    assert worst <= (linear_cost.MIN_SPEEDUP - 1) / 2 + 0.005, worst
-
-
-def test_every_fused_row_measured_faster(rows):
-    fused = [(W, r["shape"], r["T"], measured) for W, r, measured, _ in fit_linear_cost.speedups(rows)
+def test_model_error(rows):
+    """Within 0.06 of every measured speedup; on the rows the rule fuses, it over-predicts by less
+    than the margin plus 0.005 (the rounding of the committed constants)."""
+    speedups = fit_linear_cost.speedups(rows)
+    assert max(abs(measured - predicted) for *_, measured, predicted in speedups) <= 0.06
+    fused = [predicted - measured for W, r, measured, predicted in speedups
              if linear_cost.decide(r["T"], r["K"], [r["N_r"]] * W, "bfloat16").fuse]
-    assert fused, "the rule fuses none of the measured rows"
-    assert all(measured > 1.0 for *_, measured in fused), fused
+    assert max(fused) <= linear_cost.MODEL_MARGIN + 0.005, max(fused)
+
+
+def test_every_fused_row_measured_at_least_the_target(rows):
+    """The target (issue 6): at least TARGET_SPEEDUP over cuBLAS + the tpfuse gather on every
+    measurement of every row the rule fuses, W=4, T <= 32."""
+    fused = [(W, r["shape"], r["T"], round(measured, 3)) for W, r, measured, _ in fit_linear_cost.speedups(rows)
+             if linear_cost.decide(r["T"], r["K"], [r["N_r"]] * W, "bfloat16").fuse]
+    assert len({(W, shape, T) for W, shape, T, _ in fused}) >= 4, fused  # T = 21..32 of the LM head 4096
+    assert all(measured >= linear_cost.TARGET_SPEEDUP for *_, measured in fused), fused

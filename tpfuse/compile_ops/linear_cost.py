@@ -23,9 +23,12 @@ below equal to what it gives on the committed results).  The model:
   tiles fill the SMs), the shape conditions hold and unfused / fused >= MIN_SPEEDUP.
 
 Fitted by least squares to the LM-head rows (K 4096 and 7168, W=2 and 4,
-T=1..32, with the split entry barrier and the third sweep's launch configs; six
-W=4 runs on five leased machines, two with T=17..28 as well): the model's speedup is within
-0.090 of the measured one on all 64, and the runs differ by up to 0.09 on one row.
+T=1..32; the kernel of 2026-11-27 with the split entry barrier and the fifth sweep's
+launch configs; CUDA graphs of 32 calls, which pay the ranks' host skew once per 32 calls,
+as a decode step's graph pays it once per model): four W=4 runs on two leased machines and
+one W=2 run, 76 rows.  The model's speedup is within 0.06 of the measured one on every row;
+it over-predicts by up to 0.06 at T <= 8 (where it predicts at most 1.16x) and on W=2
+(at most 1.16x), and by at most 0.023 on the rows it fuses (hidden 4096, W=4, T = 21..32).
 Not fitted, hence not fused: narrow bands (their 16- and 32-column tiles
 measured 0.62-1.11x, under the margin on every row: cuBLAS's GEMV kernels are
 fast there, and the model's fixed costs overrate cuBLAS's on small weights) and
@@ -42,28 +45,35 @@ HBM_PEAK_BY_CARD = {"H100": 3.35e12, "H200": 4.8e12}
 #: the H200's, the card the constants below were fitted on
 HBM_BYTES_PER_S = HBM_PEAK_BY_CARD["H200"]
 #: fraction of the HBM peak that cuBLAS reaches on a decode linear, and its fixed cost (graph replay)
-CUBLAS_EFFICIENCY = 0.891
-CUBLAS_FIXED_US = 7.91
+CUBLAS_EFFICIENCY = 0.844
+CUBLAS_FIXED_US = 3.09
 #: the same for the fused kernel: weight stream, and launch + both barriers + pipeline ramp
-FUSED_EFFICIENCY = 0.923
-FUSED_FIXED_US = 13.33
+FUSED_EFFICIENCY = 0.909
+FUSED_FIXED_US = 7.81
 #: the fused kernel's egress that does not hide behind the weight stream (pushes of the last
 #: wave, exit barrier, copy-out), as a rate over the whole egress
-FUSED_TAIL_BYTES_PER_S = 471e9
+FUSED_TAIL_BYTES_PER_S = 572e9
 #: multiprocessors of an H100 / H200 SXM (the fill term)
 SMS = 132
 #: tpfuse gather, both barriers, small messages (linear + gather minus linear, fitted at T=1..32)
-GATHER_LATENCY_US = {2: 8.0, 4: 9.0}
+GATHER_LATENCY_US = {2: 6.7, 4: 7.2}
 #: tpfuse gather, per-GPU egress at decode sizes (fitted with the latencies above)
-GATHER_BYTES_PER_S = 215e9
-#: fuse only where the model predicts at least this gain: twice its worst speedup error on the fitted
-#: rows (0.090: hidden 4096 at T=8 measured 1.04-1.10x in five runs, where the model says 1.13x)
-MIN_SPEEDUP = 1.18
+GATHER_BYTES_PER_S = 241e9
+#: the least gain the rule fuses for: 1.2x, the fused op's target (issue 6).  Below it the unfused path
+#: stays, which a profiler shows as cuBLAS and the gather, rounds the logits as cuBLAS does (the fused
+#: GEMM is within the bf16 GEMM tolerance of it, not bit-identical) and holds no SM in a spinning barrier
+#: while the GEMM runs; TPFUSE_LINEAR_PUSH=fused takes the rows that win by less (docs/benchmarks.md)
+TARGET_SPEEDUP = 1.2
+#: margin for the model's error: on the rows it fuses it is within 0.023 of every measurement, and
+#: every measurement of them is >= TARGET_SPEEDUP (tests/test_linear_cost_fit.py keeps both true)
+MODEL_MARGIN = 0.02
+#: fuse only where the model predicts at least this
+MIN_SPEEDUP = TARGET_SPEEDUP + MODEL_MARGIN
 #: the largest T the rule fuses: at T=64 and 128 the fused kernel measured 0.37-1.00x on every shape
 MAX_TOKENS = 32
 FUSED_DTYPES = ("bfloat16", "float16")
 #: the model's name, printed with each decision
-MODEL = "measured-v4 (4xH200, 2026-11-27)"
+MODEL = "measured-v5 (4xH200, 2026-11-27)"
 
 
 @dataclass(frozen=True)

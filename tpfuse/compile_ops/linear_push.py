@@ -94,10 +94,12 @@ def _launch_with_scratch(plan, run_args):
 
 
 def _config_key(tokens):
-    """Launch configs depend on T only through BLOCK_M/BLOCK_N: bucket T so that a
-    dynamic T compiles a handful of variants, not one per value (same on every rank)."""
-    from ..kernels.linear_push import _next_pow2
+    """Launch configs depend on T only through BLOCK_M, BLOCK_N and whether T <= MID_TOKENS: bucket T
+    so that a dynamic T compiles a handful of variants, not one per value (same on every rank)."""
+    from ..kernels.linear_push import MID_TOKENS, _next_pow2
 
+    if 16 < tokens <= MID_TOKENS:
+        return MID_TOKENS
     return min(_next_pow2(max(tokens, 1)), 128) if tokens <= 128 else 256
 
 

@@ -56,40 +56,11 @@ from .push_gather import _RUNTIME_ARGS, _barrier_constexprs, _lanes, _multimem_s
 
 #: output tiles the config aims for: about one per multiprocessor of an H100 (132)
 TARGET_TILES = 128
+#: 32-row tiles up to this T take the 16-row tiles' 128 columns (fifth sweep; 64 columns above it)
+MID_TOKENS = 24
 #: operand bytes of one block's pipeline buffers (stages - 1 of them); measured configs stay within
 #: it, and the compiled kernel (120 KiB of shared memory for 32 x 128 x 128 tiles, 4 stages) fits an SM once
 PIPELINE_BYTES = 120 << 10
-
-
-@triton.jit
-def _k_step(x_rows, w_rows, w_desc, row_ok, col_ok, col0, k, acc, K: tl.constexpr, BLOCK_K: tl.constexpr,
-            TMA_WEIGHT: tl.constexpr, SWAP_AB: tl.constexpr):
-    """One BLOCK_K step of a tile's K loop: ``acc += x[rows, k:k+BLOCK_K] @ W[cols, k:k+BLOCK_K]^T``
-    (transposed with SWAP_AB).  ``x_rows`` / ``w_rows``: the tile's row pointers of x and W."""
-    ks = k + tl.arange(0, BLOCK_K)
-    k_ok = ks < K
-    a = tl.load(x_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-    if TMA_WEIGHT:
-        b = w_desc.load([col0, k])
-    else:
-        # The weight is streamed once: don't let it evict x (re-read by every N tile) from L2.
-        b = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0,
-                    eviction_policy="evict_first")
-    if SWAP_AB:
-        acc = tl.dot(b, tl.trans(a), acc)
-    else:
-        acc = tl.dot(a, tl.trans(b), acc)
-    return acc
-
-
-@triton.jit
-def _tile_result(acc, bias_ptr, cols, col_ok, HAS_BIAS: tl.constexpr, SWAP_AB: tl.constexpr):
-    """The finished fp32 tile ``[BLOCK_M, BLOCK_N]``: the accumulator (transposed back with SWAP_AB) plus bias."""
-    if SWAP_AB:
-        acc = tl.trans(acc)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    return acc
 
 
 @triton.jit
@@ -110,6 +81,7 @@ def _tile_gemm(x_ptr, w_ptr, w_desc, bias_ptr, row0, col0, col_end, tokens, K: t
     for 16- and 32-row tiles.  Same products, same fp32 sums per K step."""
     rows = row0 + tl.arange(0, BLOCK_M)
     cols = col0 + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
     row_ok = rows < tokens
     col_ok = cols < col_end
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * K
@@ -119,8 +91,23 @@ def _tile_gemm(x_ptr, w_ptr, w_desc, bias_ptr, row0, col0, col_end, tokens, K: t
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
-        acc = _k_step(x_rows, w_rows, w_desc, row_ok, col_ok, col0, k, acc, K, BLOCK_K, TMA_WEIGHT, SWAP_AB)
-    return _tile_result(acc, bias_ptr, cols, col_ok, HAS_BIAS, SWAP_AB), rows, cols
+        k_ok = (k + ks) < K
+        a = tl.load(x_rows + (k + ks)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if TMA_WEIGHT:
+            b = w_desc.load([col0, k])
+        else:
+            # The weight is streamed once: don't let it evict x (re-read by every N tile) from L2.
+            b = tl.load(w_rows + (k + ks)[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0,
+                        eviction_policy="evict_first")
+        if SWAP_AB:
+            acc = tl.dot(b, tl.trans(a), acc)
+        else:
+            acc = tl.dot(a, tl.trans(b), acc)
+    if SWAP_AB:
+        acc = tl.trans(acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return acc, rows, cols
 
 
 @triton.jit
@@ -167,16 +154,6 @@ def _tile_out(x_ptr, w_ptr, w_desc, bias_ptr, out_ptr, row0, col0, col_end, toke
                 timeout_ns = timeout_ns * 0
             # Every thread's stores below happen after the waiting lanes saw the signals.
             tl.debug_barrier()
-    _store_and_push(out_ptr, vals, rows, cols, tokens, col_end, slot_offset, buf0, buf1, buf2, buf3, buf4, buf5,
-                    buf6, buf7, RANK, W, OFF, TOTAL, PUSH)
-    return timeout_ns
-
-
-@triton.jit
-def _store_and_push(out_ptr, vals, rows, cols, tokens, col_end, slot_offset, buf0, buf1, buf2, buf3, buf4, buf5,
-                    buf6, buf7, RANK: tl.constexpr, W: tl.constexpr, OFF: tl.constexpr, TOTAL: tl.constexpr,
-                    PUSH: tl.constexpr):
-    """Store a finished tile into our result, and into our band of every peer's slot."""
     index, ok = _gathered(rows, cols, tokens, OFF, col_end, TOTAL)
     tl.store(out_ptr + index, vals, mask=ok)
     if PUSH:
@@ -184,57 +161,7 @@ def _store_and_push(out_ptr, vals, rows, cols, tokens, col_end, slot_offset, buf
         for s in tl.static_range(1, W):
             base = _pick((RANK + s) % W, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7).to(out_ptr.dtype)
             tl.store(tl.multiple_of(base, 16) + slot_offset + index, vals, mask=ok)
-
-
-@triton.jit
-def _tile_at(i, pid, nblocks, c0, c1, m_tiles, WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             BALANCED: tl.constexpr):
-    """(row0, col0, col_end) of the block's ``i``-th tile: BALANCED, the ``i``-th of its share
-    ``[c0, c1)`` (column tiles outer, M tiles inner); round robin, tile ``pid + i * nblocks`` of the band."""
-    if BALANCED:
-        j = i // m_tiles
-        return (i - j * m_tiles) * BLOCK_M, c0 + j * BLOCK_N, c1
-    else:
-        N_TILES: tl.constexpr = (WIDTH + BLOCK_N - 1) // BLOCK_N
-        tile = pid + i * nblocks
-        tm = tile // N_TILES
-        return tm * BLOCK_M, (tile - tm * N_TILES) * BLOCK_N, WIDTH + tm * 0
-
-
-@triton.jit
-def _flat_tiles(x_ptr, w_ptr, w_desc, bias_ptr, out_ptr, start, count, pid, nblocks, c0, c1, m_tiles, tokens,
-                slot_offset, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7, RANK: tl.constexpr, W: tl.constexpr,
-                OFF: tl.constexpr, WIDTH: tl.constexpr, TOTAL: tl.constexpr, K: tl.constexpr,
-                HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                TMA_WEIGHT: tl.constexpr, SWAP_AB: tl.constexpr, BALANCED: tl.constexpr, PUSH: tl.constexpr):
-    """The block's tiles ``start .. count - 1`` as one loop over (tile, K step), the epilogue
-    (store and pushes) under ``if`` at each tile's last K step.
-
-    One software pipeline for all of them: the next tile's first weight loads are in
-    flight while this tile's epilogue stores and pushes, where separate K loops drain
-    and refill the pipeline at every tile.  Triton pipelines only innermost loops, so no
-    loop (a barrier's spin) may sit in here: the caller runs the first tile, which
-    waits for the entry barrier, on its own (``_tile_out``)."""
-    K_STEPS: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
-    if SWAP_AB:
-        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for step in range(start * K_STEPS, count * K_STEPS):
-        i = step // K_STEPS
-        k = (step - i * K_STEPS) * BLOCK_K
-        row0, col0, col_end = _tile_at(i, pid, nblocks, c0, c1, m_tiles, WIDTH, BLOCK_M, BLOCK_N, BALANCED)
-        rows = row0 + tl.arange(0, BLOCK_M)
-        cols = col0 + tl.arange(0, BLOCK_N)
-        row_ok = rows < tokens
-        col_ok = cols < col_end
-        acc = _k_step(x_ptr + rows.to(tl.int64)[:, None] * K, w_ptr + cols.to(tl.int64)[:, None] * K, w_desc,
-                      row_ok, col_ok, col0, k, acc, K, BLOCK_K, TMA_WEIGHT, SWAP_AB)
-        if k == (K_STEPS - 1) * BLOCK_K:
-            vals = _tile_result(acc, bias_ptr, cols, col_ok, HAS_BIAS, SWAP_AB).to(out_ptr.dtype.element_ty)
-            _store_and_push(out_ptr, vals, rows, cols, tokens, col_end, slot_offset, buf0, buf1, buf2, buf3, buf4,
-                            buf5, buf6, buf7, RANK, W, OFF, TOTAL, PUSH)
-            acc = acc * 0.0
+    return timeout_ns
 
 
 @triton.jit
@@ -328,7 +255,6 @@ def p2p_linear_push_kernel(
     TMA_WEIGHT: tl.constexpr = False,  # weight tiles through a TMA descriptor (needs global scratch; experimental)
     SWAP_AB: tl.constexpr = False,  # the weight tile on the MMA's M side (wgmma for few tokens; see _tile_gemm)
     BALANCED: tl.constexpr = False,  # each block a contiguous, even share of the columns (see below)
-    FLAT: tl.constexpr = False,  # the tiles after the first as one pipelined loop over (tile, K step)
 ):
     """Without BALANCED, block ``b`` takes tiles ``b, b + nblocks, ...`` (round robin).  With
     it, block ``b`` takes the columns ``_column_range`` gives it (every block within 8
@@ -367,28 +293,7 @@ def p2p_linear_push_kernel(
             # Nothing to compute: still meet the peers (the slots must balance).
             if wait_peers(own_pad, pid, live, status, timeout_ns, ENTRY_TIMEOUT, W, False):
                 timeout_ns = timeout_ns * 0
-    if FLAT:
-        # The first tile on its own (its epilogue waits for the entry barrier), the rest as one flat loop.
-        if BALANCED:
-            count = tl.cdiv(c1 - c0, BLOCK_N) * m_tiles
-        else:
-            c0 = pid
-            c1 = pid
-            count = my_tiles
-        start = pid * 0
-        if ENTRY_SYNC:
-            if busy:
-                row0, col0, col_end = _tile_at(0, pid, nblocks, c0, c1, m_tiles, WIDTH, BLOCK_M, BLOCK_N, BALANCED)
-                timeout_ns = _tile_out(
-                    x_ptr, w_ptr, w_desc, bias_ptr, out_ptr, row0, col0, col_end, tokens, True, timeout_ns,
-                    peer_pads, own_pad, pid, status, slot_offset, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7,
-                    RANK, W, OFF, TOTAL, K, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, TMA_WEIGHT, SWAP_AB, ENTRY_SYNC,
-                    PUSH)
-                start = start + 1
-        _flat_tiles(x_ptr, w_ptr, w_desc, bias_ptr, out_ptr, start, count, pid, nblocks, c0, c1, m_tiles, tokens,
-                    slot_offset, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7, RANK, W, OFF, WIDTH, TOTAL, K,
-                    HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, TMA_WEIGHT, SWAP_AB, BALANCED, PUSH)
-    elif BALANCED:
+    if BALANCED:
         for j in range(0, tl.cdiv(c1 - c0, BLOCK_N)):
             for tm in range(0, m_tiles):
                 timeout_ns = _tile_out(
@@ -514,6 +419,10 @@ def launch_config(tokens, k, widths, elem_size=2, multimem=False):
         at T = 1 / 8 / 16 where the round-robin mma.sync config took 74.1 / 78.8 / 85.5;
       - 32 rows: 64-column tiles, 4 warps, 6 stages, swap-AB: 82.5 us at T=32 against
         87.2 (the second sweep's pick), and 128.5 against 135.7 for hidden 7168;
+        up to T = MID_TOKENS (24) the 16-row tiles' 128 x 128, 8 warps, 4 stages, swap-AB,
+        round robin instead (fifth sweep, 32 calls per graph, each config twice: 73.9 / 74.6
+        against 76.0 / 77.6 us at T=17, 76.5 / 76.7 against 77.7 / 78.2 at T=20, 78.4 / 78.2
+        against 79.1 / 79.0 at T=24; 1-2 us slower at T = 28 and 32);
       - 64 rows: 128 x 128 (BLOCK_K 64), 8 warps, 3 stages (the config that ran at T=128).
       (One sweep's numbers; same-run repeats move by about 3 us, and in them the new configs
       were faster in 16 of 18 pairs: docs/benchmarks.md, "Fused column linear + push".)
@@ -538,6 +447,8 @@ def launch_config(tokens, k, widths, elem_size=2, multimem=False):
     if wide_band(tokens, widths):
         if block_m == 16:
             block_n, block_k, stages, num_warps, swap_ab, balanced = 128, 128, 4, 8, True, True
+        elif block_m == 32 and tokens <= MID_TOKENS:
+            block_n, block_k, stages, num_warps, swap_ab = 128, 128, 4, 8, True
         elif block_m == 32:
             block_n, block_k, stages, num_warps, swap_ab = 64, 128, 6, 4, True
         else:
@@ -618,7 +529,7 @@ def linear_source(dtype_name, rank, band_offsets, k, config, has_bias, skip_entr
         return _source(multimem_linear_push_kernel, FLOAT_PTR[dtype_name], constexprs)
     constexprs.update(EXIT_SYNC=bool(exit_sync), PUSH=True, COPY_OUT=bool(copy_out),
                       TMA_WEIGHT=bool(config.get("TMA", False)), SWAP_AB=bool(config.get("SWAP_AB", False)),
-                      BALANCED=balanced, FLAT=bool(config.get("FLAT", False)))
+                      BALANCED=balanced)
     constexprs.update(diagnostic or {})  # {"PUSH": False} / {"COPY_OUT": False}: floor diagnostics only
     return _source(p2p_linear_push_kernel, FLOAT_PTR[dtype_name], constexprs)
 
