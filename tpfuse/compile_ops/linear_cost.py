@@ -29,10 +29,10 @@ as a decode step's graph pays it once per model): four W=4 runs on two leased ma
 one W=2 run, 76 rows.  The model's speedup is within 0.06 of the measured one on every row;
 it over-predicts by up to 0.06 at T <= 8 (where it predicts at most 1.16x) and on W=2
 (at most 1.16x), and by at most 0.023 on the rows it fuses (hidden 4096, W=4, T = 21..32).
-Not fitted, hence not fused: narrow bands (their 16- and 32-column tiles
-measured 0.62-1.11x, under the margin on every row: cuBLAS's GEMV kernels are
-fast there, and the model's fixed costs overrate cuBLAS's on small weights) and
-T > 32 (0.37-1.00x at T=64 and 128: 64-row tiles stream the weight slowly).  Doubtful: wide bands
+Not fitted, hence not fused: narrow bands (their 16- and 32-column tiles measured
+0.46-0.68x on the EAGLE3 projection and 0.98-1.24x on the Llama-8B MLP, one run each at
+W=4; cuBLAS's GEMV kernels are fast there, and the model's fixed costs do not describe
+them) and T > 32 (0.46-1.00x at T=64 and 128: 64-row tiles stream the weight slowly).  Doubtful: wide bands
 with a small weight (K of a few hundred) are extrapolated, not measured.
 """
 
@@ -69,7 +69,7 @@ TARGET_SPEEDUP = 1.2
 MODEL_MARGIN = 0.02
 #: fuse only where the model predicts at least this
 MIN_SPEEDUP = TARGET_SPEEDUP + MODEL_MARGIN
-#: the largest T the rule fuses: at T=64 and 128 the fused kernel measured 0.37-1.00x on every shape
+#: the largest T the rule fuses: at T=64 and 128 the fused kernel measured 0.46-1.00x on every shape
 MAX_TOKENS = 32
 FUSED_DTYPES = ("bfloat16", "float16")
 #: the model's name, printed with each decision
@@ -81,7 +81,7 @@ class LinearFusionDecision:
     """Whether to run the fused kernel, which rule said so, and the model's numbers."""
 
     fuse: bool
-    rule: str  # "predicted_faster", "predicted_slower", "measured_slower" or "unsupported"
+    rule: str  # "predicted_faster", "predicted_slower", "measured_slower", "not_modelled" or "unsupported"
     reason: str
     fused_us: float = 0.0
     unfused_us: float = 0.0
@@ -134,15 +134,15 @@ def decide(tokens: int, k: int, widths, dtype_name: str, elem_size: int = 2) -> 
                                     "multiple of 8 elements (16-byte rows)")
     if tokens > MAX_TOKENS:
         return LinearFusionDecision(False, "measured_slower", f"T={tokens} > {MAX_TOKENS} (the fused kernel "
-                                    "measured 0.37-1.00x of linear + gather at T=64 and 128)")
+                                    "measured 0.46-1.00x of linear + gather at T=64 and 128)")
     from ..kernels.linear_push import launch_config, wide_band
 
     if not wide_band(max(int(tokens), 1), widths):
         block_n = launch_config(max(int(tokens), 1), k, widths, elem_size)["BLOCK_N"]
-        return LinearFusionDecision(False, "measured_slower", f"N_r={max(widths)} at T={tokens}: too narrow for "
-                                    f"128-column tiles to fill the SMs; its {block_n}-column tiles measured "
-                                    "0.62-1.11x of linear + gather, under the margin on every row (Llama-8B MLP, "
-                                    "EAGLE3 projection)")
+        return LinearFusionDecision(False, "not_modelled", f"N_r={max(widths)} at T={tokens}: too narrow for "
+                                    f"128-column tiles to fill the SMs; the model is fitted to wide bands only, and "
+                                    f"these {block_n}-column tiles measured 0.46-1.24x of linear + gather (EAGLE3 "
+                                    "projection 0.46-0.68x, Llama-8B MLP 0.98-1.24x)")
     fused, unfused = predict(max(int(tokens), 1), k, widths, elem_size)
     speedup = unfused / fused
     text = (f"T={tokens} K={k} N_r={max(widths)} W={world_size}: predicted fused {fused:.1f} us vs "
