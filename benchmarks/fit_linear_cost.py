@@ -35,6 +35,10 @@ DEFAULT_FILES = [os.path.join(RESULTS, f) for f in (
     "bench_linear_gather_w4_h200_c32.json", "bench_linear_gather_w4_h200_c32_lm.json",
     "bench_linear_gather_w4_h200_c32_check_a.json", "bench_linear_gather_w4_h200_c32_check_b.json",
     "bench_linear_gather_w2_h200_c32.json")]
+#: held out of the fit: a third lease (two W=4 runs, LM heads at T = 8..32), measured after the rule was
+#: committed; tests/test_linear_cost_fit.py checks the target on these too
+HELD_OUT_FILES = [os.path.join(RESULTS, f) for f in (
+    "bench_linear_gather_w4_h200_c32_held_out_a.json", "bench_linear_gather_w4_h200_c32_held_out_b.json")]
 
 
 def load_rows(paths):
