@@ -95,7 +95,9 @@ def _launch_with_scratch(plan, run_args):
 
 def _config_key(tokens):
     """Launch configs depend on T only through BLOCK_M, BLOCK_N and whether T <= MID_TOKENS: bucket T
-    so that a dynamic T compiles a handful of variants, not one per value (same on every rank)."""
+    so that a dynamic T compiles a handful of variants, not one per value (same on every rank).
+    Up to T=128 a bucket's config is each of its T's own; every T > 128 runs the T=256 config
+    (the rule never fuses there; tests/test_linear_launch_config.py)."""
     from ..kernels.linear_push import MID_TOKENS, _next_pow2
 
     if 16 < tokens <= MID_TOKENS:
