@@ -52,7 +52,8 @@ import triton
 import triton.language as tl
 
 from .barrier import ENTRY_TIMEOUT, EXIT_TIMEOUT, barrier, exchange, peer_lanes, signal_peers, wait_peers
-from .push_gather import _RUNTIME_ARGS, _barrier_constexprs, _lanes, _multimem_store_v4, _pick
+from .peer_args import per_lane, pick
+from .push_gather import RUNTIME_ARGS, barrier_constexprs, multimem_store_v4
 
 #: output tiles the config aims for: about one per multiprocessor of an H100 (132)
 TARGET_TILES = 128
@@ -149,7 +150,7 @@ def _tile_out(x_ptr, w_ptr, w_desc, bias_ptr, out_ptr, row0, col0, col_end, toke
             # Entry, its wait (relaxed): no peer may still be reading the slot we are about to
             # write.  Its reads ended in kernels that finished before its signal (stream order).
             # Skipped only when the caller proved every peer is done with the slot (CONTEXT §2.3).
-            _, live = peer_lanes(RANK, W, peer_pads.shape[0])
+            _, live = peerper_lane(RANK, W, peer_pads.shape[0])
             if wait_peers(own_pad, pid, live, status, timeout_ns, ENTRY_TIMEOUT, W, False):
                 timeout_ns = timeout_ns * 0
             # Every thread's stores below happen after the waiting lanes saw the signals.
@@ -159,7 +160,7 @@ def _tile_out(x_ptr, w_ptr, w_desc, bias_ptr, out_ptr, row0, col0, col_end, toke
     if PUSH:
         # Peers in the order rank+1, rank+2, ...: ranks start on different links.
         for s in tl.static_range(1, W):
-            base = _pick((RANK + s) % W, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7).to(out_ptr.dtype)
+            base = pick((RANK + s) % W, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7).to(out_ptr.dtype)
             tl.store(tl.multiple_of(base, 16) + slot_offset + index, vals, mask=ok)
     return timeout_ns
 
@@ -192,7 +193,7 @@ def _copy_out_peers(out_ptr, own, tokens, pid, nblocks, RANK: tl.constexpr, W: t
     (BALANCED: the same column share of its band) as block ``pid`` here."""
     TOTAL: tl.constexpr = BAND_OFFSETS[W]
     m_tiles = tl.cdiv(tokens, BLOCK_M)
-    peers, live = peer_lanes(RANK, W, WP)
+    peers, live = peerper_lane(RANK, W, WP)
     if EVEN_BANDS:
         WIDTH: tl.constexpr = BAND_OFFSETS[1]
         band = peers * WIDTH
@@ -271,10 +272,10 @@ def p2p_linear_push_kernel(
         w_desc = tl.make_tensor_descriptor(w_ptr, shape=[WIDTH, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
     else:
         w_desc = w_ptr
-    peers, live = peer_lanes(RANK, W, WP)
-    peer_pads = _lanes(peers, pad0, pad1, pad2, pad3, pad4, pad5, pad6, pad7)
-    own_pad = _pick(RANK, pad0, pad1, pad2, pad3, pad4, pad5, pad6, pad7)
-    own = tl.multiple_of(_pick(RANK, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7).to(out_ptr.dtype), 16)
+    peers, live = peerper_lane(RANK, W, WP)
+    peer_pads = per_lane(peers, pad0, pad1, pad2, pad3, pad4, pad5, pad6, pad7)
+    own_pad = pick(RANK, pad0, pad1, pad2, pad3, pad4, pad5, pad6, pad7)
+    own = tl.multiple_of(pick(RANK, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7).to(out_ptr.dtype), 16)
     own = own + slot_offset
     m_tiles = tl.cdiv(tokens, BLOCK_M)
 
@@ -351,10 +352,10 @@ def multimem_linear_push_kernel(
     TOTAL: tl.constexpr = BAND_OFFSETS[W]
     N_TILES: tl.constexpr = (WIDTH + BLOCK_N - 1) // BLOCK_N
     VECS: tl.constexpr = BLOCK_M * BLOCK_N // 8
-    peers, live = peer_lanes(RANK, W, WP)
-    peer_pads = _lanes(peers, pad0, pad1, pad2, pad3, pad4, pad5, pad6, pad7)
-    own_pad = _pick(RANK, pad0, pad1, pad2, pad3, pad4, pad5, pad6, pad7)
-    own = tl.multiple_of(_pick(RANK, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7).to(out_ptr.dtype), 16)
+    peers, live = peerper_lane(RANK, W, WP)
+    peer_pads = per_lane(peers, pad0, pad1, pad2, pad3, pad4, pad5, pad6, pad7)
+    own_pad = pick(RANK, pad0, pad1, pad2, pad3, pad4, pad5, pad6, pad7)
+    own = tl.multiple_of(pick(RANK, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7).to(out_ptr.dtype), 16)
     own = own + slot_offset
 
     my_tiles = tl.cdiv(tl.maximum(tl.cdiv(tokens, BLOCK_M) * N_TILES - pid, 0), nblocks)
@@ -380,7 +381,7 @@ def multimem_linear_push_kernel(
         first = tl.min(first, axis=1)  # the vector's first element (its lanes are contiguous)
         vec_ok = tl.max(tl.reshape(ok.to(tl.int32), (VECS, 8)), axis=1)
         address = multicast_ptr + (slot_offset + first.to(tl.int64)) * 2
-        _multimem_store_v4(address, w0, w1, w2, w3, vec_ok)
+        multimem_store_v4(address, w0, w1, w2, w3, vec_ok)
     # Exit (release/acquire, system scope): the multicast stores are visible everywhere first.
     barrier(peer_pads, own_pad, RANK, pid, status, timeout_ns, EXIT_TIMEOUT, W, True)
     _copy_out_peers(out_ptr, own, tokens, pid, nblocks, RANK, W, WP, BAND_OFFSETS, BLOCK_M, BLOCK_N, EVEN_BANDS,
@@ -482,7 +483,7 @@ _ALIGNED = ("x_ptr", "w_ptr", "out_ptr", "slot_offset")
 def _source(fn, ptr_type, constexprs):
     from triton.compiler import ASTSource
 
-    types = {"x_ptr": ptr_type, "w_ptr": ptr_type, "bias_ptr": ptr_type, "out_ptr": ptr_type, **_RUNTIME_ARGS}
+    types = {"x_ptr": ptr_type, "w_ptr": ptr_type, "bias_ptr": ptr_type, "out_ptr": ptr_type, **RUNTIME_ARGS}
     signature = {n: ("constexpr" if n in constexprs else types[n]) for n in fn.arg_names}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in _ALIGNED}
     return ASTSource(fn, signature, constexprs, attrs)
@@ -511,7 +512,7 @@ def linear_source(dtype_name, rank, band_offsets, k, config, has_bias, skip_entr
 
     ``copy_out=False`` is the zero-copy variant (P2P only): the caller passes its
     slot as ``out_ptr``, so our own tiles land there and the peers' arrive there."""
-    constexprs = _barrier_constexprs(rank, band_offsets)
+    constexprs = barrier_constexprs(rank, band_offsets)
     constexprs.update(K=int(k), HAS_BIAS=bool(has_bias), BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
                       BLOCK_K=config["BLOCK_K"], SKIP_ENTRY_SYNC=bool(skip_entry_sync),
                       EVEN_BANDS=even_bands(band_offsets, config))

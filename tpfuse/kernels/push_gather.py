@@ -32,29 +32,7 @@ import triton
 import triton.language as tl
 
 from .barrier import ENTRY_TIMEOUT, EXIT_TIMEOUT, barrier, exchange, peer_lanes
-
-#: the most ranks the kernels take: peer addresses are 8 scalar arguments each
-MAX_RANKS = 8
-
-
-@triton.jit
-def _pick(i: tl.constexpr, a0, a1, a2, a3, a4, a5, a6, a7):
-    """Argument ``a<i>`` for a compile-time ``i``: peer addresses live in constant memory, not in a table."""
-    return a0 if i == 0 else (a1 if i == 1 else (a2 if i == 2 else (a3 if i == 3 else (
-        a4 if i == 4 else (a5 if i == 5 else (a6 if i == 6 else a7))))))
-
-
-@triton.jit
-def _lanes(peers, a0, a1, a2, a3, a4, a5, a6, a7):
-    """Per lane ``i`` of ``peers``, argument ``a<i>``."""
-    v = tl.where(peers == 0, a0, a7)
-    v = tl.where(peers == 1, a1, v)
-    v = tl.where(peers == 2, a2, v)
-    v = tl.where(peers == 3, a3, v)
-    v = tl.where(peers == 4, a4, v)
-    v = tl.where(peers == 5, a5, v)
-    return tl.where(peers == 6, a6, v)
-
+from .peer_args import MAX_RANKS, per_lane, pick
 
 @triton.jit
 def _band_tile(tile, tokens, BAND_OFFSET: tl.constexpr, WIDTH: tl.constexpr, TOTAL: tl.constexpr,
@@ -121,10 +99,10 @@ def p2p_push_gather_kernel(
     OFF: tl.constexpr = BAND_OFFSETS[RANK]
     WIDTH: tl.constexpr = BAND_OFFSETS[RANK + 1] - BAND_OFFSETS[RANK]
     TOTAL: tl.constexpr = BAND_OFFSETS[W]
-    peers, live = peer_lanes(RANK, W, WP)
-    peer_pads = _lanes(peers, pad0, pad1, pad2, pad3, pad4, pad5, pad6, pad7)
-    own_pad = _pick(RANK, pad0, pad1, pad2, pad3, pad4, pad5, pad6, pad7)
-    own = tl.multiple_of(_pick(RANK, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7).to(x_ptr.dtype), 16)
+    peers, live = peerper_lane(RANK, W, WP)
+    peer_pads = per_lane(peers, pad0, pad1, pad2, pad3, pad4, pad5, pad6, pad7)
+    own_pad = pick(RANK, pad0, pad1, pad2, pad3, pad4, pad5, pad6, pad7)
+    own = tl.multiple_of(pick(RANK, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7).to(x_ptr.dtype), 16)
     own = own + slot_offset
 
     # Chunks per lane (peer) and our own; the stage count covers the longest.
@@ -158,7 +136,7 @@ def p2p_push_gather_kernel(
             # Peers in the order rank+1, rank+2, ...: ranks start on different
             # peers, so no link is hit by every rank at once.
             for s in tl.static_range(1 if COPY_OUT else 0, W):
-                base = _pick((RANK + s) % W, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7).to(x_ptr.dtype)
+                base = pick((RANK + s) % W, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7).to(x_ptr.dtype)
                 tl.store(tl.multiple_of(base, 16) + slot_offset + gathered, vals, mask=in_band)
         # Exit for chunk c: release our pushes of it, acquire the peers' (system
         # scope), so those tiles in our buffer are complete before we read them.
@@ -178,7 +156,7 @@ def p2p_push_gather_kernel(
 
 
 @triton.jit
-def _multimem_store_v4(address, w0, w1, w2, w3, live):
+def multimem_store_v4(address, w0, w1, w2, w3, live):
     """One 16-byte ``multimem.st``: the store reaches the same address on every rank of the multicast object."""
     return tl.inline_asm_elementwise(
         """
@@ -228,9 +206,9 @@ def multimem_push_gather_kernel(
     OFF: tl.constexpr = BAND_OFFSETS[RANK]
     WIDTH: tl.constexpr = BAND_OFFSETS[RANK + 1] - BAND_OFFSETS[RANK]
     TOTAL: tl.constexpr = BAND_OFFSETS[W]
-    peers, live = peer_lanes(RANK, W, WP)
-    peer_pads = _lanes(peers, pad0, pad1, pad2, pad3, pad4, pad5, pad6, pad7)
-    own_pad = _pick(RANK, pad0, pad1, pad2, pad3, pad4, pad5, pad6, pad7)
+    peers, live = peerper_lane(RANK, W, WP)
+    peer_pads = per_lane(peers, pad0, pad1, pad2, pad3, pad4, pad5, pad6, pad7)
+    own_pad = pick(RANK, pad0, pad1, pad2, pad3, pad4, pad5, pad6, pad7)
 
     if not SKIP_ENTRY_SYNC:
         # Entry (relaxed): see the P2P kernel.
@@ -250,14 +228,14 @@ def multimem_push_gather_kernel(
         row = v // (WIDTH // VEC)
         first_word = row * TOTAL + OFF + (v - row * (WIDTH // VEC)) * VEC
         address = multicast_ptr + (slot_offset + first_word.to(tl.int64)) * 4
-        _multimem_store_v4(address, w0, w1, w2, w3, (v < tokens * (WIDTH // VEC)).to(tl.int32))
+        multimem_store_v4(address, w0, w1, w2, w3, (v < tokens * (WIDTH // VEC)).to(tl.int32))
 
     # Exit (release/acquire, system scope): the multicast stores are visible
     # on every rank before any rank reads its buffer.
     barrier(peer_pads, own_pad, RANK, pid, status, timeout_ns, EXIT_TIMEOUT, W, True)
 
     if COPY_OUT:
-        own = tl.multiple_of(_pick(RANK, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7).to(x_ptr.dtype), 16)
+        own = tl.multiple_of(pick(RANK, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7).to(x_ptr.dtype), 16)
         own = own + slot_offset
         for s in tl.static_range(1, W):
             q_off = BAND_OFFSETS[(RANK + s) % W]
@@ -274,7 +252,7 @@ def multimem_push_gather_kernel(
 #: element size in bytes -> the integer type the kernels move
 INT_OF_SIZE = {1: "i8", 2: "i16", 4: "i32"}
 
-_RUNTIME_ARGS = {
+RUNTIME_ARGS = {
     "slot_offset": "i64",
     "status": "*i32",
     "tokens": "i32",
@@ -291,13 +269,13 @@ _ALIGNED = ("x_ptr", "out_ptr", "slot_offset")
 def _source(fn, elem, constexprs):
     from triton.compiler import ASTSource
 
-    types = {"x_ptr": elem, "out_ptr": elem, **_RUNTIME_ARGS}
+    types = {"x_ptr": elem, "out_ptr": elem, **RUNTIME_ARGS}
     signature = {n: ("constexpr" if n in constexprs else types[n]) for n in fn.arg_names}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in _ALIGNED}
     return ASTSource(fn, signature, constexprs, attrs)
 
 
-def _barrier_constexprs(rank, band_offsets):
+def barrier_constexprs(rank, band_offsets):
     world_size = len(band_offsets) - 1
     return {
         "RANK": rank,
@@ -313,7 +291,7 @@ def p2p_source(elem_size, rank, band_offsets, vec, block_v, skip_entry_sync, cop
     ``band_offsets`` holds W + 1 column offsets in elements; ``vec`` elements
     of ``elem_size`` bytes must divide every offset.
     """
-    constexprs = _barrier_constexprs(rank, band_offsets)
+    constexprs = barrier_constexprs(rank, band_offsets)
     constexprs.update(VEC=vec, BLOCK_V=block_v, CHUNK=chunk, SKIP_ENTRY_SYNC=bool(skip_entry_sync),
                       COPY_OUT=bool(copy_out), EXIT_SYNC=bool(exit_sync))
     return _source(p2p_push_gather_kernel, "*" + INT_OF_SIZE[elem_size], constexprs)
@@ -321,7 +299,7 @@ def p2p_source(elem_size, rank, band_offsets, vec, block_v, skip_entry_sync, cop
 
 def multimem_source(rank, band_offsets_words, block_v, skip_entry_sync, copy_out):
     """The ``ASTSource`` of one multimem variant; every dtype moves as 32-bit words, 4 per store."""
-    constexprs = _barrier_constexprs(rank, band_offsets_words)
+    constexprs = barrier_constexprs(rank, band_offsets_words)
     constexprs.update(BLOCK_V=block_v, SKIP_ENTRY_SYNC=bool(skip_entry_sync), COPY_OUT=bool(copy_out))
     return _source(multimem_push_gather_kernel, "*i32", constexprs)
 

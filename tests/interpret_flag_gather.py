@@ -1,0 +1,157 @@
+"""Run the flag-protocol gather in Triton's interpreter on the CPU, W ranks simulated in one process.
+
+``TRITON_INTERPRET=1`` executes the kernel's Python body with numpy on CPU
+memory; raw addresses work as pointers, so every rank's flag buffer is a plain
+CPU tensor whose address goes in ``buf0..7``.  The interpreter runs one launch
+at a time, so a call is two launches per rank (``PHASES``): every rank's SEND,
+then every rank's RECEIVE.  Interleavings that a GPU produces only by chance
+are written out here:
+
+- ``cases``: bit-exact results for every element size, uneven widths, widths
+  that are not whole 32-bit words, several calls with T (and so the grid)
+  changing between them, a block taking several tiles;
+- ``ahead``: a fast peer sends call e+1 before rank 0 has read call e.  With
+  the parity alternation that is harmless; with one buffer (``PARITY`` off)
+  and stale epochs accepted the corruption shows;
+- ``stale``: rank 0 reads call e before a peer sent it, so the peer's region
+  holds only an older call's units.  The protocol waits and gives up (the
+  status word names the peer; here the wait is bounded by poll iterations);
+  with ``ACCEPT_STALE`` it takes the old data;
+- ``clear``: with a clear period of 1 the buffers are zeroed after every read
+  and the results stay exact.
+
+Prints one JSON line (tests/test_flag_protocol.py runs it in a subprocess,
+because the interpreter is chosen when Triton is imported).
+"""
+
+import json
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from tpfuse.kernels import flag_gather, flag_protocol  # noqa: E402
+
+INT_OF = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
+POLLS = 3  # poll iterations before a wait gives up (the GPU bounds it by %globaltimer)
+
+
+class Group:
+    """W simulated ranks: their flag buffers, epoch slots and status words."""
+
+    def __init__(self, widths, elem_size, max_slab_bytes, block_u=16, **options):
+        self.widths, self.elem_size, self.block_u, self.options = widths, elem_size, block_u, options
+        self.W = len(widths)
+        self.offsets = [0]
+        for w in widths:
+            self.offsets.append(self.offsets[-1] + w)
+        self.region_units = flag_protocol.region_units(max_slab_bytes)
+        nbytes = flag_protocol.buffer_bytes(self.W, max_slab_bytes)
+        self.buffers = [torch.zeros(nbytes // 8, dtype=torch.int64) for _ in range(self.W)]
+        self.epochs = [torch.zeros(flag_protocol.EPOCH_SLOTS, dtype=torch.int32) for _ in range(self.W)]
+        self.status = [torch.zeros(1, dtype=torch.int32) for _ in range(self.W)]
+        self.bufs = [b.data_ptr() for b in self.buffers] + [0] * (8 - self.W)
+
+    def launch(self, rank, x, out, phases, nblocks):
+        T = x.shape[0]
+        flag_gather.flag_gather_kernel[(nblocks,)](
+            x, out, self.epochs[rank], self.status[rank], T, POLLS, self.region_units, *self.bufs,
+            RANK=rank, W=self.W, BAND_OFFSETS=tuple(self.offsets), ELEM=self.elem_size, BLOCK_U=self.block_u,
+            PHASES=phases, PLAIN_STORES=True, INTERPRET=True, **self.options)
+
+    def slabs(self, T, seed):
+        g = torch.Generator().manual_seed(seed)
+        return [torch.randint(-(2**31), 2**31 - 1, (T, w), generator=g, dtype=torch.int64).to(INT_OF[self.elem_size])
+                for w in self.widths]
+
+    def poisoned(self, T):
+        return [torch.full((T, self.offsets[-1]), 0x5A, dtype=INT_OF[self.elem_size]) for _ in range(self.W)]
+
+    def grid(self, T):
+        units = flag_protocol.units_for(T * max(self.widths), self.elem_size)
+        return max(1, min(3, -(-units // self.block_u)))  # at most 3 blocks: blocks take several tiles
+
+    def call(self, slabs, send_order=None, receive_order=None):
+        """One gather: SEND on every rank (in ``send_order``), then RECEIVE; returns every rank's result."""
+        T = slabs[0].shape[0]
+        outs = self.poisoned(T)
+        for r in send_order or range(self.W):
+            self.launch(r, slabs[r], outs[r], flag_gather.SEND, self.grid(T))
+        for r in receive_order or range(self.W):
+            self.launch(r, slabs[r], outs[r], flag_gather.RECEIVE, self.grid(T))
+        return outs
+
+
+def exact(outs, slabs):
+    want = torch.cat(slabs, dim=-1)
+    return all(torch.equal(o, want) for o in outs)
+
+
+def cases():
+    """Several calls per group with T changing, each checked bit-exact on every rank."""
+    results = []
+    for widths, elem in [([8, 8], 2), ([7, 5, 9], 2), ([3, 1], 1), ([5, 6, 7, 9], 1), ([3, 4], 4), ([9] * 8, 2)]:
+        group = Group(widths, elem, max_slab_bytes=64 * max(widths) * elem)
+        for i, T in enumerate([1, 5, 40, 2, 1]):
+            slabs = group.slabs(T, seed=i)
+            outs = group.call(slabs)
+            results.append({"widths": widths, "elem": elem, "T": T, "nblocks": group.grid(T), "exact": exact(outs, slabs),
+                            "status": [int(s) for s in group.status], "epoch": int(group.epochs[0][0])})
+    return results
+
+
+def ahead(parity=True, accept_stale=False):
+    """Rank 1 finishes call e and sends call e+1 before rank 0 reads call e."""
+    group = Group([8, 8], 2, max_slab_bytes=4 * 8 * 2, PARITY=parity, ACCEPT_STALE=accept_stale)
+    first, second = group.slabs(4, seed=1), group.slabs(4, seed=2)
+    outs = group.poisoned(4)
+    for r in (0, 1):
+        group.launch(r, first[r], outs[r], flag_gather.SEND, 1)
+    group.launch(1, first[1], outs[1], flag_gather.RECEIVE, 1)
+    later = group.poisoned(4)
+    group.launch(1, second[1], later[1], flag_gather.SEND, 1)  # rank 1's next call
+    group.launch(0, first[0], outs[0], flag_gather.RECEIVE, 1)
+    return {"exact": exact(outs, first), "status": int(group.status[0])}
+
+
+def stale(accept_stale=False):
+    """Rank 0 reads call 5 before rank 1 sent it: rank 1's region holds call 3's units (same parity).
+
+    (Calls 1 and 2 zero their buffers after reading them, as every call
+    whose ``(e >> 1) % CLEAR_PERIOD == 0`` does, so call 3 is the stale one.)
+    """
+    group = Group([8, 8], 2, max_slab_bytes=4 * 8 * 2, ACCEPT_STALE=accept_stale)
+    for seed in range(1, 5):
+        group.call(group.slabs(4, seed=seed))
+    third = group.slabs(4, seed=5)
+    outs = group.poisoned(4)
+    group.launch(0, third[0], outs[0], flag_gather.SEND, 1)
+    group.launch(0, third[0], outs[0], flag_gather.RECEIVE, 1)
+    return {"exact": exact(outs[:1], third), "status": int(group.status[0])}
+
+
+def clear():
+    """A clear period of 1: every read zeroes the buffer it read; results stay exact."""
+    group = Group([7, 5, 9], 2, max_slab_bytes=64 * 9 * 2, CLEAR_PERIOD=1)
+    results = []
+    for i, T in enumerate([3, 9, 1, 4]):
+        slabs = group.slabs(T, seed=i)
+        results.append(exact(group.call(slabs), slabs))
+    # e = 4 was the last call: (4 >> 1) & 0 == 0, so buffer parity 0 is zeroed on every rank.
+    zeroed = all(int(b[: group.W * group.region_units].abs().sum()) == 0 for b in group.buffers)
+    return {"exact": all(results), "parity0_zeroed": zeroed}
+
+
+if __name__ == "__main__":
+    print(json.dumps({
+        "cases": cases(),
+        "ahead": ahead(),
+        "ahead_one_buffer": ahead(parity=False),
+        "ahead_one_buffer_accept_stale": ahead(parity=False, accept_stale=True),
+        "stale": stale(),
+        "stale_accepted": stale(accept_stale=True),
+        "clear": clear(),
+    }))

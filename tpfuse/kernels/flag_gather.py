@@ -1,0 +1,218 @@
+"""The flag-protocol push gather: small hidden-axis gathers with no barrier at all.
+
+Every rank packs its ``[T, w_rank]`` slab into units (flag_protocol.py) and
+stores them into its region of every peer's flag buffer, then polls its own
+buffer until every unit of every peer's region carries this call's epoch and
+unpacks the peers' bands into the caller-owned ``[T, total]`` result.  Its
+own band goes straight from the input to the result.  Nothing waits on a
+signal or a fence, so the latency is one link traversal plus the local poll
+and copy-out (docs/flag_protocol.md).
+
+Work split.  Block ``b`` takes unit tiles ``b, b + nblocks, ...`` of every band:
+it pushes its own band's tiles, then copies the peers' tiles out.  Blocks never
+wait for each other, and a block's waits depend only on the peers' pushes,
+which depend on nothing: any grid on any rank completes.
+
+Elements move as same-sized integers (the host passes *i8/*i16/*i32
+pointers), so the gather is bit-exact for every dtype, NaN payloads included.
+"""
+
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import globaltimer
+
+from .flag_protocol import (
+    CLEAR_PERIOD,
+    DATA_BYTES,
+    FLAG_TIMEOUT,
+    accepted,
+    clear_due,
+    flags_of,
+    pack_units,
+    store_unit_pairs,
+    take_epoch,
+    unpack_units,
+)
+from .peer_args import MAX_RANKS, pick
+
+_DATA_BYTES = tl.constexpr(DATA_BYTES)
+from .push_gather import INT_OF_SIZE
+
+#: phases of one call: the GPU runs both in one launch; the interpreter, which
+#: cannot run W kernels at once, runs every rank's SEND before any RECEIVE
+SEND = 1
+RECEIVE = 2
+BOTH = 3
+
+
+@triton.jit
+def _now(start, iteration, INTERPRET: tl.constexpr):
+    """Time spent waiting: %globaltimer ns on the GPU, poll iterations in the interpreter (no inline PTX)."""
+    if INTERPRET:
+        return iteration
+    else:
+        return globaltimer() - start
+
+
+@triton.jit
+def _send(x_ptr, out_ptr, e, tokens, pid, nblocks, region, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7,
+          RANK: tl.constexpr, W: tl.constexpr, OFF: tl.constexpr, WIDTH: tl.constexpr, TOTAL: tl.constexpr,
+          ELEM: tl.constexpr, BLOCK_U: tl.constexpr, PLAIN_STORES: tl.constexpr):
+    """Our band: straight to our result, and as units into region (parity, RANK) of every peer."""
+    PER: tl.constexpr = _DATA_BYTES // ELEM
+    n = tokens * WIDTH
+    pad = tl.cdiv(n, 2 * PER) * 2  # units, whole pairs
+    for tile in range(pid, tl.cdiv(pad, BLOCK_U), nblocks):
+        pair = tile * (BLOCK_U // 2) + tl.arange(0, BLOCK_U // 2)
+        # The even and the odd unit of each pair, loaded apart so that no
+        # reshape moves them through shared memory.
+        k0 = (2 * pair)[:, None] * PER + tl.arange(0, PER)[None, :]
+        k1 = k0 + PER
+        elems0 = tl.load(x_ptr + k0, mask=k0 < n, other=0)
+        elems1 = tl.load(x_ptr + k1, mask=k1 < n, other=0)
+        row0 = k0 // WIDTH
+        row1 = k1 // WIDTH
+        tl.store(out_ptr + row0 * TOTAL + OFF + (k0 - row0 * WIDTH), elems0, mask=k0 < n)
+        tl.store(out_ptr + row1 * TOTAL + OFF + (k1 - row1 * WIDTH), elems1, mask=k1 < n)
+        u0 = pack_units(elems0, e, ELEM)
+        u1 = pack_units(elems1, e, ELEM)
+        pair_live = 2 * pair < pad
+        # Peers in the order rank+1, rank+2, ...: ranks start on different links.
+        for s in tl.static_range(1, W):
+            peer = pick((RANK + s) % W, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7)
+            store_unit_pairs(peer + region * 8, pair, u0, u1, pair_live, PLAIN_STORES)
+
+
+@triton.jit
+def _receive_band(own, out_ptr, e, tokens, pid, nblocks, status, timeout_ns, Q: tl.constexpr,
+                  BAND_OFFSETS: tl.constexpr, TOTAL: tl.constexpr, ELEM: tl.constexpr, BLOCK_U: tl.constexpr,
+                  ACCEPT_STALE: tl.constexpr, INTERPRET: tl.constexpr):
+    """Poll our region of peer Q's band until this call's units are all there, copy them out.
+
+    Returns the timeout left: 0 once a wait gave up (recorded in ``status``),
+    so that later waits of a failed call do not each spin a full timeout.
+    """
+    PER: tl.constexpr = _DATA_BYTES // ELEM
+    Q_OFF: tl.constexpr = BAND_OFFSETS[Q]
+    Q_WIDTH: tl.constexpr = BAND_OFFSETS[Q + 1] - BAND_OFFSETS[Q]
+    n = tokens * Q_WIDTH
+    pad = tl.cdiv(n, 2 * PER) * 2
+    for tile in range(pid, tl.cdiv(pad, BLOCK_U), nblocks):
+        u = tile * BLOCK_U + tl.arange(0, BLOCK_U)
+        u_live = u < pad
+        k = u[:, None] * PER + tl.arange(0, PER)[None, :]
+        live = k < n
+        row = k // Q_WIDTH
+        dst = out_ptr + row * TOTAL + Q_OFF + (k - row * Q_WIDTH)
+        # The loop carries scalars only (Triton 3.6 cannot carry a tensor
+        # through a while loop), so the copy-out sits inside it.
+        pending = 1
+        start = 0 if INTERPRET else globaltimer()
+        spent = start - start
+        while (pending > 0) & (spent < timeout_ns):
+            units = tl.load(own + u, mask=u_live, other=0, volatile=True)
+            ready = accepted(flags_of(units), e, ACCEPT_STALE) | (u_live == 0)
+            pending = tl.sum((ready == 0).to(tl.int32), axis=0)
+            if pending == 0:
+                tl.store(dst, unpack_units(units, ELEM).to(out_ptr.dtype.element_ty), mask=live)
+            spent = _now(start, spent + 1, INTERPRET)
+        if pending > 0:
+            timeout_ns = timeout_ns * 0
+            if tl.load(status, volatile=True) == 0:
+                tl.store(status, pid * 256 + (FLAG_TIMEOUT * 16777216 + Q + 1))
+    return timeout_ns
+
+
+@triton.jit
+def flag_gather_kernel(
+    x_ptr,  # this rank's [T, w_rank] slab, contiguous
+    out_ptr,  # the caller-owned [T, total] result
+    epochs,  # *i32: EPOCH_SLOTS local slots, equal between calls
+    status,  # *i32: 0, or the code of a wait that gave up
+    tokens,
+    timeout_ns,  # ns on the GPU; poll iterations in the interpreter
+    region_units,  # units per (parity, source) region of a flag buffer
+    buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7,  # rank r's flag buffer address (0 past W)
+    RANK: tl.constexpr,
+    W: tl.constexpr,
+    BAND_OFFSETS: tl.constexpr,  # W + 1 column offsets, prefix sums of hidden_widths
+    ELEM: tl.constexpr,  # bytes per element: 1, 2 or 4
+    BLOCK_U: tl.constexpr,  # units per tile (even)
+    CLEAR_PERIOD: tl.constexpr = 1 << 20,  # buffers are zeroed every 2 * CLEAR_PERIOD calls (docs/flag_protocol.md)
+    PHASES: tl.constexpr = 3,  # SEND | RECEIVE; the interpreter runs them as two launches
+    PARITY: tl.constexpr = True,  # False: one buffer for every call (negative control only)
+    ACCEPT_STALE: tl.constexpr = False,  # True: any written unit counts as arrived (negative control only)
+    PLAIN_STORES: tl.constexpr = False,  # True for the interpreter (no inline PTX)
+    INTERPRET: tl.constexpr = False,  # True for the interpreter: waits bounded by iterations, not %globaltimer
+):
+    pid = tl.program_id(0)
+    nblocks = tl.num_programs(0)
+    OFF: tl.constexpr = BAND_OFFSETS[RANK]
+    WIDTH: tl.constexpr = BAND_OFFSETS[RANK + 1] - BAND_OFFSETS[RANK]
+    TOTAL: tl.constexpr = BAND_OFFSETS[W]
+    e = take_epoch(epochs, pid, nblocks, (PHASES & 1) != 0)
+    parity = e & 1
+    if not PARITY:
+        parity = parity * 0
+    if (PHASES & 1) != 0:
+        region = (parity * W + RANK).to(tl.int64) * region_units
+        _send(x_ptr, out_ptr, e, tokens, pid, nblocks, region, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7,
+              RANK, W, OFF, WIDTH, TOTAL, ELEM, BLOCK_U, PLAIN_STORES)
+    if (PHASES & 2) != 0:
+        mine = pick(RANK, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7).to(tl.pointer_type(tl.int64))
+        for s in tl.static_range(1, W):
+            # Peer rank-1 first, rank-2 next, ...: the peers push to us in that order.
+            own = mine + (parity * W + (RANK + W - s) % W).to(tl.int64) * region_units
+            timeout_ns = _receive_band(own, out_ptr, e, tokens, pid, nblocks, status, timeout_ns, (RANK + W - s) % W,
+                                       BAND_OFFSETS, TOTAL, ELEM, BLOCK_U, ACCEPT_STALE, INTERPRET)
+        if clear_due(e, CLEAR_PERIOD):
+            # Every peer's units of this call have arrived and were read, and no
+            # peer writes this parity again before we start the next call.
+            start = mine + (parity * W).to(tl.int64) * region_units
+            for tile in range(pid, tl.cdiv(W * region_units, BLOCK_U), nblocks):
+                u = tile * BLOCK_U + tl.arange(0, BLOCK_U)
+                tl.store(start + u, tl.zeros([BLOCK_U], tl.int64), mask=u < W * region_units)
+
+
+# ---------------------------------------------------------------------------
+# Compilation: one explicit signature per variant, shared by the host launcher
+# (target = the current GPU) and the ahead-of-time CI tests (target = sm_90).
+
+RUNTIME_ARGS = {
+    "epochs": "*i32",
+    "status": "*i32",
+    "tokens": "i32",
+    "timeout_ns": "i64",
+    "region_units": "i64",
+    **{f"buf{i}": "i64" for i in range(MAX_RANKS)},
+}
+
+
+#: the keyword constexprs and their production values
+DEFAULT_OPTIONS = {"CLEAR_PERIOD": CLEAR_PERIOD, "PHASES": BOTH, "PARITY": True, "ACCEPT_STALE": False,
+                   "PLAIN_STORES": False, "INTERPRET": False}
+
+
+def flag_constexprs(elem_size, rank, band_offsets, block_u, **options):
+    """Every constexpr of one variant; ``options`` override DEFAULT_OPTIONS (tests, negative controls)."""
+    if elem_size not in INT_OF_SIZE:
+        raise ValueError(f"the flag gather moves 1-, 2- or 4-byte elements, not {elem_size}-byte ones")
+    if block_u < 2 or block_u & (block_u - 1):
+        raise ValueError(f"BLOCK_U={block_u} must be a power of two >= 2 (units go in 16-byte pairs)")
+    unknown = set(options) - set(DEFAULT_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown flag-gather options {sorted(unknown)}; accepted are {sorted(DEFAULT_OPTIONS)}")
+    return {"RANK": rank, "W": len(band_offsets) - 1, "BAND_OFFSETS": tuple(int(o) for o in band_offsets),
+            "ELEM": elem_size, "BLOCK_U": block_u, **DEFAULT_OPTIONS, **options}
+
+
+def flag_source(elem_size, rank, band_offsets, block_u, **options):
+    """The ``triton.compiler.ASTSource`` of one flag-gather variant."""
+    from triton.compiler import ASTSource
+
+    constexprs = flag_constexprs(elem_size, rank, band_offsets, block_u, **options)
+    elem = "*" + INT_OF_SIZE[elem_size]
+    types = {"x_ptr": elem, "out_ptr": elem, **RUNTIME_ARGS}
+    fn = flag_gather_kernel
+    signature = {n: ("constexpr" if n in constexprs else types[n]) for n in fn.arg_names}
+    return ASTSource(fn, signature, constexprs)
