@@ -55,6 +55,16 @@ LINEAR_CONFIGS = [
     ("bf16_w8_t16_wide", "bfloat16", 7, tuple(32768 * i for i in range(9)), 4096, 16, False, False, False, True),
 ]
 
+# The flag protocol (kernels/flag_gather.py):
+# (name, elem_size, rank, band_offsets, block_u)
+FLAG_CONFIGS = [
+    ("bf16_w4_4096", 2, 1, (0, 4096, 8192, 12288, 16384), 256),
+    ("fp32_w2_uneven_1001", 4, 0, (0, 1001, 3003), 256),
+    ("i8_w4_odd_widths", 1, 3, (0, 7, 14, 21, 30), 64),
+    ("bf16_w8_1024", 2, 6, tuple(1024 * i for i in range(9)), 256),
+]
+
+
 def _options(tma=False, swap_ab=False, balanced=False):
     return {"TMA": tma, "SWAP_AB": swap_ab, "BALANCED": balanced}
 
@@ -72,7 +82,7 @@ LINEAR_VARIANT_CONFIGS = [
     ("bf16_w2_t16_uneven_balanced", "bfloat16", 0, (0, 40000, 64064), 4096, 16, _options(balanced=True)),
 ]
 
-_INSTRUCTIONS = re.compile(r"\b((?:st|ld|red|atom|multimem|mma|wgmma|cp\.async\.bulk\.tensor)\.[\w.:]+)")
+_INSTRUCTIONS = re.compile(r"\b((?:st|ld|red|atom|fence|membar|multimem|mma|wgmma|cp\.async\.bulk\.tensor)\.[\w.:]+)")
 
 
 def _import_kernels():
@@ -81,16 +91,16 @@ def _import_kernels():
         package = types.ModuleType("tpfuse")
         package.__path__ = [os.path.join(REPO, "tpfuse")]
         sys.modules["tpfuse"] = package
-    from tpfuse.kernels import linear_push, push_gather
+    from tpfuse.kernels import flag_gather, linear_push, push_gather
 
-    return push_gather, linear_push
+    return push_gather, linear_push, flag_gather
 
 
 def report():
     import triton
     from triton.backends.compiler import GPUTarget
 
-    push_gather, linear_push = _import_kernels()
+    push_gather, linear_push, flag_gather = _import_kernels()
     target = GPUTarget("cuda", 90, 32)
     out = {"triton": triton.__version__, "torch_imported": "torch" in sys.modules and sys.modules["torch"] is not None, "kernels": {}}
 
@@ -124,6 +134,8 @@ def report():
         record("linear_" + name, source, lambda src, target, config=config: linear_push.compile_linear(
             src, config, target=target))
         out["kernels"]["linear_" + name]["config"] = config
+    for name, elem, rank, offsets, block_u in FLAG_CONFIGS:
+        record("flag_" + name, flag_gather.flag_source(elem, rank, offsets, block_u))
     return out
 
 

@@ -57,6 +57,18 @@ def _check(report):
             # A tile of >= 8 elements per thread is stored in 16-byte vectors (local and remote).
             if config["BLOCK_M"] * config["BLOCK_N"] >= 8 * 32 * config["num_warps"]:
                 assert any(i.startswith("st.global.v4") for i in ins), (name, config, ins)
+    for name, *_ in aot.FLAG_CONFIGS:
+        k = kernels["flag_" + name]
+        ins = set(k["instructions"])
+        assert k["cubin_bytes"] > 0, name
+        # Every unit crosses the link as half of a 16-byte relaxed system-scope store ...
+        assert "st.relaxed.sys.global.v2.b64" in ins, (name, ins)
+        # ... and the receiver polls its own buffer with system-coherent loads ...
+        assert any(i.startswith("ld.volatile.global") for i in ins), (name, ins)
+        # ... with no fence, no atomic and no release anywhere: no barrier round trip.
+        assert not any(i.startswith(("fence", "membar", "atom", "red.")) or "release" in i for i in ins), (name, ins)
+        assert not any(i.startswith("multimem") for i in ins), name
+        assert k["globaltimer"], f"{name}: the flag wait must be bounded by %globaltimer"
     for name, *_, options in aot.LINEAR_VARIANT_CONFIGS:  # every option spelled out, none left to launch_config
         k = kernels["linear_" + name]
         ins = set(k["instructions"])

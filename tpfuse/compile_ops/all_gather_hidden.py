@@ -94,8 +94,9 @@ def _all_gather_hidden_impl(
 ) -> Tensor:
     group = resolve_group(group_name)
     _check_gather_args(x, hidden_widths, group, slot)
-    out_numel = (x.numel() // x.shape[-1]) * sum(hidden_widths) if x.shape[-1] else 0
-    backend = choose_backend(x.device.type, x.dtype, out_numel, group)
+    tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    backend = choose_backend(x.device.type, x.dtype, tokens * sum(hidden_widths), group,
+                             max_slab_numel=tokens * max(hidden_widths))
     if backend in (Backend.GLOO, Backend.NCCL):
         return collective.gather_hidden(x, hidden_widths, group)
     from . import push  # the GPU data path; imported only when chosen

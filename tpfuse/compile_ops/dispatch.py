@@ -21,7 +21,8 @@ from .groups import Group
 class Backend(str, enum.Enum):
     GLOO = "gloo"  # CPU tensors: c10d gather through gloo (the reference)
     NCCL = "nccl"  # CUDA tensors: gather on dim 0, then rearrange
-    P2P = "p2p"  # CUDA: Triton push into peers' symmetric memory
+    P2P = "p2p"  # CUDA: Triton push into peers' symmetric memory, entry and exit barriers
+    FLAG = "flag"  # CUDA: Triton push with a flag in every 8 bytes, no barriers (small messages)
     MULTIMEM = "multimem"  # CUDA: NVLink multicast push (compile-verified only)
 
 
@@ -40,11 +41,11 @@ SUPPORTED_DTYPES = (
     torch.float8_e5m2,
 )
 
-_FORCED_CHOICES = ("auto", "p2p", "nccl", "gloo")
+_FORCED_CHOICES = ("auto", "flag", "p2p", "nccl", "gloo")
 
 
 def forced_backend() -> str:
-    """``TPFUSE_BACKEND=auto|p2p|nccl|gloo`` forces a backend (benchmarks, debugging).
+    """``TPFUSE_BACKEND=auto|flag|p2p|nccl|gloo`` forces a backend (benchmarks, debugging).
 
     The variable must be set identically on every rank (torchrun passes the
     parent's environment to all of them)."""
@@ -95,8 +96,14 @@ def choose_backend(
     dtype: torch.dtype,
     out_numel: int,
     group: Group,
+    max_slab_numel: int | None = None,
 ) -> Backend:
-    """Pick the backend from rank-invariant facts only (see module docstring)."""
+    """Pick the backend from rank-invariant facts only (see module docstring).
+
+    ``max_slab_numel`` (T times the widest rank's width) lets a plain gather
+    take the flag protocol; callers that cannot run it (the fused linear +
+    push) leave it out.
+    """
     forced = forced_backend()
     if device_type == "cpu":
         if forced not in ("auto", "gloo"):
@@ -108,7 +115,7 @@ def choose_backend(
     if device_type == "cuda":
         if forced == "gloo":
             raise ValueError("tpfuse: TPFUSE_BACKEND=gloo cannot move CUDA tensors")
-        push = _choose_push(dtype, out_numel, group, forced)
+        push = _choose_push(dtype, out_numel, group, forced, max_slab_numel)
         return push if push is not None else Backend.NCCL
     raise ValueError(
         f"tpfuse: all_gather_hidden has no backend for {device_type!r} tensors; "
@@ -121,7 +128,7 @@ def choose_backend(
 PUSH_MAX_BYTES = 256 << 20
 
 
-def _choose_push(dtype, out_numel, group, forced):
+def _choose_push(dtype, out_numel, group, forced, max_slab_numel=None):
     """The symmetric-memory push backends (GPU data path); ``None`` means NCCL.
 
     Every input is identical on every rank: dtype, the full output size, the
@@ -136,8 +143,8 @@ def _choose_push(dtype, out_numel, group, forced):
     from . import workspace as workspaces
 
     def refuse(reason):
-        if forced == "p2p":
-            raise RuntimeError(f"tpfuse: TPFUSE_BACKEND=p2p but the push path is unavailable: {reason}")
+        if forced in ("p2p", "flag"):
+            raise RuntimeError(f"tpfuse: TPFUSE_BACKEND={forced} but that path is unavailable: {reason}")
         return None
 
     nbytes = out_numel * dtype.itemsize
@@ -146,19 +153,75 @@ def _choose_push(dtype, out_numel, group, forced):
     if forced == "auto" and nbytes > int(os.environ.get("TPFUSE_PUSH_MAX_BYTES", PUSH_MAX_BYTES)):
         return None
     device_index = torch.cuda.current_device()
+    capturing = torch.cuda.is_current_stream_capturing()
     ws = workspaces.workspace(group, device_index, establish=False)
-    if ws is None or nbytes > ws.slot_bytes:
-        # Setting up or growing is collective and cannot be captured in a graph.
-        if torch.cuda.is_current_stream_capturing():
-            return refuse(f"the group's workspace must be set up (or grown to {nbytes} bytes) by an eager call "
-                          "before graph capture")
+    if ws is None:
+        # Setting up is collective and cannot be captured in a graph.
+        if capturing:
+            return refuse("the group's workspace must be set up by an eager call before graph capture")
         ws = workspaces.workspace(group, device_index)
-        if ws.facts.push_ok:
-            workspaces.ensure_capacity(ws, nbytes)  # every rank grows at this call
     if not ws.facts.push_ok:
         return refuse(ws.facts.reason)
+    multimem_asked = os.environ.get("TPFUSE_ENABLE_MULTIMEM") == "1"
+    if max_slab_numel is not None and not multimem_asked and _flag_serves(
+            ws, max_slab_numel * dtype.itemsize, forced, refuse):
+        return Backend.FLAG
+    if nbytes > ws.slot_bytes:
+        # Growing is collective too.
+        if capturing:
+            return refuse(f"the group's slots must be grown to {nbytes} bytes by an eager call before graph capture")
+        workspaces.ensure_capacity(ws, nbytes)  # every rank grows at this call
     # Multicast only where every rank has an address and the user asked for it:
-    # never on the shared hosts (CONTEXT §4), where the address is always 0.
-    if ws.multicast_ptr and os.environ.get("TPFUSE_ENABLE_MULTIMEM") == "1":
+    # never on the shared hosts (docs/safety.md), where the address is always 0.
+    if ws.multicast_ptr and multimem_asked:
         return Backend.MULTIMEM
     return Backend.P2P
+
+
+# --------------------------------------------------------------------------- the flag protocol's share
+
+#: the largest slab (bytes per rank) the flag buffers hold: T=32 of a 4096-wide bf16 band
+FLAG_MAX_SLAB_BYTES = 256 << 10
+
+#: the measured crossover: per (device name, W), the largest slab (bytes per
+#: rank) at which the flag protocol beat the barrier push in
+#: benchmarks/bench_gather.py (docs/benchmarks.md, "Flag protocol").  A
+#: (device, W) that is not here was never measured, and ``auto`` keeps the
+#: barrier push there.
+FLAG_CROSSOVER: dict[tuple[str, int], int] = {}
+
+
+def flag_limit(device_name: str, world_size: int) -> tuple[int, str]:
+    """The largest slab (bytes) ``auto`` sends through the flag protocol, and where that number comes from.
+
+    ``TPFUSE_FLAG_MAX_BYTES`` overrides the measured table (benchmarks, tuning);
+    it must be set alike on every rank.
+    """
+    override = os.environ.get("TPFUSE_FLAG_MAX_BYTES")
+    if override is not None:
+        return min(int(override), FLAG_MAX_SLAB_BYTES), "TPFUSE_FLAG_MAX_BYTES"
+    measured = FLAG_CROSSOVER.get((device_name, world_size))
+    if measured is None:
+        return 0, f"flag protocol not measured on {device_name or 'this device'} at W={world_size}"
+    return min(measured, FLAG_MAX_SLAB_BYTES), f"measured crossover on {device_name} at W={world_size}"
+
+
+def _flag_serves(ws, slab_bytes, forced, refuse) -> bool:
+    """Whether this call takes the flag protocol (every input is rank-invariant, see ``_choose_push``)."""
+    from . import workspace as workspaces
+
+    if forced == "p2p" or slab_bytes > FLAG_MAX_SLAB_BYTES:
+        if forced == "flag":
+            refuse(f"a slab of {slab_bytes} bytes exceeds the flag buffers' {FLAG_MAX_SLAB_BYTES}")
+        return False
+    if forced != "flag" and slab_bytes > flag_limit(ws.facts.device_name, ws.group.world_size)[0]:
+        return False
+    if ws.flags is None:
+        # Making the buffers is collective and cannot be captured in a graph
+        # (every rank captures the same calls, so every rank falls back alike).
+        if torch.cuda.is_current_stream_capturing():
+            if forced == "flag":
+                refuse("the flag buffers must be set up by an eager call before graph capture")
+            return False
+        workspaces.ensure_flag_buffers(ws, FLAG_MAX_SLAB_BYTES)
+    return True

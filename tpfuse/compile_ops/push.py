@@ -29,6 +29,9 @@ BLOCK_V = int(os.environ.get("TPFUSE_PUSH_BLOCK_V", "256"))
 NUM_WARPS = int(os.environ.get("TPFUSE_PUSH_NUM_WARPS", "4"))
 #: tiles per exit exchange: large messages alternate pushes and copy-out per chunk
 CHUNK_TILES = int(os.environ.get("TPFUSE_PUSH_CHUNK_TILES", "4"))
+#: the flag kernel: units (8 bytes) per tile and warps per block
+FLAG_BLOCK_U = int(os.environ.get("TPFUSE_FLAG_BLOCK_U", "256"))
+FLAG_NUM_WARPS = int(os.environ.get("TPFUSE_FLAG_NUM_WARPS", "4"))
 
 
 def vector_elements(elem_size: int, band_offsets: tuple[int, ...]) -> int:
@@ -94,7 +97,7 @@ def raise_if_failed(ws: workspaces.Workspace, op: str = "tpfuse::all_gather_hidd
     if code == 0:
         return
     kind, block, peer = code >> 24, (code >> 8) & 0xFFFF, (code & 0xFF) - 1
-    which = {1: "entry", 2: "exit"}.get(kind, "?")
+    which = {1: "entry barrier", 2: "exit barrier", 3: "flag wait"}.get(kind, "?")
     group = ws.group
     try:
         global_peer = f" (global rank {dist.get_global_rank(group.pg, peer)})"
@@ -102,7 +105,7 @@ def raise_if_failed(ws: workspaces.Workspace, op: str = "tpfuse::all_gather_hidd
         global_peer = ""
     raise RuntimeError(
         f"{op}: rank {group.rank} of group {group.name!r} timed out in the {which} "
-        f"barrier (block {block}) after {ws.timeout_ns / 1e9:g}s waiting for rank "
+        f"(block {block}) after {ws.timeout_ns / 1e9:g}s waiting for rank "
         f"{peer}{global_peer}, which never arrived: that rank skipped or has not "
         "reached this collective. The group's tpfuse workspace is unusable from "
         "now on; tear the process group down."
@@ -124,6 +127,8 @@ def gather_hidden(
     (a permission only the barrier-elision pass grants, having proven every reader
     done before the slot is written again), a view of the symmetric slot.
     """
+    if backend == Backend.FLAG:
+        return _launch_flag(x, hidden_widths, group)
     return _launch(x, hidden_widths, group, backend, slot, skip_entry_sync, copy_out=not zero_copy)
 
 
@@ -184,6 +189,62 @@ def _launch(x, hidden_widths, group, backend, slot, skip_entry_sync, copy_out, e
         args = (x.data_ptr(), out_ptr, slot_offset, ws.status_ptr, tokens, ws.timeout_ns)
     plan.run(nblocks, 1, 1, stream, plan.function, plan.packed_metadata, None, None, None, *args,
              *ws.pointer_args, *plan.constexpr_values)
+    return out
+
+
+def flag_plan(rank: int, device: torch.device, dtype: torch.dtype, hidden_widths, **options) -> Plan:
+    """Compile the flag kernel of one (rank, dtype, widths) variant for ``device``.
+
+    ``options`` select the kernel's test variants (negative controls, clear
+    period; kernels/flag_gather.py); the op passes none.
+    """
+    from ..kernels import flag_gather
+
+    source = flag_gather.flag_source(dtype.itemsize, rank, _band_offsets(hidden_widths), FLAG_BLOCK_U, **options)
+    with torch.cuda.device(device):
+        kernel = flag_gather.compile_source(source, num_warps=FLAG_NUM_WARPS)
+        run = kernel.run
+    names = source.fn.arg_names
+    constexprs = tuple(source.constants[(names.index(n),)] for n in names if source.signature[n] == "constexpr")
+    return Plan(run, kernel.function, kernel.packed_metadata, constexprs, dtype.itemsize, dtype.itemsize, 1,
+                max(hidden_widths), False)
+
+
+def flag_grid(plan: Plan, tokens: int, max_blocks: int) -> int:
+    """Blocks of a flag call: the widest band's unit tiles (rank-invariant), within the epoch slots and the SMs."""
+    from ..kernels import flag_protocol
+
+    units = flag_protocol.units_for(tokens * plan.max_width_vec, plan.elem_size)
+    return min(flag_protocol.EPOCH_SLOTS, max_blocks, max(1, -(-units // FLAG_BLOCK_U)))
+
+
+def run_flag(plan: Plan, nblocks: int, stream: int, x, out, epochs, status_ptr: int, timeout_ns: int,
+             region_units: int, buffer_args) -> None:
+    """Launch one flag kernel on raw stream ``stream``; ``x`` is contiguous, ``out`` its fresh result."""
+    tokens = x.numel() // x.shape[-1]
+    plan.run(nblocks, 1, 1, stream, plan.function, plan.packed_metadata, None, None, None,
+             x.data_ptr(), out.data_ptr(), epochs.data_ptr(), status_ptr, tokens, timeout_ns, region_units,
+             *buffer_args, *plan.constexpr_values)
+
+
+def _launch_flag(x, hidden_widths, group):
+    """The flag protocol: no barrier, no slot; always a fresh, caller-owned result."""
+    ws = workspaces.workspace(group, x.device.index)
+    raise_if_failed(ws)
+    flags = ws.flags  # made by dispatch at the first flag call, on every rank
+    lead = x.shape[:-1]
+    tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    out = torch.empty(*lead, sum(hidden_widths), dtype=x.dtype, device=x.device)
+    if tokens == 0:  # identical on every rank: every rank skips
+        return out
+    key = ("flag", x.dtype, tuple(hidden_widths))
+    plan = ws.plans.get(key)
+    if plan is None:
+        plan = ws.plans[key] = flag_plan(ws.group.rank, ws.device, x.dtype, hidden_widths)
+    if not x.is_contiguous():
+        x = x.contiguous()
+    run_flag(plan, flag_grid(plan, tokens, ws.facts.max_blocks), _raw_stream(x.device.index), x, out,
+             flags.epochs, ws.status_ptr, ws.timeout_ns, flags.region_units, flags.buffer_args)
     return out
 
 

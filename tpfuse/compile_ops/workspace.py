@@ -14,8 +14,14 @@ What lives here:
   that needs more room grows them; every rank grows at the same call because
   the sizes come from the (identical) shapes.  Old buffers are kept alive:
   kernels already queued may still use them.
+- **Flag buffers** (the flag protocol, kernels/flag_protocol.py): one
+  zeroed symmetric allocation, both parities and one region per source rank,
+  sized for the largest slab the protocol serves, and the local epoch slots.
+  Made at the first flag call on the group (every rank makes it at the same
+  call: the protocol choice is rank-consistent); separate from the barrier
+  slots, so the two protocols interleave on one group in any order.
 - **Status word**: host-mapped pinned memory that the kernels write when a
-  barrier times out, readable by the host without synchronising.
+  barrier or a flag wait times out, readable by the host without synchronising.
 
 Set-up and growth are collective and allocate small device tensors that NCCL
 keeps alive after the call.  They run on a worker thread (``_set_up``):
@@ -55,6 +61,19 @@ class GroupFacts:
     push_ok: bool
     reason: str  # why push is off ("" when on)
     max_blocks: int = 0  # grid cap: min multiprocessor count, and what the signal pads hold
+    device_name: str = ""  # the GPU model, when every rank has the same one ("" otherwise)
+
+
+@dataclass
+class FlagBuffers:
+    """The flag protocol's memory on this rank (layout: kernels/flag_protocol.py)."""
+
+    max_slab_bytes: int  # the largest slab one region holds
+    region_units: int
+    buffer: torch.Tensor  # symmetric, zeroed at birth
+    handle: object
+    buffer_args: tuple  # 8 flag-buffer addresses, zero past W: the kernel's scalar arguments
+    epochs: torch.Tensor  # int32[EPOCH_SLOTS], local; advanced by the kernel
 
 
 @dataclass
@@ -76,6 +95,7 @@ class Workspace:
     next_slot: int = 0  # for slot=-1: alternate 0, 1, 0, ...
     retired: list = field(default_factory=list)
     plans: dict = field(default_factory=dict)  # launch plans, filled by push.py
+    flags: "FlagBuffers | None" = None  # the flag protocol's buffers, made at its first call
 
     def failure_code(self) -> int:
         """The status word: 0, or the code of a barrier that timed out (host read, no sync)."""
@@ -195,7 +215,9 @@ def _establish_facts(group: Group, device: torch.device, reason: str) -> Workspa
     # set alike on every rank; the minimum over ranks is used.
     per_sm = int(os.environ.get("TPFUSE_PUSH_BLOCKS_PER_SM", "2"))
     sms = torch.cuda.get_device_properties(device).multi_processor_count * per_sm if not reason else 0
-    table = _all_gather_ints([0 if reason else 1, _host_id(), sms], group, device)
+    name = torch.cuda.get_device_name(device) if not reason else ""
+    name_id = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little") >> 2
+    table = _all_gather_ints([0 if reason else 1, _host_id(), sms, name_id], group, device)
     if not bool(table[:, 0].all()):
         bad = [r for r in range(group.world_size) if not table[r, 0]]
         why = reason or "peer cannot use symmetric memory"
@@ -203,7 +225,9 @@ def _establish_facts(group: Group, device: torch.device, reason: str) -> Workspa
     if not bool((table[:, 1] == table[0, 1]).all()):
         return Workspace(group, device, GroupFacts(False, "the group spans more than one host"))
     max_blocks = int(table[:, 2].min())
-    ws = Workspace(group, device, GroupFacts(True, "", max_blocks), timeout_ns=barrier_timeout_ns())
+    same_model = bool((table[:, 3] == table[0, 3]).all())
+    ws = Workspace(group, device, GroupFacts(True, "", max_blocks, name if same_model else ""),
+                   timeout_ns=barrier_timeout_ns())
     ok = True
     try:
         _make_signal_pads(ws)
@@ -306,3 +330,32 @@ def take_slot(ws: Workspace, slot: int) -> int:
     chosen = ws.next_slot
     ws.next_slot ^= 1
     return chosen
+
+
+def ensure_flag_buffers(ws: Workspace, max_slab_bytes: int) -> FlagBuffers:
+    """The flag buffers of ``ws``, made at the first call. Collective: every rank makes them at the same call."""
+    if ws.flags is None:
+        _set_up(ws.device, "setting up the flag-protocol buffers", _make_flag_buffers, ws, max_slab_bytes)
+    return ws.flags
+
+
+def _make_flag_buffers(ws: Workspace, max_slab_bytes: int) -> None:
+    import torch.distributed._symmetric_memory as symm_mem
+
+    from ..kernels import flag_protocol
+
+    W = ws.group.world_size
+    with torch.cuda.device(ws.device):
+        buffer = symm_mem.empty(flag_protocol.buffer_bytes(W, max_slab_bytes), dtype=torch.uint8, device=ws.device)
+        buffer.zero_()  # flag 0 is "never written"
+        epochs = torch.zeros(flag_protocol.EPOCH_SLOTS, dtype=torch.int32, device=ws.device)
+        handle = _rendezvous(buffer, ws.group)
+        torch.cuda.synchronize(ws.device)
+    ok = all(p != 0 for p in handle.buffer_ptrs)
+    if not _agree(ok, ws.group, ws.device):
+        raise RuntimeError(f"tpfuse: the flag buffers of group {ws.group.name!r} are not mapped on every rank")
+    # Every rank's zeroing is done before any peer's first store lands.
+    _agree(True, ws.group, ws.device)
+    pad = (0,) * (MAX_PUSH_WORLD_SIZE - W)
+    ws.flags = FlagBuffers(max_slab_bytes, flag_protocol.region_units(max_slab_bytes), buffer, handle,
+                           tuple(int(p) for p in handle.buffer_ptrs) + pad, epochs)

@@ -36,7 +36,7 @@ from .flag_protocol import (
 from .peer_args import MAX_RANKS, pick
 
 _DATA_BYTES = tl.constexpr(DATA_BYTES)
-from .push_gather import INT_OF_SIZE
+from .push_gather import INT_OF_SIZE, compile_source  # noqa: F401  (compile_source: one compiler for every kernel)
 
 #: phases of one call: the GPU runs both in one launch; the interpreter, which
 #: cannot run W kernels at once, runs every rank's SEND before any RECEIVE

@@ -150,7 +150,7 @@ def _tile_out(x_ptr, w_ptr, w_desc, bias_ptr, out_ptr, row0, col0, col_end, toke
             # Entry, its wait (relaxed): no peer may still be reading the slot we are about to
             # write.  Its reads ended in kernels that finished before its signal (stream order).
             # Skipped only when the caller proved every peer is done with the slot (CONTEXT §2.3).
-            _, live = peerper_lane(RANK, W, peer_pads.shape[0])
+            _, live = peer_lanes(RANK, W, peer_pads.shape[0])
             if wait_peers(own_pad, pid, live, status, timeout_ns, ENTRY_TIMEOUT, W, False):
                 timeout_ns = timeout_ns * 0
             # Every thread's stores below happen after the waiting lanes saw the signals.
@@ -193,7 +193,7 @@ def _copy_out_peers(out_ptr, own, tokens, pid, nblocks, RANK: tl.constexpr, W: t
     (BALANCED: the same column share of its band) as block ``pid`` here."""
     TOTAL: tl.constexpr = BAND_OFFSETS[W]
     m_tiles = tl.cdiv(tokens, BLOCK_M)
-    peers, live = peerper_lane(RANK, W, WP)
+    peers, live = peer_lanes(RANK, W, WP)
     if EVEN_BANDS:
         WIDTH: tl.constexpr = BAND_OFFSETS[1]
         band = peers * WIDTH
@@ -272,7 +272,7 @@ def p2p_linear_push_kernel(
         w_desc = tl.make_tensor_descriptor(w_ptr, shape=[WIDTH, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
     else:
         w_desc = w_ptr
-    peers, live = peerper_lane(RANK, W, WP)
+    peers, live = peer_lanes(RANK, W, WP)
     peer_pads = per_lane(peers, pad0, pad1, pad2, pad3, pad4, pad5, pad6, pad7)
     own_pad = pick(RANK, pad0, pad1, pad2, pad3, pad4, pad5, pad6, pad7)
     own = tl.multiple_of(pick(RANK, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7).to(out_ptr.dtype), 16)
@@ -352,7 +352,7 @@ def multimem_linear_push_kernel(
     TOTAL: tl.constexpr = BAND_OFFSETS[W]
     N_TILES: tl.constexpr = (WIDTH + BLOCK_N - 1) // BLOCK_N
     VECS: tl.constexpr = BLOCK_M * BLOCK_N // 8
-    peers, live = peerper_lane(RANK, W, WP)
+    peers, live = peer_lanes(RANK, W, WP)
     peer_pads = per_lane(peers, pad0, pad1, pad2, pad3, pad4, pad5, pad6, pad7)
     own_pad = pick(RANK, pad0, pad1, pad2, pad3, pad4, pad5, pad6, pad7)
     own = tl.multiple_of(pick(RANK, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7).to(out_ptr.dtype), 16)

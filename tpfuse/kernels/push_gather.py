@@ -99,7 +99,7 @@ def p2p_push_gather_kernel(
     OFF: tl.constexpr = BAND_OFFSETS[RANK]
     WIDTH: tl.constexpr = BAND_OFFSETS[RANK + 1] - BAND_OFFSETS[RANK]
     TOTAL: tl.constexpr = BAND_OFFSETS[W]
-    peers, live = peerper_lane(RANK, W, WP)
+    peers, live = peer_lanes(RANK, W, WP)
     peer_pads = per_lane(peers, pad0, pad1, pad2, pad3, pad4, pad5, pad6, pad7)
     own_pad = pick(RANK, pad0, pad1, pad2, pad3, pad4, pad5, pad6, pad7)
     own = tl.multiple_of(pick(RANK, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7).to(x_ptr.dtype), 16)
@@ -206,7 +206,7 @@ def multimem_push_gather_kernel(
     OFF: tl.constexpr = BAND_OFFSETS[RANK]
     WIDTH: tl.constexpr = BAND_OFFSETS[RANK + 1] - BAND_OFFSETS[RANK]
     TOTAL: tl.constexpr = BAND_OFFSETS[W]
-    peers, live = peerper_lane(RANK, W, WP)
+    peers, live = peer_lanes(RANK, W, WP)
     peer_pads = per_lane(peers, pad0, pad1, pad2, pad3, pad4, pad5, pad6, pad7)
     own_pad = pick(RANK, pad0, pad1, pad2, pad3, pad4, pad5, pad6, pad7)
 

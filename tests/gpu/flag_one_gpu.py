@@ -1,0 +1,135 @@
+"""The flag protocol with W ranks emulated on one GPU: one CUDA stream per rank.
+
+Every emulated rank has its own flag buffer, epoch slots and status word in
+the one GPU's memory, and its own stream; its kernel is the production kernel
+(compiled and launched by the op's own host code, ``compile_ops.push``) for
+its rank.  The W kernels of a call run concurrently, so the ranks really race:
+a fast rank can start its next call while a slow one still reads, and random
+per-rank delays shift them against each other.  What this cannot show is the
+NVLink path (the peers' stores land in local memory); the multi-GPU tests
+(tests/gpu/test_flag_gather.py) cover that.
+"""
+
+import random
+
+import torch
+
+from tpfuse.compile_ops import push
+from tpfuse.compile_ops.dispatch import FLAG_MAX_SLAB_BYTES
+from tpfuse.kernels import flag_protocol
+
+INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32}
+
+
+def bits(seed, shape, dtype):
+    """Random bit patterns of ``dtype`` (floats include NaNs and infinities), built on the GPU."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    idt = INT_OF_SIZE[dtype.itemsize]
+    info = torch.iinfo(idt)
+    return torch.randint(info.min, info.max, shape, generator=g, dtype=idt, device="cuda").view(dtype)
+
+
+def as_int(t):
+    return t.view(INT_OF_SIZE[t.element_size()])
+
+
+class OneGpuGroup:
+    """W emulated ranks of one dtype and one set of widths."""
+
+    def __init__(self, widths, dtype, timeout_s=10.0, max_slab_bytes=FLAG_MAX_SLAB_BYTES, **options):
+        self.widths, self.dtype, self.W = list(widths), dtype, len(widths)
+        self.region_units = flag_protocol.region_units(max_slab_bytes)
+        nbytes = flag_protocol.buffer_bytes(self.W, max_slab_bytes)
+        self.buffers = [torch.zeros(nbytes, dtype=torch.uint8, device="cuda") for _ in range(self.W)]
+        self.buffer_args = tuple(b.data_ptr() for b in self.buffers) + (0,) * (8 - self.W)
+        self.epochs = [torch.zeros(flag_protocol.EPOCH_SLOTS, dtype=torch.int32, device="cuda") for _ in range(self.W)]
+        self.status = [torch.zeros(1, dtype=torch.int32, pin_memory=True) for _ in range(self.W)]
+        self.timeout_ns = int(timeout_s * 1e9)
+        self.plans = [push.flag_plan(r, torch.device("cuda", torch.cuda.current_device()), dtype, self.widths,
+                                     **options) for r in range(self.W)]
+        self.streams = [torch.cuda.Stream() for _ in range(self.W)]
+        self.max_blocks = torch.cuda.get_device_properties(0).multi_processor_count // self.W
+
+    def launch(self, rank, x, out):
+        plan = self.plans[rank]
+        nblocks = push.flag_grid(plan, x.shape[0], self.max_blocks)
+        push.run_flag(plan, nblocks, self.streams[rank].cuda_stream, x, out, self.epochs[rank],
+                      self.status[rank].data_ptr(), self.timeout_ns, self.region_units, self.buffer_args)
+
+    def call(self, xs, outs=None, delays=None, skip=None):
+        """One gather on every rank (each on its own stream, after its delay); returns the results."""
+        main = torch.cuda.current_stream()
+        T = xs[0].shape[0]
+        if outs is None:
+            outs = [torch.full((T, sum(self.widths)), -1, dtype=INT_OF_SIZE[self.dtype.itemsize], device="cuda")
+                    .view(self.dtype) for _ in range(self.W)]
+        for r in range(self.W):
+            self.streams[r].wait_stream(main)  # inputs and poisoned outputs are ready
+            with torch.cuda.stream(self.streams[r]):
+                if delays is not None and delays[r]:
+                    torch.cuda._sleep(delays[r])
+                if r != skip:
+                    self.launch(r, xs[r], outs[r])
+        for r in range(self.W):
+            main.wait_stream(self.streams[r])
+        return outs
+
+    def call_free_running(self, xs_per_rank, outs_per_rank, delays_per_rank):
+        """Many calls with no join between them: rank r runs its calls back to back on its stream."""
+        main = torch.cuda.current_stream()
+        for r in range(self.W):
+            self.streams[r].wait_stream(main)
+            with torch.cuda.stream(self.streams[r]):
+                for x, out, delay in zip(xs_per_rank[r], outs_per_rank[r], delays_per_rank[r]):
+                    if delay:
+                        torch.cuda._sleep(delay)
+                    self.launch(r, x, out)
+        for r in range(self.W):
+            main.wait_stream(self.streams[r])
+
+    def failure_codes(self):
+        torch.cuda.synchronize()
+        return [int(s[0]) for s in self.status]
+
+    def epochs_agree(self):
+        """Every slot of every rank holds the same epoch (the grid may have changed between calls)."""
+        torch.cuda.synchronize()
+        first = self.epochs[0][0]
+        return all(bool((e == first).all()) for e in self.epochs)
+
+
+def inputs(seed, T, widths, dtype):
+    return [bits(seed * 64 + r, (T, w), dtype) for r, w in enumerate(widths)]
+
+
+def reference(xs):
+    return as_int(torch.cat(xs, dim=-1))
+
+
+
+def delayed_run(group, T, iters, seed, max_cycles=20000, ring=64):
+    """``iters`` calls per rank, free running in rings of ``ring`` calls with random per-rank delays.
+
+    Returns (corrupted results, first failure code or 0).  Within a ring no
+    rank waits for another except through the protocol itself, so a fast rank
+    runs up to a ring ahead of a slow one whenever the protocol lets it.
+    """
+    rng = random.Random(seed)
+    xs = [inputs(seed * 1000 + j, T, group.widths, group.dtype) for j in range(ring)]
+    refs = [reference(x) for x in xs]
+    corrupted = torch.zeros((), dtype=torch.int64, device="cuda")
+    done = 0
+    while done < iters:
+        n = min(ring, iters - done)
+        outs = [[torch.full((T, sum(group.widths)), -1, dtype=INT_OF_SIZE[group.dtype.itemsize], device="cuda")
+                 .view(group.dtype) for _ in range(n)] for _ in range(group.W)]
+        delays = [[rng.randint(0, max_cycles) for _ in range(n)] for _ in range(group.W)]
+        group.call_free_running([[xs[j][r] for j in range(n)] for r in range(group.W)], outs, delays)
+        for r in range(group.W):
+            for j in range(n):
+                corrupted += (as_int(outs[r][j]) != refs[j]).any()
+        done += n
+        code = max(group.failure_codes())
+        if code:
+            return int(corrupted), code
+    return int(corrupted), 0

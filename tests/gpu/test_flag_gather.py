@@ -1,0 +1,245 @@
+"""The flag protocol across real GPUs (NCCL ranks, symmetric memory, NVLink), through the op.
+
+Correctness for every dtype and width case, CUDA-graph replays with T changing
+between graphs, 10,000 calls with random per-rank delays, calls interleaved
+with the barrier push on one group in random order, the two negative controls
+and a missing rank's timeout.  The same checks with W ranks emulated on one
+GPU are in test_flag_gather_one_gpu.py.
+"""
+
+import os
+import random
+import time
+
+import pytest
+import torch
+
+from gpu_helpers import needs as _needs, quiesce as _quiesce, world_group as _group
+from multiproc import run_ranks
+
+pytestmark = [pytest.mark.gpu, pytest.mark.multigpu]
+
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32}
+DTYPES = ("bfloat16", "float16", "float32", "int8", "float8_e4m3fn")
+
+
+def _bits(seed, shape, dtype):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    idt = _INT_OF_SIZE[dtype.itemsize]
+    info = torch.iinfo(idt)
+    return torch.randint(info.min, info.max, shape, generator=g, dtype=idt, device="cuda").view(dtype)
+
+
+def _as_int(t):
+    return t.view(_INT_OF_SIZE[t.element_size()])
+
+
+def _widths(kind, W):
+    return {
+        "even_4096": [4096] * W,
+        "uneven": [1024 + 512 * r for r in range(W)],
+        "not_multiple_of_16_bytes": [1001 + 2 * r for r in range(W)],
+        "tiny_odd": [1 + 2 * r for r in range(W)],
+    }[kind]
+
+
+def _op(x, widths):
+    import torch.distributed as dist
+
+    return torch.ops.tpfuse.all_gather_hidden(x, widths, dist.group.WORLD.group_name)
+
+
+def _correctness(rank, W):
+    from tpfuse.compile_ops import collective
+    from tpfuse.compile_ops.dispatch import choose_backend
+
+    os.environ["TPFUSE_BACKEND"] = "flag"
+    group = _group()
+    failures, cases, seed = [], 0, 0
+    for dname in DTYPES:
+        dtype = getattr(torch, dname)
+        for kind in ("even_4096", "uneven", "not_multiple_of_16_bytes", "tiny_odd"):
+            widths = _widths(kind, W)
+            for T in (1, 7, 32, 1, 3):
+                seed += 1
+                xs = [_bits(seed * 16 + r, (T, w), dtype) for r, w in enumerate(widths)]
+                ref = _as_int(torch.cat(xs, dim=-1))
+                out = _op(xs[rank], widths)
+                nccl = collective.gather_hidden(xs[rank], widths, group)
+                cases += 1
+                if not (torch.equal(_as_int(out), ref) and torch.equal(_as_int(nccl), ref)):
+                    failures.append((dname, kind, T))
+    chosen = choose_backend("cuda", torch.bfloat16, 4096 * W, group, max_slab_numel=4096).value
+    del os.environ["TPFUSE_BACKEND"]
+    auto = choose_backend("cuda", torch.bfloat16, 4096 * W, group, max_slab_numel=4096).value
+    return {"failures": failures, "cases": cases, "forced": chosen, "auto": auto}
+
+
+@pytest.mark.parametrize("W", [2, 4])
+def test_correctness_bit_exact(W):
+    _needs(W)
+    for rank, res in enumerate(run_ranks(W, _correctness, backend="nccl", timeout=600)):
+        assert res["failures"] == [], f"rank {rank}: {res['failures'][:10]}"
+        assert res["cases"] == len(DTYPES) * 4 * 5
+        assert res["forced"] == "flag"
+        assert res["auto"] in ("flag", "p2p")  # "flag" where the crossover is measured
+
+
+def _cuda_graph(rank, W):
+    os.environ["TPFUSE_BACKEND"] = "flag"
+    widths = [1024 + 256 * r for r in range(W)]
+    graphs = {}
+    for T in (1, 8, 32):
+        x = _bits(rank, (T, widths[rank]), torch.bfloat16)
+        _op(x, widths)  # eager first: buffers and kernels
+        _quiesce()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = [_op(x, widths), _op(x * 1, widths)]
+        graphs[T] = (graph, x, outs)
+    rng = random.Random(0)  # the same order on every rank
+    bad = []
+    for i in range(100):
+        T = rng.choice((1, 8, 32))
+        graph, x, outs = graphs[T]
+        x.copy_(_bits(1000 + i * 8 + rank, x.shape, torch.bfloat16))
+        graph.replay()
+        ref = _as_int(torch.cat([_bits(1000 + i * 8 + r, (T, w), torch.bfloat16) for r, w in enumerate(widths)], -1))
+        if not all(torch.equal(_as_int(o), ref) for o in outs):
+            bad.append((i, T))
+    torch.cuda.synchronize()
+    return bad
+
+
+@pytest.mark.parametrize("W", [2, 4])
+def test_cuda_graph_replays_with_T_changing(W):
+    _needs(W)
+    for rank, bad in enumerate(run_ranks(W, _cuda_graph, backend="nccl", timeout=300)):
+        assert bad == [], f"rank {rank}: {bad[:10]}"
+
+
+RING = 32
+
+
+def _delayed(rank, W, iters, T, widths, call, seed, max_delay_cycles=40000):
+    dtype = torch.bfloat16
+    xs = [_bits(seed + j * 64 + rank, (T, widths[rank]), dtype) for j in range(RING)]
+    refs = [_as_int(torch.cat([_bits(seed + j * 64 + r, (T, w), dtype) for r, w in enumerate(widths)], -1))
+            for j in range(RING)]
+    rng = random.Random(seed * 31 + rank)
+    bad = torch.zeros((), dtype=torch.int64, device="cuda")
+    outs = []
+    for i in range(iters):
+        torch.cuda._sleep(rng.randint(0, max_delay_cycles))
+        outs.append(call(xs[i % RING], i))
+        if len(outs) == RING or i == iters - 1:
+            for j, out in enumerate(outs):
+                bad += (_as_int(out) != refs[(i - len(outs) + 1 + j) % RING]).any()
+            outs = []
+    torch.cuda.synchronize()
+    return int(bad)
+
+
+def _stress(rank, W, iters):
+    from tpfuse.compile_ops import push, workspace
+    from tpfuse.compile_ops.dispatch import Backend
+
+    group = _group()
+    widths = [2048 + 64 * r for r in range(W)]
+    results = {}
+    for T in (1, 32):
+        results[f"flag/T={T}"] = _delayed(rank, W, iters, T, widths,
+                                          lambda x, i: push.gather_hidden(x, widths, group, Backend.FLAG), 11 + T)
+        _quiesce()
+    # Interleaved with the barrier push in a random (rank-consistent) order.
+    order = random.Random(5)
+    choice = [order.random() < 0.5 for _ in range(iters)]
+    results["flag_and_barrier_interleaved"] = _delayed(
+        rank, W, iters, 8, widths,
+        lambda x, i: push.gather_hidden(x, widths, group, Backend.FLAG if choice[i] else Backend.P2P), 7)
+    results["failure_code"] = workspace.workspace(group, rank).failure_code()
+    return results
+
+
+@pytest.mark.parametrize("W", [2, 4])
+def test_stress_random_delays_and_interleaving_bit_exact(W):
+    _needs(W)
+    os.environ["TPFUSE_BACKEND"] = "flag"  # sets the flag buffers up at the first call
+    try:
+        results = run_ranks(W, _stress, int(os.environ.get("TPFUSE_STRESS_ITERS", "10000")), backend="nccl",
+                            timeout=900)
+    finally:
+        del os.environ["TPFUSE_BACKEND"]
+    for rank, res in enumerate(results):
+        assert not any(res.values()), f"rank {rank}: {res}"
+
+
+def _negative(rank, W, iters, options):
+    """Free-running calls of a negative-control kernel variant; returns (corrupted, failure code)."""
+    from tpfuse.compile_ops import push, workspace
+    from tpfuse.compile_ops.dispatch import Backend, choose_backend
+
+    os.environ["TPFUSE_BACKEND"] = "flag"
+    group = _group()
+    widths = [2048] * W
+    x0 = _bits(rank, (32, 2048), torch.bfloat16)
+    choose_backend("cuda", torch.bfloat16, 32 * 2048 * W, group, max_slab_numel=32 * 2048)  # buffers
+    ws = workspace.workspace(group, rank)
+    ws.timeout_ns = int(0.05e9)
+    plan = push.flag_plan(rank, ws.device, torch.bfloat16, widths, **options)
+    flags = ws.flags
+
+    def call(x, i):
+        out = torch.empty(32, sum(widths), dtype=x.dtype, device="cuda")
+        push.run_flag(plan, push.flag_grid(plan, 32, ws.facts.max_blocks), torch.cuda.current_stream().cuda_stream,
+                      x, out, flags.epochs, ws.status_ptr, ws.timeout_ns, flags.region_units, flags.buffer_args)
+        return out
+
+    del x0
+    corrupted = _delayed(rank, W, iters, 32, widths, call, 3)
+    return {"corrupted": corrupted, "code": ws.failure_code()}
+
+
+@pytest.mark.parametrize("W", [2, 4])
+def test_negative_controls_detect_corruption(W):
+    _needs(W)
+    one_buffer = run_ranks(W, _negative, 2000, {"PARITY": False, "ACCEPT_STALE": True}, backend="nccl", timeout=300)
+    stale = run_ranks(W, _negative, 2000, {"ACCEPT_STALE": True}, backend="nccl", timeout=300)
+    print(f"W={W} one buffer: {one_buffer}; stale epochs accepted: {stale}")
+    assert sum(r["corrupted"] for r in one_buffer) > 0
+    assert sum(r["corrupted"] for r in stale) > 0
+
+
+def _timeout(rank, W):
+    from tpfuse.compile_ops import push, workspace
+    from tpfuse.compile_ops.dispatch import Backend
+
+    os.environ["TPFUSE_BARRIER_TIMEOUT_S"] = "2"
+    os.environ["TPFUSE_BACKEND"] = "flag"
+    group = _group()
+    widths = [512] * W
+    x = _bits(rank, (4, 512), torch.bfloat16)
+    _op(x, widths)
+    _quiesce()
+    if rank == W - 1:
+        return {"skipped": True}
+    t0 = time.perf_counter()
+    push.gather_hidden(x, widths, group, Backend.FLAG)
+    torch.cuda.synchronize()
+    waited = time.perf_counter() - t0
+    try:
+        push.gather_hidden(x, widths, group, Backend.FLAG)
+        message = ""
+    except RuntimeError as err:
+        message = str(err)
+    return {"skipped": False, "waited": waited, "message": message,
+            "code": workspace.workspace(group, rank).failure_code()}
+
+
+@pytest.mark.parametrize("W", [2, 4])
+def test_missing_rank_raises_instead_of_hanging(W):
+    _needs(W)
+    results = run_ranks(W, _timeout, backend="nccl", timeout=120)
+    for rank, res in enumerate(results[:-1]):
+        assert res["waited"] < 7, res
+        assert "flag wait" in res["message"] and f"waiting for rank {W - 1}" in res["message"], res

@@ -1,0 +1,147 @@
+"""The flag protocol on one real GPU, W ranks emulated by W concurrent streams (tests/gpu/flag_one_gpu.py).
+
+Runs the production kernel, compiled and launched by the op's host code, on
+a real GPU: bit-exactness for every dtype and width case, epochs that stay
+consistent while T (and so the grid) changes, CUDA-graph replays, random
+per-rank delays, the two negative controls and the timeout.  The NVLink path
+itself is covered by tests/gpu/test_flag_gather.py on several GPUs.
+"""
+
+import random
+import time
+
+import pytest
+import torch
+
+from flag_one_gpu import OneGpuGroup, as_int, delayed_run, inputs, reference
+
+pytestmark = [pytest.mark.gpu]
+
+DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.int8, torch.float8_e4m3fn)
+
+
+def _widths(kind, W):
+    return {
+        "even_4096": [4096] * W,
+        "uneven": [1024 + 512 * r for r in range(W)],
+        "not_multiple_of_16_bytes": [1001 + 2 * r for r in range(W)],
+        "tiny_odd": [1 + 2 * r for r in range(W)],
+    }[kind]
+
+
+@pytest.mark.parametrize("W", [2, 4, 8])
+def test_bit_exact_every_dtype_and_width_with_T_changing(W):
+    failures, cases = [], 0
+    for dtype in DTYPES:
+        for kind in ("even_4096", "uneven", "not_multiple_of_16_bytes", "tiny_odd"):
+            group = OneGpuGroup(_widths(kind, W), dtype)
+            for i, T in enumerate((1, 7, 32, 1, 128 if kind != "even_4096" else 16, 3)):
+                xs = inputs(i, T, group.widths, dtype)
+                outs = group.call(xs)
+                cases += 1
+                ref = reference(xs)
+                if not all(torch.equal(as_int(o), ref) for o in outs):
+                    failures.append((str(dtype), kind, T))
+            assert group.failure_codes() == [0] * W, (dtype, kind)
+            assert group.epochs_agree(), (dtype, kind)
+    assert cases == len(DTYPES) * 4 * 6
+    assert failures == [], failures[:10]
+
+
+@pytest.mark.parametrize("W", [2, 4])
+def test_cuda_graph_replays_with_T_changing_between_graphs(W):
+    """Three graphs of two calls each, T = 1, 8 and 32, replayed 100 times in random order."""
+    widths = [1024 + 256 * r for r in range(W)]
+    group = OneGpuGroup(widths, torch.bfloat16)
+    graphs = {}
+    for T in (1, 8, 32):
+        xs = [inputs(100 + T, T, widths, torch.bfloat16) for _ in range(2)]
+        outs = [group.call(x) for x in xs]  # warm up (compiles, advances the epochs like any call)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = [group.call(x) for x in xs]
+        graphs[T] = (graph, xs, outs)
+    rng = random.Random(0)
+    bad = []
+    for i in range(100):
+        T = rng.choice((1, 8, 32))
+        graph, xs, outs = graphs[T]
+        for k in range(2):
+            for r in range(W):
+                xs[k][r].copy_(inputs(10_000 + 2 * i + k, T, widths, torch.bfloat16)[r])
+                outs[k][r].fill_(float("nan"))
+        graph.replay()
+        for k in range(2):
+            ref = reference([x for x in xs[k]])
+            if not all(torch.equal(as_int(o), ref) for o in outs[k]):
+                bad.append((i, T, k))
+    assert bad == [], bad[:10]
+    assert group.failure_codes() == [0] * W
+    assert group.epochs_agree()
+
+
+@pytest.mark.parametrize("W", [2, 4])
+@pytest.mark.parametrize("T", [1, 32])
+def test_random_per_rank_delays_bit_exact(W, T):
+    group = OneGpuGroup([2048 + 64 * r for r in range(W)], torch.bfloat16)
+    corrupted, code = delayed_run(group, T, iters=10_000, seed=W * 100 + T)
+    assert (corrupted, code) == (0, 0)
+    assert group.epochs_agree()
+
+
+@pytest.mark.parametrize("W", [2, 4])
+def test_negative_control_one_buffer(W):
+    """Without the parity alternation a fast rank's next call overwrites units a slow rank has not read:
+    the epoch check turns that into a timeout, and with stale epochs accepted it is silent corruption."""
+    widths = [2048] * W
+    one_buffer = OneGpuGroup(widths, torch.bfloat16, timeout_s=0.05, PARITY=False)
+    corrupted, code = delayed_run(one_buffer, 32, iters=2000, seed=1)
+    print(f"one buffer, W={W}: corrupted {corrupted}, failure code {code:#x}")
+    assert corrupted > 0 or code >> 24 == 3, (corrupted, code)
+    silent = OneGpuGroup(widths, torch.bfloat16, timeout_s=0.05, PARITY=False, ACCEPT_STALE=True)
+    corrupted, code = delayed_run(silent, 32, iters=2000, seed=2)
+    print(f"one buffer, stale epochs accepted, W={W}: corrupted {corrupted}, failure code {code:#x}")
+    assert corrupted > 0, (corrupted, code)
+
+
+@pytest.mark.parametrize("W", [2, 4])
+def test_negative_control_stale_epoch_accepted(W):
+    """A receiver that takes any written unit reads the previous same-parity call's data."""
+    group = OneGpuGroup([2048] * W, torch.bfloat16, timeout_s=0.05, ACCEPT_STALE=True)
+    corrupted, code = delayed_run(group, 32, iters=2000, seed=3)
+    print(f"stale epochs accepted, W={W}: corrupted {corrupted}, failure code {code:#x}")
+    assert corrupted > 0, (corrupted, code)
+
+
+@pytest.mark.parametrize("W", [2, 4])
+def test_clear_period_one_stays_exact(W):
+    """Buffers zeroed after every read (the wrap-around guard, run on every call here)."""
+    group = OneGpuGroup([1000 + 8 * r for r in range(W)], torch.float16, CLEAR_PERIOD=1)
+    corrupted, code = delayed_run(group, 8, iters=2000, seed=4)
+    assert (corrupted, code) == (0, 0)
+
+
+@pytest.mark.parametrize("W", [2, 4])
+def test_missing_rank_times_out_and_is_named(W):
+    group = OneGpuGroup([512] * W, torch.bfloat16, timeout_s=0.5)
+    xs = inputs(0, 4, group.widths, torch.bfloat16)
+    group.call(xs)  # everyone
+    t0 = time.perf_counter()
+    group.call(xs, skip=W - 1)  # the last rank never arrives
+    codes = group.failure_codes()  # returns: the waits gave up instead of hanging
+    waited = time.perf_counter() - t0
+    assert waited < 5, waited
+    for rank, code in enumerate(codes[:-1]):
+        kind, peer = code >> 24, (code & 0xFF) - 1
+        assert kind == 3 and peer == W - 1, (rank, hex(code))
+    assert codes[-1] == 0
+    # The host's report of that code names the rank and the missing peer.
+    from types import SimpleNamespace
+
+    from tpfuse.compile_ops import push
+
+    ws = SimpleNamespace(failure_code=lambda: codes[0], timeout_ns=group.timeout_ns,
+                         group=SimpleNamespace(rank=0, name="emulated", pg=None))
+    with pytest.raises(RuntimeError, match=f"flag wait .*waiting for rank {W - 1}"):
+        push.raise_if_failed(ws)

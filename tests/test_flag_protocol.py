@@ -1,0 +1,170 @@
+"""The flag protocol on the CPU: its layout facts, the kernel in Triton's interpreter (with the
+negative controls), and the rank-consistent choice between the flag protocol and the barrier push."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from tpfuse.compile_ops import dispatch, push, workspace as workspaces
+from tpfuse.compile_ops.dispatch import Backend
+from tpfuse.compile_ops.groups import Group
+from tpfuse.kernels import flag_protocol
+
+
+def test_units_carry_four_data_bytes_and_pad_to_16_byte_pairs():
+    assert flag_protocol.UNIT_BYTES == 8 and flag_protocol.DATA_BYTES == 4 and flag_protocol.WIRE_OVERHEAD == 2
+    assert flag_protocol.units_for(4096, 2) == 2048  # T=1 x 4096 bf16
+    assert flag_protocol.units_for(7, 2) == 4  # 14 bytes -> 4 words -> 2 pairs
+    assert flag_protocol.units_for(5, 1) == 2  # 5 bytes -> 2 words
+    assert flag_protocol.units_for(3, 4) == 4  # 3 words -> padded to 2 pairs
+
+
+def test_buffer_layout_regions_do_not_overlap():
+    W, slab = 4, dispatch.FLAG_MAX_SLAB_BYTES
+    units = flag_protocol.region_units(slab)
+    starts = sorted(flag_protocol.region_offset_units(p, s, W, units) for p in range(2) for s in range(W))
+    assert starts == [i * units for i in range(2 * W)]
+    assert flag_protocol.buffer_bytes(W, slab) == 2 * W * units * 8 == 4 << 20  # 4 MiB at W=4
+
+
+def test_epochs_skip_zero_and_keep_alternating_parity():
+    assert flag_protocol.next_epoch(1) == 2
+    assert flag_protocol.next_epoch(0xFFFFFFFE) == 0xFFFFFFFF
+    after_wrap = flag_protocol.next_epoch(0xFFFFFFFF)
+    assert after_wrap != 0 and after_wrap % 2 == 0  # odd -> even: buffers still alternate
+
+
+def test_protocol_has_no_entry_barrier_for_a_pass_to_elide():
+    assert flag_protocol.HAS_ENTRY_BARRIER is False
+    assert flag_protocol.PARITIES >= 2  # the proof that replaces the entry barrier needs two buffers
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    pytest.importorskip("triton")
+    script = os.path.join(os.path.dirname(__file__), "interpret_flag_gather.py")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_interpreter_bit_exact_with_T_and_grid_changing(interpreted):
+    cases = interpreted["cases"]
+    assert cases and all(c["exact"] for c in cases), [c for c in cases if not c["exact"]]
+    assert all(not any(c["status"]) for c in cases)
+    assert {c["elem"] for c in cases} == {1, 2, 4}
+    assert len({c["nblocks"] for c in cases}) > 1  # the grid changed between calls of one group
+    assert [c["epoch"] for c in cases[:5]] == [1, 2, 3, 4, 5]
+
+
+def test_interpreter_parity_lets_a_peer_run_one_call_ahead(interpreted):
+    assert interpreted["ahead"] == {"exact": True, "status": 0}
+
+
+def test_interpreter_negative_control_one_buffer(interpreted):
+    # The epoch check refuses the overwritten units (the wait gives up, naming peer 1) ...
+    assert not interpreted["ahead_one_buffer"]["exact"]
+    assert interpreted["ahead_one_buffer"]["status"] == 3 * 2**24 + 1 + 1
+    # ... and without it the overwrite is silent corruption.
+    assert interpreted["ahead_one_buffer_accept_stale"] == {"exact": False, "status": 0}
+
+
+def test_interpreter_negative_control_stale_epoch(interpreted):
+    # Data not there yet: the protocol waits and reports the peer, never reads the old call's units ...
+    assert not interpreted["stale"]["exact"] and interpreted["stale"]["status"] == 3 * 2**24 + 1 + 1
+    # ... a receiver that accepts stale epochs returns them silently.
+    assert interpreted["stale_accepted"] == {"exact": False, "status": 0}
+
+
+def test_interpreter_clear_every_call_stays_exact(interpreted):
+    assert interpreted["clear"] == {"exact": True, "parity0_zeroed": True}
+
+
+# --------------------------------------------------------------------------- the choice
+
+
+def _fake_workspace(device_name="NVIDIA H200", world_size=4, flags=True):
+    group = Group(pg=None, name="g", rank=1, world_size=world_size)
+    ws = workspaces.Workspace(group, torch.device("cpu"), workspaces.GroupFacts(True, "", 8, device_name))
+    ws.slot_bytes, ws.timeout_ns = 1 << 20, 2_000_000_000
+    ws.status_view = np.array([0], dtype=np.int32)
+    ws.flags = object() if flags else None  # set up: no collective needed
+    return ws
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    for name in ("TPFUSE_BACKEND", "TPFUSE_ENABLE_MULTIMEM", "TPFUSE_PUSH_MAX_BYTES", "TPFUSE_FLAG_MAX_BYTES"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(dispatch, "FLAG_CROSSOVER", {("NVIDIA H200", 4): 64 << 10})
+    saved = dict(workspaces._workspaces)
+    workspaces._workspaces.clear()
+
+    def install(ws):
+        workspaces._workspaces[(ws.group.name, 0)] = ws
+        return ws
+
+    yield install
+    workspaces._workspaces.clear()
+    workspaces._workspaces.update(saved)
+
+
+def choose(group, tokens, width=4096, dtype=torch.bfloat16):
+    return dispatch.choose_backend("cuda", dtype, tokens * width * group.world_size, group,
+                                   max_slab_numel=tokens * width)
+
+
+def test_flag_up_to_the_measured_crossover_then_barrier_push(fake_cuda):
+    ws = fake_cuda(_fake_workspace())
+    assert choose(ws.group, 1) == Backend.FLAG  # 8 KiB slab
+    assert choose(ws.group, 8) == Backend.FLAG  # 64 KiB: at the crossover
+    assert choose(ws.group, 9) == Backend.P2P  # above it
+    # The fused linear + push has its own kernel: no slab size given, no flag protocol.
+    assert dispatch.choose_backend("cuda", torch.bfloat16, 4096 * 4, ws.group) == Backend.P2P
+
+
+def test_unmeasured_device_or_world_size_keeps_the_barrier_push_and_says_why(fake_cuda):
+    for ws in (_fake_workspace(device_name="NVIDIA H100 80GB HBM3"), _fake_workspace(world_size=2)):
+        fake_cuda(ws)
+        assert choose(ws.group, 1) == Backend.P2P
+    limit, why = dispatch.flag_limit("NVIDIA H100 80GB HBM3", 4)
+    assert limit == 0 and why == "flag protocol not measured on NVIDIA H100 80GB HBM3 at W=4"
+    limit, why = dispatch.flag_limit("", 4)  # ranks with different GPU models: no agreed name
+    assert limit == 0 and "this device" in why
+
+
+def test_forcing_and_the_override(fake_cuda, monkeypatch):
+    ws = fake_cuda(_fake_workspace(device_name="unmeasured"))
+    monkeypatch.setenv("TPFUSE_BACKEND", "flag")
+    assert choose(ws.group, 32) == Backend.FLAG
+    with pytest.raises(RuntimeError, match="exceeds the flag buffers"):
+        choose(ws.group, 33)  # 264 KiB slab > 256 KiB
+    monkeypatch.setenv("TPFUSE_BACKEND", "p2p")
+    assert choose(ws.group, 1) == Backend.P2P
+    monkeypatch.delenv("TPFUSE_BACKEND")
+    monkeypatch.setenv("TPFUSE_FLAG_MAX_BYTES", str(16 << 10))
+    assert choose(ws.group, 2) == Backend.FLAG and choose(ws.group, 3) == Backend.P2P
+
+
+def test_capture_never_sets_the_flag_buffers_up(fake_cuda, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    ws = fake_cuda(_fake_workspace(flags=False))
+    assert choose(ws.group, 1) == Backend.P2P  # every rank captures the same calls: the same choice
+    monkeypatch.setenv("TPFUSE_BACKEND", "flag")
+    with pytest.raises(RuntimeError, match="eager call before graph capture"):
+        choose(ws.group, 1)
+
+
+def test_flag_timeout_report_names_the_missing_rank():
+    ws = _fake_workspace()
+    ws.status_view = np.array([3 * 2**24 + 5 * 256 + 2 + 1], dtype=np.int32)
+    with pytest.raises(RuntimeError, match=r"timed out in the flag wait \(block 5\) after 2s waiting for rank 2"):
+        push.raise_if_failed(ws)
