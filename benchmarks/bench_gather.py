@@ -1,4 +1,4 @@
-"""Hidden-axis all-gather: NCCL against the tpfuse P2P push, eager and CUDA-graph replay.
+"""Hidden-axis all-gather: NCCL against the tpfuse push kernels, eager and CUDA-graph replay.
 
     PYTHONPATH=. torchrun --nproc-per-node 4 benchmarks/bench_gather.py --out /tmp/bench
 
@@ -7,7 +7,13 @@ Rows: T in {1, 8, 32, 128, 512} x local width in {1024, 1792, 4096, 32064}
 - ``nccl_gather``: ``all_gather_into_tensor`` into ``[W*T, w]`` only (not the result's layout);
 - ``nccl_rearrange``: the same plus the rearrange into ``[T, W*w]`` (tpfuse's NCCL backend);
 - ``tpfuse_both``: the push kernel with entry and exit barriers (the op's default);
-- ``tpfuse_elided``: entry barrier elided, ping-pong slots (what a proven pass may emit).
+- ``tpfuse_elided``: entry barrier elided, ping-pong slots (what a proven pass may emit);
+- ``tpfuse_flag``: the flag protocol (no barriers; a flag in every 8 bytes), for slabs up
+  to the flag buffers' size (``FLAG_MAX_SLAB_BYTES``), blank above.
+The floor for small messages is an empty kernel in a graph plus one link traversal
+(``--diagnose`` times the empty kernel).  The last lines give, per width, the
+largest slab at which the flag protocol beat the barrier push in both modes: the
+crossover ``compile_ops/dispatch.py`` records per card and W.
 Times are per call, median over repeats, the slowest rank's.  Egress is the
 bytes each GPU sends, ``T * w * 2 * (W - 1)``, over the time.  Prints the
 card, torch, NCCL and Triton versions first and a short table last; writes
@@ -33,7 +39,7 @@ from tpfuse.compile_ops import collective, push  # noqa: E402
 from tpfuse.compile_ops.dispatch import Backend  # noqa: E402
 from tpfuse.compile_ops.groups import resolve_group  # noqa: E402
 
-METHODS = ("nccl_gather", "nccl_rearrange", "tpfuse_both", "tpfuse_elided")
+METHODS = ("nccl_gather", "nccl_rearrange", "tpfuse_both", "tpfuse_elided", "tpfuse_flag")
 
 
 def make_methods(group, x, widths):
@@ -59,8 +65,17 @@ def make_methods(group, x, widths):
         slot[0] ^= 1
         return push.gather_hidden(x, widths, group, Backend.P2P, slot[0], True)
 
+    def tpfuse_flag():
+        return push.gather_hidden(x, widths, group, Backend.FLAG)
+
+    from tpfuse.compile_ops import workspace as workspaces
+    from tpfuse.compile_ops.dispatch import FLAG_MAX_SLAB_BYTES
+
+    ws = workspaces.workspace(group, torch.cuda.current_device())  # collective: every rank, same row
+    workspaces.ensure_flag_buffers(ws, FLAG_MAX_SLAB_BYTES)
+    flag = tpfuse_flag if T * max(widths) * x.element_size() <= FLAG_MAX_SLAB_BYTES else None
     return {"nccl_gather": nccl_gather, "nccl_rearrange": nccl_rearrange, "tpfuse_both": tpfuse_both,
-            "tpfuse_elided": tpfuse_elided}
+            "tpfuse_elided": tpfuse_elided, "tpfuse_flag": flag}
 
 
 def torchrun_group():
@@ -148,6 +163,9 @@ def host_cost(group, rank):
         "op_p2p": per_call(lambda: torch.ops.tpfuse.all_gather_hidden(x, widths, name)),
         "push_direct": per_call(lambda: push.gather_hidden(x, widths, group, Backend.P2P, -1, False)),
     }
+    os.environ["TPFUSE_BACKEND"] = "flag"
+    out["op_flag"] = per_call(lambda: torch.ops.tpfuse.all_gather_hidden(x, widths, name))
+    out["flag_direct"] = per_call(lambda: push.gather_hidden(x, widths, group, Backend.FLAG))
     from tpfuse.compile_ops.dispatch import choose_backend
 
     out["dispatch_only"] = per_call(lambda: choose_backend("cuda", x.dtype, 4096 * W, group))
@@ -180,6 +198,7 @@ def diagnose(group, rows):
             "zero-copy both": lambda: push.gather_into_slot(x, widths, group, 0, False),
             "zero-copy elided": lambda: push.gather_into_slot(x, widths, group, alternate(), True),
             "no-sync": lambda: push.gather_into_slot(x, widths, group, 0, True, _exit_sync=False),
+            "flag": methods["tpfuse_flag"] or (lambda: None),
         }
         parts = [f"{name} {time_graph(fn, calls=20, repeats=20):.1f}" for name, fn in variants.items()]
         lines.append(f"T={T} w={w}: " + ", ".join(parts))
@@ -214,6 +233,20 @@ def sweep_configs(group, configs, config_rows):
     return lines
 
 
+def crossover(rows):
+    """Per width: the largest slab (bytes) up to which the flag protocol was never slower than the barrier push."""
+    lines = []
+    for w in sorted({r["width"] for r in rows}):
+        best = 0
+        for r in sorted((r for r in rows if r["width"] == w), key=lambda r: r["T"]):
+            f_g, f_e = r["graph"]["tpfuse_flag"], r["eager"]["tpfuse_flag"]
+            if not (f_g <= r["graph"]["tpfuse_both"] and f_e <= r["eager"]["tpfuse_both"]):
+                break  # NaN (not served) or slower: the crossover is below this row
+            best = r["T"] * w * 2
+        lines.append(f"crossover width {w}: flag never slower than the barrier push up to a {best}-byte slab")
+    return lines
+
+
 def plot(rows, W, card, path):
     import matplotlib
 
@@ -225,7 +258,7 @@ def plot(rows, W, card, path):
     for ax, w in zip(axes[0], widths):
         sel = sorted((r for r in rows if r["width"] == w), key=lambda r: r["T"])
         ts = [r["T"] for r in sel]
-        for m, style in zip(METHODS, ("C0", "C1", "C2", "C3")):
+        for m, style in zip(METHODS, ("C0", "C1", "C2", "C3", "C4")):
             ax.plot(ts, [r["graph"][m] for r in sel], "-o", color=style, label=f"{m} (graph)", ms=3)
             ax.plot(ts, [r["eager"][m] for r in sel], ":", color=style, label=f"{m} (eager)")
         ax.set_xscale("log", base=2)
@@ -273,6 +306,9 @@ def main():
             row = {"T": T, "width": w, "eager": {}, "graph": {}}
             for name in METHODS:
                 fn = methods[name]
+                if fn is None:  # beyond what the method serves (same on every rank)
+                    row["eager"][name] = row["graph"][name] = float("nan")
+                    continue
                 row["eager"][name] = time_eager(fn, calls=10 if big else 50, repeats=5)
                 row["graph"][name] = time_graph(fn, calls=4 if big else 20, repeats=10 if big else 20)
             egress = T * w * 2 * (W - 1)
@@ -301,13 +337,19 @@ def main():
         print()
         print(f"W={W} {card}; µs per call (slowest rank, median); ratio = nccl_rearrange / tpfuse")
         print(f"{'T':>4} {'width':>6} | {'graph: nccl':>11} {'nccl+rearr':>10} {'tp both':>8} {'tp elided':>9} "
-              f"{'ratio':>6} {'GB/s':>6} | {'eager: nccl+rearr':>17} {'tp both':>8} {'tp elided':>9}")
+              f"{'tp flag':>8} {'ratio both':>10} {'ratio flag':>10} {'GB/s':>6} | {'eager: nccl+rearr':>17} "
+              f"{'tp both':>8} {'tp elided':>9} {'tp flag':>8}")
         for r in rows:
             g, e = r["graph"], r["eager"]
             print(f"{r['T']:>4} {r['width']:>6} | {g['nccl_gather']:11.1f} {g['nccl_rearrange']:10.1f} "
-                  f"{g['tpfuse_both']:8.1f} {g['tpfuse_elided']:9.1f} "
-                  f"{g['nccl_rearrange'] / g['tpfuse_both']:6.2f} {r['egress_GBps']['tpfuse_both']:6.0f} | "
-                  f"{e['nccl_rearrange']:17.1f} {e['tpfuse_both']:8.1f} {e['tpfuse_elided']:9.1f}")
+                  f"{g['tpfuse_both']:8.1f} {g['tpfuse_elided']:9.1f} {g['tpfuse_flag']:8.1f} "
+                  f"{g['nccl_rearrange'] / g['tpfuse_both']:10.2f} {g['nccl_rearrange'] / g['tpfuse_flag']:10.2f} "
+                  f"{r['egress_GBps']['tpfuse_both']:6.0f} | "
+                  f"{e['nccl_rearrange']:17.1f} {e['tpfuse_both']:8.1f} {e['tpfuse_elided']:9.1f} "
+                  f"{e['tpfuse_flag']:8.1f}")
+        print()
+        for line in crossover(rows):
+            print(line)
         if args.out:
             os.makedirs(args.out, exist_ok=True)
             meta = {"tuning": tuning, "diagnosis": diagnosis, "W": W, "card": card, "torch": torch.__version__,

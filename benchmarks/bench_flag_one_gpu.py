@@ -1,0 +1,76 @@
+"""Micro-benchmark, one GPU: the flag kernel with W ranks emulated by W concurrent streams.
+
+    PYTHONPATH=. python benchmarks/bench_flag_one_gpu.py
+
+No NVLink is involved: the "peers" are buffers in the same GPU's memory, so
+this measures what the protocol costs besides the link -- launch, packing,
+local polling and copy-out -- against the same fork/join of W empty kernels
+in the same CUDA graph.  The real latency (with the link) comes from
+benchmarks/bench_gather.py on several GPUs.
+"""
+
+import os
+import statistics
+import sys
+
+for _k, _v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
+    os.environ[_k] = _v
+
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "gpu"))
+from flag_one_gpu import OneGpuGroup, inputs  # noqa: E402
+
+
+def time_graph(record, calls=20, repeats=30):
+    record()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            record()
+    for _ in range(3):
+        graph.replay()
+    samples = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(samples), min(samples), max(samples)
+
+
+def fork_join(group, work):
+    main = torch.cuda.current_stream()
+    for r in range(group.W):
+        group.streams[r].wait_stream(main)
+        with torch.cuda.stream(group.streams[r]):
+            work(r)
+    for r in range(group.W):
+        main.wait_stream(group.streams[r])
+
+
+def main():
+    card = torch.cuda.get_device_name()
+    import triton
+
+    print(f"micro-benchmark, one GPU, emulated ranks | {card} | torch {torch.__version__} | triton {triton.__version__}")
+    print(f"{'W':>2} {'T':>4} {'width':>6} | {'empty fork/join':>15} {'flag':>8} {'flag - empty':>12}  (µs per call, "
+          "graph replay, median [min-max])")
+    for W in (2, 4):
+        for width in (1024, 4096):
+            group = OneGpuGroup([width] * W, torch.bfloat16)
+            for T in (1, 8, 32):
+                xs = inputs(T, T, group.widths, torch.bfloat16)
+                outs = [torch.empty(T, width * W, dtype=torch.bfloat16, device="cuda") for _ in range(W)]
+                empty = time_graph(lambda: fork_join(group, lambda r: torch.cuda._sleep(0)))
+                flag = time_graph(lambda: fork_join(group, lambda r: group.launch(r, xs[r], outs[r])))
+                assert group.failure_codes() == [0] * W
+                print(f"{W:>2} {T:>4} {width:>6} | {empty[0]:6.2f} [{empty[1]:.2f}-{empty[2]:.2f}] "
+                      f"{flag[0]:6.2f} [{flag[1]:.2f}-{flag[2]:.2f}] {flag[0] - empty[0]:8.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
