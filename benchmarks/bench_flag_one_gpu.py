@@ -53,10 +53,26 @@ def fork_join(group, work):
 
 
 def main():
+    import argparse
+
+    from tpfuse.compile_ops import push
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--configs", default="", help="kernel configs block_u:warps,... (default: the op's)")
+    args = parser.parse_args()
+    configs = [tuple(map(int, c.split(":"))) for c in args.configs.split(",")] if args.configs else [
+        (push.FLAG_BLOCK_U, push.FLAG_NUM_WARPS)]
     card = torch.cuda.get_device_name()
     import triton
 
     print(f"micro-benchmark, one GPU, emulated ranks | {card} | torch {torch.__version__} | triton {triton.__version__}")
+    for block_u, warps in configs:
+        push.FLAG_BLOCK_U, push.FLAG_NUM_WARPS = block_u, warps
+        print(f"\nBLOCK_U {block_u}, {warps} warps")
+        table()
+
+
+def table():
     print(f"{'W':>2} {'T':>4} {'width':>6} | {'empty fork/join':>15} {'flag':>8} {'flag - empty':>12}  (µs per call, "
           "graph replay, median [min-max])")
     for W in (2, 4):

@@ -59,7 +59,7 @@ class Group:
         T = x.shape[0]
         flag_gather.flag_gather_kernel[(nblocks,)](
             x, out, self.epochs[rank], self.status[rank], T, POLLS, self.region_units, *self.bufs,
-            RANK=rank, W=self.W, BAND_OFFSETS=tuple(self.offsets), ELEM=self.elem_size, BLOCK_U=self.block_u,
+            RANK=rank, W=self.W, PEERS=max(1, 1 << (self.W - 2).bit_length()), BAND_OFFSETS=tuple(self.offsets), ELEM=self.elem_size, BLOCK_U=self.block_u,
             PHASES=phases, PLAIN_STORES=True, INTERPRET=True, **self.options)
 
     def slabs(self, T, seed):

@@ -39,6 +39,7 @@ class OneGpuGroup:
     def __init__(self, widths, dtype, timeout_s=10.0, max_slab_bytes=FLAG_MAX_SLAB_BYTES, **options):
         self.widths, self.dtype, self.W = list(widths), dtype, len(widths)
         self.region_units = flag_protocol.region_units(max_slab_bytes)
+        self.max_slab_bytes = max_slab_bytes
         nbytes = flag_protocol.buffer_bytes(self.W, max_slab_bytes)
         self.buffers = [torch.zeros(nbytes, dtype=torch.uint8, device="cuda") for _ in range(self.W)]
         self.buffer_args = tuple(b.data_ptr() for b in self.buffers) + (0,) * (8 - self.W)
@@ -51,6 +52,7 @@ class OneGpuGroup:
         self.max_blocks = torch.cuda.get_device_properties(0).multi_processor_count // self.W
 
     def launch(self, rank, x, out):
+        assert x.shape[0] * max(self.widths) * self.dtype.itemsize <= self.max_slab_bytes, "slab beyond the buffers"
         plan = self.plans[rank]
         nblocks = push.flag_grid(plan, x.shape[0], self.max_blocks)
         push.run_flag(plan, nblocks, self.streams[rank].cuda_stream, x, out, self.epochs[rank],

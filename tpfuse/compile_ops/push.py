@@ -237,6 +237,10 @@ def _launch_flag(x, hidden_widths, group):
     out = torch.empty(*lead, sum(hidden_widths), dtype=x.dtype, device=x.device)
     if tokens == 0:  # identical on every rank: every rank skips
         return out
+    slab_bytes = tokens * max(hidden_widths) * x.element_size()
+    if slab_bytes > flags.max_slab_bytes:  # dispatch never sends these here; direct callers might
+        raise ValueError(f"tpfuse: the flag protocol holds slabs of up to {flags.max_slab_bytes} bytes, "
+                         f"not {slab_bytes} (T={tokens}, widest band {max(hidden_widths)})")
     key = ("flag", x.dtype, tuple(hidden_widths))
     plan = ws.plans.get(key)
     if plan is None:

@@ -9,7 +9,8 @@ signal or a fence, so the latency is one link traversal plus the local poll
 and copy-out (docs/flag_protocol.md).
 
 Work split.  Block ``b`` takes unit tiles ``b, b + nblocks, ...`` of every band:
-it pushes its own band's tiles, then copies the peers' tiles out.  Blocks never
+it pushes its own band's tiles, then waits for the same tiles of every peer at
+once and copies them out.  Blocks never
 wait for each other, and a block's waits depend only on the peers' pushes,
 which depend on nothing: any grid on any rank completes.
 
@@ -28,10 +29,11 @@ from .flag_protocol import (
     accepted,
     clear_due,
     flags_of,
-    pack_units,
+    get_element,
+    put_element,
     store_unit_pairs,
     take_epoch,
-    unpack_units,
+    unit_of,
 )
 from .peer_args import MAX_RANKS, pick
 
@@ -64,18 +66,23 @@ def _send(x_ptr, out_ptr, e, tokens, pid, nblocks, region, buf0, buf1, buf2, buf
     pad = tl.cdiv(n, 2 * PER) * 2  # units, whole pairs
     for tile in range(pid, tl.cdiv(pad, BLOCK_U), nblocks):
         pair = tile * (BLOCK_U // 2) + tl.arange(0, BLOCK_U // 2)
-        # The even and the odd unit of each pair, loaded apart so that no
-        # reshape moves them through shared memory.
-        k0 = (2 * pair)[:, None] * PER + tl.arange(0, PER)[None, :]
-        k1 = k0 + PER
-        elems0 = tl.load(x_ptr + k0, mask=k0 < n, other=0)
-        elems1 = tl.load(x_ptr + k1, mask=k1 < n, other=0)
-        row0 = k0 // WIDTH
-        row1 = k1 // WIDTH
-        tl.store(out_ptr + row0 * TOTAL + OFF + (k0 - row0 * WIDTH), elems0, mask=k0 < n)
-        tl.store(out_ptr + row1 * TOTAL + OFF + (k1 - row1 * WIDTH), elems1, mask=k1 < n)
-        u0 = pack_units(elems0, e, ELEM)
-        u1 = pack_units(elems1, e, ELEM)
+        # Every tensor is 1-D over pairs, one element position at a time: no
+        # layout conversion through shared memory.
+        w0 = tl.zeros([BLOCK_U // 2], tl.int64)
+        w1 = tl.zeros([BLOCK_U // 2], tl.int64)
+        for c in tl.static_range(PER):
+            k0 = 2 * pair * PER + c
+            k1 = k0 + PER
+            e0 = tl.load(x_ptr + k0, mask=k0 < n, other=0)
+            e1 = tl.load(x_ptr + k1, mask=k1 < n, other=0)
+            row0 = k0 // WIDTH
+            row1 = k1 // WIDTH
+            tl.store(out_ptr + row0 * TOTAL + OFF + (k0 - row0 * WIDTH), e0, mask=k0 < n)
+            tl.store(out_ptr + row1 * TOTAL + OFF + (k1 - row1 * WIDTH), e1, mask=k1 < n)
+            w0 = put_element(w0, e0, c, ELEM)
+            w1 = put_element(w1, e1, c, ELEM)
+        u0 = unit_of(w0, e)
+        u1 = unit_of(w1, e)
         pair_live = 2 * pair < pad
         # Peers in the order rank+1, rank+2, ...: ranks start on different links.
         for s in tl.static_range(1, W):
@@ -84,42 +91,55 @@ def _send(x_ptr, out_ptr, e, tokens, pid, nblocks, region, buf0, buf1, buf2, buf
 
 
 @triton.jit
-def _receive_band(own, out_ptr, e, tokens, pid, nblocks, status, timeout_ns, Q: tl.constexpr,
-                  BAND_OFFSETS: tl.constexpr, TOTAL: tl.constexpr, ELEM: tl.constexpr, BLOCK_U: tl.constexpr,
-                  ACCEPT_STALE: tl.constexpr, INTERPRET: tl.constexpr):
-    """Poll our region of peer Q's band until this call's units are all there, copy them out.
+def _receive(mine, out_ptr, e, parity, tokens, pid, nblocks, status, timeout_ns, region_units, RANK: tl.constexpr,
+             W: tl.constexpr, PEERS: tl.constexpr, BAND_OFFSETS: tl.constexpr, TOTAL: tl.constexpr,
+             ELEM: tl.constexpr, BLOCK_U: tl.constexpr, ACCEPT_STALE: tl.constexpr, INTERPRET: tl.constexpr):
+    """Poll our regions of every peer at once until this call's units are all there, then copy them out.
 
-    Returns the timeout left: 0 once a wait gave up (recorded in ``status``),
-    so that later waits of a failed call do not each spin a full timeout.
+    Lane ``i`` of the [PEERS, BLOCK_U] tiles stands for peer ``rank - 1 - i``:
+    one wait covers every peer's tile, so the peers' latencies overlap.  The
+    loop carries scalars only (Triton 3.6 cannot carry a tensor through a
+    while loop), so the copy-out sits inside it.  Returns the timeout left:
+    0 once a wait gave up (recorded in ``status``), so that the later waits of
+    a failed call do not each spin a full timeout.
     """
     PER: tl.constexpr = _DATA_BYTES // ELEM
-    Q_OFF: tl.constexpr = BAND_OFFSETS[Q]
-    Q_WIDTH: tl.constexpr = BAND_OFFSETS[Q + 1] - BAND_OFFSETS[Q]
-    n = tokens * Q_WIDTH
+    lane = tl.arange(0, PEERS)
+    lane_live = lane < W - 1
+    peer = (RANK + W - 1 - lane) % W
+    width = tl.zeros([PEERS], tl.int32)
+    offset = tl.zeros([PEERS], tl.int32)
+    for i in tl.static_range(W):
+        width = tl.where(peer == i, BAND_OFFSETS[i + 1] - BAND_OFFSETS[i], width)
+        offset = tl.where(peer == i, BAND_OFFSETS[i], offset)
+    n = tl.where(lane_live, tokens * width, 0)  # lanes past the peers (PEERS > W - 1) move nothing
     pad = tl.cdiv(n, 2 * PER) * 2
-    for tile in range(pid, tl.cdiv(pad, BLOCK_U), nblocks):
+    region = mine + (parity * W + peer).to(tl.int64) * region_units
+    for tile in range(pid, tl.cdiv(tl.max(pad, axis=0), BLOCK_U), nblocks):
         u = tile * BLOCK_U + tl.arange(0, BLOCK_U)
-        u_live = u < pad
-        k = u[:, None] * PER + tl.arange(0, PER)[None, :]
-        live = k < n
-        row = k // Q_WIDTH
-        dst = out_ptr + row * TOTAL + Q_OFF + (k - row * Q_WIDTH)
-        # The loop carries scalars only (Triton 3.6 cannot carry a tensor
-        # through a while loop), so the copy-out sits inside it.
+        u_live = u[None, :] < pad[:, None]
+        src = region[:, None] + u[None, :]
         pending = 1
+        missing = W
         start = 0 if INTERPRET else globaltimer()
         spent = start - start
         while (pending > 0) & (spent < timeout_ns):
-            units = tl.load(own + u, mask=u_live, other=0, volatile=True)
-            ready = accepted(flags_of(units), e, ACCEPT_STALE) | (u_live == 0)
-            pending = tl.sum((ready == 0).to(tl.int32), axis=0)
+            units = tl.load(src, mask=u_live, other=0, volatile=True)
+            waiting = (accepted(flags_of(units), e, ACCEPT_STALE) == 0) & u_live
+            per_peer = tl.sum(waiting.to(tl.int32), axis=1)
+            pending = tl.sum(per_peer, axis=0)
+            missing = tl.min(tl.where(per_peer > 0, peer, W), axis=0)
             if pending == 0:
-                tl.store(dst, unpack_units(units, ELEM).to(out_ptr.dtype.element_ty), mask=live)
+                for c in tl.static_range(PER):
+                    k = u[None, :] * PER + c
+                    row = k // width[:, None]
+                    dst = out_ptr + row * TOTAL + offset[:, None] + (k - row * width[:, None])
+                    tl.store(dst, get_element(units, c, ELEM).to(out_ptr.dtype.element_ty), mask=k < n[:, None])
             spent = _now(start, spent + 1, INTERPRET)
         if pending > 0:
             timeout_ns = timeout_ns * 0
             if tl.load(status, volatile=True) == 0:
-                tl.store(status, pid * 256 + (FLAG_TIMEOUT * 16777216 + Q + 1))
+                tl.store(status, pid * 256 + missing + (FLAG_TIMEOUT * 16777216 + 1))
     return timeout_ns
 
 
@@ -135,6 +155,7 @@ def flag_gather_kernel(
     buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7,  # rank r's flag buffer address (0 past W)
     RANK: tl.constexpr,
     W: tl.constexpr,
+    PEERS: tl.constexpr,  # next power of two >= W - 1: one receive lane per peer
     BAND_OFFSETS: tl.constexpr,  # W + 1 column offsets, prefix sums of hidden_widths
     ELEM: tl.constexpr,  # bytes per element: 1, 2 or 4
     BLOCK_U: tl.constexpr,  # units per tile (even)
@@ -160,11 +181,8 @@ def flag_gather_kernel(
               RANK, W, OFF, WIDTH, TOTAL, ELEM, BLOCK_U, PLAIN_STORES)
     if (PHASES & 2) != 0:
         mine = pick(RANK, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7).to(tl.pointer_type(tl.int64))
-        for s in tl.static_range(1, W):
-            # Peer rank-1 first, rank-2 next, ...: the peers push to us in that order.
-            own = mine + (parity * W + (RANK + W - s) % W).to(tl.int64) * region_units
-            timeout_ns = _receive_band(own, out_ptr, e, tokens, pid, nblocks, status, timeout_ns, (RANK + W - s) % W,
-                                       BAND_OFFSETS, TOTAL, ELEM, BLOCK_U, ACCEPT_STALE, INTERPRET)
+        _receive(mine, out_ptr, e, parity, tokens, pid, nblocks, status, timeout_ns, region_units, RANK, W, PEERS,
+                 BAND_OFFSETS, TOTAL, ELEM, BLOCK_U, ACCEPT_STALE, INTERPRET)
         if clear_due(e, CLEAR_PERIOD):
             # Every peer's units of this call have arrived and were read, and no
             # peer writes this parity again before we start the next call.
@@ -202,7 +220,9 @@ def flag_constexprs(elem_size, rank, band_offsets, block_u, **options):
     unknown = set(options) - set(DEFAULT_OPTIONS)
     if unknown:
         raise ValueError(f"unknown flag-gather options {sorted(unknown)}; accepted are {sorted(DEFAULT_OPTIONS)}")
-    return {"RANK": rank, "W": len(band_offsets) - 1, "BAND_OFFSETS": tuple(int(o) for o in band_offsets),
+    world_size = len(band_offsets) - 1
+    return {"RANK": rank, "W": world_size, "PEERS": triton.next_power_of_2(max(world_size - 1, 1)),
+            "BAND_OFFSETS": tuple(int(o) for o in band_offsets),
             "ELEM": elem_size, "BLOCK_U": block_u, **DEFAULT_OPTIONS, **options}
 
 

@@ -5,7 +5,7 @@ on (constants and layout arithmetic, plain Python) and the device functions
 the flag kernel (``flag_gather.py``) is built from.  The design and the safety
 argument are in docs/flag_protocol.md; the short form:
 
-**Units.**  A sender packs its slab into 32-bit data words and stores each word
+**Units.**  A sender packs its slab (flattened, element order) into 32-bit data words and stores each word
 together with a 32-bit flag as one 8-byte *unit* (data in the low half, flag in
 the high half), two units per 16-byte ``st.relaxed.sys.global.v2.b64``.  The
 PTX memory model treats a vector access as scalar accesses of its element
@@ -113,22 +113,23 @@ def take_epoch(epochs, pid, nblocks, ADVANCE: tl.constexpr):
 
 
 @triton.jit
-def pack_units(elems, e, ELEM: tl.constexpr):
-    """[N, PER] elements (as same-sized ints) -> [N] units: the packed 32-bit word, flag ``e`` above it."""
-    PER: tl.constexpr = _DATA_BYTES // ELEM
-    shifts = (tl.arange(0, PER) * (8 * ELEM)).to(tl.int64)
+def put_element(word, elem, c: tl.constexpr, ELEM: tl.constexpr):
+    """``word`` (int64) with element ``c`` of its ``4 // ELEM`` elements set to ``elem`` (an ELEM-byte int)."""
     mask: tl.constexpr = (1 << (8 * ELEM)) - 1
-    word = tl.sum((elems.to(tl.int64) & mask) << shifts[None, :], axis=1)
-    return word | (e.to(tl.int64) << 32)
+    return word | ((elem.to(tl.int64) & mask) << (c * 8 * ELEM))
 
 
 @triton.jit
-def unpack_units(units, ELEM: tl.constexpr):
-    """[N] units -> [N, PER] elements of ELEM bytes (as int32; the caller narrows on store)."""
-    PER: tl.constexpr = _DATA_BYTES // ELEM
-    shifts = (tl.arange(0, PER) * (8 * ELEM)).to(tl.int64)
+def get_element(units, c: tl.constexpr, ELEM: tl.constexpr):
+    """Element ``c`` of each unit's data word, as int32 (the caller narrows it on store)."""
     mask: tl.constexpr = (1 << (8 * ELEM)) - 1
-    return ((units[:, None] >> shifts[None, :]) & mask).to(tl.int32)
+    return ((units >> (c * 8 * ELEM)) & mask).to(tl.int32)
+
+
+@triton.jit
+def unit_of(word, e):
+    """The unit that carries data ``word`` (low 32 bits) under flag ``e`` (high 32 bits)."""
+    return (word & 0xFFFFFFFF) | (e.to(tl.int64) << 32)
 
 
 @triton.jit
