@@ -83,7 +83,7 @@ def test_interpreter_negative_control_stale_epoch(interpreted):
 
 
 def test_interpreter_clear_every_call_stays_exact(interpreted):
-    assert interpreted["clear"] == {"exact": True, "parity0_zeroed": True}
+    assert interpreted["clear"] == {"exact": True, "parity0_zeroed": True, "status": [0, 0, 0]}
 
 
 # --------------------------------------------------------------------------- the choice

@@ -184,12 +184,18 @@ def flag_gather_kernel(
         _receive(mine, out_ptr, e, parity, tokens, pid, nblocks, status, timeout_ns, region_units, RANK, W, PEERS,
                  BAND_OFFSETS, TOTAL, ELEM, BLOCK_U, ACCEPT_STALE, INTERPRET)
         if clear_due(e, CLEAR_PERIOD):
-            # Every peer's units of this call have arrived and were read, and no
-            # peer writes this parity again before we start the next call.
-            start = mine + (parity * W).to(tl.int64) * region_units
-            for tile in range(pid, tl.cdiv(W * region_units, BLOCK_U), nblocks):
-                u = tile * BLOCK_U + tl.arange(0, BLOCK_U)
-                tl.store(start + u, tl.zeros([BLOCK_U], tl.int64), mask=u < W * region_units)
+            # Zero our regions of this parity.  Each block zeroes the tiles it
+            # read itself (the receive's tiling: tiles pid, pid + nblocks, ...
+            # of every region), after reading them (the barrier orders every
+            # thread's poll loads before every thread's zeroing); tiles past
+            # this call's units are read by nobody.  No peer writes this parity
+            # again before we start our next call.
+            tl.debug_barrier()
+            for s in tl.static_range(1, W):
+                region = mine + (parity * W + (RANK + W - s) % W).to(tl.int64) * region_units
+                for tile in range(pid, tl.cdiv(region_units, BLOCK_U), nblocks):
+                    u = tile * BLOCK_U + tl.arange(0, BLOCK_U)
+                    tl.store(region + u, tl.zeros([BLOCK_U], tl.int64), mask=u < region_units)
 
 
 # ---------------------------------------------------------------------------
