@@ -192,10 +192,10 @@ def flag_gather_kernel(
             # again before we start our next call.
             tl.debug_barrier()
             for s in tl.static_range(1, W):
-                region = mine + (parity * W + (RANK + W - s) % W).to(tl.int64) * region_units
+                ours = mine + (parity * W + (RANK + W - s) % W).to(tl.int64) * region_units
                 for tile in range(pid, tl.cdiv(region_units, BLOCK_U), nblocks):
                     u = tile * BLOCK_U + tl.arange(0, BLOCK_U)
-                    tl.store(region + u, tl.zeros([BLOCK_U], tl.int64), mask=u < region_units)
+                    tl.store(ours + u, tl.zeros([BLOCK_U], tl.int64), mask=u < region_units)
 
 
 # ---------------------------------------------------------------------------
