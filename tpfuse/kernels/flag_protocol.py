@@ -101,10 +101,14 @@ def take_epoch(epochs, pid, nblocks, ADVANCE: tl.constexpr):
 
     Slot ``pid`` is read only by this block in this call, and the slots this
     block writes (``pid + k * nblocks``) are read only by later calls, after
-    this kernel ended: no two blocks race.
+    this kernel ended: no two blocks race.  Within the block, a barrier keeps
+    the writes after every thread's read.
     """
     e = tl.load(epochs + pid, volatile=True)
     if ADVANCE:
+        # Every thread loads the slot; none may overwrite it before all have
+        # read it, or the block's warps would disagree on the epoch.
+        tl.debug_barrier()
         e = e + 1
         e = tl.where(e == 0, 2, e)  # 0 is "never written"; 2 keeps the parity alternating
         slots = pid + nblocks * tl.arange(0, _EPOCH_SLOTS)
