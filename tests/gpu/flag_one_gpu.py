@@ -49,12 +49,13 @@ class OneGpuGroup:
         self.plans = [push.flag_plan(r, torch.device("cuda", torch.cuda.current_device()), dtype, self.widths,
                                      **options) for r in range(self.W)]
         self.streams = [torch.cuda.Stream() for _ in range(self.W)]
-        self.max_blocks = torch.cuda.get_device_properties(0).multi_processor_count // self.W
+        #: per rank, the most blocks its kernels get (all ranks' kernels must fit on the one GPU at once)
+        self.max_blocks = [torch.cuda.get_device_properties(0).multi_processor_count // self.W] * self.W
 
     def launch(self, rank, x, out):
         assert x.shape[0] * max(self.widths) * self.dtype.itemsize <= self.max_slab_bytes, "slab beyond the buffers"
         plan = self.plans[rank]
-        nblocks = push.flag_grid(plan, x.shape[0], self.max_blocks)
+        nblocks = push.flag_grid(plan, x.shape[0], self.max_blocks[rank])
         push.run_flag(plan, nblocks, self.streams[rank].cuda_stream, x, out, self.epochs[rank],
                       self.status[rank].data_ptr(), self.timeout_ns, self.region_units, self.buffer_args)
 
