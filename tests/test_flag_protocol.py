@@ -168,3 +168,54 @@ def test_flag_timeout_report_names_the_missing_rank():
     ws.status_view = np.array([3 * 2**24 + 5 * 256 + 2 + 1], dtype=np.int32)
     with pytest.raises(RuntimeError, match=r"timed out in the flag wait \(block 5\) after 2s waiting for rank 2"):
         push.raise_if_failed(ws)
+
+
+# --------------------------------------------------------------------------- the passes
+
+
+def test_pass_reports_the_protocol_and_never_claims_a_barrier_the_flag_protocol_lacks(monkeypatch):
+    """A post-grad-like graph on (fake) CUDA tensors: the small gather is reported as the flag protocol,
+    with no saved barrier and as a fence without an exit barrier; the large one as the barrier push,
+    whose skipped entry barrier is a real saving; a symbolic T is decided per call."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from tpfuse.passes.barrier_elision import decide_barriers
+
+    monkeypatch.delenv("TPFUSE_BACKEND", raising=False)
+    monkeypatch.setenv("TPFUSE_FLAG_MAX_BYTES", str(64 << 10))
+
+    def two_gathers(x, y, a, b):
+        h1 = torch.ops.tpfuse.all_gather_hidden(x @ a, [8, 8], "0")  # 4 x 8 bf16: a 64-byte slab
+        h2 = torch.ops.tpfuse.all_gather_hidden(y @ b + h1.sum(), [8, 8], "0")  # 8192 x 8: 128 KiB
+        return h2
+
+    with FakeTensorMode():
+        args = [torch.empty(s, device="cuda", dtype=torch.bfloat16) for s in ((4, 16), (8192, 16), (16, 8), (16, 8))]
+        graph = make_fx(two_gathers)(*args).graph
+    small, large = decide_barriers(graph)
+    assert small.protocol == "flag" and "TPFUSE_FLAG_MAX_BYTES" in small.protocol_reason
+    assert not small.saves_a_barrier
+    assert str(small).startswith(f"{small.gather} group '0': no barriers, flag protocol")
+    assert large.protocol == "barrier push" and "above the flag protocol's 65536 bytes" in large.protocol_reason
+    assert large.skip_entry_sync and large.saves_a_barrier
+    assert "flag protocol: finished on one rank = started on every rank" in large.reason
+    assert "exit barrier of" not in large.reason
+
+    monkeypatch.delenv("TPFUSE_FLAG_MAX_BYTES")  # nothing measured on this (absent) device
+    with FakeTensorMode():
+        args = [torch.empty(s, device="cuda", dtype=torch.bfloat16) for s in ((4, 16), (8192, 16), (16, 8), (16, 8))]
+        graph = make_fx(two_gathers)(*args).graph
+    assert [d.protocol for d in decide_barriers(graph)] == ["barrier push"] * 2
+    assert "flag protocol not measured" in decide_barriers(graph)[0].protocol_reason
+
+
+def test_planned_backend_for_symbolic_T_cpu_and_forcing(monkeypatch):
+    monkeypatch.delenv("TPFUSE_BACKEND", raising=False)
+    assert dispatch.planned_backend("cuda", torch.bfloat16, None, [8, 8])[0] == "per call"
+    assert dispatch.planned_backend("cpu", torch.bfloat16, 4, [8, 8])[0] == "gloo"
+    monkeypatch.setenv("TPFUSE_BACKEND", "flag")
+    assert dispatch.planned_backend("cuda", torch.bfloat16, 4, [8, 8])[0] == "flag"
+    assert dispatch.planned_backend("cuda", torch.bfloat16, 1 << 20, [8, 8])[0] == "barrier push"  # too big
+    monkeypatch.setenv("TPFUSE_BACKEND", "nccl")
+    assert dispatch.planned_backend("cuda", torch.bfloat16, 4, [8, 8])[0] == "nccl"

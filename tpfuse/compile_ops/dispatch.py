@@ -225,3 +225,46 @@ def _flag_serves(ws, slab_bytes, forced, refuse) -> bool:
             return False
         workspaces.ensure_flag_buffers(ws, FLAG_MAX_SLAB_BYTES)
     return True
+
+
+# --------------------------------------------------------------------------- what a compiler can know
+
+
+def _local_device_name() -> str:
+    try:
+        return torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    except Exception:  # noqa: BLE001 - no driver: nothing measured applies
+        return ""
+
+
+def planned_backend(device_type: str, dtype: torch.dtype, tokens: int | None, hidden_widths) -> tuple[str, str]:
+    """The protocol a gather of this shape will run, as far as compile time can tell: (name, why).
+
+    ``tokens`` is None when T is symbolic.  Names: ``gloo``, ``nccl``,
+    ``flag``, ``barrier push`` and ``per call``.  This is a prediction for
+    reports: the op decides at run time from the group's agreed facts (a
+    group that cannot push takes NCCL; ranks with different GPU models never
+    take the flag protocol by default), and the passes never make a
+    correctness decision from it.
+    """
+    forced = forced_backend()
+    if device_type == "cpu":
+        return "gloo", "CPU tensors go through gloo"
+    if device_type != "cuda":
+        return "none", f"no backend moves {device_type!r} tensors"
+    if forced == "nccl":
+        return "nccl", "TPFUSE_BACKEND=nccl"
+    if tokens is None:
+        return "per call", ("T is symbolic: each call takes the flag protocol or the barrier push by its own "
+                            "slab size (T is the same on every rank)")
+    slab = tokens * max(hidden_widths) * dtype.itemsize
+    if forced == "p2p":
+        return "barrier push", "TPFUSE_BACKEND=p2p"
+    if forced == "flag" and slab <= FLAG_MAX_SLAB_BYTES:
+        return "flag", "TPFUSE_BACKEND=flag"
+    limit, why = flag_limit(_local_device_name(), len(hidden_widths))
+    if slab <= limit:
+        return "flag", f"a {slab}-byte slab, within the flag protocol's {limit} bytes ({why})"
+    if limit == 0:
+        return "barrier push", why
+    return "barrier push", f"a {slab}-byte slab, above the flag protocol's {limit} bytes ({why})"

@@ -86,8 +86,21 @@ class BarrierDecision:
     reason: str  # why the entry barrier is kept or skipped
     zero_copy: bool
     zero_copy_reason: str
+    #: the protocol the op is expected to run (dispatch.planned_backend) and why; the
+    #: decision above applies when it runs the barrier push, and is ignored otherwise
+    protocol: str = ""
+    protocol_reason: str = ""
+
+    @property
+    def saves_a_barrier(self) -> bool:
+        """A skipped entry barrier that would otherwise have run (the flag protocol has none to skip)."""
+        return self.skip_entry_sync and self.protocol not in ("flag", "gloo", "nccl")
 
     def __str__(self) -> str:
+        if self.protocol == "flag":
+            return (f"{self.gather} group {self.group_name!r}: no barriers, flag protocol ({self.protocol_reason}); "
+                    f"should a call take the barrier push: slot {self.slot}, entry barrier "
+                    f"{'skipped' if self.skip_entry_sync else 'kept'}")
         barrier = ("skipped: " if self.skip_entry_sync else "") + self.reason
         copy = "zero-copy" if self.zero_copy else "copy"
         return (f"{self.gather} group {self.group_name!r} slot {self.slot} ({self.slot_reason}); "
@@ -254,7 +267,13 @@ def _fence_of(node: Node):
         group = _arg(node, 2, "group_name")
         x = _arg(node, 0, "x")
         if isinstance(group, str) and _launches(node, x):
-            return _key_of_gather(node), Fence(node.name, node.name, f"(a) exit barrier of {node.name}")
+            if _protocol_of(node)["protocol"] == "flag":
+                # No exit barrier, but the same fact: a rank finishes the call only
+                # after every peer's units of it arrived, sent when each peer started it.
+                kind = f"(a) {node.name} (flag protocol: finished on one rank = started on every rank)"
+            else:
+                kind = f"(a) exit barrier of {node.name}"
+            return _key_of_gather(node), Fence(node.name, node.name, kind)
         return None, None
     if node.op == "call_function" and node.target is _tpfuse("reduce_scatter_hidden"):
         # Its c10d reduce-scatter is synchronous on the current stream.
@@ -369,7 +388,22 @@ def decide_barriers(graph: Graph, elide: bool = True, zero_copy: bool = False) -
     for key in dict.fromkeys(_key_of_gather(g) for g in gathers):
         on_key = [g for g in gathers if _key_of_gather(g) == key]
         decisions.update(_decide_group(on_key, key_masks.get(key, 0), order, zero_copy))
-    return [decisions[g.name] for g in gathers]
+    return [replace(decisions[g.name], **_protocol_of(g)) for g in gathers]
+
+
+def _protocol_of(node: Node) -> dict:
+    """What the op is expected to run for this node (for the report only; see BarrierDecision)."""
+    if node.target is _tpfuse("linear_all_gather_hidden"):
+        return {"protocol": "fused barrier push", "protocol_reason": "the fused linear + push kernel"}
+    from ..compile_ops.dispatch import planned_backend
+
+    x, widths = _val(_arg(node, 0, "x")), _arg(node, 1, "hidden_widths")
+    if not isinstance(x, torch.Tensor) or x.dim() == 0 or not isinstance(widths, (list, tuple)):
+        return {"protocol": "per call", "protocol_reason": "the input's shape is unknown here"}
+    lead = x.shape[:-1]
+    tokens = int(torch.Size(lead).numel()) if all(isinstance(d, int) for d in lead) else None
+    name, why = planned_backend(x.device.type, x.dtype, tokens, [int(w) for w in widths])
+    return {"protocol": name, "protocol_reason": why}
 
 
 def _decide_group(gathers: list[Node], fences: int, order: _Order, allow_zero_copy: bool = False
