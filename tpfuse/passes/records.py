@@ -118,12 +118,13 @@ class GraphReport:
 
     def header(self) -> str:
         mode = ", dry run" if self.dry_run else ""
-        origin = (f", loaded from the FX graph cache (compiled as {self.cached_from})"
-                  if self.from_cache else "")
+        origin = f"compile {self.compile_id}, "
+        if self.from_cache:
+            origin = f"loaded from the FX graph cache, compiled as {self.cached_from}; "
         others = (f", {len(self.other_collectives)} other collective(s)"
                   if self.other_collectives else "")
         timing = "" if self.from_cache else f", {self.pass_ms:.1f} ms"
-        return (f"graph {self.graph_index} (compile {self.compile_id}, rank {self.rank}{mode}{origin}): "
+        return (f"graph {self.graph_index} ({origin}rank {self.rank}{mode}): "
                 f"{len(self.matches)} match(es), {self.rewritten} rewritten, "
                 f"{len(self.near_misses)} near-miss(es){others}{timing}")
 
