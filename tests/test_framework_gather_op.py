@@ -209,3 +209,16 @@ def test_two_ranks_sharing_a_cache_dir_both_report_the_match(tmp_path):
         for r in results:
             assert r["matches"] == gathered and all(r["equal"]), r
     assert "loaded from the FX graph cache" in per_rank[1][0]["report"]
+
+
+def test_patterns_doc_quotes_the_tested_example():
+    """Every code block of docs/patterns.md marked as taken from the example is in it verbatim."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    doc = open(os.path.join(root, "docs", "patterns.md")).read()
+    example = open(os.path.join(root, "examples", "framework_gather_op.py")).read()
+    blocks = [b.split("```", 1)[0] for b in doc.split("```python\n")[1:]]
+    quoted = [b for b in blocks if b.startswith("# from examples/framework_gather_op.py\n")]
+    assert len(quoted) >= 4
+    for block in quoted:
+        body = block.split("\n", 1)[1]
+        assert body.strip() in example, body
