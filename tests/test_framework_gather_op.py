@@ -91,6 +91,23 @@ return [all_gather_hidden]""")
             """gather_site: group argument 'pp:0' of myserve::all_gather cannot be mapped to a process group by pattern 'myserve_all_gather''s group_resolver: KeyError: 'pp:0'""",
         )
 
+    def test_world_size_from_the_group_and_positional_anchor_args(self):
+        # world_size=None: the world size is the resolved group's; arguments by position
+        by_group = replace(fw.MYSERVE_GATHER, name="by_group", anchor_args=AnchorArgs(0, None, 3))
+        with tpfuse.pattern_scope(by_group):
+            _, rep = capture(*self._head())
+        self.assertEqual([(m.pattern, m.world_size, m.group_name) for m in rep.matches],
+                         [("by_group", 2, "0")])
+
+    def test_a_resolver_returning_something_else_is_a_near_miss(self):
+        odd = replace(fw.MYSERVE_GATHER, name="odd", group_resolver=lambda name: 3)
+        with tpfuse.pattern_scope(odd):
+            _, rep = capture(*self._head())
+        self.assertExpectedInline(
+            "\n".join(f"{n.pattern}: {n.reason}" for n in rep.near_misses),
+            """gather_site: group argument 'tp:0' of myserve::all_gather cannot be mapped to a process group by pattern 'odd''s group_resolver: TypeError: the group resolver returned int; accepted are a ProcessGroup or a c10d group name (str)""",
+        )
+
     def test_a_pattern_that_declines_every_call_is_reported(self):
         declining = replace(fw.MYSERVE_GATHER, name="declines", match=lambda site: None)
         with tpfuse.pattern_scope(declining):

@@ -123,6 +123,14 @@ def loaded_since_last_look() -> list[Stored | str]:
     return out
 
 
+def mark_all_seen() -> None:
+    """Forget cache hits so far (``enable()`` / ``reset_report()`` start a new report)."""
+    counter = _counters()
+    with _SEEN.lock:
+        seen = _SEEN.view(counter)
+        seen.update({k: v for k, v in counter.items() if k.startswith(TAG)})
+
+
 def _load(digest: str) -> Stored | str:
     path = records_dir() / f"{digest}.pkl"
     try:

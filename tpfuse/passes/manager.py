@@ -146,6 +146,7 @@ def report(all: bool = False) -> Report:  # noqa: A002 - reads well at the call 
 
 def reset_report() -> None:
     _STORE.clear()
+    cache_records.mark_all_seen()
 
 
 def _collect_cached_graphs() -> None:

@@ -290,9 +290,9 @@ class FusionPattern:
     def _check_anchor_args(self) -> None:
         from .traced import PatternError
 
-        if self.anchor_args is None:
-            return  # the functional gather's own reading (hidden_gather.gather_sites)
-        spec = self.anchor_args
+        if self.reads_functional_gather:
+            return  # the functional gather's own reading (hidden_gather.read_functional_site)
+        spec = self.site_args()
         if not isinstance(spec, AnchorArgs):
             raise PatternError(f"tpfuse: pattern {self.name!r}: anchor_args must be "
                                f"AnchorArgs(local=, world_size=, group=), got {spec!r}")
