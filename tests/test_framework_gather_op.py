@@ -117,6 +117,18 @@ return [all_gather_hidden]""")
             """no_pattern: the pattern(s) anchored on myserve::all_gather (declines) do not recognise call all_gather: each returned None""",
         )
 
+    def test_a_functional_gather_no_selected_pattern_anchors_on_is_a_near_miss(self):
+        import torch.distributed._functional_collectives as funcol
+
+        def gather(h, w):
+            return funcol.all_gather_tensor(h @ w.t(), gather_dim=1, group=dist.group.WORLD)
+
+        _, rep = capture(gather, torch.randn(5, 8), torch.randn(6, 8), patterns=())
+        self.assertExpectedInline(
+            "\n".join(f"{n.pattern}: {n.reason}" for n in rep.near_misses),
+            """no_anchor: collective `_c10d_functional::all_gather_into_tensor`: none of the selected patterns anchors on it (tpfuse.enable(patterns=...) left them out)""",
+        )
+
     def test_other_collectives_are_listed_apart(self):
         import torch.distributed._functional_collectives as funcol
 

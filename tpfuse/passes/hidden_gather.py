@@ -259,6 +259,11 @@ def _unclaimed_collective(node: Node, result: FindResult) -> None:
     op = op_label(called_op(node))
     if node.target in facts.ALL_GATHERS_COALESCED:
         result.near_misses.append(NearMiss(SITE, read_functional_site(node), (node.name,)))
+    elif kind == GATHER and node.target in facts.ALL_GATHERS:  # left out by enable(patterns=...)
+        result.near_misses.append(NearMiss(
+            NO_ANCHOR, f"collective `{op}`: none of the selected patterns anchors on it "
+            "(tpfuse.enable(patterns=...) left them out)", (node.name,),
+        ))
     elif kind == GATHER:
         result.near_misses.append(NearMiss(
             NO_ANCHOR, f"opaque collective `{op}`: no registered pattern anchors on it",
