@@ -68,18 +68,20 @@ def _counters():
 
 
 class _Seen:
-    """Counts of our counter keys already accounted for, per ``counters`` object
-    (a test that clears the counters starts a new object)."""
+    """Counts of our counter keys already accounted for.
+
+    Keyed by name only: Inductor replaces ``counters["inductor"]`` by a copy of
+    itself (its pattern matcher's lazy init), so the object is not a stable
+    identity.  A count below what was seen means the counters were cleared
+    (torch's test cases do): what is there now is new."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.owner: int | None = None
         self.counts: dict[str, int] = {}
 
-    def view(self, counter) -> dict[str, int]:
-        if self.owner != id(counter):
-            self.owner, self.counts = id(counter), {}
-        return self.counts
+    def unseen(self, key: str, count: int) -> int:
+        seen = self.counts.get(key, 0)
+        return count if count < seen else count - seen
 
 
 _SEEN = _Seen()
@@ -102,8 +104,7 @@ def store(graph_report: GraphReport, before: str | None, after: str | None) -> s
     counter = _counters()
     with _SEEN.lock:
         counter[TAG + digest] += 1
-        seen = _SEEN.view(counter)
-        seen[TAG + digest] = seen.get(TAG + digest, 0) + 1  # this compile, not a cache hit
+        _SEEN.counts[TAG + digest] = counter[TAG + digest]  # this compile, not a cache hit
     return digest
 
 
@@ -113,13 +114,12 @@ def loaded_since_last_look() -> list[Stored | str]:
     counter = _counters()
     out: list[Stored | str] = []
     with _SEEN.lock:
-        seen = _SEEN.view(counter)
         for key, count in list(counter.items()):
-            if not key.startswith(TAG) or count <= seen.get(key, 0):
-                continue
-            loaded = _load(key[len(TAG):])
-            out += [loaded] * (count - seen.get(key, 0))
-            seen[key] = count
+            new = _SEEN.unseen(key, count) if key.startswith(TAG) else 0
+            if new:
+                out += [_load(key[len(TAG):])] * new
+            if key.startswith(TAG):
+                _SEEN.counts[key] = count
     return out
 
 
@@ -127,8 +127,7 @@ def mark_all_seen() -> None:
     """Forget cache hits so far (``enable()`` / ``reset_report()`` start a new report)."""
     counter = _counters()
     with _SEEN.lock:
-        seen = _SEEN.view(counter)
-        seen.update({k: v for k, v in counter.items() if k.startswith(TAG)})
+        _SEEN.counts.update({k: v for k, v in counter.items() if k.startswith(TAG)})
 
 
 def _load(digest: str) -> Stored | str:
