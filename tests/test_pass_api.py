@@ -11,6 +11,7 @@ import textwrap
 import pytest
 import torch
 import torch._inductor.config as inductor_config
+from expecttest import TestCase
 
 import tpfuse
 from tpfuse.passes import TpfusePass
@@ -22,6 +23,13 @@ try:
     from torch._inductor.custom_graph_pass import CustomGraphPass
 except ImportError:  # pragma: no cover
     CustomGraphPass = object
+
+class ExpectTest(TestCase):
+    """assertExpectedInline outside a TestCase class."""
+
+    def runTest(self):  # noqa: N802 - unittest's name
+        pass
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -117,12 +125,13 @@ def test_report_table_and_dump_files(tmp_path, monkeypatch):
     with fake_world(2):
         _, graph_report = capture(_funcol_gather, torch.randn(4, 16), torch.randn(8, 16))
     text = str(tpfuse.passes.Report([graph_report]))
-    assert "split_cat" in text and "cat -> all_gather_hidden_default" in text
-    # the table says what was decided; the "why" lines under it say why, per tpfuse gather
-    assert "| kept          | copied" in text
-    assert "    all_gather_hidden_default: entry barrier kept: no fence on group" in text
-    assert "result copied: the result (or a view of it) is a graph output" in text
-    assert "mm(arg1_1 @ arg0_1.T)" in text
+    # CPU tensors run gloo's all_gather: no slot, barrier or zero-copy column, no why: lines
+    table = text.splitlines()[1:4]
+    ExpectTest().assertExpectedInline("\n".join(table), """\
+  node                      | pattern   | output         | group   | widths | dtype   | producer              | backend
+  --------------------------+-----------+----------------+---------+--------+---------+-----------------------+--------
+  all_gather_hidden_default | split_cat | cat (replaced) | '0' W=2 | 2x8    | float32 | mm(arg1_1 @ arg0_1.T) | gloo""")
+    assert "why:" not in text and "slot" not in text and "zero-copy" not in text
     (dump,) = tmp_path.iterdir()
     assert dump.name.startswith("rank0_graph") and dump == tmp_path / os.path.basename(graph_report.dump_path)
     code = dump.read_text()
@@ -133,6 +142,24 @@ def test_report_table_and_dump_files(tmp_path, monkeypatch):
     # one gather, nothing before it on the group: no proof the entry barrier can go
     assert match.skip_entry_sync is False and match.reason.startswith("entry barrier kept: ")
     assert any("all_gather_hidden" in line for line in match.after)
+
+
+def test_report_rows_and_why_lines_share_the_node_key_on_cuda():
+    """On CUDA tensors the push path runs: the decisions and their reasons are shown,
+    the why: lines keyed by the same node name as the table's first column."""
+    with fake_world(2):
+        _, graph_report = capture(_funcol_gather, torch.randn(4, 16), torch.randn(8, 16))
+    graph_report.devices = {name: "cuda" for name in graph_report.devices}  # as a CUDA graph records it
+    lines = str(tpfuse.passes.Report([graph_report])).splitlines()
+    ExpectTest().assertExpectedInline("\n".join(lines[1:]), """\
+  node                      | pattern   | output         | group   | widths | dtype   | producer              | backend   | slot | entry barrier | result
+  --------------------------+-----------+----------------+---------+--------+---------+-----------------------+-----------+------+---------------+-------
+  all_gather_hidden_default | split_cat | cat (replaced) | '0' W=2 | 2x8    | float32 | mm(arg1_1 @ arg0_1.T) | push/nccl | -1   | kept          | copied
+  why:
+    all_gather_hidden_default: entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still be reading the slot for a call before this graph
+                               result copied: the result (or a view of it) is a graph output""")
+    row_key = lines[3].split("|")[0].strip()
+    assert lines[5].strip().startswith(row_key + ":")
 
 
 def test_report_says_when_nothing_ran():
@@ -169,18 +196,21 @@ _CACHE_SCRIPT = textwrap.dedent(
         "miss": counters["inductor"]["fxgraph_cache_miss"],
         "bypass": counters["inductor"]["fxgraph_cache_bypass"],
         "op_calls": len(calls),
-        "graphs_through_pass": len(tpfuse.report(all=True).graphs),
+        "graphs": [(g.from_cache, [m.pattern for m in g.matches], g.dump_path is not None)
+                   for g in tpfuse.report(all=True).graphs],
     }))
     """
 )
 
 
-def _compile_in_fresh_process(cache_dir, config, trace_dir=None):
+def _compile_in_fresh_process(cache_dir, config, trace_dir=None, dump_dir=None):
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache_dir), PYTHONPATH=REPO)
     env.pop("TPFUSE_DUMP_DIR", None)
     env.pop("TORCH_TRACE", None)
     if trace_dir is not None:
         env["TORCH_TRACE"] = str(trace_dir)
+    if dump_dir is not None:
+        env["TPFUSE_DUMP_DIR"] = str(dump_dir)
     out = subprocess.run(
         [sys.executable, "-c", _CACHE_SCRIPT, json.dumps(config)],
         env=env, capture_output=True, text=True, timeout=300,
@@ -189,21 +219,57 @@ def _compile_in_fresh_process(cache_dir, config, trace_dir=None):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_fx_graph_cache_hit_in_fresh_process_keeps_rewrite(tmp_path):
+def test_fx_graph_cache_hit_in_fresh_process_keeps_rewrite_and_report(tmp_path):
     trace_dir = tmp_path / "trace"
     first = _compile_in_fresh_process(tmp_path / "cache", {}, trace_dir=trace_dir)
     assert (first["miss"], first["hit"], first["bypass"]) == (1, 0, 0), first
-    assert first["op_calls"] == 1 and first["graphs_through_pass"] == 1
+    assert first["op_calls"] == 1 and first["graphs"] == [[False, ["split_cat"], False]]
     # TORCH_TRACE (tlparse) carries the before/after graphs and the report as artifacts
     trace = "".join(p.read_text() for p in trace_dir.iterdir())
     for artifact in ("tpfuse_before", "tpfuse_after", "tpfuse_report"):
         assert f'"name": "{artifact}"' in trace, artifact
 
-    second = _compile_in_fresh_process(tmp_path / "cache", {})
+    dumps = tmp_path / "dumps"
+    second = _compile_in_fresh_process(tmp_path / "cache", {}, dump_dir=dumps)
     assert (second["hit"], second["miss"], second["bypass"]) == (1, 0, 0), second
-    assert second["graphs_through_pass"] == 0  # served from the cache: the pass did not run
-    assert second["op_calls"] == 1  # ...and the cached graph still calls the tpfuse op
+    assert second["op_calls"] == 1  # the cached graph still calls the tpfuse op
+    # served from the cache, the pass did not run; its stored records are reported, marked
+    assert second["graphs"] == [[True, ["split_cat"], True]], second
+    (dump,) = dumps.iterdir()
+    text = dump.read_text()
+    assert "loaded from the FX graph cache" in text and "split_cat" in text
+    # the first run traced its graphs (TORCH_TRACE), so their code was stored with the records
+    assert "# ===== after tpfuse =====" in text and "tpfuse.all_gather_hidden.default" in text
 
     changed = _compile_in_fresh_process(tmp_path / "cache", {"dry_run": True})
     assert (changed["miss"], changed["hit"]) == (1, 0), changed  # new key, not the cached rewrite
-    assert changed["op_calls"] == 0
+    assert changed["op_calls"] == 0 and changed["graphs"] == [[False, ["split_cat"], False]]
+
+
+def test_second_compile_in_one_process_reports_the_cached_graph(tmp_path, monkeypatch):
+    """``torch._dynamo.reset()`` then the same compile: Inductor serves the graph from its
+    cache, the pass does not run, and report() still lists the match, marked."""
+    import torch._functorch.config as functorch_config
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    saved = inductor_config.post_grad_custom_post_pass
+    x, w = torch.randn(4, 16), torch.randn(8, 16)
+    try:
+        with fake_world(2), inductor_config.patch(fx_graph_cache=True), \
+                functorch_config.patch(enable_autograd_cache=True):
+            tpfuse.enable()
+            reports = []
+            for _ in range(2):
+                torch._dynamo.reset()
+                hits = counters["inductor"]["fxgraph_cache_hit"]
+                torch.compile(_funcol_gather, fullgraph=True)(x, w)
+                rep = tpfuse.report()
+                reports.append((counters["inductor"]["fxgraph_cache_hit"] - hits,
+                                [(g.from_cache, [m.pattern for m in g.matches]) for g in rep.graphs]))
+            # Inductor's pattern matcher replaces the counters by a copy: no hit is new
+            counters["inductor"] = counters["inductor"].copy()
+            assert tpfuse.report().graphs == []
+    finally:
+        inductor_config.post_grad_custom_post_pass = saved
+    assert reports == [(0, [(False, ["split_cat"])]), (1, [(True, ["split_cat"])])], reports

@@ -1,4 +1,4 @@
-"""Issue 5: registering fusion patterns -- registry, priority, cache key, registration-time
+"""Registering fusion patterns -- registry, priority, cache key, registration-time
 errors, and the worked example of docs/patterns.md end to end on gloo."""
 
 from __future__ import annotations

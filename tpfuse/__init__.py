@@ -2,6 +2,7 @@
 
 from .compile_ops import all_gather_hidden
 from .passes import (
+    AnchorArgs,
     Candidate,
     Example,
     FusionPattern,
@@ -21,6 +22,6 @@ from .passes import (
 __version__ = "0.1.0"
 __all__ = [
     "all_gather_hidden", "backend", "disable", "enable", "enabled", "report",
-    "FusionPattern", "Candidate", "Reject", "Precondition", "Example",
+    "FusionPattern", "AnchorArgs", "Candidate", "Reject", "Precondition", "Example",
     "register_pattern", "unregister_pattern", "registered_patterns", "pattern_scope",
 ]

@@ -5,19 +5,30 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
+
+from .explain import EntryError
 
 
-def main(argv: list[str] | None = None) -> int:
+def _verbosity(parser: argparse.ArgumentParser, dest: str) -> None:
+    parser.add_argument("-v", "--verbose", dest=dest, action="count", default=0,
+                        help="more log output and full tracebacks (-vv: debug)")
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tpfuse", description="tpfuse command line")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    # -v is accepted before and after the subcommand; the two counts add up
+    _verbosity(parser, "verbose_before")
     sub = parser.add_subparsers(dest="command", required=True)
     p_demo = sub.add_parser("demo", help="run tpfuse on spawned ranks and check the results")
+    _verbosity(p_demo, "verbose")
     p_demo.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p_demo.add_argument("--nproc", type=int, default=2, help="number of ranks (default 2)")
     p_demo.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the ranks")
     p_explain = sub.add_parser(
         "explain", help="compile MODULE:FUNCTION with tpfuse on spawned ranks; print the report, dump graphs"
     )
+    _verbosity(p_explain, "verbose")
     p_explain.add_argument("entry", metavar="MODULE:FUNCTION", help="e.g. mypkg.model:step or model.py:step")
     p_explain.add_argument("--nproc", type=int, default=2, help="number of ranks (default 2)")
     p_explain.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -28,14 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     p_explain.add_argument("--zero-copy", action="store_true",
                            help="also let proven gathers return a view of their slot")
     p_bench = sub.add_parser("bench", help="run the GPU benchmarks (torchrun); write tables and PNG plots")
+    _verbosity(p_bench, "verbose")
     p_bench.add_argument("--nproc", type=int, default=4, help="GPUs to use (default 4)")
     p_bench.add_argument("--out", default="tpfuse_bench", help="folder for tables and plots")
     p_bench.add_argument("--only", default=None, help="run only benchmarks whose file name contains this")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING - 10 * min(args.verbose, 2),
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    return parser
+
+
+def _run(args) -> int:
     if args.command == "demo":
         from . import demo
 
@@ -45,12 +56,25 @@ def main(argv: list[str] | None = None) -> int:
 
         return explain.run(args.entry, args.nproc, args.dump_dir, args.device, args.timeout,
                            args.fuse_linear, args.zero_copy)
-    if args.command == "bench":
-        from . import bench
+    from . import bench
 
-        return bench.run(args.nproc, args.out, args.only)
-    parser.error(f"unknown command {args.command!r}")
-    return 2
+    return bench.run(args.nproc, args.out, args.only)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    verbose = args.verbose_before + args.verbose
+    logging.basicConfig(
+        level=logging.WARNING - 10 * min(verbose, 2),
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return _run(args)
+    except EntryError as err:
+        if verbose:
+            traceback.print_exc()
+        print(f"python -m tpfuse {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

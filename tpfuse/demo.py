@@ -49,7 +49,7 @@ def run(device: str = "cpu", nproc: int = 2, timeout: float = 300.0) -> int:
         ok &= same
         print(f"{tokens:>5} {dtype:>9} {str(shape):>14}  {'yes' if same else 'NO'}")
 
-    from .demo_compile import run_compile_demo  # the compiler half (issue 3 item 7)
+    from .demo_compile import run_compile_demo  # the compiler half
 
     ok &= run_compile_demo(device, nproc, timeout, backend)
     print("\nOK" if ok else "\nMISMATCH")

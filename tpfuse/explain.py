@@ -25,6 +25,10 @@ import sys
 log = logging.getLogger("tpfuse.explain")
 
 
+class EntryError(Exception):
+    """A problem with the user's entry, said in one line (the traceback only with -v)."""
+
+
 def load_entry(spec: str):
     """``package.module:function`` or ``path/to/file.py:function``."""
     module_name, sep, attr = spec.rpartition(":")
@@ -48,17 +52,6 @@ def load_entry(spec: str):
         raise AttributeError(f"tpfuse explain: {module_name!r} has no attribute {attr!r}") from None
 
 
-def _compile_fresh() -> None:
-    """A graph served from Inductor's FX graph cache (or AOTAutograd's cache)
-    skips the post-grad passes, so it would leave no report and no dump."""
-    import torch._functorch.config as functorch_config
-    import torch._inductor.config as inductor_config
-
-    inductor_config.fx_graph_cache = False
-    if hasattr(functorch_config, "enable_autograd_cache"):
-        functorch_config.enable_autograd_cache = False
-
-
 def _explain_rank(rank: int, world_size: int, spec: str, dump_dir: str, device: str, options: dict):
     import torch
 
@@ -66,7 +59,7 @@ def _explain_rank(rank: int, world_size: int, spec: str, dump_dir: str, device: 
 
     if device == "cuda":
         torch.cuda.set_device(rank)
-    _compile_fresh()
+    # The FX graph cache stays on: a graph it serves still has its report (docs/passes.md#caching).
     entry = load_entry(spec)
     with tpfuse.enabled(dump_dir=dump_dir, **options):
         result = entry()
@@ -87,13 +80,20 @@ def run(spec: str, nproc: int = 2, dump_dir: str = "tpfuse_dumps", device: str =
         timeout: float = 600.0, fuse_linear: bool = False, zero_copy: bool = False) -> int:
     from .ranks import run_ranks
 
-    load_entry(spec)  # fail here, with one clear message, not once per rank
+    try:
+        load_entry(spec)  # fail here, with one clear message, not once per rank
+    except Exception as err:  # noqa: BLE001 - any failure to load is the entry's problem
+        raise EntryError(_one_line(err)) from err
     dump_dir = str(pathlib.Path(dump_dir).resolve())
     backend = "nccl" if device == "cuda" else "gloo"
     print(f"tpfuse explain {spec}: {nproc} {backend} ranks, dumps in {dump_dir}")
     log.info("spawning ranks and compiling (first compiles take a while)")
     options = {"fuse_linear": fuse_linear, "zero_copy": zero_copy}  # tpfuse.enable's opt-in rewrites
-    per_rank = run_ranks(nproc, _explain_rank, spec, dump_dir, device, options, backend=backend, timeout=timeout)
+    try:
+        per_rank = run_ranks(nproc, _explain_rank, spec, dump_dir, device, options, backend=backend,
+                             timeout=timeout)
+    except (AssertionError, RuntimeError, TimeoutError) as err:
+        raise EntryError(f"{spec} failed: {_rank_failures(err)} (-v shows the tracebacks)") from err
     text, shape, matches, near = per_rank[0]
     print(text)
     differing = [r for r, (_, s, _, _) in enumerate(per_rank) if s != shape]
@@ -102,3 +102,23 @@ def run(spec: str, nproc: int = 2, dump_dir: str = "tpfuse_dumps", device: str =
               "compile the same graphs, or the gathers will not pair up")
     print(f"\n{matches} gather(s) rewritten, {near} near-miss(es); before/after code: {dump_dir}")
     return 1 if differing else 0
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    text = text.removeprefix("tpfuse explain: ")
+    return text if isinstance(err, (ValueError, FileNotFoundError, AttributeError)) else \
+        f"{type(err).__name__}: {text}"
+
+
+def _rank_failures(err: BaseException) -> str:
+    """``rank 0: ValueError: ...; rank 1: ...``: the last line of each rank's traceback."""
+    text = str(err)
+    if "--- rank " not in text:
+        return text.splitlines()[0] if text else type(err).__name__
+    parts = []
+    for chunk in text.split("--- rank ")[1:]:
+        rank, _, body = chunk.partition(" ---")
+        lines = [line for line in body.strip().splitlines() if line.strip()]
+        parts.append(f"rank {rank}: {lines[-1].strip() if lines else '?'}")
+    return "; ".join(parts)

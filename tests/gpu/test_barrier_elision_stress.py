@@ -165,6 +165,7 @@ def _compile(fn, example, elide, force=False, zero_copy=False):
     import tpfuse
 
     torch._dynamo.reset()
+    tpfuse.report()  # report() lists the graphs since the last one: start this compile's afresh
     compiled = torch.compile(fn, fullgraph=True, backend=tpfuse.backend(elide_barriers=elide, zero_copy=zero_copy))
     with inductor_config.patch(post_grad_custom_post_pass=ForceSlotZeroSkip() if force else None):
         compiled(*example)

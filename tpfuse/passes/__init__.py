@@ -4,10 +4,12 @@ Public entry points are re-exported by ``tpfuse``: ``enable``, ``disable``,
 ``enabled``, ``backend``, ``report``.  The pieces:
 
 - ``graph_facts``: normalised meaning of nodes (views as reshapes, non-negative dims).
-- ``patterns``: the ``FusionPattern`` object and the registry.
+- ``patterns``: the ``FusionPattern`` object, its sites and anchors, and the registry.
+- ``collectives``: which ops are collectives, and which of those gather.
 - ``builtin_patterns``: the built-in forms, registered through that API.
 - ``hidden_gather``: ``find_hidden_gathers`` (records) and ``rewrite_hidden_gathers``.
 - ``manager``: ``TpfusePass`` (a ``CustomGraphPass``), enable/disable/backend, report, dumps.
+- ``cache_records``: the report of graphs served from Inductor's FX graph cache.
 """
 
 from . import builtin_patterns as _builtin_patterns
@@ -27,11 +29,13 @@ from .manager import (
 )
 from .patterns import (
     REGISTRY,
+    AnchorArgs,
     Candidate,
     FusionPattern,
     GatherSite,
     Precondition,
     Reject,
+    default_group_resolver,
     pattern_scope,
     register_pattern,
     registered_patterns,
@@ -45,7 +49,7 @@ for _pattern in BUILTIN_PATTERNS:  # the built-in forms use the public registrat
 del _pattern
 
 __all__ = [
-    "BUILTIN_PATTERNS", "DEFAULT_PRECONDITIONS", "Candidate", "Example", "PatternError", "RankBands", "rank_bands",
+    "AnchorArgs", "default_group_resolver", "BUILTIN_PATTERNS", "DEFAULT_PRECONDITIONS", "Candidate", "Example", "PatternError", "RankBands", "rank_bands",
     "pattern_scope", "FusionPattern", "GatherMatch", "GatherSite", "GraphReport",
     "NearMiss", "PassConfig", "Precondition", "Producer", "REGISTRY", "Reject", "Report",
     "TpfusePass", "backend", "disable", "enable", "enabled", "find_hidden_gathers", "is_enabled",

@@ -3,7 +3,7 @@
 Every form starts at a gather site ``wait_tensor(all_gather_into_tensor(x, W, group))``,
 whose result stacks the ranks' slabs along dim 0 (``[W*T, ..., w]``), and
 rearranges it into ``cat([x_0, ..., x_{W-1}], dim=-1)``.  They differ only in
-how the rearrangement is spelled (CONTEXT §3):
+how the rearrangement is spelled (docs/passes.md, "The graph forms"):
 
 =============  ==========================================================  ==========================
 pattern        graph after the wait                                        written as

@@ -8,15 +8,21 @@ the found matches.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from torch.fx import Graph, Node
 
 from . import graph_facts as facts
-from .patterns import Candidate, FusionPattern, GatherSite, Reject
+from .collectives import GATHER, called_op, node_collective_kind, op_label
+from .patterns import Candidate, FusionPattern, GatherSite, Reject, anchor_arg
 from .records import ENTRY_BARRIER_KEPT, GatherMatch, NearMiss, Producer
 
 SITE = "gather_site"  # the pattern name of near-misses found before any pattern ran
-NO_PATTERN = "no_pattern"
+NO_PATTERN = "no_pattern"  # patterns were offered the site; none claimed it
+NO_ANCHOR = "no_anchor"  # a gather collective no registered pattern is anchored on
+NOT_A_GATHER = "not_a_gather"  # another collective, listed apart from the near-misses
+PATTERNS_DOC = "docs/patterns.md#anchoring-on-your-frameworks-own-gather-op"
+OTHER_COLLECTIVES_DOC = "docs/troubleshooting.md#other-collectives"
 
 
 @dataclass
@@ -33,49 +39,89 @@ class Found:
 class FindResult:
     matches: list[Found] = field(default_factory=list)
     near_misses: list[NearMiss] = field(default_factory=list)
+    other_collectives: list[NearMiss] = field(default_factory=list)  # not gathers: listed apart
 
 
 # --------------------------------------------------------------------------- sites
 
 
-def gather_sites(graph: Graph, near_misses: list[NearMiss]) -> list[GatherSite]:
-    """Every ``wait_tensor(all_gather_into_tensor(...))`` that a pattern may look at."""
-    sites = []
-    for gather in graph.nodes:
-        if gather.op != "call_function":
-            continue
-        if gather.target in facts.ALL_GATHERS_COALESCED:
-            near_misses.append(NearMiss(
-                SITE, f"a coalesced all_gather moves {len(gather.args[0])} tensors in one "
-                "collective; tpfuse rewrites single-tensor gathers (gather each tensor on its own)",
-                (gather.name,),
-            ))
-            continue
-        if gather.target not in facts.ALL_GATHERS:
-            continue
-        local, world_size, group_name = gather.args[:3]
-        users = list(gather.users)
-        if len(users) != 1 or users[0].target not in facts.WAITS:
-            used_by = ", ".join(facts.describe(u) for u in users) or "nothing"
-            near_misses.append(NearMiss(
-                SITE, f"all_gather_into_tensor result is used by {used_by}, not by exactly "
-                "one wait_tensor", (gather.name,),
-            ))
-            continue
-        if not isinstance(world_size, int) or not isinstance(group_name, str):
-            near_misses.append(NearMiss(
-                SITE, f"world size {world_size!r} / group {group_name!r} are not literal "
-                "int / str arguments of the gather", (gather.name,),
-            ))
-            continue
-        if not isinstance(local, Node) or facts.ndim(local) in (None, 0):
-            near_misses.append(NearMiss(
-                SITE, "the gathered tensor has no shape metadata or no hidden (last) dim",
-                (gather.name,),
-            ))
-            continue
-        sites.append(GatherSite(gather, users[0], local, world_size, group_name))
-    return sites
+def read_functional_site(gather: Node) -> GatherSite | str:
+    """``wait_tensor(all_gather_into_tensor(local, world_size, group_name))``, or why not."""
+    if gather.target in facts.ALL_GATHERS_COALESCED:
+        return (f"a coalesced all_gather moves {len(gather.args[0])} tensors in one collective; "
+                "tpfuse rewrites single-tensor gathers (gather each tensor on its own)")
+    local, world_size, group_name = gather.args[:3]
+    users = list(gather.users)
+    if len(users) != 1 or users[0].target not in facts.WAITS:
+        used_by = ", ".join(facts.describe(u) for u in users) or "nothing"
+        return f"all_gather_into_tensor result is used by {used_by}, not by exactly one wait_tensor"
+    if not isinstance(world_size, int) or not isinstance(group_name, str):
+        return (f"world size {world_size!r} / group {group_name!r} are not literal int / str "
+                "arguments of the gather")
+    problem = _local_problem(local)
+    if problem:
+        return problem
+    return GatherSite(gather, local, world_size, group_name, wait=users[0], group_id=group_name)
+
+
+def read_anchor_site(anchor: Node, pattern: FusionPattern) -> GatherSite | str:
+    """A site of any anchor op, read through the pattern's ``anchor_args`` and
+    ``group_resolver``, or why it cannot be read."""
+    spec, op = pattern.site_args(), op_label(anchor.target)
+    try:
+        local = anchor_arg(anchor, spec.local)
+        group_id = anchor_arg(anchor, spec.group)
+        world_size = None if spec.world_size is None else anchor_arg(anchor, spec.world_size)
+    except KeyError as err:
+        return f"{op} call {anchor.name}: {err.args[0]}"
+    problem = _local_problem(local)
+    if problem:
+        return problem
+    try:
+        group_name = pattern.resolve_group(group_id)
+    except Exception as err:  # noqa: BLE001 - the reason is reported, not swallowed
+        return (f"group argument {group_id!r} of {op} cannot be mapped to a process group by "
+                f"pattern {pattern.name!r}'s group_resolver: {type(err).__name__}: {err}")
+    if world_size is None:
+        world_size = _group_size(group_name)
+    if not isinstance(world_size, int) or isinstance(world_size, bool):
+        return f"world size {world_size!r} of {op} call {anchor.name} is not a literal int"
+    return GatherSite(anchor, local, world_size, group_name, wait=None, group_id=group_id)
+
+
+def _local_problem(local) -> str | None:
+    if not isinstance(local, Node) or facts.ndim(local) in (None, 0):
+        return "the gathered tensor has no shape metadata or no hidden (last) dim"
+    return None
+
+
+def _group_size(group_name: str) -> Any:
+    from tpfuse.compile_ops.groups import resolve_group  # the op's own resolution rule
+
+    try:
+        return resolve_group(group_name).world_size
+    except Exception as err:  # noqa: BLE001 - reported as the world size's problem
+        return f"<unknown: {err}>"
+
+
+class _SiteReader:
+    """Reads each anchor call once per way of reading it (patterns sharing
+    ``anchor_args`` and ``group_resolver`` share the site); a site that cannot be
+    read is one near-miss, not one per pattern."""
+
+    def __init__(self, near_misses: list[NearMiss]) -> None:
+        self.near_misses, self.cache = near_misses, {}
+
+    def read(self, node: Node, pattern: FusionPattern) -> GatherSite | None:
+        functional = pattern.reads_functional_gather
+        key = (node, None) if functional else (node, pattern.anchor_args, pattern.group_resolver)
+        if key not in self.cache:
+            site = read_functional_site(node) if functional else read_anchor_site(node, pattern)
+            if isinstance(site, str):
+                self.near_misses.append(NearMiss(SITE, site, (node.name,)))
+                site = None
+            self.cache[key] = site
+        return self.cache[key]
 
 
 # --------------------------------------------------------------------------- producer
@@ -124,47 +170,110 @@ def find_hidden_gathers(
     *,
     only_after_linear: bool = False,
 ) -> FindResult:
-    """Offer every gather site to every pattern (highest priority first)."""
+    """Offer every call of an anchor op to every pattern anchored on it (highest
+    priority first); list every other collective (``collectives.py``)."""
     result = FindResult()
-    for site in gather_sites(graph, result.near_misses):
-        found, claimed = None, False
-        for pattern in patterns:
-            try:
-                outcome = pattern.match(site)
-            except Exception as err:  # noqa: BLE001
-                if pattern.builtin:
-                    raise  # our own bug: fail loudly
-                # A user matcher's bug must not break the user's compile, nor vanish.
-                outcome = Reject(f"the matcher raised {type(err).__name__}: {err}")
-            if outcome is None:
-                continue
-            claimed = True
-            if isinstance(outcome, Reject):
-                nodes = (site.gather.name,) + tuple(n.name for n in outcome.nodes)
-                result.near_misses.append(NearMiss(pattern.name, outcome.reason, nodes))
-                continue
-            reason = _failed_precondition(pattern, site, outcome)
-            producer = find_producer(site.local)
-            if reason is None and only_after_linear and producer.kind != "column_linear":
-                reason = f"producer is {producer}, and only_after_linear=True"
-            if reason is not None:
-                result.near_misses.append(
-                    NearMiss(pattern.name, reason, (site.gather.name, outcome.output.name))
-                )
-                continue
-            found = Found(_record(pattern, site, outcome, producer), pattern, site, outcome)
-            break
-        if found is not None:
-            result.matches.append(found)
-        elif not claimed:
-            used_by = ", ".join(facts.describe(u) for u in site.wait.users) or "nothing"
-            result.near_misses.append(NearMiss(
-                NO_PATTERN,
-                f"no pattern recognises how the gathered [W*T, ...] rows are used (by "
-                f"{used_by}); a gather along dim 0 stays as it is",
-                (site.gather.name, site.wait.name),
-            ))
+    by_op: dict = {}
+    for pattern in patterns:
+        for op in pattern.anchor_ops:
+            by_op.setdefault(op, []).append(pattern)
+    reader = _SiteReader(result.near_misses)
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        anchored = by_op.get(node.target)
+        if anchored:
+            _offer(node, anchored, reader, result, only_after_linear)
+        else:
+            _unclaimed_collective(node, result)
     return result
+
+
+def _offer(node: Node, patterns: list[FusionPattern], reader: _SiteReader, result: FindResult,
+           only_after_linear: bool) -> None:
+    found, claimed, offered = None, False, None
+    for pattern in patterns:
+        site = reader.read(node, pattern)
+        if site is None:
+            continue
+        offered = site
+        outcome = _match(pattern, site)
+        if outcome is None:
+            continue
+        claimed = True
+        if isinstance(outcome, Reject):
+            nodes = (site.anchor.name,) + tuple(n.name for n in outcome.nodes)
+            result.near_misses.append(NearMiss(pattern.name, outcome.reason, nodes))
+            continue
+        reason = _failed_precondition(pattern, site, outcome)
+        producer = find_producer(site.local)
+        if reason is None and only_after_linear and producer.kind != "column_linear":
+            reason = f"producer is {producer}, and only_after_linear=True"
+        if reason is not None:
+            result.near_misses.append(
+                NearMiss(pattern.name, reason, (site.anchor.name, outcome.output.name))
+            )
+            continue
+        found = Found(_record(pattern, site, outcome, producer), pattern, site, outcome)
+        break
+    if found is not None:
+        result.matches.append(found)
+    elif not claimed and offered is not None:
+        result.near_misses.append(_unrecognised(offered, patterns))
+
+
+def _match(pattern: FusionPattern, site: GatherSite):
+    try:
+        return pattern.match(site)
+    except Exception as err:  # noqa: BLE001
+        if pattern.builtin:
+            raise  # our own bug: fail loudly
+        # A user matcher's bug must not break the user's compile, nor vanish.
+        return Reject(f"the matcher raised {type(err).__name__}: {err}")
+
+
+def _unrecognised(site: GatherSite, patterns: list[FusionPattern]) -> NearMiss:
+    if site.wait is not None:
+        used_by = ", ".join(facts.describe(u) for u in site.wait.users) or "nothing"
+        return NearMiss(
+            NO_PATTERN,
+            f"no pattern recognises how the gathered [W*T, ...] rows are used (by "
+            f"{used_by}); a gather along dim 0 stays as it is",
+            (site.gather.name, site.wait.name),
+        )
+    names = ", ".join(p.name for p in patterns)
+    return NearMiss(
+        NO_PATTERN,
+        f"the pattern(s) anchored on {op_label(site.op)} ({names}) do not recognise call "
+        f"{site.anchor.name}: each returned None",
+        (site.anchor.name,),
+        doc=PATTERNS_DOC,
+    )
+
+
+def _unclaimed_collective(node: Node, result: FindResult) -> None:
+    """A collective no pattern anchors on: a near-miss if it gathers, else listed apart."""
+    kind = node_collective_kind(node)
+    if kind is None:
+        return
+    op = op_label(called_op(node))
+    if node.target in facts.ALL_GATHERS_COALESCED:
+        result.near_misses.append(NearMiss(SITE, read_functional_site(node), (node.name,)))
+    elif kind == GATHER and node.target in facts.ALL_GATHERS:  # left out by enable(patterns=...)
+        result.near_misses.append(NearMiss(
+            NO_ANCHOR, f"collective `{op}`: none of the selected patterns anchors on it "
+            "(tpfuse.enable(patterns=...) left them out)", (node.name,),
+        ))
+    elif kind == GATHER:
+        result.near_misses.append(NearMiss(
+            NO_ANCHOR, f"opaque collective `{op}`: no registered pattern anchors on it",
+            (node.name,), doc=PATTERNS_DOC,
+        ))
+    else:
+        result.other_collectives.append(NearMiss(
+            NOT_A_GATHER, f"`{op}` is not a gather; tpfuse rewrites all-gathers only", (node.name,),
+            doc=OTHER_COLLECTIVES_DOC,
+        ))
 
 
 def _failed_precondition(pattern: FusionPattern, site: GatherSite, candidate: Candidate):
@@ -176,11 +285,11 @@ def _failed_precondition(pattern: FusionPattern, site: GatherSite, candidate: Ca
 
 
 def _record(pattern, site: GatherSite, candidate: Candidate, producer: Producer) -> GatherMatch:
-    region = (site.gather, site.wait, *candidate.region)
+    region = _region(site, candidate)
     return GatherMatch(
         pattern=pattern.name,
-        gather=site.gather.name,
-        wait=site.wait.name,
+        gather=site.anchor.name,
+        wait=site.wait.name if site.wait is not None else None,
         output=candidate.output.name,
         nodes=tuple(n.name for n in region),
         local=site.local.name,
@@ -189,10 +298,17 @@ def _record(pattern, site: GatherSite, candidate: Candidate, producer: Producer)
         hidden_widths=tuple(int(w) if isinstance(w, int) else w for w in site.hidden_widths),
         dtype=site.dtype,
         producer=producer,
-        skip_entry_sync=False,  # no barrier-elision pass yet: never skip unproven (CONTEXT §2.3)
+        device=facts.val(site.local).device.type,
+        skip_entry_sync=False,  # decided by barrier elision, after the rewrite
         reason=ENTRY_BARRIER_KEPT,
         before=tuple(node_line(n) for n in region),
     )
+
+
+def _region(site: GatherSite, candidate: Candidate) -> tuple[Node, ...]:
+    """Every node that dies with the rewrite, anchor first, each once."""
+    nodes = (site.anchor, site.wait, *candidate.region)
+    return tuple(dict.fromkeys(n for n in nodes if n is not None))
 
 
 def rewrite_hidden_gathers(graph: Graph, found: list[Found]) -> list[GatherMatch]:
@@ -202,7 +318,7 @@ def rewrite_hidden_gathers(graph: Graph, found: list[Found]) -> list[GatherMatch
         site, candidate = match.site, match.candidate
         new = match.pattern.replacement(graph, site, candidate, match.record.skip_entry_sync)
         candidate.output.replace_all_uses_with(new)
-        _erase_dead((site.gather, site.wait, *candidate.region))
+        _erase_dead(_region(site, candidate))
         added = [n for n in _upstream(new) if n.op == "call_function"]
         ops = [n for n in added if n.target is _GATHER_OP()]
         widths = tuple(ops[0].args[1]) if ops else match.record.hidden_widths  # user patterns

@@ -4,8 +4,7 @@
 graph and folds its ``uuid()`` into the FX graph cache key.  The uuid covers
 the source of every module in ``tpfuse/passes``, the op's schema, the
 configuration and the registered patterns, so the cache stays on and a cached
-graph is never served for other settings (STYLE: caching is part of
-correctness).
+graph is never served for other settings (docs/passes.md, "Caching").
 """
 
 from __future__ import annotations
@@ -19,12 +18,13 @@ import os
 import pathlib
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Iterator
 
 import torch
 from torch.fx import Graph
 
+from . import cache_records
 from . import patterns as pattern_registry
 from ..compile_ops import inductor_lowering
 from .dynamo_compat import allow_funcol_gather_tracing
@@ -32,7 +32,7 @@ from .barrier_elision import apply_barrier_decisions, attach_to_matches, decide_
 from .hidden_gather import find_hidden_gathers, rewrite_hidden_gathers
 from .linear_fusion import cache_key as linear_fusion_cache_key
 from .linear_fusion import fuse_linear_gathers
-from .records import GraphReport, Report
+from .records import GraphReport, NearMiss, Report
 
 log = logging.getLogger("tpfuse.passes")
 
@@ -108,6 +108,7 @@ class _ReportStore:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.graphs: list[GraphReport] = []
+        self.reported = 0  # graphs[:reported] were returned by an earlier report()
         self.next_index = 0
 
     def add(self, graph_report: GraphReport) -> None:
@@ -119,26 +120,61 @@ class _ReportStore:
             self.next_index += 1
             return self.next_index - 1
 
+    def take(self, everything: bool) -> Report:
+        with self._lock:
+            earlier = 0 if everything else self.reported
+            graphs = self.graphs[earlier:]
+            self.reported = len(self.graphs)
+        return Report(graphs, earlier=earlier)
+
     def clear(self) -> None:
         with self._lock:
-            self.graphs = []
+            self.graphs, self.reported = [], 0
 
 
 _STORE = _ReportStore()
 
 
 def report(all: bool = False) -> Report:  # noqa: A002 - reads well at the call site
-    """The records of the latest compilation (every graph it produced), or of all
-    compilations since ``enable()`` / ``reset_report()`` with ``all=True``."""
-    graphs = list(_STORE.graphs)
-    if not all and graphs:
-        latest = graphs[-1].compile_id
-        graphs = [g for g in graphs if g.compile_id == latest]
-    return Report(graphs)
+    """The records of every graph compiled since the last ``report()`` (or since
+    ``enable()``), or with ``all=True`` of every graph since ``enable()`` /
+    ``reset_report()``.  Graphs served from Inductor's FX graph cache are
+    included, marked ``from_cache``."""
+    _collect_cached_graphs()
+    return _STORE.take(everything=all)
 
 
 def reset_report() -> None:
     _STORE.clear()
+    cache_records.mark_all_seen()
+
+
+def _collect_cached_graphs() -> None:
+    """Add the stored records of graphs Inductor served from its cache since the last look."""
+    for stored in cache_records.loaded_since_last_look():
+        graph_report = _cached_graph_report(stored)
+        if isinstance(stored, cache_records.Stored):
+            _dump_cached(graph_report, stored)
+        _STORE.add(graph_report)
+
+
+def _cached_graph_report(stored) -> GraphReport:
+    common = dict(graph_index=_STORE.claim_index(), compile_id="cached", rank=_rank(), from_cache=True)
+    if isinstance(stored, str):  # the records could not be read: say so, never stay silent
+        return GraphReport(**common, near_misses=[NearMiss("fx_graph_cache", stored, (),
+                                                           doc="docs/passes.md#caching")])
+    return replace(stored.report, **common, dump_path=None)
+
+
+def _dump_cached(graph_report: GraphReport, stored) -> None:
+    installed = _inductor_config().post_grad_custom_post_pass
+    configured = installed.config.dump_dir if isinstance(installed, TpfusePass) else None
+    dump_dir = configured or os.environ.get("TPFUSE_DUMP_DIR") or None
+    if dump_dir:
+        missing = ("# (not stored: the cache entry was compiled without TPFUSE_DUMP_DIR, dump_dir "
+                   "or TORCH_TRACE; docs/passes.md#caching)")
+        graph_report.dump_path = _dump(dump_dir, graph_report, stored.before or missing,
+                                       stored.after or missing)
 
 
 _compilations = itertools.count()
@@ -175,8 +211,12 @@ def _rank() -> int:
 # --------------------------------------------------------------------------- the pass
 
 
-def run_passes(graph: Graph, config: PassConfig) -> GraphReport:
-    """Find, rewrite (unless dry run), record and dump, for one graph."""
+def run_passes(graph: Graph, config: PassConfig, for_cache: bool = False) -> GraphReport:
+    """Find, rewrite (unless dry run), record and dump, for one graph.
+
+    ``for_cache``: Inductor may cache this graph; store the records so that a
+    later cache hit still has a report (``cache_records.py``)."""
+    _collect_cached_graphs()  # graphs served from the cache before this one come first
     start = time.perf_counter()
     dump_dir = config.dump_dir or os.environ.get("TPFUSE_DUMP_DIR") or None
     tracing = _structured_trace_enabled()
@@ -210,10 +250,14 @@ def run_passes(graph: Graph, config: PassConfig) -> GraphReport:
         near_misses=found.near_misses,
         dry_run=config.dry_run,
         barriers=barriers,
+        other_collectives=found.other_collectives,
+        devices=_gather_devices(graph) if barriers else {},
     )
     graph_report.pass_ms = (time.perf_counter() - start) * 1e3
+    after = _graph_code(graph) if before is not None else None
+    if for_cache and cache_records.cache_in_use():
+        cache_records.store(graph_report, before, after)
     if before is not None:
-        after = _graph_code(graph)
         if dump_dir:
             graph_report.dump_path = _dump(dump_dir, graph_report, before, after)
         if tracing:
@@ -222,6 +266,19 @@ def run_passes(graph: Graph, config: PassConfig) -> GraphReport:
     if matches or found.near_misses:
         log.info("%s", Report([graph_report]))
     return graph_report
+
+
+def _gather_devices(graph: Graph) -> dict[str, str]:
+    """Device type of every tpfuse gather: CPU tensors run gloo, CUDA tensors the push path."""
+    from . import graph_facts as facts
+
+    ops = (torch.ops.tpfuse.all_gather_hidden.default, torch.ops.tpfuse.linear_all_gather_hidden.default)
+    devices = {}
+    for node in graph.nodes:
+        value = facts.val(node) if node.target in ops else None
+        if isinstance(value, torch.Tensor):
+            devices[node.name] = value.device.type
+    return devices
 
 
 class TpfusePass(CustomGraphPass):
@@ -235,7 +292,7 @@ class TpfusePass(CustomGraphPass):
         self.previous = previous
 
     def __call__(self, graph: Graph) -> None:
-        run_passes(graph, self.config)
+        run_passes(graph, self.config, for_cache=True)
         for inner in _as_list(self.previous):
             inner(graph)
 

@@ -1,8 +1,10 @@
 """Fusion patterns: one object per graph form, and the registry the pass reads.
 
-A pattern is anchored at a *gather site*: a functional
-``all_gather_into_tensor`` and the ``wait_tensor`` of its result.  The pass
-offers every site to every registered pattern, highest priority first:
+A pattern is anchored at a *gather site*: a call of one of its ``anchors``
+(by default the functional ``all_gather_into_tensor``, whose ``wait_tensor``
+the site also carries; any other op overload, e.g. a serving framework's own
+opaque gather op, when the pattern names it).  The pass offers every site to
+every pattern anchored on its op, highest priority first:
 
 - ``pattern.match(site)`` returns a :class:`Candidate` (the nodes whose value
   becomes the op's output), a :class:`Reject` with a reason (the form is the
@@ -31,17 +33,76 @@ from . import graph_facts as facts
 
 
 @dataclass(frozen=True)
+class AnchorArgs:
+    """Which arguments of an anchor op are the local slab, the world size and the group.
+
+    Each is a position in the call or an argument name of the op's schema.
+    ``world_size=None`` takes the world size from the resolved group (for ops
+    that pass only a group).  The default reads the first three positions, as
+    the functional gather ``all_gather_into_tensor(input, group_size,
+    group_name)`` spells them."""
+
+    local: int | str = 0
+    world_size: int | str | None = 1
+    group: int | str = 2
+
+
+#: How the functional gather's arguments are read (the default anchor).
+FUNCTIONAL_ANCHOR_ARGS = AnchorArgs()
+
+
+@dataclass(frozen=True)
 class GatherSite:
-    """``wait_tensor(all_gather_into_tensor(local, world_size, group_name))``.
+    """One call of an anchor op, read into the facts every pattern needs.
 
-    World size and group come from the matched nodes, never from a literal in
-    a pattern."""
+    For the functional gather: ``wait_tensor(all_gather_into_tensor(local,
+    world_size, group_name))``, with ``wait`` set.  For any other anchor op
+    (``wait`` is ``None``): ``anchor`` is the call, and its value is whatever
+    the op returns.  World size and group come from the anchor's arguments
+    (through the pattern's ``group_resolver``), never from a literal in a
+    pattern."""
 
-    gather: Node
-    wait: Node
+    anchor: Node
     local: Node
     world_size: int
-    group_name: str
+    group_name: str  # a registered c10d group name: what tpfuse::all_gather_hidden takes
+    wait: Node | None = None
+    group_id: Any = None  # the group argument as the graph spells it (e.g. a framework's name)
+
+    @property
+    def gather(self) -> Node:
+        """The anchor node (named for the functional gather, the common case)."""
+        return self.anchor
+
+    @property
+    def result(self) -> Node:
+        """The node whose value is the gathered result: the wait, or the anchor itself."""
+        return self.wait if self.wait is not None else self.anchor
+
+    @property
+    def op(self) -> Any:
+        return self.anchor.target
+
+    @property
+    def args(self) -> tuple:
+        return self.anchor.args
+
+    @property
+    def kwargs(self) -> dict:
+        return dict(self.anchor.kwargs)
+
+    @property
+    def graph(self) -> Graph:
+        return self.anchor.graph
+
+    @property
+    def facts(self):
+        """``tpfuse.passes.graph_facts``: shapes, sizes compared without guards, node meanings."""
+        return facts
+
+    def arg(self, which: int | str, default: Any = None) -> Any:
+        """An argument of the anchor call, by position or by its schema name."""
+        return anchor_arg(self.anchor, which, default)
 
     @property
     def local_shape(self) -> tuple:
@@ -64,6 +125,48 @@ class GatherSite:
     def hidden_widths(self) -> tuple:
         # all_gather_into_tensor moves equal shapes, so every rank has this width
         return (self.hidden_width,) * self.world_size
+
+
+_MISSING = object()
+
+
+def anchor_arg(node: Node, which: int | str, default: Any = _MISSING) -> Any:
+    """Argument ``which`` (position or schema name) of a call, positional or keyword."""
+    names = _schema_names(node.target)
+    if isinstance(which, str):
+        if which in node.kwargs:
+            return node.kwargs[which]
+        if which not in names:
+            if default is _MISSING:
+                raise KeyError(f"{_op_name(node.target)} has no argument {which!r}; its "
+                               f"arguments are {names}")
+            return default
+        which = names.index(which)
+    if which < len(node.args):
+        return node.args[which]
+    if which < len(names) and names[which] in node.kwargs:
+        return node.kwargs[names[which]]
+    if default is _MISSING:
+        raise KeyError(f"{_op_name(node.target)} call {node.name} has no argument {which}")
+    return default
+
+
+def _schema_names(target: Any) -> list[str]:
+    schema = getattr(target, "_schema", None)
+    return [a.name for a in schema.arguments] if schema is not None else []
+
+
+def _op_name(target: Any) -> str:
+    schema = getattr(target, "_schema", None)
+    if schema is not None:
+        overload = f".{schema.overload_name}" if schema.overload_name else ""
+        return f"{schema.name}{overload}"
+    return getattr(target, "__name__", str(target))
+
+
+def default_group_resolver(group_id: Any) -> Any:
+    """A c10d group name passes through; a ``ProcessGroup`` becomes its name."""
+    return group_id
 
 
 @dataclass(frozen=True)
@@ -107,8 +210,13 @@ Matcher = Callable[[GatherSite], "Candidate | Reject | None"]
 
 @dataclass(frozen=True)
 class FusionPattern:
-    """One graph form: its name, matcher, replacement, preconditions and priority.
+    """One graph form: its anchors, matcher, replacement, preconditions and priority.
 
+    ``anchors`` names the op overload(s) a site starts from (empty: the
+    functional ``all_gather_into_tensor``); ``anchor_args`` says which of the
+    anchor's arguments are the slab, the world size and the group, and
+    ``group_resolver`` maps the group argument as the graph spells it (a
+    framework's own group name) to a ``ProcessGroup`` or its c10d name.
     ``replacement`` is either a graph emitter (an object with ``emits_graph =
     True``, as the built-in patterns use) or a plain traceable function of the
     candidate's inputs (see ``traced.py``); a traceable replacement needs a
@@ -127,6 +235,9 @@ class FusionPattern:
     search: Callable | None = None
     example: Any = None  # traced.Example
     rank_dependent: bool = False
+    anchors: tuple = ()
+    anchor_args: AnchorArgs | None = None
+    group_resolver: Callable[[Any], Any] | None = None
     builtin: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -145,15 +256,68 @@ class FusionPattern:
             raise PatternError(f"tpfuse: pattern {self.name!r}: preconditions must be "
                                f"Precondition(name, check) objects, got {bad!r}")
         object.__setattr__(self, "preconditions", preconditions)
+        object.__setattr__(self, "anchors", _anchor_ops(self.name, self.anchors))
+        self._check_anchor_args()
+        if self.group_resolver is not None and not callable(self.group_resolver):
+            raise PatternError(f"tpfuse: pattern {self.name!r}: group_resolver must be callable "
+                               "(group argument -> ProcessGroup | c10d group name)")
         if not getattr(self.replacement, "emits_graph", False):
             object.__setattr__(self, "replacement",
                                TracedReplacement(self.replacement, self.rank_dependent))
 
+    @property
+    def anchor_ops(self) -> frozenset:
+        """The op overloads this pattern is offered (the functional gather by default)."""
+        return frozenset(self.anchors) if self.anchors else facts.ALL_GATHERS
+
+    @property
+    def reads_functional_gather(self) -> bool:
+        """Sites are read as ``wait_tensor(all_gather_into_tensor(...))`` (the default)."""
+        return self.anchor_args is None and self.anchor_ops <= facts.ALL_GATHERS
+
+    def site_args(self) -> AnchorArgs:
+        return self.anchor_args or FUNCTIONAL_ANCHOR_ARGS
+
+    def resolve_group(self, group_id: Any) -> str:
+        """The c10d group name of the anchor's group argument (raises with the reason)."""
+        resolved = (self.group_resolver or default_group_resolver)(group_id)
+        name = getattr(resolved, "group_name", resolved)  # a ProcessGroup, or already its name
+        if not isinstance(name, str):
+            raise TypeError(f"the group resolver returned {type(resolved).__name__}; accepted are a "
+                            "ProcessGroup or a c10d group name (str)")
+        return name
+
+    def _check_anchor_args(self) -> None:
+        from .traced import PatternError
+
+        if self.reads_functional_gather:
+            return  # the functional gather's own reading (hidden_gather.read_functional_site)
+        spec = self.site_args()
+        if not isinstance(spec, AnchorArgs):
+            raise PatternError(f"tpfuse: pattern {self.name!r}: anchor_args must be "
+                               f"AnchorArgs(local=, world_size=, group=), got {spec!r}")
+        for op in self.anchor_ops:
+            names = _schema_names(op)
+            for role in ("local", "world_size", "group"):
+                which = getattr(spec, role)
+                if which is None and role == "world_size":
+                    continue
+                known = which in names if isinstance(which, str) else (
+                    isinstance(which, int) and 0 <= which < max(len(names), 1))
+                if not known:
+                    raise PatternError(
+                        f"tpfuse: pattern {self.name!r}: anchor_args.{role}={which!r} is not an "
+                        f"argument of {_op_name(op)}, whose arguments are {names}; give a position "
+                        "or one of these names")
+
     def cache_key(self) -> str:
         """Changes whenever the pattern's behaviour can change: name, priority and
         the source of every function it runs."""
-        parts = [self.name, str(self.priority), str(self.rank_dependent), repr(self.example)]
+        parts = [self.name, str(self.priority), str(self.rank_dependent), repr(self.example),
+                 repr(sorted(map(str, self.anchors))), repr(self.anchor_args)]
         functions = (self.match, self.replacement, *(p.check for p in self.preconditions))
+        if self.group_resolver is not None:
+            functions += (self.group_resolver,)
         if self.search is not None:
             functions += (self.search,)
         for fn in functions:
@@ -175,6 +339,42 @@ class FusionPattern:
             )
         check_traced_pattern(self.name, self.search, self.replacement.fn, self.example,
                              self.rank_dependent)
+
+
+def _anchor_ops(name: str, anchors: Any) -> tuple:
+    """Anchors as op overloads: an ``OpOverload``, every overload of an
+    ``OpOverloadPacket``, or ``"namespace::op[.overload]"``."""
+    from .traced import PatternError
+
+    if isinstance(anchors, (str, torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        anchors = (anchors,)
+    ops = []
+    for anchor in anchors:
+        if isinstance(anchor, str):
+            anchor = _op_from_string(name, anchor)
+        if isinstance(anchor, torch._ops.OpOverloadPacket):
+            ops += [getattr(anchor, o) for o in anchor.overloads()]
+        elif isinstance(anchor, torch._ops.OpOverload):
+            ops.append(anchor)
+        else:
+            raise PatternError(
+                f"tpfuse: pattern {name!r}: anchor {anchor!r} is not an op; accepted are an "
+                "OpOverload (torch.ops.ns.op.default), an OpOverloadPacket (torch.ops.ns.op) "
+                "or a string 'ns::op' / 'ns::op.overload'")
+    return tuple(ops)
+
+
+def _op_from_string(name: str, spec: str) -> Any:
+    from .traced import PatternError
+
+    namespace, sep, op = spec.partition("::")
+    op_name, _, overload = op.partition(".")
+    packet = getattr(getattr(torch.ops, namespace, None), op_name, None) if sep and op_name else None
+    if packet is None or (overload and not hasattr(packet, overload)):
+        raise PatternError(
+            f"tpfuse: pattern {name!r}: anchor {spec!r} is not a registered op; accepted are "
+            "'ns::op' or 'ns::op.overload' of an op registered before the pattern is created")
+    return getattr(packet, overload) if overload else packet
 
 
 def _function_fingerprint(fn: Callable) -> str:

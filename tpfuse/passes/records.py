@@ -44,8 +44,8 @@ class GatherMatch:
     """A hidden-axis gather that a pattern recognised (and, unless dry-run, rewrote)."""
 
     pattern: str
-    gather: str  # the all_gather_into_tensor node
-    wait: str
+    gather: str  # the anchor node: all_gather_into_tensor, or the op the pattern anchors on
+    wait: str | None  # the wait_tensor of a functional gather; None for other anchors
     output: str  # the node whose value the gather replaces
     nodes: tuple[str, ...]  # every node of the matched region, gather first
     local: str  # this rank's slab, the op's ``x``
@@ -54,6 +54,7 @@ class GatherMatch:
     hidden_widths: tuple[int, ...]
     dtype: torch.dtype
     producer: Producer
+    device: str = "cpu"  # device type of the gathered tensor: decides which backend runs
     skip_entry_sync: bool = False
     reason: str = ENTRY_BARRIER_KEPT
     replacement: str | None = None  # the tpfuse node, once rewritten
@@ -67,14 +68,25 @@ class GatherMatch:
     before: tuple[str, ...] = field(default=(), repr=False, compare=False)
     after: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
+    @property
+    def key(self) -> str:
+        """The node a report row and its ``why:`` lines are keyed by: the tpfuse gather
+        once rewritten, else the node it would replace."""
+        return self.tpfuse_gather or self.replacement or self.output
+
+
+#: Where near-miss reasons are explained, unless a record names another section.
+NEAR_MISS_DOC = "docs/troubleshooting.md#near-miss-reasons"
+
 
 @dataclass(frozen=True)
 class NearMiss:
-    """A candidate that a pattern looked at and rejected, and why."""
+    """A candidate that a pattern looked at and rejected, why, and the doc section to read."""
 
     pattern: str
     reason: str
     nodes: tuple[str, ...] = ()
+    doc: str = NEAR_MISS_DOC
 
 
 @dataclass
@@ -91,20 +103,52 @@ class GraphReport:
     dump_path: str | None = None
     # barrier_elision.BarrierDecision of every tpfuse gather in the graph (rewritten or not)
     barriers: list = field(default_factory=list)
+    # collectives that are not gathers (all_reduce, ...): listed, never rewritten
+    other_collectives: list[NearMiss] = field(default_factory=list)
+    # device type of every tpfuse gather node after the rewrite (decides the backend)
+    devices: dict = field(default_factory=dict)
+    # Loaded from Inductor's FX graph cache: the passes did not run in this compile;
+    # these are the records stored when the entry was compiled (``cached_from``).
+    from_cache: bool = False
+    cached_from: str | None = None
 
     @property
     def rewritten(self) -> int:
         return sum(m.replacement is not None for m in self.matches)
 
+    def header(self) -> str:
+        mode = ", dry run" if self.dry_run else ""
+        origin = f"compile {self.compile_id}, "
+        if self.from_cache:
+            origin = f"loaded from the FX graph cache, compiled as {self.cached_from}; "
+        others = (f", {len(self.other_collectives)} other collective(s)"
+                  if self.other_collectives else "")
+        timing = "" if self.from_cache else f", {self.pass_ms:.1f} ms"
+        return (f"graph {self.graph_index} ({origin}rank {self.rank}{mode}): "
+                f"{len(self.matches)} match(es), {self.rewritten} rewritten, "
+                f"{len(self.near_misses)} near-miss(es){others}{timing}")
+
+    def lines(self) -> list[str]:
+        lines = [self.header()]
+        lines += _match_lines(self)
+        lines += _direct_gather_lines(self)
+        lines += _near_miss_lines(self.near_misses)
+        lines += _other_collective_lines(self.other_collectives)
+        if self.dump_path:
+            lines.append(f"  dump: {self.dump_path}")
+        return lines
+
 
 @dataclass
 class Report:
-    """The records of one compilation (or several), graph by graph.
+    """The records of the graphs compiled since the last ``report()`` (or of all,
+    with ``report(all=True)``), graph by graph.
 
     ``str(report)`` is a table; ``.matches`` and ``.near_misses`` flatten
     over graphs."""
 
     graphs: list[GraphReport] = field(default_factory=list)
+    earlier: int = 0  # graphs compiled before, already returned by an earlier report()
 
     @property
     def matches(self) -> list[GatherMatch]:
@@ -115,70 +159,101 @@ class Report:
         return [n for g in self.graphs for n in g.near_misses]
 
     @property
+    def other_collectives(self) -> list[NearMiss]:
+        return [n for g in self.graphs for n in g.other_collectives]
+
+    @property
     def rewritten(self) -> int:
         return sum(g.rewritten for g in self.graphs)
 
     def __str__(self) -> str:
         if not self.graphs:
-            return (
-                "tpfuse report: no graph passed through the tpfuse passes "
-                "(not enabled, nothing compiled yet, or every graph came from the FX graph cache)"
-            )
-        lines = []
-        for g in self.graphs:
-            mode = ", dry run" if g.dry_run else ""
-            lines.append(
-                f"graph {g.graph_index} (compile {g.compile_id}, rank {g.rank}{mode}): "
-                f"{len(g.matches)} match(es), {g.rewritten} rewritten, "
-                f"{len(g.near_misses)} near-miss(es), {g.pass_ms:.1f} ms"
-            )
-            if g.matches:
-                lines.append(_table(
-                    ("pattern", "output", "group", "widths", "dtype", "producer", "slot", "entry barrier",
-                     "result"),
-                    [
-                        (
-                            m.pattern,
-                            f"{m.output} -> {m.replacement or '(not rewritten)'}",
-                            f"{m.group_name!r} W={m.world_size}",
-                            _widths_text(m.hidden_widths),
-                            str(m.dtype).removeprefix("torch."),
-                            str(m.producer),
-                            str(m.slot),
-                            "skipped" if m.skip_entry_sync else "kept",
-                            "zero-copy" if m.zero_copy else "copied",
-                        )
-                        for m in g.matches
-                    ],
-                ))
-                lines += _why([(m.tpfuse_gather or m.output, m.skip_entry_sync, m.reason, m.zero_copy,
-                                m.zero_copy_reason) for m in g.matches])
-            fusions = [m for m in g.matches if m.linear_fusion is not None]
-            if fusions:
-                lines.append(_table(("output", "producer", "fused linear"),
-                                    [(m.output, str(m.producer), m.linear_fusion) for m in fusions]))
-            matched = {m.tpfuse_gather for m in g.matches}
-            direct = [d for d in g.barriers if d.gather not in matched]
-            if direct:
-                lines.append(_table(
-                    ("tpfuse gather", "group", "slot", "entry barrier", "result"),
-                    [(d.gather, repr(d.group_name), str(d.slot), "skipped" if d.skip_entry_sync else "kept",
-                      "zero-copy" if d.zero_copy else "copied") for d in direct],
-                ))
-                lines += _why([(d.gather, d.skip_entry_sync, d.reason, d.zero_copy, d.zero_copy_reason)
-                               for d in direct])
-            if g.near_misses:
-                lines.append(_table(
-                    ("near-miss pattern", "nodes", "reason"),
-                    [(n.pattern, ", ".join(n.nodes), n.reason) for n in g.near_misses],
-                ))
-            if g.dump_path:
-                lines.append(f"  dump: {g.dump_path}")
-        return "\n".join(lines)
+            if self.earlier:
+                return (f"tpfuse report: no graph compiled since the last tpfuse.report() "
+                        f"({self.earlier} earlier graph(s): tpfuse.report(all=True) lists them)")
+            return ("tpfuse report: no graph passed through the tpfuse passes "
+                    "(not enabled, or nothing compiled since enable())")
+        return "\n".join(line for g in self.graphs for line in g.lines())
+
+
+# --------------------------------------------------------------------------- rendering
+#
+# Slots, entry barriers and zero-copy belong to the CUDA push path; on CPU tensors the
+# op runs gloo's all_gather, where none of them exists, so their columns and ``why:``
+# lines are shown only for gathers that run on CUDA.
+
+
+def _backend(device: str) -> str:
+    return {"cpu": "gloo", "cuda": "push/nccl"}.get(device, device)
+
+
+def _match_lines(g: GraphReport) -> list[str]:
+    if not g.matches:
+        return []
+    cuda = [m for m in g.matches if g.devices.get(m.key, m.device) != "cpu"]
+    rows = []
+    for m in g.matches:
+        row = (m.key, m.pattern, f"{m.output} ({'replaced' if m.replacement else 'not rewritten'})",
+               f"{m.group_name!r} W={m.world_size}", _widths_text(m.hidden_widths),
+               str(m.dtype).removeprefix("torch."), str(m.producer),
+               _backend(g.devices.get(m.key, m.device)))
+        if cuda:
+            row += _decision_cells(m, m in cuda)
+        rows.append(row)
+    header = ("node", "pattern", "output", "group", "widths", "dtype", "producer", "backend")
+    if cuda:
+        header += ("slot", "entry barrier", "result")
+    lines = [_table(header, rows)]
+    lines += _why([(m.key, m.skip_entry_sync, m.reason, m.zero_copy, m.zero_copy_reason) for m in cuda])
+    fusions = [m for m in g.matches if m.linear_fusion is not None]
+    if fusions:
+        lines.append(_table(("node", "producer", "fused linear"),
+                            [(m.key, str(m.producer), m.linear_fusion) for m in fusions]))
+    return lines
+
+
+def _decision_cells(record, applies: bool) -> tuple[str, str, str]:
+    if not applies:
+        return ("-", "-", "-")
+    return (str(record.slot), "skipped" if record.skip_entry_sync else "kept",
+            "zero-copy" if record.zero_copy else "copied")
+
+
+def _direct_gather_lines(g: GraphReport) -> list[str]:
+    """tpfuse gathers already in the graph (written by hand), not from a match."""
+    matched = {m.tpfuse_gather for m in g.matches}
+    direct = [d for d in g.barriers if d.gather not in matched]
+    if not direct:
+        return []
+    cuda = [d for d in direct if g.devices.get(d.gather, "cpu") != "cpu"]
+    header = ("node", "group", "backend") + (("slot", "entry barrier", "result") if cuda else ())
+    rows = [(d.gather, repr(d.group_name), _backend(g.devices.get(d.gather, "cpu")))
+            + (_decision_cells(d, d in cuda) if cuda else ()) for d in direct]
+    return [_table(header, rows)] + _why(
+        [(d.gather, d.skip_entry_sync, d.reason, d.zero_copy, d.zero_copy_reason) for d in cuda])
+
+
+def _near_miss_lines(near_misses: list[NearMiss]) -> list[str]:
+    if not near_misses:
+        return []
+    table = _table(("near-miss pattern", "nodes", "reason"),
+                   [(n.pattern, ", ".join(n.nodes), n.reason) for n in near_misses])
+    return [table, "  read: " + ", ".join(dict.fromkeys(n.doc for n in near_misses))]
+
+
+def _other_collective_lines(others: list[NearMiss]) -> list[str]:
+    if not others:
+        return []
+    names = ", ".join(n for o in others for n in o.nodes)
+    return [f"  other collectives, not gathers, left as they are: {names} "
+            f"(read: {others[0].doc})"]
 
 
 def _why(rows: list[tuple[str, bool, str, bool, str]]) -> list[str]:
-    """The reasons behind the table's two decision columns, two lines per gather."""
+    """The reasons behind the table's decision columns, two lines per gather, keyed
+    by the same node name as the table's first column."""
+    if not rows:
+        return []
     out = ["  why:"]
     for name, skipped, barrier, zero_copy, copy in rows:
         barrier = barrier.removeprefix("entry barrier kept: ")
