@@ -219,3 +219,28 @@ def test_planned_backend_for_symbolic_T_cpu_and_forcing(monkeypatch):
     assert dispatch.planned_backend("cuda", torch.bfloat16, 1 << 20, [8, 8])[0] == "barrier push"  # too big
     monkeypatch.setenv("TPFUSE_BACKEND", "nccl")
     assert dispatch.planned_backend("cuda", torch.bfloat16, 4, [8, 8])[0] == "nccl"
+
+
+def test_report_shows_no_barrier_for_a_flag_gather(monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from tpfuse.passes import Report
+    from tpfuse.passes.barrier_elision import decide_barriers
+    from tpfuse.passes.records import GraphReport
+
+    monkeypatch.delenv("TPFUSE_BACKEND", raising=False)
+    monkeypatch.setenv("TPFUSE_FLAG_MAX_BYTES", str(64 << 10))
+
+    def one_gather(x, a):
+        return torch.ops.tpfuse.all_gather_hidden(x @ a, [8, 8], "0")
+
+    with FakeTensorMode():
+        graph = make_fx(one_gather)(torch.empty(4, 16, device="cuda", dtype=torch.bfloat16),
+                                    torch.empty(16, 8, device="cuda", dtype=torch.bfloat16)).graph
+    decisions = decide_barriers(graph)
+    report = GraphReport(0, "0/0", 0, barriers=decisions, devices={d.gather: "cuda" for d in decisions})
+    text = str(Report([report]))
+    assert "| flag    | -    | none (flag)   | copied" in text, text
+    assert "no barriers, flag protocol: a 64-byte slab" in text, text
+    assert "skipped" not in text, text

@@ -183,28 +183,39 @@ class Report:
 # lines are shown only for gathers that run on CUDA.
 
 
-def _backend(device: str) -> str:
+def _backend(device: str, protocol: str = "") -> str:
+    """The backend column: the protocol the barrier pass expects the op to run, else by device."""
+    if device == "cuda" and protocol not in ("", "gloo", "none"):
+        return protocol
     return {"cpu": "gloo", "cuda": "push/nccl"}.get(device, device)
+
+
+def _protocols(g: "GraphReport") -> dict:
+    """gather node -> the protocol its decision records (barrier_elision.BarrierDecision.protocol)."""
+    return {d.gather: (getattr(d, "protocol", ""), getattr(d, "protocol_reason", "")) for d in g.barriers}
 
 
 def _match_lines(g: GraphReport) -> list[str]:
     if not g.matches:
         return []
     cuda = [m for m in g.matches if g.devices.get(m.key, m.device) != "cpu"]
+    protocols = _protocols(g)
     rows = []
     for m in g.matches:
+        protocol = protocols.get(m.tpfuse_gather, ("", ""))[0]
         row = (m.key, m.pattern, f"{m.output} ({'replaced' if m.replacement else 'not rewritten'})",
                f"{m.group_name!r} W={m.world_size}", _widths_text(m.hidden_widths),
                str(m.dtype).removeprefix("torch."), str(m.producer),
-               _backend(g.devices.get(m.key, m.device)))
+               _backend(g.devices.get(m.key, m.device), protocol))
         if cuda:
-            row += _decision_cells(m, m in cuda)
+            row += _decision_cells(m, m in cuda, protocol)
         rows.append(row)
     header = ("node", "pattern", "output", "group", "widths", "dtype", "producer", "backend")
     if cuda:
         header += ("slot", "entry barrier", "result")
     lines = [_table(header, rows)]
-    lines += _why([(m.key, m.skip_entry_sync, m.reason, m.zero_copy, m.zero_copy_reason) for m in cuda])
+    lines += _why([(m.key, m.skip_entry_sync, m.reason, m.zero_copy, m.zero_copy_reason)
+                   + protocols.get(m.tpfuse_gather, ("", "")) for m in cuda])
     fusions = [m for m in g.matches if m.linear_fusion is not None]
     if fusions:
         lines.append(_table(("node", "producer", "fused linear"),
@@ -212,9 +223,11 @@ def _match_lines(g: GraphReport) -> list[str]:
     return lines
 
 
-def _decision_cells(record, applies: bool) -> tuple[str, str, str]:
+def _decision_cells(record, applies: bool, protocol: str = "") -> tuple[str, str, str]:
     if not applies:
         return ("-", "-", "-")
+    if protocol == "flag":  # no slot, no barrier, always a fresh result
+        return ("-", "none (flag)", "copied")
     return (str(record.slot), "skipped" if record.skip_entry_sync else "kept",
             "zero-copy" if record.zero_copy else "copied")
 
@@ -226,11 +239,13 @@ def _direct_gather_lines(g: GraphReport) -> list[str]:
     if not direct:
         return []
     cuda = [d for d in direct if g.devices.get(d.gather, "cpu") != "cpu"]
+    protocols = _protocols(g)
     header = ("node", "group", "backend") + (("slot", "entry barrier", "result") if cuda else ())
-    rows = [(d.gather, repr(d.group_name), _backend(g.devices.get(d.gather, "cpu")))
-            + (_decision_cells(d, d in cuda) if cuda else ()) for d in direct]
+    rows = [(d.gather, repr(d.group_name), _backend(g.devices.get(d.gather, "cpu"), protocols[d.gather][0]))
+            + (_decision_cells(d, d in cuda, protocols[d.gather][0]) if cuda else ()) for d in direct]
     return [_table(header, rows)] + _why(
-        [(d.gather, d.skip_entry_sync, d.reason, d.zero_copy, d.zero_copy_reason) for d in cuda])
+        [(d.gather, d.skip_entry_sync, d.reason, d.zero_copy, d.zero_copy_reason) + protocols[d.gather]
+         for d in cuda])
 
 
 def _near_miss_lines(near_misses: list[NearMiss]) -> list[str]:
@@ -249,14 +264,19 @@ def _other_collective_lines(others: list[NearMiss]) -> list[str]:
             f"(read: {others[0].doc})"]
 
 
-def _why(rows: list[tuple[str, bool, str, bool, str]]) -> list[str]:
+def _why(rows: list[tuple[str, bool, str, bool, str, str, str]]) -> list[str]:
     """The reasons behind the table's decision columns, two lines per gather, keyed
     by the same node name as the table's first column."""
     if not rows:
         return []
     out = ["  why:"]
-    for name, skipped, barrier, zero_copy, copy in rows:
+    for name, skipped, barrier, zero_copy, copy, protocol, protocol_reason in rows:
+        if protocol == "flag":
+            out.append(f"    {name}: no barriers, flag protocol: {protocol_reason} (docs/flag_protocol.md)")
+            continue
         barrier = barrier.removeprefix("entry barrier kept: ")
+        if protocol not in ("", "gloo", "none"):
+            out.append(f"    {name}: backend {protocol}: {protocol_reason}")
         out += [f"    {name}: entry barrier {'skipped' if skipped else 'kept'}: {barrier}",
                 f"    {' ' * len(name)}  result {'zero-copy' if zero_copy else 'copied'}: {copy}"]
     return out
