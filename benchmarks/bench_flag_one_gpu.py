@@ -5,7 +5,9 @@
 No NVLink is involved: the "peers" are buffers in the same GPU's memory, so
 this measures what the protocol costs besides the link -- launch, packing,
 local polling and copy-out -- against the same fork/join of W empty kernels
-in the same CUDA graph.  The real latency (with the link) comes from
+in the same CUDA graph, and against the barrier push (the op's kernel with entry and
+exit barriers, its own slots and signal pads) emulated the same way.  The real
+latency (with the link) comes from
 benchmarks/bench_gather.py on several GPUs.
 """
 
@@ -73,19 +75,24 @@ def main():
 
 
 def table():
-    print(f"{'W':>2} {'T':>4} {'width':>6} | {'empty fork/join':>15} {'flag':>8} {'flag - empty':>12}  (µs per call, "
-          "graph replay, median [min-max])")
+    print(f"{'W':>2} {'T':>4} {'width':>6} | {'empty fork/join':>22} {'flag':>22} {'barrier push':>22} "
+          f"{'flag - empty':>12} {'barrier - empty':>15}  (µs per call, graph replay, median [min-max])")
     for W in (2, 4):
         for width in (1024, 4096):
-            group = OneGpuGroup([width] * W, torch.bfloat16)
+            group = OneGpuGroup([width] * W, torch.bfloat16).add_barrier_push()
             for T in (1, 8, 32):
                 xs = inputs(T, T, group.widths, torch.bfloat16)
                 outs = [torch.empty(T, width * W, dtype=torch.bfloat16, device="cuda") for _ in range(W)]
                 empty = time_graph(lambda: fork_join(group, lambda r: torch.cuda._sleep(0)))
                 flag = time_graph(lambda: fork_join(group, lambda r: group.launch(r, xs[r], outs[r])))
+                barrier = time_graph(lambda: fork_join(group, lambda r: group.launch_barrier_push(r, xs[r], outs[r])))
                 assert group.failure_codes() == [0] * W
-                print(f"{W:>2} {T:>4} {width:>6} | {empty[0]:6.2f} [{empty[1]:.2f}-{empty[2]:.2f}] "
-                      f"{flag[0]:6.2f} [{flag[1]:.2f}-{flag[2]:.2f}] {flag[0] - empty[0]:8.2f}", flush=True)
+
+                def cell(t):
+                    return f"{t[0]:6.2f} [{t[1]:.2f}-{t[2]:.2f}]"
+
+                print(f"{W:>2} {T:>4} {width:>6} | {cell(empty):>22} {cell(flag):>22} {cell(barrier):>22} "
+                      f"{flag[0] - empty[0]:12.2f} {barrier[0] - empty[0]:15.2f}", flush=True)
 
 
 if __name__ == "__main__":

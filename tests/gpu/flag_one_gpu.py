@@ -52,6 +52,41 @@ class OneGpuGroup:
         #: per rank, the most blocks its kernels get (all ranks' kernels must fit on the one GPU at once)
         self.max_blocks = [torch.cuda.get_device_properties(0).multi_processor_count // self.W] * self.W
 
+    def add_barrier_push(self):
+        """Also emulate the barrier push (entry and exit barriers, two slots) on the same ranks.
+
+        Its own slots and signal pads, as in the op's workspace; the kernel is the op's
+        (``push._build_plan``).  Its blocks meet the peers' blocks in barriers, so every
+        rank gets the same grid, within what all W kernels can hold on the GPU at once.
+        """
+        from types import SimpleNamespace
+
+        from tpfuse.compile_ops import workspace
+
+        self.barrier_blocks = min(self.max_blocks)
+        self.slot_bytes = workspace.slot_bytes_for(self.max_slab_bytes * self.W)
+        self.slot_buffers = [torch.empty(2 * self.slot_bytes, dtype=torch.uint8, device="cuda") for _ in range(self.W)]
+        pad_ints = workspace.signal_pad_bytes(self.barrier_blocks, self.W) // 4
+        self.pads = [torch.zeros(pad_ints, dtype=torch.int32, device="cuda") for _ in range(self.W)]
+        zeros = (0,) * (8 - self.W)
+        self.pointer_args = (tuple(b.data_ptr() for b in self.slot_buffers) + zeros
+                             + tuple(p.data_ptr() for p in self.pads) + zeros)
+        device = torch.device("cuda", torch.cuda.current_device())
+        self.barrier_plans = [push._build_plan(SimpleNamespace(group=SimpleNamespace(rank=r), device=device),
+                                               self.dtype, self.widths, False, True, False) for r in range(self.W)]
+        self.next_slot = [0] * self.W
+        return self
+
+    def launch_barrier_push(self, rank, x, out):
+        plan = self.barrier_plans[rank]
+        tokens = x.shape[0]
+        nblocks = min(self.barrier_blocks, max(1, -(-tokens * plan.max_width_vec // push.BLOCK_V)))
+        slot = self.next_slot[rank]
+        self.next_slot[rank] ^= 1
+        plan.run(nblocks, 1, 1, self.streams[rank].cuda_stream, plan.function, plan.packed_metadata, None, None,
+                 None, x.data_ptr(), out.data_ptr(), slot * (self.slot_bytes // plan.unit),
+                 self.status[rank].data_ptr(), tokens, self.timeout_ns, *self.pointer_args, *plan.constexpr_values)
+
     def launch(self, rank, x, out):
         assert x.shape[0] * max(self.widths) * self.dtype.itemsize <= self.max_slab_bytes, "slab beyond the buffers"
         plan = self.plans[rank]
@@ -77,16 +112,21 @@ class OneGpuGroup:
             main.wait_stream(self.streams[r])
         return outs
 
-    def call_free_running(self, xs_per_rank, outs_per_rank, delays_per_rank):
-        """Many calls with no join between them: rank r runs its calls back to back on its stream."""
+    def call_free_running(self, xs_per_rank, outs_per_rank, delays_per_rank, barrier_push=None):
+        """Many calls with no join between them: rank r runs its calls back to back on its stream.
+
+        ``barrier_push[j]`` (the same on every rank) sends call j through the barrier push."""
         main = torch.cuda.current_stream()
         for r in range(self.W):
             self.streams[r].wait_stream(main)
             with torch.cuda.stream(self.streams[r]):
-                for x, out, delay in zip(xs_per_rank[r], outs_per_rank[r], delays_per_rank[r]):
+                for j, (x, out, delay) in enumerate(zip(xs_per_rank[r], outs_per_rank[r], delays_per_rank[r])):
                     if delay:
                         torch.cuda._sleep(delay)
-                    self.launch(r, x, out)
+                    if barrier_push is not None and barrier_push[j]:
+                        self.launch_barrier_push(r, x, out)
+                    else:
+                        self.launch(r, x, out)
         for r in range(self.W):
             main.wait_stream(self.streams[r])
 
@@ -110,10 +150,11 @@ def reference(xs):
 
 
 
-def delayed_run(group, T, iters, seed, max_cycles=20000, ring=64):
+def delayed_run(group, T, iters, seed, max_cycles=20000, ring=64, barrier_push_share=0.0):
     """``iters`` calls per rank, free running in rings of ``ring`` calls with random per-rank delays.
 
-    Returns (corrupted results, first failure code or 0).  Within a ring no
+    With ``barrier_push_share`` > 0 that share of the calls (random, the same on every rank)
+    goes through the barrier push instead.  Returns (corrupted results, first failure code or 0).  Within a ring no
     rank waits for another except through the protocol itself, so a fast rank
     runs up to a ring ahead of a slow one whenever the protocol lets it.
     """
@@ -127,7 +168,8 @@ def delayed_run(group, T, iters, seed, max_cycles=20000, ring=64):
         outs = [[torch.full((T, sum(group.widths)), -1, dtype=INT_OF_SIZE[group.dtype.itemsize], device="cuda")
                  .view(group.dtype) for _ in range(n)] for _ in range(group.W)]
         delays = [[rng.randint(0, max_cycles) for _ in range(n)] for _ in range(group.W)]
-        group.call_free_running([[xs[j][r] for j in range(n)] for r in range(group.W)], outs, delays)
+        choice = [rng.random() < barrier_push_share for _ in range(n)] if barrier_push_share else None
+        group.call_free_running([[xs[j][r] for j in range(n)] for r in range(group.W)], outs, delays, choice)
         for r in range(group.W):
             for j in range(n):
                 corrupted += (as_int(outs[r][j]) != refs[j]).any()

@@ -131,6 +131,16 @@ def test_negative_control_stale_epoch_accepted(W):
 
 
 @pytest.mark.parametrize("W", [2, 4])
+def test_flag_and_barrier_push_interleave_in_any_order(W):
+    """Half the calls, at random (the same on every rank), go through the barrier push on its own slots
+    and signal pads: the two protocols share nothing, so any interleaving stays exact."""
+    group = OneGpuGroup([1024 + 8 * r for r in range(W)], torch.bfloat16).add_barrier_push()
+    corrupted, code = delayed_run(group, 8, iters=4000, seed=6, barrier_push_share=0.5)
+    assert (corrupted, code) == (0, 0)
+    assert group.epochs_agree()
+
+
+@pytest.mark.parametrize("W", [2, 4])
 def test_clear_period_one_stays_exact(W):
     """Buffers zeroed after every read (the wrap-around guard, run on every call here)."""
     group = OneGpuGroup([1000 + 8 * r for r in range(W)], torch.float16, CLEAR_PERIOD=1)
