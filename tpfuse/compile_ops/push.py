@@ -229,9 +229,13 @@ def run_flag(plan: Plan, nblocks: int, stream: int, x, out, epochs, status_ptr: 
 
 def _launch_flag(x, hidden_widths, group):
     """The flag protocol: no barrier, no slot; always a fresh, caller-owned result."""
+    from .dispatch import FLAG_MAX_SLAB_BYTES
+
     ws = workspaces.workspace(group, x.device.index)
     raise_if_failed(ws)
-    flags = ws.flags  # made by dispatch at the first flag call, on every rank
+    # Dispatch makes the buffers at the first flag call; a direct caller (tests, benchmarks)
+    # may come first, on every rank alike: making them is collective.
+    flags = ws.flags or workspaces.ensure_flag_buffers(ws, FLAG_MAX_SLAB_BYTES)
     lead = x.shape[:-1]
     tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
     out = torch.empty(*lead, sum(hidden_widths), dtype=x.dtype, device=x.device)
