@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..kernels import flag_protocol  # plain Python facts; this module is imported only for the GPU paths
 from . import workspace as workspaces
-from .dispatch import Backend
+from .dispatch import FLAG_MAX_SLAB_BYTES, Backend
 from .groups import Group
 
 #: vectors (of up to 16 bytes) per tile, and warps per block
@@ -212,8 +213,6 @@ def flag_plan(rank: int, device: torch.device, dtype: torch.dtype, hidden_widths
 
 def flag_grid(plan: Plan, tokens: int, max_blocks: int) -> int:
     """Blocks of a flag call: the widest band's unit tiles (rank-invariant), within the epoch slots and the SMs."""
-    from ..kernels import flag_protocol
-
     units = flag_protocol.units_for(tokens * plan.max_width_vec, plan.elem_size)
     return min(flag_protocol.EPOCH_SLOTS, max_blocks, max(1, -(-units // FLAG_BLOCK_U)))
 
@@ -229,8 +228,6 @@ def run_flag(plan: Plan, nblocks: int, stream: int, x, out, epochs, status_ptr: 
 
 def _launch_flag(x, hidden_widths, group):
     """The flag protocol: no barrier, no slot; always a fresh, caller-owned result."""
-    from .dispatch import FLAG_MAX_SLAB_BYTES
-
     ws = workspaces.workspace(group, x.device.index)
     raise_if_failed(ws)
     # Dispatch makes the buffers at the first flag call; a direct caller (tests, benchmarks)
