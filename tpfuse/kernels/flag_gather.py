@@ -10,9 +10,9 @@ and copy-out (docs/flag_protocol.md).
 
 Work split.  Block ``b`` takes unit tiles ``b, b + nblocks, ...`` of every band:
 it pushes its own band's tiles, then waits for the same tiles of every peer at
-once and copies them out.  Blocks never
-wait for each other, and a block's waits depend only on the peers' pushes,
-which depend on nothing: any grid on any rank completes.
+once and copies them out.  Blocks never wait for each other, and a block's
+waits depend only on the peers' pushes, which depend on nothing: any grid on
+any rank completes.
 
 Elements move as same-sized integers (the host passes *i8/*i16/*i32
 pointers), so the gather is bit-exact for every dtype, NaN payloads included.
@@ -36,9 +36,9 @@ from .flag_protocol import (
     unit_of,
 )
 from .peer_args import MAX_RANKS, pick
+from .push_gather import INT_OF_SIZE, compile_source  # noqa: F401  (compile_source: one compiler for every kernel)
 
 _DATA_BYTES = tl.constexpr(DATA_BYTES)
-from .push_gather import INT_OF_SIZE, compile_source  # noqa: F401  (compile_source: one compiler for every kernel)
 
 #: phases of one call: the GPU runs both in one launch; the interpreter, which
 #: cannot run W kernels at once, runs every rank's SEND before any RECEIVE
@@ -113,6 +113,7 @@ def _receive(mine, out_ptr, e, parity, tokens, pid, nblocks, status, timeout_ns,
         width = tl.where(peer == i, BAND_OFFSETS[i + 1] - BAND_OFFSETS[i], width)
         offset = tl.where(peer == i, BAND_OFFSETS[i], offset)
     n = tl.where(lane_live, tokens * width, 0)  # lanes past the peers (PEERS > W - 1) move nothing
+    width = tl.where(lane_live, width, 1)  # and divide by 1, not 0, in the row/column split
     pad = tl.cdiv(n, 2 * PER) * 2
     region = mine + (parity * W + peer).to(tl.int64) * region_units
     for tile in range(pid, tl.cdiv(tl.max(pad, axis=0), BLOCK_U), nblocks):
