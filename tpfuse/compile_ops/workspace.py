@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from ..kernels.barrier import blocks_that_fit, next_slot, signal_pad_bytes  # noqa: F401  (the protocol's sizing)
 from .groups import Group
 
 #: the most ranks the push kernels handle (one barrier lane per peer)
@@ -239,16 +240,6 @@ def _establish_facts(group: Group, device: torch.device, reason: str) -> Workspa
     return ws
 
 
-def signal_pad_bytes(max_blocks: int, world_size: int) -> int:
-    """Bytes of signal pad the barriers need: one int32 slot per (block, peer)."""
-    return max_blocks * world_size * 4
-
-
-def blocks_that_fit(max_blocks: int, world_size: int, pad_bytes: int) -> int:
-    """The grid cap once the pad size is known: no block may lack its slots."""
-    return max(1, min(max_blocks, pad_bytes // (world_size * 4)))
-
-
 def _make_signal_pads(ws: Workspace) -> None:
     import torch.distributed._symmetric_memory as symm_mem
 
@@ -328,7 +319,7 @@ def take_slot(ws: Workspace, slot: int) -> int:
     if slot >= 0:
         return slot
     chosen = ws.next_slot
-    ws.next_slot ^= 1
+    ws.next_slot = next_slot(chosen)
     return chosen
 
 

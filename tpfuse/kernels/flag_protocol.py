@@ -61,6 +61,10 @@ _EPOCH_SLOTS = tl.constexpr(EPOCH_SLOTS)
 
 #: the protocol has no barriers, so a pass has no entry barrier to elide on it
 HAS_ENTRY_BARRIER = False
+#: Still, a flag call is a fence for the group: a rank finishes it only after every peer's units
+#: of it arrived, and each peer sent them when it started the call, so every peer had finished
+#: everything before it on its stream.  How a report names that fence:
+FENCE = "{gather} (flag protocol: finished on one rank = started on every rank)"
 #: buffers a receiver keeps per peer (selected by epoch parity)
 PARITIES = 2
 
