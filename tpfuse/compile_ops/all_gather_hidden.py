@@ -7,7 +7,7 @@ Schema (see docs/op.md for the full contract)::
                               bool zero_copy=False) -> Tensor
 
 ``slot``, ``skip_entry_sync`` and ``zero_copy`` are *permissions* that only a
-pass which has proven them safe sets (CONTEXT §2).  A backend that cannot use
+pass which has proven them safe sets (docs/contract.md §1, §3).  A backend that cannot use
 one ignores it and still returns a correct, caller-owned tensor.
 
 Its backward is ``tpfuse::reduce_scatter_hidden``: rank ``r`` receives the sum

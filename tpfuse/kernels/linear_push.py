@@ -149,7 +149,7 @@ def _tile_out(x_ptr, w_ptr, w_desc, bias_ptr, out_ptr, row0, col0, col_end, toke
         if first:
             # Entry, its wait (relaxed): no peer may still be reading the slot we are about to
             # write.  Its reads ended in kernels that finished before its signal (stream order).
-            # Skipped only when the caller proved every peer is done with the slot (CONTEXT §2.3).
+            # Skipped only when the caller proved every peer is done with the slot (docs/contract.md §3).
             _, live = peer_lanes(RANK, W, peer_pads.shape[0])
             if wait_peers(own_pad, pid, live, status, timeout_ns, ENTRY_TIMEOUT, W, False):
                 timeout_ns = timeout_ns * 0
@@ -342,7 +342,7 @@ def multimem_linear_push_kernel(
 ):
     """Like the P2P kernel, but one ``multimem.st`` per 16 bytes of a tile reaches every rank.
 
-    Compile-verified only: NVLink multicast must not run on the shared GPU hosts (CONTEXT §4).
+    Compile-verified only: NVLink multicast must not run on the shared GPU hosts (docs/safety.md, "Multicast").
     2-byte outputs only (bf16/fp16): a tile row of BLOCK_N elements is BLOCK_N / 8 vectors.
     """
     pid = tl.program_id(0)
