@@ -182,7 +182,7 @@ def _launch(x, hidden_widths, group, backend, slot, skip_entry_sync, copy_out, e
     # Grid: a pure function of T, the widths and W (rank-invariant, docs/contract.md §2).
     nblocks = min(ws.facts.max_blocks, max(1, -(-tokens * plan.max_width_vec // BLOCK_V)))
     slot_offset = slot * (ws.slot_bytes // plan.unit)
-    stream = _raw_stream(device_index)
+    stream = raw_stream(device_index)
     if plan.multimem:
         args = (x.data_ptr(), out_ptr, slot_offset, ws.status_ptr, tokens, ws.timeout_ns, ws.multicast_ptr)
     else:
@@ -247,14 +247,15 @@ def _launch_flag(x, hidden_widths, group):
         plan = ws.plans[key] = flag_plan(ws.group.rank, ws.device, x.dtype, hidden_widths)
     if not x.is_contiguous():
         x = x.contiguous()
-    run_flag(plan, flag_grid(plan, tokens, ws.facts.max_blocks), _raw_stream(x.device.index), x, out,
+    run_flag(plan, flag_grid(plan, tokens, ws.facts.max_blocks), raw_stream(x.device.index), x, out,
              flags.epochs, ws.status_ptr, ws.timeout_ns, flags.region_units, flags.buffer_args)
     return out
 
 
-def _raw_stream(device_index):
+def raw_stream(device_index):
+    """The current CUDA stream's handle, for launching compiled kernels directly (both push launchers)."""
     return torch.cuda.current_stream(device_index).cuda_stream
 
 
 if hasattr(torch._C, "_cuda_getCurrentRawStream"):
-    _raw_stream = torch._C._cuda_getCurrentRawStream  # noqa: F811  (the same, ~10x cheaper)
+    raw_stream = torch._C._cuda_getCurrentRawStream  # noqa: F811  (the same, ~10x cheaper)
