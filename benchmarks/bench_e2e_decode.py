@@ -20,7 +20,7 @@ the ratio off/on, and whether both variants sampled the same tokens.
 
 import os
 
-# Never NVLink multicast on the shared hosts (CONTEXT §4); set before torch loads NCCL.
+# Never NVLink multicast on the shared hosts (docs/safety.md, "Multicast"); set before torch loads NCCL.
 os.environ["NCCL_NVLS_ENABLE"] = "0"
 os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
 os.environ["NVSHMEM_DISABLE_NVLS"] = "1"

@@ -3,7 +3,7 @@
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=. \\
         torchrun --nproc-per-node 4 benchmarks/bench_linear_gather.py --out /tmp/bench_linear
 
-Results (4xH200) and the plot: docs/benchmarks.md, "Fused column linear + push" (issue 6).
+Results (4xH200) and the plot: docs/benchmarks.md, "Fused column linear + push".
 
 Shapes (bf16, every rank the same width; ``N_r`` is this rank's output columns):
 - ``lm_head_4096``: LM head, hidden 4096, vocab 128256 -> K=4096, N_r=128256/W;
@@ -15,7 +15,7 @@ call, slowest rank:
 - ``fused``: ``tpfuse::linear_all_gather_hidden``'s fused kernel, both barriers;
 - ``fused_elided``: the same, entry barrier elided, ping-pong slots (what a proven pass emits);
 - ``cublas_nccl``: ``F.linear`` (cuBLAS) + NCCL gather + rearrange (tpfuse's NCCL backend);
-- ``cublas_tpfuse``: ``F.linear`` + the tpfuse P2P gather, both barriers (the issue's baseline);
+- ``cublas_tpfuse``: ``F.linear`` + the tpfuse P2P gather, both barriers (the baseline);
 - ``cublas_only``: ``F.linear`` alone (how close the linear is to its floor);
 - ``fused_zero_copy`` / ``cublas_tpfuse_zero_copy``: both sides with zero-copy results (a
   view of the slot, no copy-out: what ``tpfuse.enable(zero_copy=True)`` emits where proven);
@@ -27,7 +27,7 @@ writes JSON to ``--out`` on rank 0.
 
 import os
 
-# Never NVLink multicast on the shared hosts (CONTEXT §4); set before torch loads NCCL.
+# Never NVLink multicast on the shared hosts (docs/safety.md, "Multicast"); set before torch loads NCCL.
 os.environ["NCCL_NVLS_ENABLE"] = "0"
 os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
 os.environ["NVSHMEM_DISABLE_NVLS"] = "1"

@@ -1,4 +1,4 @@
-"""What the tpfuse passes add to a compile, per graph (target: at most 50 ms, CONTEXT §7).
+"""What the tpfuse passes add to a compile, per graph (target: at most 50 ms, docs/benchmarks.md, "Against the targets").
 
 For each model the real post-grad graph is captured from Inductor (fake
 process group, CPU, no code generation), then ``run_passes`` runs on fresh

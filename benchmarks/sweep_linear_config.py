@@ -1,4 +1,4 @@
-"""Launch-config sweep of the fused linear+push kernel (issue 6): which tile shape streams the weight fastest?
+"""Launch-config sweep of the fused linear+push kernel: which tile shape streams the weight fastest?
 
     PYTHONPATH=. torchrun --nproc-per-node 4 benchmarks/sweep_linear_config.py --out /tmp/sweep
 

@@ -21,7 +21,7 @@ P2P_CONFIGS = [
     ("fp16_w4_width1000", 2, 2, (0, 1000, 2000, 3000, 4000), 8, False, True),
     ("i8_w8_1792", 1, 5, tuple(1792 * i for i in range(9)), 16, False, True),
     ("bf16_w4_zero_copy", 2, 0, (0, 1792, 3584, 5376, 7168), 8, False, False),
-    # W=8 (TP=8, issue 8): uneven widths, entry barrier skipped, the last rank
+    # W=8 (TP=8): uneven widths, entry barrier skipped, the last rank
     ("bf16_w8_uneven_skip", 2, 7, (0, 1024, 2048, 3072, 4096, 5120, 6144, 7168, 8200), 8, True, True),
 ]
 # (name, rank, band_offsets in 32-bit words, skip_entry_sync, copy_out)

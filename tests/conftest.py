@@ -6,7 +6,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))  # so spawned ranks can import test modules
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "gpu"))  # and the GPU tests' shared helpers
 
-# Never use NVLink multicast on the shared GPU hosts (CONTEXT §4); children inherit these.
+# Never use NVLink multicast on the shared GPU hosts (docs/safety.md, "Multicast"); children inherit these.
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")

@@ -595,7 +595,7 @@ agh: slot 0 (no unfenced gather on the group may run before it), SKIP
     zero-copy: the result (or a view of it) is a graph output""")
 
     def test_sixty_four_gathers_are_decided_quickly(self):
-        # CONTEXT §7: the passes add at most 50 ms per graph.  Pairwise graph walks took 19 s
+        # docs/benchmarks.md, "Against the targets": the passes add at most 50 ms per graph.  Pairwise graph walks took 19 s
         # here; the bitmask sweeps take a few ms.  The bound is loose so that CI never flakes.
         import time
 

@@ -1,10 +1,10 @@
 """Ahead-of-time compilation of the push kernels for sm_90 (no GPU needed).
 
-The multimem kernel never runs on our machines (CONTEXT §4), so this is where
+The multimem kernel never runs on our machines (docs/safety.md, "Multicast"), so this is where
 it is checked; the P2P kernel is checked for 16-byte stores and for the
 barrier's memory orders.  Both compile under the installed Triton and under
 the GPU machines' Triton 3.6 (``TPFUSE_TRITON36_PATH``), which rejects some
-loops that newer releases accept (CONTEXT §6).
+loops that newer releases accept (docs/design.md, "Toolchain note").
 """
 
 import json

@@ -193,7 +193,7 @@ def _reference_and_autograd(rank, world_size):
 
 
 def test_reference_and_autograd_w8():
-    # TP=8 (issue 8) on the CPU: even and uneven bands, bias, 3-D leading dims, backward
+    # TP=8 on the CPU: even and uneven bands, bias, 3-D leading dims, backward
     names = [c[0] for c in _cases(8)] + ["wrapper"]
     assert run_ranks(8, _reference_and_autograd) == [(names, True)] * 8
 

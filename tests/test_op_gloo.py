@@ -180,7 +180,7 @@ def _gathers_and_autograd(rank, world_size):
     return _check_gathers(rank, world_size), _check_autograd(rank, world_size)
 
 
-@pytest.mark.parametrize("world_size", [3, 4, 8])  # 8: TP=8 (issue 8), gloo ranks on the CPU
+@pytest.mark.parametrize("world_size", [3, 4, 8])  # 8: TP=8, gloo ranks on the CPU
 def test_gather_bit_exact_and_autograd(world_size):
     results = run_ranks(world_size, _gathers_and_autograd)
     names = [name for name, *_ in _gather_cases(world_size)] + ["strided+owned"]

@@ -1,4 +1,4 @@
-"""Issue 3 item 6: the compiled TP models on 2 and 4 GPUs (NCCL process group).
+"""The compiled TP models on 2 and 4 GPUs (NCCL process group).
 
 The same unmodified models as the gloo numerics test, compiled with Inductor
 and ``tpfuse.enable()``: the rewritten gathers take whatever backend
@@ -12,7 +12,7 @@ a timing table (median per step, same run, same card):
 
 Skipped without 2 GPUs (conftest).  Never uses NVLink multicast: run_ranks
 sets NCCL_NVLS_ENABLE=0 / TORCH_SYMM_MEM_DISABLE_MULTICAST=1 /
-NVSHMEM_DISABLE_NVLS=1 in every rank (CONTEXT §4).
+NVSHMEM_DISABLE_NVLS=1 in every rank (docs/safety.md, "Multicast").
 """
 
 from __future__ import annotations

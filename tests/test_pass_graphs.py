@@ -1,4 +1,4 @@
-"""Graph tests of the pattern pass: every form of CONTEXT §3 / issue 3 item 1, before and after.
+"""Graph tests of the pattern pass: every form in docs/passes.md, before and after.
 
 Each test compiles a small function on the CPU with a ``backend="fake"``
 process group, takes Inductor's real post-grad graph, runs the tpfuse passes

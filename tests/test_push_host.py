@@ -121,7 +121,7 @@ def test_multimem_only_with_a_multicast_address_and_opt_in(fake_cuda, monkeypatc
 
 
 def test_w8_signal_pads_and_status_word_fit():
-    """TP=8 without an 8-GPU machine (issue 8): the sizing arithmetic at W=8.
+    """TP=8 without an 8-GPU machine: the sizing arithmetic at W=8.
 
     H100 and H200 have 132 SMs; the grid cap is 2 blocks per SM by default."""
     from tpfuse.compile_ops.workspace import MAX_PUSH_WORLD_SIZE, blocks_that_fit, signal_pad_bytes

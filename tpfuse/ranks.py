@@ -17,7 +17,7 @@ import socket
 import time
 import traceback
 
-#: Never use NVLink multicast on the shared GPU hosts (CONTEXT §4). Set in
+#: Never use NVLink multicast on the shared GPU hosts (docs/safety.md, "Multicast"). Set in
 #: this process and in every rank it starts.
 SAFE_GPU_ENV = {
     "NCCL_NVLS_ENABLE": "0",

@@ -27,7 +27,7 @@ What it shows, per world size:
 
 Every rank sets ``TPFUSE_BACKEND=p2p`` (the push path, on every rank alike)
 and never touches NVLink multicast (tests/conftest.py and tpfuse.ranks set
-the CONTEXT §4 environment).
+the no-multicast environment of docs/safety.md, "Multicast").
 """
 
 from __future__ import annotations

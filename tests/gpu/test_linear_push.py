@@ -7,7 +7,7 @@ run and not yet run.  Run on the GPU machines with::
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=. \\
         python -m pytest -q tests/gpu/test_linear_push.py
 
-Tolerance (stated, issue 6).  Inputs are scaled so that outputs are about
+Tolerance (stated).  Inputs are scaled so that outputs are about
 N(0, 1): ``x ~ N(0, 1)``, ``W ~ N(0, 1) / sqrt(K)``, ``b ~ N(0, 1)``.  The
 reference is the fp32 linear of the same bf16/fp16 operands, rounded to the
 output dtype.  The kernel accumulates in fp32 in another order and rounds

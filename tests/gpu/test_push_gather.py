@@ -4,7 +4,7 @@ Each test spawns W NCCL ranks (tests/multiproc.py) and runs many checks in
 them, so that the (scarce) GPU machines pay the process start-up a few times
 only.  Inputs are random bit patterns (NaN payloads included), compared
 bit-for-bit through integer views.  The multimem kernel never runs here
-(CONTEXT §4): dispatch picks it only with a multicast address, which the
+(docs/safety.md, "Multicast"): dispatch picks it only with a multicast address, which the
 shared hosts never have.
 """
 

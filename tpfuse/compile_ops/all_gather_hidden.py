@@ -7,7 +7,7 @@ Schema (see docs/op.md for the full contract)::
                               bool zero_copy=False) -> Tensor
 
 ``slot``, ``skip_entry_sync`` and ``zero_copy`` are *permissions* that only a
-pass which has proven them safe sets (CONTEXT §2).  A backend that cannot use
+pass which has proven them safe sets (docs/contract.md §1, §3).  A backend that cannot use
 one ignores it and still returns a correct, caller-owned tensor.
 
 Its backward is ``tpfuse::reduce_scatter_hidden``: rank ``r`` receives the sum
@@ -24,19 +24,7 @@ from torch import Tensor
 from . import collective, inductor_lowering
 from .dispatch import Backend, check_device_matches_group, check_dtype, choose_backend
 from .groups import Group, group_name_of, resolve_group
-
-_SLOTS = (-1, 0, 1)
-
-
-def _check_widths(hidden_widths: Sequence[int]) -> None:
-    if len(hidden_widths) == 0:
-        raise ValueError("tpfuse: hidden_widths is empty; give one width per rank")
-    bad = [w for w in hidden_widths if w <= 0]
-    if bad:
-        raise ValueError(
-            f"tpfuse: hidden_widths={list(hidden_widths)} has width(s) {bad} <= 0; "
-            "every rank must contribute a positive number of columns"
-        )
+from .validation import check_one_width_per_rank, check_slot, check_widths, world_size_of
 
 
 #: argument signatures that passed ``_check_gather_args`` (the eager hot path
@@ -51,12 +39,8 @@ def _check_gather_args(x: Tensor, hidden_widths: Sequence[int], group: Group, sl
     key = (group, tuple(hidden_widths), x.shape[-1], x.dtype, x.device.type, slot)
     if key in _validated:
         return
-    _check_widths(hidden_widths)
-    if len(hidden_widths) != group.world_size:
-        raise ValueError(
-            f"tpfuse: len(hidden_widths)={len(hidden_widths)} but group "
-            f"{group.name!r} has {group.world_size} ranks; give exactly one width per rank"
-        )
+    check_widths(hidden_widths)
+    check_one_width_per_rank(hidden_widths, group)
     expected = hidden_widths[group.rank]
     if x.shape[-1] != expected:
         raise ValueError(
@@ -66,8 +50,7 @@ def _check_gather_args(x: Tensor, hidden_widths: Sequence[int], group: Group, sl
         )
     check_dtype(x.dtype)
     check_device_matches_group(x.device.type, group)
-    if slot not in _SLOTS:
-        raise ValueError(f"tpfuse: slot={slot} is not one of {_SLOTS} (-1 lets the op choose)")
+    check_slot(slot)
     _validated.add(key)
 
 
@@ -111,7 +94,7 @@ def _reduce_scatter_hidden_impl(
     grad: Tensor, hidden_widths: list[int], local_width: int, group_name: str
 ) -> Tensor:
     group = resolve_group(group_name)
-    _check_widths(hidden_widths)
+    check_widths(hidden_widths)
     if len(hidden_widths) != group.world_size or hidden_widths[group.rank] != local_width:
         raise ValueError(
             f"tpfuse: reduce_scatter_hidden on rank {group.rank} of {group.world_size}: "
@@ -134,7 +117,7 @@ for _device in ("CPU", "CUDA"):
 @torch.library.register_fake("tpfuse::all_gather_hidden", lib=_lib)
 def _(x, hidden_widths, group_name, slot=-1, skip_entry_sync=False, zero_copy=False):
     # Shape only: never touches a process group, works for symbolic leading dims.
-    _check_widths(hidden_widths)
+    check_widths(hidden_widths)
     check_dtype(x.dtype)
     torch._check(x.dim() >= 1, lambda: "tpfuse: x needs a last (hidden) dimension")
     return x.new_empty(*x.shape[:-1], sum(hidden_widths))
@@ -177,13 +160,6 @@ def _all_gather_hidden_autograd(x, hidden_widths, group_name, slot=-1, skip_entr
 _lib.impl("all_gather_hidden", _all_gather_hidden_autograd, "Autograd")
 
 
-@torch._dynamo.assume_constant_result
-def _world_size(group_name: str) -> int:
-    # A group's size never changes, so Dynamo may bake it into the graph
-    # instead of tracing into the C++ group registry.
-    return resolve_group(group_name).world_size
-
-
 def all_gather_hidden(
     x: Tensor,
     group: "torch.distributed.ProcessGroup | str | None" = None,
@@ -198,5 +174,5 @@ def all_gather_hidden(
     """
     name = group_name_of(group)
     if hidden_widths is None:
-        hidden_widths = [x.shape[-1]] * _world_size(name)
+        hidden_widths = [x.shape[-1]] * world_size_of(name)
     return torch.ops.tpfuse.all_gather_hidden.default(x, list(hidden_widths), name)

@@ -1,6 +1,6 @@
 """The one place that chooses how a hidden-axis gather moves its bytes.
 
-Rank consistency (CONTEXT §2.2): ``choose_backend`` looks only at what every
+Rank consistency (docs/contract.md §2): ``choose_backend`` looks only at what every
 rank of the group knows identically -- device type, dtype, the *full* output
 shape, the group and the configuration.  It never looks at this rank's width,
 pointers or timing, so all ranks of a group take the same path and no rank

@@ -49,8 +49,9 @@ def register() -> None:
         log.warning("tpfuse: no Inductor lowering for the gather (%s); zero_copy will be ignored", err)
         return
 
-    from . import linear_all_gather_hidden  # noqa: F401 - defines tpfuse::linear_all_gather_hidden
-
+    # Both ops are defined by the package ``tpfuse.compile_ops``, which Python imports before
+    # this module.  This module imports neither op's module: they import it (``is_registered``),
+    # and an import back would close a circle.
     for op in (torch.ops.tpfuse.all_gather_hidden.default, torch.ops.tpfuse.linear_all_gather_hidden.default):
         _lower(op, fallback_handler, register_lowering, V)
     _registered = True

@@ -42,11 +42,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import inductor_lowering, linear_cost
-from .all_gather_hidden import _check_widths
 from .dispatch import Backend, check_device_matches_group, check_dtype, choose_backend
 from .groups import Group, group_name_of, resolve_group
+from .validation import check_one_width_per_rank, check_slot, check_widths, world_size_of
 
-_SLOTS = (-1, 0, 1)
 _MODES = ("auto", "fused", "unfused")
 
 
@@ -82,11 +81,8 @@ def _check_linear_args(x: Tensor, weight: Tensor, bias: Tensor | None, hidden_wi
         return
     if x.dim() == 0:
         raise ValueError("tpfuse: x is a scalar; it needs a last (input feature) dimension")
-    _check_widths(hidden_widths)
-    if len(hidden_widths) != group.world_size:
-        raise ValueError(
-            f"tpfuse: len(hidden_widths)={len(hidden_widths)} but group {group.name!r} has "
-            f"{group.world_size} ranks; give exactly one width per rank")
+    check_widths(hidden_widths)
+    check_one_width_per_rank(hidden_widths, group)
     width = hidden_widths[group.rank]
     if weight.dim() != 2 or weight.shape[0] != width or weight.shape[1] != x.shape[-1]:
         raise ValueError(
@@ -104,8 +100,7 @@ def _check_linear_args(x: Tensor, weight: Tensor, bias: Tensor | None, hidden_wi
     if len(devices) != 1:
         raise ValueError(f"tpfuse: x, weight and bias must be on one device, got {sorted(map(str, devices))}")
     check_device_matches_group(x.device.type, group)
-    if slot not in _SLOTS:
-        raise ValueError(f"tpfuse: slot={slot} is not one of {_SLOTS} (-1 lets the op choose)")
+    check_slot(slot)
     _validated.add(key)
 
 
@@ -158,7 +153,7 @@ for _device in ("CPU", "CUDA"):
 @torch.library.register_fake("tpfuse::linear_all_gather_hidden", lib=_lib)
 def _(x, weight, bias, hidden_widths, group_name, slot=-1, skip_entry_sync=False, zero_copy=False):
     # Shape only: never touches a process group; symbolic leading dims are fine.
-    _check_widths(hidden_widths)
+    check_widths(hidden_widths)
     check_dtype(x.dtype)
     torch._check(x.dim() >= 1, lambda: "tpfuse: x needs a last (input feature) dimension")
     torch._check(weight.dim() == 2, lambda: f"tpfuse: weight must be 2-D, got {weight.dim()}-D")
@@ -196,9 +191,7 @@ def linear_all_gather_hidden(
 
     ``weight`` is this rank's ``[w_rank, K]`` band; ``hidden_widths`` lists
     every rank's ``w_r`` (by default all equal to ``weight.shape[0]``)."""
-    from .all_gather_hidden import _world_size
-
     name = group_name_of(group)
     if hidden_widths is None:
-        hidden_widths = [weight.shape[0]] * _world_size(name)
+        hidden_widths = [weight.shape[0]] * world_size_of(name)
     return torch.ops.tpfuse.linear_all_gather_hidden(x, weight, bias, list(hidden_widths), name)

@@ -1,7 +1,7 @@
 """The cost rule of ``tpfuse::linear_all_gather_hidden``: fused kernel, or cuBLAS linear + the gather?
 
 One pure function of (T, K, the ranks' widths, dtype) -- what every rank knows
-identically -- so every rank decides the same (CONTEXT §2.2).  The pass uses it
+identically -- so every rank decides the same (docs/contract.md §2).  The pass uses it
 to decide whether to rewrite; the op uses it again per call (T may be
 symbolic at compile time), unless ``TPFUSE_LINEAR_PUSH`` forces a path.
 
@@ -59,7 +59,7 @@ SMS = 132
 GATHER_LATENCY_US = {2: 6.7, 4: 7.2}
 #: tpfuse gather, per-GPU egress at decode sizes (fitted with the latencies above)
 GATHER_BYTES_PER_S = 241e9
-#: the least gain the rule fuses for: 1.2x, the fused op's target (issue 6).  Below it the unfused path
+#: the least gain the rule fuses for: 1.2x, the fused op's target (docs/benchmarks.md, "Against the targets").  Below it the unfused path
 #: stays, which a profiler shows as cuBLAS and the gather, rounds the logits as cuBLAS does (the fused
 #: GEMM is within the bf16 GEMM tolerance of it, not bit-identical) and holds no SM in a spinning barrier
 #: while the GEMM runs; TPFUSE_LINEAR_PUSH=fused takes the rows that win by less (docs/benchmarks.md)

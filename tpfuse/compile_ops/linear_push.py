@@ -20,7 +20,7 @@ import torch
 from . import workspace as workspaces
 from .dispatch import Backend
 from .groups import Group
-from .push import _raw_stream, raise_if_failed
+from .push import raise_if_failed, raw_stream
 
 OP = "tpfuse::linear_all_gather_hidden"
 
@@ -98,11 +98,11 @@ def _config_key(tokens):
     so that a dynamic T compiles a handful of variants, not one per value (same on every rank).
     Up to T=128 a bucket's config is each of its T's own; every T > 128 runs the T=256 config
     (the rule never fuses there; tests/test_linear_launch_config.py)."""
-    from ..kernels.linear_push import MID_TOKENS, _next_pow2
+    from ..kernels.linear_push import MID_TOKENS, next_pow2
 
     if 16 < tokens <= MID_TOKENS:
         return MID_TOKENS
-    return min(_next_pow2(max(tokens, 1)), 128) if tokens <= 128 else 256
+    return min(next_pow2(max(tokens, 1)), 128) if tokens <= 128 else 256
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -171,7 +171,7 @@ def linear_gather_hidden(
             ws.timeout_ns)
     if multimem:
         args += (ws.multicast_ptr,)
-    run_args = (nblocks, 1, 1, _raw_stream(device_index), plan.function, plan.packed_metadata, None, None, None,
+    run_args = (nblocks, 1, 1, raw_stream(device_index), plan.function, plan.packed_metadata, None, None, None,
                 *args, *ws.pointer_args, *plan.constexpr_values)
     if plan.scratch is None:
         plan.run(*run_args)

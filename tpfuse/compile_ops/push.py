@@ -1,7 +1,7 @@
 """Host launcher of the push backends (P2P and multimem).
 
 Per call it does as little as it can, because an eager call must cost about
-one torch elementwise op (CONTEXT §7):
+one torch elementwise op (docs/benchmarks.md, "Against the targets"):
 - the kernel of each (dtype, widths, flags) variant is compiled once and
   launched through Triton's compiled launcher directly (no JIT binder, no
   argument specialisation per call);
@@ -124,7 +124,7 @@ def gather_hidden(
 ) -> torch.Tensor:
     """``cat([x_0, ..., x_{W-1}], dim=-1)`` through symmetric memory.
 
-    Returns a fresh tensor the caller owns (CONTEXT §2.1), or, with ``zero_copy``
+    Returns a fresh tensor the caller owns (docs/contract.md §1), or, with ``zero_copy``
     (a permission only the barrier-elision pass grants, having proven every reader
     done before the slot is written again), a view of the symmetric slot.
     """
@@ -180,10 +180,10 @@ def _launch(x, hidden_widths, group, backend, slot, skip_entry_sync, copy_out, e
         elems = ws.slot_bytes // plan.elem_size
         out = ws.buffer.view(x.dtype)[slot * elems : slot * elems + tokens * total].view(*lead, total)
         out_ptr = 0
-    # Grid: a pure function of T, the widths and W (rank-invariant, CONTEXT §2.2).
+    # Grid: a pure function of T, the widths and W (rank-invariant, docs/contract.md §2).
     nblocks = min(ws.facts.max_blocks, max(1, -(-tokens * plan.max_width_vec // BLOCK_V)))
     slot_offset = slot * (ws.slot_bytes // plan.unit)
-    stream = _raw_stream(device_index)
+    stream = raw_stream(device_index)
     if plan.multimem:
         args = (x.data_ptr(), out_ptr, slot_offset, ws.status_ptr, tokens, ws.timeout_ns, ws.multicast_ptr)
     else:
@@ -248,14 +248,15 @@ def _launch_flag(x, hidden_widths, group):
         plan = ws.plans[key] = flag_plan(ws.group.rank, ws.device, x.dtype, hidden_widths)
     if not x.is_contiguous():
         x = x.contiguous()
-    run_flag(plan, flag_grid(plan, tokens, ws.facts.max_blocks), _raw_stream(x.device.index), x, out,
+    run_flag(plan, flag_grid(plan, tokens, ws.facts.max_blocks), raw_stream(x.device.index), x, out,
              flags.epochs, ws.status_ptr, ws.timeout_ns, flags.region_units, flags.buffer_args)
     return out
 
 
-def _raw_stream(device_index):
+def raw_stream(device_index):
+    """The current CUDA stream's handle, for launching compiled kernels directly (both push launchers)."""
     return torch.cuda.current_stream(device_index).cuda_stream
 
 
 if hasattr(torch._C, "_cuda_getCurrentRawStream"):
-    _raw_stream = torch._C._cuda_getCurrentRawStream  # noqa: F811  (the same, ~10x cheaper)
+    raw_stream = torch._C._cuda_getCurrentRawStream  # noqa: F811  (the same, ~10x cheaper)

@@ -5,7 +5,7 @@ What lives here:
   whether every rank can use symmetric memory, whether all ranks share one
   host, the smallest multiprocessor count (the grid cap).  Dispatch decides
   only from these agreed facts, so every rank takes the same path
-  (CONTEXT §2.2).
+  (docs/contract.md §2).
 - **Signal pads**: a small symmetric allocation that is never freed or
   regrown, whose signal pads hold the barrier slots.  Its size is set before
   our first allocation.  The slots balance after every call, so they carry

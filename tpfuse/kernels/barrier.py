@@ -20,7 +20,7 @@ both ranks run the same sequence of barriers (rank-consistent dispatch).
 
 Parallel peers.  The W peers are handled by W lanes at once (one atomic per
 lane), not one after another: a serial walk costs one NVLink round trip per
-peer (CONTEXT §6: 7.6 us at W=4 against 2.5 us in parallel).
+peer (7.6 us at W=4 against 2.5 us in parallel; docs/benchmarks.md, probe).
 
 Addresses.  The signal pads' addresses arrive as scalar kernel arguments
 (constant memory): no dependent global load stands between the kernel's
@@ -31,9 +31,9 @@ writes ``kind * 2**24 + block * 256 + missing_peer + 1`` into a status word
 (host-mapped, so the host reads it without synchronising) and returns; the host
 turns that into an error naming the rank and the peer that never arrived.
 
-Triton 3.6 crashes on ``while`` loops that carry a tensor (CONTEXT §6), so the
-spin loop carries scalars only: the smallest slot value over the peers and the
-elapsed time.
+Triton 3.6 crashes on ``while`` loops that carry a tensor (docs/design.md,
+"Toolchain note"), so the spin loop carries scalars only: the smallest slot
+value over the peers and the elapsed time.
 """
 
 import triton

@@ -149,7 +149,7 @@ def _tile_out(x_ptr, w_ptr, w_desc, bias_ptr, out_ptr, row0, col0, col_end, toke
         if first:
             # Entry, its wait (relaxed): no peer may still be reading the slot we are about to
             # write.  Its reads ended in kernels that finished before its signal (stream order).
-            # Skipped only when the caller proved every peer is done with the slot (CONTEXT §2.3).
+            # Skipped only when the caller proved every peer is done with the slot (docs/contract.md §3).
             _, live = peer_lanes(RANK, W, peer_pads.shape[0])
             if wait_peers(own_pad, pid, live, status, timeout_ns, ENTRY_TIMEOUT, W, False):
                 timeout_ns = timeout_ns * 0
@@ -342,7 +342,7 @@ def multimem_linear_push_kernel(
 ):
     """Like the P2P kernel, but one ``multimem.st`` per 16 bytes of a tile reaches every rank.
 
-    Compile-verified only: NVLink multicast must not run on the shared GPU hosts (CONTEXT §4).
+    Compile-verified only: NVLink multicast must not run on the shared GPU hosts (docs/safety.md, "Multicast").
     2-byte outputs only (bf16/fp16): a tile row of BLOCK_N elements is BLOCK_N / 8 vectors.
     """
     pid = tl.program_id(0)
@@ -392,13 +392,14 @@ def multimem_linear_push_kernel(
 # Launch configuration: a pure function of (T, K, widths), the same on every rank.
 
 
-def _next_pow2(n):
+def next_pow2(n):
+    """The smallest power of two >= n (1 for n <= 1): tile sizes and the host's T buckets."""
     return 1 << max(0, int(n) - 1).bit_length()
 
 
 def wide_band(tokens, widths):
     """Whether the widest band fills the SMs with 128-column tiles (LM heads): the configs tuned for them."""
-    block_m = min(max(16, _next_pow2(tokens)), 64)
+    block_m = min(max(16, next_pow2(tokens)), 64)
     return -(-max(int(tokens), 1) // block_m) * -(-max(widths) // 128) >= TARGET_TILES
 
 
@@ -441,7 +442,7 @@ def launch_config(tokens, k, widths, elem_size=2, multimem=False):
 
     Returns a dict; ``tiles`` is the widest band's tile count (the grid before the cap).
     """
-    block_m = min(max(16, _next_pow2(tokens)), 64)
+    block_m = min(max(16, next_pow2(tokens)), 64)
     m_tiles = -(-max(int(tokens), 1) // block_m)
     widest = max(widths)
     swap_ab = balanced = False
@@ -461,7 +462,7 @@ def launch_config(tokens, k, widths, elem_size=2, multimem=False):
         num_warps = 4
     while block_k > 64 and (block_m + block_n) * block_k * elem_size * (stages - 1) > PIPELINE_BYTES:
         block_k //= 2
-    block_k = min(block_k, max(64, _next_pow2(k)))
+    block_k = min(block_k, max(64, next_pow2(k)))
     return {
         "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
         "num_warps": num_warps, "num_stages": stages,

@@ -128,7 +128,7 @@ def p2p_push_gather_kernel(
                     # we are about to write.  Its reads were in kernels that
                     # finished before its signal (stream order), so relaxed
                     # atomics suffice.  Skipped only when the caller has proven
-                    # that every peer is done with this slot (CONTEXT §2.3).
+                    # that every peer is done with this slot (docs/contract.md §3).
                     if barrier(peer_pads, own_pad, RANK, pid, status, timeout_ns, ENTRY_TIMEOUT, W, False):
                         timeout_ns = timeout_ns * 0  # reported: don't spin another full timeout at exit
             if COPY_OUT:
@@ -197,7 +197,7 @@ def multimem_push_gather_kernel(
     """Like the P2P kernel (one exit barrier), but one multicast store per 16 bytes reaches every rank.
 
     Compile-verified only: NVLink multicast must not run on the shared GPU
-    hosts (CONTEXT §4), and the host selects this kernel only when the
+    hosts (docs/safety.md, "Multicast"), and the host selects this kernel only when the
     buffer's ``multicast_ptr`` is non-zero on every rank.
     """
     VEC: tl.constexpr = 4  # 4 words = 16 bytes per multimem.st

@@ -59,8 +59,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch.fx import Graph, Node
 
-from .graph_facts import _known_true
-from .graph_facts import _ops as _aten
+from .graph_facts import WAITS, arg_by_name, functional_collectives, known_true, op_overloads, val
 
 aten = torch.ops.aten
 
@@ -110,16 +109,6 @@ class BarrierDecision:
 # --------------------------------------------------------------------------- graph facts
 
 
-def _ops(namespace: str, *names: str) -> frozenset:
-    found = []
-    for ns in (namespace, namespace.lstrip("_")):
-        for name in names:
-            packet = getattr(getattr(torch.ops, ns, None), name, None)
-            if packet is not None and hasattr(packet, "default"):
-                found.append(packet.default)
-    return frozenset(found)
-
-
 def _tpfuse(name: str):
     packet = getattr(getattr(torch.ops, "tpfuse", None), name, None)
     return getattr(packet, "default", None)
@@ -128,12 +117,11 @@ def _tpfuse(name: str):
 #: c10d collectives whose result on every rank needs every rank's input: a
 #: fence (b) on their group.  (broadcast / all_to_all are not: a rank's result
 #: need not contain every peer's contribution.)
-FENCE_COLLECTIVES = _ops("_c10d_functional", "all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor")
-WAITS = _ops("_c10d_functional", "wait_tensor")
+FENCE_COLLECTIVES = functional_collectives("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor")
 #: Ops that read only the *metadata* of their tensor inputs (sizes, dtype,
 #: device): Inductor orders nothing after the input's producer for them, so
 #: these edges are no data dependency.
-METADATA_ONLY = _aten(
+METADATA_ONLY = op_overloads(
     "sym_size.int", "sym_size.default", "sym_numel.default", "sym_stride.int", "sym_stride.default",
     "sym_storage_offset.default", "size.default", "size.int", "stride.default", "numel.default",
     "empty_like.default", "zeros_like.default", "ones_like.default", "full_like.default",
@@ -142,7 +130,7 @@ METADATA_ONLY = _aten(
     "fill.Scalar", "zero.default", "scalar_tensor.default",
 )
 #: Ops whose output aliases their first input (zero-copy readers are followed through them).
-VIEWS = _aten(
+VIEWS = op_overloads(
     "view.default", "_unsafe_view.default", "reshape.default", "alias.default", "permute.default",
     "transpose.int", "t.default", "expand.default", "slice.Tensor", "select.int", "narrow.default",
     "unsqueeze.default", "squeeze.dim", "squeeze.dims", "squeeze.default", "as_strided.default",
@@ -158,23 +146,6 @@ def _is_gather(node: Node) -> bool:
         _tpfuse("all_gather_hidden"), _tpfuse("linear_all_gather_hidden"))
 
 
-def _arg(node: Node, index: int, name: str, default=None):
-    # By name through the op's schema where it has one (the fused op puts x, weight and
-    # bias before hidden_widths and group_name); ``index`` for all_gather_hidden's layout.
-    schema = getattr(node.target, "_schema", None)
-    if schema is not None:
-        names = [a.name for a in schema.arguments]
-        if name in names:
-            index = names.index(name)
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
-
-
-def _val(node):
-    return node.meta.get("val", node.meta.get("example_value")) if isinstance(node, Node) else node
-
-
 def _tensors(value) -> list[torch.Tensor]:
     if isinstance(value, torch.Tensor):
         return [value]
@@ -187,7 +158,7 @@ def _provably_positive(size) -> bool:
     if isinstance(size, int):
         return size > 0
     try:
-        return bool(_known_true(size >= 1))
+        return bool(known_true(size >= 1))
     except Exception:  # noqa: BLE001 - an undecidable size is not provably positive
         return False
 
@@ -196,7 +167,7 @@ def _provably_zero(size) -> bool:
     if isinstance(size, int):
         return size == 0
     try:
-        return bool(_known_true(size == 0))
+        return bool(known_true(size == 0))
     except Exception:  # noqa: BLE001
         return False
 
@@ -232,7 +203,7 @@ def _launches(node: Node, tensor_arg) -> bool:
 
     push.py returns without launching when T == 0, and a collective of size 0
     may return without any rank waiting for any other."""
-    value = _val(tensor_arg)
+    value = val(tensor_arg)
     if not isinstance(value, torch.Tensor) or value.dim() == 0:
         return False
     return all(_provably_positive(s) for s in value.shape)
@@ -248,7 +219,7 @@ class Fence:
 
 
 def _device_type(tensor_arg) -> str | None:
-    value = _val(tensor_arg)
+    value = val(tensor_arg)
     return value.device.type if isinstance(value, torch.Tensor) else None
 
 
@@ -258,14 +229,14 @@ def _key_of_gather(node: Node) -> tuple:
     A collective on the same group but another device (a CPU tensor on a
     ``cpu:gloo,cuda:nccl`` group) is no fence: its completion says where the
     peers' *hosts* are, not how far their GPU streams have run."""
-    return str(_arg(node, 2, "group_name")), _device_type(_arg(node, 0, "x"))
+    return str(arg_by_name(node, 2, "group_name")), _device_type(arg_by_name(node, 0, "x"))
 
 
 def _fence_of(node: Node):
     """(key, Fence) when ``node`` is a fence (a) or (b); else (None, None)."""
     if _is_gather(node):
-        group = _arg(node, 2, "group_name")
-        x = _arg(node, 0, "x")
+        group = arg_by_name(node, 2, "group_name")
+        x = arg_by_name(node, 0, "x")
         if isinstance(group, str) and _launches(node, x):
             if _protocol_of(node)["protocol"] == "flag":
                 # No exit barrier, but the same fact: a rank finishes the call only
@@ -277,7 +248,7 @@ def _fence_of(node: Node):
         return None, None
     if node.op == "call_function" and node.target is _tpfuse("reduce_scatter_hidden"):
         # Its c10d reduce-scatter is synchronous on the current stream.
-        group, grad = _arg(node, 3, "group_name"), _arg(node, 0, "grad")
+        group, grad = arg_by_name(node, 3, "group_name"), arg_by_name(node, 0, "grad")
         if isinstance(group, str) and _launches(node, grad):
             key = (group, _device_type(grad))
             return key, Fence(node.name, node.name, f"(b) collective {node.name} on group {group!r}")
@@ -319,7 +290,7 @@ class _Order:
             entry_bits[entry] = entry_bits.get(entry, 0) | 1 << i
         nodes = list(graph.nodes)
         dims: dict = {}  # symbolic dim -> provably 0, decided once per expression
-        carries = {n: _carries_data(_val(n), dims) for n in nodes}
+        carries = {n: _carries_data(val(n), dims) for n in nodes}
         sources = {n: self.sources(n, carries) for n in nodes}
         self.gathers_before: dict[Node, int] = {}
         self.fences_before: dict[Node, int] = {}
@@ -347,7 +318,7 @@ class _Order:
         """The inputs whose *values* ``node`` reads (so it runs after their producers)."""
         if node.op in ("placeholder", "get_attr") or node.target in METADATA_ONLY:
             return []
-        if not carries[node] and _tensors(_val(node)):
+        if not carries[node] and _tensors(val(node)):
             return []  # a statically empty result: Inductor may compute nothing
         return [s for s in node.all_input_nodes if carries.get(s, False)]
 
@@ -372,7 +343,7 @@ def decide_barriers(graph: Graph, elide: bool = True, zero_copy: bool = False) -
     """One decision per ``tpfuse::all_gather_hidden`` node, in graph order (changes nothing)."""
     gathers = [n for n in graph.nodes if _is_gather(n)]
     if not elide:
-        return [BarrierDecision(g.name, str(_arg(g, 2, "group_name")), -1, "left to the op",
+        return [BarrierDecision(g.name, str(arg_by_name(g, 2, "group_name")), -1, "left to the op",
                                 False, ELISION_OFF, False, "elision disabled")
                 for g in gathers]
     by_name = {n.name: n for n in graph.nodes}
@@ -397,7 +368,7 @@ def _protocol_of(node: Node) -> dict:
         return {"protocol": "fused barrier push", "protocol_reason": "the fused linear + push kernel"}
     from ..compile_ops.dispatch import planned_backend
 
-    x, widths = _val(_arg(node, 0, "x")), _arg(node, 1, "hidden_widths")
+    x, widths = val(arg_by_name(node, 0, "x")), arg_by_name(node, 1, "hidden_widths")
     if not isinstance(x, torch.Tensor) or x.dim() == 0 or not isinstance(widths, (list, tuple)):
         return {"protocol": "per call", "protocol_reason": "the input's shape is unknown here"}
     lead = x.shape[:-1]
@@ -408,7 +379,7 @@ def _protocol_of(node: Node) -> dict:
 
 def _decide_group(gathers: list[Node], fences: int, order: _Order, allow_zero_copy: bool = False
                   ) -> dict[str, BarrierDecision]:
-    group = str(_arg(gathers[0], 2, "group_name"))
+    group = str(arg_by_name(gathers[0], 2, "group_name"))
     # The gathers that may run before g with no fence between: g's slot must differ from theirs.
     unfenced = {
         g: [h for h in gathers
@@ -549,7 +520,7 @@ def apply_barrier_decisions(graph: Graph, decisions: list[BarrierDecision]) -> N
         node = by_name[d.gather]
         names = [a.name for a in node.target._schema.arguments]
         leading = names[: names.index("slot")]  # the tensors, hidden_widths and group_name
-        node.args = tuple(_arg(node, i, n) for i, n in enumerate(leading))
+        node.args = tuple(arg_by_name(node, i, n) for i, n in enumerate(leading))
         if d.slot < 0 and not d.skip_entry_sync and not d.zero_copy:
             node.kwargs = {}  # the defaults: the op picks the slot, both barriers, a copy
         else:

@@ -29,15 +29,18 @@ from torch.fx import Node
 
 aten = torch.ops.aten
 
+# ``known_true(expr)``: whether a symbolic condition holds for every value the shape
+# environment allows, decided without adding a guard (False when it cannot tell).
 try:  # torch >= 2.1
-    from torch.fx.experimental.symbolic_shapes import statically_known_true as _known_true
+    from torch.fx.experimental.symbolic_shapes import statically_known_true as known_true
 except ImportError:  # pragma: no cover - very old torch
-    def _known_true(expr):  # type: ignore[no-redef]
+    def known_true(expr):  # type: ignore[no-redef]
         return bool(expr) if isinstance(expr, bool) else False
 
 
-def _ops(*names: str) -> frozenset:
-    """OpOverloads that exist in this torch build (feature-detected, never pinned)."""
+def op_overloads(*names: str) -> frozenset:
+    """The aten OpOverloads named ``"packet.overload"`` that exist in this torch build
+    (feature-detected, never pinned)."""
     found = []
     for name in names:
         packet_name, _, overload = name.partition(".")
@@ -47,31 +50,36 @@ def _ops(*names: str) -> frozenset:
     return frozenset(found)
 
 
-RESHAPES = _ops("reshape.default", "view.default", "_unsafe_view.default")
-PERMUTES = _ops("permute.default")
-TRANSPOSES = _ops("transpose.int")
-T_OPS = _ops("t.default")
-CLONES = _ops("clone.default", "contiguous.default", "alias.default")
-SPLITS = _ops("split.Tensor", "split_with_sizes.default", "split.sizes")
-SLICES = _ops("slice.Tensor")
-NARROWS = _ops("narrow.default")
-CATS = _ops("cat.default")
-COPIES = _ops("copy.default")
-FRESH = _ops("empty.memory_format", "empty_like.default", "empty_strided.default", "new_empty.default")
-MATMULS = _ops("mm.default")
-ADDMMS = _ops("addmm.default")
+RESHAPES = op_overloads("reshape.default", "view.default", "_unsafe_view.default")
+PERMUTES = op_overloads("permute.default")
+TRANSPOSES = op_overloads("transpose.int")
+T_OPS = op_overloads("t.default")
+CLONES = op_overloads("clone.default", "contiguous.default", "alias.default")
+SPLITS = op_overloads("split.Tensor", "split_with_sizes.default", "split.sizes")
+SLICES = op_overloads("slice.Tensor")
+NARROWS = op_overloads("narrow.default")
+CATS = op_overloads("cat.default")
+COPIES = op_overloads("copy.default")
+FRESH = op_overloads("empty.memory_format", "empty_like.default", "empty_strided.default", "new_empty.default")
+MATMULS = op_overloads("mm.default")
+ADDMMS = op_overloads("addmm.default")
 
 
-def _functional_collective(name: str):
+def functional_collectives(*names: str) -> frozenset:
+    """The default overloads of the named functional collectives, under either namespace
+    spelling this torch build has (``_c10d_functional``, ``c10d_functional``)."""
+    found = []
     for namespace in ("_c10d_functional", "c10d_functional"):
-        packet = getattr(getattr(torch.ops, namespace, None), name, None)
-        if packet is not None and hasattr(packet, "default"):
-            yield packet.default
+        for name in names:
+            packet = getattr(getattr(torch.ops, namespace, None), name, None)
+            if packet is not None and hasattr(packet, "default"):
+                found.append(packet.default)
+    return frozenset(found)
 
 
-ALL_GATHERS = frozenset(_functional_collective("all_gather_into_tensor"))
-ALL_GATHERS_COALESCED = frozenset(_functional_collective("all_gather_into_tensor_coalesced"))
-WAITS = frozenset(_functional_collective("wait_tensor"))
+ALL_GATHERS = functional_collectives("all_gather_into_tensor")
+ALL_GATHERS_COALESCED = functional_collectives("all_gather_into_tensor_coalesced")
+WAITS = functional_collectives("wait_tensor")
 
 
 # --------------------------------------------------------------------------- values
@@ -118,7 +126,7 @@ def same_size(a: Any, b: Any) -> bool:
     if isinstance(a, sympy.Basic) or isinstance(b, sympy.Basic):
         return False  # no shape environment to ask about a bare expression
     try:
-        return bool(_known_true(a == b))
+        return bool(known_true(a == b))
     except Exception:
         return False
 
@@ -157,6 +165,18 @@ def arg(node: Node, index: int, name: str, default: Any = None) -> Any:
     if len(node.args) > index:
         return node.args[index]
     return node.kwargs.get(name, default)
+
+
+def arg_by_name(node: Node, index: int, name: str, default: Any = None) -> Any:
+    """Like ``arg``, but the position comes from the op's schema where it has one, so one call
+    reads an argument of ops that put it at different positions (the fused op has x, weight
+    and bias before hidden_widths and group_name); ``index`` serves targets without a schema."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None:
+        names = [a.name for a in schema.arguments]
+        if name in names:
+            index = names.index(name)
+    return arg(node, index, name, default)
 
 
 # --------------------------------------------------------------------------- meanings
