@@ -6,21 +6,21 @@ decides (frozen ``BarrierDecision`` records, one per
 writes ``slot`` / ``skip_entry_sync`` / ``zero_copy`` into the nodes.  The
 safety argument is in docs/barrier_elision.md; in short:
 
-**What the backend does** (compile_ops/push.py, kernels/push_gather.py).  A
-call on slot ``s`` of group ``g`` runs one kernel per rank: [entry barrier],
-push this rank's band into slot ``s`` of every peer, exit barrier, copy the
-peers' bands out of our own slot ``s`` into a fresh result.  The copy-out is
-fused into the kernel, so **every read of a slot ends with the kernel that
-wrote it**.  The only hazard is a fast peer ``q`` pushing into rank ``r``'s
-slot ``s`` (for a later call G'') while ``r`` still copies out of slot ``s``
-for an earlier call H.
+**What the protocols guarantee** is stated once, next to the kernels, and
+imported here: ``kernels/barrier.py`` (the barrier push: ``READS_END_IN_KERNEL``,
+every read of a slot ends inside the kernel that wrote it, so the only hazard is
+a fast peer pushing a later call into a slot we still copy out of; ``EXIT_FENCE``,
+a rank leaves a call's exit barrier only after every peer started it;
+``next_slot``, the alternation) and ``kernels/flag_protocol.py`` (the flag
+protocol: no slot, no barrier, and ``FENCE``, finished on one rank means started
+on every rank).
 
 **Fences.** A node F "fences" H before G'' when H -> F -> G'' along data
 edges and F's completion on any rank q implies that every rank r has started
 F, hence (single stream, kernel order) finished H:
 
-- (a) a tpfuse gather on g that provably launches (tokens > 0): q leaves its
-  exit barrier only after r signalled in it;
+- (a) a tpfuse gather on g that provably launches (tokens > 0), by either
+  protocol's fence fact above;
 - (b) a c10d all_reduce / all_gather / reduce_scatter on g (H -> collective,
   its wait_tensor -> G''), of non-zero size: q's result contains r's
   contribution, which r's NCCL kernel sends only after r's stream reached it.
@@ -59,6 +59,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch.fx import Graph, Node
 
+from ..kernels.barrier import EXIT_FENCE, READS_END_IN_KERNEL, next_slot
+from ..kernels.flag_protocol import FENCE as FLAG_FENCE
 from .graph_facts import WAITS, arg_by_name, functional_collectives, known_true, op_overloads, val
 
 aten = torch.ops.aten
@@ -238,12 +240,8 @@ def _fence_of(node: Node):
         group = arg_by_name(node, 2, "group_name")
         x = arg_by_name(node, 0, "x")
         if isinstance(group, str) and _launches(node, x):
-            if _protocol_of(node)["protocol"] == "flag":
-                # No exit barrier, but the same fact: a rank finishes the call only
-                # after every peer's units of it arrived, sent when each peer started it.
-                kind = f"(a) {node.name} (flag protocol: finished on one rank = started on every rank)"
-            else:
-                kind = f"(a) exit barrier of {node.name}"
+            fact = FLAG_FENCE if _protocol_of(node)["protocol"] == "flag" else EXIT_FENCE
+            kind = "(a) " + fact.format(gather=node.name)
             return _key_of_gather(node), Fence(node.name, node.name, kind)
         return None, None
     if node.op == "call_function" and node.target is _tpfuse("reduce_scatter_hidden"):
@@ -391,7 +389,7 @@ def _decide_group(gathers: list[Node], fences: int, order: _Order, allow_zero_co
         taken = sorted({slot[h] for h in unfenced[g] if h in slot})
         names = ", ".join(h.name for h in unfenced[g] if h in slot)
         if len(taken) == 1:
-            slot[g], slot_reason[g] = 1 - taken[0], f"other slot than {names}"
+            slot[g], slot_reason[g] = next_slot(taken[0]), f"other slot than {names}"
         elif not taken:
             slot[g], slot_reason[g] = 0, "no unfenced gather on the group may run before it"
         else:
@@ -414,6 +412,8 @@ def _decide_group(gathers: list[Node], fences: int, order: _Order, allow_zero_co
 
 
 def _prove_skip(g, gathers, unfenced, slot, fences, order, group) -> tuple[bool, str]:
+    if not READS_END_IN_KERNEL:  # the whole rule below rests on it (kernels/barrier.py)
+        return False, "entry barrier kept: the barrier push's reads of a slot outlive its kernel"
     prior = order.prior_fences(g, fences)
     if not prior:
         silent = [h.name for h in gathers if h is not g and order.before(h, g)]
@@ -434,7 +434,7 @@ def _prove_skip(g, gathers, unfenced, slot, fences, order, group) -> tuple[bool,
     if used:
         parts.append(f"earlier slot-{slot[g]} users fenced: {'; '.join(used)}")
     if others:
-        parts.append(f"{', '.join(others)} may run just before it on slot {1 - slot[g]}")
+        parts.append(f"{', '.join(others)} may run just before it on slot {next_slot(slot[g])}")
     return True, "; ".join(parts)
 
 
