@@ -156,6 +156,10 @@ def _error_cases(rank, world_size):
         "device": _capture(lambda: check_device_matches_group("cuda", group)),
         "no_backend": _capture(lambda: choose_backend("mps", torch.float32, 8, group)),
         "scalar": _capture(lambda: op(torch.tensor(1.0), [4, 4], name)),
+        "scalar_default_widths": _capture(lambda: tpfuse.all_gather_hidden(torch.tensor(1.0))),
+        "scalar_given_widths": _capture(lambda: tpfuse.all_gather_hidden(torch.tensor(1.0), hidden_widths=[4, 4])),
+        "scalar_compiled": _capture(lambda: torch.compile(lambda t: tpfuse.all_gather_hidden(t, name, [4, 4]),
+                                                          backend="aot_eager")(torch.tensor(1.0))),
         "bad_group_type": _capture(lambda: tpfuse.all_gather_hidden(x, group=3)),
         "slot": _capture(lambda: op(x, [4, 4], name, slot=7)),
     }
@@ -214,7 +218,10 @@ ERRORS = {
     "dtype": ("TypeError", r"cannot move dtype torch.float64; accepted dtypes are float32, float16, bfloat16, int32"),
     "device": ("ValueError", r"x is on 'cuda' but group '0' uses the 'gloo' backend; accepted are cpu tensors with a gloo group, cuda tensors with a nccl group"),
     "no_backend": ("ValueError", r"no backend for 'mps' tensors; accepted devices are cpu \(gloo\) and cuda"),
-    "scalar": ("ValueError", r"x is a scalar; it needs a last \(hidden\) dimension"),
+    "scalar": ("ValueError", r"x is a scalar \(0-d\); it needs a last \(hidden\) dimension"),
+    "scalar_default_widths": ("ValueError", r"x is a scalar \(0-d\); it needs a last \(hidden\) dimension"),
+    "scalar_given_widths": ("ValueError", r"x is a scalar \(0-d\); it needs a last \(hidden\) dimension"),
+    "scalar_compiled": ("ValueError", r"x is a scalar \(0-d\); it needs a last \(hidden\) dimension"),
     "bad_group_type": ("TypeError", r"group must be a ProcessGroup, a group name \(str\) or None, got int"),
     "slot": ("ValueError", r"slot=7 is not one of \(-1, 0, 1\)"),
 }

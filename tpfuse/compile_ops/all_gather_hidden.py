@@ -24,7 +24,7 @@ from torch import Tensor
 from . import collective, inductor_lowering
 from .dispatch import Backend, check_device_matches_group, check_dtype, choose_backend
 from .groups import Group, group_name_of, resolve_group
-from .validation import check_one_width_per_rank, check_slot, check_widths, world_size_of
+from .validation import check_not_scalar, check_one_width_per_rank, check_slot, check_widths, world_size_of
 
 
 #: argument signatures that passed ``_check_gather_args`` (the eager hot path
@@ -34,8 +34,7 @@ _validated: set = set()
 
 def _check_gather_args(x: Tensor, hidden_widths: Sequence[int], group: Group, slot: int) -> None:
     """Every check of the eager path, in one place, with what would be accepted."""
-    if x.dim() == 0:
-        raise ValueError("tpfuse: x is a scalar; it needs a last (hidden) dimension")
+    check_not_scalar(x)
     key = (group, tuple(hidden_widths), x.shape[-1], x.dtype, x.device.type, slot)
     if key in _validated:
         return
@@ -119,7 +118,7 @@ def _(x, hidden_widths, group_name, slot=-1, skip_entry_sync=False, zero_copy=Fa
     # Shape only: never touches a process group, works for symbolic leading dims.
     check_widths(hidden_widths)
     check_dtype(x.dtype)
-    torch._check(x.dim() >= 1, lambda: "tpfuse: x needs a last (hidden) dimension")
+    check_not_scalar(x)
     return x.new_empty(*x.shape[:-1], sum(hidden_widths))
 
 
@@ -172,6 +171,7 @@ def all_gather_hidden(
     ranks); by default all ranks have ``x.shape[-1]`` columns.  Returns a
     fresh ``[..., sum(hidden_widths)]`` tensor owned by the caller.
     """
+    check_not_scalar(x)
     name = group_name_of(group)
     if hidden_widths is None:
         hidden_widths = [x.shape[-1]] * world_size_of(name)

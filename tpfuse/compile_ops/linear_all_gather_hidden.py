@@ -44,7 +44,7 @@ from torch import Tensor
 from . import inductor_lowering, linear_cost
 from .dispatch import Backend, check_device_matches_group, check_dtype, choose_backend
 from .groups import Group, group_name_of, resolve_group
-from .validation import check_one_width_per_rank, check_slot, check_widths, world_size_of
+from .validation import check_not_scalar, check_one_width_per_rank, check_slot, check_widths, world_size_of
 
 _MODES = ("auto", "fused", "unfused")
 
@@ -79,8 +79,7 @@ def _check_linear_args(x: Tensor, weight: Tensor, bias: Tensor | None, hidden_wi
            None if bias is None else bias.dtype, x.device.type, slot)
     if key in _validated:
         return
-    if x.dim() == 0:
-        raise ValueError("tpfuse: x is a scalar; it needs a last (input feature) dimension")
+    check_not_scalar(x, "input feature")
     check_widths(hidden_widths)
     check_one_width_per_rank(hidden_widths, group)
     width = hidden_widths[group.rank]
@@ -155,7 +154,7 @@ def _(x, weight, bias, hidden_widths, group_name, slot=-1, skip_entry_sync=False
     # Shape only: never touches a process group; symbolic leading dims are fine.
     check_widths(hidden_widths)
     check_dtype(x.dtype)
-    torch._check(x.dim() >= 1, lambda: "tpfuse: x needs a last (input feature) dimension")
+    check_not_scalar(x, "input feature")
     torch._check(weight.dim() == 2, lambda: f"tpfuse: weight must be 2-D, got {weight.dim()}-D")
     torch._check(weight.shape[1] == x.shape[-1],
                  lambda: f"tpfuse: weight.shape[1]={weight.shape[1]} != x.shape[-1]={x.shape[-1]}")

@@ -20,6 +20,16 @@ from .groups import Group, resolve_group
 SLOTS = (-1, 0, 1)
 
 
+def check_not_scalar(x: torch.Tensor, last_dim: str = "hidden") -> None:
+    """``x`` needs a last dimension: a scalar (0-d) input is refused with a ValueError.
+
+    Called by the public wrappers (before they read ``x.shape[-1]``), the op
+    implementations and the fake kernels, so eager calls, compiled calls and
+    calls with or without ``hidden_widths`` all say the same."""
+    if x.dim() == 0:
+        raise ValueError(f"tpfuse: x is a scalar (0-d); it needs a last ({last_dim}) dimension, e.g. shape [T, w]")
+
+
 def check_widths(hidden_widths: Sequence[int]) -> None:
     """One positive width per rank (no group needed: the fake kernels call it too)."""
     if len(hidden_widths) == 0:
