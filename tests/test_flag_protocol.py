@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tpfuse.compile_ops import dispatch, push, workspace as workspaces
+from tpfuse.compile_ops import dispatch, push, push_backends, workspace as workspaces
 from tpfuse.compile_ops.dispatch import Backend
 from tpfuse.compile_ops.groups import Group
 from tpfuse.kernels import flag_protocol
@@ -104,7 +104,7 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     for name in ("TPFUSE_BACKEND", "TPFUSE_ENABLE_MULTIMEM", "TPFUSE_PUSH_MAX_BYTES", "TPFUSE_FLAG_MAX_BYTES"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(dispatch, "FLAG_CROSSOVER", {("NVIDIA H200", 4): 64 << 10})
+    monkeypatch.setattr(push_backends, "FLAG_CROSSOVER", {("NVIDIA H200", 4): 64 << 10})
     saved = dict(workspaces._workspaces)
     workspaces._workspaces.clear()
 

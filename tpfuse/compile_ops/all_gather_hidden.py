@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 
 from . import collective, inductor_lowering
-from .dispatch import Backend, check_device_matches_group, check_dtype, choose_backend
+from .backend import GatherCall
+from .dispatch import check_device_matches_group, check_dtype, choose, forced_backend
 from .groups import Group, group_name_of, resolve_group
 from .validation import check_not_scalar, check_one_width_per_rank, check_slot, check_widths, world_size_of
 
@@ -77,16 +78,12 @@ def _all_gather_hidden_impl(
     group = resolve_group(group_name)
     _check_gather_args(x, hidden_widths, group, slot)
     tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    backend = choose_backend(x.device.type, x.dtype, tokens * sum(hidden_widths), group,
-                             max_slab_numel=tokens * max(hidden_widths))
-    if backend in (Backend.GLOO, Backend.NCCL):
-        return collective.gather_hidden(x, hidden_widths, group)
-    from . import push  # the GPU data path; imported only when chosen
-
+    backend = choose(GatherCall(x.device.type, x.dtype, tokens * sum(hidden_widths), group,
+                                tokens * max(hidden_widths), forced_backend()))
     # A view of the slot is safe only where Inductor is kept from recycling it (tpfuse.enable()
     # and backend() install that lowering); anywhere else the permission is ignored.
     zero_copy = zero_copy and inductor_lowering.is_registered()
-    return push.gather_hidden(x, hidden_widths, group, backend, slot, skip_entry_sync, zero_copy)
+    return backend.gather(x, hidden_widths, group, slot, skip_entry_sync, zero_copy)
 
 
 def _reduce_scatter_hidden_impl(

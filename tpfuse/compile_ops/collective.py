@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .backend import GatherBackend, GatherCall
 from .groups import Group
 
 # gloo has no float8 kernels; moving bytes through a same-sized integer view
@@ -77,3 +78,20 @@ def reduce_scatter_hidden(
     recv = grad.new_empty(tokens, max_width)
     _reduce_scatter_single(recv.view(-1), send.view(-1), group=group.pg)
     return recv[:, :width].reshape(*lead, width).contiguous()
+
+
+class C10dBackend(GatherBackend):
+    """gloo for CPU tensors (the reference), NCCL for CUDA tensors (the fallback): they never refuse."""
+
+    def __init__(self, name: str, device: str):
+        self.name, self.devices = name, (device,)
+
+    def refusal(self, call: GatherCall) -> str:
+        return "" if call.device_type in self.devices else f"{self.name} moves {self.devices[0]} tensors"
+
+    def gather(self, x, hidden_widths, group, slot, skip_entry_sync, zero_copy):
+        return gather_hidden(x, hidden_widths, group)
+
+
+GLOO = C10dBackend("gloo", "cpu")
+NCCL = C10dBackend("nccl", "cuda")

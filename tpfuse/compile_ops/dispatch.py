@@ -1,29 +1,34 @@
 """The one place that chooses how a hidden-axis gather moves its bytes.
 
-Rank consistency (docs/contract.md §2): ``choose_backend`` looks only at what every
-rank of the group knows identically -- device type, dtype, the *full* output
-shape, the group and the configuration.  It never looks at this rank's width,
-pointers or timing, so all ranks of a group take the same path and no rank
-waits in a collective that its peers skipped.
+Each backend is an object (``backend.GatherBackend``) that says whether it can
+run a call and runs it; ``BACKENDS`` lists them in the order they are tried.
+Rank consistency (docs/contract.md §2): ``choose`` hands the backends only what
+every rank of the group knows identically -- device type, dtype, the *full*
+output shape, the widest slab, the group and the configuration (``GatherCall``).
+It never looks at this rank's width, pointers or timing, so all ranks of a
+group take the same path and no rank waits in a collective that its peers
+skipped.
 """
 
 from __future__ import annotations
 
-import enum
 import functools
 import os
 
 import torch
 
+from .backend import Backend, GatherBackend, GatherCall
+from .collective import GLOO, NCCL
 from .groups import Group
-
-
-class Backend(str, enum.Enum):
-    GLOO = "gloo"  # CPU tensors: c10d gather through gloo (the reference)
-    NCCL = "nccl"  # CUDA tensors: gather on dim 0, then rearrange
-    P2P = "p2p"  # CUDA: Triton push into peers' symmetric memory, entry and exit barriers
-    FLAG = "flag"  # CUDA: Triton push with a flag in every 8 bytes, no barriers (small messages)
-    MULTIMEM = "multimem"  # CUDA: NVLink multicast push (compile-verified only)
+from .workspace import FLAG_MAX_SLAB_BYTES  # noqa: F401  (re-exported: the flag buffers' capacity)
+from .push_backends import (  # noqa: F401  (the flag protocol's limits, re-exported for the passes and tools)
+    BARRIER_PUSH,
+    FLAG,
+    FLAG_CROSSOVER,
+    MULTIMEM,
+    PUSH_MAX_BYTES,
+    flag_limit,
+)
 
 
 #: dtypes every backend moves bit-exactly (the push kernels move 1-, 2- and
@@ -41,7 +46,7 @@ SUPPORTED_DTYPES = (
     torch.float8_e5m2,
 )
 
-_FORCED_CHOICES = ("auto", "flag", "p2p", "nccl", "gloo")
+_FORCED_CHOICES = {"auto", "flag", "p2p", "nccl", "gloo"}
 
 
 def forced_backend() -> str:
@@ -57,7 +62,7 @@ def _parse_forced(raw: str) -> str:  # the op's hot path reads the variable on e
     choice = raw.strip().lower()
     if choice not in _FORCED_CHOICES:
         raise ValueError(
-            f"tpfuse: TPFUSE_BACKEND={choice!r} is not one of {', '.join(_FORCED_CHOICES)}"
+            f"tpfuse: TPFUSE_BACKEND={choice!r} is not one of {', '.join(sorted(_FORCED_CHOICES))}"
         )
     return choice
 
@@ -91,6 +96,61 @@ def check_dtype(dtype: torch.dtype) -> None:
         )
 
 
+# --------------------------------------------------------------------------- the backends, in order
+
+#: The registered backends, in the order dispatch tries them (the first that does not
+#: refuse runs the call): gloo for CPU tensors; on CUDA the flag protocol for small
+#: slabs, NVLink multicast where asked for and available, the barrier push, and NCCL,
+#: which never refuses.  Fixed at import and the same on every rank.
+BACKENDS: list[GatherBackend] = [GLOO, FLAG, MULTIMEM, BARRIER_PUSH, NCCL]
+
+
+def register_backend(backend: GatherBackend, before: str = "nccl") -> None:
+    """Try ``backend`` just before the registered backend named ``before`` (register it alike on every rank)."""
+    names = [b.name for b in BACKENDS]
+    if backend.name in names:
+        raise ValueError(f"tpfuse: a backend named {backend.name!r} is already registered ({names})")
+    if before not in names:
+        raise ValueError(f"tpfuse: no registered backend named {before!r}; registered are {names}")
+    BACKENDS.insert(names.index(before), backend)
+    _FORCED_CHOICES.add(backend.name)
+
+
+def unregister_backend(name: str) -> None:
+    BACKENDS[:] = [b for b in BACKENDS if b.name != name]
+    _FORCED_CHOICES.discard(name)
+    _parse_forced.cache_clear()
+
+
+def choose(call: GatherCall) -> GatherBackend:
+    """The backend that runs ``call``: the first in ``BACKENDS`` that moves its device and does not refuse.
+
+    With ``TPFUSE_BACKEND`` set, only that backend is asked, and its refusal is an error.
+    """
+    movers = [b for b in BACKENDS if call.device_type in b.devices]
+    if not movers:
+        devices = sorted({d for b in BACKENDS for d in b.devices})
+        accepted = " and ".join(f"{d} ({', '.join(b.name for b in BACKENDS if d in b.devices)})" for d in devices)
+        raise ValueError(
+            f"tpfuse: all_gather_hidden has no backend for {call.device_type!r} tensors; "
+            f"accepted devices are {accepted}"
+        )
+    if call.forced != "auto":
+        forced = next((b for b in movers if b.name == call.forced), None)
+        if forced is None:
+            names = ", ".join(b.name for b in movers)
+            raise ValueError(f"tpfuse: TPFUSE_BACKEND={call.forced} cannot move {call.device_type} tensors; "
+                             f"{call.device_type} tensors use {names}")
+        why = forced.refusal(call)
+        if why:
+            raise RuntimeError(f"tpfuse: TPFUSE_BACKEND={call.forced} but that path is unavailable: {why}")
+        return forced
+    for backend in movers:
+        if not backend.refusal(call):
+            return backend
+    raise RuntimeError(f"tpfuse: every backend for {call.device_type} tensors refused the call")  # pragma: no cover
+
+
 def choose_backend(
     device_type: str,
     dtype: torch.dtype,
@@ -98,133 +158,14 @@ def choose_backend(
     group: Group,
     max_slab_numel: int | None = None,
 ) -> Backend:
-    """Pick the backend from rank-invariant facts only (see module docstring).
+    """The name of the backend ``choose`` picks, from rank-invariant facts only (see module docstring).
 
     ``max_slab_numel`` (T times the widest rank's width) lets a plain gather
     take the flag protocol; callers that cannot run it (the fused linear +
     push) leave it out.
     """
-    forced = forced_backend()
-    if device_type == "cpu":
-        if forced not in ("auto", "gloo"):
-            raise ValueError(
-                f"tpfuse: TPFUSE_BACKEND={forced} cannot move CPU tensors; CPU "
-                "tensors use the gloo backend"
-            )
-        return Backend.GLOO
-    if device_type == "cuda":
-        if forced == "gloo":
-            raise ValueError("tpfuse: TPFUSE_BACKEND=gloo cannot move CUDA tensors")
-        push = _choose_push(dtype, out_numel, group, forced, max_slab_numel)
-        return push if push is not None else Backend.NCCL
-    raise ValueError(
-        f"tpfuse: all_gather_hidden has no backend for {device_type!r} tensors; "
-        "accepted devices are cpu (gloo) and cuda (nccl / symmetric-memory push)"
-    )
-
-
-#: above this many bytes of output, ``auto`` leaves the gather to NCCL (the
-#: workspace holds two slots of this size); ``TPFUSE_PUSH_MAX_BYTES`` overrides.
-PUSH_MAX_BYTES = 256 << 20
-
-
-def _choose_push(dtype, out_numel, group, forced, max_slab_numel=None):
-    """The symmetric-memory push backends (GPU data path); ``None`` means NCCL.
-
-    Every input is identical on every rank: dtype, the full output size, the
-    group, the environment, and the workspace's agreed facts and capacity
-    (which grow at the same call everywhere).  The first call on a group
-    establishes those facts collectively, so it must run eagerly; under
-    CUDA-graph capture an unestablished group, or one whose buffers would have
-    to grow, takes NCCL (all ranks capture the same calls).
-    """
-    if forced == "nccl":
-        return None
-    from . import workspace as workspaces
-
-    def refuse(reason):
-        if forced in ("p2p", "flag"):
-            raise RuntimeError(f"tpfuse: TPFUSE_BACKEND={forced} but that path is unavailable: {reason}")
-        return None
-
-    nbytes = out_numel * dtype.itemsize
-    if out_numel >= 2**31:
-        return refuse(f"{out_numel} output elements exceed the kernels' 32-bit indexing")
-    if forced == "auto" and nbytes > int(os.environ.get("TPFUSE_PUSH_MAX_BYTES", PUSH_MAX_BYTES)):
-        return None
-    device_index = torch.cuda.current_device()
-    capturing = torch.cuda.is_current_stream_capturing()
-    ws = workspaces.workspace(group, device_index, establish=False)
-    if ws is None:
-        # Setting up is collective and cannot be captured in a graph.
-        if capturing:
-            return refuse("the group's workspace must be set up by an eager call before graph capture")
-        ws = workspaces.workspace(group, device_index)
-    if not ws.facts.push_ok:
-        return refuse(ws.facts.reason)
-    multimem_asked = os.environ.get("TPFUSE_ENABLE_MULTIMEM") == "1"
-    if max_slab_numel is not None and not multimem_asked and _flag_serves(
-            ws, max_slab_numel * dtype.itemsize, forced, refuse):
-        return Backend.FLAG
-    if nbytes > ws.slot_bytes:
-        # Growing is collective too.
-        if capturing:
-            return refuse(f"the group's slots must be grown to {nbytes} bytes by an eager call before graph capture")
-        workspaces.ensure_capacity(ws, nbytes)  # every rank grows at this call
-    # Multicast only where every rank has an address and the user asked for it:
-    # never on the shared hosts (docs/safety.md), where the address is always 0.
-    if ws.multicast_ptr and multimem_asked:
-        return Backend.MULTIMEM
-    return Backend.P2P
-
-
-# --------------------------------------------------------------------------- the flag protocol's share
-
-#: the largest slab (bytes per rank) the flag buffers hold: T=32 of a 4096-wide bf16 band
-FLAG_MAX_SLAB_BYTES = 256 << 10
-
-#: the measured crossover: per (device name, W), the largest slab (bytes per
-#: rank) at which the flag protocol beat the barrier push in
-#: benchmarks/bench_gather.py (docs/benchmarks.md, "Flag protocol").  A
-#: (device, W) that is not here was never measured, and ``auto`` keeps the
-#: barrier push there.
-FLAG_CROSSOVER: dict[tuple[str, int], int] = {}
-
-
-def flag_limit(device_name: str, world_size: int) -> tuple[int, str]:
-    """The largest slab (bytes) ``auto`` sends through the flag protocol, and where that number comes from.
-
-    ``TPFUSE_FLAG_MAX_BYTES`` overrides the measured table (benchmarks, tuning);
-    it must be set alike on every rank.
-    """
-    override = os.environ.get("TPFUSE_FLAG_MAX_BYTES")
-    if override is not None:
-        return min(int(override), FLAG_MAX_SLAB_BYTES), "TPFUSE_FLAG_MAX_BYTES"
-    measured = FLAG_CROSSOVER.get((device_name, world_size))
-    if measured is None:
-        return 0, f"flag protocol not measured on {device_name or 'this device'} at W={world_size}"
-    return min(measured, FLAG_MAX_SLAB_BYTES), f"measured crossover on {device_name} at W={world_size}"
-
-
-def _flag_serves(ws, slab_bytes, forced, refuse) -> bool:
-    """Whether this call takes the flag protocol (every input is rank-invariant, see ``_choose_push``)."""
-    from . import workspace as workspaces
-
-    if forced == "p2p" or slab_bytes > FLAG_MAX_SLAB_BYTES:
-        if forced == "flag":
-            refuse(f"a slab of {slab_bytes} bytes exceeds the flag buffers' {FLAG_MAX_SLAB_BYTES}")
-        return False
-    if forced != "flag" and slab_bytes > flag_limit(ws.facts.device_name, ws.group.world_size)[0]:
-        return False
-    if ws.flags is None:
-        # Making the buffers is collective and cannot be captured in a graph
-        # (every rank captures the same calls, so every rank falls back alike).
-        if torch.cuda.is_current_stream_capturing():
-            if forced == "flag":
-                refuse("the flag buffers must be set up by an eager call before graph capture")
-            return False
-        workspaces.ensure_flag_buffers(ws, FLAG_MAX_SLAB_BYTES)
-    return True
+    name = choose(GatherCall(device_type, dtype, out_numel, group, max_slab_numel, forced_backend())).name
+    return Backend(name) if name in Backend._value2member_map_ else name
 
 
 # --------------------------------------------------------------------------- what a compiler can know

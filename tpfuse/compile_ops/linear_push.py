@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from . import workspace as workspaces
-from .dispatch import Backend
+from .backend import Backend
 from .groups import Group
 from .push import raise_if_failed, raw_stream
 

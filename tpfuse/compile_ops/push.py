@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from ..kernels import flag_protocol  # plain Python facts; this module is imported only for the GPU paths
 from . import workspace as workspaces
-from .dispatch import FLAG_MAX_SLAB_BYTES, Backend
+from .backend import Backend
 from .groups import Group
 
 #: vectors (of up to 16 bytes) per tile, and warps per block
@@ -232,7 +232,7 @@ def _launch_flag(x, hidden_widths, group):
     raise_if_failed(ws)
     # Dispatch makes the buffers at the first flag call; a direct caller (tests, benchmarks)
     # may come first, on every rank alike: making them is collective.
-    flags = ws.flags or workspaces.ensure_flag_buffers(ws, FLAG_MAX_SLAB_BYTES)
+    flags = ws.flags or workspaces.ensure_flag_buffers(ws, workspaces.FLAG_MAX_SLAB_BYTES)
     lead = x.shape[:-1]
     tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
     out = torch.empty(*lead, sum(hidden_widths), dtype=x.dtype, device=x.device)

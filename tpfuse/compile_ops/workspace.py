@@ -53,6 +53,8 @@ MAX_PUSH_WORLD_SIZE = 8
 MIN_SLOT_BYTES = 1 << 20
 #: a slot's byte size is a multiple of this, so slot offsets keep 16-byte alignment
 SLOT_ALIGN = 256
+#: the largest slab (bytes per rank) the flag buffers hold: T=32 of a 4096-wide bf16 band
+FLAG_MAX_SLAB_BYTES = 256 << 10
 
 
 @dataclass
