@@ -145,6 +145,8 @@ def test_forcing_and_the_override(fake_cuda, monkeypatch):
     ws = fake_cuda(_fake_workspace(device_name="unmeasured"))
     monkeypatch.setenv("TPFUSE_BACKEND", "flag")
     assert choose(ws.group, 32) == Backend.FLAG
+    # The fused linear + push (no slab given) keeps choosing among its own protocols.
+    assert dispatch.choose_backend("cuda", torch.bfloat16, 4096 * 4, ws.group) == Backend.P2P
     with pytest.raises(RuntimeError, match="exceeds the flag buffers"):
         choose(ws.group, 33)  # 264 KiB slab > 256 KiB
     monkeypatch.setenv("TPFUSE_BACKEND", "p2p")

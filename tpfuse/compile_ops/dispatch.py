@@ -101,7 +101,7 @@ def check_dtype(dtype: torch.dtype) -> None:
 #: The registered backends, in the order dispatch tries them (the first that does not
 #: refuse runs the call): gloo for CPU tensors; on CUDA the flag protocol for small
 #: slabs, NVLink multicast where asked for and available, the barrier push, and NCCL,
-#: which never refuses.  Fixed at import and the same on every rank.
+#: which never refuses.  The same on every rank, as long as every rank registers alike.
 BACKENDS: list[GatherBackend] = [GLOO, FLAG, MULTIMEM, BARRIER_PUSH, NCCL]
 
 
@@ -164,7 +164,12 @@ def choose_backend(
     take the flag protocol; callers that cannot run it (the fused linear +
     push) leave it out.
     """
-    name = choose(GatherCall(device_type, dtype, out_numel, group, max_slab_numel, forced_backend())).name
+    forced = forced_backend()
+    if max_slab_numel is None and forced == FLAG.name:
+        # TPFUSE_BACKEND=flag forces the flag protocol on plain gathers; a caller that can
+        # use only the slot-based protocols (the fused linear + push) chooses as usual.
+        forced = "auto"
+    name = choose(GatherCall(device_type, dtype, out_numel, group, max_slab_numel, forced)).name
     return Backend(name) if name in Backend._value2member_map_ else name
 
 
