@@ -16,21 +16,20 @@ import torch
 
 from tpfuse.compile_ops import push
 from tpfuse.compile_ops.dispatch import FLAG_MAX_SLAB_BYTES
+from gpu_helpers import as_int, bits  # noqa: F401  (re-exported for the flag tests)
 from tpfuse.kernels import flag_protocol
 
 INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32}
 
 
-def bits(seed, shape, dtype):
-    """Random bit patterns of ``dtype`` (floats include NaNs and infinities), built on the GPU."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    idt = INT_OF_SIZE[dtype.itemsize]
-    info = torch.iinfo(idt)
-    return torch.randint(info.min, info.max, shape, generator=g, dtype=idt, device="cuda").view(dtype)
-
-
-def as_int(t):
-    return t.view(INT_OF_SIZE[t.element_size()])
+def width_kinds(kind, W):
+    """The width cases of the flag tests: even, uneven, not whole 16-byte vectors, tiny and odd."""
+    return {
+        "even_4096": [4096] * W,
+        "uneven": [1024 + 512 * r for r in range(W)],
+        "not_multiple_of_16_bytes": [1001 + 2 * r for r in range(W)],
+        "tiny_odd": [1 + 2 * r for r in range(W)],
+    }[kind]
 
 
 class OneGpuGroup:

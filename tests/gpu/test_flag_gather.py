@@ -14,33 +14,14 @@ import time
 import pytest
 import torch
 
+from flag_one_gpu import width_kinds as _widths
+from gpu_helpers import as_int as _as_int, bits as _bits, delayed_loop as _delayed_loop
 from gpu_helpers import needs as _needs, quiesce as _quiesce, world_group as _group
 from multiproc import run_ranks
 
 pytestmark = [pytest.mark.gpu, pytest.mark.multigpu]
 
-_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32}
 DTYPES = ("bfloat16", "float16", "float32", "int8", "float8_e4m3fn")
-
-
-def _bits(seed, shape, dtype):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    idt = _INT_OF_SIZE[dtype.itemsize]
-    info = torch.iinfo(idt)
-    return torch.randint(info.min, info.max, shape, generator=g, dtype=idt, device="cuda").view(dtype)
-
-
-def _as_int(t):
-    return t.view(_INT_OF_SIZE[t.element_size()])
-
-
-def _widths(kind, W):
-    return {
-        "even_4096": [4096] * W,
-        "uneven": [1024 + 512 * r for r in range(W)],
-        "not_multiple_of_16_bytes": [1001 + 2 * r for r in range(W)],
-        "tiny_odd": [1 + 2 * r for r in range(W)],
-    }[kind]
 
 
 def _op(x, widths):
@@ -118,28 +99,6 @@ def test_cuda_graph_replays_with_T_changing(W):
         assert bad == [], f"rank {rank}: {bad[:10]}"
 
 
-RING = 32
-
-
-def _delayed(rank, W, iters, T, widths, call, seed, max_delay_cycles=40000):
-    dtype = torch.bfloat16
-    xs = [_bits(seed + j * 64 + rank, (T, widths[rank]), dtype) for j in range(RING)]
-    refs = [_as_int(torch.cat([_bits(seed + j * 64 + r, (T, w), dtype) for r, w in enumerate(widths)], -1))
-            for j in range(RING)]
-    rng = random.Random(seed * 31 + rank)
-    bad = torch.zeros((), dtype=torch.int64, device="cuda")
-    outs = []
-    for i in range(iters):
-        torch.cuda._sleep(rng.randint(0, max_delay_cycles))
-        outs.append(call(xs[i % RING], i))
-        if len(outs) == RING or i == iters - 1:
-            for j, out in enumerate(outs):
-                bad += (_as_int(out) != refs[(i - len(outs) + 1 + j) % RING]).any()
-            outs = []
-    torch.cuda.synchronize()
-    return int(bad)
-
-
 def _stress(rank, W, iters):
     from tpfuse.compile_ops import push, workspace
     from tpfuse.compile_ops.dispatch import Backend
@@ -148,13 +107,13 @@ def _stress(rank, W, iters):
     widths = [2048 + 64 * r for r in range(W)]
     results = {}
     for T in (1, 32):
-        results[f"flag/T={T}"] = _delayed(rank, W, iters, T, widths,
-                                          lambda x, i: push.gather_hidden(x, widths, group, Backend.FLAG), 11 + T)
+        results[f"flag/T={T}"] = _delayed_loop(rank, W, iters, T, widths,
+                                               lambda x, i: push.gather_hidden(x, widths, group, Backend.FLAG), 11 + T)
         _quiesce()
     # Interleaved with the barrier push in a random (rank-consistent) order.
     order = random.Random(5)
     choice = [order.random() < 0.5 for _ in range(iters)]
-    results["flag_and_barrier_interleaved"] = _delayed(
+    results["flag_and_barrier_interleaved"] = _delayed_loop(
         rank, W, iters, 8, widths,
         lambda x, i: push.gather_hidden(x, widths, group, Backend.FLAG if choice[i] else Backend.P2P), 7)
     results["failure_code"] = workspace.workspace(group, rank).failure_code()
@@ -177,12 +136,11 @@ def test_stress_random_delays_and_interleaving_bit_exact(W):
 def _negative(rank, W, iters, options):
     """Free-running calls of a negative-control kernel variant; returns (corrupted, failure code)."""
     from tpfuse.compile_ops import push, workspace
-    from tpfuse.compile_ops.dispatch import Backend, choose_backend
+    from tpfuse.compile_ops.dispatch import choose_backend
 
     os.environ["TPFUSE_BACKEND"] = "flag"
     group = _group()
     widths = [2048] * W
-    x0 = _bits(rank, (32, 2048), torch.bfloat16)
     choose_backend("cuda", torch.bfloat16, 32 * 2048 * W, group, max_slab_numel=32 * 2048)  # buffers
     ws = workspace.workspace(group, rank)
     ws.timeout_ns = int(0.05e9)
@@ -195,8 +153,7 @@ def _negative(rank, W, iters, options):
                       x, out, flags.epochs, ws.status_ptr, ws.timeout_ns, flags.region_units, flags.buffer_args)
         return out
 
-    del x0
-    corrupted = _delayed(rank, W, iters, 32, widths, call, 3)
+    corrupted = _delayed_loop(rank, W, iters, 32, widths, call, 3)
     return {"corrupted": corrupted, "code": ws.failure_code()}
 
 

@@ -14,21 +14,12 @@ import pytest
 import torch
 
 from tpfuse.compile_ops.dispatch import FLAG_MAX_SLAB_BYTES
-from flag_one_gpu import OneGpuGroup, as_int, delayed_run, inputs, reference
+from flag_one_gpu import OneGpuGroup, as_int, delayed_run, inputs, reference, width_kinds as _widths
 
 pytestmark = [pytest.mark.gpu]
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.int8, torch.float8_e4m3fn)
 KINDS = ("even_4096", "uneven", "not_multiple_of_16_bytes", "tiny_odd")
-
-
-def _widths(kind, W):
-    return {
-        "even_4096": [4096] * W,
-        "uneven": [1024 + 512 * r for r in range(W)],
-        "not_multiple_of_16_bytes": [1001 + 2 * r for r in range(W)],
-        "tiny_odd": [1 + 2 * r for r in range(W)],
-    }[kind]
 
 
 @pytest.mark.parametrize("W, dtypes, kinds", [

@@ -16,13 +16,13 @@ import pytest
 import torch
 
 from multiproc import run_ranks
+from gpu_helpers import as_int as _as_int, bits as _bits, delayed_loop as _delayed_loop
 from gpu_helpers import needs as _needs, world_group as _group, quiesce as _quiesce
 
 pytestmark = [pytest.mark.gpu, pytest.mark.multigpu]
 
 TOKENS = (0, 1, 7, 128, 513, 4096)
 DTYPES = ("bfloat16", "float16", "float32")
-_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32}
 
 
 def _widths(kind, W):
@@ -32,20 +32,6 @@ def _widths(kind, W):
         "not_multiple_of_8": [1001 + 2 * r for r in range(W)],
         "tiny_odd": [1 + 2 * r for r in range(W)],
     }[kind]
-
-
-def _bits(seed, shape, dtype, device="cuda"):
-    """Random bit patterns of ``dtype`` (floats include NaNs and infinities)."""
-    # A CUDA generator gives the same stream on every GPU, so each rank can
-    # build every rank's input (and so the reference) without communicating.
-    g = torch.Generator(device=device).manual_seed(seed)
-    idt = _INT_OF_SIZE[dtype.itemsize]
-    info = torch.iinfo(idt)
-    return torch.randint(info.min, info.max, shape, generator=g, dtype=idt, device=device).view(dtype)
-
-
-def _as_int(t):
-    return t.view(_INT_OF_SIZE[t.element_size()])
 
 
 def _poison(ws, nbytes):
@@ -180,37 +166,6 @@ def test_cuda_graph_replays(W):
 
 
 # ---------------------------------------------------------------------------
-RING = 32  # inputs/outputs kept in flight, so the loop issues only delay + gather
-
-
-def _delayed_loop(rank, W, iters, T, widths, call, seed, max_delay_cycles=40000):
-    """``iters`` gathers, each after a spin kernel of random length on this rank; returns mismatching iterations.
-
-    The inputs are precomputed and the outputs checked every RING calls, so
-    that between two gathers the stream holds only the delay: the GPU, not the
-    host, sets the pace, and the ranks drift against each other by up to the
-    delay.
-    """
-    dtype = torch.bfloat16
-    xs = [_bits(seed + j * 64 + rank, (T, widths[rank]), dtype) for j in range(RING)]
-    refs = [
-        _as_int(torch.cat([_bits(seed + j * 64 + r, (T, w), dtype) for r, w in enumerate(widths)], -1))
-        for j in range(RING)
-    ]
-    rng = random.Random(seed * 31 + rank)
-    bad = torch.zeros((), dtype=torch.int64, device="cuda")
-    outs = []
-    for i in range(iters):
-        torch.cuda._sleep(rng.randint(0, max_delay_cycles))
-        outs.append(call(xs[i % RING], i))
-        if len(outs) == RING or i == iters - 1:
-            for j, out in enumerate(outs):
-                bad += (_as_int(out) != refs[(i - len(outs) + 1 + j) % RING]).any()
-            outs = []
-    torch.cuda.synchronize()
-    return int(bad)
-
-
 def _stress(rank, W, iters):
     from tpfuse.compile_ops import push
     from tpfuse.compile_ops.dispatch import Backend
