@@ -57,19 +57,20 @@ def fork_join(group, work):
 def main():
     import argparse
 
-    from tpfuse.compile_ops import push
-
     parser = argparse.ArgumentParser()
     parser.add_argument("--configs", default="", help="kernel configs block_u:warps,... (default: the op's)")
     args = parser.parse_args()
+    from tpfuse import config
+
     configs = [tuple(map(int, c.split(":"))) for c in args.configs.split(",")] if args.configs else [
-        (push.FLAG_BLOCK_U, push.FLAG_NUM_WARPS)]
+        (config.get("TPFUSE_FLAG_BLOCK_U"), config.get("TPFUSE_FLAG_NUM_WARPS"))]
     card = torch.cuda.get_device_name()
     import triton
 
     print(f"micro-benchmark, one GPU, emulated ranks | {card} | torch {torch.__version__} | triton {triton.__version__}")
     for block_u, warps in configs:
-        push.FLAG_BLOCK_U, push.FLAG_NUM_WARPS = block_u, warps
+        # read when each group's plans are built (tpfuse.config)
+        os.environ["TPFUSE_FLAG_BLOCK_U"], os.environ["TPFUSE_FLAG_NUM_WARPS"] = str(block_u), str(warps)
         print(f"\nBLOCK_U {block_u}, {warps} warps")
         table()
 

@@ -35,6 +35,7 @@ import time  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from tpfuse import config  # noqa: E402
 from tpfuse.compile_ops import collective, push  # noqa: E402
 from tpfuse.compile_ops.dispatch import Backend  # noqa: E402
 from tpfuse.compile_ops.groups import resolve_group  # noqa: E402
@@ -213,9 +214,11 @@ def sweep_configs(group, configs, config_rows):
     W = group.world_size
     sms = torch.cuda.get_device_properties().multi_processor_count
     lines = []
-    for config in configs.split(","):
-        block_v, warps, chunk, per_sm = map(int, config.split(":"))
-        push.BLOCK_V, push.NUM_WARPS, push.CHUNK_TILES = block_v, warps, chunk
+    for spec in configs.split(","):
+        block_v, warps, chunk, per_sm = map(int, spec.split(":"))
+        # read when plans are built (tpfuse.config); the plans are rebuilt below
+        os.environ.update(TPFUSE_PUSH_BLOCK_V=str(block_v), TPFUSE_PUSH_NUM_WARPS=str(warps),
+                          TPFUSE_PUSH_CHUNK_TILES=str(chunk))
         for ws in workspaces._workspaces.values():
             ws.plans.clear()
             ws.facts.max_blocks = min(sms * per_sm, symm_mem.get_signal_pad_size() // (W * 4))
@@ -294,9 +297,11 @@ def main():
 
     if rank == 0:
         print(f"card: {W} x {card} | torch {torch.__version__} | NCCL {nccl} | triton {triton.__version__} "
-              f"| block_v {push.BLOCK_V} warps {push.NUM_WARPS} chunk {push.CHUNK_TILES} {args.tag}", flush=True)
+              f"| block_v {config.get('TPFUSE_PUSH_BLOCK_V')} warps {config.get('TPFUSE_PUSH_NUM_WARPS')} "
+              f"chunk {config.get('TPFUSE_PUSH_CHUNK_TILES')} {args.tag}", flush=True)
 
-    defaults = {"block_v": push.BLOCK_V, "num_warps": push.NUM_WARPS, "chunk": push.CHUNK_TILES}
+    defaults = {"block_v": config.get("TPFUSE_PUSH_BLOCK_V"), "num_warps": config.get("TPFUSE_PUSH_NUM_WARPS"),
+                "chunk": config.get("TPFUSE_PUSH_CHUNK_TILES")}
     rows = []
     for w in map(int, args.widths.split(",")) if not args.skip_sweep else ():
         for T in map(int, args.tokens.split(",")):

@@ -79,7 +79,7 @@ class OneGpuGroup:
     def launch_barrier_push(self, rank, x, out):
         plan = self.barrier_plans[rank]
         tokens = x.shape[0]
-        nblocks = min(self.barrier_blocks, max(1, -(-tokens * plan.max_width_vec // push.BLOCK_V)))
+        nblocks = min(self.barrier_blocks, max(1, -(-tokens * plan.max_width_vec // plan.tile)))
         slot = self.next_slot[rank]
         self.next_slot[rank] ^= 1
         plan.run(nblocks, 1, 1, self.streams[rank].cuda_stream, plan.function, plan.packed_metadata, None, None,

@@ -13,10 +13,10 @@ skipped.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
+from .. import config
 from .backend import Backend, GatherBackend, GatherCall
 from .collective import GLOO, NCCL
 from .groups import Group
@@ -54,7 +54,7 @@ def forced_backend() -> str:
 
     The variable must be set identically on every rank (torchrun passes the
     parent's environment to all of them)."""
-    return _parse_forced(os.environ.get("TPFUSE_BACKEND", "auto"))
+    return _parse_forced(config.get("TPFUSE_BACKEND"))
 
 
 @functools.lru_cache(maxsize=None)

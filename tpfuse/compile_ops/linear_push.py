@@ -12,11 +12,11 @@ cuBLAS + the gather: docs/benchmarks.md.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
+from .. import config
 from . import workspace as workspaces
 from .backend import Backend
 from .groups import Group
@@ -45,7 +45,7 @@ def grid_cap(ws) -> int:
     SM (for the light gather kernel); a GEMM block with ~100 KB of shared
     memory may not fit twice, and a block that waits for its peers must never
     wait for a block that is not resident.  Agreed facts only: rank-invariant."""
-    per_sm = max(1, int(os.environ.get("TPFUSE_PUSH_BLOCKS_PER_SM", "2")))
+    per_sm = config.get("TPFUSE_PUSH_BLOCKS_PER_SM")
     return max(1, ws.facts.max_blocks // per_sm)
 
 

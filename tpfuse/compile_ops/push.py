@@ -14,25 +14,20 @@ one torch elementwise op (docs/benchmarks.md, "Against the targets"):
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from .. import config
 from ..kernels import flag_protocol  # plain Python facts; this module is imported only for the GPU paths
 from . import workspace as workspaces
 from .backend import Backend
 from .groups import Group
 
-#: vectors (of up to 16 bytes) per tile, and warps per block
-BLOCK_V = int(os.environ.get("TPFUSE_PUSH_BLOCK_V", "256"))
-NUM_WARPS = int(os.environ.get("TPFUSE_PUSH_NUM_WARPS", "4"))
-#: tiles per exit exchange: large messages alternate pushes and copy-out per chunk
-CHUNK_TILES = int(os.environ.get("TPFUSE_PUSH_CHUNK_TILES", "4"))
-#: the flag kernel: units (8 bytes) per tile and warps per block
-FLAG_BLOCK_U = int(os.environ.get("TPFUSE_FLAG_BLOCK_U", "256"))
-FLAG_NUM_WARPS = int(os.environ.get("TPFUSE_FLAG_NUM_WARPS", "4"))
+# The launch configuration (tile sizes, warps, chunking) is read from tpfuse.config when
+# a plan is built, and kept in the plan: the grid of every launch must match the
+# kernel it was compiled with, whatever the variables say later.
 
 
 def vector_elements(elem_size: int, band_offsets: tuple[int, ...]) -> int:
@@ -56,6 +51,7 @@ class Plan:
     vec: int
     max_width_vec: int  # vectors in the widest band's row: the grid follows the widest rank
     multimem: bool
+    tile: int = 0  # vectors (barrier push) or units (flag protocol) per tile: the grid's divisor
 
 
 def _band_offsets(hidden_widths, scale=1):
@@ -70,26 +66,27 @@ def _build_plan(ws, dtype, hidden_widths, skip_entry_sync, copy_out, multimem, e
 
     rank = ws.group.rank
     elem_size = dtype.itemsize
+    block_v, chunk = config.get("TPFUSE_PUSH_BLOCK_V"), config.get("TPFUSE_PUSH_CHUNK_TILES")
     if multimem:
         # Every width is a multiple of 16 bytes (checked by dispatch): move 32-bit words.
         offsets = _band_offsets(hidden_widths, elem_size)
         offsets = tuple(o // 4 for o in offsets)
-        source = push_gather.multimem_source(rank, offsets, BLOCK_V, skip_entry_sync, copy_out)
+        source = push_gather.multimem_source(rank, offsets, block_v, skip_entry_sync, copy_out)
         unit, vec = 4, 4
     else:
         offsets = _band_offsets(hidden_widths)
         vec = vector_elements(elem_size, offsets)
-        source = push_gather.p2p_source(elem_size, rank, offsets, vec, BLOCK_V, skip_entry_sync, copy_out,
-                                        CHUNK_TILES, exit_sync)
+        source = push_gather.p2p_source(elem_size, rank, offsets, vec, block_v, skip_entry_sync, copy_out,
+                                        chunk, exit_sync)
         unit = elem_size
     with torch.cuda.device(ws.device):
-        kernel = push_gather.compile_source(source, num_warps=NUM_WARPS)
+        kernel = push_gather.compile_source(source, num_warps=config.get("TPFUSE_PUSH_NUM_WARPS"))
         run = kernel.run  # loads the module on this device
     names = source.fn.arg_names
     constexprs = tuple(source.constants[(names.index(n),)] for n in names if source.signature[n] == "constexpr")
     widths = [offsets[i + 1] - offsets[i] for i in range(len(offsets) - 1)]
     return Plan(run, kernel.function, kernel.packed_metadata, constexprs, elem_size, unit, vec,
-                max(widths) // vec, multimem)
+                max(widths) // vec, multimem, block_v)
 
 
 def raise_if_failed(ws: workspaces.Workspace, op: str = "tpfuse::all_gather_hidden") -> None:
@@ -181,7 +178,7 @@ def _launch(x, hidden_widths, group, backend, slot, skip_entry_sync, copy_out, e
         out = ws.buffer.view(x.dtype)[slot * elems : slot * elems + tokens * total].view(*lead, total)
         out_ptr = 0
     # Grid: a pure function of T, the widths and W (rank-invariant, docs/contract.md §2).
-    nblocks = min(ws.facts.max_blocks, max(1, -(-tokens * plan.max_width_vec // BLOCK_V)))
+    nblocks = min(ws.facts.max_blocks, max(1, -(-tokens * plan.max_width_vec // plan.tile)))
     slot_offset = slot * (ws.slot_bytes // plan.unit)
     stream = raw_stream(device_index)
     if plan.multimem:
@@ -201,20 +198,21 @@ def flag_plan(rank: int, device: torch.device, dtype: torch.dtype, hidden_widths
     """
     from ..kernels import flag_gather
 
-    source = flag_gather.flag_source(dtype.itemsize, rank, _band_offsets(hidden_widths), FLAG_BLOCK_U, **options)
+    block_u = config.get("TPFUSE_FLAG_BLOCK_U")
+    source = flag_gather.flag_source(dtype.itemsize, rank, _band_offsets(hidden_widths), block_u, **options)
     with torch.cuda.device(device):
-        kernel = flag_gather.compile_source(source, num_warps=FLAG_NUM_WARPS)
+        kernel = flag_gather.compile_source(source, num_warps=config.get("TPFUSE_FLAG_NUM_WARPS"))
         run = kernel.run
     names = source.fn.arg_names
     constexprs = tuple(source.constants[(names.index(n),)] for n in names if source.signature[n] == "constexpr")
     return Plan(run, kernel.function, kernel.packed_metadata, constexprs, dtype.itemsize, dtype.itemsize, 1,
-                max(hidden_widths), False)
+                max(hidden_widths), False, block_u)
 
 
 def flag_grid(plan: Plan, tokens: int, max_blocks: int) -> int:
     """Blocks of a flag call: the widest band's unit tiles (rank-invariant), within the epoch slots and the SMs."""
     units = flag_protocol.units_for(tokens * plan.max_width_vec, plan.elem_size)
-    return min(flag_protocol.EPOCH_SLOTS, max_blocks, max(1, -(-units // FLAG_BLOCK_U)))
+    return min(flag_protocol.EPOCH_SLOTS, max_blocks, max(1, -(-units // plan.tile)))
 
 
 def run_flag(plan: Plan, nblocks: int, stream: int, x, out, epochs, status_ptr: int, timeout_ns: int,

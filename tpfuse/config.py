@@ -1,0 +1,77 @@
+"""Every ``TPFUSE_*`` environment variable, in one place: its default, what it accepts, who reads it.
+
+Variables are read when they are used, never at import, so a variable set after
+``import tpfuse`` (or changed between two calls, by a benchmark) takes effect.
+Parsing is cached per raw string, so the op's hot path pays one dictionary
+lookup per read.  Precedence: an explicit ``tpfuse.enable(...)`` argument beats
+the variable (``dump_dir`` is the only setting that has both), which beats the
+default.  Variables that change what a call does on the GPU must be set alike
+on every rank (torchrun passes the parent's environment to all of them); the
+table in docs/api.md lists them.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Variable:
+    """One ``TPFUSE_*`` variable: its default (as the raw string would be), its parser and what it is for."""
+
+    name: str
+    default: str | None
+    parse: Callable[[str], object]
+    doc: str
+
+
+def _flag(raw: str) -> bool:
+    return raw.strip().lower() not in ("", "0", "false", "no")
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value <= 0:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+VARIABLES = {v.name: v for v in (
+    Variable("TPFUSE_BACKEND", "auto", str.strip,  # its choices are the registered backends (compile_ops/dispatch.py)
+             "force a backend: auto, flag, p2p, nccl, gloo (or a registered one)"),
+    Variable("TPFUSE_DISABLE_PUSH", "0", _flag, "never use the symmetric-memory push (NCCL on CUDA)"),
+    Variable("TPFUSE_PUSH_MAX_BYTES", str(256 << 20), _positive_int,
+             "above this output size auto leaves the gather to NCCL"),
+    Variable("TPFUSE_ENABLE_MULTIMEM", "0", lambda raw: raw.strip() == "1",
+             "1 allows NVLink multicast where every rank has an address (docs/safety.md)"),
+    Variable("TPFUSE_FLAG_MAX_BYTES", None, lambda raw: max(0, int(raw)),
+             "the flag protocol's crossover for this run, in slab bytes (unset: the measured table)"),
+    Variable("TPFUSE_BARRIER_TIMEOUT_S", "60", float, "bound on every barrier spin and flag wait, seconds"),
+    Variable("TPFUSE_LINEAR_PUSH", "auto", str.strip,  # validated by the fused op, with its own message
+             "the fused linear + push: auto (the cost rule), fused, unfused"),
+    Variable("TPFUSE_PUSH_BLOCKS_PER_SM", "2", _positive_int, "grid cap of the push kernels, blocks per SM"),
+    Variable("TPFUSE_PUSH_BLOCK_V", "256", _positive_int, "barrier push: vectors per tile"),
+    Variable("TPFUSE_PUSH_NUM_WARPS", "4", _positive_int, "barrier push: warps per block"),
+    Variable("TPFUSE_PUSH_CHUNK_TILES", "4", _positive_int, "barrier push: tiles per exit exchange"),
+    Variable("TPFUSE_FLAG_BLOCK_U", "256", _positive_int, "flag protocol: units per tile (a power of two)"),
+    Variable("TPFUSE_FLAG_NUM_WARPS", "4", _positive_int, "flag protocol: warps per block"),
+    Variable("TPFUSE_DUMP_DIR", None, str, "write before/after graph code per rank and graph (as enable(dump_dir=))"),
+)}
+
+
+def get(name: str):
+    """The parsed value of ``name`` now (its default when unset; None for an unset variable without one)."""
+    variable = VARIABLES[name]
+    raw = os.environ.get(name, variable.default)
+    return None if raw is None else _parse(name, raw)
+
+
+@functools.lru_cache(maxsize=None)
+def _parse(name: str, raw: str):
+    try:
+        return VARIABLES[name].parse(raw)
+    except ValueError as err:
+        raise ValueError(f"tpfuse: {name}={raw!r} {err} ({VARIABLES[name].doc})") from None
