@@ -16,7 +16,7 @@ import functools
 
 import torch
 
-from .. import config
+from .. import config as settings
 from .backend import Backend, GatherBackend, GatherCall
 from .collective import GLOO, NCCL
 from .groups import Group
@@ -54,7 +54,7 @@ def forced_backend() -> str:
 
     The variable must be set identically on every rank (torchrun passes the
     parent's environment to all of them)."""
-    return _parse_forced(config.get("TPFUSE_BACKEND"))
+    return _parse_forced(settings.get("TPFUSE_BACKEND"))
 
 
 @functools.lru_cache(maxsize=None)

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import config
+from .. import config as settings
 from . import inductor_lowering, linear_cost
 from .dispatch import Backend, check_device_matches_group, check_dtype, choose_backend
 from .groups import Group, group_name_of, resolve_group
@@ -51,7 +51,7 @@ _MODES = ("auto", "fused", "unfused")
 
 def linear_push_mode() -> str:
     """``TPFUSE_LINEAR_PUSH``: ``auto`` (the cost rule), ``fused`` or ``unfused``; same on every rank."""
-    return _parse_mode(config.get("TPFUSE_LINEAR_PUSH"))
+    return _parse_mode(settings.get("TPFUSE_LINEAR_PUSH"))
 
 
 @functools.lru_cache(maxsize=None)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import config
+from .. import config as settings
 from . import workspace as workspaces
 from .backend import Backend
 from .groups import Group
@@ -45,7 +45,7 @@ def grid_cap(ws) -> int:
     SM (for the light gather kernel); a GEMM block with ~100 KB of shared
     memory may not fit twice, and a block that waits for its peers must never
     wait for a block that is not resident.  Agreed facts only: rank-invariant."""
-    per_sm = config.get("TPFUSE_PUSH_BLOCKS_PER_SM")
+    per_sm = settings.get("TPFUSE_PUSH_BLOCKS_PER_SM")
     return max(1, ws.facts.max_blocks // per_sm)
 
 
@@ -79,6 +79,12 @@ def _launch_with_scratch(plan, run_args):
     allocation would be freed right after (and, under CUDA-graph capture, reused
     by a later node of the graph), so the plan keeps one for its lifetime."""
     from triton.runtime import _allocation
+
+    # TMA weight loads are a sweep option only (measured no faster; launch_config never picks
+    # them), and the one user of this private Triton hook: fail clearly where it is missing.
+    if not hasattr(getattr(_allocation, "_allocator", None), "set"):
+        raise RuntimeError(f"{OP}: TMA weight loads (a sweep option) need Triton's scratch-allocator hook "
+                           "(triton.runtime._allocation._allocator), which this Triton does not have")
 
     def allocator(size, align, stream):
         if size > plan.scratch.numel() or plan.scratch.data_ptr() % max(int(align), 1):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .. import config
+from .. import config as settings
 from ..kernels import flag_protocol  # plain Python facts; this module is imported only for the GPU paths
 from . import workspace as workspaces
 from .backend import Backend
@@ -66,7 +66,7 @@ def _build_plan(ws, dtype, hidden_widths, skip_entry_sync, copy_out, multimem, e
 
     rank = ws.group.rank
     elem_size = dtype.itemsize
-    block_v, chunk = config.get("TPFUSE_PUSH_BLOCK_V"), config.get("TPFUSE_PUSH_CHUNK_TILES")
+    block_v, chunk = settings.get("TPFUSE_PUSH_BLOCK_V"), settings.get("TPFUSE_PUSH_CHUNK_TILES")
     if multimem:
         # Every width is a multiple of 16 bytes (checked by dispatch): move 32-bit words.
         offsets = _band_offsets(hidden_widths, elem_size)
@@ -80,7 +80,7 @@ def _build_plan(ws, dtype, hidden_widths, skip_entry_sync, copy_out, multimem, e
                                         chunk, exit_sync)
         unit = elem_size
     with torch.cuda.device(ws.device):
-        kernel = push_gather.compile_source(source, num_warps=config.get("TPFUSE_PUSH_NUM_WARPS"))
+        kernel = push_gather.compile_source(source, num_warps=settings.get("TPFUSE_PUSH_NUM_WARPS"))
         run = kernel.run  # loads the module on this device
     names = source.fn.arg_names
     constexprs = tuple(source.constants[(names.index(n),)] for n in names if source.signature[n] == "constexpr")
@@ -198,10 +198,10 @@ def flag_plan(rank: int, device: torch.device, dtype: torch.dtype, hidden_widths
     """
     from ..kernels import flag_gather
 
-    block_u = config.get("TPFUSE_FLAG_BLOCK_U")
+    block_u = settings.get("TPFUSE_FLAG_BLOCK_U")
     source = flag_gather.flag_source(dtype.itemsize, rank, _band_offsets(hidden_widths), block_u, **options)
     with torch.cuda.device(device):
-        kernel = flag_gather.compile_source(source, num_warps=config.get("TPFUSE_FLAG_NUM_WARPS"))
+        kernel = flag_gather.compile_source(source, num_warps=settings.get("TPFUSE_FLAG_NUM_WARPS"))
         run = kernel.run
     names = source.fn.arg_names
     constexprs = tuple(source.constants[(names.index(n),)] for n in names if source.signature[n] == "constexpr")

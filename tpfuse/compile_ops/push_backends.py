@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import torch
 
-from .. import config
+from .. import config as settings
 from . import workspace as workspaces
 from .backend import GatherBackend, GatherCall
 from .workspace import FLAG_MAX_SLAB_BYTES
 
 #: above this many bytes of output, ``auto`` leaves the gather to NCCL (the
 #: workspace holds two slots of this size); ``TPFUSE_PUSH_MAX_BYTES`` overrides.
-PUSH_MAX_BYTES = int(config.VARIABLES["TPFUSE_PUSH_MAX_BYTES"].default)
+PUSH_MAX_BYTES = int(settings.VARIABLES["TPFUSE_PUSH_MAX_BYTES"].default)
 #: the measured crossover: per (device name, W), the largest slab (bytes per
 #: rank) at which the flag protocol beat the barrier push in
 #: benchmarks/bench_gather.py (docs/benchmarks.md, "Flag protocol").  A
@@ -37,7 +37,7 @@ def flag_limit(device_name: str, world_size: int) -> tuple[int, str]:
     ``TPFUSE_FLAG_MAX_BYTES`` overrides the measured table (benchmarks, tuning);
     it must be set alike on every rank.
     """
-    override = config.get("TPFUSE_FLAG_MAX_BYTES")
+    override = settings.get("TPFUSE_FLAG_MAX_BYTES")
     if override is not None:
         return min(override, FLAG_MAX_SLAB_BYTES), "TPFUSE_FLAG_MAX_BYTES"
     measured = FLAG_CROSSOVER.get((device_name, world_size))
@@ -47,7 +47,7 @@ def flag_limit(device_name: str, world_size: int) -> tuple[int, str]:
 
 
 def _multimem_asked() -> bool:
-    return config.get("TPFUSE_ENABLE_MULTIMEM")
+    return settings.get("TPFUSE_ENABLE_MULTIMEM")
 
 
 class _PushBackend(GatherBackend):
@@ -58,7 +58,7 @@ class _PushBackend(GatherBackend):
             return f"TPFUSE_BACKEND={call.forced}"
         if call.out_numel >= 2**31:
             return f"{call.out_numel} output elements exceed the kernels' 32-bit indexing"
-        if call.forced == "auto" and call.nbytes > config.get("TPFUSE_PUSH_MAX_BYTES"):
+        if call.forced == "auto" and call.nbytes > settings.get("TPFUSE_PUSH_MAX_BYTES"):
             return f"{call.nbytes} output bytes are above TPFUSE_PUSH_MAX_BYTES: NCCL moves large messages"
         ws, why = self._workspace(call)
         return why or self.refuse_on(call, ws)

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from .. import config
+from .. import config as settings
 from ..kernels.barrier import blocks_that_fit, next_slot, signal_pad_bytes  # noqa: F401  (the protocol's sizing)
 from .groups import Group
 
@@ -114,7 +114,7 @@ def barrier_timeout_ns() -> int:
     ``TPFUSE_BARRIER_TIMEOUT_S`` (default 60 s): long enough for a peer that is
     still compiling or warming up, short of NCCL's 10-minute watchdog.
     """
-    return int(config.get("TPFUSE_BARRIER_TIMEOUT_S") * 1e9)
+    return int(settings.get("TPFUSE_BARRIER_TIMEOUT_S") * 1e9)
 
 
 def _host_id() -> int:
@@ -131,7 +131,7 @@ def _host_id() -> int:
 
 def _local_reason(group: Group, device: torch.device) -> str:
     """Why this rank alone cannot push ("" if it can)."""
-    if config.get("TPFUSE_DISABLE_PUSH"):
+    if settings.get("TPFUSE_DISABLE_PUSH"):
         return "TPFUSE_DISABLE_PUSH is set"
     if group.world_size < 2:
         return "a group of one rank needs no push"
@@ -212,7 +212,7 @@ def _establish(group: Group, device: torch.device) -> Workspace:
 def _establish_facts(group: Group, device: torch.device, reason: str) -> Workspace:
     # Grid cap: resident blocks.  TPFUSE_PUSH_BLOCKS_PER_SM (default 2) must be
     # set alike on every rank; the minimum over ranks is used.
-    per_sm = config.get("TPFUSE_PUSH_BLOCKS_PER_SM")
+    per_sm = settings.get("TPFUSE_PUSH_BLOCKS_PER_SM")
     sms = torch.cuda.get_device_properties(device).multi_processor_count * per_sm if not reason else 0
     name = torch.cuda.get_device_name(device) if not reason else ""
     name_id = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little") >> 2

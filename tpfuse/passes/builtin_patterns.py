@@ -305,13 +305,18 @@ def gather_hidden_replacement(
     graph: Graph, site: GatherSite, candidate: Candidate, skip_entry_sync: bool
 ) -> Node:
     """``tpfuse::all_gather_hidden(x, widths, group)``, reshaped to the output's shape if
-    needed, then the elementwise epilogue that Inductor had pushed onto every band."""
+    needed, then the elementwise epilogue that Inductor had pushed onto every band.
+
+    The op is written with its defaults (both barriers, a copy, the op's slot):
+    ``skip_entry_sync`` is always False here, because barrier elision decides
+    after every rewrite and writes its proven permissions into the node; the
+    argument stays in the replacement signature for replacements written
+    against it (docs/patterns.md)."""
     (local,) = candidate.inputs
     widths = [int(w) for w in site.hidden_widths]
-    kwargs = {"skip_entry_sync": True} if skip_entry_sync else {}
     with graph.inserting_before(candidate.output):
         node = graph.call_function(
-            torch.ops.tpfuse.all_gather_hidden.default, (local, widths, site.group_name), kwargs
+            torch.ops.tpfuse.all_gather_hidden.default, (local, widths, site.group_name), {}
         )
         node.meta["val"] = _value(candidate, site.dtype, node, site)
         for template in candidate.fact("epilogue", ()):

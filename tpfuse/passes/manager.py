@@ -23,7 +23,7 @@ from typing import Any, Iterator
 import torch
 from torch.fx import Graph
 
-from .. import config
+from .. import config as settings
 from . import cache_records
 from . import patterns as pattern_registry
 from ..compile_ops import inductor_lowering
@@ -169,7 +169,7 @@ def _cached_graph_report(stored) -> GraphReport:
 def _dump_cached(graph_report: GraphReport, stored) -> None:
     installed = _inductor_config().post_grad_custom_post_pass
     configured = installed.config.dump_dir if isinstance(installed, TpfusePass) else None
-    dump_dir = configured or config.get("TPFUSE_DUMP_DIR") or None
+    dump_dir = configured or settings.get("TPFUSE_DUMP_DIR") or None
     if dump_dir:
         missing = ("# (not stored: the cache entry was compiled without TPFUSE_DUMP_DIR, dump_dir "
                    "or TORCH_TRACE; docs/passes.md#caching)")
@@ -218,7 +218,7 @@ def run_passes(graph: Graph, config: PassConfig, for_cache: bool = False) -> Gra
     later cache hit still has a report (``cache_records.py``)."""
     _collect_cached_graphs()  # graphs served from the cache before this one come first
     start = time.perf_counter()
-    dump_dir = config.dump_dir or config.get("TPFUSE_DUMP_DIR") or None
+    dump_dir = config.dump_dir or settings.get("TPFUSE_DUMP_DIR") or None
     tracing = _structured_trace_enabled()
     before = _graph_code(graph) if (dump_dir or tracing) else None
 
