@@ -162,3 +162,25 @@ def test_tma_scratch_is_the_plans_own_buffer_and_the_allocator_is_restored():
     with pytest.raises(RuntimeError, match="TMA scratch of 640 bytes .* the plan keeps 512 bytes"):
         linear_push._launch_with_scratch(plan, (5, 1, 1))
     assert _allocation._allocator.get() is before
+
+
+def test_a_workspace_dies_with_its_group(monkeypatch):
+    """destroy_process_group + a new group under the same name: the old workspace is never reached again."""
+    old_pg, new_pg = object(), object()
+    old = workspaces.Workspace(Group(pg=old_pg, name="tp", rank=0, world_size=2), torch.device("cpu"),
+                               workspaces.GroupFacts(True, "", 8))
+    monkeypatch.setitem(workspaces._workspaces, ("tp", 0), old)
+    assert workspaces.workspace(Group(pg=old_pg, name="tp", rank=0, world_size=2), 0, establish=False) is old
+    made = []
+
+    def establish(group, device):
+        made.append(group.pg)
+        return workspaces.Workspace(group, device, workspaces.GroupFacts(True, "", 8))
+
+    monkeypatch.setattr(workspaces, "_establish", establish)
+    new_group = Group(pg=new_pg, name="tp", rank=0, world_size=2)
+    assert workspaces.workspace(new_group, 0, establish=False) is None  # the old one is not handed out
+    fresh = workspaces.workspace(new_group, 0)
+    assert made == [new_pg] and fresh is not old and fresh.group.pg is new_pg
+    assert old in workspaces._retired_workspaces
+    workspaces._retired_workspaces.remove(old)

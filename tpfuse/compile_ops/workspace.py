@@ -106,6 +106,7 @@ class Workspace:
 
 
 _workspaces: dict[tuple[str, int], Workspace] = {}
+_retired_workspaces: list[Workspace] = []  # of destroyed groups: kept alive, never used
 
 
 def barrier_timeout_ns() -> int:
@@ -265,8 +266,17 @@ def _make_signal_pads(ws: Workspace) -> None:
 
 
 def workspace(group: Group, device_index: int, establish: bool = True) -> Workspace | None:
-    """The workspace of (group, device); the first call establishes it collectively."""
+    """The workspace of (group, device); the first call establishes it collectively.
+
+    A workspace dies with its process group: when the group of that name is another
+    ProcessGroup now (the old one was destroyed and a new one took its name), the old
+    workspace is retired, never used again, and the new group gets its own.  Retired
+    workspaces stay referenced, so that no kernel still queued on them loses its memory.
+    """
     ws = _workspaces.get((group.name, device_index))
+    if ws is not None and ws.group.pg is not group.pg:
+        _retired_workspaces.append(_workspaces.pop((group.name, device_index)))
+        ws = None
     if ws is None and establish:
         ws = _workspaces[(group.name, device_index)] = _establish(group, torch.device("cuda", device_index))
     return ws
