@@ -74,3 +74,13 @@ def test_registration_errors_say_what_is_registered():
         dispatch.register_backend(ToyBackend(), before="nope")
     with pytest.raises(ValueError, match="a backend named 'gloo' is already registered"):
         dispatch.register_backend(type("Gloo", (ToyBackend,), {"name": "gloo"})(), before="nccl")
+
+
+def test_dispatch_counts_the_backend_each_call_ran():
+    from tpfuse.compile_ops.groups import Group
+
+    dispatch.chosen.clear()
+    group = Group(pg=None, name="g", rank=0, world_size=2)
+    dispatch.choose(GatherCall("cpu", torch.float32, 8, group, 4, "auto"))
+    dispatch.choose(GatherCall("cpu", torch.float32, 8, group, 4, "gloo"))
+    assert dispatch.chosen == {"gloo": 2}

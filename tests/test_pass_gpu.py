@@ -62,7 +62,7 @@ def _gpu_models(rank, world_size):
 
     import tp_models
     import tpfuse
-    from tpfuse.compile_ops.dispatch import choose_backend  # noqa: F401 - the backend in use
+    from tpfuse.compile_ops import dispatch
 
     for key, value in {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
                        "NVSHMEM_DISABLE_NVLS": "1"}.items():
@@ -96,7 +96,9 @@ def _gpu_models(rank, world_size):
                 torch._dynamo.reset()
                 with tpfuse.enabled():
                     fused = torch.compile(model, fullgraph=True)
+                    dispatch.chosen.clear()
                     out = fused(x)
+                    ran = dict(dispatch.chosen)  # which backend each rewritten gather ran
                     rep = tpfuse.report()
                 fused_us = _median_us(fused, x)
             rows.append({
@@ -105,7 +107,7 @@ def _gpu_models(rank, world_size):
                 # Inductor's fused addmm than for eager's mm + add.
                 "model": style, "T": T, "equal": bool(torch.equal(plain_out, out)),
                 "close_to_eager": bool(torch.allclose(ref, out, rtol=1e-5, atol=1e-5)),
-                "rewritten": rep.rewritten, "expected": model.rewrites,
+                "rewritten": rep.rewritten, "expected": model.rewrites, "ran": ran,
                 "near_misses": [n.reason for n in rep.near_misses],
                 "plain_us": plain_us, "tpfuse_us": fused_us,
                 "card": torch.cuda.get_device_name(rank),
@@ -137,3 +139,7 @@ def test_compiled_models_bit_exact_on_gpus(world_size):
                 continue
             assert r["equal"] and r["close_to_eager"], (rank, r)
             assert r["rewritten"] == r["expected"] and r["near_misses"] == [], (rank, r)
+            # The path is proven, not only the bits: every gather ran a push backend (one host,
+            # symmetric memory), none fell back to NCCL.
+            assert r["ran"].get("nccl", 0) == 0 and sum(r["ran"].get(b, 0) for b in ("p2p", "flag")) >= r["expected"], (
+                rank, r)

@@ -12,6 +12,7 @@ skipped.
 
 from __future__ import annotations
 
+import collections
 import functools
 
 import torch
@@ -103,6 +104,8 @@ def check_dtype(dtype: torch.dtype) -> None:
 #: slabs, NVLink multicast where asked for and available, the barrier push, and NCCL,
 #: which never refuses.  The same on every rank, as long as every rank registers alike.
 BACKENDS: list[GatherBackend] = [GLOO, FLAG, MULTIMEM, BARRIER_PUSH, NCCL]
+#: how many calls each backend was chosen for, in this process (tests assert the path that ran)
+chosen: collections.Counter = collections.Counter()
 
 
 def register_backend(backend: GatherBackend, before: str = "nccl") -> None:
@@ -144,9 +147,11 @@ def choose(call: GatherCall) -> GatherBackend:
         why = forced.refusal(call)
         if why:
             raise RuntimeError(f"tpfuse: TPFUSE_BACKEND={call.forced} but that path is unavailable: {why}")
+        chosen[forced.name] += 1
         return forced
     for backend in movers:
         if not backend.refusal(call):
+            chosen[backend.name] += 1
             return backend
     raise RuntimeError(f"tpfuse: every backend for {call.device_type} tensors refused the call")  # pragma: no cover
 
