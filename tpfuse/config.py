@@ -43,6 +43,8 @@ VARIABLES = {v.name: v for v in (
     Variable("TPFUSE_BACKEND", "auto", str.strip,  # its choices are the registered backends (compile_ops/dispatch.py)
              "force a backend: auto, flag, p2p, nccl, gloo (or a registered one)"),
     Variable("TPFUSE_DISABLE_PUSH", "0", _flag, "never use the symmetric-memory push (NCCL on CUDA)"),
+    Variable("TPFUSE_CHECK", "0", _flag,
+             "1: the most thorough cross-rank agreement check (also on NCCL calls; docs/op.md)"),
     Variable("TPFUSE_PUSH_MAX_BYTES", str(256 << 20), _positive_int,
              "above this output size auto leaves the gather to NCCL"),
     Variable("TPFUSE_ENABLE_MULTIMEM", "0", lambda raw: raw.strip() == "1",
