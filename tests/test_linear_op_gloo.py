@@ -305,11 +305,14 @@ def test_cost_rule_over_a_symbolic_token_range():
 
 def test_op_decides_with_the_model_its_ranks_agreed_on(monkeypatch):
     """The op's CUDA path asks the rule with the workspace's agreed GPU model, not the local one."""
+    import importlib
     from types import SimpleNamespace
 
-    from tpfuse.compile_ops import linear_all_gather_hidden as op
     from tpfuse.compile_ops import workspace
     from tpfuse.compile_ops.dispatch import Backend
+
+    # the module (tpfuse.compile_ops exports a function of the same name)
+    op = importlib.import_module("tpfuse.compile_ops.linear_all_gather_hidden")
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.delenv("TPFUSE_LINEAR_PUSH", raising=False)
