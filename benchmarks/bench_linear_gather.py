@@ -146,7 +146,7 @@ def main():
             row["graph"] = {m: statistics.median(v) for m, v in samples.items()}
             fused_pred, unfused_pred = linear_cost.predict(T, K, widths)
             row["predicted"] = {"fused": fused_pred, "cublas_tpfuse": unfused_pred}
-            row["rule"] = str(linear_cost.decide(T, K, widths, "bfloat16"))
+            row["rule"] = str(linear_cost.decide(T, K, widths, "bfloat16", device_name=card))
             rows.append(row)
             if rank == 0:
                 g = row["graph"]

@@ -12,8 +12,11 @@ Three least-squares fits, one per term of the model (see linear_cost.py):
 - fused:          ``fused = floor / (FUSED_EFFICIENCY * fill) + FUSED_FIXED_US + egress / FUSED_TAIL_BYTES_PER_S``
   (on these rows the weight stream is the larger term of the model's ``max``).
 
-Prints the constants, then every row's measured and predicted speedup under the fitted
-constants and under the ones linear_cost.py holds now.
+Prints the card and W each constant came from (the results files' ``meta.card`` and
+``meta.W``; ``linear_cost.MEASURED`` must name the same), the constants, then every row's
+measured and predicted speedup under the fitted constants and under the ones linear_cost.py
+holds now.  The files must come from one card: the constants describe one card's HBM, SMs
+and links, so each card is fitted on its own.
 """
 
 import argparse
@@ -50,6 +53,31 @@ def load_rows(paths):
         for row in data["rows"]:
             if row["T"] <= linear_cost.MAX_TOKENS and wide_band(row["T"], [row["N_r"]] * W):
                 out.append((W, row))
+    return out
+
+
+def measured_on(paths):
+    """{(card, W): [file names]}: where the results in ``paths`` were measured."""
+    out = {}
+    for path in paths:
+        meta = json.load(open(path))["meta"]
+        out.setdefault((meta["card"], meta["W"]), []).append(os.path.basename(path))
+    return out
+
+
+def sources(paths):
+    """{constant: "card at W=..."}: which measurements each fitted constant came from.
+    Raises ValueError when the files come from more than one card."""
+    where = measured_on(paths)
+    cards = sorted({card for card, _ in where})
+    if len(cards) != 1:
+        raise ValueError(f"results from {len(cards)} cards ({', '.join(cards) or 'none'}): fit each card on its own")
+    worlds = sorted(W for _, W in where)
+    every = f"{cards[0]} at W={', '.join(map(str, worlds))}"
+    out = {name: every for name in ("CUBLAS_EFFICIENCY", "CUBLAS_FIXED_US", "GATHER_BYTES_PER_S",
+                                    "FUSED_EFFICIENCY", "FUSED_FIXED_US", "FUSED_TAIL_BYTES_PER_S")}
+    # one latency per W, each from that W's runs only (the fit's indicator columns)
+    out.update({f"GATHER_LATENCY_US[{W}]": f"{cards[0]} at W={W}" for W in worlds})
     return out
 
 
@@ -96,11 +124,18 @@ def main():
     parser.add_argument("results", nargs="*", default=DEFAULT_FILES)
     args = parser.parse_args()
     rows = load_rows(args.results)
-    constants = fit(rows)
+    constants, origin = fit(rows), sources(args.results)
     print(f"{len(rows)} wide-band rows at T <= {linear_cost.MAX_TOKENS} from {len(args.results)} files")
+    for (card, W), names in sorted(measured_on(args.results).items()):
+        known = "in linear_cost.MEASURED" if (card, W) in linear_cost.MEASURED else "NOT in linear_cost.MEASURED"
+        print(f"  measured on {card} at W={W} ({known}): {', '.join(names)}")
     for k, v in constants.items():
-        print(f"  {k} = {({w: round(x, 1) for w, x in v.items()} if isinstance(v, dict) else round(v, 3))}"
-              f"   (linear_cost.py: {getattr(linear_cost, k)})")
+        if isinstance(v, dict):
+            for w, x in v.items():
+                print(f"  {k}[{w}] = {round(x, 1)}   (linear_cost.py: {linear_cost.GATHER_LATENCY_US.get(w)}; "
+                      f"from {origin[f'{k}[{w}]']})")
+        else:
+            print(f"  {k} = {round(v, 3)}   (linear_cost.py: {getattr(linear_cost, k)}; from {origin[k]})")
     print(f"{'shape':13s} {'W':>2} {'T':>3} {'measured':>9} {'fitted':>7} {'now':>6}")
     fitted, now = speedups(rows, constants), speedups(rows)
     for (W, r, m, p), (*_, q) in zip(fitted, now):

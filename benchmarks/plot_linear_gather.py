@@ -38,7 +38,8 @@ def speedup_plot(runs, out):
             ax.plot(ts, [r["graph"]["cublas_tpfuse"] / r["graph"]["fused"] for r in rows], "o-", ms=3, lw=0.8,
                     color=f"C{i}", label=f"W={W} {run['meta'].get('tag') or 'run'} {i + 1}")
             fused = [(r["T"], r["graph"]["cublas_tpfuse"] / r["graph"]["fused"]) for r in rows
-                     if linear_cost.decide(r["T"], r["K"], [r["N_r"]] * W, "bfloat16").fuse]
+                     if linear_cost.decide(r["T"], r["K"], [r["N_r"]] * W, "bfloat16",
+                                           device_name=run["meta"]["card"]).fuse]
             if fused:
                 ax.plot(*zip(*fused), "o", mfc="none", color="C3", ms=9,
                         label="the cost rule fuses" if i == 0 else None)
@@ -82,7 +83,7 @@ def main():
             floor = rows[0]["N_r"] * rows[0]["K"] * 2 / linear_cost.hbm_peak(card) * 1e6
             ax.axhline(floor, color="grey", ls="--", lw=0.8, label="weight floor (HBM peak)")
             fused = [(r["T"], r["graph"]["fused"]) for r in rows
-                     if linear_cost.decide(r["T"], r["K"], [r["N_r"]] * W, "bfloat16").fuse]
+                     if linear_cost.decide(r["T"], r["K"], [r["N_r"]] * W, "bfloat16", device_name=card).fuse]
             if fused:
                 ax.plot(*zip(*fused), "o", mfc="none", color="C3", ms=9, label="the cost rule fuses")
             ax.set_xscale("log", base=2)

@@ -20,6 +20,10 @@ fit_linear_cost = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fit_linear_cost)
 
 
+#: the card every committed result was measured on (the fit refuses files from more than one)
+CARD = "NVIDIA H200"
+
+
 @pytest.fixture(scope="module")
 def rows():
     rows = fit_linear_cost.load_rows(fit_linear_cost.DEFAULT_FILES)
@@ -43,7 +47,7 @@ def test_model_error(rows):
     speedups = fit_linear_cost.speedups(rows)
     assert max(abs(measured - predicted) for *_, measured, predicted in speedups) <= 0.06
     fused = [predicted - measured for W, r, measured, predicted in speedups
-             if linear_cost.decide(r["T"], r["K"], [r["N_r"]] * W, "bfloat16").fuse]
+             if linear_cost.decide(r["T"], r["K"], [r["N_r"]] * W, "bfloat16", device_name=CARD).fuse]
     assert max(fused) <= linear_cost.MODEL_MARGIN + 0.005, max(fused)
 
 
@@ -52,6 +56,26 @@ def test_every_fused_row_measured_at_least_the_target(rows):
     measurement of every row the rule fuses, W=4, T <= 32: the fitted runs and a lease held out."""
     everything = rows + fit_linear_cost.load_rows(fit_linear_cost.HELD_OUT_FILES)
     fused = [(W, r["shape"], r["T"], round(measured, 3)) for W, r, measured, _ in fit_linear_cost.speedups(everything)
-             if linear_cost.decide(r["T"], r["K"], [r["N_r"]] * W, "bfloat16").fuse]
+             if linear_cost.decide(r["T"], r["K"], [r["N_r"]] * W, "bfloat16", device_name=CARD).fuse]
     assert len({(W, shape, T) for W, shape, T, _ in fused}) >= 4, fused  # T = 21..32 of the LM head 4096
     assert all(measured >= linear_cost.TARGET_SPEEDUP for *_, measured in fused), fused
+
+
+def test_the_rule_is_keyed_by_where_the_constants_were_measured():
+    """linear_cost.MEASURED names exactly the (card, W) of the results the constants are fitted to,
+    and the fit says, per constant, which card and W it came from."""
+    assert set(fit_linear_cost.measured_on(fit_linear_cost.DEFAULT_FILES)) == set(linear_cost.MEASURED)
+    origin = fit_linear_cost.sources(fit_linear_cost.DEFAULT_FILES)
+    assert origin["FUSED_FIXED_US"] == f"{CARD} at W=2, 4"
+    assert origin["GATHER_LATENCY_US[2]"] == f"{CARD} at W=2" and origin["GATHER_LATENCY_US[4]"] == f"{CARD} at W=4"
+
+
+def test_the_fit_refuses_results_from_two_cards(tmp_path):
+    import json
+
+    paths = []
+    for card in ("NVIDIA H200", "NVIDIA H100 80GB HBM3"):
+        paths.append(tmp_path / f"{card[-4:]}.json")
+        paths[-1].write_text(json.dumps({"meta": {"W": 4, "card": card}, "rows": []}))
+    with pytest.raises(ValueError, match="results from 2 cards"):
+        fit_linear_cost.sources([str(p) for p in paths])

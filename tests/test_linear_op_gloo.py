@@ -114,8 +114,12 @@ def _check_pass_end_to_end(rank, world_size):
     import torch._inductor.config
     import torch.distributed._functional_collectives as funcol
 
+    from tpfuse.compile_ops import linear_cost
+
     torch._dynamo.reset()
     torch._inductor.config.fx_graph_cache = False
+    # No GPU here: the pass decides as on the card the rule was measured on (this rank process only).
+    linear_cost.compile_time_device_name = lambda: "NVIDIA H200"
     # a shape the calibrated cost rule fuses at W=2 (T=32, K=512, N_r=32768: predicted 1.21x)
     w = _random((32768, 512), torch.bfloat16, seed=40 + rank)
     b = _random((32768,), torch.bfloat16, seed=60 + rank)
@@ -249,16 +253,79 @@ def test_fake_kernel_shapes_without_process_group():
 def test_cost_rule_is_a_pure_function_and_off_for_unsupported_shapes():
     from tpfuse.compile_ops import linear_cost
 
-    a = linear_cost.decide(1, 4096, [32064] * 4, "bfloat16")
-    assert a == linear_cost.decide(1, 4096, [32064] * 4, "bfloat16")
+    H200 = "NVIDIA H200"
+    a = linear_cost.decide(1, 4096, [32064] * 4, "bfloat16", device_name=H200)
+    assert a == linear_cost.decide(1, 4096, [32064] * 4, "bfloat16", device_name=H200)
     assert a.rule in ("predicted_faster", "predicted_slower") and "predicted" in a.reason
-    assert linear_cost.decide(1, 4096, [3584] * 4, "bfloat16").rule == "not_modelled"  # narrow band
-    assert linear_cost.decide(1, 4096, [3584] * 4, "float32").rule == "unsupported"
-    assert linear_cost.decide(1, 4100, [3584] * 4, "bfloat16").rule == "unsupported"
-    assert linear_cost.decide(1, 4096, [3584], "bfloat16").rule == "unsupported"
-    assert linear_cost.decide(4096, 4096, [3584] * 4, "bfloat16").rule == "measured_slower"
+    assert linear_cost.decide(1, 4096, [3584] * 4, "bfloat16", device_name=H200).rule == "not_modelled"  # narrow band
+    assert linear_cost.decide(1, 4096, [3584] * 4, "float32", device_name=H200).rule == "unsupported"
+    assert linear_cost.decide(1, 4100, [3584] * 4, "bfloat16", device_name=H200).rule == "unsupported"
+    assert linear_cost.decide(1, 4096, [3584], "bfloat16", device_name=H200).rule == "unsupported"
+    assert linear_cost.decide(4096, 4096, [3584] * 4, "bfloat16", device_name=H200).rule == "measured_slower"
     # the calibrated rule on the measured rows (4xH200): fuse the LM head at T=32 (1.25-1.27x), not at T=1 (1.06-1.08x) or 128
-    assert linear_cost.decide(32, 4096, [32064] * 4, "bfloat16").fuse
-    assert not linear_cost.decide(1, 4096, [32064] * 4, "bfloat16").fuse
-    assert not linear_cost.decide(128, 4096, [32064] * 4, "bfloat16").fuse
-    assert not linear_cost.decide(32, 4096, [3584] * 4, "bfloat16").fuse  # measured 0.97x
+    assert linear_cost.decide(32, 4096, [32064] * 4, "bfloat16", device_name=H200).fuse
+    assert not linear_cost.decide(1, 4096, [32064] * 4, "bfloat16", device_name=H200).fuse
+    assert not linear_cost.decide(128, 4096, [32064] * 4, "bfloat16", device_name=H200).fuse
+    assert not linear_cost.decide(32, 4096, [3584] * 4, "bfloat16", device_name=H200).fuse  # measured 0.97x
+
+
+LM_HEAD_W4 = (4096, [32064] * 4, "bfloat16")  # fused on the H200 at T = 21..32
+
+
+def test_cost_rule_does_not_fuse_where_nothing_was_measured():
+    from tpfuse.compile_ops import linear_cost
+
+    assert linear_cost.decide(32, *LM_HEAD_W4, device_name="NVIDIA H200").fuse  # the measured key
+    h100 = linear_cost.decide(32, *LM_HEAD_W4, device_name="NVIDIA H100 80GB HBM3")
+    assert (h100.fuse, h100.rule, h100.reason) == (False, "not_measured", "not measured on NVIDIA H100 80GB HBM3 at W=4")
+    w8 = linear_cost.decide(32, 4096, [16032] * 8, "bfloat16", device_name="NVIDIA H200")
+    assert (w8.fuse, w8.rule, w8.reason) == (False, "not_measured", "not measured on NVIDIA H200 at W=8")
+    unknown = linear_cost.decide(32, *LM_HEAD_W4, device_name="")  # no CUDA, or the ranks' models differ
+    assert (unknown.rule, unknown.reason) == ("not_measured", "not measured on this device at W=4")
+    # what the kernel cannot run stays "unsupported" (TPFUSE_LINEAR_PUSH=fused refuses only that)
+    assert linear_cost.decide(32, 4096, [32064] * 4, "float32", device_name="").rule == "unsupported"
+
+
+def test_cost_rule_over_a_symbolic_token_range():
+    from tpfuse.compile_ops import linear_cost
+
+    wide = linear_cost.decide_range(2, None, *LM_HEAD_W4, device_name="NVIDIA H200")
+    assert (wide.fuse, wide.rule) == (True, "per_call")
+    assert wide.reason == ("T symbolic (range 2..inf): fused op, decided per call; fuses at T in [21..32] "
+                           "on NVIDIA H200 W=4")
+    narrow = linear_cost.decide_range(2, 16, *LM_HEAD_W4, device_name="NVIDIA H200")  # every T predicted < 1.22x
+    assert (narrow.fuse, narrow.rule) == (False, "predicted_slower")
+    assert narrow.reason.startswith("T symbolic (range 2..16): no T in 2..16 fuses; at T=16: T=16 K=4096")
+    above = linear_cost.decide_range(33, None, *LM_HEAD_W4, device_name="NVIDIA H200")
+    assert (above.fuse, above.rule) == (False, "measured_slower")
+    h100 = linear_cost.decide_range(2, None, *LM_HEAD_W4, device_name="NVIDIA H100 80GB HBM3")
+    assert (h100.rule, h100.reason) == ("not_measured", "not measured on NVIDIA H100 80GB HBM3 at W=4 "
+                                        "(T symbolic (range 2..inf))")
+
+
+def test_op_decides_with_the_model_its_ranks_agreed_on(monkeypatch):
+    """The op's CUDA path asks the rule with the workspace's agreed GPU model, not the local one."""
+    import importlib
+    from types import SimpleNamespace
+
+    from tpfuse.compile_ops import workspace
+    from tpfuse.compile_ops.dispatch import Backend
+
+    # the module (tpfuse.compile_ops exports a function of the same name)
+    op = importlib.import_module("tpfuse.compile_ops.linear_all_gather_hidden")
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.delenv("TPFUSE_LINEAR_PUSH", raising=False)
+    group = SimpleNamespace(name="agreed-model-test")
+
+    def use_fused(agreed, backend=Backend.P2P):
+        facts = workspace.GroupFacts(True, "", 264, agreed)
+        monkeypatch.setitem(workspace._workspaces, (group.name, 0), SimpleNamespace(facts=facts))
+        return op._use_fused(backend, 32, 4096, [32064] * 4, torch.bfloat16, group)
+
+    assert use_fused("NVIDIA H200")
+    assert not use_fused("")  # the ranks' models differ
+    assert not use_fused("NVIDIA H100 80GB HBM3")
+    assert not use_fused("NVIDIA H200", Backend.NCCL)
+    monkeypatch.setenv("TPFUSE_LINEAR_PUSH", "fused")  # forcing still works where nothing was measured
+    assert use_fused("NVIDIA H100 80GB HBM3")

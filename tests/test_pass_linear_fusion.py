@@ -4,7 +4,9 @@ Post-grad graphs on the CPU with a ``backend="fake"`` group, before and after,
 as inline expected text (``EXPECTTEST_ACCEPT=1`` rewrites them).  The cost
 rule (compile_ops/linear_cost.py) is calibrated on 4xH200; these tests pin
 which rule fires for a shape, not that the rule is right (the benchmark is
-where that is measured).
+where that is measured).  There is no GPU here, so the pass is told to decide
+for the measured card (``linear_cost.compile_time_device_name``), except where a
+test names another.
 """
 
 from __future__ import annotations
@@ -12,9 +14,19 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
+import pytest
 from expecttest import TestCase
 
 from pass_helpers import capture, fake_world
+from tpfuse.compile_ops import linear_cost
+
+H200 = "NVIDIA H200"
+
+
+@pytest.fixture(autouse=True)
+def _measured_card(monkeypatch):
+    """Decide as on the card the rule was measured on (tests that need another patch again)."""
+    monkeypatch.setattr(linear_cost, "compile_time_device_name", lambda: H200)
 
 
 def linear_gather(x, w):
@@ -237,17 +249,70 @@ class TestLinearFusionW4(TestCase):
         self.assertIn("tpfuse.linear_all_gather_hidden(arg1_1, arg0_1, None, [32064, 32064, 32064, 32064], '0')", text)
         self.assertExpectedInline(_decisions(rep), """fused [predicted_faster]: T=32 K=4096 N_r=32064 W=4: predicted fused 78.8 us vs linear+gather 100.7 us (1.28x, threshold 1.22x; measured-v5 (4xH200, 2026-11-27))""")
 
-    def test_symbolic_tokens_decided_at_t1(self):
-        # a wide band (128-column tiles) with a small K: fused at T=1 (predicted 1.28x, extrapolated)
-        x, w = torch.randn(5, 64, dtype=torch.bfloat16), torch.empty(32768, 64, dtype=torch.bfloat16)
+    def test_unmeasured_card_is_not_fused(self):
+        # The LM head that fuses on the H200 at T=32 (above), compiled for a card with no measurement.
+        linear_cost.compile_time_device_name = lambda: "NVIDIA H100 80GB HBM3"  # the fixture restores it
+        x, w = torch.randn(32, 4096, dtype=torch.bfloat16), torch.empty(32064, 4096, dtype=torch.bfloat16)
+        text, rep = capture(linear_gather, x, w, fuse_linear=True)
+        self.assertNotIn("linear_all_gather_hidden", text)
+        self.assertExpectedInline(_near(rep), """fused_linear: not fused [not_measured]: not measured on NVIDIA H100 80GB HBM3 at W=4""")
+
+    def test_symbolic_tokens_fused_when_some_t_in_range_fuses(self):
+        # The LM head: fused at T = 21..32 on the H200; T is dynamic (2..inf), so the op decides per call.
+        x, w = torch.randn(32, 4096, dtype=torch.bfloat16), torch.empty(32064, 4096, dtype=torch.bfloat16)
         torch._dynamo.mark_dynamic(x, 0)
         text, rep = capture(linear_gather, x, w, fuse_linear=True)
-        self.assertIn("linear_all_gather_hidden", text)
-        self.assertIn("is symbolic: decided at T=1; the op applies the rule again to every call's T", _decisions(rep))
-        self.assertTrue(_decisions(rep).startswith("fused [predicted_faster]: T=1 K=64 N_r=32768 W=4"))
+        self.assertIn("tpfuse.linear_all_gather_hidden(arg", text.split("after tpfuse")[1])
+        self.assertExpectedInline(_decisions(rep), """fused [per_call]: T symbolic (range 2..inf): fused op, decided per call; fuses at T in [21..32] on NVIDIA H200 W=4""")
+        self.assertEqual(rep.near_misses, [])
+
+    def test_symbolic_tokens_not_fused_when_no_t_in_range_fuses(self):
+        # The same LM head with T bounded to 2..16, where every T predicts < 1.22x.
+        x, w = torch.randn(8, 4096, dtype=torch.bfloat16), torch.empty(32064, 4096, dtype=torch.bfloat16)
+        torch._dynamo.mark_dynamic(x, 0, min=2, max=16)
+        text, rep = capture(linear_gather, x, w, fuse_linear=True)
+        self.assertNotIn("linear_all_gather_hidden", text)
+        self.assertTrue(_decisions(rep).startswith(
+            "not fused [predicted_slower]: T symbolic (range 2..16): no T in 2..16 fuses; at T=16: T=16 K=4096"),
+            _decisions(rep))
+
+    def test_symbolic_tokens_narrow_band_not_fused(self):
+        # The Llama-8B MLP band at W=4: too narrow at every T, whatever the range.
+        x, w = torch.randn(8, 4096, dtype=torch.bfloat16), torch.empty(3584, 4096, dtype=torch.bfloat16)
+        torch._dynamo.mark_dynamic(x, 0)
+        text, rep = capture(linear_gather, x, w, fuse_linear=True)
+        self.assertNotIn("linear_all_gather_hidden", text)
+        self.assertTrue(_decisions(rep).startswith(
+            "not fused [not_modelled]: T symbolic (range 2..inf): no T in 2..32 fuses; at T=32: N_r=3584"),
+            _decisions(rep))
+
+
+class TestLinearFusionW8(TestCase):
+    def setUp(self):
+        self._world = fake_world(8)
+        self._world.__enter__()
+
+    def tearDown(self):
+        self._world.__exit__(None, None, None)
+
+    def test_unmeasured_world_size_is_not_fused(self):
+        # An LM head band at W=8: the rule's gather latency was measured at W=2 and 4 only.
+        x, w = torch.randn(32, 4096, dtype=torch.bfloat16), torch.empty(16032, 4096, dtype=torch.bfloat16)
+        text, rep = capture(linear_gather, x, w, fuse_linear=True)
+        self.assertNotIn("linear_all_gather_hidden", text)
+        self.assertExpectedInline(_near(rep), """fused_linear: not fused [not_measured]: not measured on NVIDIA H200 at W=8""")
 
 
 def test_fuse_linear_enters_the_cache_key():
     from tpfuse.passes.manager import PassConfig, TpfusePass
 
     assert TpfusePass(PassConfig()).uuid() != TpfusePass(PassConfig(fuse_linear=True)).uuid()
+
+
+def test_the_compile_time_card_enters_the_cache_key(monkeypatch):
+    """A graph rewritten for one card must not be served from the cache on another."""
+    from tpfuse.passes import linear_fusion
+
+    h200 = linear_fusion.cache_key()
+    monkeypatch.setattr(linear_cost, "compile_time_device_name", lambda: "NVIDIA H100 80GB HBM3")
+    assert linear_fusion.cache_key() != h200

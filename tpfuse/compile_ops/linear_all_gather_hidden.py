@@ -14,9 +14,9 @@ owned by the caller -- exactly ``all_gather_hidden(linear(x, weight, bias), ...)
 Backends:
 - CPU: the reference composite, ``linear`` then the gloo gather.
 - CUDA: when ``dispatch.choose_backend`` picks a push backend (rank-consistent)
-  and the cost rule (``linear_cost.decide``, a function of T, K, the widths
-  and the dtype) picks the fused kernel, one Triton kernel per rank computes
-  the linear and pushes each output tile into every peer; otherwise cuBLAS
+  and the cost rule (``linear_cost.decide``, a function of T, K, the widths,
+  the dtype and the GPU model every rank agreed on) picks the fused kernel,
+  one Triton kernel per rank computes the linear and pushes each output tile into every peer; otherwise cuBLAS
   ``linear`` then ``all_gather_hidden`` with the same permissions.
   ``TPFUSE_LINEAR_PUSH=auto|fused|unfused`` (identical on every rank) forces
   the choice for benchmarks and tests.
@@ -42,6 +42,7 @@ from torch import Tensor
 
 from .. import config as settings
 from . import inductor_lowering, linear_cost
+from . import workspace as workspaces
 from .dispatch import Backend, check_device_matches_group, check_dtype, choose_backend
 from .groups import Group, group_name_of, resolve_group
 from .validation import check_not_scalar, check_one_width_per_rank, check_slot, check_widths, world_size_of
@@ -63,9 +64,19 @@ def _parse_mode(raw: str) -> str:
 
 
 @functools.lru_cache(maxsize=4096)
-def fused_decision(tokens: int, k: int, widths: tuple, dtype: torch.dtype) -> linear_cost.LinearFusionDecision:
-    """The cost rule for one call shape (cached: the eager hot path)."""
-    return linear_cost.decide(tokens, k, widths, str(dtype).removeprefix("torch."), dtype.itemsize)
+def fused_decision(tokens: int, k: int, widths: tuple, dtype: torch.dtype,
+                   device_name: str) -> linear_cost.LinearFusionDecision:
+    """The cost rule for one call shape on one GPU model (cached: the eager hot path)."""
+    return linear_cost.decide(tokens, k, widths, str(dtype).removeprefix("torch."), dtype.itemsize,
+                              device_name=device_name)
+
+
+def _agreed_device_name(group: Group) -> str:
+    """The GPU model every rank of ``group`` reported ("" when they differ): the fact of the
+    workspace that ``choose_backend`` established (on the current device) before it picked a push
+    backend, so the rule's input is the same on every rank."""
+    ws = workspaces.workspace(group, torch.cuda.current_device(), establish=False)
+    return ws.facts.device_name if ws is not None else ""
 
 
 _validated: set = set()
@@ -110,14 +121,15 @@ _lib.define(
 )
 
 
-def _use_fused(backend: Backend, tokens: int, k: int, widths: list[int], dtype: torch.dtype) -> bool:
-    """Rank-consistent: the backend (agreed), T, K, the widths and the dtype."""
+def _use_fused(backend: Backend, tokens: int, k: int, widths: list[int], dtype: torch.dtype,
+               group: Group) -> bool:
+    """Rank-consistent: the backend (agreed), T, K, the widths, the dtype and the group's agreed GPU model."""
     if backend not in (Backend.P2P, Backend.MULTIMEM):
         return False
     mode = linear_push_mode()
     if mode == "unfused":
         return False
-    decision = fused_decision(tokens, k, tuple(widths), dtype)
+    decision = fused_decision(tokens, k, tuple(widths), dtype, _agreed_device_name(group))
     if mode == "fused":
         if decision.rule == "unsupported":
             raise RuntimeError(f"tpfuse: TPFUSE_LINEAR_PUSH=fused but the fused kernel cannot run: {decision.reason}")
@@ -133,7 +145,7 @@ def _linear_all_gather_hidden_impl(x, weight, bias, hidden_widths, group_name, s
         k = x.shape[-1]
         tokens = x.numel() // k if k else 0
         backend = choose_backend("cuda", x.dtype, tokens * sum(hidden_widths), group)
-        if tokens > 0 and _use_fused(backend, tokens, k, hidden_widths, x.dtype):
+        if tokens > 0 and _use_fused(backend, tokens, k, hidden_widths, x.dtype, group):
             from . import linear_push  # the GPU data path; imported only when chosen
 
             return linear_push.linear_gather_hidden(x, weight, bias, hidden_widths, group, backend, slot,

@@ -1,9 +1,15 @@
 """The cost rule of ``tpfuse::linear_all_gather_hidden``: fused kernel, or cuBLAS linear + the gather?
 
-One pure function of (T, K, the ranks' widths, dtype) -- what every rank knows
-identically -- so every rank decides the same (docs/contract.md §2).  The pass uses it
-to decide whether to rewrite; the op uses it again per call (T may be
-symbolic at compile time), unless ``TPFUSE_LINEAR_PUSH`` forces a path.
+One pure function of (T, K, the ranks' widths, dtype, the GPU model) -- what every rank
+knows identically -- so every rank decides the same (docs/contract.md §2).  The op
+decides per call with the GPU model its group's ranks agreed on (the workspace's
+``facts.device_name``); the pass decides whether to rewrite with the local model
+(``compile_time_device_name``) and, for a symbolic T, with every T the range allows
+(``decide_range``).  ``TPFUSE_LINEAR_PUSH`` may force a path.
+
+**Measured only where ``MEASURED`` says**: a (GPU model, W) with no measurement is not
+fused (rule ``not_measured``), since the constants below describe one card's HBM, SM count
+and NVLink, and the gather's latency one W each.
 
 **Calibrated on 4xH200** (torch 2.11, Triton 3.6; ``benchmarks/bench_linear_gather.py``
 at W=2 and 4, T=1..32, tables in docs/benchmarks.md; the fit is
@@ -39,6 +45,16 @@ with a small weight (K of a few hundred) are extrapolated, not measured.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
+
+#: where the rule was measured, (``torch.cuda.get_device_name()``, W) -> the runs the constants are
+#: fitted to (benchmarks/fit_linear_cost.py prints the same keys from the results files' ``meta``).
+#: Anywhere else the rule does not fuse: no constant below describes another card or W.
+MEASURED = {
+    ("NVIDIA H200", 4): "four runs on two leases, 2026-11-27 (benchmarks/results/bench_linear_gather_w4_h200_c32*.json)",
+    ("NVIDIA H200", 2): "one run, 2026-11-27 (benchmarks/results/bench_linear_gather_w2_h200_c32.json)",
+}
 
 #: HBM peak per card (bytes/s), for weight floors in the benchmarks; unknown cards get the H100's
 HBM_PEAK_BY_CARD = {"H100": 3.35e12, "H200": 4.8e12}
@@ -82,7 +98,9 @@ class LinearFusionDecision:
     """Whether to run the fused kernel, which rule said so, and the model's numbers."""
 
     fuse: bool
-    rule: str  # "predicted_faster", "predicted_slower", "measured_slower", "not_modelled" or "unsupported"
+    # "predicted_faster", "predicted_slower", "measured_slower", "not_modelled", "not_measured",
+    # "unsupported", or (decide_range, symbolic T) "per_call"
+    rule: str
     reason: str
     fused_us: float = 0.0
     unfused_us: float = 0.0
@@ -103,6 +121,8 @@ def weight_floor_us(k: int, width: int, elem_size: int = 2) -> float:
 
 def _gather_us(tokens, width, world_size, elem_size):
     egress = tokens * width * elem_size * (world_size - 1)
+    # An unmeasured W gets a guess, for the benchmarks' "predicted" columns only: decide()
+    # stops at ``not_measured`` before it predicts anything for such a W.
     latency = GATHER_LATENCY_US.get(world_size, GATHER_LATENCY_US[4] + 0.6 * (world_size - 4))
     return latency + egress / GATHER_BYTES_PER_S * 1e6, egress
 
@@ -121,8 +141,29 @@ def predict(tokens: int, k: int, widths, elem_size: int = 2) -> tuple[float, flo
     return fused, unfused
 
 
-def decide(tokens: int, k: int, widths, dtype_name: str, elem_size: int = 2) -> LinearFusionDecision:
-    """The rule.  Rank-consistent: a function of T, K, the widths (hence W) and the dtype only."""
+def compile_time_device_name() -> str:
+    """The GPU model the pass decides for: this process's, "" without CUDA (then nothing is measured).
+
+    Only the rewrite depends on it; the op decides again per call from the model every rank
+    agreed on, and its unfused path is the plain gather, so ranks stay consistent.  CPU graph
+    tests replace this function to say which card to assume."""
+    try:
+        return torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    except Exception:  # noqa: BLE001 - no driver: nothing measured applies
+        return ""
+
+
+def _not_measured(device_name: str, world_size: int) -> LinearFusionDecision | None:
+    if (device_name, world_size) in MEASURED:
+        return None
+    return LinearFusionDecision(False, "not_measured",
+                                f"not measured on {device_name or 'this device'} at W={world_size}")
+
+
+def decide(tokens: int, k: int, widths, dtype_name: str, elem_size: int = 2, *,
+           device_name: str) -> LinearFusionDecision:
+    """The rule.  Rank-consistent: a function of T, K, the widths (hence W), the dtype and
+    ``device_name`` (``torch.cuda.get_device_name()`` of every rank, "" when unknown or mixed)."""
     widths = tuple(int(w) for w in widths)
     world_size = len(widths)
     if dtype_name not in FUSED_DTYPES:
@@ -133,6 +174,9 @@ def decide(tokens: int, k: int, widths, dtype_name: str, elem_size: int = 2) -> 
     if k % 8 or any(w % 8 for w in widths):
         return LinearFusionDecision(False, "unsupported", f"K={k} or a width in {list(widths)} is not a "
                                     "multiple of 8 elements (16-byte rows)")
+    unmeasured = _not_measured(device_name, world_size)
+    if unmeasured is not None:
+        return unmeasured
     if tokens > MAX_TOKENS:
         return LinearFusionDecision(False, "measured_slower", f"T={tokens} > {MAX_TOKENS} (the fused kernel "
                                     "measured 0.46-1.00x of linear + gather at T=64 and 128)")
@@ -151,3 +195,37 @@ def decide(tokens: int, k: int, widths, dtype_name: str, elem_size: int = 2) -> 
     if speedup >= MIN_SPEEDUP:
         return LinearFusionDecision(True, "predicted_faster", text, fused, unfused)
     return LinearFusionDecision(False, "predicted_slower", text, fused, unfused)
+
+
+def _runs(values) -> str:
+    """``[21..32]``, or ``[3..4, 9..12]``: the T that fuse, as ranges."""
+    runs, start = [], None
+    for i, v in enumerate(values):
+        start = v if start is None else start
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            runs.append(f"{start}..{v}")
+            start = None
+    return f"[{', '.join(runs)}]"
+
+
+def decide_range(lo: int, hi: int | None, k: int, widths, dtype_name: str, elem_size: int = 2, *,
+                 device_name: str) -> LinearFusionDecision:
+    """The rule for a symbolic T in ``lo..hi`` (``hi`` None: unbounded): fuse (rule ``per_call``)
+    when any T there fuses, since the op decides again with each call's T.  Only T <= MAX_TOKENS
+    can fuse, so at most 32 T are tried."""
+    span = f"T symbolic (range {lo}..{'inf' if hi is None else hi})"
+    first, last = max(int(lo), 1), MAX_TOKENS if hi is None else min(int(hi), MAX_TOKENS)
+    tried = {t: decide(t, k, widths, dtype_name, elem_size, device_name=device_name)
+             for t in range(first, last + 1)}
+    fusing = [t for t, d in tried.items() if d.fuse]
+    if fusing:
+        return LinearFusionDecision(True, "per_call", f"{span}: fused op, decided per call; fuses at T in "
+                                    f"{_runs(fusing)} on {device_name} W={len(tuple(widths))}")
+    # No T fuses: say why at the most promising T (the largest tried; the lowest when none is <= 32).
+    t = last if tried else max(int(lo), 1)
+    why = tried.get(t) or decide(t, k, widths, dtype_name, elem_size, device_name=device_name)
+    if why.rule in ("unsupported", "not_measured"):  # the same at every T
+        return LinearFusionDecision(False, why.rule, f"{why.reason} ({span})")
+    tried_text = f"no T in {first}..{last} fuses" if tried else f"no T <= {MAX_TOKENS} in range"
+    return LinearFusionDecision(False, why.rule, f"{span}: {tried_text}; at T={t}: {why.reason}",
+                                why.fused_us, why.unfused_us)

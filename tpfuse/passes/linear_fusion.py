@@ -13,9 +13,14 @@ For every rewritten gather whose producer is a column linear
   producer record names): otherwise fusing would compute the linear twice;
 - the bias, if any, is a ``[w]`` vector (``addmm`` also broadcasts ``[T, w]``);
 - the reduction dim K is a static, positive int;
-- the cost rule ``compile_ops.linear_cost.decide(T, K, widths, dtype)``: a
-  function of what every rank knows identically.  With a symbolic T the rule
-  is evaluated at T=1 (decode) and the op applies it again to every call's T.
+- the cost rule ``compile_ops.linear_cost.decide(T, K, widths, dtype, device_name=...)``
+  for the GPU model ``linear_cost.compile_time_device_name()`` (this process's;
+  a (model, W) with no measurement is not fused).  With a symbolic T the rule is
+  asked for every T the shape environment allows (``linear_cost.decide_range``):
+  the pass rewrites when any of them fuses, and the op applies the rule again to
+  every call's T with the model its ranks agreed on.  T and the agreed model are
+  the same on every rank, and the op's unfused path is the plain gather, so a
+  rewrite that some calls do not fuse stays rank-consistent.
 
 Each decision (fused or not, and the rule that fired) is recorded in the
 match's ``linear_fusion`` field, and a failing check is also a near-miss.
@@ -27,6 +32,7 @@ import hashlib
 import inspect
 from dataclasses import replace
 
+import sympy
 import torch
 from torch.fx import Graph, Node
 
@@ -51,6 +57,8 @@ def cache_key() -> str:
     from ..kernels import linear_push
 
     digest = hashlib.sha256(inspect.getsource(linear_cost).encode())
+    # The rule decides per GPU model: a graph rewritten for one card must not be reused on another.
+    digest.update(linear_cost.compile_time_device_name().encode())
     digest.update(inspect.getsource(linear_push.launch_config).encode())
     digest.update(str(_fused_op()._schema).encode())  # the node the rewrite emits
     return digest.hexdigest()
@@ -58,6 +66,20 @@ def cache_key() -> str:
 
 def _tokens(shape) -> object:
     return facts.product(list(shape[:-1]))
+
+
+def _token_range(lhs: Node, tokens) -> tuple[int, int | None]:
+    """(lowest, highest or None) of a symbolic T, from the shape environment's value ranges;
+    (1, None) when there is none to ask."""
+    shape_env = getattr(getattr(facts.val(lhs), "fake_mode", None), "shape_env", None)
+    if shape_env is None:
+        return 1, None
+    try:
+        bounds = shape_env.bound_sympy(tokens)
+    except Exception:  # noqa: BLE001 - an expression it cannot bound: assume any T
+        return 1, None
+    lower, upper = (int(b) if isinstance(b, (int, sympy.Integer)) else None for b in (bounds.lower, bounds.upper))
+    return max(lower or 1, 1), upper
 
 
 def decide(match: GatherMatch, graph: Graph):
@@ -90,16 +112,21 @@ def decide(match: GatherMatch, graph: Graph):
             why = (f"not fused [shape]: the bias {producer.bias} has shape "
                    f"{list(bias_shape) if bias_shape else '?'}, not [w]")
             return why, why, False
-    tokens = _tokens(facts.shape(lhs))
-    note = ""
-    if not isinstance(tokens, int):
-        note = f" (T={tokens} is symbolic: decided at T=1; the op applies the rule again to every call's T)"
-        tokens = 1
-    widths = tuple(int(w) for w in match.hidden_widths)
-    decision = linear_cost.decide(tokens, k, widths, str(match.dtype).removeprefix("torch."),
-                                  match.dtype.itemsize)
-    text = str(decision) + note
+    decision = _decision(linear_cost, lhs, k, match)
+    text = str(decision)
     return text, (None if decision.fuse else text), decision.fuse
+
+
+def _decision(linear_cost, lhs: Node, k: int, match: GatherMatch):
+    """The cost rule at this graph's T, or over every T a symbolic T may take."""
+    tokens = _tokens(facts.shape(lhs))
+    tokens = int(tokens) if isinstance(tokens, sympy.Integer) else tokens
+    widths = tuple(int(w) for w in match.hidden_widths)
+    args = (k, widths, str(match.dtype).removeprefix("torch."), match.dtype.itemsize)
+    device_name = linear_cost.compile_time_device_name()
+    if isinstance(tokens, int):
+        return linear_cost.decide(tokens, *args, device_name=device_name)
+    return linear_cost.decide_range(*_token_range(lhs, tokens), *args, device_name=device_name)
 
 
 def fuse_linear_gathers(graph: Graph, matches: list[GatherMatch], near_misses: list[NearMiss],
