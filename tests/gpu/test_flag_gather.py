@@ -71,23 +71,28 @@ def _cuda_graph(rank, W):
     widths = [1024 + 256 * r for r in range(W)]
     graphs = {}
     for T in (1, 8, 32):
-        x = _bits(rank, (T, widths[rank]), torch.bfloat16)
-        _op(x, widths)  # eager first: buffers and kernels
+        # Two inputs, both written before each replay (no arithmetic on them: random bits
+        # hold NaN payloads, which arithmetic would canonicalise).
+        xs = [_bits(rank + 10 * k, (T, widths[rank]), torch.bfloat16) for k in range(2)]
+        _op(xs[0], widths)  # eager first: buffers and kernels
         _quiesce()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            outs = [_op(x, widths), _op(x * 1, widths)]
-        graphs[T] = (graph, x, outs)
+            outs = [_op(x, widths) for x in xs]
+        graphs[T] = (graph, xs, outs)
     rng = random.Random(0)  # the same order on every rank
     bad = []
     for i in range(100):
         T = rng.choice((1, 8, 32))
-        graph, x, outs = graphs[T]
-        x.copy_(_bits(1000 + i * 8 + rank, x.shape, torch.bfloat16))
+        graph, xs, outs = graphs[T]
+        for k, x in enumerate(xs):
+            x.copy_(_bits(1000 + i * 8 + 4 * k + rank, x.shape, torch.bfloat16))
         graph.replay()
-        ref = _as_int(torch.cat([_bits(1000 + i * 8 + r, (T, w), torch.bfloat16) for r, w in enumerate(widths)], -1))
-        if not all(torch.equal(_as_int(o), ref) for o in outs):
-            bad.append((i, T))
+        for k, out in enumerate(outs):
+            ref = _as_int(torch.cat([_bits(1000 + i * 8 + 4 * k + r, (T, w), torch.bfloat16)
+                                     for r, w in enumerate(widths)], -1))
+            if not torch.equal(_as_int(out), ref):
+                bad.append((i, T, k))
     torch.cuda.synchronize()
     return bad
 

@@ -17,18 +17,23 @@ import torch
 
 from .. import config as settings
 from . import workspace as workspaces
-from .backend import GatherBackend, GatherCall
+from .backend import Backend, GatherBackend, GatherCall
 from .workspace import FLAG_MAX_SLAB_BYTES
 
 #: above this many bytes of output, ``auto`` leaves the gather to NCCL (the
 #: workspace holds two slots of this size); ``TPFUSE_PUSH_MAX_BYTES`` overrides.
 PUSH_MAX_BYTES = int(settings.VARIABLES["TPFUSE_PUSH_MAX_BYTES"].default)
 #: the measured crossover: per (device name, W), the largest slab (bytes per
-#: rank) at which the flag protocol beat the barrier push in
+#: rank) at which the flag protocol was never slower than the barrier push in
 #: benchmarks/bench_gather.py (docs/benchmarks.md, "Flag protocol").  A
 #: (device, W) that is not here was never measured, and ``auto`` keeps the
 #: barrier push there.
-FLAG_CROSSOVER: dict[tuple[str, int], int] = {}
+FLAG_CROSSOVER: dict[tuple[str, int], int] = {
+    # 2 x H200, 2026-11-29 (benchmarks/results/bench_gather_w2_h200_flag.json): faster at every
+    # row up to the buffers' 256 KiB in graph replay (2.7-4.4 us against 4.3-5.7), the same
+    # within noise eager (host-bound, 21.9-22.6 us against 21.6-22.6)
+    ("NVIDIA H200", 2): 256 << 10,
+}
 
 
 def flag_limit(device_name: str, world_size: int) -> tuple[int, str]:
@@ -91,7 +96,7 @@ class _PushBackend(GatherBackend):
     def gather(self, x, hidden_widths, group, slot, skip_entry_sync, zero_copy):
         from . import push  # the GPU data path: imported only when a call runs
 
-        return push.gather_hidden(x, hidden_widths, group, self.kind, slot, skip_entry_sync, zero_copy)
+        return push.gather_hidden(x, hidden_widths, group, Backend(self.name), slot, skip_entry_sync, zero_copy)
 
 
 class FlagBackend(_PushBackend):
