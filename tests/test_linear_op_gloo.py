@@ -316,11 +316,11 @@ def test_op_decides_with_the_model_its_ranks_agreed_on(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.delenv("TPFUSE_LINEAR_PUSH", raising=False)
-    group = SimpleNamespace(name="agreed-model-test")
+    group = SimpleNamespace(name="agreed-model-test", pg=None)
 
     def use_fused(agreed, backend=Backend.P2P):
         facts = workspace.GroupFacts(True, "", 264, agreed)
-        monkeypatch.setitem(workspace._workspaces, (group.name, 0), SimpleNamespace(facts=facts))
+        monkeypatch.setitem(workspace._workspaces, (group.name, 0), SimpleNamespace(facts=facts, group=group))
         return op._use_fused(backend, 32, 4096, [32064] * 4, torch.bfloat16, group)
 
     assert use_fused("NVIDIA H200")
