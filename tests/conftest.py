@@ -30,3 +30,27 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
         elif "multigpu" in item.keywords and n < 2:
             item.add_marker(pytest.mark.skip(reason="needs at least 2 CUDA GPUs"))
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """Dispatch's CUDA branch on the CPU: device 0, no capture, no forcing variables, and an
+    ``install(ws)`` that puts a stand-in workspace in place of the collective set-up."""
+    import torch
+
+    from tpfuse.compile_ops import workspace as workspaces
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    for name in ("TPFUSE_BACKEND", "TPFUSE_ENABLE_MULTIMEM", "TPFUSE_PUSH_MAX_BYTES", "TPFUSE_FLAG_MAX_BYTES"):
+        monkeypatch.delenv(name, raising=False)
+    saved = dict(workspaces._workspaces)
+    workspaces._workspaces.clear()
+
+    def install(ws):
+        workspaces._workspaces[(ws.group.name, 0)] = ws
+        return ws
+
+    yield install
+    workspaces._workspaces.clear()
+    workspaces._workspaces.update(saved)

@@ -99,22 +99,10 @@ def _fake_workspace(device_name="NVIDIA H200", world_size=4, flags=True):
 
 
 @pytest.fixture
-def fake_cuda(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    for name in ("TPFUSE_BACKEND", "TPFUSE_ENABLE_MULTIMEM", "TPFUSE_PUSH_MAX_BYTES", "TPFUSE_FLAG_MAX_BYTES"):
-        monkeypatch.delenv(name, raising=False)
+def fake_cuda(fake_cuda, monkeypatch):
+    """The shared stand-in (tests/conftest.py), with a crossover measured for H200 at W=4 only."""
     monkeypatch.setattr(push_backends, "FLAG_CROSSOVER", {("NVIDIA H200", 4): 64 << 10})
-    saved = dict(workspaces._workspaces)
-    workspaces._workspaces.clear()
-
-    def install(ws):
-        workspaces._workspaces[(ws.group.name, 0)] = ws
-        return ws
-
-    yield install
-    workspaces._workspaces.clear()
-    workspaces._workspaces.update(saved)
+    return fake_cuda
 
 
 def choose(group, tokens, width=4096, dtype=torch.bfloat16):

@@ -49,26 +49,6 @@ def test_timeout_report_names_op_rank_and_missing_peer():
     assert "after 2s" in message
 
 
-@pytest.fixture
-def fake_cuda(monkeypatch):
-    """choose_backend's CUDA branch with one stand-in workspace on device 0."""
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.delenv("TPFUSE_BACKEND", raising=False)
-    monkeypatch.delenv("TPFUSE_ENABLE_MULTIMEM", raising=False)
-    monkeypatch.delenv("TPFUSE_PUSH_MAX_BYTES", raising=False)
-    saved = dict(workspaces._workspaces)
-    workspaces._workspaces.clear()
-
-    def install(ws):
-        workspaces._workspaces[(ws.group.name, 0)] = ws
-        return ws
-
-    yield install
-    workspaces._workspaces.clear()
-    workspaces._workspaces.update(saved)
-
-
 def choose(group, numel=4096, dtype=torch.bfloat16):
     return dispatch.choose_backend("cuda", dtype, numel, group)
 
