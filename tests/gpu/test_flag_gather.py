@@ -33,10 +33,11 @@ def _op(x, widths):
 def _correctness(rank, W):
     from tpfuse.compile_ops import collective
     from tpfuse.compile_ops.dispatch import choose_backend
+    from tpfuse.compile_ops.workspace import FLAG_MAX_SLAB_BYTES
 
     os.environ["TPFUSE_BACKEND"] = "flag"
     group = _group()
-    failures, cases, seed = [], 0, 0
+    failures, cases, seed, refused, over = [], 0, 0, 0, 0
     for dname in DTYPES:
         dtype = getattr(torch, dname)
         for kind in ("even_4096", "uneven", "not_multiple_of_16_bytes", "tiny_odd"):
@@ -45,15 +46,24 @@ def _correctness(rank, W):
                 seed += 1
                 xs = [_bits(seed * 16 + r, (T, w), dtype) for r, w in enumerate(widths)]
                 ref = _as_int(torch.cat(xs, dim=-1))
+                cases += 1
+                if T * max(widths) * dtype.itemsize > FLAG_MAX_SLAB_BYTES:
+                    # Too large for the flag buffers: forcing the flag path must say so.
+                    over += 1
+                    try:
+                        _op(xs[rank], widths)
+                        failures.append((dname, kind, T, "no error above the flag buffers"))
+                    except RuntimeError as err:
+                        refused += "exceeds the flag buffers" in str(err)
+                    continue
                 out = _op(xs[rank], widths)
                 nccl = collective.gather_hidden(xs[rank], widths, group)
-                cases += 1
                 if not (torch.equal(_as_int(out), ref) and torch.equal(_as_int(nccl), ref)):
                     failures.append((dname, kind, T))
     chosen = choose_backend("cuda", torch.bfloat16, 4096 * W, group, max_slab_numel=4096).value
     del os.environ["TPFUSE_BACKEND"]
     auto = choose_backend("cuda", torch.bfloat16, 4096 * W, group, max_slab_numel=4096).value
-    return {"failures": failures, "cases": cases, "forced": chosen, "auto": auto}
+    return {"failures": failures, "cases": cases, "refused": refused, "over": over, "forced": chosen, "auto": auto}
 
 
 @pytest.mark.parametrize("W", [2, 4])
@@ -62,6 +72,7 @@ def test_correctness_bit_exact(W):
     for rank, res in enumerate(run_ranks(W, _correctness, backend="nccl", timeout=600)):
         assert res["failures"] == [], f"rank {rank}: {res['failures'][:10]}"
         assert res["cases"] == len(DTYPES) * 4 * 5
+        assert res["refused"] == res["over"] >= 1  # float32 at T=32: slabs over the flag buffers
         assert res["forced"] == "flag"
         assert res["auto"] in ("flag", "p2p")  # "flag" where the crossover is measured
 
