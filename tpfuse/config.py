@@ -64,10 +64,41 @@ VARIABLES = {v.name: v for v in (
 )}
 
 
+#: the variables that the choice of backend reads on every call: the op keeps a call shape's
+#: launcher per their raw values (compile_ops/launchers.py), so changing one takes effect at once
+DISPATCH_VARIABLES = ("TPFUSE_BACKEND", "TPFUSE_PUSH_MAX_BYTES", "TPFUSE_ENABLE_MULTIMEM", "TPFUSE_FLAG_MAX_BYTES")
+
+
+# ``os.environ.get`` of an unset name raises and catches a KeyError inside (~1.5 µs): the
+# hot path reads the mapping that ``os.environ`` keeps in step with every change made
+# through it (its ``_data``, keyed by encoded names), falling back to ``get`` elsewhere.
+_ENVIRON_DATA = getattr(os.environ, "_data", None)
+_ENCODED = ({name: os.environ.encodekey(name) for name in VARIABLES}
+            if isinstance(_ENVIRON_DATA, dict) and hasattr(os.environ, "encodekey") else None)
+_DISPATCH_ENCODED = tuple(_ENCODED[name] for name in DISPATCH_VARIABLES) if _ENCODED else ()
+
+
+def _raw(name: str):
+    """The raw value of variable ``name`` now, or None where unset."""
+    environ = os.environ
+    if _ENCODED is None or getattr(environ, "_data", None) is not _ENVIRON_DATA:
+        return environ.get(name)
+    value = _ENVIRON_DATA.get(_ENCODED[name])
+    return None if value is None else environ.decodevalue(value)
+
+
+def raw_dispatch_values() -> tuple:
+    """The raw values of ``DISPATCH_VARIABLES`` now (None where unset)."""
+    if _ENCODED is None or getattr(os.environ, "_data", None) is not _ENVIRON_DATA:
+        return tuple(map(os.environ.get, DISPATCH_VARIABLES))
+    return tuple(map(_ENVIRON_DATA.get, _DISPATCH_ENCODED))
+
+
 def get(name: str):
     """The parsed value of ``name`` now (its default when unset; None for an unset variable without one)."""
-    variable = VARIABLES[name]
-    raw = os.environ.get(name, variable.default)
+    raw = _raw(name)
+    if raw is None:
+        raw = VARIABLES[name].default
     return None if raw is None else _parse(name, raw)
 
 

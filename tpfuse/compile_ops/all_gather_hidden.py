@@ -21,9 +21,10 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from . import collective, inductor_lowering
+from .. import config as settings
+from . import collective, inductor_lowering, launchers
 from .backend import GatherCall
-from .dispatch import check_device_matches_group, check_dtype, choose, forced_backend
+from .dispatch import check_device_matches_group, check_dtype, choose, chosen, forced_backend
 from .groups import Group, group_name_of, resolve_group
 from .validation import check_not_scalar, check_one_width_per_rank, check_slot, check_widths, world_size_of
 
@@ -76,14 +77,24 @@ def _all_gather_hidden_impl(
     zero_copy: bool = False,
 ) -> Tensor:
     group = resolve_group(group_name)
+    # A view of the slot is safe only where Inductor is kept from recycling it (tpfuse.enable()
+    # and backend() install that lowering); anywhere else the permission is ignored.
+    zero_copy = zero_copy and inductor_lowering.is_registered()
+    key = (group_name, tuple(hidden_widths), x.shape, x.dtype, x.device, slot, skip_entry_sync, zero_copy,
+           settings.raw_dispatch_values())
+    kept = launchers.find(key, group)
+    if kept is not None:  # this call shape was checked and dispatched before (launchers.py)
+        name, launch = kept
+        chosen[name] += 1
+        return launch(x)
     _check_gather_args(x, hidden_widths, group, slot)
     tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
     backend = choose(GatherCall(x.device.type, x.dtype, tokens * sum(hidden_widths), group,
                                 tokens * max(hidden_widths), forced_backend()))
-    # A view of the slot is safe only where Inductor is kept from recycling it (tpfuse.enable()
-    # and backend() install that lowering); anywhere else the permission is ignored.
-    zero_copy = zero_copy and inductor_lowering.is_registered()
-    return backend.gather(x, hidden_widths, group, slot, skip_entry_sync, zero_copy)
+    launch = backend.prepare(x, hidden_widths, group, slot, skip_entry_sync, zero_copy)
+    if not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        launchers.keep(key, group, backend.name, launch)
+    return launch(x)
 
 
 def _reduce_scatter_hidden_impl(
@@ -143,9 +154,25 @@ class _GatherHidden(torch.autograd.Function):
         return grad_x, None, None, None, None, None
 
 
+#: the dispatch keys below Autograd that a tensor may carry and whose kernels must see the
+#: call (functionalization, Python subclasses), as a bit mask of a key set
+_BELOW_AUTOGRAD_MASK = torch._C.DispatchKeySet(torch._C.DispatchKey.Functionalize).add(
+    torch._C.DispatchKey.Python).raw_repr()
+
+
+def _plain(x: Tensor) -> bool:
+    """No mode, subclass or functionalization sits between Autograd and the device kernel for ``x``."""
+    return (type(x) is Tensor and not torch._C._len_torch_dispatch_stack()
+            and not torch._C._dispatch_keys(x).raw_repr() & _BELOW_AUTOGRAD_MASK)
+
+
 def _all_gather_hidden_autograd(x, hidden_widths, group_name, slot=-1, skip_entry_sync=False, zero_copy=False):
     # The common inference call needs no graph: skip the autograd.Function.
     if not (x.requires_grad and torch.is_grad_enabled()):
+        if _plain(x):
+            # Nothing would intercept the call below Autograd: run the device kernel here rather
+            # than through a second dispatcher hop (each hop boxes the int[] and str arguments).
+            return _all_gather_hidden_impl(x, hidden_widths, group_name, slot, skip_entry_sync, zero_copy)
         with torch._C._AutoDispatchBelowAutograd():
             return torch.ops.tpfuse.all_gather_hidden.default(
                 x, hidden_widths, group_name, slot, skip_entry_sync, zero_copy

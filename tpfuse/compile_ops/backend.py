@@ -69,5 +69,13 @@ class GatherBackend:
         (docs/op.md); a backend that has no use for one ignores it and returns a fresh, caller-owned result."""
         raise NotImplementedError
 
+    def prepare(self, x: torch.Tensor, hidden_widths: list[int], group: Group, slot: int, skip_entry_sync: bool,
+                zero_copy: bool):
+        """A launcher ``launch(x) -> result`` for every later call of this shape, dtype and device.
+
+        The op keeps it and calls it instead of choosing again (compile_ops/launchers.py).
+        By default it calls ``gather``; a backend overrides this to do per-shape work once."""
+        return lambda x: self.gather(x, hidden_widths, group, slot, skip_entry_sync, zero_copy)
+
     def __repr__(self) -> str:
         return f"<tpfuse backend {self.name}>"

@@ -18,6 +18,7 @@ import functools
 import torch
 
 from .. import config as settings
+from . import launchers
 from .backend import Backend, GatherBackend, GatherCall
 from .collective import GLOO, NCCL
 from .groups import Group
@@ -117,12 +118,14 @@ def register_backend(backend: GatherBackend, before: str = "nccl") -> None:
         raise ValueError(f"tpfuse: no registered backend named {before!r}; registered are {names}")
     BACKENDS.insert(names.index(before), backend)
     _FORCED_CHOICES.add(backend.name)
+    launchers.clear()
 
 
 def unregister_backend(name: str) -> None:
     BACKENDS[:] = [b for b in BACKENDS if b.name != name]
     _FORCED_CHOICES.discard(name)
     _parse_forced.cache_clear()
+    launchers.clear()
 
 
 def choose(call: GatherCall) -> GatherBackend:

@@ -1,7 +1,10 @@
-"""Host launcher of the push backends (P2P and multimem).
+"""Host launcher of the push backends (flag protocol, barrier push, multimem).
 
 Per call it does as little as it can, because an eager call must cost about
 one torch elementwise op (docs/benchmarks.md, "Against the targets"):
+- ``prepare`` does once, per call shape, everything that does not change
+  between calls (workspace, plan, grid, the kernel's fixed arguments) and
+  returns a launcher; the op keeps launchers for the shapes it has seen;
 - the kernel of each (dtype, widths, flags) variant is compiled once and
   launched through Triton's compiled launcher directly (no JIT binder, no
   argument specialisation per call);
@@ -125,9 +128,21 @@ def gather_hidden(
     (a permission only the barrier-elision pass grants, having proven every reader
     done before the slot is written again), a view of the symmetric slot.
     """
+    return prepare(x, hidden_widths, group, backend, slot, skip_entry_sync, zero_copy)(x)
+
+
+def prepare(x, hidden_widths, group, backend, slot=-1, skip_entry_sync=False, zero_copy=False):
+    """The launcher of every call shaped like ``x`` (shape, dtype, device): ``launch(x) -> result``.
+
+    Everything that does not change from call to call is done here once: the
+    workspace (set up or grown collectively, at the same call on every rank),
+    the compiled plan, the grid and the kernel's fixed arguments.  Per call the
+    launcher checks the status word, allocates the result, takes the next slot
+    (barrier push) and launches.
+    """
     if backend == Backend.FLAG:
-        return _launch_flag(x, hidden_widths, group)
-    return _launch(x, hidden_widths, group, backend, slot, skip_entry_sync, copy_out=not zero_copy)
+        return _prepare_flag(x, hidden_widths, group)
+    return _prepare_push(x, hidden_widths, group, backend, slot, skip_entry_sync, copy_out=not zero_copy)
 
 
 def gather_into_slot(x, hidden_widths, group, slot, skip_entry_sync=False, _exit_sync=True):
@@ -138,21 +153,31 @@ def gather_into_slot(x, hidden_widths, group, slot, skip_entry_sync=False, _exit
     control).  ``_exit_sync=False`` drops the exit barrier too, so the result
     is racy: only the benchmark's floor diagnostics use it.
     """
-    return _launch(x, hidden_widths, group, Backend.P2P, slot, skip_entry_sync, copy_out=False,
-                   exit_sync=_exit_sync)
+    return _prepare_push(x, hidden_widths, group, Backend.P2P, slot, skip_entry_sync, copy_out=False,
+                         exit_sync=_exit_sync)(x)
 
 
-def _launch(x, hidden_widths, group, backend, slot, skip_entry_sync, copy_out, exit_sync=True):
-    device_index = x.device.index
+def _usable_workspace(group, device_index):
+    """The group's workspace on this device, set up; an error if the push path cannot run on it."""
     ws = workspaces.workspace(group, device_index)
     if not ws.facts.push_ok:
         raise RuntimeError(f"tpfuse: the push path is unavailable on group {group.name!r}: {ws.facts.reason}")
     raise_if_failed(ws)
+    return ws
+
+
+def _empty_result(lead, total):
+    return lambda x: x.new_empty(*lead, total)
+
+
+def _prepare_push(x, hidden_widths, group, backend, slot, skip_entry_sync, copy_out, exit_sync=True):
+    device_index = x.device.index
+    ws = _usable_workspace(group, device_index)
     total = sum(hidden_widths)
-    lead = x.shape[:-1]
+    lead = tuple(x.shape[:-1])
     tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if tokens == 0:  # identical on every rank: every rank skips
-        return x.new_empty(*lead, total)
+        return _empty_result(lead, total)
     # multimem.st moves 16 bytes at a time: bands that are not whole 16-byte
     # vectors go through P2P (the widths are the same on every rank).
     multimem = backend == Backend.MULTIMEM and all(w * x.element_size() % 16 == 0 for w in hidden_widths)
@@ -162,32 +187,36 @@ def _launch(x, hidden_widths, group, backend, slot, skip_entry_sync, copy_out, e
         plan = ws.plans[key] = _build_plan(ws, x.dtype, hidden_widths, skip_entry_sync, copy_out, multimem,
                                            exit_sync)
     workspaces.ensure_capacity(ws, tokens * total * plan.elem_size)
-    slot = workspaces.take_slot(ws, slot)
-
-    # The kernel reads 16-byte vectors: a strided or misaligned input is
-    # copied first (a local fact; the grid and vector width do not change).
-    if not x.is_contiguous():
-        x = x.contiguous()
-    if x.data_ptr() % 16:
-        x = x.clone()
-    if copy_out:
-        out = torch.empty(*lead, total, dtype=x.dtype, device=x.device)
-        out_ptr = out.data_ptr()
-    else:
-        elems = ws.slot_bytes // plan.elem_size
-        out = ws.buffer.view(x.dtype)[slot * elems : slot * elems + tokens * total].view(*lead, total)
-        out_ptr = 0
     # Grid: a pure function of T, the widths and W (rank-invariant, docs/contract.md §2).
     nblocks = min(ws.facts.max_blocks, max(1, -(-tokens * plan.max_width_vec // plan.tile)))
-    slot_offset = slot * (ws.slot_bytes // plan.unit)
-    stream = raw_stream(device_index)
-    if plan.multimem:
-        args = (x.data_ptr(), out_ptr, slot_offset, ws.status_ptr, tokens, ws.timeout_ns, ws.multicast_ptr)
-    else:
-        args = (x.data_ptr(), out_ptr, slot_offset, ws.status_ptr, tokens, ws.timeout_ns)
-    plan.run(nblocks, 1, 1, stream, plan.function, plan.packed_metadata, None, None, None, *args,
-             *ws.pointer_args, *plan.constexpr_values)
-    return out
+    run, head = plan.run, (nblocks, 1, 1)
+    middle = (plan.function, plan.packed_metadata, None, None, None)
+    tail = (tokens, ws.timeout_ns) + ((ws.multicast_ptr,) if plan.multimem else ()) \
+        + tuple(ws.pointer_args) + tuple(plan.constexpr_values)
+    dtype, shape, elem_size, unit = x.dtype, lead + (total,), plan.elem_size, plan.unit
+
+    def launch(x):
+        if ws.status_view[0]:
+            raise_if_failed(ws)
+        chosen_slot = workspaces.take_slot(ws, slot)
+        # The kernel reads 16-byte vectors: a strided or misaligned input is
+        # copied first (a local fact; the grid and vector width do not change).
+        if not x.is_contiguous():
+            x = x.contiguous()
+        if x.data_ptr() % 16:
+            x = x.clone()
+        if copy_out:
+            out = torch.empty(shape, dtype=dtype, device=x.device)
+            out_ptr = out.data_ptr()
+        else:  # the slots may have grown since this launcher was made: sizes are read now
+            elems = ws.slot_bytes // elem_size
+            out = ws.buffer.view(dtype)[chosen_slot * elems : chosen_slot * elems + tokens * total].view(shape)
+            out_ptr = 0
+        slot_offset = chosen_slot * (ws.slot_bytes // unit)
+        run(*head, raw_stream(device_index), *middle, x.data_ptr(), out_ptr, slot_offset, ws.status_ptr, *tail)
+        return out
+
+    return launch
 
 
 def flag_plan(rank: int, device: torch.device, dtype: torch.dtype, hidden_widths, **options) -> Plan:
@@ -224,18 +253,17 @@ def run_flag(plan: Plan, nblocks: int, stream: int, x, out, epochs, status_ptr: 
              *buffer_args, *plan.constexpr_values)
 
 
-def _launch_flag(x, hidden_widths, group):
+def _prepare_flag(x, hidden_widths, group):
     """The flag protocol: no barrier, no slot; always a fresh, caller-owned result."""
-    ws = workspaces.workspace(group, x.device.index)
-    raise_if_failed(ws)
+    ws = _usable_workspace(group, x.device.index)
     # Dispatch makes the buffers at the first flag call; a direct caller (tests, benchmarks)
     # may come first, on every rank alike: making them is collective.
     flags = ws.flags or workspaces.ensure_flag_buffers(ws, workspaces.FLAG_MAX_SLAB_BYTES)
-    lead = x.shape[:-1]
+    lead = tuple(x.shape[:-1])
+    total = sum(hidden_widths)
     tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    out = torch.empty(*lead, sum(hidden_widths), dtype=x.dtype, device=x.device)
     if tokens == 0:  # identical on every rank: every rank skips
-        return out
+        return _empty_result(lead, total)
     slab_bytes = tokens * max(hidden_widths) * x.element_size()
     if slab_bytes > flags.max_slab_bytes:  # dispatch never sends these here; direct callers might
         raise ValueError(f"tpfuse: the flag protocol holds slabs of up to {flags.max_slab_bytes} bytes, "
@@ -244,11 +272,22 @@ def _launch_flag(x, hidden_widths, group):
     plan = ws.plans.get(key)
     if plan is None:
         plan = ws.plans[key] = flag_plan(ws.group.rank, ws.device, x.dtype, hidden_widths)
-    if not x.is_contiguous():
-        x = x.contiguous()
-    run_flag(plan, flag_grid(plan, tokens, ws.facts.max_blocks), raw_stream(x.device.index), x, out,
-             flags.epochs, ws.status_ptr, ws.timeout_ns, flags.region_units, flags.buffer_args)
-    return out
+    device_index, dtype, shape = x.device.index, x.dtype, lead + (total,)
+    run, head = plan.run, (flag_grid(plan, tokens, ws.facts.max_blocks), 1, 1)
+    middle = (plan.function, plan.packed_metadata, None, None, None)
+    tail = (flags.epochs.data_ptr(), ws.status_ptr, tokens, ws.timeout_ns, flags.region_units,
+            *flags.buffer_args, *plan.constexpr_values)
+
+    def launch(x):
+        if ws.status_view[0]:
+            raise_if_failed(ws)
+        if not x.is_contiguous():
+            x = x.contiguous()
+        out = torch.empty(shape, dtype=dtype, device=x.device)
+        run(*head, raw_stream(device_index), *middle, x.data_ptr(), out.data_ptr(), *tail)
+        return out
+
+    return launch
 
 
 def raw_stream(device_index):

@@ -94,9 +94,12 @@ class _PushBackend(GatherBackend):
         return ""
 
     def gather(self, x, hidden_widths, group, slot, skip_entry_sync, zero_copy):
+        return self.prepare(x, hidden_widths, group, slot, skip_entry_sync, zero_copy)(x)
+
+    def prepare(self, x, hidden_widths, group, slot, skip_entry_sync, zero_copy):
         from . import push  # the GPU data path: imported only when a call runs
 
-        return push.gather_hidden(x, hidden_widths, group, Backend(self.name), slot, skip_entry_sync, zero_copy)
+        return push.prepare(x, hidden_widths, group, Backend(self.name), slot, skip_entry_sync, zero_copy)
 
 
 class FlagBackend(_PushBackend):
