@@ -64,10 +64,9 @@ VARIABLES = {v.name: v for v in (
 )}
 
 
-#: the variables that the choice of backend or a prepared launcher reads: the op keeps a call
-#: shape's launcher per their raw values (compile_ops/launchers.py), so changing one takes effect at once
-DISPATCH_VARIABLES = ("TPFUSE_BACKEND", "TPFUSE_PUSH_MAX_BYTES", "TPFUSE_ENABLE_MULTIMEM", "TPFUSE_FLAG_MAX_BYTES",
-                      "TPFUSE_CHECK")
+#: the variables that the choice of backend reads on every call: the op keeps a call shape's
+#: launcher per their raw values (compile_ops/launchers.py), so changing one takes effect at once
+DISPATCH_VARIABLES = ("TPFUSE_BACKEND", "TPFUSE_PUSH_MAX_BYTES", "TPFUSE_ENABLE_MULTIMEM", "TPFUSE_FLAG_MAX_BYTES")
 
 
 # ``os.environ.get`` of an unset name raises and catches a KeyError inside (~1.5 µs): the

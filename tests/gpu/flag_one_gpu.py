@@ -43,7 +43,7 @@ class OneGpuGroup:
         self.buffers = [torch.zeros(nbytes, dtype=torch.uint8, device="cuda") for _ in range(self.W)]
         self.buffer_args = tuple(b.data_ptr() for b in self.buffers) + (0,) * (8 - self.W)
         self.epochs = [torch.zeros(flag_protocol.EPOCH_SLOTS, dtype=torch.int32, device="cuda") for _ in range(self.W)]
-        self.status = [torch.zeros(4, dtype=torch.int32, pin_memory=True) for _ in range(self.W)]
+        self.status = [torch.zeros(1, dtype=torch.int32, pin_memory=True) for _ in range(self.W)]
         self.timeout_ns = int(timeout_s * 1e9)
         self.plans = [push.flag_plan(r, torch.device("cuda", torch.cuda.current_device()), dtype, self.widths,
                                      **options) for r in range(self.W)]
@@ -91,8 +91,7 @@ class OneGpuGroup:
         plan = self.plans[rank]
         nblocks = push.flag_grid(plan, x.shape[0], self.max_blocks[rank])
         push.run_flag(plan, nblocks, self.streams[rank].cuda_stream, x, out, self.epochs[rank],
-                      self.status[rank].data_ptr(), self.timeout_ns, self.region_units, self.buffer_args,
-                      push.call_header(x, self.widths))
+                      self.status[rank].data_ptr(), self.timeout_ns, self.region_units, self.buffer_args)
 
     def call(self, xs, outs=None, delays=None, skip=None):
         """One gather on every rank (each on its own stream, after its delay); returns the results."""

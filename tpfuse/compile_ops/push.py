@@ -93,36 +93,17 @@ def _build_plan(ws, dtype, hidden_widths, skip_entry_sync, copy_out, multimem, e
 
 
 def raise_if_failed(ws: workspaces.Workspace, op: str = "tpfuse::all_gather_hidden") -> None:
-    """Raise if an earlier call on this workspace failed on the device (reads host-mapped memory).
-
-    A barrier or flag wait that timed out leaves the workspace unusable.  A peer
-    whose call header differed (the flag protocol) does not: the error names both
-    calls, and once this rank's stream has finished the call the status is
-    cleared, so that calls which agree again run normally.
-    """
+    """Raise if a barrier of an earlier call on this workspace timed out (reads host-mapped memory)."""
     code = ws.failure_code()
     if code == 0:
         return
     kind, block, peer = code >> 24, (code >> 8) & 0xFFFF, (code & 0xFF) - 1
+    which = {1: "entry barrier", 2: "exit barrier", 3: "flag wait"}.get(kind, "?")
     group = ws.group
     try:
         global_peer = f" (global rank {dist.get_global_rank(group.pg, peer)})"
     except Exception:
         global_peer = ""
-    if kind == flag_protocol.CALL_MISMATCH_KIND:
-        if ws.device.type == "cuda":
-            torch.cuda.current_stream(ws.device).synchronize()  # the mismatched call is over: clear the words
-        theirs, signature, ours = (int(v) for v in ws.status_view[1:4])
-        ws.status_view[:] = 0
-        raise RuntimeError(
-            f"{op}: rank {group.rank} of group {group.name!r} and rank {peer}{global_peer} called the gather "
-            f"with different arguments: rank {peer} sent {flag_protocol.describe_info(theirs)} (call signature "
-            f"{signature & 0xFFFFFFFF:#010x}), this rank has {flag_protocol.describe_info(ours)}"
-            f"{'' if theirs != ours else ' and other leading dims or hidden_widths'}. Every rank must pass "
-            "the same dtype, leading dims and hidden_widths. That call's result holds all-ones bits (NaN for "
-            "floating dtypes, -1 for integers) in the peers' bands; the group stays usable."
-        )
-    which = {1: "entry barrier", 2: "exit barrier", 3: "flag wait"}.get(kind, "?")
     raise RuntimeError(
         f"{op}: rank {group.rank} of group {group.name!r} timed out in the {which} "
         f"(block {block}) after {ws.timeout_ns / 1e9:g}s waiting for rank "
@@ -264,19 +245,12 @@ def flag_grid(plan: Plan, tokens: int, max_blocks: int) -> int:
 
 
 def run_flag(plan: Plan, nblocks: int, stream: int, x, out, epochs, status_ptr: int, timeout_ns: int,
-             region_units: int, buffer_args, header: tuple[int, int]) -> None:
+             region_units: int, buffer_args) -> None:
     """Launch one flag kernel on raw stream ``stream``; ``x`` is contiguous, ``out`` its fresh result."""
     tokens = x.numel() // x.shape[-1]
     plan.run(nblocks, 1, 1, stream, plan.function, plan.packed_metadata, None, None, None,
              x.data_ptr(), out.data_ptr(), epochs.data_ptr(), status_ptr, tokens, timeout_ns, region_units,
-             *header, *buffer_args, *plan.constexpr_values)
-
-
-def call_header(x: torch.Tensor, hidden_widths) -> tuple[int, int]:
-    """The flag protocol's call header of a gather of ``x`` (kernels/flag_protocol.py)."""
-    tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return flag_protocol.call_header(str(x.dtype).removeprefix("torch."), tokens, tuple(x.shape[:-1]),
-                                     tuple(hidden_widths))
+             *buffer_args, *plan.constexpr_values)
 
 
 def _prepare_flag(x, hidden_widths, group):
@@ -302,8 +276,7 @@ def _prepare_flag(x, hidden_widths, group):
     run, head = plan.run, (flag_grid(plan, tokens, ws.facts.max_blocks), 1, 1)
     middle = (plan.function, plan.packed_metadata, None, None, None)
     tail = (flags.epochs.data_ptr(), ws.status_ptr, tokens, ws.timeout_ns, flags.region_units,
-            *call_header(x, hidden_widths), *flags.buffer_args, *plan.constexpr_values)
-    check_now = settings.get("TPFUSE_CHECK")
+            *flags.buffer_args, *plan.constexpr_values)
 
     def launch(x):
         if ws.status_view[0]:
@@ -312,10 +285,6 @@ def _prepare_flag(x, hidden_widths, group):
             x = x.contiguous()
         out = torch.empty(shape, dtype=dtype, device=x.device)
         run(*head, raw_stream(device_index), *middle, x.data_ptr(), out.data_ptr(), *tail)
-        if check_now and not torch.cuda.is_current_stream_capturing():
-            # TPFUSE_CHECK=1: wait for the call and raise a peer's differing header now, not at the next call.
-            torch.cuda.current_stream(device_index).synchronize()
-            raise_if_failed(ws)
         return out
 
     return launch

@@ -257,8 +257,7 @@ def _make_signal_pads(ws: Workspace) -> None:
             raise RuntimeError("a peer's signal pad is not mapped")
         ws.signal_handle = (anchor, handle)
         ws.signal_pad_ptrs = tuple(int(p) for p in handle.signal_pad_ptrs)
-        # [code, and for a peer's differing call header: its info and signature words, our info]
-        status = torch.zeros(4, dtype=torch.int32, pin_memory=True)
+        status = torch.zeros(1, dtype=torch.int32, pin_memory=True)
         ws.status, ws.status_view, ws.status_ptr = status, status.numpy(), status.data_ptr()
     # The grid cap must be identical everywhere.
     cap = torch.tensor([ws.facts.max_blocks], dtype=torch.int32, device=ws.device)

@@ -23,11 +23,9 @@ import triton.language as tl
 from triton.language.extra.cuda import globaltimer
 
 from .flag_protocol import (
-    CALL_MISMATCH,
     CLEAR_PERIOD,
     DATA_BYTES,
     FLAG_TIMEOUT,
-    HEADER_UNITS,
     accepted,
     clear_due,
     flags_of,
@@ -41,7 +39,6 @@ from .peer_args import MAX_RANKS, pick
 from .push_gather import INT_OF_SIZE, compile_source  # noqa: F401  (compile_source: one compiler for every kernel)
 
 _DATA_BYTES = tl.constexpr(DATA_BYTES)
-_HEADER_UNITS = tl.constexpr(HEADER_UNITS)
 
 #: phases of one call: the GPU runs both in one launch; the interpreter, which
 #: cannot run W kernels at once, runs every rank's SEND before any RECEIVE
@@ -60,21 +57,11 @@ def _now(start, iteration, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _send(x_ptr, out_ptr, e, tokens, pid, nblocks, region, region_units, signature, info, buf0, buf1, buf2, buf3,
-          buf4, buf5, buf6, buf7, RANK: tl.constexpr, W: tl.constexpr, OFF: tl.constexpr, WIDTH: tl.constexpr,
-          TOTAL: tl.constexpr, ELEM: tl.constexpr, BLOCK_U: tl.constexpr, PLAIN_STORES: tl.constexpr):
-    """Our band: straight to our result, and as units into region (parity, RANK) of every peer.
-
-    Block 0 first stores our call header into the last pair of each of those regions."""
+def _send(x_ptr, out_ptr, e, tokens, pid, nblocks, region, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7,
+          RANK: tl.constexpr, W: tl.constexpr, OFF: tl.constexpr, WIDTH: tl.constexpr, TOTAL: tl.constexpr,
+          ELEM: tl.constexpr, BLOCK_U: tl.constexpr, PLAIN_STORES: tl.constexpr):
+    """Our band: straight to our result, and as units into region (parity, RANK) of every peer."""
     PER: tl.constexpr = _DATA_BYTES // ELEM
-    if pid == 0:
-        lane = tl.arange(0, 2)  # one pair; lane 1 is masked off
-        header_pair = (region_units - _HEADER_UNITS) // 2 + lane
-        h0 = unit_of(tl.zeros([2], tl.int64) + (signature.to(tl.int64) & 0xFFFFFFFF), e)
-        h1 = unit_of(tl.zeros([2], tl.int64) + (info.to(tl.int64) & 0xFFFFFFFF), e)
-        for s in tl.static_range(1, W):
-            peer = pick((RANK + s) % W, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7)
-            store_unit_pairs(peer + region * 8, header_pair, h0, h1, lane == 0, PLAIN_STORES)
     n = tokens * WIDTH
     pad = tl.cdiv(n, 2 * PER) * 2  # units, whole pairs
     for tile in range(pid, tl.cdiv(pad, BLOCK_U), nblocks):
@@ -104,20 +91,17 @@ def _send(x_ptr, out_ptr, e, tokens, pid, nblocks, region, region_units, signatu
 
 
 @triton.jit
-def _receive(mine, out_ptr, e, parity, tokens, pid, nblocks, status, timeout_ns, region_units, signature, info,
-             RANK: tl.constexpr, W: tl.constexpr, PEERS: tl.constexpr, BAND_OFFSETS: tl.constexpr,
-             TOTAL: tl.constexpr, ELEM: tl.constexpr, BLOCK_U: tl.constexpr, ACCEPT_STALE: tl.constexpr,
-             INTERPRET: tl.constexpr):
-    """Poll our regions of every peer at once until this call's units and headers are all there, then copy out.
+def _receive(mine, out_ptr, e, parity, tokens, pid, nblocks, status, timeout_ns, region_units, RANK: tl.constexpr,
+             W: tl.constexpr, PEERS: tl.constexpr, BAND_OFFSETS: tl.constexpr, TOTAL: tl.constexpr,
+             ELEM: tl.constexpr, BLOCK_U: tl.constexpr, ACCEPT_STALE: tl.constexpr, INTERPRET: tl.constexpr):
+    """Poll our regions of every peer at once until this call's units are all there, then copy them out.
 
     Lane ``i`` of the [PEERS, BLOCK_U] tiles stands for peer ``rank - 1 - i``:
     one wait covers every peer's tile, so the peers' latencies overlap.  The
     loop carries scalars only (Triton 3.6 cannot carry a tensor through a
-    while loop), so the copy-out sits inside it.  A peer whose header has
-    arrived and differs from ours ends the wait: the tile is filled with
-    all-ones bits instead and the peer's header goes to ``status``.  Returns
-    the timeout left: 0 once a wait gave up (recorded in ``status``), so that
-    the later waits of a failed call do not each spin a full timeout.
+    while loop), so the copy-out sits inside it.  Returns the timeout left:
+    0 once a wait gave up (recorded in ``status``), so that the later waits of
+    a failed call do not each spin a full timeout.
     """
     PER: tl.constexpr = _DATA_BYTES // ELEM
     lane = tl.arange(0, PEERS)
@@ -132,57 +116,28 @@ def _receive(mine, out_ptr, e, parity, tokens, pid, nblocks, status, timeout_ns,
     width = tl.where(lane_live, width, 1)  # and divide by 1, not 0, in the row/column split
     pad = tl.cdiv(n, 2 * PER) * 2
     region = mine + (parity * W + peer).to(tl.int64) * region_units
-    header = region + (region_units - _HEADER_UNITS)
-    ours0 = signature.to(tl.int64) & 0xFFFFFFFF
-    ours1 = info.to(tl.int64) & 0xFFFFFFFF
     for tile in range(pid, tl.cdiv(tl.max(pad, axis=0), BLOCK_U), nblocks):
         u = tile * BLOCK_U + tl.arange(0, BLOCK_U)
         u_live = u[None, :] < pad[:, None]
         src = region[:, None] + u[None, :]
         pending = 1
-        differ = 0
         missing = W
-        culprit = W
-        their0 = ours0 * 0
-        their1 = ours1 * 0
         start = 0 if INTERPRET else globaltimer()
         spent = start - start
-        while (pending > 0) & (differ == 0) & (spent < timeout_ns):
+        while (pending > 0) & (spent < timeout_ns):
             units = tl.load(src, mask=u_live, other=0, volatile=True)
-            h0 = tl.load(header, mask=lane_live, other=0, volatile=True)
-            h1 = tl.load(header + 1, mask=lane_live, other=0, volatile=True)
-            header_in = (accepted(flags_of(h0), e, ACCEPT_STALE) & accepted(flags_of(h1), e, ACCEPT_STALE)
-                         & lane_live)
-            bad = header_in & (((h0 & 0xFFFFFFFF) != ours0) | ((h1 & 0xFFFFFFFF) != ours1))
             waiting = (accepted(flags_of(units), e, ACCEPT_STALE) == 0) & u_live
-            per_peer = tl.sum(waiting.to(tl.int32), axis=1) + (lane_live & (header_in == 0)).to(tl.int32)
+            per_peer = tl.sum(waiting.to(tl.int32), axis=1)
             pending = tl.sum(per_peer, axis=0)
-            differ = tl.sum(bad.to(tl.int32), axis=0)
             missing = tl.min(tl.where(per_peer > 0, peer, W), axis=0)
-            culprit = tl.min(tl.where(bad, peer, W), axis=0)
-            their0 = tl.sum(tl.where(peer == culprit, h0 & 0xFFFFFFFF, 0), axis=0)
-            their1 = tl.sum(tl.where(peer == culprit, h1 & 0xFFFFFFFF, 0), axis=0)
-            if (pending == 0) & (differ == 0):
+            if pending == 0:
                 for c in tl.static_range(PER):
                     k = u[None, :] * PER + c
                     row = k // width[:, None]
                     dst = out_ptr + row * TOTAL + offset[:, None] + (k - row * width[:, None])
                     tl.store(dst, get_element(units, c, ELEM).to(out_ptr.dtype.element_ty), mask=k < n[:, None])
             spent = _now(start, spent + 1, INTERPRET)
-        if differ > 0:
-            # A peer called with another shape or dtype: never hand its bytes on as ours.
-            for c in tl.static_range(PER):
-                k = u[None, :] * PER + c
-                row = k // width[:, None]
-                dst = out_ptr + row * TOTAL + offset[:, None] + (k - row * width[:, None])
-                tl.store(dst, tl.full([PEERS, BLOCK_U], -1, tl.int32).to(out_ptr.dtype.element_ty),
-                         mask=k < n[:, None])
-            if tl.load(status, volatile=True) == 0:
-                tl.store(status + 1, their1.to(tl.int32))
-                tl.store(status + 2, their0.to(tl.int32))
-                tl.store(status + 3, info)
-                tl.store(status, pid * 256 + culprit + (CALL_MISMATCH * 16777216 + 1))
-        elif pending > 0:
+        if pending > 0:
             timeout_ns = timeout_ns * 0
             if tl.load(status, volatile=True) == 0:
                 tl.store(status, pid * 256 + missing + (FLAG_TIMEOUT * 16777216 + 1))
@@ -194,12 +149,10 @@ def flag_gather_kernel(
     x_ptr,  # this rank's [T, w_rank] slab, contiguous
     out_ptr,  # the caller-owned [T, total] result
     epochs,  # *i32: EPOCH_SLOTS local slots, equal between calls
-    status,  # *i32 [4]: 0, or the code of a wait that gave up or of a peer's differing header (then its words)
+    status,  # *i32: 0, or the code of a wait that gave up
     tokens,
     timeout_ns,  # ns on the GPU; poll iterations in the interpreter
-    region_units,  # units per (parity, source) region of a flag buffer, the header pair included
-    signature,  # this call's header: a CRC of its shape (flag_protocol.call_header)
-    info,  # and its dtype code and T
+    region_units,  # units per (parity, source) region of a flag buffer
     buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7,  # rank r's flag buffer address (0 past W)
     RANK: tl.constexpr,
     W: tl.constexpr,
@@ -225,29 +178,25 @@ def flag_gather_kernel(
         parity = parity * 0
     if (PHASES & 1) != 0:
         region = (parity * W + RANK).to(tl.int64) * region_units
-        _send(x_ptr, out_ptr, e, tokens, pid, nblocks, region, region_units, signature, info, buf0, buf1, buf2, buf3,
-              buf4, buf5, buf6, buf7, RANK, W, OFF, WIDTH, TOTAL, ELEM, BLOCK_U, PLAIN_STORES)
+        _send(x_ptr, out_ptr, e, tokens, pid, nblocks, region, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7,
+              RANK, W, OFF, WIDTH, TOTAL, ELEM, BLOCK_U, PLAIN_STORES)
     if (PHASES & 2) != 0:
         mine = pick(RANK, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7).to(tl.pointer_type(tl.int64))
-        _receive(mine, out_ptr, e, parity, tokens, pid, nblocks, status, timeout_ns, region_units, signature, info,
-                 RANK, W, PEERS, BAND_OFFSETS, TOTAL, ELEM, BLOCK_U, ACCEPT_STALE, INTERPRET)
+        _receive(mine, out_ptr, e, parity, tokens, pid, nblocks, status, timeout_ns, region_units, RANK, W, PEERS,
+                 BAND_OFFSETS, TOTAL, ELEM, BLOCK_U, ACCEPT_STALE, INTERPRET)
         if clear_due(e, CLEAR_PERIOD):
-            # Zero the data units of our regions of this parity.  Each block
-            # zeroes the tiles it read itself (the receive's tiling: tiles pid,
-            # pid + nblocks, ... of every region), after reading them (the
-            # barrier orders every thread's poll loads before every thread's
-            # zeroing); tiles past this call's units are read by nobody.  The
-            # header pair, which every block reads, is left alone: its sender
-            # rewrites it in every call of this parity, so its flag is never
-            # older than two calls.  No peer writes this parity again before
-            # we start our next call.
+            # Zero our regions of this parity.  Each block zeroes the tiles it
+            # read itself (the receive's tiling: tiles pid, pid + nblocks, ...
+            # of every region), after reading them (the barrier orders every
+            # thread's poll loads before every thread's zeroing); tiles past
+            # this call's units are read by nobody.  No peer writes this parity
+            # again before we start our next call.
             tl.debug_barrier()
-            data_units = region_units - _HEADER_UNITS
             for s in tl.static_range(1, W):
                 ours = mine + (parity * W + (RANK + W - s) % W).to(tl.int64) * region_units
-                for tile in range(pid, tl.cdiv(data_units, BLOCK_U), nblocks):
+                for tile in range(pid, tl.cdiv(region_units, BLOCK_U), nblocks):
                     u = tile * BLOCK_U + tl.arange(0, BLOCK_U)
-                    tl.store(ours + u, tl.zeros([BLOCK_U], tl.int64), mask=u < data_units)
+                    tl.store(ours + u, tl.zeros([BLOCK_U], tl.int64), mask=u < region_units)
 
 
 # ---------------------------------------------------------------------------
@@ -260,8 +209,6 @@ RUNTIME_ARGS = {
     "tokens": "i32",
     "timeout_ns": "i64",
     "region_units": "i64",
-    "signature": "i32",
-    "info": "i32",
     **{f"buf{i}": "i64" for i in range(MAX_RANKS)},
 }
 

@@ -35,14 +35,6 @@ receiver zeroes the whole of its buffer ``p`` after reading it in the calls
 whose ``(e >> 1) % CLEAR_PERIOD == 0``: no unit is older than ``2 * CLEAR_PERIOD``
 calls, far less than a wrap (2**32 - 2 calls).
 
-**Call header.**  The last pair of units of every region carries the sender's
-call header under the same epoch: a signature of its call's shape (leading
-dims and widths) and a word with its dtype and T.  A receiver waits for the
-header with the data and compares it with its own; on a difference it copies
-nothing, fills its result with all-ones bits (NaN for floats, -1 for
-integers) and records the peer's header in the status words, and the host
-raises at the next call (``CALL_MISMATCH_KIND``).
-
 No torch import here: CI compiles the kernel ahead of time with more than one
 Triton version, in processes that may not have torch.
 """
@@ -67,17 +59,6 @@ FLAG_TIMEOUT_KIND = 3
 _DATA_BYTES = tl.constexpr(DATA_BYTES)
 _EPOCH_SLOTS = tl.constexpr(EPOCH_SLOTS)
 
-#: the status-word kind of a peer whose call header differs from ours
-CALL_MISMATCH = tl.constexpr(4)
-CALL_MISMATCH_KIND = 4
-#: units at the end of every region that carry the sender's call header (one pair)
-HEADER_UNITS = 2
-#: the dtypes a header names, by code (code = index + 1; plain names, no torch here)
-DTYPE_NAMES = ("float32", "float16", "bfloat16", "int32", "int16", "int8", "uint8", "float8_e4m3fn",
-               "float8_e5m2")
-#: T must fit the header's 24 bits; the largest slab bounds it far below
-MAX_HEADER_TOKENS = (1 << 24) - 1
-
 #: the protocol has no barriers, so a pass has no entry barrier to elide on it
 HAS_ENTRY_BARRIER = False
 #: Still, a flag call is a fence for the group: a rank finishes it only after every peer's units
@@ -95,40 +76,8 @@ def units_for(elements: int, elem_size: int) -> int:
 
 
 def region_units(max_slab_bytes: int) -> int:
-    """Units of one (parity, source) region: the largest slab the buffers serve, padded to pairs, and the header."""
-    return units_for(max_slab_bytes, 1) + HEADER_UNITS
-
-
-def call_header(dtype_name: str, tokens: int, lead_dims, hidden_widths) -> tuple[int, int]:
-    """The (signature, info) words a call sends: equal on two ranks iff their calls agree.
-
-    ``info`` holds the dtype's code (top 8 bits) and T (low 24 bits), so that an
-    error can name them; ``signature`` is a CRC-32 of everything else that must
-    agree (leading dims, widths) and of the same two.  Both as signed int32.
-    """
-    import struct
-    import zlib
-
-    code = DTYPE_NAMES.index(dtype_name) + 1
-    if not 0 <= tokens <= MAX_HEADER_TOKENS:
-        raise ValueError(f"T={tokens} does not fit the call header's 24 bits")
-    info = (code << 24) | tokens
-    fields = (code, tokens, len(lead_dims), *lead_dims, len(hidden_widths), *hidden_widths)
-    signature = zlib.crc32(struct.pack(f"<{len(fields)}q", *fields))
-    return _int32(signature), _int32(info)
-
-
-def describe_info(info: int) -> str:
-    """``dtype bfloat16, T=8`` from a header's info word."""
-    info &= 0xFFFFFFFF
-    code, tokens = info >> 24, info & MAX_HEADER_TOKENS
-    name = DTYPE_NAMES[code - 1] if 1 <= code <= len(DTYPE_NAMES) else f"code {code}"
-    return f"dtype {name}, T={tokens}"
-
-
-def _int32(value: int) -> int:
-    value &= 0xFFFFFFFF
-    return value - (1 << 32) if value >= 1 << 31 else value
+    """Units of one (parity, source) region: the largest slab the buffers serve, padded to pairs."""
+    return units_for(max_slab_bytes, 1)
 
 
 def buffer_bytes(world_size: int, max_slab_bytes: int) -> int:
