@@ -19,6 +19,10 @@ CASES = {
     "tokens": (lambda: torch.ones(3, 4), lambda: torch.ones(5, 4), None),
     "leading_dims": (lambda: torch.ones(2, 6, 4), lambda: torch.ones(3, 4, 4), None),
     "hidden_widths_lists": (lambda: torch.ones(3, 4), lambda: torch.ones(3, 6), ([4, 4], [4, 6])),
+    # Rank 1's slab is wider than its own entry: its local check alone would raise on rank 1
+    # while rank 0 waited in the collective; the agreement check runs first, on both.
+    "slab_not_its_entry": (lambda: torch.ones(3, 4), lambda: torch.ones(3, 6), ([4, 4], [4, 4])),
+    "scalar_on_one_rank": (lambda: torch.ones(()), lambda: torch.ones(3, 4), None),
 }
 
 

@@ -210,7 +210,9 @@ def test_compile_fullgraph_static_and_dynamic(w2):
 
 
 ERRORS = {
-    "wrong_width": ("ValueError", r"x.shape\[-1\]=4 on rank \d but hidden_widths\[\d\]=5; x's last dim must equal this rank's entry"),
+    # The ranks' lists differ: every rank raises the agreement error, which shows every rank's view.
+    "wrong_width": ("ValueError", r"disagree on the gather: rank 0: dtype float32, leading dims \[3\], "
+                                  r"hidden_widths \[5, 4\], x.shape\[-1\]=4; rank 1: .*hidden_widths \[4, 5\]"),
     "wrong_count": ("ValueError", r"len\(hidden_widths\)=3 but group '0' has 2 ranks; give exactly one width per rank"),
     "width_zero": ("ValueError", r"has width\(s\) \[0\] <= 0; every rank must contribute a positive number of columns"),
     "width_negative": ("ValueError", r"has width\(s\) \[-2\] <= 0"),

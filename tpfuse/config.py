@@ -44,7 +44,7 @@ VARIABLES = {v.name: v for v in (
              "force a backend: auto, flag, p2p, nccl, gloo (or a registered one)"),
     Variable("TPFUSE_DISABLE_PUSH", "0", _flag, "never use the symmetric-memory push (NCCL on CUDA)"),
     Variable("TPFUSE_CHECK", "0", _flag,
-             "1: the most thorough cross-rank agreement check (also on NCCL calls; docs/op.md)"),
+             "1: the cross-rank agreement check on CUDA calls too, every path (docs/op.md)"),
     Variable("TPFUSE_PUSH_MAX_BYTES", str(256 << 20), _positive_int,
              "above this output size auto leaves the gather to NCCL"),
     Variable("TPFUSE_ENABLE_MULTIMEM", "0", lambda raw: raw.strip() == "1",
@@ -64,9 +64,11 @@ VARIABLES = {v.name: v for v in (
 )}
 
 
-#: the variables that the choice of backend reads on every call: the op keeps a call shape's
-#: launcher per their raw values (compile_ops/launchers.py), so changing one takes effect at once
-DISPATCH_VARIABLES = ("TPFUSE_BACKEND", "TPFUSE_PUSH_MAX_BYTES", "TPFUSE_ENABLE_MULTIMEM", "TPFUSE_FLAG_MAX_BYTES")
+#: the variables that the op reads on every call (the choice of backend; the agreement check,
+#: last): it keeps a call shape's launcher per their raw values (compile_ops/launchers.py), so
+#: changing one takes effect at once
+DISPATCH_VARIABLES = ("TPFUSE_BACKEND", "TPFUSE_PUSH_MAX_BYTES", "TPFUSE_ENABLE_MULTIMEM", "TPFUSE_FLAG_MAX_BYTES",
+                      "TPFUSE_CHECK")
 
 
 # ``os.environ.get`` of an unset name raises and catches a KeyError inside (~1.5 µs): the

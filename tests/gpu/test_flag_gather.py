@@ -216,3 +216,56 @@ def test_missing_rank_raises_instead_of_hanging(W):
     for rank, res in enumerate(results[:-1]):
         assert res["waited"] < 7, res
         assert "flag wait" in res["message"] and f"waiting for rank {W - 1}" in res["message"], res
+
+
+#: what the last rank passes instead of (bf16, x of [T=4, 512], widths [512] * W)
+MISMATCHES = {
+    "widths": {"width": 520},
+    "dtype": {"dtype": "float16"},
+    "equal_bytes_dtype": {"dtype": "float32", "width": 256},  # fp32 x 256 = bf16 x 512 bytes per row
+    "T": {"shape": (2,)},
+    "leading_dims": {"shape": (2, 2)},
+}
+
+
+def _mismatch(rank, W, backend):
+    """TPFUSE_CHECK=1 on a push path: each disagreement raises on every rank, then the group works on."""
+    os.environ["TPFUSE_BACKEND"] = backend
+    os.environ["TPFUSE_CHECK"] = "1"
+    _group()
+    widths = [512] * W
+    out = {}
+    for seed, (name, change) in enumerate(MISMATCHES.items()):
+        xs = [_bits(seed * 16 + r, (4, 512), torch.bfloat16) for r in range(W)]
+        want = _as_int(torch.cat(xs, -1))
+        good = torch.equal(_as_int(_op(xs[rank], widths)), want)
+        x, my_widths = xs[rank], widths
+        if rank == W - 1:
+            width = change.get("width", 512)
+            x = _bits(seed, change.get("shape", (4,)) + (width,), getattr(torch, change.get("dtype", "bfloat16")))
+            my_widths = widths[:-1] + [width]
+        try:
+            _op(x, my_widths)
+            message = ""
+        except ValueError as err:
+            message = str(err)
+        again = torch.equal(_as_int(_op(xs[rank], widths)), want)
+        out[name] = {"good": good, "message": message, "again": again}
+    from tpfuse.compile_ops import dispatch
+    out["ran"] = dict(dispatch.chosen)
+    return out
+
+
+@pytest.mark.parametrize("backend", ["flag", "p2p"])
+@pytest.mark.parametrize("W", [2, 4])
+def test_check_mode_refuses_disagreeing_calls_on_every_rank(W, backend):
+    """Widths, dtype, dtype of equal bytes per row, T and leading dims differ on the last rank."""
+    _needs(W)
+    results = run_ranks(W, _mismatch, backend, backend="nccl", timeout=300)
+    for rank, res in enumerate(results):
+        assert set(res["ran"]) == {backend}, res["ran"]
+        for name in MISMATCHES:
+            r = res[name]
+            assert r["good"] and r["again"], (rank, name, r)
+            assert "disagree on the gather" in r["message"], (rank, name, r)
+            assert r["message"] == results[0][name]["message"]  # the same error on every rank

@@ -16,11 +16,13 @@ rank-local "already checked" cache would not be safe (one rank may think a shape
 known while its peer thinks it new, and only one would enter the exchange), so
 the check runs on every call it covers.
 
-Where it runs (docs/op.md, "Agreement across ranks"):
-- gloo (CPU tensors): on every call; one extra collective of ``64 · W`` bytes.
-- NCCL: with ``TPFUSE_CHECK=1`` only, outside CUDA-graph capture (it reads the
-  signatures on the host, a device synchronisation per call).
-- the push paths: not yet covered (their kernels would carry the signature).
+Where it runs (docs/op.md, "Agreement across ranks"): the op calls it first, on
+every call it covers, before any check that could raise on one rank only and
+before any collective set-up (a workspace, a slot that grows):
+- CPU tensors (gloo): always; one extra collective of ``64 · W`` bytes.
+- CUDA tensors, every backend (NCCL, the flag protocol, the barrier push): with
+  ``TPFUSE_CHECK=1``, outside CUDA-graph capture (it reads the signatures on the
+  host: a device synchronisation per call, so it is a debugging mode).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from .groups import Group
+from .validation import check_widths
 
 #: int64 words per rank: a marker, then what must agree, then this rank's width
 WORDS = 8
@@ -43,9 +46,16 @@ def _digest(value) -> int:
 
 def signature(x: torch.Tensor, hidden_widths: list[int]) -> list[int]:
     """This rank's view of the call, as 8 words (dtype, leading dims and widths also in plain values)."""
-    lead = tuple(int(d) for d in x.shape[:-1])
+    lead, width = _view(x)
     return [_MARKER, _digest(str(x.dtype)), x.element_size(), _digest(lead), len(lead),
-            _digest(tuple(int(w) for w in hidden_widths)), sum(int(w) for w in hidden_widths), int(x.shape[-1])]
+            _digest(tuple(int(w) for w in hidden_widths)), sum(int(w) for w in hidden_widths), width]
+
+
+def _view(x: torch.Tensor) -> tuple[tuple[int, ...], int]:
+    """Leading dims and width; a scalar (which the op refuses after this check) has none and width -1."""
+    if x.dim() == 0:
+        return (), -1
+    return tuple(int(d) for d in x.shape[:-1]), int(x.shape[-1])
 
 
 def check(x: torch.Tensor, hidden_widths: list[int], group: Group) -> None:
@@ -56,12 +66,17 @@ def check(x: torch.Tensor, hidden_widths: list[int], group: Group) -> None:
     table = everyone.view(group.world_size, WORDS).tolist()
     # Plain values for the message: every rank's dtype, leading dims and widths, gathered
     # only when something disagrees (the common case pays for the 8 words alone).
-    if all(row[:7] == table[0][:7] for row in table) and all(
-            row[7] == hidden_widths[r] for r, row in enumerate(table)):
-        return
+    if all(row[:7] == table[0][:7] for row in table):
+        if all(row[7] == -1 for row in table):
+            return  # every rank passed a scalar: they agree, and the op's own check refuses it everywhere
+        # Every rank passed the same list: if the list itself is invalid, every rank says so alike.
+        check_widths(hidden_widths)
+        if all(row[7] == hidden_widths[r] for r, row in enumerate(table)):
+            return
     views = [None] * group.world_size
-    dist.all_gather_object(views, (str(x.dtype).removeprefix("torch."), list(x.shape[:-1]), list(hidden_widths),
-                                   int(x.shape[-1])), group=group.pg)
+    lead, width = _view(x)
+    dist.all_gather_object(views, (str(x.dtype).removeprefix("torch."), list(lead), list(hidden_widths), width),
+                           group=group.pg)
     raise ValueError(_describe(views, group))
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import config as settings
-from . import collective, inductor_lowering, launchers
+from . import agreement, collective, inductor_lowering, launchers
 from .backend import GatherCall
 from .dispatch import check_device_matches_group, check_dtype, choose, chosen, forced_backend
 from .groups import Group, group_name_of, resolve_group
@@ -80,8 +80,13 @@ def _all_gather_hidden_impl(
     # A view of the slot is safe only where Inductor is kept from recycling it (tpfuse.enable()
     # and backend() install that lowering); anywhere else the permission is ignored.
     zero_copy = zero_copy and inductor_lowering.is_registered()
+    variables = settings.raw_dispatch_values()
+    if x.device.type == "cpu" or (variables[-1] is not None and _checking_cuda()):
+        # Collective, on every call and before anything that could raise on one rank only or
+        # set up shared state: ranks that disagree all raise here (agreement.py).
+        agreement.check(x, hidden_widths, group)
     key = (group_name, tuple(hidden_widths), x.shape, x.dtype, x.device, slot, skip_entry_sync, zero_copy,
-           settings.raw_dispatch_values())
+           variables)
     kept = launchers.find(key, group)
     if kept is not None:  # this call shape was checked and dispatched before (launchers.py)
         name, launch = kept
@@ -95,6 +100,11 @@ def _all_gather_hidden_impl(
     if not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
         launchers.keep(key, group, backend.name, launch)
     return launch(x)
+
+
+def _checking_cuda() -> bool:
+    """``TPFUSE_CHECK=1`` and not capturing a CUDA graph: CUDA calls run the agreement check too."""
+    return bool(settings.get("TPFUSE_CHECK")) and not torch.cuda.is_current_stream_capturing()
 
 
 def _reduce_scatter_hidden_impl(
@@ -195,8 +205,12 @@ def all_gather_hidden(
     ranks); by default all ranks have ``x.shape[-1]`` columns.  Returns a
     fresh ``[..., sum(hidden_widths)]`` tensor owned by the caller.
     """
-    check_not_scalar(x)
+    if torch.compiler.is_compiling():
+        check_not_scalar(x)  # tracing is rank-local: refuse here, where the message reaches the user unwrapped
     name = group_name_of(group)
     if hidden_widths is None:
-        hidden_widths = [x.shape[-1]] * world_size_of(name)
+        # Eager, a scalar gets widths of -1, so that a scalar on one rank only meets the agreement
+        # check with its peers (every rank raises) rather than failing here alone; the op
+        # refuses scalars after that check.
+        hidden_widths = [x.shape[-1] if x.dim() else -1] * world_size_of(name)
     return torch.ops.tpfuse.all_gather_hidden.default(x, list(hidden_widths), name)

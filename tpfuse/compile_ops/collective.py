@@ -17,8 +17,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .. import config as settings
-from . import agreement
 from .backend import GatherBackend, GatherCall
 from .groups import Group
 
@@ -92,15 +90,8 @@ class C10dBackend(GatherBackend):
         return "" if call.device_type in self.devices else f"{self.name} moves {self.devices[0]} tensors"
 
     def gather(self, x, hidden_widths, group, slot, skip_entry_sync, zero_copy):
-        if self._checks_agreement():
-            agreement.check(x, hidden_widths, group)
+        # The op has run the agreement check already where it applies (all_gather_hidden.py).
         return gather_hidden(x, hidden_widths, group)
-
-    def _checks_agreement(self) -> bool:
-        """gloo: always.  NCCL: with TPFUSE_CHECK=1, outside graph capture (docs/op.md, "Agreement across ranks")."""
-        if self.devices == ("cpu",):
-            return True
-        return bool(settings.get("TPFUSE_CHECK")) and not torch.cuda.is_current_stream_capturing()
 
 
 GLOO = C10dBackend("gloo", "cpu")

@@ -19,8 +19,9 @@ Why a kept launcher takes the path a full dispatch would (docs/contract.md §2):
 - a destroyed group re-created under the same name resolves to a new ``Group``:
   its calls miss and dispatch against the new group's own workspace;
 - registering or removing a backend drops every launcher.
-No collective is skipped: a launcher of the gloo or NCCL path runs the same
-agreement check and collective as a first call.  The store is bounded
+No collective is skipped: the agreement check runs in the op before the lookup,
+and a launcher of the gloo or NCCL path runs the same collective as a first
+call.  The store is bounded
 (``MAX_LAUNCHERS``); when it is full it is emptied and refilled by later calls.
 """
 
