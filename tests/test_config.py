@@ -48,3 +48,29 @@ def test_the_api_reference_lists_every_variable():
     api = open(os.path.join(REPO, "docs", "api.md")).read()
     missing = [name for name in config.VARIABLES if name not in api]
     assert missing == [], missing
+
+
+def test_enable_options_live_here_with_their_precedence(monkeypatch):
+    from tpfuse import config
+
+    assert config.pass_config() == config.PassConfig()
+    assert config.pass_config(patterns="split_cat").patterns == ("split_cat",)
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['fuse'\]; accepted are \['dry_run'"):
+        config.pass_config(fuse=True)
+    monkeypatch.delenv("TPFUSE_DUMP_DIR", raising=False)
+    assert config.dump_dir(None) is None
+    monkeypatch.setenv("TPFUSE_DUMP_DIR", "/from/env")
+    assert config.dump_dir(None) == "/from/env"  # the variable beats the default
+    assert config.dump_dir("/from/enable") == "/from/enable"  # the option beats the variable
+
+
+def test_raw_values_follow_the_environment_as_it_changes(monkeypatch):
+    from tpfuse import config
+
+    monkeypatch.delenv("TPFUSE_BACKEND", raising=False)
+    before = config.raw_dispatch_values()
+    monkeypatch.setenv("TPFUSE_BACKEND", "nccl")
+    after = config.raw_dispatch_values()
+    assert before != after and config.get("TPFUSE_BACKEND") == "nccl"
+    monkeypatch.delenv("TPFUSE_BACKEND")
+    assert config.raw_dispatch_values() == before and config.get("TPFUSE_BACKEND") == "auto"

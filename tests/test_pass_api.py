@@ -113,6 +113,20 @@ def test_uuid_covers_config_patterns_and_chained_pass():
     assert TpfusePass(PassConfig()).uuid() == base
 
 
+def test_backend_takes_torch_compile_mode_and_options():
+    """``torch.compile(f, backend=tpfuse.backend(), mode=...)`` passes ``mode`` to the backend:
+    it becomes Inductor's config for that mode, as with the plain Inductor backend."""
+    from tpfuse.passes.manager import _mode_options
+
+    assert _mode_options("reduce-overhead") == {"triton.cudagraphs": True}
+    assert _mode_options(None) == {}
+    x = torch.randn(3, 5)
+    for mode in ("reduce-overhead", "max-autotune-no-cudagraphs", None):
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda t: (t * 2).relu(), backend=tpfuse.backend(), mode=mode)
+        assert torch.equal(compiled(x), (x * 2).relu())
+
+
 def _funcol_gather(x, w):
     import torch.distributed as dist
     import torch.distributed._functional_collectives as funcol

@@ -1,4 +1,7 @@
-"""Every ``TPFUSE_*`` environment variable, in one place: its default, what it accepts, who reads it.
+"""Every ``TPFUSE_*`` environment variable and every ``tpfuse.enable()`` option, in one place.
+
+For each variable: its default, what it accepts, who reads it; for the options,
+``PassConfig``.
 
 Variables are read when they are used, never at import, so a variable set after
 ``import tpfuse`` (or changed between two calls, by a benchmark) takes effect.
@@ -14,8 +17,8 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable
 
 
 @dataclass(frozen=True)
@@ -110,3 +113,56 @@ def _parse(name: str, raw: str):
         return VARIABLES[name].parse(raw)
     except ValueError as err:
         raise ValueError(f"tpfuse: {name}={raw!r} {err} ({VARIABLES[name].doc})") from None
+
+
+# --------------------------------------------------------------------------- enable() options
+
+
+@dataclass(frozen=True)
+class PassConfig:
+    """What ``tpfuse.enable(**config)``, ``enabled(**config)`` and ``backend(**config)`` accept.
+
+    dry_run: find and report, but rewrite nothing.
+    patterns: names of the patterns to run (default: every registered one).
+    only_after_linear: rewrite only gathers whose producer is a column linear.
+    dump_dir: write before/after graph code here (default ``$TPFUSE_DUMP_DIR``).
+    elide_barriers: assign ping-pong slots and skip entry barriers where proven
+        (passes/barrier_elision.py); False leaves every gather with both barriers.
+    fuse_linear: rewrite a column linear + gather into ``tpfuse::linear_all_gather_hidden``
+        where the cost rule predicts a gain (passes/linear_fusion.py).  Off by default: the
+        measured gain is small (docs/benchmarks.md).
+    zero_copy: where the pass proves every reader of a gather's result finishes before its
+        slot is written again, let the op return a view of the slot (no copy-out).
+        Experimental and off by default (docs/barrier_elision.md §8).
+    """
+
+    dry_run: bool = False
+    patterns: tuple[str, ...] | None = None
+    only_after_linear: bool = False
+    dump_dir: str | None = None
+    elide_barriers: bool = True
+    fuse_linear: bool = False
+    zero_copy: bool = False
+
+    def cache_key(self) -> str:
+        # dump_dir only decides where text goes, never what the graph becomes.
+        key = {k: v for k, v in asdict(self).items() if k != "dump_dir"}
+        return repr(sorted(key.items()))
+
+
+def pass_config(**options: Any) -> PassConfig:
+    """A ``PassConfig`` from ``enable()``'s keyword options; an unknown option fails with the accepted ones."""
+    known = {f.name for f in fields(PassConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"tpfuse: unknown option(s) {unknown}; accepted are {sorted(known)}")
+    if options.get("patterns") is not None:
+        names = options["patterns"]
+        options["patterns"] = (names,) if isinstance(names, str) else tuple(names)
+    return PassConfig(**options)
+
+
+def dump_dir(option: str | None) -> str | None:
+    """Where dumps go: the ``dump_dir`` option, else ``$TPFUSE_DUMP_DIR``, else nowhere."""
+    return option or get("TPFUSE_DUMP_DIR") or None
+

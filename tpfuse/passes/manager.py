@@ -17,13 +17,14 @@ import logging
 import pathlib
 import threading
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import replace
 from typing import Any, Iterator
 
 import torch
 from torch.fx import Graph
 
 from .. import config as settings
+from ..config import PassConfig, pass_config
 from . import cache_records
 from . import patterns as pattern_registry
 from ..compile_ops import inductor_lowering
@@ -43,49 +44,12 @@ except ImportError:  # pragma: no cover - torch without the interface (< 2.6)
         pass
 
 
-@dataclass(frozen=True)
-class PassConfig:
-    """What ``tpfuse.enable(**config)`` accepts.
-
-    dry_run: find and report, but rewrite nothing.
-    patterns: names of the patterns to run (default: every registered one).
-    only_after_linear: rewrite only gathers whose producer is a column linear.
-    dump_dir: write before/after graph code here (default ``$TPFUSE_DUMP_DIR``).
-    elide_barriers: assign ping-pong slots and skip entry barriers where proven
-        (barrier_elision.py); False leaves every gather with both barriers.
-    fuse_linear: rewrite a column linear + gather into ``tpfuse::linear_all_gather_hidden``
-        where the cost rule predicts a gain (linear_fusion.py).  Off by default: the
-        measured gain is small (docs/benchmarks.md).
-    zero_copy: where the pass proves every reader of a gather's result finishes before its
-        slot is written again, let the op return a view of the slot (no copy-out).
-        Experimental and off by default until the GPU stress test has run with it
-        (docs/barrier_elision.md §8).
-    """
-
-    dry_run: bool = False
-    patterns: tuple[str, ...] | None = None
-    only_after_linear: bool = False
-    dump_dir: str | None = None
-    elide_barriers: bool = True
-    fuse_linear: bool = False
-    zero_copy: bool = False
-
-    def cache_key(self) -> str:
-        # dump_dir only decides where text goes, never what the graph becomes.
-        key = {k: v for k, v in asdict(self).items() if k != "dump_dir"}
-        return repr(sorted(key.items()))
-
-
 def make_config(**config: Any) -> PassConfig:
-    known = {f.name for f in fields(PassConfig)}
-    unknown = sorted(set(config) - known)
-    if unknown:
-        raise TypeError(f"tpfuse: unknown option(s) {unknown}; accepted are {sorted(known)}")
-    if config.get("patterns") is not None:
-        names = config["patterns"]
-        config["patterns"] = (names,) if isinstance(names, str) else tuple(names)
-        pattern_registry.select(config["patterns"])  # unknown names fail now, not mid-compile
-    return PassConfig(**config)
+    """``config.pass_config`` plus the pattern names checked against the registry (unknown ones fail now)."""
+    cfg = pass_config(**config)
+    if cfg.patterns is not None:
+        pattern_registry.select(cfg.patterns)  # unknown names fail now, not mid-compile
+    return cfg
 
 
 @functools.lru_cache(maxsize=None)
@@ -169,7 +133,7 @@ def _cached_graph_report(stored) -> GraphReport:
 def _dump_cached(graph_report: GraphReport, stored) -> None:
     installed = _inductor_config().post_grad_custom_post_pass
     configured = installed.config.dump_dir if isinstance(installed, TpfusePass) else None
-    dump_dir = configured or settings.get("TPFUSE_DUMP_DIR") or None
+    dump_dir = settings.dump_dir(configured)
     if dump_dir:
         missing = ("# (not stored: the cache entry was compiled without TPFUSE_DUMP_DIR, dump_dir "
                    "or TORCH_TRACE; docs/passes.md#caching)")
@@ -218,7 +182,7 @@ def run_passes(graph: Graph, config: PassConfig, for_cache: bool = False) -> Gra
     later cache hit still has a report (``cache_records.py``)."""
     _collect_cached_graphs()  # graphs served from the cache before this one come first
     start = time.perf_counter()
-    dump_dir = config.dump_dir or settings.get("TPFUSE_DUMP_DIR") or None
+    dump_dir = settings.dump_dir(config.dump_dir)
     tracing = _structured_trace_enabled()
     before = _graph_code(graph) if (dump_dir or tracing) else None
 
@@ -387,17 +351,22 @@ def enabled(**config: Any) -> Iterator[None]:
 def backend(inner: str = "inductor", **config: Any):
     """A ``torch.compile`` backend running the tpfuse passes, without touching global config.
 
-    ``inner="inductor"``: Inductor with the passes as its post-grad pass.
-    ``inner="aot_eager"``: AOTAutograd graphs, rewritten, run eagerly (no Inductor)."""
+    ``inner="inductor"``: Inductor with the passes as its post-grad pass; ``torch.compile``'s
+    ``mode`` (e.g. ``"reduce-overhead"``) and ``options`` apply as they do to Inductor.
+    ``inner="aot_eager"``: AOTAutograd graphs, rewritten, run eagerly (no Inductor).
+
+    Each call returns a new backend, so ``torch.compile(f, backend=tpfuse.backend())``
+    never reuses code that Dynamo compiled for ``f`` with another backend."""
     cfg = make_config(**config)
     allow_funcol_gather_tracing()
     inductor_lowering.register()
     if inner == "inductor":
-        def tpfuse_inductor(gm, example_inputs):
+        def tpfuse_inductor(gm, example_inputs, mode=None, options=None):
             from torch._inductor.compile_fx import compile_fx
 
             installed = _without_tpfuse(_inductor_config().post_grad_custom_post_pass)
-            patches = {"post_grad_custom_post_pass": TpfusePass(cfg, installed)}
+            patches = {**_mode_options(mode), **(options or {}),
+                       "post_grad_custom_post_pass": TpfusePass(cfg, installed)}
             return compile_fx(gm, example_inputs, config_patches=patches)
 
         return tpfuse_inductor
@@ -416,6 +385,15 @@ def backend(inner: str = "inductor", **config: Any):
 
         return aot_autograd(fw_compiler=rewrite_then_run, bw_compiler=rewrite_then_run)
     raise ValueError(f"tpfuse: backend inner={inner!r}; accepted are 'inductor' and 'aot_eager'")
+
+
+def _mode_options(mode: str | None) -> dict:
+    """Inductor's config for a ``torch.compile`` mode (what ``mode=`` does with the Inductor backend)."""
+    if mode is None:
+        return {}
+    from torch._inductor import list_mode_options
+
+    return dict(list_mode_options(mode))
 
 
 # --------------------------------------------------------------------------- dumps
