@@ -81,7 +81,7 @@ def _all_gather_hidden_impl(
     # and backend() install that lowering); anywhere else the permission is ignored.
     zero_copy = zero_copy and inductor_lowering.is_registered()
     variables = settings.raw_dispatch_values()
-    if x.device.type == "cpu" or (variables[-1] is not None and _checking_cuda()):
+    if _agreement_applies(x, group, variables[-1]):
         # Collective, on every call and before anything that could raise on one rank only or
         # set up shared state: ranks that disagree all raise here (agreement.py).
         agreement.check(x, hidden_widths, group)
@@ -102,9 +102,13 @@ def _all_gather_hidden_impl(
     return launch(x)
 
 
-def _checking_cuda() -> bool:
-    """``TPFUSE_CHECK=1`` and not capturing a CUDA graph: CUDA calls run the agreement check too."""
-    return bool(settings.get("TPFUSE_CHECK")) and not torch.cuda.is_current_stream_capturing()
+def _agreement_applies(x: Tensor, group: Group, check_raw) -> bool:
+    """CPU tensors on a gloo group: always.  CUDA tensors on an NCCL group: with ``TPFUSE_CHECK=1``,
+    outside graph capture.  (A tensor on a device its group cannot move gets the op's own error.)"""
+    if x.device.type == "cpu":
+        return "gloo" in group.backend
+    return (check_raw is not None and x.device.type == "cuda" and "nccl" in group.backend
+            and bool(settings.get("TPFUSE_CHECK")) and not torch.cuda.is_current_stream_capturing())
 
 
 def _reduce_scatter_hidden_impl(
