@@ -3,7 +3,9 @@
 ``capture(fn, *args)`` compiles ``fn`` with Inductor far enough to run the
 post-grad passes, runs the tpfuse passes on the real post-grad graph, prints
 it before and after, and stops the compile there (no code generation: the
-graph tests stay fast).
+graph tests stay fast).  It compiles as ``tpfuse.enable()`` does: with the
+Dynamo rule of ``tpfuse/passes/dynamo_compat.py`` applied, so that funcol's
+hidden-axis gather stays in one graph on every supported torch.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch.distributed as dist
 from torch.fx import Node
 
 from tpfuse.passes import run_passes
+from tpfuse.passes.dynamo_compat import allow_funcol_gather_tracing
 from tpfuse.passes.manager import PassConfig
 
 try:
@@ -103,6 +106,7 @@ def capture(fn, *args, dynamic=None, mutate=None, **config):
     """(before/after text, GraphReport) of the first post-grad graph of ``fn(*args)``."""
     import torch._inductor.config as inductor_config
 
+    allow_funcol_gather_tracing()  # as tpfuse.enable() does (torch 2.11 would break the graph at funcol's gather)
     torch._dynamo.reset()
     hook = _CaptureAndStop(PassConfig(**config), mutate)
     with inductor_config.patch(post_grad_custom_post_pass=hook, fx_graph_cache=False), torch.no_grad():
