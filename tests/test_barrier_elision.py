@@ -26,7 +26,7 @@ from expecttest import TestCase
 
 from tpfuse.passes.dynamo_compat import allow_funcol_gather_tracing
 
-from pass_helpers import capture, fake_world, graph_text
+from pass_helpers import capture, fake_world, graph_text, normalise_placeholders
 
 W, w = 2, 8  # world size, columns per rank
 
@@ -453,7 +453,7 @@ class _Record:
         from tpfuse.passes import run_passes
 
         graph_report = run_passes(graph, self.config)
-        self.graphs.append((graph_text(graph), graph_report))
+        self.graphs.append((normalise_placeholders(graph_text(graph)), graph_report))
 
     def uuid(self):
         return None
