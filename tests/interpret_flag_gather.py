@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from interpreter_support import addressed  # noqa: E402
 from tpfuse.kernels import flag_gather, flag_protocol  # noqa: E402
 
 INT_OF = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
@@ -50,7 +51,8 @@ class Group:
             self.offsets.append(self.offsets[-1] + w)
         self.region_units = flag_protocol.region_units(max_slab_bytes)
         nbytes = flag_protocol.buffer_bytes(self.W, max_slab_bytes)
-        self.buffers = [torch.zeros(nbytes // 8, dtype=torch.int64) for _ in range(self.W)]
+        # addresses above 4 GiB, so that the interpreter types them as 64-bit values (interpreter_support.py)
+        self.buffers = [addressed(nbytes // 8, torch.int64) for _ in range(self.W)]
         self.epochs = [torch.zeros(flag_protocol.EPOCH_SLOTS, dtype=torch.int32) for _ in range(self.W)]
         self.status = [torch.zeros(1, dtype=torch.int32) for _ in range(self.W)]
         self.bufs = [b.data_ptr() for b in self.buffers] + [0] * (8 - self.W)

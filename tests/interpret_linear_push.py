@@ -36,6 +36,7 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from interpreter_support import addressed  # noqa: E402
 from tpfuse.kernels import linear_push  # noqa: E402
 
 #: (T, K, widths, dtype, has_bias, max blocks): small grids make every block take several tiles.
@@ -86,8 +87,9 @@ def simulate(T, K, widths, dtype, has_bias, max_blocks, passes=2, seed=0, zero_c
     for w in widths:
         offsets.append(offsets[-1] + w)
     slot_elems = -(-(T * total) // 64) * 64
-    buffers = [torch.full((2 * slot_elems,), float("nan"), dtype=dtype) for _ in range(W)]
-    pads = [torch.zeros(1024, dtype=torch.int32) for _ in range(W)]
+    # addresses above 4 GiB, so that the interpreter types them as 64-bit values (interpreter_support.py)
+    buffers = [addressed(2 * slot_elems, dtype, float("nan")) for _ in range(W)]
+    pads = [addressed(1024, torch.int32) for _ in range(W)]
     status = torch.zeros(1, dtype=torch.int32)
     config = linear_push.launch_config(T, K, widths)
     tma = tma and linear_push.tma_weight_ok(K, config)

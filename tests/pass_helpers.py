@@ -3,25 +3,38 @@
 ``capture(fn, *args)`` compiles ``fn`` with Inductor far enough to run the
 post-grad passes, runs the tpfuse passes on the real post-grad graph, prints
 it before and after, and stops the compile there (no code generation: the
-graph tests stay fast).
+graph tests stay fast).  It compiles as ``tpfuse.enable()`` does: with the
+Dynamo rule of ``tpfuse/passes/dynamo_compat.py`` applied, so that funcol's
+hidden-axis gather stays in one graph on every supported torch.
+
+The printed graphs leave out the opaque-object inputs that no node reads and
+number the other inputs in order (``normalise_placeholders``): the texts do not
+depend on what a torch version flattens into graph inputs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import operator
+import re
 
 import torch
 import torch.distributed as dist
 from torch.fx import Node
 
 from tpfuse.passes import run_passes
+from tpfuse.passes.dynamo_compat import allow_funcol_gather_tracing
 from tpfuse.passes.manager import PassConfig
 
 try:
     from torch._inductor.custom_graph_pass import CustomGraphPass
 except ImportError:  # pragma: no cover
     CustomGraphPass = object
+
+try:
+    from torch._library.fake_class_registry import FakeScriptObject
+except ImportError:  # pragma: no cover - a torch without opaque graph inputs
+    FakeScriptObject = ()
 
 
 @contextlib.contextmanager
@@ -61,9 +74,15 @@ def _target(node: Node) -> str:
     return getattr(t, "__name__", str(t))
 
 
+def _unused_opaque_input(node: Node) -> bool:
+    """An opaque-object input that no node reads: torch 2.13 flattens each DTensor into its local
+    tensor and its device mesh (an opaque object), torch 2.11 into the local tensor alone."""
+    return not node.users and isinstance(node.meta.get("val"), FakeScriptObject)
+
+
 def graph_text(graph) -> str:
-    """One line per node: ``name = op(args)``; placeholders on one line."""
-    inputs = [n.name for n in graph.nodes if n.op == "placeholder"]
+    """One line per node: ``name = op(args)``; placeholders on one line (unused opaque ones left out)."""
+    inputs = [n.name for n in graph.nodes if n.op == "placeholder" and not _unused_opaque_input(n)]
     lines = [f"inputs: {', '.join(inputs)}"]
     for n in graph.nodes:
         if n.op == "placeholder":
@@ -75,6 +94,26 @@ def graph_text(graph) -> str:
         args += [f"{k}={_arg(v)}" for k, v in n.kwargs.items() if k not in ("device", "pin_memory", "layout")]
         lines.append(f"{n.name} = {_target(n)}({', '.join(args)})")
     return "\n".join(lines)
+
+
+_PLACEHOLDER = re.compile(r"\barg\d+_\d+\b")
+
+
+def normalise_placeholders(text: str) -> str:
+    """Rename the graph inputs (``argN_M``) ``arg0_1``, ``arg1_1``, ... in order of first appearance.
+
+    One renaming for the whole text, so a graph printed before and after a rewrite
+    keeps each input's name across both.  AOTAutograd numbers inputs by their flat
+    position, and what is flattened into inputs varies between torch versions (newer
+    torch adds each DTensor's mesh): with the unused opaque inputs left out of
+    ``graph_text``, the numbering left is the inputs' order, the same on each version.
+    """
+    names: dict[str, str] = {}
+
+    def rename(m: re.Match) -> str:
+        return names.setdefault(m.group(0), f"arg{len(names)}_1")
+
+    return _PLACEHOLDER.sub(rename, text)
 
 
 class _Stop(Exception):
@@ -92,7 +131,7 @@ class _CaptureAndStop(CustomGraphPass):
         self.graph_report = run_passes(graph, self.config)
         graph.lint()  # run_passes leaves linting to Inductor; the tests check every rewrite
         after = graph_text(graph)
-        self.text = f"{before}\n---- after tpfuse ----\n{after}"
+        self.text = normalise_placeholders(f"{before}\n---- after tpfuse ----\n{after}")
         raise _Stop
 
     def uuid(self):
@@ -103,6 +142,7 @@ def capture(fn, *args, dynamic=None, mutate=None, **config):
     """(before/after text, GraphReport) of the first post-grad graph of ``fn(*args)``."""
     import torch._inductor.config as inductor_config
 
+    allow_funcol_gather_tracing()  # as tpfuse.enable() does (torch 2.11 would break the graph at funcol's gather)
     torch._dynamo.reset()
     hook = _CaptureAndStop(PassConfig(**config), mutate)
     with inductor_config.patch(post_grad_custom_post_pass=hook, fx_graph_cache=False), torch.no_grad():

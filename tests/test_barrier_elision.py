@@ -24,7 +24,9 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from expecttest import TestCase
 
-from pass_helpers import capture, fake_world, graph_text
+from tpfuse.passes.dynamo_compat import allow_funcol_gather_tracing
+
+from pass_helpers import capture, fake_world, graph_text, normalise_placeholders
 
 W, w = 2, 8  # world size, columns per rank
 
@@ -451,7 +453,7 @@ class _Record:
         from tpfuse.passes import run_passes
 
         graph_report = run_passes(graph, self.config)
-        self.graphs.append((graph_text(graph), graph_report))
+        self.graphs.append((normalise_placeholders(graph_text(graph)), graph_report))
 
     def uuid(self):
         return None
@@ -461,6 +463,7 @@ def _compiled_run(fn, *args, backward=False):
     import torch._inductor.config as inductor_config
     from torch._inductor.utils import run_and_get_code
 
+    allow_funcol_gather_tracing()  # compiled as tpfuse.enable() compiles (see pass_helpers.capture)
     torch._dynamo.reset()
     record = _Record()
     with inductor_config.patch(post_grad_custom_post_pass=record, fx_graph_cache=False):

@@ -15,6 +15,8 @@ from tpfuse.compile_ops.dispatch import Backend
 from tpfuse.compile_ops.groups import Group
 from tpfuse.kernels import flag_protocol
 
+import interpreter_support
+
 
 def test_units_carry_four_data_bytes_and_pad_to_16_byte_pairs():
     assert flag_protocol.UNIT_BYTES == 8 and flag_protocol.DATA_BYTES == 4 and flag_protocol.WIRE_OVERHEAD == 2
@@ -47,6 +49,9 @@ def test_protocol_has_no_entry_barrier_for_a_pass_to_elide():
 @pytest.fixture(scope="module")
 def interpreted():
     pytest.importorskip("triton")
+    reason = interpreter_support.skip_reason()
+    if reason:
+        pytest.skip(reason)
     script = os.path.join(os.path.dirname(__file__), "interpret_flag_gather.py")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)

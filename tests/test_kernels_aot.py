@@ -15,6 +15,7 @@ import sys
 import pytest
 
 import aot_kernels_report as aot
+import interpreter_support
 
 pytest.importorskip("triton")
 
@@ -107,6 +108,9 @@ def test_kernels_compile_for_sm90_with_triton_36():
 
 
 def _interpret(*flags):
+    reason = interpreter_support.skip_reason()
+    if reason:
+        pytest.skip(reason)
     script = os.path.join(os.path.dirname(__file__), "interpret_linear_push.py")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run([sys.executable, script, *flags], env=env, capture_output=True, text=True, timeout=300)
@@ -182,3 +186,19 @@ def test_fused_linear_push_interpreter_negative_control():
     pytest.importorskip("torch")
     results = _interpret("--one-pass")
     assert not any(r["within_tolerance"] for r in results), results
+
+
+def test_interpreter_skip_only_where_triton_36_meets_numpy_24():
+    assert interpreter_support.skip_reason("3.6.0", "2.4.6").startswith("Triton 3.6.0's interpreter")
+    assert interpreter_support.skip_reason("3.6.0", "2.3.5") is None
+    assert interpreter_support.skip_reason("3.7.0", "2.4.0") is None
+    assert interpreter_support.skip_reason("3.9.0+git1234", "2.4.6") is None
+
+
+def test_interpreter_buffers_sit_above_4_gib():
+    """The peers' buffers go to the kernels as integers: below 4 GiB the interpreter would type them
+    as 32-bit values, whose cast to a pointer it cannot do (interpreter_support.py)."""
+    torch = pytest.importorskip("torch")
+    bufs = [interpreter_support.addressed(n, dtype, 7) for n, dtype in [(1, torch.int32), (4099, torch.float16)]]
+    assert all(b.data_ptr() >= 2**32 and b.data_ptr() % 16 == 0 for b in bufs)
+    assert all(bool((b == 7).all()) for b in bufs) and [b.numel() for b in bufs] == [1, 4099]

@@ -14,7 +14,7 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 from expecttest import TestCase
 
-from pass_helpers import capture, fake_world
+from pass_helpers import capture, fake_world, normalise_placeholders
 
 
 def _world():
@@ -315,9 +315,9 @@ return [all_gather_hidden_default]""")
         self.assertEqual([m.pattern for m in rep.matches], ["split_cat"])
         self.assertEqual(rep.matches[0].producer.op, "addmm")
         self.assertExpectedInline(text, """\
-inputs: arg0_1, arg1_1, arg2_1, arg3_1, arg4_1, arg5_1
-permute = permute(arg2_1, [1, 0])
-addmm = addmm(arg4_1, arg0_1, permute)
+inputs: arg0_1, arg1_1, arg2_1
+permute = permute(arg1_1, [1, 0])
+addmm = addmm(arg2_1, arg0_1, permute)
 all_gather_into_tensor = _c10d_functional.all_gather_into_tensor(addmm, 2, '0')
 wait_tensor = _c10d_functional.wait_tensor(all_gather_into_tensor)
 split = split.Tensor(wait_tensor, 4)
@@ -326,9 +326,9 @@ getitem_1 = getitem(split, 1)
 cat = cat([getitem, getitem_1], 1)
 return [cat]
 ---- after tpfuse ----
-inputs: arg0_1, arg1_1, arg2_1, arg3_1, arg4_1, arg5_1
-permute = permute(arg2_1, [1, 0])
-addmm = addmm(arg4_1, arg0_1, permute)
+inputs: arg0_1, arg1_1, arg2_1
+permute = permute(arg1_1, [1, 0])
+addmm = addmm(arg2_1, arg0_1, permute)
 all_gather_hidden_default = tpfuse.all_gather_hidden(addmm, [8, 8], '0')
 return [all_gather_hidden_default]""")
 
@@ -337,9 +337,9 @@ return [all_gather_hidden_default]""")
         self.assertEqual([m.pattern for m in rep.matches], ["split_cat"])
         self.assertEqual(rep.matches[0].producer.reshapes, ("view_2",))
         self.assertExpectedInline(text, """\
-inputs: arg0_1, arg1_1, arg2_1, arg3_1
+inputs: arg0_1, arg1_1
 view_1 = reshape(arg0_1, [6, 16])
-permute = permute(arg2_1, [1, 0])
+permute = permute(arg1_1, [1, 0])
 mm = mm(view_1, permute)
 view_2 = reshape(mm, [2, 3, 8])
 all_gather_into_tensor = _c10d_functional.all_gather_into_tensor(view_2, 2, '0')
@@ -350,9 +350,9 @@ getitem_1 = getitem(split, 1)
 cat = cat([getitem, getitem_1], 2)
 return [cat]
 ---- after tpfuse ----
-inputs: arg0_1, arg1_1, arg2_1, arg3_1
+inputs: arg0_1, arg1_1
 view_1 = reshape(arg0_1, [6, 16])
-permute = permute(arg2_1, [1, 0])
+permute = permute(arg1_1, [1, 0])
 mm = mm(view_1, permute)
 view_2 = reshape(mm, [2, 3, 8])
 all_gather_hidden_default = tpfuse.all_gather_hidden(view_2, [8, 8], '0')
@@ -364,14 +364,14 @@ return [all_gather_hidden_default]""")
         self.assertEqual([m.pattern for m in rep.matches], ["view"])
         self.assertEqual(rep.matches[0].producer.kind, "other")
         self.assertExpectedInline(text, """\
-inputs: arg0_1, arg1_1, arg2_1, arg3_1, arg4_1, arg5_1
+inputs: arg0_1, arg1_1, arg2_1
 view_1 = reshape(arg0_1, [1, 16])
 permute_1 = permute(view_1, [1, 0])
-permute = permute(arg2_1, [1, 0])
+permute = permute(arg1_1, [1, 0])
 mul = mul.Tensor(permute_1, permute)
 sum_1 = sum.dim_IntList(mul, [0], True)
 mul_1 = mul.Tensor(sum_1, 1)
-mul_2 = mul.Tensor(arg4_1, 1)
+mul_2 = mul.Tensor(arg2_1, 1)
 add = add.Tensor(mul_1, mul_2)
 view_2 = reshape(add, [1, 1, 8])
 all_gather_into_tensor = _c10d_functional.all_gather_into_tensor(view_2, 2, '0')
@@ -379,14 +379,14 @@ wait_tensor = _c10d_functional.wait_tensor(all_gather_into_tensor)
 view_3 = reshape(wait_tensor, [1, 1, 16])
 return [view_3]
 ---- after tpfuse ----
-inputs: arg0_1, arg1_1, arg2_1, arg3_1, arg4_1, arg5_1
+inputs: arg0_1, arg1_1, arg2_1
 view_1 = reshape(arg0_1, [1, 16])
 permute_1 = permute(view_1, [1, 0])
-permute = permute(arg2_1, [1, 0])
+permute = permute(arg1_1, [1, 0])
 mul = mul.Tensor(permute_1, permute)
 sum_1 = sum.dim_IntList(mul, [0], True)
 mul_1 = mul.Tensor(sum_1, 1)
-mul_2 = mul.Tensor(arg4_1, 1)
+mul_2 = mul.Tensor(arg2_1, 1)
 add = add.Tensor(mul_1, mul_2)
 view_2 = reshape(add, [1, 1, 8])
 all_gather_hidden_default = tpfuse.all_gather_hidden(view_2, [8, 8], '0')
@@ -693,9 +693,9 @@ return [all_gather_hidden_default]""")
     def test_dtensor_colwise_2d(self):
         text, _ = capture(_colwise_linear(), torch.randn(4, 16))
         self.assertExpectedInline(text, """\
-inputs: arg0_1, arg1_1, arg2_1, arg3_1, arg4_1, arg5_1
-permute = permute(arg2_1, [1, 0])
-addmm = addmm(arg4_1, arg0_1, permute)
+inputs: arg0_1, arg1_1, arg2_1
+permute = permute(arg1_1, [1, 0])
+addmm = addmm(arg2_1, arg0_1, permute)
 all_gather_into_tensor = _c10d_functional.all_gather_into_tensor(addmm, 4, '0')
 wait_tensor = _c10d_functional.wait_tensor(all_gather_into_tensor)
 split = split.Tensor(wait_tensor, 4)
@@ -706,18 +706,18 @@ getitem_3 = getitem(split, 3)
 cat = cat([getitem, getitem_1, getitem_2, getitem_3], 1)
 return [cat]
 ---- after tpfuse ----
-inputs: arg0_1, arg1_1, arg2_1, arg3_1, arg4_1, arg5_1
-permute = permute(arg2_1, [1, 0])
-addmm = addmm(arg4_1, arg0_1, permute)
+inputs: arg0_1, arg1_1, arg2_1
+permute = permute(arg1_1, [1, 0])
+addmm = addmm(arg2_1, arg0_1, permute)
 all_gather_hidden_default = tpfuse.all_gather_hidden(addmm, [8, 8, 8, 8], '0')
 return [all_gather_hidden_default]""")
 
     def test_dtensor_colwise_3d(self):
         text, _ = capture(_colwise_linear(bias=False), torch.randn(2, 3, 16))
         self.assertExpectedInline(text, """\
-inputs: arg0_1, arg1_1, arg2_1, arg3_1
+inputs: arg0_1, arg1_1
 view_1 = reshape(arg0_1, [6, 16])
-permute = permute(arg2_1, [1, 0])
+permute = permute(arg1_1, [1, 0])
 mm = mm(view_1, permute)
 view_2 = reshape(mm, [2, 3, 8])
 all_gather_into_tensor = _c10d_functional.all_gather_into_tensor(view_2, 4, '0')
@@ -730,9 +730,9 @@ getitem_3 = getitem(split, 3)
 cat = cat([getitem, getitem_1, getitem_2, getitem_3], 2)
 return [cat]
 ---- after tpfuse ----
-inputs: arg0_1, arg1_1, arg2_1, arg3_1
+inputs: arg0_1, arg1_1
 view_1 = reshape(arg0_1, [6, 16])
-permute = permute(arg2_1, [1, 0])
+permute = permute(arg1_1, [1, 0])
 mm = mm(view_1, permute)
 view_2 = reshape(mm, [2, 3, 8])
 all_gather_hidden_default = tpfuse.all_gather_hidden(view_2, [8, 8, 8, 8], '0')
@@ -741,14 +741,14 @@ return [all_gather_hidden_default]""")
     def test_dtensor_colwise_3d_decode(self):
         text, _ = capture(_colwise_linear(), torch.randn(1, 1, 16))
         self.assertExpectedInline(text, """\
-inputs: arg0_1, arg1_1, arg2_1, arg3_1, arg4_1, arg5_1
+inputs: arg0_1, arg1_1, arg2_1
 view_1 = reshape(arg0_1, [1, 16])
 permute_1 = permute(view_1, [1, 0])
-permute = permute(arg2_1, [1, 0])
+permute = permute(arg1_1, [1, 0])
 mul = mul.Tensor(permute_1, permute)
 sum_1 = sum.dim_IntList(mul, [0], True)
 mul_1 = mul.Tensor(sum_1, 1)
-mul_2 = mul.Tensor(arg4_1, 1)
+mul_2 = mul.Tensor(arg2_1, 1)
 add = add.Tensor(mul_1, mul_2)
 view_2 = reshape(add, [1, 1, 8])
 all_gather_into_tensor = _c10d_functional.all_gather_into_tensor(view_2, 4, '0')
@@ -756,15 +756,29 @@ wait_tensor = _c10d_functional.wait_tensor(all_gather_into_tensor)
 view_3 = reshape(wait_tensor, [1, 1, 32])
 return [view_3]
 ---- after tpfuse ----
-inputs: arg0_1, arg1_1, arg2_1, arg3_1, arg4_1, arg5_1
+inputs: arg0_1, arg1_1, arg2_1
 view_1 = reshape(arg0_1, [1, 16])
 permute_1 = permute(view_1, [1, 0])
-permute = permute(arg2_1, [1, 0])
+permute = permute(arg1_1, [1, 0])
 mul = mul.Tensor(permute_1, permute)
 sum_1 = sum.dim_IntList(mul, [0], True)
 mul_1 = mul.Tensor(sum_1, 1)
-mul_2 = mul.Tensor(arg4_1, 1)
+mul_2 = mul.Tensor(arg2_1, 1)
 add = add.Tensor(mul_1, mul_2)
 view_2 = reshape(add, [1, 1, 8])
 all_gather_hidden_default = tpfuse.all_gather_hidden(view_2, [8, 8, 8, 8], '0')
 return [all_gather_hidden_default]""")
+
+
+class TestPlaceholderNames(TestCase):
+    def test_inputs_renamed_in_order_of_first_appearance_one_renaming_for_before_and_after(self):
+        # a rewrite that swaps two inputs still shows the swap after the renaming
+        text = ("inputs: arg0_1, arg2_1, arg4_1\nmm = mm(arg0_1, arg2_1)\nadd = add(mm, arg4_1)\n"
+                "---- after tpfuse ----\ninputs: arg0_1, arg2_1, arg4_1\nmm = mm(arg2_1, arg0_1)")
+        self.assertEqual(normalise_placeholders(text), (
+            "inputs: arg0_1, arg1_1, arg2_1\nmm = mm(arg0_1, arg1_1)\nadd = add(mm, arg2_1)\n"
+            "---- after tpfuse ----\ninputs: arg0_1, arg1_1, arg2_1\nmm = mm(arg1_1, arg0_1)"))
+
+    def test_only_whole_input_names_are_renamed(self):
+        self.assertEqual(normalise_placeholders("inputs: arg3_1\nmy_arg3_1 = f(arg3_1, arg3_10)"),
+                         "inputs: arg0_1\nmy_arg3_1 = f(arg0_1, arg1_1)")
