@@ -120,11 +120,17 @@ def test_backend_takes_torch_compile_mode_and_options():
 
     assert _mode_options("reduce-overhead") == {"triton.cudagraphs": True}
     assert _mode_options(None) == {}
+    import torch._inductor.config as inductor_config
+
+    from tpfuse.passes.manager import reset_report
+
     x = torch.randn(3, 5)
-    for mode in ("reduce-overhead", "max-autotune-no-cudagraphs", None):
-        torch._dynamo.reset()
-        compiled = torch.compile(lambda t: (t * 2).relu(), backend=tpfuse.backend(), mode=mode)
-        assert torch.equal(compiled(x), (x * 2).relu())
+    with inductor_config.patch(fx_graph_cache=False):  # leave no cached-graph records for later reports
+        for mode in ("reduce-overhead", "max-autotune-no-cudagraphs", None):
+            torch._dynamo.reset()
+            compiled = torch.compile(lambda t: (t * 2).relu(), backend=tpfuse.backend(), mode=mode)
+            assert torch.equal(compiled(x), (x * 2).relu())
+    reset_report()
 
 
 def _funcol_gather(x, w):
