@@ -313,3 +313,31 @@ def test_reduce_overhead_sets_up_outside_the_graph_pool(W):
     _needs(W)
     for rank, bad in enumerate(run_ranks(W, _reduce_overhead, backend="nccl", timeout=300)):
         assert bad == [], f"rank {rank}: wrong results for T in {bad}"
+
+
+def _launchers_across_growth(rank, W):
+    """Through the op (kept launchers): a small shape, a shape that grows the slots, the small one again."""
+    import torch.distributed as dist
+
+    from tpfuse.compile_ops import dispatch, workspace
+
+    os.environ["TPFUSE_BACKEND"] = "p2p"
+    name = dist.group.WORLD.group_name
+    group = _group()
+    widths = [4096] * W
+    results, sizes = [], []
+    for i, T in enumerate((1, 1, 1024, 1, 1024, 1)):  # T=1024: 8 MiB x W of output grows 1 MiB slots
+        xs = [_bits(100 * i + r, (T, 4096), torch.bfloat16) for r in range(W)]
+        out = torch.ops.tpfuse.all_gather_hidden(xs[rank], widths, name)
+        results.append(torch.equal(_as_int(out), _as_int(torch.cat(xs, -1))))
+        sizes.append(workspace.workspace(group, rank).slot_bytes)
+    return {"exact": results, "slot_bytes": sizes, "ran": dict(dispatch.chosen)}
+
+
+@pytest.mark.parametrize("W", [2, 4])
+def test_kept_launchers_follow_the_slots_when_they_grow(W):
+    _needs(W)
+    for res in run_ranks(W, _launchers_across_growth, backend="nccl", timeout=300):
+        assert all(res["exact"]), res
+        assert res["slot_bytes"][2] > res["slot_bytes"][1], res  # the large call grew the slots
+        assert set(res["ran"]) == {"p2p"}, res

@@ -191,8 +191,7 @@ def _prepare_push(x, hidden_widths, group, backend, slot, skip_entry_sync, copy_
     nblocks = min(ws.facts.max_blocks, max(1, -(-tokens * plan.max_width_vec // plan.tile)))
     run, head = plan.run, (nblocks, 1, 1)
     middle = (plan.function, plan.packed_metadata, None, None, None)
-    tail = (tokens, ws.timeout_ns) + ((ws.multicast_ptr,) if plan.multimem else ()) \
-        + tuple(ws.pointer_args) + tuple(plan.constexpr_values)
+    fixed, constexprs, multimem = (tokens, ws.timeout_ns), tuple(plan.constexpr_values), plan.multimem
     dtype, shape, elem_size, unit = x.dtype, lead + (total,), plan.elem_size, plan.unit
 
     def launch(x):
@@ -208,12 +207,16 @@ def _prepare_push(x, hidden_widths, group, backend, slot, skip_entry_sync, copy_
         if copy_out:
             out = torch.empty(shape, dtype=dtype, device=x.device)
             out_ptr = out.data_ptr()
-        else:  # the slots may have grown since this launcher was made: sizes are read now
+        else:
             elems = ws.slot_bytes // elem_size
             out = ws.buffer.view(dtype)[chosen_slot * elems : chosen_slot * elems + tokens * total].view(shape)
             out_ptr = 0
+        # A later, larger call may have grown the slots since this launcher was made: the
+        # buffers, their addresses and the slot size are read now, never kept.
         slot_offset = chosen_slot * (ws.slot_bytes // unit)
-        run(*head, raw_stream(device_index), *middle, x.data_ptr(), out_ptr, slot_offset, ws.status_ptr, *tail)
+        extra = (ws.multicast_ptr,) if multimem else ()
+        run(*head, raw_stream(device_index), *middle, x.data_ptr(), out_ptr, slot_offset, ws.status_ptr, *fixed,
+            *extra, *ws.pointer_args, *constexprs)
         return out
 
     return launch
