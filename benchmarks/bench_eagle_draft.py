@@ -369,24 +369,14 @@ def facts_table(results):
 
 def main():
     args = parse_args()
-    rank, W, device = cb.init_distributed(args.device)
-    cb.raise_recompile_limit()
-    info = cb.versions(device, W)
-    name = f"eagle_draft_w{W}"
-    log = cb.Log(rank, args.out, name)
-    t_start = time.perf_counter()
-    log(cb.versions_line(info))
-    if device.type == "cpu" and "reduce-overhead" in args.modes:
-        log("reduce-overhead needs CUDA graphs: dropped on the CPU")
-        args.modes = [m for m in args.modes if m != "reduce-overhead"]
+    rank, W, device, info, name, log, t_start = cb.start(args, "eagle_draft")
     model = DraftStep(rank, W, args.shape, max(args.tokens), device).eval()
     log(f"draft: {args.shape} ({'tiny' if args.tiny else 'Llama-3.1-8B EAGLE3'}), bf16, random weights; "
         f"per rank: fc {tuple(model.fc.shape)}, lm_head {tuple(model.lm_head.shape)}")
     payload = {"benchmark": "eagle_draft", **info, "args": vars(args), "results": []}
     skipped, last_s = [], 0.0
     for T in args.tokens:
-        stop = args.time_limit_s and time.perf_counter() - t_start + last_s > args.time_limit_s
-        if cb.slowest([1.0 if stop else 0.0], device)[0]:
+        if cb.out_of_time(args, t_start, last_s, device):
             skipped.append(T)
             continue
         t0 = time.perf_counter()

@@ -496,23 +496,14 @@ def facts_table(batches, args):
 
 def main():
     args = parse_args()
-    rank, W, device = cb.init_distributed(args.device)
-    import transformers  # noqa: F401  (after the process group: its import is slow, the versions line names it)
+    import transformers  # noqa: F401  (before the versions line, which names the version in use)
 
-    cb.raise_recompile_limit()
-    info = cb.versions(device, W)
-    name = f"hf_decode_w{W}"
-    log = cb.Log(rank, args.out, name)
-    t_start = time.perf_counter()
-    log(cb.versions_line(info))
+    rank, W, device, info, name, log, t_start = cb.start(args, "hf_decode")
     cfg, full_depth = llama_config(args)
     preset = "tiny" if args.tiny else f"hidden {args.hidden}"
     log(f"model: LlamaForCausalLM ({preset}: hidden {cfg.hidden_size}, intermediate {cfg.intermediate_size}, "
         f"{cfg.num_attention_heads} heads, {cfg.num_key_value_heads} KV heads, vocab {cfg.vocab_size}), "
         f"{args.layers} of {full_depth} layers, random weights (seed {args.seed}), bf16")
-    if device.type == "cpu" and "reduce-overhead" in args.modes:
-        log("reduce-overhead needs CUDA graphs: dropped on the CPU")
-        args.modes = [m for m in args.modes if m != "reduce-overhead"]
 
     path, delete = checkpoint_dir(args, rank)
     build_and_save(cfg, path, args, rank, device, log)
@@ -527,9 +518,7 @@ def main():
     skipped = []
     last_batch_s = 0.0
     for batch in args.batches:
-        elapsed = time.perf_counter() - t_start
-        stop = args.time_limit_s and elapsed + last_batch_s > args.time_limit_s
-        if cb.slowest([1.0 if stop else 0.0], device)[0]:
+        if cb.out_of_time(args, t_start, last_batch_s, device):
             skipped.append(batch)
             continue
         t0 = time.perf_counter()

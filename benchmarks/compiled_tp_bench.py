@@ -349,6 +349,30 @@ def failures(rows: list, key: str, expect_rewritten: int) -> list[str]:
     return out
 
 
+def start(args, benchmark: str):
+    """Process group, versions and log of one run: (rank, W, device, info, name, log, t_start).
+
+    Drops reduce-overhead from ``args.modes`` on the CPU (it needs CUDA graphs), saying so."""
+    rank, W, device = init_distributed(args.device)
+    raise_recompile_limit()
+    info = versions(device, W)
+    name = f"{benchmark}_w{W}"
+    log = Log(rank, args.out, name)
+    t_start = time.perf_counter()
+    log(versions_line(info))
+    if device.type == "cpu" and "reduce-overhead" in args.modes:
+        log("reduce-overhead needs CUDA graphs: dropped on the CPU")
+        args.modes = [m for m in args.modes if m != "reduce-overhead"]
+    return rank, W, device, info, name, log, t_start
+
+
+def out_of_time(args, t_start: float, next_s: float, device: torch.device) -> bool:
+    """Whether the next piece (as long as ``next_s``, the last one) would pass ``--time-limit-s``:
+    decided on the slowest rank, so every rank skips alike."""
+    stop = args.time_limit_s and time.perf_counter() - t_start + next_s > args.time_limit_s
+    return bool(slowest([1.0 if stop else 0.0], device)[0])
+
+
 def finish(rank: int, device: torch.device, code: int = 0) -> None:
     """Exit without ``destroy_process_group``: it can hang once CUDA graphs captured NCCL
     collectives (the ``off`` graphs do; docs/benchmarks.md, the decode step).  Every rank is done

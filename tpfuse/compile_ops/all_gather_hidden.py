@@ -80,13 +80,12 @@ def _all_gather_hidden_impl(
     # A view of the slot is safe only where Inductor is kept from recycling it (tpfuse.enable()
     # and backend() install that lowering); anywhere else the permission is ignored.
     zero_copy = zero_copy and inductor_lowering.is_registered()
-    variables = settings.raw_dispatch_values()
-    if _agreement_applies(x, group, variables[-1]):
+    variables, device = settings.raw_dispatch_values(), x.device
+    if _agreement_applies(device.type, group, variables[-1]):
         # Collective, on every call and before anything that could raise on one rank only or
         # set up shared state: ranks that disagree all raise here (agreement.py).
         agreement.check(x, hidden_widths, group)
-    key = (group_name, tuple(hidden_widths), x.shape, x.dtype, x.device, slot, skip_entry_sync, zero_copy,
-           variables)
+    key = (group_name, tuple(hidden_widths), x.shape, x.dtype, device, slot, skip_entry_sync, zero_copy, variables)
     kept = launchers.find(key, group)
     if kept is not None:  # this call shape was checked and dispatched before (launchers.py)
         name, launch = kept
@@ -94,7 +93,7 @@ def _all_gather_hidden_impl(
         return launch(x)
     _check_gather_args(x, hidden_widths, group, slot)
     tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    backend = choose(GatherCall(x.device.type, x.dtype, tokens * sum(hidden_widths), group,
+    backend = choose(GatherCall(device.type, x.dtype, tokens * sum(hidden_widths), group,
                                 tokens * max(hidden_widths), forced_backend()))
     launch = backend.prepare(x, hidden_widths, group, slot, skip_entry_sync, zero_copy)
     if not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
@@ -102,12 +101,12 @@ def _all_gather_hidden_impl(
     return launch(x)
 
 
-def _agreement_applies(x: Tensor, group: Group, check_raw) -> bool:
+def _agreement_applies(device_type: str, group: Group, check_raw) -> bool:
     """CPU tensors on a gloo group: always.  CUDA tensors on an NCCL group: with ``TPFUSE_CHECK=1``,
     outside graph capture.  (A tensor on a device its group cannot move gets the op's own error.)"""
-    if x.device.type == "cpu":
+    if device_type == "cpu":
         return "gloo" in group.backend
-    return (check_raw is not None and x.device.type == "cuda" and "nccl" in group.backend
+    return (check_raw is not None and device_type == "cuda" and "nccl" in group.backend
             and bool(settings.get("TPFUSE_CHECK")) and not torch.cuda.is_current_stream_capturing())
 
 
