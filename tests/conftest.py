@@ -12,6 +12,9 @@ os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
 for _k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
     os.environ[_k] = {"NCCL_NVLS_ENABLE": "0"}.get(_k, "1")
+# Tests make calls time out on purpose: the watchdog reports them and lets the test process live
+# (its default tears a process down; tests/test_failed_calls.py checks that in a child process).
+os.environ.setdefault("TPFUSE_WATCHDOG", "report")
 
 
 def _cuda_count() -> int:

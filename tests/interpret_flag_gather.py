@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from interpreter_support import addressed  # noqa: E402
-from tpfuse.kernels import flag_gather, flag_protocol  # noqa: E402
+from tpfuse.kernels import failure, flag_gather, flag_protocol  # noqa: E402
 
 INT_OF = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 POLLS = 3  # poll iterations before a wait gives up (the GPU bounds it by %globaltimer)
@@ -54,14 +54,18 @@ class Group:
         # addresses above 4 GiB, so that the interpreter types them as 64-bit values (interpreter_support.py)
         self.buffers = [addressed(nbytes // 8, torch.int64) for _ in range(self.W)]
         self.epochs = [torch.zeros(flag_protocol.EPOCH_SLOTS, dtype=torch.int32) for _ in range(self.W)]
-        self.status = [torch.zeros(1, dtype=torch.int32) for _ in range(self.W)]
+        self.status = [torch.zeros(failure.STATUS_WORDS, dtype=torch.int32) for _ in range(self.W)]
+        self.calls = [0] * self.W  # per rank, the host-issued number of its current call
         self.bufs = [b.data_ptr() for b in self.buffers] + [0] * (8 - self.W)
 
     def launch(self, rank, x, out, phases, nblocks):
         T = x.shape[0]
+        if phases & flag_gather.SEND:
+            self.calls[rank] += 1
         flag_gather.flag_gather_kernel[(nblocks,)](
-            x, out, self.epochs[rank], self.status[rank], T, POLLS, self.region_units, *self.bufs,
-            RANK=rank, W=self.W, PEERS=max(1, 1 << (self.W - 2).bit_length()), BAND_OFFSETS=tuple(self.offsets), ELEM=self.elem_size, BLOCK_U=self.block_u,
+            x, out, self.epochs[rank], self.status[rank], T, POLLS, self.calls[rank], self.region_units, *self.bufs,
+            RANK=rank, W=self.W, PEERS=max(1, 1 << (self.W - 2).bit_length()), BAND_OFFSETS=tuple(self.offsets),
+            ELEM=self.elem_size, BLOCK_U=self.block_u, POISON=failure.NAN_BITS_OF_SIZE[self.elem_size],
             PHASES=phases, PLAIN_STORES=True, INTERPRET=True, **self.options)
 
     def slabs(self, T, seed):
@@ -101,7 +105,7 @@ def cases():
             slabs = group.slabs(T, seed=i)
             outs = group.call(slabs)
             results.append({"widths": widths, "elem": elem, "T": T, "nblocks": group.grid(T), "exact": exact(outs, slabs),
-                            "status": [int(s) for s in group.status], "epoch": int(group.epochs[0][0])})
+                            "status": [int(s[0]) for s in group.status], "epoch": int(group.epochs[0][0])})
     return results
 
 
@@ -116,7 +120,7 @@ def ahead(parity=True, accept_stale=False):
     later = group.poisoned(4)
     group.launch(1, second[1], later[1], flag_gather.SEND, 1)  # rank 1's next call
     group.launch(0, first[0], outs[0], flag_gather.RECEIVE, 1)
-    return {"exact": exact(outs, first), "status": int(group.status[0])}
+    return {"exact": exact(outs, first), "status": int(group.status[0][0])}
 
 
 def stale(accept_stale=False):
@@ -132,7 +136,28 @@ def stale(accept_stale=False):
     outs = group.poisoned(4)
     group.launch(0, third[0], outs[0], flag_gather.SEND, 1)
     group.launch(0, third[0], outs[0], flag_gather.RECEIVE, 1)
-    return {"exact": exact(outs[:1], third), "status": int(group.status[0])}
+    return {"exact": exact(outs[:1], third), "status": int(group.status[0][0]), "call": int(group.status[0][1]),
+            "poisoned": poisoned_everywhere(outs[0], group.elem_size)}
+
+
+def poisoned_everywhere(out, elem_size):
+    """Every element of ``out`` holds the poison pattern (a timed-out call's result, kernels/failure.py)."""
+    bits = failure.NAN_BITS_OF_SIZE[elem_size]
+    bits = bits - (1 << (8 * elem_size)) if bits >> (8 * elem_size - 1) else bits
+    return bool((out.view(INT_OF[elem_size]).to(torch.int64) & ((1 << (8 * elem_size)) - 1)
+                 == (bits & ((1 << (8 * elem_size)) - 1))).all())
+
+
+def missing(elem, widths):
+    """Rank 1 never arrives at call 2: rank 0's wait gives up, its whole result is poison, the call is named."""
+    group = Group(widths, elem, max_slab_bytes=8 * max(widths) * elem)
+    group.call(group.slabs(3, seed=1))
+    slabs = group.slabs(3, seed=2)
+    outs = group.poisoned(3)
+    group.launch(0, slabs[0], outs[0], flag_gather.SEND, group.grid(3))
+    group.launch(0, slabs[0], outs[0], flag_gather.RECEIVE, group.grid(3))
+    return {"status": int(group.status[0][0]), "call": int(group.status[0][1]),
+            "poisoned": poisoned_everywhere(outs[0], elem)}
 
 
 def clear():
@@ -149,7 +174,7 @@ def clear():
         results.append(exact(group.call(slabs), slabs))
     # e = 4 was the last call: (4 >> 1) & 0 == 0, so buffer parity 0 is zeroed on every rank.
     zeroed = all(int(b[: group.W * group.region_units].abs().sum()) == 0 for b in group.buffers)
-    return {"exact": all(results), "parity0_zeroed": zeroed, "status": [int(s) for s in group.status]}
+    return {"exact": all(results), "parity0_zeroed": zeroed, "status": [int(s[0]) for s in group.status]}
 
 
 if __name__ == "__main__":
@@ -161,4 +186,5 @@ if __name__ == "__main__":
         "stale": stale(),
         "stale_accepted": stale(accept_stale=True),
         "clear": clear(),
+        "missing": [missing(elem, widths) for elem, widths in ((1, [5, 3]), (2, [8, 7, 9]), (4, [3, 4]))],
     }))

@@ -90,7 +90,7 @@ def simulate(T, K, widths, dtype, has_bias, max_blocks, passes=2, seed=0, zero_c
     # addresses above 4 GiB, so that the interpreter types them as 64-bit values (interpreter_support.py)
     buffers = [addressed(2 * slot_elems, dtype, float("nan")) for _ in range(W)]
     pads = [addressed(1024, torch.int32) for _ in range(W)]
-    status = torch.zeros(1, dtype=torch.int32)
+    status = torch.zeros(2, dtype=torch.int32)
     config = linear_push.launch_config(T, K, widths)
     tma = tma and linear_push.tma_weight_ok(K, config)
     tiles = -(-T // config["BLOCK_M"]) * -(-max(widths) // config["BLOCK_N"])
@@ -112,7 +112,7 @@ def simulate(T, K, widths, dtype, has_bias, max_blocks, passes=2, seed=0, zero_c
     for _ in range(passes):
         for r in range(W):
             linear_push.p2p_linear_push_kernel[(nblocks,)](
-                x, weights[r], biases[r], outs[r], slot * slot_elems, status, T, 10**9, *buf_args, *pad_args,
+                x, weights[r], biases[r], outs[r], slot * slot_elems, status, T, 10**9, 1, *buf_args, *pad_args,
                 RANK=r, W=W, WP=max(2, 1 << (W - 1).bit_length()), BAND_OFFSETS=tuple(offsets), K=K,
                 HAS_BIAS=has_bias, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
                 SKIP_ENTRY_SYNC=True, EVEN_BANDS=linear_push.even_bands(offsets, config), EXIT_SYNC=False,

@@ -34,7 +34,7 @@ def _fake_workspace(push_ok=True, slot_bytes=1 << 20, multicast=0, code=0):
     ws = workspaces.Workspace(group, torch.device("cpu"),
                               workspaces.GroupFacts(push_ok, "" if push_ok else "no symmetric memory", 8))
     ws.slot_bytes, ws.multicast_ptr, ws.timeout_ns = slot_bytes, multicast, 2_000_000_000
-    ws.status_view = np.array([code], dtype=np.int32)
+    ws.status_view = np.array([code, 0], dtype=np.int32)
     return ws
 
 

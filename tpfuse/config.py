@@ -42,6 +42,20 @@ def _positive_int(raw: str) -> int:
     return value
 
 
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if not value > 0:
+        raise ValueError("must be a positive number")
+    return value
+
+
+def _watchdog_mode(raw: str) -> str:
+    mode = raw.strip().lower()
+    if mode not in ("teardown", "report", "off"):
+        raise ValueError("must be one of teardown, report, off")
+    return mode
+
+
 VARIABLES = {v.name: v for v in (
     Variable("TPFUSE_BACKEND", "auto", str.strip,  # its choices are the registered backends (compile_ops/dispatch.py)
              "force a backend: auto, flag, p2p, nccl, gloo (or a registered one)"),
@@ -54,7 +68,11 @@ VARIABLES = {v.name: v for v in (
              "1 allows NVLink multicast where every rank has an address (docs/safety.md)"),
     Variable("TPFUSE_FLAG_MAX_BYTES", None, lambda raw: max(0, int(raw)),
              "the flag protocol's crossover for this run, in slab bytes (unset: the measured table)"),
-    Variable("TPFUSE_BARRIER_TIMEOUT_S", "60", float, "bound on every barrier spin and flag wait, seconds"),
+    Variable("TPFUSE_BARRIER_TIMEOUT_S", "60", _positive_float, "bound on every barrier spin and flag wait, seconds"),
+    Variable("TPFUSE_WATCHDOG", "teardown", _watchdog_mode,
+             "what the watchdog does when a push call timed out: teardown (print, exit 134), report (print once; "
+             "later calls raise), off (no watchdog thread)"),
+    Variable("TPFUSE_WATCHDOG_INTERVAL_S", "1", _positive_float, "how often the watchdog reads the status words"),
     Variable("TPFUSE_LINEAR_PUSH", "auto", str.strip,  # validated by the fused op, with its own message
              "the fused linear + push: auto (the cost rule), fused, unfused"),
     Variable("TPFUSE_PUSH_BLOCKS_PER_SM", "2", _positive_int, "grid cap of the push kernels, blocks per SM"),

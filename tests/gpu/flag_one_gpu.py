@@ -11,11 +11,14 @@ NVLink path (the peers' stores land in local memory); the multi-GPU tests
 """
 
 import random
+from types import SimpleNamespace
 
 import torch
 
-from tpfuse.compile_ops import push
+from tpfuse.compile_ops import push, workspace
+from tpfuse.compile_ops.backend import Backend
 from tpfuse.compile_ops.dispatch import FLAG_MAX_SLAB_BYTES
+from tpfuse.compile_ops.program_order import ProgramOrder
 from gpu_helpers import as_int, bits  # noqa: F401  (re-exported for the flag tests)
 from tpfuse.kernels import flag_protocol
 
@@ -33,65 +36,83 @@ def width_kinds(kind, W):
 
 
 class OneGpuGroup:
-    """W emulated ranks of one dtype and one set of widths."""
+    """W emulated ranks of one dtype and one set of widths.
 
-    def __init__(self, widths, dtype, timeout_s=10.0, max_slab_bytes=FLAG_MAX_SLAB_BYTES, **options):
+    Each rank is a ``Workspace`` of the op's own (kernels/failure.py status word,
+    program order, flag buffers, and with ``add_barrier_push`` slots and signal
+    pads) in this one GPU's memory, and its calls go through the op's own
+    launchers (``push.flag_launcher``, ``push.push_launcher``): what runs is what
+    the op runs, only the peers' addresses are local.
+    """
+
+    def __init__(self, widths, dtype, timeout_s=10.0, max_slab_bytes=FLAG_MAX_SLAB_BYTES, ordered=True, **options):
         self.widths, self.dtype, self.W = list(widths), dtype, len(widths)
-        self.region_units = flag_protocol.region_units(max_slab_bytes)
+        self.options = options
         self.max_slab_bytes = max_slab_bytes
+        region_units = flag_protocol.region_units(max_slab_bytes)
         nbytes = flag_protocol.buffer_bytes(self.W, max_slab_bytes)
         self.buffers = [torch.zeros(nbytes, dtype=torch.uint8, device="cuda") for _ in range(self.W)]
-        self.buffer_args = tuple(b.data_ptr() for b in self.buffers) + (0,) * (8 - self.W)
+        buffer_args = tuple(b.data_ptr() for b in self.buffers) + (0,) * (8 - self.W)
         self.epochs = [torch.zeros(flag_protocol.EPOCH_SLOTS, dtype=torch.int32, device="cuda") for _ in range(self.W)]
-        self.status = [torch.zeros(1, dtype=torch.int32, pin_memory=True) for _ in range(self.W)]
         self.timeout_ns = int(timeout_s * 1e9)
-        self.plans = [push.flag_plan(r, torch.device("cuda", torch.cuda.current_device()), dtype, self.widths,
-                                     **options) for r in range(self.W)]
-        self.streams = [torch.cuda.Stream() for _ in range(self.W)]
+        device = torch.device("cuda", torch.cuda.current_device())
         #: per rank, the most blocks its kernels get (all ranks' kernels must fit on the one GPU at once)
-        self.max_blocks = [torch.cuda.get_device_properties(0).multi_processor_count // self.W] * self.W
+        blocks = torch.cuda.get_device_properties(0).multi_processor_count // self.W
+        self.workspaces = []
+        for r in range(self.W):
+            status, view, ptr = workspace.new_status()
+            group = SimpleNamespace(rank=r, world_size=self.W, name="emulated", pg=None)
+            flags = workspace.FlagBuffers(max_slab_bytes, region_units, self.buffers[r], None, buffer_args,
+                                          self.epochs[r])
+            self.workspaces.append(workspace.Workspace(
+                group, device, workspace.GroupFacts(True, "", blocks, "emulated"), status=status, status_view=view,
+                status_ptr=ptr, timeout_ns=self.timeout_ns, flags=flags, order=ProgramOrder(enforce=ordered)))
+        self.status = [ws.status for ws in self.workspaces]
+        self.streams = [torch.cuda.Stream() for _ in range(self.W)]
+        self._launchers = {}
+
+    @property
+    def max_blocks(self):
+        """Per rank, the grid cap (a test may lower one rank's to make it a slow reader)."""
+        return _MaxBlocks(self.workspaces)
 
     def add_barrier_push(self):
         """Also emulate the barrier push (entry and exit barriers, two slots) on the same ranks.
 
-        Its own slots and signal pads, as in the op's workspace; the kernel is the op's
-        (``push._build_plan``).  Its blocks meet the peers' blocks in barriers, so every
-        rank gets the same grid, within what all W kernels can hold on the GPU at once.
+        Its own slots and signal pads, as in the op's workspace.  Its blocks meet the peers'
+        blocks in barriers, so every rank gets the same grid, within what all W kernels can
+        hold on the GPU at once.
         """
-        from types import SimpleNamespace
-
-        from tpfuse.compile_ops import workspace
-
-        self.barrier_blocks = min(self.max_blocks)
-        self.slot_bytes = workspace.slot_bytes_for(self.max_slab_bytes * self.W)
-        self.slot_buffers = [torch.empty(2 * self.slot_bytes, dtype=torch.uint8, device="cuda") for _ in range(self.W)]
-        pad_ints = workspace.signal_pad_bytes(self.barrier_blocks, self.W) // 4
+        blocks = min(ws.facts.max_blocks for ws in self.workspaces)
+        slot_bytes = workspace.slot_bytes_for(self.max_slab_bytes * self.W)
+        self.slot_buffers = [torch.empty(2 * slot_bytes, dtype=torch.uint8, device="cuda") for _ in range(self.W)]
+        pad_ints = workspace.signal_pad_bytes(blocks, self.W) // 4
         self.pads = [torch.zeros(pad_ints, dtype=torch.int32, device="cuda") for _ in range(self.W)]
         zeros = (0,) * (8 - self.W)
-        self.pointer_args = (tuple(b.data_ptr() for b in self.slot_buffers) + zeros
-                             + tuple(p.data_ptr() for p in self.pads) + zeros)
-        device = torch.device("cuda", torch.cuda.current_device())
-        self.barrier_plans = [push._build_plan(SimpleNamespace(group=SimpleNamespace(rank=r), device=device),
-                                               self.dtype, self.widths, False, True, False) for r in range(self.W)]
-        self.next_slot = [0] * self.W
+        pointer_args = (tuple(b.data_ptr() for b in self.slot_buffers) + zeros
+                        + tuple(p.data_ptr() for p in self.pads) + zeros)
+        for ws, buffer in zip(self.workspaces, self.slot_buffers):
+            ws.facts.max_blocks = blocks
+            ws.slot_bytes, ws.buffer, ws.pointer_args = slot_bytes, buffer, pointer_args
         return self
 
+    def launcher(self, rank, x, kind="flag"):
+        """Rank ``rank``'s launcher (the op's) for calls shaped like ``x``."""
+        key = (rank, kind, tuple(x.shape))
+        if key not in self._launchers:
+            ws = self.workspaces[rank]
+            if kind == "flag":
+                self._launchers[key] = push.flag_launcher(ws, x, self.widths, **self.options)
+            else:
+                self._launchers[key] = push.push_launcher(ws, x, self.widths, Backend.P2P)
+        return self._launchers[key]
+
     def launch_barrier_push(self, rank, x, out):
-        plan = self.barrier_plans[rank]
-        tokens = x.shape[0]
-        nblocks = min(self.barrier_blocks, max(1, -(-tokens * plan.max_width_vec // plan.tile)))
-        slot = self.next_slot[rank]
-        self.next_slot[rank] ^= 1
-        plan.run(nblocks, 1, 1, self.streams[rank].cuda_stream, plan.function, plan.packed_metadata, None, None,
-                 None, x.data_ptr(), out.data_ptr(), slot * (self.slot_bytes // plan.unit),
-                 self.status[rank].data_ptr(), tokens, self.timeout_ns, *self.pointer_args, *plan.constexpr_values)
+        self.launcher(rank, x, "barrier push")(x, out)
 
     def launch(self, rank, x, out):
         assert x.shape[0] * max(self.widths) * self.dtype.itemsize <= self.max_slab_bytes, "slab beyond the buffers"
-        plan = self.plans[rank]
-        nblocks = push.flag_grid(plan, x.shape[0], self.max_blocks[rank])
-        push.run_flag(plan, nblocks, self.streams[rank].cuda_stream, x, out, self.epochs[rank],
-                      self.status[rank].data_ptr(), self.timeout_ns, self.region_units, self.buffer_args)
+        self.launcher(rank, x)(x, out)
 
     def call(self, xs, outs=None, delays=None, skip=None):
         """One gather on every rank (each on its own stream, after its delay); returns the results."""
@@ -131,13 +152,26 @@ class OneGpuGroup:
 
     def failure_codes(self):
         torch.cuda.synchronize()
-        return [int(s[0]) for s in self.status]
+        return [ws.failure_code() for ws in self.workspaces]
 
     def epochs_agree(self):
         """Every slot of every rank holds the same epoch (the grid may have changed between calls)."""
         torch.cuda.synchronize()
         first = self.epochs[0][0]
         return all(bool((e == first).all()) for e in self.epochs)
+
+
+class _MaxBlocks:
+    """``group.max_blocks[r] = n`` sets rank r's grid cap (its launchers are made after)."""
+
+    def __init__(self, workspaces):
+        self.workspaces = workspaces
+
+    def __getitem__(self, rank):
+        return self.workspaces[rank].facts.max_blocks
+
+    def __setitem__(self, rank, blocks):
+        self.workspaces[rank].facts.max_blocks = blocks
 
 
 def inputs(seed, T, widths, dtype):

@@ -160,14 +160,10 @@ def _negative(rank, W, iters, options):
     choose_backend("cuda", torch.bfloat16, 32 * 2048 * W, group, max_slab_numel=32 * 2048)  # buffers
     ws = workspace.workspace(group, rank)
     ws.timeout_ns = int(0.05e9)
-    plan = push.flag_plan(rank, ws.device, torch.bfloat16, widths, **options)
-    flags = ws.flags
+    launch = push.flag_launcher(ws, torch.empty(32, 2048, dtype=torch.bfloat16, device="cuda"), widths, **options)
 
     def call(x, i):
-        out = torch.empty(32, sum(widths), dtype=x.dtype, device="cuda")
-        push.run_flag(plan, push.flag_grid(plan, 32, ws.facts.max_blocks), torch.cuda.current_stream().cuda_stream,
-                      x, out, flags.epochs, ws.status_ptr, ws.timeout_ns, flags.region_units, flags.buffer_args)
-        return out
+        return launch(x)
 
     corrupted = _delayed_loop(rank, W, iters, 32, widths, call, 3)
     return {"corrupted": corrupted, "code": ws.failure_code()}

@@ -158,7 +158,110 @@ def test_missing_rank_times_out_and_is_named(W):
 
     from tpfuse.compile_ops import push
 
-    ws = SimpleNamespace(failure_code=lambda: codes[0], timeout_ns=group.timeout_ns,
+    ws = SimpleNamespace(failure_code=lambda: codes[0], failed_call=lambda: 0, timeout_ns=group.timeout_ns,
                          group=SimpleNamespace(rank=0, name="emulated", pg=None))
     with pytest.raises(RuntimeError, match=f"flag wait .*waiting for rank {W - 1}"):
         push.raise_if_failed(ws)
+
+
+# --------------------------------------------------------------------------- program order and failed calls
+
+
+def _two_streams_released_together(group, kind, trials, seed, T_choices=(1, 8, 32)):
+    """Rank 0 issues calls A then B on one group from two streams that a gate releases at once; every
+    other rank issues A then B on its own stream.  Returns (wrong results, failure codes)."""
+    rng = random.Random(seed)
+    side = [torch.cuda.Stream(), torch.cuda.Stream()]
+    gate = torch.cuda.Stream()
+    wrong = 0
+    for trial in range(trials):
+        T = rng.choice(T_choices)
+        a = inputs(seed * 10_000 + 2 * trial, T, group.widths, group.dtype)
+        b = inputs(seed * 10_000 + 2 * trial + 1, T, group.widths, group.dtype)
+        outs = {(r, k): torch.full((T, sum(group.widths)), float("nan"), dtype=group.dtype, device="cuda")
+                for r in range(group.W) for k in "ab"}
+        gate.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(gate):
+            torch.cuda._sleep(rng.randint(20_000, 200_000))  # the host queues everything below meanwhile
+        released = torch.cuda.Event()
+        released.record(gate)
+        for r in range(group.W):
+            streams = side if r == 0 else [group.streams[r], group.streams[r]]
+            for k, x, stream in (("a", a, streams[0]), ("b", b, streams[1])):
+                stream.wait_event(released)
+                with torch.cuda.stream(stream):
+                    if r != 0 and rng.random() < 0.5:
+                        torch.cuda._sleep(rng.randint(0, 20_000))
+                    group.launcher(r, x[r], kind)(x[r], outs[(r, k)])
+        for stream in side + group.streams:
+            torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        for r in range(group.W):
+            wrong += int(not torch.equal(as_int(outs[(r, "a")]), reference(a)))
+            wrong += int(not torch.equal(as_int(outs[(r, "b")]), reference(b)))
+        if any(group.failure_codes()):
+            break
+    return wrong, group.failure_codes()
+
+
+@pytest.mark.parametrize("kind", ["flag", "barrier push"])
+def test_two_streams_on_one_rank_pair_in_host_order(kind):
+    """300 trials, two calls released together on two streams of rank 0: 0 wrong results, no failure."""
+    group = OneGpuGroup([4096, 4096], torch.bfloat16, timeout_s=5.0).add_barrier_push()
+    wrong, codes = _two_streams_released_together(group, kind, 300, seed=1)
+    print(f"two streams, {kind}, ordered: wrong {wrong} of 600 results, codes {codes}")
+    assert (wrong, codes) == (0, [0, 0])
+
+
+def test_two_streams_without_the_ordering_return_wrong_data():
+    """The control: with the program order off, the same schedule pairs calls by GPU run order and returns
+    other calls' bytes (with a clean status, which is what the ordering exists to prevent)."""
+    group = OneGpuGroup([4096, 4096], torch.bfloat16, timeout_s=2.0, ordered=False)
+    wrong, codes = _two_streams_released_together(group, "flag", 300, seed=1)
+    print(f"two streams, flag, unordered: wrong {wrong} results, codes {codes}")
+    assert wrong > 0
+
+
+@pytest.mark.parametrize("kind", ["flag", "barrier push"])
+def test_missing_rank_under_graph_replay_poisons_raises_and_is_reported(kind, monkeypatch):
+    """Rank 0 replays a graph of one call that rank 1 never makes: the call's whole result is NaN, the
+    watchdog reports it while nothing of ours runs on the host, and rank 0's next call raises."""
+    from tpfuse.compile_ops import failures
+
+    monkeypatch.setenv("TPFUSE_WATCHDOG", "report")
+    monkeypatch.setenv("TPFUSE_WATCHDOG_INTERVAL_S", "0.1")
+    group = OneGpuGroup([1024, 1024], torch.bfloat16, timeout_s=0.2).add_barrier_push()
+    xs = inputs(5, 8, group.widths, torch.bfloat16)
+    group.call(xs) if kind == "flag" else _barrier_push_call(group, xs)  # both ranks, eager: launchers made
+    assert group.failure_codes() == [0, 0]
+    ws = group.workspaces[0]
+    failures.watch(ws)
+    launch = group.launcher(0, xs[0], kind)
+    out = torch.zeros(8, 2048, dtype=torch.bfloat16, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        launch(xs[0], out)
+    reports_before = len(failures.reports)
+    graph.replay()  # rank 1 never arrives
+    torch.cuda.synchronize()
+    assert out.isnan().all(), "a timed-out call must leave its whole result poisoned"
+    deadline = time.monotonic() + 5
+    while len(failures.reports) == reports_before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(failures.reports) > reports_before, "the watchdog did not report the failed replay"
+    assert "waiting for rank 1" in failures.reports[-1]
+    with pytest.raises(RuntimeError, match="waiting for rank 1.*destroy the process group"):
+        launch(xs[0], out)
+
+
+def _barrier_push_call(group, xs):
+    main = torch.cuda.current_stream()
+    outs = [torch.empty(xs[0].shape[0], sum(group.widths), dtype=xs[0].dtype, device="cuda") for _ in xs]
+    for r in range(group.W):
+        group.streams[r].wait_stream(main)
+        with torch.cuda.stream(group.streams[r]):
+            group.launch_barrier_push(r, xs[r], outs[r])
+    for r in range(group.W):
+        main.wait_stream(group.streams[r])
+    torch.cuda.synchronize()
+    assert all(torch.equal(as_int(o), reference(xs)) for o in outs)

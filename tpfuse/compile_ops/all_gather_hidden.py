@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import config as settings
-from . import agreement, collective, inductor_lowering, launchers
+from . import agreement, collective, failures, inductor_lowering, launchers
 from .backend import GatherCall
 from .dispatch import check_device_matches_group, check_dtype, choose, chosen, forced_backend
 from .groups import Group, group_name_of, resolve_group
@@ -77,6 +77,8 @@ def _all_gather_hidden_impl(
     zero_copy: bool = False,
 ) -> Tensor:
     group = resolve_group(group_name)
+    if failures.failed_groups:  # a group whose push call timed out stays failed (failures.py)
+        failures.raise_if_group_failed(group)
     # A view of the slot is safe only where Inductor is kept from recycling it (tpfuse.enable()
     # and backend() install that lowering); anywhere else the permission is ignored.
     zero_copy = zero_copy and inductor_lowering.is_registered()

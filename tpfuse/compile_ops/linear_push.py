@@ -20,7 +20,7 @@ from .. import config as settings
 from . import workspace as workspaces
 from .backend import Backend
 from .groups import Group
-from .push import raise_if_failed, raw_stream
+from .failures import raise_if_failed
 
 OP = "tpfuse::linear_all_gather_hidden"
 
@@ -155,12 +155,6 @@ def linear_gather_hidden(
         plan = ws.plans[key] = _build(ws, x.dtype, k, hidden_widths, bucket, bias is not None, skip_entry_sync,
                                       multimem, _exit_sync, copy_out)
     workspaces.ensure_capacity(ws, tokens * total * x.element_size())
-    slot = workspaces.take_slot(ws, slot)
-    elems = ws.slot_bytes // x.element_size()
-    if copy_out:
-        out = torch.empty(*lead, total, dtype=x.dtype, device=x.device)
-    else:  # zero-copy: our tiles and the peers' land in the slot, which is the result
-        out = ws.buffer.view(x.dtype)[slot * elems: slot * elems + tokens * total].view(*lead, total)
     # The kernel reads 16-byte vectors of rows: strided or misaligned operands are copied first
     # (a local fact; the grid and the config do not change).
     x, weight = _aligned(x.reshape(tokens, k)), _aligned(weight)
@@ -172,15 +166,22 @@ def linear_gather_hidden(
     block_m, block_n = plan.config["BLOCK_M"], plan.config["BLOCK_N"]
     tiles = -(-tokens // block_m) * -(-max(hidden_widths) // block_n)
     nblocks = max(1, min(grid_cap(ws), tiles))
-    slot_offset = slot * elems
-    args = (x.data_ptr(), weight.data_ptr(), bias_ptr, out.data_ptr(), slot_offset, ws.status_ptr, tokens,
-            ws.timeout_ns)
-    if multimem:
-        args += (ws.multicast_ptr,)
-    run_args = (nblocks, 1, 1, raw_stream(device_index), plan.function, plan.packed_metadata, None, None, None,
-                *args, *ws.pointer_args, *plan.constexpr_values)
-    if plan.scratch is None:
-        plan.run(*run_args)
-    else:
-        _launch_with_scratch(plan, run_args)
+    with ws.order.lock:  # this call's place in the group's host order, its slot and its launch are one step
+        stream, call = ws.order.next_call(device_index)
+        slot = workspaces.take_slot(ws, slot)
+        elems = ws.slot_bytes // x.element_size()
+        if copy_out:
+            out = torch.empty(*lead, total, dtype=x.dtype, device=x.device)
+        else:  # zero-copy: our tiles and the peers' land in the slot, which is the result
+            out = ws.buffer.view(x.dtype)[slot * elems: slot * elems + tokens * total].view(*lead, total)
+        args = (x.data_ptr(), weight.data_ptr(), bias_ptr, out.data_ptr(), slot * elems, ws.status_ptr, tokens,
+                ws.timeout_ns, call)
+        if multimem:
+            args += (ws.multicast_ptr,)
+        run_args = (nblocks, 1, 1, stream, plan.function, plan.packed_metadata, None, None, None,
+                    *args, *ws.pointer_args, *plan.constexpr_values)
+        if plan.scratch is None:
+            plan.run(*run_args)
+        else:
+            _launch_with_scratch(plan, run_args)
     return out

@@ -11,8 +11,12 @@ one torch elementwise op (docs/benchmarks.md, "Against the targets"):
 - every address the kernel needs (peer buffers, signal pads, status word)
   is a scalar kernel argument that the workspace computed once (the kernel
   reads them from constant memory); nothing is built per call;
-- a barrier timeout is reported through a host-mapped status word that the
-  host reads without synchronising, before each launch.
+- a timeout is reported through a host-mapped status word that the host
+  reads without synchronising, before each launch (and the watchdog reads
+  it in between); the timed-out call's result is poisoned by the kernel;
+- every launch takes its place in the group's host issue order
+  (program_order.py) under the group's lock: free when the stream is the
+  previous call's, one event record and wait when it changed.
 """
 
 from __future__ import annotations
@@ -23,10 +27,12 @@ import torch
 import torch.distributed as dist
 
 from .. import config as settings
-from ..kernels import flag_protocol  # plain Python facts; this module is imported only for the GPU paths
+from ..kernels import failure, flag_protocol  # plain Python facts; this module is imported only for the GPU paths
 from . import workspace as workspaces
 from .backend import Backend
+from .failures import raise_if_failed
 from .groups import Group
+from .program_order import raw_stream  # noqa: F401  (re-exported for the host-cost profile)
 
 # The launch configuration (tile sizes, warps, chunking) is read from tpfuse.config when
 # a plan is built, and kept in the plan: the grid of every launch must match the
@@ -74,13 +80,14 @@ def _build_plan(ws, dtype, hidden_widths, skip_entry_sync, copy_out, multimem, e
         # Every width is a multiple of 16 bytes (checked by dispatch): move 32-bit words.
         offsets = _band_offsets(hidden_widths, elem_size)
         offsets = tuple(o // 4 for o in offsets)
-        source = push_gather.multimem_source(rank, offsets, block_v, skip_entry_sync, copy_out)
+        source = push_gather.multimem_source(rank, offsets, block_v, skip_entry_sync, copy_out,
+                                             failure.poison_word(str(dtype).removeprefix("torch."), elem_size))
         unit, vec = 4, 4
     else:
         offsets = _band_offsets(hidden_widths)
         vec = vector_elements(elem_size, offsets)
         source = push_gather.p2p_source(elem_size, rank, offsets, vec, block_v, skip_entry_sync, copy_out,
-                                        chunk, exit_sync)
+                                        chunk, exit_sync, _poison(dtype))
         unit = elem_size
     with torch.cuda.device(ws.device):
         kernel = push_gather.compile_source(source, num_warps=settings.get("TPFUSE_PUSH_NUM_WARPS"))
@@ -90,27 +97,6 @@ def _build_plan(ws, dtype, hidden_widths, skip_entry_sync, copy_out, multimem, e
     widths = [offsets[i + 1] - offsets[i] for i in range(len(offsets) - 1)]
     return Plan(run, kernel.function, kernel.packed_metadata, constexprs, elem_size, unit, vec,
                 max(widths) // vec, multimem, block_v)
-
-
-def raise_if_failed(ws: workspaces.Workspace, op: str = "tpfuse::all_gather_hidden") -> None:
-    """Raise if a barrier of an earlier call on this workspace timed out (reads host-mapped memory)."""
-    code = ws.failure_code()
-    if code == 0:
-        return
-    kind, block, peer = code >> 24, (code >> 8) & 0xFFFF, (code & 0xFF) - 1
-    which = {1: "entry barrier", 2: "exit barrier", 3: "flag wait"}.get(kind, "?")
-    group = ws.group
-    try:
-        global_peer = f" (global rank {dist.get_global_rank(group.pg, peer)})"
-    except Exception:
-        global_peer = ""
-    raise RuntimeError(
-        f"{op}: rank {group.rank} of group {group.name!r} timed out in the {which} "
-        f"(block {block}) after {ws.timeout_ns / 1e9:g}s waiting for rank "
-        f"{peer}{global_peer}, which never arrived: that rank skipped or has not "
-        "reached this collective. The group's tpfuse workspace is unusable from "
-        "now on; tear the process group down."
-    )
 
 
 def gather_hidden(
@@ -171,13 +157,23 @@ def _empty_result(lead, total):
 
 
 def _prepare_push(x, hidden_widths, group, backend, slot, skip_entry_sync, copy_out, exit_sync=True):
-    device_index = x.device.index
-    ws = _usable_workspace(group, device_index)
-    total = sum(hidden_widths)
-    lead = tuple(x.shape[:-1])
+    ws = _usable_workspace(group, x.device.index)
     tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if tokens == 0:  # identical on every rank: every rank skips
-        return _empty_result(lead, total)
+        return _empty_result(tuple(x.shape[:-1]), sum(hidden_widths))
+    workspaces.ensure_capacity(ws, tokens * sum(hidden_widths) * x.element_size())
+    return push_launcher(ws, x, hidden_widths, backend, slot, skip_entry_sync, copy_out, exit_sync)
+
+
+def push_launcher(ws, x, hidden_widths, backend, slot=-1, skip_entry_sync=False, copy_out=True, exit_sync=True):
+    """The barrier push's launcher of every call shaped like ``x`` on workspace ``ws`` (set up, slots grown).
+
+    ``launch(x, out=None)``: ``out`` (tests only) is the caller-owned result to fill.
+    """
+    device_index = x.device.index
+    total = sum(hidden_widths)
+    lead = tuple(x.shape[:-1])
+    tokens = x.numel() // x.shape[-1]
     # multimem.st moves 16 bytes at a time: bands that are not whole 16-byte
     # vectors go through P2P (the widths are the same on every rank).
     multimem = backend == Backend.MULTIMEM and all(w * x.element_size() % 16 == 0 for w in hidden_widths)
@@ -186,37 +182,36 @@ def _prepare_push(x, hidden_widths, group, backend, slot, skip_entry_sync, copy_
     if plan is None:
         plan = ws.plans[key] = _build_plan(ws, x.dtype, hidden_widths, skip_entry_sync, copy_out, multimem,
                                            exit_sync)
-    workspaces.ensure_capacity(ws, tokens * total * plan.elem_size)
     # Grid: a pure function of T, the widths and W (rank-invariant, docs/contract.md §2).
     nblocks = min(ws.facts.max_blocks, max(1, -(-tokens * plan.max_width_vec // plan.tile)))
     run, head = plan.run, (nblocks, 1, 1)
     middle = (plan.function, plan.packed_metadata, None, None, None)
-    fixed, constexprs, multimem = (tokens, ws.timeout_ns), tuple(plan.constexpr_values), plan.multimem
+    constexprs, multimem, order = tuple(plan.constexpr_values), plan.multimem, ws.order
     dtype, shape, elem_size, unit = x.dtype, lead + (total,), plan.elem_size, plan.unit
 
-    def launch(x):
+    def launch(x, out=None):
         if ws.status_view[0]:
             raise_if_failed(ws)
-        chosen_slot = workspaces.take_slot(ws, slot)
         # The kernel reads 16-byte vectors: a strided or misaligned input is
         # copied first (a local fact; the grid and vector width do not change).
         if not x.is_contiguous():
             x = x.contiguous()
         if x.data_ptr() % 16:
             x = x.clone()
-        if copy_out:
-            out = torch.empty(shape, dtype=dtype, device=x.device)
-            out_ptr = out.data_ptr()
-        else:
-            elems = ws.slot_bytes // elem_size
-            out = ws.buffer.view(dtype)[chosen_slot * elems : chosen_slot * elems + tokens * total].view(shape)
-            out_ptr = 0
-        # A later, larger call may have grown the slots since this launcher was made: the
-        # buffers, their addresses and the slot size are read now, never kept.
-        slot_offset = chosen_slot * (ws.slot_bytes // unit)
-        extra = (ws.multicast_ptr,) if multimem else ()
-        run(*head, raw_stream(device_index), *middle, x.data_ptr(), out_ptr, slot_offset, ws.status_ptr, *fixed,
-            *extra, *ws.pointer_args, *constexprs)
+        with order.lock:  # this call's place in the group's host order, its slot and its launch are one step
+            stream, call = order.next_call(device_index)
+            chosen_slot = workspaces.take_slot(ws, slot)
+            if not copy_out:
+                elems = ws.slot_bytes // elem_size
+                out = ws.buffer.view(dtype)[chosen_slot * elems : chosen_slot * elems + tokens * total].view(shape)
+            elif out is None:
+                out = torch.empty(shape, dtype=dtype, device=x.device)
+            # A later, larger call may have grown the slots since this launcher was made: the
+            # buffers, their addresses and the slot size are read now, never kept.
+            slot_offset = chosen_slot * (ws.slot_bytes // unit)
+            extra = (ws.multicast_ptr,) if multimem else ()
+            run(*head, stream, *middle, x.data_ptr(), out.data_ptr() if copy_out else 0, slot_offset,
+                ws.status_ptr, tokens, ws.timeout_ns, call, *extra, *ws.pointer_args, *constexprs)
         return out
 
     return launch
@@ -231,7 +226,8 @@ def flag_plan(rank: int, device: torch.device, dtype: torch.dtype, hidden_widths
     from ..kernels import flag_gather
 
     block_u = settings.get("TPFUSE_FLAG_BLOCK_U")
-    source = flag_gather.flag_source(dtype.itemsize, rank, _band_offsets(hidden_widths), block_u, **options)
+    source = flag_gather.flag_source(dtype.itemsize, rank, _band_offsets(hidden_widths), block_u,
+                                     _poison(dtype), **options)
     with torch.cuda.device(device):
         kernel = flag_gather.compile_source(source, num_warps=settings.get("TPFUSE_FLAG_NUM_WARPS"))
         run = kernel.run
@@ -247,56 +243,56 @@ def flag_grid(plan: Plan, tokens: int, max_blocks: int) -> int:
     return min(flag_protocol.EPOCH_SLOTS, max_blocks, max(1, -(-units // plan.tile)))
 
 
-def run_flag(plan: Plan, nblocks: int, stream: int, x, out, epochs, status_ptr: int, timeout_ns: int,
-             region_units: int, buffer_args) -> None:
-    """Launch one flag kernel on raw stream ``stream``; ``x`` is contiguous, ``out`` its fresh result."""
-    tokens = x.numel() // x.shape[-1]
-    plan.run(nblocks, 1, 1, stream, plan.function, plan.packed_metadata, None, None, None,
-             x.data_ptr(), out.data_ptr(), epochs.data_ptr(), status_ptr, tokens, timeout_ns, region_units,
-             *buffer_args, *plan.constexpr_values)
-
-
 def _prepare_flag(x, hidden_widths, group):
     """The flag protocol: no barrier, no slot; always a fresh, caller-owned result."""
     ws = _usable_workspace(group, x.device.index)
     # Dispatch makes the buffers at the first flag call; a direct caller (tests, benchmarks)
     # may come first, on every rank alike: making them is collective.
     flags = ws.flags or workspaces.ensure_flag_buffers(ws, workspaces.FLAG_MAX_SLAB_BYTES)
-    lead = tuple(x.shape[:-1])
-    total = sum(hidden_widths)
     tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if tokens == 0:  # identical on every rank: every rank skips
-        return _empty_result(lead, total)
+        return _empty_result(tuple(x.shape[:-1]), sum(hidden_widths))
     slab_bytes = tokens * max(hidden_widths) * x.element_size()
     if slab_bytes > flags.max_slab_bytes:  # dispatch never sends these here; direct callers might
         raise ValueError(f"tpfuse: the flag protocol holds slabs of up to {flags.max_slab_bytes} bytes, "
                          f"not {slab_bytes} (T={tokens}, widest band {max(hidden_widths)})")
-    key = ("flag", x.dtype, tuple(hidden_widths))
+    return flag_launcher(ws, x, hidden_widths)
+
+
+def flag_launcher(ws, x, hidden_widths, **options):
+    """The flag protocol's launcher of every call shaped like ``x`` on workspace ``ws`` (its buffers made).
+
+    ``launch(x, out=None)``: ``out`` (tests only) is the caller-owned result to fill.
+    ``options``: the kernel's test variants (negative controls); the op passes none.
+    """
+    flags, device_index = ws.flags, x.device.index
+    total = sum(hidden_widths)
+    tokens = x.numel() // x.shape[-1]
+    key = ("flag", x.dtype, tuple(hidden_widths), tuple(sorted(options.items())))
     plan = ws.plans.get(key)
     if plan is None:
-        plan = ws.plans[key] = flag_plan(ws.group.rank, ws.device, x.dtype, hidden_widths)
-    device_index, dtype, shape = x.device.index, x.dtype, lead + (total,)
+        plan = ws.plans[key] = flag_plan(ws.group.rank, ws.device, x.dtype, hidden_widths, **options)
+    dtype, shape, order = x.dtype, tuple(x.shape[:-1]) + (total,), ws.order
     run, head = plan.run, (flag_grid(plan, tokens, ws.facts.max_blocks), 1, 1)
     middle = (plan.function, plan.packed_metadata, None, None, None)
-    tail = (flags.epochs.data_ptr(), ws.status_ptr, tokens, ws.timeout_ns, flags.region_units,
-            *flags.buffer_args, *plan.constexpr_values)
+    epochs, tail = flags.epochs.data_ptr(), (flags.region_units, *flags.buffer_args, *plan.constexpr_values)
 
-    def launch(x):
+    def launch(x, out=None):
         if ws.status_view[0]:
             raise_if_failed(ws)
         if not x.is_contiguous():
             x = x.contiguous()
-        out = torch.empty(shape, dtype=dtype, device=x.device)
-        run(*head, raw_stream(device_index), *middle, x.data_ptr(), out.data_ptr(), *tail)
+        if out is None:
+            out = torch.empty(shape, dtype=dtype, device=x.device)
+        with order.lock:  # this call's place in the group's host order and its launch are one step
+            stream, call = order.next_call(device_index)
+            run(*head, stream, *middle, x.data_ptr(), out.data_ptr(), epochs, ws.status_ptr, tokens, ws.timeout_ns,
+                call, *tail)
         return out
 
     return launch
 
 
-def raw_stream(device_index):
-    """The current CUDA stream's handle, for launching compiled kernels directly (both push launchers)."""
-    return torch.cuda.current_stream(device_index).cuda_stream
-
-
-if hasattr(torch._C, "_cuda_getCurrentRawStream"):
-    raw_stream = torch._C._cuda_getCurrentRawStream  # noqa: F811  (the same, ~10x cheaper)
+def _poison(dtype: torch.dtype) -> int:
+    """The poison bits a timed-out call leaves in a result of ``dtype`` (kernels/failure.py)."""
+    return failure.poison_bits(str(dtype).removeprefix("torch."), dtype.itemsize)

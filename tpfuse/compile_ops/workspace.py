@@ -21,7 +21,11 @@ What lives here:
   call: the protocol choice is rank-consistent); separate from the barrier
   slots, so the two protocols interleave on one group in any order.
 - **Status word**: host-mapped pinned memory that the kernels write when a
-  barrier or a flag wait times out, readable by the host without synchronising.
+  barrier or a flag wait times out (the failure and the failed call's number,
+  kernels/failure.py), readable by the host without synchronising; the
+  watchdog (watchdog.py) reads it even while CUDA graphs replay.
+- **Program order** (program_order.py): the lock and the last stream that keep
+  the group's calls in host issue order on the GPU.
 
 Set-up and growth are collective and allocate small device tensors that NCCL
 keeps alive after the call.  They run on a worker thread (``_set_up``):
@@ -45,14 +49,15 @@ import torch.distributed as dist
 
 from .. import config as settings
 from ..kernels.barrier import blocks_that_fit, next_slot, signal_pad_bytes  # noqa: F401  (the protocol's sizing)
+from ..kernels.failure import STATUS_WORDS
+from . import failures
 from .groups import Group
+from .program_order import ProgramOrder
 
 #: the most ranks the push kernels handle (one barrier lane per peer)
 MAX_PUSH_WORLD_SIZE = 8
 #: the smallest slot (bytes); slots grow by powers of two from here
 MIN_SLOT_BYTES = 1 << 20
-#: a slot's byte size is a multiple of this, so slot offsets keep 16-byte alignment
-SLOT_ALIGN = 256
 #: the largest slab (bytes per rank) the flag buffers hold: T=32 of a 4096-wide bf16 band
 FLAG_MAX_SLAB_BYTES = 256 << 10
 
@@ -91,7 +96,7 @@ class Workspace:
     buffer_handle: object = None
     pointer_args: tuple = ()  # 8 buffer then 8 signal-pad addresses, zero past W: the kernels' scalar arguments
     multicast_ptr: int = 0  # non-zero only when every rank has a multicast address
-    status: torch.Tensor | None = None  # pinned int32[1], host-mapped
+    status: torch.Tensor | None = None  # pinned int32[STATUS_WORDS], host-mapped (kernels/failure.py)
     status_view: object = None  # numpy view of it: a host read costs ~100 ns, no sync
     status_ptr: int = 0
     timeout_ns: int = 0
@@ -99,10 +104,16 @@ class Workspace:
     retired: list = field(default_factory=list)
     plans: dict = field(default_factory=dict)  # launch plans, filled by push.py
     flags: "FlagBuffers | None" = None  # the flag protocol's buffers, made at its first call
+    order: ProgramOrder = field(default_factory=ProgramOrder)  # host issue order of the group's calls
 
     def failure_code(self) -> int:
-        """The status word: 0, or the code of a barrier that timed out (host read, no sync)."""
+        """The status word: 0, or the code of a wait that timed out (host read, no sync)."""
         return int(self.status_view[0]) if self.status_view is not None else 0
+
+    def failed_call(self) -> int:
+        """The number of the call that failed (0 if none, or not yet recorded)."""
+        view = self.status_view
+        return int(view[1]) if view is not None and len(view) > 1 else 0
 
 
 _workspaces: dict[tuple[str, int], Workspace] = {}
@@ -257,12 +268,17 @@ def _make_signal_pads(ws: Workspace) -> None:
             raise RuntimeError("a peer's signal pad is not mapped")
         ws.signal_handle = (anchor, handle)
         ws.signal_pad_ptrs = tuple(int(p) for p in handle.signal_pad_ptrs)
-        status = torch.zeros(1, dtype=torch.int32, pin_memory=True)
-        ws.status, ws.status_view, ws.status_ptr = status, status.numpy(), status.data_ptr()
+        ws.status, ws.status_view, ws.status_ptr = new_status()
     # The grid cap must be identical everywhere.
     cap = torch.tensor([ws.facts.max_blocks], dtype=torch.int32, device=ws.device)
     dist.all_reduce(cap, op=dist.ReduceOp.MIN, group=ws.group.pg)
     ws.facts.max_blocks = int(cap.item())
+
+
+def new_status():
+    """A zeroed status word in host-mapped pinned memory: (tensor, numpy view, address)."""
+    status = torch.zeros(STATUS_WORDS, dtype=torch.int32, pin_memory=True)
+    return status, status.numpy(), status.data_ptr()
 
 
 def workspace(group: Group, device_index: int, establish: bool = True) -> Workspace | None:
@@ -279,6 +295,8 @@ def workspace(group: Group, device_index: int, establish: bool = True) -> Worksp
         ws = None
     if ws is None and establish:
         ws = _workspaces[(group.name, device_index)] = _establish(group, torch.device("cuda", device_index))
+        if ws.status is not None:
+            failures.watch(ws)
     return ws
 
 

@@ -27,9 +27,10 @@ Addresses.  The signal pads' addresses arrive as scalar kernel arguments
 start and its first signal.
 
 Bounded spin.  Every wait gives up after ``timeout_ns`` of %globaltimer time,
-writes ``kind * 2**24 + block * 256 + missing_peer + 1`` into a status word
-(host-mapped, so the host reads it without synchronising) and returns; the host
-turns that into an error naming the rank and the peer that never arrived.
+records which barrier, block and peer in the status word (``failure.py``, the
+codes' one home; host-mapped, so the host reads it without synchronising) and
+returns; the kernel then poisons the call's result, and the host turns the word
+into an error naming the rank and the peer that never arrived.
 
 Triton 3.6 crashes on ``while`` loops that carry a tensor (docs/design.md,
 "Toolchain note"), so the spin loop carries scalars only: the smallest slot
@@ -40,9 +41,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import globaltimer
 
-# Status word codes: which barrier gave up (the peer and block are added).
-ENTRY_TIMEOUT = tl.constexpr(1)
-EXIT_TIMEOUT = tl.constexpr(2)
+from .failure import record_timeout
 
 
 @triton.jit
@@ -105,12 +104,7 @@ def wait_peers(own_pad, block, want, status, timeout_ns, KIND: tl.constexpr, W: 
         # Timed out.  The lanes whose slot went negative never arrived.
         after = _read_slots(slots, want, False)
         missing = tl.min(tl.where(want & (after < 0), peers, WP), axis=0)
-        # Keep the first report (a later barrier of a failed call gives up at
-        # once and may name another peer).  Plain load and store: the status
-        # word lives in host-mapped memory, where atomics are not guaranteed
-        # over PCIe; any of the racing first writers' codes is a correct report.
-        if tl.load(status, volatile=True) == 0:
-            tl.store(status, KIND * 16777216 + block * 256 + missing + 1)
+        record_timeout(status, KIND, block, missing)
     return lo < 1
 
 

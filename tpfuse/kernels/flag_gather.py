@@ -22,10 +22,10 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import globaltimer
 
+from .failure import FLAG_TIMEOUT, NAN_BITS_OF_SIZE, poison_result, record_timeout
 from .flag_protocol import (
     CLEAR_PERIOD,
     DATA_BYTES,
-    FLAG_TIMEOUT,
     accepted,
     clear_due,
     flags_of,
@@ -139,8 +139,7 @@ def _receive(mine, out_ptr, e, parity, tokens, pid, nblocks, status, timeout_ns,
             spent = _now(start, spent + 1, INTERPRET)
         if pending > 0:
             timeout_ns = timeout_ns * 0
-            if tl.load(status, volatile=True) == 0:
-                tl.store(status, pid * 256 + missing + (FLAG_TIMEOUT * 16777216 + 1))
+            record_timeout(status, FLAG_TIMEOUT, pid, missing)
     return timeout_ns
 
 
@@ -149,9 +148,10 @@ def flag_gather_kernel(
     x_ptr,  # this rank's [T, w_rank] slab, contiguous
     out_ptr,  # the caller-owned [T, total] result
     epochs,  # *i32: EPOCH_SLOTS local slots, equal between calls
-    status,  # *i32: 0, or the code of a wait that gave up
+    status,  # *i32[2]: 0, or the code of a wait that gave up and the failed call's number (failure.py)
     tokens,
-    timeout_ns,  # ns on the GPU; poll iterations in the interpreter
+    timeout_ns,  # ns on the GPU; poll iterations in the interpreter; > 0
+    call,  # the call's host-issued number on the group, recorded if it fails
     region_units,  # units per (parity, source) region of a flag buffer
     buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7,  # rank r's flag buffer address (0 past W)
     RANK: tl.constexpr,
@@ -160,6 +160,7 @@ def flag_gather_kernel(
     BAND_OFFSETS: tl.constexpr,  # W + 1 column offsets, prefix sums of hidden_widths
     ELEM: tl.constexpr,  # bytes per element: 1, 2 or 4
     BLOCK_U: tl.constexpr,  # units per tile (even)
+    POISON: tl.constexpr,  # the dtype's poison bits: a timed-out call's whole result (failure.py)
     CLEAR_PERIOD: tl.constexpr = 1 << 20,  # buffers are zeroed every 2 * CLEAR_PERIOD calls (docs/flag_protocol.md)
     PHASES: tl.constexpr = 3,  # SEND | RECEIVE; the interpreter runs them as two launches
     PARITY: tl.constexpr = True,  # False: one buffer for every call (negative control only)
@@ -182,8 +183,11 @@ def flag_gather_kernel(
               RANK, W, OFF, WIDTH, TOTAL, ELEM, BLOCK_U, PLAIN_STORES)
     if (PHASES & 2) != 0:
         mine = pick(RANK, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7).to(tl.pointer_type(tl.int64))
-        _receive(mine, out_ptr, e, parity, tokens, pid, nblocks, status, timeout_ns, region_units, RANK, W, PEERS,
-                 BAND_OFFSETS, TOTAL, ELEM, BLOCK_U, ACCEPT_STALE, INTERPRET)
+        timeout_ns = _receive(mine, out_ptr, e, parity, tokens, pid, nblocks, status, timeout_ns, region_units,
+                              RANK, W, PEERS, BAND_OFFSETS, TOTAL, ELEM, BLOCK_U, ACCEPT_STALE, INTERPRET)
+        if timeout_ns == 0:
+            # A wait gave up: a peer's band never (fully) arrived, so the result must not be read.
+            poison_result(out_ptr, status, call, tokens * TOTAL, POISON)
         if clear_due(e, CLEAR_PERIOD):
             # Zero our regions of this parity.  Each block zeroes the tiles it
             # read itself (the receive's tiling: tiles pid, pid + nblocks, ...
@@ -208,6 +212,7 @@ RUNTIME_ARGS = {
     "status": "*i32",
     "tokens": "i32",
     "timeout_ns": "i64",
+    "call": "i32",
     "region_units": "i64",
     **{f"buf{i}": "i64" for i in range(MAX_RANKS)},
 }
@@ -218,8 +223,10 @@ DEFAULT_OPTIONS = {"CLEAR_PERIOD": CLEAR_PERIOD, "PHASES": BOTH, "PARITY": True,
                    "PLAIN_STORES": False, "INTERPRET": False}
 
 
-def flag_constexprs(elem_size, rank, band_offsets, block_u, **options):
-    """Every constexpr of one variant; ``options`` override DEFAULT_OPTIONS (tests, negative controls)."""
+def flag_constexprs(elem_size, rank, band_offsets, block_u, poison=None, **options):
+    """Every constexpr of one variant; ``options`` override DEFAULT_OPTIONS (tests, negative controls).
+
+    ``poison``: the dtype's bits (``failure.poison_bits``); by default the NaN of that element size."""
     if elem_size not in INT_OF_SIZE:
         raise ValueError(f"the flag gather moves 1-, 2- or 4-byte elements, not {elem_size}-byte ones")
     if block_u < 2 or block_u & (block_u - 1):
@@ -230,14 +237,15 @@ def flag_constexprs(elem_size, rank, band_offsets, block_u, **options):
     world_size = len(band_offsets) - 1
     return {"RANK": rank, "W": world_size, "PEERS": triton.next_power_of_2(max(world_size - 1, 1)),
             "BAND_OFFSETS": tuple(int(o) for o in band_offsets),
-            "ELEM": elem_size, "BLOCK_U": block_u, **DEFAULT_OPTIONS, **options}
+            "ELEM": elem_size, "BLOCK_U": block_u,
+            "POISON": NAN_BITS_OF_SIZE[elem_size] if poison is None else poison, **DEFAULT_OPTIONS, **options}
 
 
-def flag_source(elem_size, rank, band_offsets, block_u, **options):
+def flag_source(elem_size, rank, band_offsets, block_u, poison=None, **options):
     """The ``triton.compiler.ASTSource`` of one flag-gather variant."""
     from triton.compiler import ASTSource
 
-    constexprs = flag_constexprs(elem_size, rank, band_offsets, block_u, **options)
+    constexprs = flag_constexprs(elem_size, rank, band_offsets, block_u, poison, **options)
     elem = "*" + INT_OF_SIZE[elem_size]
     types = {"x_ptr": elem, "out_ptr": elem, **RUNTIME_ARGS}
     fn = flag_gather_kernel

@@ -51,9 +51,6 @@ WIRE_OVERHEAD = UNIT_BYTES // DATA_BYTES
 EPOCH_SLOTS = 256
 #: a receiver zeroes its buffer of one parity once every 2 * CLEAR_PERIOD calls
 CLEAR_PERIOD = 1 << 20
-#: the status-word kind of a flag wait that gave up (the barriers use 1 and 2)
-FLAG_TIMEOUT = tl.constexpr(3)
-FLAG_TIMEOUT_KIND = 3
 # The same numbers as compile-time constants for the device functions (Triton
 # kernels may read only constexpr globals).
 _DATA_BYTES = tl.constexpr(DATA_BYTES)

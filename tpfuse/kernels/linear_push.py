@@ -51,7 +51,8 @@ No torch import here (CI compiles these kernels with more than one Triton).
 import triton
 import triton.language as tl
 
-from .barrier import ENTRY_TIMEOUT, EXIT_TIMEOUT, barrier, exchange, peer_lanes, signal_peers, wait_peers
+from .barrier import barrier, exchange, peer_lanes, signal_peers, wait_peers
+from .failure import ENTRY_TIMEOUT, EXIT_TIMEOUT, NAN_BITS_OF_SIZE, poison_result
 from .peer_args import per_lane, pick
 from .push_gather import RUNTIME_ARGS, barrier_constexprs, multimem_store_v4
 
@@ -234,9 +235,10 @@ def p2p_linear_push_kernel(
     bias_ptr,  # [w_rank] bias band (unused without HAS_BIAS)
     out_ptr,  # the caller-owned [T, total] result
     slot_offset,  # elements from a buffer's base to the slot this call uses
-    status,  # *i32: 0, or the timeout code of a barrier that gave up
+    status,  # *i32[2]: 0, or the timeout code of a barrier that gave up, and the failed call (failure.py)
     tokens,
-    timeout_ns,
+    timeout_ns,  # > 0; becomes 0 once a wait of this block gave up
+    call,  # the call's host-issued number on the group, recorded if it fails
     buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7,  # rank r's symmetric buffer address (0 past W)
     pad0, pad1, pad2, pad3, pad4, pad5, pad6, pad7,  # rank r's signal pad address
     RANK: tl.constexpr,
@@ -256,6 +258,7 @@ def p2p_linear_push_kernel(
     TMA_WEIGHT: tl.constexpr = False,  # weight tiles through a TMA descriptor (needs global scratch; experimental)
     SWAP_AB: tl.constexpr = False,  # the weight tile on the MMA's M side (wgmma for few tokens; see _tile_gemm)
     BALANCED: tl.constexpr = False,  # each block a contiguous, even share of the columns (see below)
+    POISON: tl.constexpr = 0x7FC0,  # a timed-out call's whole result: a NaN in bf16 and fp16 (failure.py)
 ):
     """Without BALANCED, block ``b`` takes tiles ``b, b + nblocks, ...`` (round robin).  With
     it, block ``b`` takes the columns ``_column_range`` gives it (every block within 8
@@ -314,17 +317,21 @@ def p2p_linear_push_kernel(
     if EXIT_SYNC:
         # Exit (release/acquire, system scope): our pushes are visible to each peer before it
         # reads them, and theirs to us before the copy-out below.
-        exchange(peer_pads, own_pad, RANK, pid, live, live, status, timeout_ns, EXIT_TIMEOUT, W, True)
+        if exchange(peer_pads, own_pad, RANK, pid, live, live, status, timeout_ns, EXIT_TIMEOUT, W, True):
+            timeout_ns = timeout_ns * 0
     if COPY_OUT:
         _copy_out_peers(out_ptr, own, tokens, pid, nblocks, RANK, W, WP, BAND_OFFSETS, BLOCK_M, BLOCK_N,
                         EVEN_BANDS, BALANCED)
+    if timeout_ns == 0:
+        # A wait gave up: the peers' bands may be another call's, so the result must not be read.
+        poison_result(out_ptr, status, call, tokens * TOTAL, POISON)
 
 
 @triton.jit
 def multimem_linear_push_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr,
     slot_offset,  # elements (of the output dtype) from a buffer's base to the slot
-    status, tokens, timeout_ns,
+    status, tokens, timeout_ns, call,
     multicast_ptr,  # the multicast address of the data buffer (i64)
     buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7,
     pad0, pad1, pad2, pad3, pad4, pad5, pad6, pad7,
@@ -339,6 +346,7 @@ def multimem_linear_push_kernel(
     BLOCK_K: tl.constexpr,
     SKIP_ENTRY_SYNC: tl.constexpr,
     EVEN_BANDS: tl.constexpr,
+    POISON: tl.constexpr = 0x7FC0,
 ):
     """Like the P2P kernel, but one ``multimem.st`` per 16 bytes of a tile reaches every rank.
 
@@ -383,9 +391,12 @@ def multimem_linear_push_kernel(
         address = multicast_ptr + (slot_offset + first.to(tl.int64)) * 2
         multimem_store_v4(address, w0, w1, w2, w3, vec_ok)
     # Exit (release/acquire, system scope): the multicast stores are visible everywhere first.
-    barrier(peer_pads, own_pad, RANK, pid, status, timeout_ns, EXIT_TIMEOUT, W, True)
+    if barrier(peer_pads, own_pad, RANK, pid, status, timeout_ns, EXIT_TIMEOUT, W, True):
+        timeout_ns = timeout_ns * 0
     _copy_out_peers(out_ptr, own, tokens, pid, nblocks, RANK, W, WP, BAND_OFFSETS, BLOCK_M, BLOCK_N, EVEN_BANDS,
                     False)
+    if timeout_ns == 0:
+        poison_result(out_ptr, status, call, tokens * TOTAL, POISON)
 
 
 # ---------------------------------------------------------------------------
@@ -516,7 +527,7 @@ def linear_source(dtype_name, rank, band_offsets, k, config, has_bias, skip_entr
     constexprs = barrier_constexprs(rank, band_offsets)
     constexprs.update(K=int(k), HAS_BIAS=bool(has_bias), BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
                       BLOCK_K=config["BLOCK_K"], SKIP_ENTRY_SYNC=bool(skip_entry_sync),
-                      EVEN_BANDS=even_bands(band_offsets, config))
+                      EVEN_BANDS=even_bands(band_offsets, config), POISON=NAN_BITS_OF_SIZE[2])
     if config.get("TMA", False) and not tma_weight_ok(k, config):
         raise ValueError(f"tpfuse: TMA weight loads need K % 8 == 0 and BLOCK_K <= 256 (a TMA box), got K={k}, "
                          f"BLOCK_K={config['BLOCK_K']}")

@@ -31,7 +31,8 @@ one Triton version, in processes that may not have torch.
 import triton
 import triton.language as tl
 
-from .barrier import ENTRY_TIMEOUT, EXIT_TIMEOUT, barrier, exchange, peer_lanes
+from .barrier import barrier, exchange, peer_lanes
+from .failure import ENTRY_TIMEOUT, EXIT_TIMEOUT, NAN_BITS_OF_SIZE, poison_result
 from .peer_args import MAX_RANKS, per_lane, pick
 
 @triton.jit
@@ -70,7 +71,8 @@ def p2p_push_gather_kernel(
     slot_offset,  # elements from a buffer's base to the slot this call uses
     status,  # *i32: 0, or the timeout code of a barrier that gave up
     tokens,
-    timeout_ns,
+    timeout_ns,  # > 0; becomes 0 once a wait of this block gave up
+    call,  # the call's host-issued number on the group, recorded if it fails
     buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7,  # rank r's symmetric buffer address (0 past W)
     pad0, pad1, pad2, pad3, pad4, pad5, pad6, pad7,  # rank r's signal pad address
     RANK: tl.constexpr,
@@ -82,6 +84,7 @@ def p2p_push_gather_kernel(
     CHUNK: tl.constexpr,  # tiles per exit exchange (pipelines pushes against copy-out)
     SKIP_ENTRY_SYNC: tl.constexpr,
     COPY_OUT: tl.constexpr,
+    POISON: tl.constexpr,  # the dtype's poison bits: a timed-out call's whole result (failure.py)
     EXIT_SYNC: tl.constexpr = True,  # False only for the benchmark's floor diagnostics: results are then racy
 ):
     """Push this rank's band to every peer, then copy the peers' bands out, chunk by chunk.
@@ -153,6 +156,12 @@ def p2p_push_gather_kernel(
                     tile = pid + (c * CHUNK + k) * nblocks
                     _, gathered, in_band = _band_tile(tile, tokens, q_off, q_width, TOTAL, VEC, BLOCK_V)
                     tl.store(out_ptr + gathered, tl.load(own + gathered, mask=in_band), mask=in_band)
+    if timeout_ns == 0:
+        # A wait gave up: the slot may hold another call's bytes, so the result must not be read.
+        if COPY_OUT:
+            poison_result(out_ptr, status, call, tokens * TOTAL, POISON)
+        else:
+            poison_result(own, status, call, tokens * TOTAL, POISON)
 
 
 @triton.jit
@@ -183,6 +192,7 @@ def multimem_push_gather_kernel(
     status,
     tokens,
     timeout_ns,
+    call,
     multicast_ptr,  # the multicast address of the data buffer (i64)
     buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7,
     pad0, pad1, pad2, pad3, pad4, pad5, pad6, pad7,
@@ -193,6 +203,7 @@ def multimem_push_gather_kernel(
     BLOCK_V: tl.constexpr,
     SKIP_ENTRY_SYNC: tl.constexpr,
     COPY_OUT: tl.constexpr,
+    POISON: tl.constexpr,  # the dtype's poison as a 32-bit word (a pair or quad of the element's pattern)
 ):
     """Like the P2P kernel (one exit barrier), but one multicast store per 16 bytes reaches every rank.
 
@@ -232,17 +243,23 @@ def multimem_push_gather_kernel(
 
     # Exit (release/acquire, system scope): the multicast stores are visible
     # on every rank before any rank reads its buffer.
-    barrier(peer_pads, own_pad, RANK, pid, status, timeout_ns, EXIT_TIMEOUT, W, True)
+    if barrier(peer_pads, own_pad, RANK, pid, status, timeout_ns, EXIT_TIMEOUT, W, True):
+        timeout_ns = timeout_ns * 0
 
+    own = tl.multiple_of(pick(RANK, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7).to(x_ptr.dtype), 16)
+    own = own + slot_offset
     if COPY_OUT:
-        own = tl.multiple_of(pick(RANK, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7).to(x_ptr.dtype), 16)
-        own = own + slot_offset
         for s in tl.static_range(1, W):
             q_off = BAND_OFFSETS[(RANK + s) % W]
             q_width = BAND_OFFSETS[(RANK + s) % W + 1] - q_off
             for tile in range(pid, tl.cdiv(tokens * (q_width // VEC), BLOCK_V), nblocks):
                 _, gathered, live_v = _band_tile(tile, tokens, q_off, q_width, TOTAL, VEC, BLOCK_V)
                 tl.store(out_ptr + gathered, tl.load(own + gathered, mask=live_v), mask=live_v)
+    if timeout_ns == 0:
+        if COPY_OUT:
+            poison_result(out_ptr, status, call, tokens * TOTAL, POISON)
+        else:
+            poison_result(own, status, call, tokens * TOTAL, POISON)
 
 
 # ---------------------------------------------------------------------------
@@ -257,6 +274,7 @@ RUNTIME_ARGS = {
     "status": "*i32",
     "tokens": "i32",
     "timeout_ns": "i64",
+    "call": "i32",
     "multicast_ptr": "i64",
     **{f"buf{i}": "i64" for i in range(MAX_RANKS)},
     **{f"pad{i}": "i64" for i in range(MAX_RANKS)},
@@ -285,22 +303,28 @@ def barrier_constexprs(rank, band_offsets):
     }
 
 
-def p2p_source(elem_size, rank, band_offsets, vec, block_v, skip_entry_sync, copy_out, chunk=4, exit_sync=True):
+def p2p_source(elem_size, rank, band_offsets, vec, block_v, skip_entry_sync, copy_out, chunk=4, exit_sync=True,
+               poison=None):
     """The ``triton.compiler.ASTSource`` of one P2P variant.
 
     ``band_offsets`` holds W + 1 column offsets in elements; ``vec`` elements
-    of ``elem_size`` bytes must divide every offset.
+    of ``elem_size`` bytes must divide every offset.  ``poison``: the dtype's
+    bits (``failure.poison_bits``); by default the NaN of that element size.
     """
     constexprs = barrier_constexprs(rank, band_offsets)
     constexprs.update(VEC=vec, BLOCK_V=block_v, CHUNK=chunk, SKIP_ENTRY_SYNC=bool(skip_entry_sync),
-                      COPY_OUT=bool(copy_out), EXIT_SYNC=bool(exit_sync))
+                      COPY_OUT=bool(copy_out), EXIT_SYNC=bool(exit_sync),
+                      POISON=NAN_BITS_OF_SIZE[elem_size] if poison is None else poison)
     return _source(p2p_push_gather_kernel, "*" + INT_OF_SIZE[elem_size], constexprs)
 
 
-def multimem_source(rank, band_offsets_words, block_v, skip_entry_sync, copy_out):
-    """The ``ASTSource`` of one multimem variant; every dtype moves as 32-bit words, 4 per store."""
+def multimem_source(rank, band_offsets_words, block_v, skip_entry_sync, copy_out, poison_word=NAN_BITS_OF_SIZE[4]):
+    """The ``ASTSource`` of one multimem variant; every dtype moves as 32-bit words, 4 per store.
+
+    ``poison_word``: the dtype's poison repeated over a 32-bit word (``failure.poison_word``)."""
     constexprs = barrier_constexprs(rank, band_offsets_words)
-    constexprs.update(BLOCK_V=block_v, SKIP_ENTRY_SYNC=bool(skip_entry_sync), COPY_OUT=bool(copy_out))
+    constexprs.update(BLOCK_V=block_v, SKIP_ENTRY_SYNC=bool(skip_entry_sync), COPY_OUT=bool(copy_out),
+                      POISON=poison_word)
     return _source(multimem_push_gather_kernel, "*i32", constexprs)
 
 
