@@ -12,6 +12,7 @@ import torch
 
 from tpfuse.compile_ops import dispatch, push, push_backends, workspace as workspaces
 from tpfuse.compile_ops.dispatch import Backend
+from tpfuse.compile_ops.flag_evidence import FlagEvidence
 from tpfuse.compile_ops.groups import Group
 from tpfuse.kernels import flag_protocol
 
@@ -103,10 +104,14 @@ def _fake_workspace(device_name="NVIDIA H200", world_size=4, flags=True):
     return ws
 
 
+#: a stand-in evidence entry: measured and suite-passed (the files are never read at run time)
+SHOWN = FlagEvidence(64 << 10, "benchmarks/results/stand_in.json", "benchmarks/results/stand_in.log")
+
+
 @pytest.fixture
 def fake_cuda(fake_cuda, monkeypatch):
-    """The shared stand-in (tests/conftest.py), with a crossover measured for H200 at W=4 only."""
-    monkeypatch.setattr(push_backends, "FLAG_CROSSOVER", {("NVIDIA H200", 4): 64 << 10})
+    """The shared stand-in (tests/conftest.py), with evidence for H200 at W=4 only (not the real table's)."""
+    monkeypatch.setattr(push_backends, "FLAG_CROSSOVER", {("NVIDIA H200", 4): SHOWN})
     return fake_cuda
 
 
@@ -179,6 +184,7 @@ def test_pass_reports_the_protocol_and_never_claims_a_barrier_the_flag_protocol_
 
     monkeypatch.delenv("TPFUSE_BACKEND", raising=False)
     monkeypatch.setenv("TPFUSE_FLAG_MAX_BYTES", str(64 << 10))
+    monkeypatch.setattr(push_backends, "FLAG_CROSSOVER", {})  # whatever GPU this runs on: nothing measured
 
     def two_gathers(x, y, a, b):
         h1 = torch.ops.tpfuse.all_gather_hidden(x @ a, [8, 8], "0")  # 4 x 8 bf16: a 64-byte slab
@@ -197,7 +203,7 @@ def test_pass_reports_the_protocol_and_never_claims_a_barrier_the_flag_protocol_
     assert "flag protocol: finished on one rank = started on every rank" in large.reason
     assert "exit barrier of" not in large.reason
 
-    monkeypatch.delenv("TPFUSE_FLAG_MAX_BYTES")  # nothing measured on this (absent) device
+    monkeypatch.delenv("TPFUSE_FLAG_MAX_BYTES")  # nothing measured (the table is empty here)
     with FakeTensorMode():
         args = [torch.empty(s, device="cuda", dtype=torch.bfloat16) for s in ((4, 16), (8192, 16), (16, 8), (16, 8))]
         graph = make_fx(two_gathers)(*args).graph

@@ -199,7 +199,11 @@ def planned_backend(device_type: str, dtype: torch.dtype, tokens: int | None, hi
     reports: the op decides at run time from the group's agreed facts (a
     group that cannot push takes NCCL; ranks with different GPU models never
     take the flag protocol by default), and the passes never make a
-    correctness decision from it.
+    correctness decision from it.  Without ``TPFUSE_BACKEND=flag`` the flag
+    protocol is predicted only where ``flag_limit`` allows it: on a GPU model
+    and W with a measured crossover and a committed passing multi-GPU suite
+    log (docs/flag_protocol.md, "Choosing it: on evidence"); the reason says
+    which of the two is missing.
     """
     forced = forced_backend()
     if device_type == "cpu":

@@ -18,37 +18,35 @@ import torch
 from .. import config as settings
 from . import workspace as workspaces
 from .backend import Backend, GatherBackend, GatherCall
+from .flag_evidence import FLAG_CROSSOVER  # flag_limit reads it from here, so tests patch it here
 from .workspace import FLAG_MAX_SLAB_BYTES
 
 #: above this many bytes of output, ``auto`` leaves the gather to NCCL (the
 #: workspace holds two slots of this size); ``TPFUSE_PUSH_MAX_BYTES`` overrides.
 PUSH_MAX_BYTES = int(settings.VARIABLES["TPFUSE_PUSH_MAX_BYTES"].default)
-#: the measured crossover: per (device name, W), the largest slab (bytes per
-#: rank) at which the flag protocol was never slower than the barrier push in
-#: benchmarks/bench_gather.py (docs/benchmarks.md, "Flag protocol").  A
-#: (device, W) that is not here was never measured, and ``auto`` keeps the
-#: barrier push there.
-FLAG_CROSSOVER: dict[tuple[str, int], int] = {
-    # 2 x H200, 2026-11-29 (benchmarks/results/bench_gather_w2_h200_flag.json): faster at every
-    # row up to the buffers' 256 KiB in graph replay (2.7-4.4 us against 4.3-5.7), the same
-    # within noise eager (host-bound, 21.9-22.6 us against 21.6-22.6)
-    ("NVIDIA H200", 2): 256 << 10,
-}
 
 
 def flag_limit(device_name: str, world_size: int) -> tuple[int, str]:
     """The largest slab (bytes) ``auto`` sends through the flag protocol, and where that number comes from.
 
-    ``TPFUSE_FLAG_MAX_BYTES`` overrides the measured table (benchmarks, tuning);
-    it must be set alike on every rank.
+    ``FLAG_CROSSOVER`` (``flag_evidence.py``) holds, per (device name, W), the measured
+    crossover and the multi-GPU suite log.  ``auto`` takes the protocol only where both are
+    there: a (device, W) not in the table was never measured, and one without a suite log
+    has not shown the protocol correct across its GPUs.  ``TPFUSE_FLAG_MAX_BYTES`` overrides
+    the table (benchmarks, tuning, tests); it must be set alike on every rank.
     """
     override = settings.get("TPFUSE_FLAG_MAX_BYTES")
     if override is not None:
         return min(override, FLAG_MAX_SLAB_BYTES), "TPFUSE_FLAG_MAX_BYTES"
-    measured = FLAG_CROSSOVER.get((device_name, world_size))
-    if measured is None:
-        return 0, f"flag protocol not measured on {device_name or 'this device'} at W={world_size}"
-    return min(measured, FLAG_MAX_SLAB_BYTES), f"measured crossover on {device_name} at W={world_size}"
+    where = f"{device_name or 'this device'} at W={world_size}"
+    evidence = FLAG_CROSSOVER.get((device_name, world_size))
+    if evidence is None:
+        return 0, f"flag protocol not measured on {where}"
+    if evidence.suite_log is None:
+        return 0, f"flag protocol: no committed passing multi-GPU suite for {where}"
+    if evidence.crossover_bytes == 0:
+        return 0, f"flag protocol: slower than the barrier push already at the smallest measured slab on {where}"
+    return min(evidence.crossover_bytes, FLAG_MAX_SLAB_BYTES), f"measured crossover on {where}"
 
 
 def _multimem_asked() -> bool:
@@ -103,7 +101,8 @@ class _PushBackend(GatherBackend):
 
 
 class FlagBackend(_PushBackend):
-    """Small gathers with no barriers (docs/flag_protocol.md), up to the measured crossover."""
+    """Small gathers with no barriers (docs/flag_protocol.md), up to the measured crossover, where the
+    protocol's multi-GPU suite passed (``flag_limit``)."""
 
     name = "flag"
 
