@@ -2,16 +2,19 @@
 
 ``TpfusePass`` is a ``CustomGraphPass``: Inductor calls it on every post-grad
 graph and folds its ``uuid()`` into the FX graph cache key.  The uuid covers
-the source of every module in ``tpfuse/passes``, the op's schema, the
+the source of every tpfuse module the passes import (transitively), the op's schema, the
 configuration and the registered patterns, so the cache stays on and a cached
 graph is never served for other settings (docs/passes.md, "Caching").
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import contextvars
 import functools
 import hashlib
+import importlib.util
 import itertools
 import logging
 import pathlib
@@ -52,13 +55,71 @@ def make_config(**config: Any) -> PassConfig:
     return cfg
 
 
+_PACKAGE_DIR = pathlib.Path(__file__).resolve().parent.parent  # tpfuse/
+_PACKAGE = __name__.partition(".")[0]
+
+
 @functools.lru_cache(maxsize=None)
 def _pass_sources_hash() -> str:
+    """sha256 of the source of every tpfuse module the passes import, transitively.
+
+    Not only ``tpfuse/passes``: the passes decide graphs on facts kept beside the
+    kernels (slot alternation, fences, the op's dispatch), and a changed fact must
+    not be served a graph decided under the old one (docs/passes.md, "Caching").
+    Paths enter relative to the package, so the key does not depend on where it lives."""
     digest = hashlib.sha256()
-    for path in sorted(pathlib.Path(__file__).parent.glob("*.py")):
-        digest.update(path.name.encode())
+    for path in sorted(pass_source_files()):
+        digest.update(path.relative_to(_PACKAGE_DIR).as_posix().encode() + b"\x00")
         digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+def pass_source_files() -> set[pathlib.Path]:
+    """The files of ``tpfuse/passes`` and of every tpfuse module they import, transitively.
+
+    Read from the source (every import statement, function-level ones too), not from
+    ``sys.modules``: a module imported lazily, on a path this process has not taken yet,
+    still decides graphs."""
+    todo = [f"{_PACKAGE}.passes"] + [f"{_PACKAGE}.passes.{p.stem}"
+                                     for p in (_PACKAGE_DIR / "passes").glob("*.py")]
+    found: dict[str, pathlib.Path] = {}
+    while todo:
+        name = todo.pop()
+        path = None if name in found else _module_file(name)
+        if path is not None:
+            found[name] = path
+            todo.extend(_imported_names(name, path))
+            # importing a.b.c runs a/__init__.py and a/b/__init__.py first
+            todo.extend(name.rsplit(".", depth)[0] for depth in range(1, name.count(".") + 1))
+    return set(found.values())
+
+
+def _module_file(name: str) -> pathlib.Path | None:
+    """The source file of tpfuse module ``name``, or None for a name that is no tpfuse module
+    (another library, or a class or function imported with ``from module import name``)."""
+    top, _, rest = name.partition(".")
+    if top != _PACKAGE:
+        return None
+    base = _PACKAGE_DIR.joinpath(*rest.split(".")) if rest else _PACKAGE_DIR
+    for path in (base / "__init__.py", base.with_name(base.name + ".py")):
+        if path.is_file():
+            return path
+    return None
+
+
+def _imported_names(name: str, path: pathlib.Path) -> set[str]:
+    """Every dotted name that could be a module imported by ``name``'s source."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_bytes(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = importlib.util.resolve_name("." * node.level + (node.module or ""), package)
+            names.add(base)
+            # ``from pkg import sub`` imports the module pkg.sub when there is one
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
 
 
 def _op_schema() -> str:
@@ -313,7 +374,8 @@ def _without_tpfuse(installed: Any) -> Any:
 
 
 def enable(**config: Any) -> None:
-    """Install the tpfuse passes into Inductor's post-grad hook for every later compile.
+    """Install the tpfuse passes into Inductor's post-grad hook for every later compile, in
+    every thread of the process (docs/api.md, "Threads").
 
     A pass the user installed there keeps running after ours; ``disable()``
     restores it.  Graphs compiled before ``enable()`` are not recompiled (call
@@ -321,31 +383,90 @@ def enable(**config: Any) -> None:
     cfg = make_config(**config)
     allow_funcol_gather_tracing()
     inductor_lowering.register()
-    ic = _inductor_config()
-    ic.post_grad_custom_post_pass = TpfusePass(cfg, _without_tpfuse(ic.post_grad_custom_post_pass))
+    _change_installed(lambda installed: TpfusePass(cfg, _without_tpfuse(installed)))
     reset_report()
 
 
 def disable() -> None:
-    """Remove the tpfuse passes; whatever was installed before ``enable()`` is restored."""
-    ic = _inductor_config()
-    ic.post_grad_custom_post_pass = _without_tpfuse(ic.post_grad_custom_post_pass)
+    """Remove the tpfuse passes from every thread; whatever was installed before ``enable()`` is restored."""
+    _change_installed(_without_tpfuse)
 
 
 def is_enabled() -> bool:
+    """Whether a compile in the calling thread runs the passes."""
     return isinstance(_inductor_config().post_grad_custom_post_pass, TpfusePass)
 
 
 @contextlib.contextmanager
 def enabled(**config: Any) -> Iterator[None]:
-    """``with tpfuse.enabled(**config):`` -- enable for the block, then restore exactly."""
-    ic = _inductor_config()
-    saved = ic.post_grad_custom_post_pass
+    """``with tpfuse.enabled(**config):`` -- enable for the block, in every thread as ``enable()``
+    does, then restore exactly what was installed before."""
+    saved = _installed()
     enable(**config)
     try:
         yield
     finally:
-        ic.post_grad_custom_post_pass = saved
+        _restore_installed(saved)
+
+
+# Where Inductor keeps the post-grad pass.  torch 2.11 keeps one value per process:
+# an assignment reaches every thread.  Later torch keeps each assigned value in a
+# ContextVar (torch/utils/_config_module.py), so an assignment reaches only the
+# assigning thread, and every other thread reads the entry's defaults: a plain
+# assignment in enable() would leave compiles in worker threads without the passes.
+# Changed outside Inductor's setattr, the entry's per-thread caches of the config dict
+# need no notice: they serve only save_config and the cache key's config, and both
+# leave this entry out (the key takes the pass's uuid instead).
+_PASS_KEY = "post_grad_custom_post_pass"
+try:
+    from torch.utils._config_module import _UNSET_SENTINEL
+except ImportError:  # pragma: no cover - no config module: _per_thread_entry() finds no entry
+    _UNSET_SENTINEL = object()
+
+
+def _per_thread_entry():
+    """Inductor's config entry of the post-grad pass where its value is per thread, else None."""
+    entry = getattr(_inductor_config(), "_config", {}).get(_PASS_KEY)
+    per_thread = isinstance(getattr(entry, "user_override", None), contextvars.ContextVar)
+    return entry if per_thread and hasattr(entry, "env_value_default") else None
+
+
+def _change_installed(change) -> None:
+    """Replace the installed pass by ``change(installed)``, for every thread."""
+    ic = _inductor_config()
+    entry = _per_thread_entry()
+    if entry is None:
+        setattr(ic, _PASS_KEY, change(getattr(ic, _PASS_KEY)))
+        return
+    # The process-wide value: what every thread without a value of its own reads.  It is
+    # the slot an environment variable would fill (Inductor reads it below a thread's own
+    # value); the entry's ``default`` would not do: Inductor deep-copies a mutable default
+    # into the reading thread's own value, which would then outlive disable().
+    process_wide = entry.default if entry.env_value_default is _UNSET_SENTINEL else entry.env_value_default
+    entry.env_value_default = change(process_wide)
+    if entry.user_override.get() is not _UNSET_SENTINEL:
+        # This thread assigned a value (or left one by ``config.patch``): it hides the
+        # process-wide one here, so it is changed too, keeping the pass it chains.
+        setattr(ic, _PASS_KEY, change(entry.user_override.get()))
+
+
+def _installed() -> tuple:
+    """What ``_change_installed`` changes, raw (a thread's "no value" included), to restore exactly."""
+    entry = _per_thread_entry()
+    if entry is None:
+        return (getattr(_inductor_config(), _PASS_KEY), None)
+    return (entry.user_override.get(), entry.env_value_default)
+
+
+def _restore_installed(saved: tuple) -> None:
+    thread_value, process_wide = saved
+    entry = _per_thread_entry()
+    if entry is None:
+        setattr(_inductor_config(), _PASS_KEY, thread_value)
+        return
+    entry.env_value_default = process_wide
+    # Raw, as Inductor's own closure patcher does: the "no value" marker cannot be assigned.
+    entry.user_override.set(thread_value)
 
 
 def backend(inner: str = "inductor", **config: Any):
