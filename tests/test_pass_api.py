@@ -15,7 +15,7 @@ from expecttest import TestCase
 
 import tpfuse
 from tpfuse.passes import TpfusePass
-from tpfuse.passes.manager import PassConfig
+from tpfuse.passes.manager import PassConfig, _installed, _restore_installed
 
 from pass_helpers import capture, fake_world
 
@@ -50,12 +50,13 @@ def clean_hook():
     # no FX graph / AOT cache here: a cache hit skips the passes, and these tests count calls
     import torch._functorch.config as functorch_config
 
-    saved = inductor_config.post_grad_custom_post_pass
+    # enable() installs process-wide (every thread), so save and restore that too
+    saved = _installed()
     inductor_config.post_grad_custom_post_pass = None
     with inductor_config.patch(fx_graph_cache=False), \
             functorch_config.patch(enable_autograd_cache=False):
         yield
-    inductor_config.post_grad_custom_post_pass = saved
+    _restore_installed(saved)
 
 
 def test_enable_chains_user_pass_and_disable_restores_it(clean_hook):
@@ -273,7 +274,7 @@ def test_second_compile_in_one_process_reports_the_cached_graph(tmp_path, monkey
     from torch._dynamo.utils import counters
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    saved = inductor_config.post_grad_custom_post_pass
+    saved = _installed()
     x, w = torch.randn(4, 16), torch.randn(8, 16)
     try:
         with fake_world(2), inductor_config.patch(fx_graph_cache=True), \
@@ -291,5 +292,5 @@ def test_second_compile_in_one_process_reports_the_cached_graph(tmp_path, monkey
             counters["inductor"] = counters["inductor"].copy()
             assert tpfuse.report().graphs == []
     finally:
-        inductor_config.post_grad_custom_post_pass = saved
+        _restore_installed(saved)
     assert reports == [(0, [(False, ["split_cat"])]), (1, [(True, ["split_cat"])])], reports
