@@ -83,6 +83,67 @@ LINEAR_VARIANT_CONFIGS = [
 ]
 
 _INSTRUCTIONS = re.compile(r"\b((?:st|ld|red|atom|fence|membar|multimem|mma|wgmma|cp\.async\.bulk\.tensor)\.[\w.:]+)")
+_LABEL = re.compile(r"^\s*(\$L__BB\w+):")
+_BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$L__BB\w+)\s*;")
+_VOLATILE_LOAD = re.compile(r"\b(ld\.volatile\.global[\w.]*)")
+
+
+def poll_loads(ptx):
+    """The volatile global loads that poll: those in the innermost loops that read %globaltimer.
+
+    A flag wait is a loop bounded by %globaltimer that re-reads memory with volatile loads; the
+    other volatile loads (the epoch slot, the status word) sit outside it. A loop is found by its
+    back edge (a branch to a label above it) and spans label to branch: LLVM lays a loop's blocks
+    out together. Keyed on instructions, not on line numbers, so edits elsewhere in the kernel
+    leave it alone.
+    """
+    lines = ptx.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := _LABEL.match(line))}
+    ends = {}  # loop header line -> its last back edge
+    for i, line in enumerate(lines):
+        m = _BRANCH.search(line)
+        if m and labels.get(m.group(1), i) < i:
+            ends[labels[m.group(1)]] = i
+    waits = [(a, b) for a, b in ends.items()
+             if any("%globaltimer" in line for line in lines[a:b + 1])
+             and any(_VOLATILE_LOAD.search(line) for line in lines[a:b + 1])]
+    innermost = [(a, b) for a, b in waits if not any((c, d) != (a, b) and a <= c and d <= b for c, d in waits)]
+    return sorted({m.group(1) for a, b in innermost for line in lines[a:b + 1] for m in _VOLATILE_LOAD.finditer(line)})
+
+
+def _poll_controls():
+    """Test-only kernels for the poll check: a bounded wait on int64 units (data in the low half, the flag
+    in the high half, as in kernels/flag_protocol.py), read whole (SPLIT=False) or as two int32 halves
+    (SPLIT=True: flag and data could then come from different stores, the split the check must reject)."""
+    import triton
+    import triton.language as tl
+    from triton.compiler import ASTSource
+    from triton.language.extra.cuda import globaltimer
+
+    @triton.jit
+    def poll_units(units_ptr, out_ptr, epoch, timeout_ns, BLOCK: tl.constexpr, SPLIT: tl.constexpr):
+        u = tl.arange(0, BLOCK)
+        start = globaltimer()
+        spent = start - start
+        pending = 1
+        while (pending > 0) & (spent < timeout_ns):  # carries scalars only, as Triton 3.6 needs
+            if SPLIT:
+                halves = units_ptr.to(tl.pointer_type(tl.int32))
+                low = tl.load(halves + 2 * u, volatile=True)
+                high = tl.load(halves + 2 * u + 1, volatile=True)
+            else:
+                unit = tl.load(units_ptr + u, volatile=True)
+                low = unit.to(tl.int32)
+                high = (unit >> 32).to(tl.int32)
+            pending = tl.sum((high != epoch).to(tl.int32), axis=0)
+            if pending == 0:
+                tl.store(out_ptr + u, low)
+            spent = globaltimer() - start
+
+    signature = {"units_ptr": "*i64", "out_ptr": "*i32", "epoch": "i32", "timeout_ns": "i64",
+                 "BLOCK": "constexpr", "SPLIT": "constexpr"}
+    return {f"poll_control_{kind}": ASTSource(poll_units, signature, {"BLOCK": 256, "SPLIT": split})
+            for kind, split in (("whole", False), ("split", True))}
 
 
 def _import_kernels():
@@ -109,6 +170,7 @@ def report():
         ptx = kernel.asm["ptx"]
         out["kernels"][name] = {
             "instructions": sorted(set(_INSTRUCTIONS.findall(ptx))),
+            "poll_loads": poll_loads(ptx),
             "globaltimer": "%globaltimer" in ptx,
             "cubin_bytes": len(kernel.asm["cubin"]),
             "shared_bytes": int(getattr(kernel.metadata, "shared", 0)),
@@ -136,6 +198,8 @@ def report():
         out["kernels"]["linear_" + name]["config"] = config
     for name, elem, rank, offsets, block_u in FLAG_CONFIGS:
         record("flag_" + name, flag_gather.flag_source(elem, rank, offsets, block_u))
+    for name, source in _poll_controls().items():
+        record(name, source)
     return out
 
 

@@ -2,13 +2,14 @@
 
 The multimem kernel never runs on our machines (docs/safety.md, "Multicast"), so this is where
 it is checked; the P2P kernel is checked for 16-byte stores and for the
-barrier's memory orders.  Both compile under the installed Triton and under
-the GPU machines' Triton 3.6 (``TPFUSE_TRITON36_PATH``), which rejects some
-loops that newer releases accept (docs/design.md, "Toolchain note").
+barrier's memory orders; the flag kernel for whole-unit polls.  Both compile under the
+installed Triton and under the GPU machines' Triton 3.6 (``TPFUSE_TRITON36_PATH``), which
+rejects some loops that newer releases accept (docs/design.md, "Toolchain note").
 """
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -18,6 +19,20 @@ import aot_kernels_report as aot
 import interpreter_support
 
 pytest.importorskip("triton")
+
+
+#: a volatile load of 64-bit elements, alone or as a vector: each unit is one single-copy-atomic access
+_WHOLE_UNIT_LOAD = re.compile(r"ld\.volatile\.global(?:\.v\d+)?\.[bsu]64")
+
+
+def assert_polls_read_whole_units(name, kernel):
+    """The flag wait reads each 8-byte unit (data in the low half, flag in the high half) with ONE
+    volatile load of 64-bit elements, so that flag and data come from the same store
+    (docs/flag_protocol.md). Two 32-bit loads could pair a new flag with old data."""
+    polls = kernel["poll_loads"]  # the volatile loads in the %globaltimer-bounded wait loops
+    assert polls, f"{name}: no volatile load in a %globaltimer-bounded loop: the poll was not found"
+    split = [load for load in polls if not _WHOLE_UNIT_LOAD.fullmatch(load)]
+    assert not split, f"{name}: the poll reads units with {split}; accepted is one 64-bit volatile load per unit"
 
 
 def _check(report):
@@ -64,12 +79,17 @@ def _check(report):
         assert k["cubin_bytes"] > 0, name
         # Every unit crosses the link as half of a 16-byte relaxed system-scope store ...
         assert "st.relaxed.sys.global.v2.b64" in ins, (name, ins)
-        # ... and the receiver polls its own buffer with system-coherent loads ...
-        assert any(i.startswith("ld.volatile.global") for i in ins), (name, ins)
+        # ... and the receiver polls its own buffer with system-coherent loads, a whole unit each ...
+        assert_polls_read_whole_units(name, k)
         # ... with no fence, no atomic and no release anywhere: no barrier round trip.
         assert not any(i.startswith(("fence", "membar", "atom", "red.")) or "release" in i for i in ins), (name, ins)
         assert not any(i.startswith("multimem") for i in ins), name
         assert k["globaltimer"], f"{name}: the flag wait must be bounded by %globaltimer"
+    # The poll check itself: it accepts a test-only wait that reads each unit whole and rejects the
+    # same wait reading each unit as two int32 halves (negative control).
+    assert_polls_read_whole_units("poll_control_whole", kernels["poll_control_whole"])
+    with pytest.raises(AssertionError, match="the poll reads units with"):
+        assert_polls_read_whole_units("poll_control_split", kernels["poll_control_split"])
     for name, *_, options in aot.LINEAR_VARIANT_CONFIGS:  # every option spelled out, none left to launch_config
         k = kernels["linear_" + name]
         ins = set(k["instructions"])
