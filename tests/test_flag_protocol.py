@@ -82,10 +82,22 @@ def test_interpreter_negative_control_one_buffer(interpreted):
 
 
 def test_interpreter_negative_control_stale_epoch(interpreted):
-    # Data not there yet: the protocol waits and reports the peer, never reads the old call's units ...
+    # Data not there yet: the protocol waits and reports the peer, never reads the old call's units,
+    # and the result holds poison, not the old call's bytes ...
     assert not interpreted["stale"]["exact"] and interpreted["stale"]["status"] == 3 * 2**24 + 1 + 1
+    assert interpreted["stale"]["poisoned"] and interpreted["stale"]["call"] == 5
     # ... a receiver that accepts stale epochs returns them silently.
-    assert interpreted["stale_accepted"] == {"exact": False, "status": 0}
+    accepted = interpreted["stale_accepted"]
+    assert (accepted["exact"], accepted["status"], accepted["poisoned"]) == (False, 0, False)
+
+
+def test_interpreter_timed_out_call_poisons_its_whole_result_and_names_the_call(interpreted):
+    """Rank 1 never arrives at call 2: rank 0's result is all poison (never its prefill, never rank 0's own
+    band alone), the status names the flag wait, block 0, peer 1 (or the first peer that is missing), and call 2."""
+    for case in interpreted["missing"]:
+        assert case["poisoned"], case
+        assert case["status"] >> 24 == 3 and case["call"] == 2, case
+        assert (case["status"] & 0xFF) - 1 in (1, 2), case
 
 
 def test_interpreter_clear_every_call_stays_exact(interpreted):
@@ -165,8 +177,8 @@ def test_capture_never_sets_the_flag_buffers_up(fake_cuda, monkeypatch):
 
 def test_flag_timeout_report_names_the_missing_rank():
     ws = _fake_workspace()
-    ws.status_view = np.array([3 * 2**24 + 5 * 256 + 2 + 1], dtype=np.int32)
-    with pytest.raises(RuntimeError, match=r"timed out in the flag wait \(block 5\) after 2s waiting for rank 2"):
+    ws.status_view = np.array([3 * 2**24 + 5 * 256 + 2 + 1, 12], dtype=np.int32)
+    with pytest.raises(RuntimeError, match=r"timed out in the flag wait \(block 5\) of call 12 .* after 2s waiting for rank 2"):
         push.raise_if_failed(ws)
 
 

@@ -97,15 +97,20 @@ class OneGpuGroup:
         return self
 
     def launcher(self, rank, x, kind="flag"):
-        """Rank ``rank``'s launcher (the op's) for calls shaped like ``x``."""
-        key = (rank, kind, tuple(x.shape))
+        """Rank ``rank``'s launcher (the op's) for calls shaped like ``x``.
+
+        The first call of a shape makes every rank's launcher before any launches: compiling
+        one rank's kernel while a peer's already waits would look like a peer that never came.
+        """
+        key = (kind, tuple(x.shape[:-1]))  # the leading dims: each rank has its own width
         if key not in self._launchers:
-            ws = self.workspaces[rank]
-            if kind == "flag":
-                self._launchers[key] = push.flag_launcher(ws, x, self.widths, **self.options)
-            else:
-                self._launchers[key] = push.push_launcher(ws, x, self.widths, Backend.P2P)
-        return self._launchers[key]
+            self._launchers[key] = [self._make_launcher(ws, x, kind) for ws in self.workspaces]
+        return self._launchers[key][rank]
+
+    def _make_launcher(self, ws, x, kind):
+        if kind == "flag":
+            return push.flag_launcher(ws, x, self.widths, **self.options)
+        return push.push_launcher(ws, x, self.widths, Backend.P2P)
 
     def launch_barrier_push(self, rank, x, out):
         self.launcher(rank, x, "barrier push")(x, out)
@@ -137,6 +142,10 @@ class OneGpuGroup:
 
         ``barrier_push[j]`` (the same on every rank) sends call j through the barrier push."""
         main = torch.cuda.current_stream()
+        # Every launcher first: loading a kernel's module waits for the kernels already running on
+        # the GPU, and here those wait for ranks this one host thread has not issued yet.
+        for kind in ("flag", "barrier push") if barrier_push is not None and any(barrier_push) else ("flag",):
+            self.launcher(0, xs_per_rank[0][0], kind)
         for r in range(self.W):
             self.streams[r].wait_stream(main)
             with torch.cuda.stream(self.streams[r]):
