@@ -152,6 +152,10 @@ class PassConfig:
     zero_copy: where the pass proves every reader of a gather's result finishes before its
         slot is written again, let the op return a view of the slot (no copy-out).
         Experimental and off by default (docs/barrier_elision.md §8).
+    eliminate_gathers: where every consumer of a gathered tensor reduces over the gathered
+        axis (argmax, max, topk, ...; passes/gather_elimination.py), do not gather it: each
+        rank reduces its own band and only small partials travel (docs/passes.md,
+        "Gather elimination").
     """
 
     dry_run: bool = False
@@ -161,6 +165,7 @@ class PassConfig:
     elide_barriers: bool = True
     fuse_linear: bool = False
     zero_copy: bool = False
+    eliminate_gathers: bool = True
 
     def cache_key(self) -> str:
         # dump_dir only decides where text goes, never what the graph becomes.

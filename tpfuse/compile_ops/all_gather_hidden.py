@@ -83,7 +83,7 @@ def _all_gather_hidden_impl(
     # and backend() install that lowering); anywhere else the permission is ignored.
     zero_copy = zero_copy and inductor_lowering.is_registered()
     variables, device = settings.raw_dispatch_values(), x.device
-    if _agreement_applies(device.type, group, variables[-1]):
+    if agreement_applies(device.type, group, variables[-1]):
         # Collective, on every call and before anything that could raise on one rank only or
         # set up shared state: ranks that disagree all raise here (agreement.py).
         agreement.check(x, hidden_widths, group)
@@ -103,7 +103,7 @@ def _all_gather_hidden_impl(
     return launch(x)
 
 
-def _agreement_applies(device_type: str, group: Group, check_raw) -> bool:
+def agreement_applies(device_type: str, group: Group, check_raw) -> bool:
     """CPU tensors on a gloo group: always.  CUDA tensors on an NCCL group: with ``TPFUSE_CHECK=1``,
     outside graph capture.  (A tensor on a device its group cannot move gets the op's own error.)"""
     if device_type == "cpu":

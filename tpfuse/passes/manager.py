@@ -34,6 +34,8 @@ from ..compile_ops import inductor_lowering
 from .dynamo_compat import allow_funcol_gather_tracing
 from .barrier_elision import apply_barrier_decisions, attach_to_matches, decide_barriers
 from .hidden_gather import find_hidden_gathers, rewrite_hidden_gathers
+from .gather_elimination import ELIMINATIONS, find_gather_eliminations, mark_eliminated
+from .gather_elimination import rewrite_gather_eliminations, tpfuse_gather_of
 from .linear_fusion import cache_key as linear_fusion_cache_key
 from .linear_fusion import fuse_linear_gathers
 from .records import GraphReport, NearMiss, Report
@@ -256,9 +258,16 @@ def run_passes(graph: Graph, config: PassConfig, for_cache: bool = False) -> Gra
         # No graph.lint() here: Inductor lints after its post-grad passes, and the
         # tests lint after every rewrite; at ~3 ms per 1000 nodes it is our largest cost.
         matches = rewrite_hidden_gathers(graph, found.matches)
+    eliminations = []
+    if config.eliminate_gathers:
+        # After the rewrite (every gather form is a tpfuse gather now), before linear fusion and
+        # barrier elision, which then see only the gathers that remain.
+        matches, eliminations = _eliminate(graph, matches, found.near_misses, config.dry_run)
     if config.fuse_linear and matches:
         # Before barrier elision, which then treats the fused op like any tpfuse gather.
-        matches = fuse_linear_gathers(graph, matches, found.near_misses, config.dry_run)
+        kept = [m for m in matches if not m.eliminated]
+        fused = iter(fuse_linear_gathers(graph, kept, found.near_misses, config.dry_run))
+        matches = [m if m.eliminated else next(fused) for m in matches]
     barriers = []
     ops = (torch.ops.tpfuse.all_gather_hidden.default, torch.ops.tpfuse.linear_all_gather_hidden.default)
     if not config.dry_run and any(n.target in ops for n in graph.nodes):  # most graphs have none
@@ -277,6 +286,7 @@ def run_passes(graph: Graph, config: PassConfig, for_cache: bool = False) -> Gra
         barriers=barriers,
         other_collectives=found.other_collectives,
         devices=_gather_devices(graph) if barriers else {},
+        eliminations=eliminations,
     )
     graph_report.pass_ms = (time.perf_counter() - start) * 1e3
     after = _graph_code(graph) if before is not None else None
@@ -288,9 +298,23 @@ def run_passes(graph: Graph, config: PassConfig, for_cache: bool = False) -> Gra
         if tracing:
             _trace_artifacts(before, after, graph_report)
     _STORE.add(graph_report)
-    if matches or found.near_misses:
+    if matches or found.near_misses or eliminations:
         log.info("%s", Report([graph_report]))
     return graph_report
+
+
+def _eliminate(graph: Graph, matches: list, near_misses: list, dry_run: bool) -> tuple[list, list]:
+    """Gather elimination (gather_elimination.py): (the matches, marked where their gather went;
+    the elimination records).  A dry run records what would go and changes nothing."""
+    found = find_gather_eliminations(graph, ELIMINATIONS.ordered())
+    near_misses += found.near_misses
+    if not found.found:
+        return matches, []
+    if dry_run:
+        return matches, [f.record for f in found.found]
+    gathers = tpfuse_gather_of(graph, matches)
+    records = rewrite_gather_eliminations(graph, found.found)
+    return mark_eliminated(matches, gathers, records), records
 
 
 def _gather_devices(graph: Graph) -> dict[str, str]:
@@ -342,6 +366,7 @@ class TpfusePass(CustomGraphPass):
             _op_schema(),
             self.config.cache_key(),
             pattern_registry.REGISTRY.cache_key(),
+            ELIMINATIONS.cache_key() if self.config.eliminate_gathers else "",
             linear_fusion_cache_key() if self.config.fuse_linear else "",
             rank_part,
             *previous,

@@ -321,7 +321,7 @@ class FusionPattern:
         if self.search is not None:
             functions += (self.search,)
         for fn in functions:
-            parts.append(_function_fingerprint(fn))
+            parts.append(function_fingerprint(fn))
         parts += [p.name for p in self.preconditions]
         return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
 
@@ -377,13 +377,13 @@ def _op_from_string(name: str, spec: str) -> Any:
     return getattr(packet, overload) if overload else packet
 
 
-def _function_fingerprint(fn: Callable) -> str:
+def function_fingerprint(fn: Callable) -> str:
     fingerprint = getattr(fn, "cache_key", None)  # objects may declare their own
     if callable(fingerprint):
         return str(fingerprint())
     target = getattr(fn, "__wrapped__", fn)
     if isinstance(target, __import__("functools").partial):
-        return _function_fingerprint(target.func) + repr(target.args) + repr(sorted(target.keywords))
+        return function_fingerprint(target.func) + repr(target.args) + repr(sorted(target.keywords))
     try:
         return inspect.getsource(target)
     except (OSError, TypeError):

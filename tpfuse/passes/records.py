@@ -65,6 +65,8 @@ class GatherMatch:
     zero_copy_reason: str = "copy kept: no zero-copy proof attempted"
     # The fused linear+gather decision (linear_fusion.py) and the rule that fired; None when not asked.
     linear_fusion: str | None = None
+    # The consumers that made the gather unnecessary (gather_elimination.py); None: it stays.
+    eliminated: str | None = None
     before: tuple[str, ...] = field(default=(), repr=False, compare=False)
     after: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
@@ -73,6 +75,32 @@ class GatherMatch:
         """The node a report row and its ``why:`` lines are keyed by: the tpfuse gather
         once rewritten, else the node it would replace."""
         return self.tpfuse_gather or self.replacement or self.output
+
+
+@dataclass(frozen=True)
+class GatherElimination:
+    """A tpfuse gather whose every consumer reduces over the gathered axis, so it is not gathered:
+    each rank reduces its own band and only the partials travel (gather_elimination.py)."""
+
+    gather: str  # the tpfuse::all_gather_hidden node that is gone
+    consumers: tuple[str, ...]  # what each elimination replaced, e.g. ("argmax",)
+    matchers: tuple[str, ...]  # the matcher of each
+    nodes: tuple[str, ...]  # the consumer nodes replaced
+    group_name: str
+    world_size: int
+    hidden_widths: tuple[int, ...]
+    dtype: torch.dtype
+    steps: tuple[str, ...] = ()  # elementwise steps now applied to each rank's band (div, tanh, ...)
+    valid_columns: int | None = None  # V of a [..., :V] slice moved to the ranks
+    gathered_bytes: str = ""  # the gather's output per call, bytes (symbolic in T where T is)
+    partial_bytes: str = ""  # what travels instead, per call, bytes
+    partials: str = ""  # each elimination's partials per rank, e.g. "[s0, 2] int32"
+    replacement: str | None = None  # the last node the rewrite added; None in a dry run
+    after: tuple[str, ...] = field(default=(), repr=False, compare=False)
+
+    def __str__(self) -> str:
+        return (f"{self.gather} -> {', '.join(self.consumers)}: {self.gathered_bytes} B gathered per call "
+                f"before, {self.partial_bytes} B of partials ({self.partials}) now")
 
 
 #: Where near-miss reasons are explained, unless a record names another section.
@@ -107,6 +135,8 @@ class GraphReport:
     other_collectives: list[NearMiss] = field(default_factory=list)
     # device type of every tpfuse gather node after the rewrite (decides the backend)
     devices: dict = field(default_factory=dict)
+    # gathers not gathered any more: every consumer reduces over the gathered axis
+    eliminations: list[GatherElimination] = field(default_factory=list)
     # Loaded from Inductor's FX graph cache: the passes did not run in this compile;
     # these are the records stored when the entry was compiled (``cached_from``).
     from_cache: bool = False
@@ -124,14 +154,16 @@ class GraphReport:
         others = (f", {len(self.other_collectives)} other collective(s)"
                   if self.other_collectives else "")
         timing = "" if self.from_cache else f", {self.pass_ms:.1f} ms"
+        eliminated = f", {len(self.eliminations)} eliminated" if self.eliminations else ""
         return (f"graph {self.graph_index} ({origin}rank {self.rank}{mode}): "
-                f"{len(self.matches)} match(es), {self.rewritten} rewritten, "
+                f"{len(self.matches)} match(es), {self.rewritten} rewritten{eliminated}, "
                 f"{len(self.near_misses)} near-miss(es){others}{timing}")
 
     def lines(self) -> list[str]:
         lines = [self.header()]
         lines += _match_lines(self)
         lines += _direct_gather_lines(self)
+        lines += _elimination_lines(self.eliminations)
         lines += _near_miss_lines(self.near_misses)
         lines += _other_collective_lines(self.other_collectives)
         if self.dump_path:
@@ -161,6 +193,10 @@ class Report:
     @property
     def other_collectives(self) -> list[NearMiss]:
         return [n for g in self.graphs for n in g.other_collectives]
+
+    @property
+    def eliminations(self) -> list[GatherElimination]:
+        return [e for g in self.graphs for e in g.eliminations]
 
     @property
     def rewritten(self) -> int:
@@ -203,7 +239,10 @@ def _match_lines(g: GraphReport) -> list[str]:
     rows = []
     for m in g.matches:
         protocol = protocols.get(m.tpfuse_gather, ("", ""))[0]
-        row = (m.key, m.pattern, f"{m.output} ({'replaced' if m.replacement else 'not rewritten'})",
+        state = "replaced" if m.replacement else "not rewritten"
+        if m.eliminated:
+            state = f"eliminated: {m.eliminated}"
+        row = (m.key, m.pattern, f"{m.output} ({state})",
                f"{m.group_name!r} W={m.world_size}", _widths_text(m.hidden_widths),
                str(m.dtype).removeprefix("torch."), str(m.producer),
                _backend(g.devices.get(m.key, m.device), protocol))
@@ -246,6 +285,20 @@ def _direct_gather_lines(g: GraphReport) -> list[str]:
     return [_table(header, rows)] + _why(
         [(d.gather, d.skip_entry_sync, d.reason, d.zero_copy, d.zero_copy_reason) + protocols[d.gather]
          for d in cuda])
+
+
+def _elimination_lines(eliminations: list[GatherElimination]) -> list[str]:
+    """One row per gather that is no longer gathered: by what, through which steps, the bytes saved."""
+    if not eliminations:
+        return []
+    rows = [(e.gather, ", ".join(e.consumers), ", ".join(e.steps) or "-",
+             "-" if e.valid_columns is None else f":{e.valid_columns}",
+             f"{e.group_name!r} W={e.world_size}", _widths_text(e.hidden_widths),
+             str(e.dtype).removeprefix("torch."), e.gathered_bytes, f"{e.partial_bytes} ({e.partials})")
+            for e in eliminations]
+    header = ("eliminated gather", "consumer", "steps on the band", "slice", "group", "widths", "dtype",
+              "bytes gathered before", "bytes of partials now")
+    return [_table(header, rows)]
 
 
 def _near_miss_lines(near_misses: list[NearMiss]) -> list[str]:
