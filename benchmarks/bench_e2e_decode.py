@@ -180,7 +180,7 @@ def main():
                 json.dump({"card": card, "W": W, "torch": torch.__version__, "zero_copy": args.zero_copy,
                            "rows": rows}, f, indent=1)
     # Teardown: destroy_process_group() can hang once CUDA graphs captured NCCL collectives (the
-    # "tpfuse off" graphs do; pytorch/pytorch#115388). Seen here: with --fuse-linear every rank
+    # "tpfuse off" graphs do). Seen here: with --fuse-linear every rank
     # printed its results, then sat in destroy_process_group for > 120 s (stacks in
     # benchmarks/results/). Every rank is done with NCCL after this barrier, so the process
     # exits without destroying the group; the watchdog still catches a stuck barrier.
@@ -188,7 +188,8 @@ def main():
     faulthandler.dump_traceback_later(120, exit=True)
     dist.barrier()
     torch.cuda.synchronize()
-    print(f"rank {rank}: done (exiting without destroy_process_group, pytorch/pytorch#115388)", flush=True)
+    print(f"rank {rank}: done (exiting without destroy_process_group, which can hang after CUDA graphs "
+          "captured NCCL collectives)", flush=True)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

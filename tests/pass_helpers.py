@@ -8,8 +8,9 @@ Dynamo rule of ``tpfuse/passes/dynamo_compat.py`` applied, so that funcol's
 hidden-axis gather stays in one graph on every supported torch.
 
 The printed graphs leave out the opaque-object inputs that no node reads and
-number the other inputs in order (``normalise_placeholders``): the texts do not
-depend on what a torch version flattens into graph inputs.
+number the other inputs in order of first use (``normalise_placeholders``): the
+texts do not depend on what a torch version flattens into graph inputs, nor on
+the order it puts them in.
 """
 
 from __future__ import annotations
@@ -97,23 +98,39 @@ def graph_text(graph) -> str:
 
 
 _PLACEHOLDER = re.compile(r"\barg\d+_\d+\b")
+_INPUTS = "inputs: "
 
 
 def normalise_placeholders(text: str) -> str:
-    """Rename the graph inputs (``argN_M``) ``arg0_1``, ``arg1_1``, ... in order of first appearance.
+    """Rename the graph inputs (``argN_M``) ``arg0_1``, ``arg1_1``, ... in order of first use.
 
-    One renaming for the whole text, so a graph printed before and after a rewrite
-    keeps each input's name across both.  AOTAutograd numbers inputs by their flat
-    position, and what is flattened into inputs varies between torch versions (newer
-    torch adds each DTensor's mesh): with the unused opaque inputs left out of
-    ``graph_text``, the numbering left is the inputs' order, the same on each version.
+    AOTAutograd numbers inputs by their flat position, and that order is not the
+    same on every torch: for ``x @ w.t()`` torch 2.13 places ``w`` first and torch
+    2.11 places ``x`` first, while both graphs compute ``permute(w)`` and then
+    ``mm(x, permute)``.  So the numbering follows the nodes that read the inputs
+    (the ``inputs:`` lines are read last, for inputs no node reads) and each
+    ``inputs:`` line is listed in the new numbering.  One renaming for the whole
+    text, taken in text order (the graph before the rewrite comes first): a
+    rewrite that swaps two inputs still shows the swap.
     """
+    lines = text.split("\n")
     names: dict[str, str] = {}
+    for line in [ln for ln in lines if not ln.startswith(_INPUTS)] + [ln for ln in lines if ln.startswith(_INPUTS)]:
+        for name in _PLACEHOLDER.findall(line):
+            names.setdefault(name, f"arg{len(names)}_1")
+    return "\n".join(_renamed_line(line, names) for line in lines)
 
-    def rename(m: re.Match) -> str:
-        return names.setdefault(m.group(0), f"arg{len(names)}_1")
 
-    return _PLACEHOLDER.sub(rename, text)
+def _renamed_line(line: str, names: dict[str, str]) -> str:
+    renamed = _PLACEHOLDER.sub(lambda m: names[m.group(0)], line)
+    inputs = renamed[len(_INPUTS):].split(", ")
+    if line.startswith(_INPUTS) and all(_PLACEHOLDER.fullmatch(n) for n in inputs):
+        return _INPUTS + ", ".join(sorted(inputs, key=_input_number))
+    return renamed
+
+
+def _input_number(name: str) -> int:
+    return int(name[len("arg"):].split("_")[0])
 
 
 class _Stop(Exception):
@@ -155,9 +172,40 @@ def capture(fn, *args, dynamic=None, mutate=None, **config):
     return hook.text, hook.graph_report
 
 
-def _caused_by_stop(err: BaseException) -> bool:
-    while err is not None:
-        if isinstance(err, _Stop):
-            return True
+#: the torch function in which an older funcol guards on the gathered leading dim (torch/_utils.py)
+_FUNCOL_VIEW_OR_CAT = "_maybe_view_chunk_cat"
+_DATA_DEPENDENT_GUARD = re.compile(r"Could not guard on data-dependent expression (\S+\(.*?\))")
+
+
+def torch_cannot_trace_unbacked_gather(err: BaseException) -> str | None:
+    """Why this torch cannot trace funcol's hidden-axis gather of an unbacked T, or None when ``err`` is not that.
+
+    ``funcol.all_gather_tensor(x, gather_dim=d)`` with ``d > 0`` chooses a view or
+    chunk + cat in ``torch._utils._maybe_view_chunk_cat``.  torch 2.11 asks
+    ``shape[0] == group_size`` outright: for an unbacked T that is a guard on
+    ``Eq(W*u0, W)``, which Dynamo refuses before any tpfuse pass runs.  Newer torch
+    asks ``guard_or_false`` and takes chunk + cat.  Only that refusal counts here:
+    a data-dependent guard anywhere else (tpfuse's own code included) is None.
+    """
+    from torch._dynamo.exc import UserError
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    for e in _chain(err):
+        message = str(e)
+        found = _DATA_DEPENDENT_GUARD.search(message)
+        if isinstance(e, (UserError, GuardOnDataDependentSymNode)) and found and _FUNCOL_VIEW_OR_CAT in message:
+            return (f"torch {torch.__version__}: funcol's own gather ({_FUNCOL_VIEW_OR_CAT}) guards on "
+                    f"{found.group(1)} for an unbacked T, which Dynamo refuses; newer torch decides it without a guard")
+    return None
+
+
+def _chain(err: BaseException | None):
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
         err = err.__cause__ or err.__context__
-    return False
+
+
+def _caused_by_stop(err: BaseException) -> bool:
+    return any(isinstance(e, _Stop) for e in _chain(err))

@@ -379,10 +379,10 @@ agh_default_2: slot -1 (left to the op), keep
                           full_graph=True)
         self.assertExpectedInline(got, """\
 inputs: arg0_1, arg1_1, arg2_1, arg3_1
-mm = mm(arg1_1, arg2_1)
+mm = mm(arg0_1, arg1_1)
 agh = tpfuse.agh(mm, [8, 8], '0', slot=0, skip_entry_sync=False, zero_copy=False)
 relu = relu(agh)
-mm_1 = mm(relu, arg3_1)
+mm_1 = mm(relu, arg2_1)
 agh_1 = tpfuse.agh(mm_1, [8, 8], '0', slot=1, skip_entry_sync=True, zero_copy=False)
 return [agh_1]
 ----

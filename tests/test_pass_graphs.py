@@ -14,7 +14,7 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 from expecttest import TestCase
 
-from pass_helpers import capture, fake_world, normalise_placeholders
+from pass_helpers import capture, fake_world, normalise_placeholders, torch_cannot_trace_unbacked_gather
 
 
 def _world():
@@ -23,6 +23,18 @@ def _world():
 
 def funcol_gather(x, w, dim=-1):
     return funcol.all_gather_tensor(x @ w.t(), gather_dim=dim, group=dist.group.WORLD)
+
+
+def _capture_unbacked(test, fn, *args):
+    """``capture``, skipping the test where torch's own funcol cannot trace the gather of an unbacked T
+    (torch 2.11; ``torch_cannot_trace_unbacked_gather`` says which error that is, any other one is raised)."""
+    try:
+        return capture(fn, *args)
+    except Exception as err:  # noqa: BLE001 - only the one refusal is turned into a skip
+        reason = torch_cannot_trace_unbacked_gather(err)
+        if reason is None:
+            raise
+        test.skipTest(reason)
 
 
 def funcol_gather_relu(x, w):
@@ -169,26 +181,26 @@ return [all_gather_hidden_default]""")
     def test_funcol_narrow_cat_unbacked(self):
         x = torch.randn(4, 16)
         torch._dynamo.decorators.mark_unbacked(x, 0)
-        text, rep = capture(funcol_gather_dim1, x, _w())
+        text, rep = _capture_unbacked(self, funcol_gather_dim1, x, _w())
         self.assertEqual([m.pattern for m in rep.matches], ["narrow_cat"])
         self.assertExpectedInline(text, """\
 inputs: arg0_1, arg1_1, arg2_1
-ge = ge(arg1_1, 0)
+ge = ge(arg0_1, 0)
 _assert_scalar = _assert_scalar(ge, "Runtime assertion failed for expression u0 >= 0 on node 'ge'")
-permute = permute(arg0_1, [1, 0])
+permute = permute(arg1_1, [1, 0])
 mm = mm(arg2_1, permute)
 all_gather_into_tensor = _c10d_functional.all_gather_into_tensor(mm, 2, '0')
 wait_tensor = _c10d_functional.wait_tensor(all_gather_into_tensor)
-slice_1 = slice.Tensor(wait_tensor, 0, 0, arg1_1)
-add_13 = add(arg1_1, arg1_1)
-slice_2 = slice.Tensor(wait_tensor, 0, arg1_1, add_13)
+slice_1 = slice.Tensor(wait_tensor, 0, 0, arg0_1)
+add_13 = add(arg0_1, arg0_1)
+slice_2 = slice.Tensor(wait_tensor, 0, arg0_1, add_13)
 cat = cat([slice_1, slice_2], 1)
 return [cat]
 ---- after tpfuse ----
 inputs: arg0_1, arg1_1, arg2_1
-ge = ge(arg1_1, 0)
+ge = ge(arg0_1, 0)
 _assert_scalar = _assert_scalar(ge, "Runtime assertion failed for expression u0 >= 0 on node 'ge'")
-permute = permute(arg0_1, [1, 0])
+permute = permute(arg1_1, [1, 0])
 mm = mm(arg2_1, permute)
 all_gather_hidden_default = tpfuse.all_gather_hidden(mm, [8, 8], '0')
 return [all_gather_hidden_default]""")
@@ -316,8 +328,8 @@ return [all_gather_hidden_default]""")
         self.assertEqual(rep.matches[0].producer.op, "addmm")
         self.assertExpectedInline(text, """\
 inputs: arg0_1, arg1_1, arg2_1
-permute = permute(arg1_1, [1, 0])
-addmm = addmm(arg2_1, arg0_1, permute)
+permute = permute(arg0_1, [1, 0])
+addmm = addmm(arg1_1, arg2_1, permute)
 all_gather_into_tensor = _c10d_functional.all_gather_into_tensor(addmm, 2, '0')
 wait_tensor = _c10d_functional.wait_tensor(all_gather_into_tensor)
 split = split.Tensor(wait_tensor, 4)
@@ -327,8 +339,8 @@ cat = cat([getitem, getitem_1], 1)
 return [cat]
 ---- after tpfuse ----
 inputs: arg0_1, arg1_1, arg2_1
-permute = permute(arg1_1, [1, 0])
-addmm = addmm(arg2_1, arg0_1, permute)
+permute = permute(arg0_1, [1, 0])
+addmm = addmm(arg1_1, arg2_1, permute)
 all_gather_hidden_default = tpfuse.all_gather_hidden(addmm, [8, 8], '0')
 return [all_gather_hidden_default]""")
 
@@ -541,29 +553,29 @@ return [all_gather_hidden_default]""")
     def test_funcol_narrow_cat_unbacked(self):
         x = torch.randn(4, 16)
         torch._dynamo.decorators.mark_unbacked(x, 0)
-        text, _ = capture(funcol_gather_dim1, x, _w())
+        text, _ = _capture_unbacked(self, funcol_gather_dim1, x, _w())
         self.assertExpectedInline(text, """\
 inputs: arg0_1, arg1_1, arg2_1
-ge = ge(arg1_1, 0)
+ge = ge(arg0_1, 0)
 _assert_scalar = _assert_scalar(ge, "Runtime assertion failed for expression u0 >= 0 on node 'ge'")
-permute = permute(arg0_1, [1, 0])
+permute = permute(arg1_1, [1, 0])
 mm = mm(arg2_1, permute)
 all_gather_into_tensor = _c10d_functional.all_gather_into_tensor(mm, 4, '0')
 wait_tensor = _c10d_functional.wait_tensor(all_gather_into_tensor)
-slice_1 = slice.Tensor(wait_tensor, 0, 0, arg1_1)
-add_13 = add(arg1_1, arg1_1)
-slice_2 = slice.Tensor(wait_tensor, 0, arg1_1, add_13)
-add_17 = add(add_13, arg1_1)
+slice_1 = slice.Tensor(wait_tensor, 0, 0, arg0_1)
+add_13 = add(arg0_1, arg0_1)
+slice_2 = slice.Tensor(wait_tensor, 0, arg0_1, add_13)
+add_17 = add(add_13, arg0_1)
 slice_3 = slice.Tensor(wait_tensor, 0, add_13, add_17)
-add_21 = add(add_17, arg1_1)
+add_21 = add(add_17, arg0_1)
 slice_4 = slice.Tensor(wait_tensor, 0, add_17, add_21)
 cat = cat([slice_1, slice_2, slice_3, slice_4], 1)
 return [cat]
 ---- after tpfuse ----
 inputs: arg0_1, arg1_1, arg2_1
-ge = ge(arg1_1, 0)
+ge = ge(arg0_1, 0)
 _assert_scalar = _assert_scalar(ge, "Runtime assertion failed for expression u0 >= 0 on node 'ge'")
-permute = permute(arg0_1, [1, 0])
+permute = permute(arg1_1, [1, 0])
 mm = mm(arg2_1, permute)
 all_gather_hidden_default = tpfuse.all_gather_hidden(mm, [8, 8, 8, 8], '0')
 return [all_gather_hidden_default]""")
@@ -694,8 +706,8 @@ return [all_gather_hidden_default]""")
         text, _ = capture(_colwise_linear(), torch.randn(4, 16))
         self.assertExpectedInline(text, """\
 inputs: arg0_1, arg1_1, arg2_1
-permute = permute(arg1_1, [1, 0])
-addmm = addmm(arg2_1, arg0_1, permute)
+permute = permute(arg0_1, [1, 0])
+addmm = addmm(arg1_1, arg2_1, permute)
 all_gather_into_tensor = _c10d_functional.all_gather_into_tensor(addmm, 4, '0')
 wait_tensor = _c10d_functional.wait_tensor(all_gather_into_tensor)
 split = split.Tensor(wait_tensor, 4)
@@ -707,8 +719,8 @@ cat = cat([getitem, getitem_1, getitem_2, getitem_3], 1)
 return [cat]
 ---- after tpfuse ----
 inputs: arg0_1, arg1_1, arg2_1
-permute = permute(arg1_1, [1, 0])
-addmm = addmm(arg2_1, arg0_1, permute)
+permute = permute(arg0_1, [1, 0])
+addmm = addmm(arg1_1, arg2_1, permute)
 all_gather_hidden_default = tpfuse.all_gather_hidden(addmm, [8, 8, 8, 8], '0')
 return [all_gather_hidden_default]""")
 
@@ -782,3 +794,51 @@ class TestPlaceholderNames(TestCase):
     def test_only_whole_input_names_are_renamed(self):
         self.assertEqual(normalise_placeholders("inputs: arg3_1\nmy_arg3_1 = f(arg3_1, arg3_10)"),
                          "inputs: arg0_1\nmy_arg3_1 = f(arg0_1, arg1_1)")
+
+    def test_inputs_are_numbered_by_first_use_not_by_position(self):
+        # the same graph as torch 2.13 and torch 2.11 print it: 2.11 puts x before w
+        on_2_13 = "inputs: arg0_1, arg1_1\npermute = permute(arg0_1, [1, 0])\nmm = mm(arg1_1, permute)"
+        on_2_11 = "inputs: arg0_1, arg1_1\npermute = permute(arg1_1, [1, 0])\nmm = mm(arg0_1, permute)"
+        self.assertEqual(normalise_placeholders(on_2_11), on_2_13)
+        self.assertEqual(normalise_placeholders(on_2_13), on_2_13)
+
+    def test_inputs_no_node_reads_come_last_and_the_inputs_line_follows_the_numbering(self):
+        text = ("inputs: arg0_1, arg1_1, arg2_1\nmm = mm(arg2_1, arg1_1)\n"
+                "---- after tpfuse ----\ninputs: arg0_1, arg1_1, arg2_1")
+        self.assertEqual(normalise_placeholders(text), (
+            "inputs: arg0_1, arg1_1, arg2_1\nmm = mm(arg0_1, arg1_1)\n---- after tpfuse ----\n"
+            "inputs: arg0_1, arg1_1, arg2_1"))
+
+
+class TestUnbackedGatherSkip(TestCase):
+    """Only torch's own refusal to trace funcol's gather of an unbacked T turns into a skip."""
+
+    #: the message torch 2.11 raises for ``TestFormsW2.test_funcol_narrow_cat_unbacked`` (trimmed)
+    TORCH_2_11 = ("Consider annotating your code using torch._check*(). Could not guard on data-dependent "
+                  "expression Eq(2*u0, 2) (unhinted: Eq(2*u0, 2)).  (Size-like symbols: u0)\n\nCaused by: "
+                  "if shape[0] == group_size and numel_between == 1:  # _utils.py:1181 in _maybe_view_chunk_cat")
+
+    def _user_error(self, message):
+        from torch._dynamo.exc import UserError, UserErrorType
+
+        return UserError(UserErrorType.ANTI_PATTERN, message)
+
+    def test_torch_2_11_refusal_is_recognised(self):
+        reason = torch_cannot_trace_unbacked_gather(self._user_error(self.TORCH_2_11))
+        self.assertIn("Eq(2*u0, 2)", reason)
+        self.assertIn("_maybe_view_chunk_cat", reason)
+
+    def test_recognised_through_the_exception_chain(self):
+        try:
+            try:
+                raise self._user_error(self.TORCH_2_11)
+            except Exception as inner:
+                raise RuntimeError("backend failed") from inner
+        except RuntimeError as outer:
+            self.assertIsNotNone(torch_cannot_trace_unbacked_gather(outer))
+
+    def test_other_errors_are_not_skipped(self):
+        elsewhere = self.TORCH_2_11.replace("_maybe_view_chunk_cat", "hidden_gather_split")
+        self.assertIsNone(torch_cannot_trace_unbacked_gather(self._user_error(elsewhere)))
+        self.assertIsNone(torch_cannot_trace_unbacked_gather(RuntimeError(self.TORCH_2_11)))
+        self.assertIsNone(torch_cannot_trace_unbacked_gather(self._user_error("graph break in _maybe_view_chunk_cat")))

@@ -242,7 +242,7 @@ class TestLinearFusionW4(TestCase):
         self.assertExpectedInline(_decisions(rep), """not fused [not_modelled]: N_r=3584 at T=1: too narrow for 128-column tiles to fill the SMs; the model is fitted to wide bands only, and these 32-column tiles measured 0.46-1.24x of linear + gather (EAGLE3 projection 0.46-0.68x, Llama-8B MLP 0.98-1.24x)""")
 
     def test_lm_head_w4_t32_fused(self):
-        # An LM head band (vocab 128256 / 4) at T=32: measured 1.25-1.27x in four runs on two 4xH200 leases
+        # An LM head band (vocab 128256 / 4) at T=32: measured 1.25-1.27x in four runs on 4xH200
         # (docs/benchmarks.md).
         x, w = torch.randn(32, 4096, dtype=torch.bfloat16), torch.empty(32064, 4096, dtype=torch.bfloat16)
         text, rep = capture(linear_gather, x, w, fuse_linear=True)
