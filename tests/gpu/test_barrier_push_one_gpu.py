@@ -1,7 +1,10 @@
 """The barrier push's elided entry barrier on one GPU, W ranks emulated as streams (tests/gpu/flag_one_gpu.py).
 
 The default path copies out (the result is a fresh tensor) and, where the pass
-proved it, skips the entry barrier.  The proof rests on the two slots
+proved it, skips the entry barrier.  Rank 0 is made a slow reader with a
+test-only kernel variant that waits before each copy-out (``COPY_DELAY_NS``):
+without it the window is too short for the race to show (measured: 0 of 800
+corrupted with the entry skipped on one slot).  The proof rests on the two slots
 alternating: call k+2 writes the slot call k read, and a rank can start call
 k+2 only after call k+1's exit barrier, which every peer enters only after
 finishing call k's copy-out (docs/barrier_elision.md).  Here the ranks run
@@ -27,7 +30,8 @@ T, WIDTH, CALLS = 32, 4096, 400
 
 
 def _free_running(slot, skip_entry_sync, seed, W=2):
-    """``CALLS`` calls per rank back to back; rank 0 reads with 2 blocks (slowly), after random delays."""
+    """``CALLS`` calls per rank back to back; rank 0 is a slow reader: before each copy-out its kernel waits
+    a random 0-20 µs (a test-only kernel variant), and it starts calls after random delays."""
     group = OneGpuGroup([WIDTH] * W, torch.bfloat16, timeout_s=5.0).add_barrier_push()
     for ws in group.workspaces:
         ws.facts.max_blocks = 2  # few blocks: each copies out many tiles, a long read window
@@ -38,8 +42,11 @@ def _free_running(slot, skip_entry_sync, seed, W=2):
     from tpfuse.compile_ops import push
     from tpfuse.compile_ops.backend import Backend
 
-    launchers = [push.push_launcher(ws, xs[0][r], group.widths, Backend.P2P, slot, skip_entry_sync)
-                 for r, ws in enumerate(group.workspaces)]
+    delays = (0, 5_000, 20_000)  # ns before each copy-out chunk on rank 0; one variant per delay
+    slow = [push.push_launcher(group.workspaces[0], xs[0][0], group.widths, Backend.P2P, slot, skip_entry_sync,
+                               copy_delay_ns=d) for d in delays]
+    launchers = [None] + [push.push_launcher(ws, xs[0][r], group.widths, Backend.P2P, slot, skip_entry_sync)
+                          for r, ws in enumerate(group.workspaces) if r]
     outs = [[torch.full((T, W * WIDTH), -1, dtype=INT_OF_SIZE[2], device="cuda").view(group.dtype)
              for _ in range(CALLS)] for _ in range(W)]
     main = torch.cuda.current_stream()
@@ -49,7 +56,8 @@ def _free_running(slot, skip_entry_sync, seed, W=2):
             for j, i in enumerate(order):
                 if r == 0 and rng.random() < 0.5:
                     torch.cuda._sleep(rng.randint(0, 4000))
-                launchers[r](xs[i][r], outs[r][j])
+                launch = rng.choice(slow) if r == 0 else launchers[r]
+                launch(xs[i][r], outs[r][j])
     for r in range(W):
         main.wait_stream(group.streams[r])
     torch.cuda.synchronize()

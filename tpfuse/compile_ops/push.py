@@ -70,7 +70,8 @@ def _band_offsets(hidden_widths, scale=1):
     return tuple(offsets)
 
 
-def _build_plan(ws, dtype, hidden_widths, skip_entry_sync, copy_out, multimem, exit_sync=True) -> Plan:
+def _build_plan(ws, dtype, hidden_widths, skip_entry_sync, copy_out, multimem, exit_sync=True,
+                copy_delay_ns=0) -> Plan:
     from ..kernels import push_gather
 
     rank = ws.group.rank
@@ -87,7 +88,7 @@ def _build_plan(ws, dtype, hidden_widths, skip_entry_sync, copy_out, multimem, e
         offsets = _band_offsets(hidden_widths)
         vec = vector_elements(elem_size, offsets)
         source = push_gather.p2p_source(elem_size, rank, offsets, vec, block_v, skip_entry_sync, copy_out,
-                                        chunk, exit_sync, _poison(dtype))
+                                        chunk, exit_sync, _poison(dtype), copy_delay_ns)
         unit = elem_size
     with torch.cuda.device(ws.device):
         kernel = push_gather.compile_source(source, num_warps=settings.get("TPFUSE_PUSH_NUM_WARPS"))
@@ -165,10 +166,12 @@ def _prepare_push(x, hidden_widths, group, backend, slot, skip_entry_sync, copy_
     return push_launcher(ws, x, hidden_widths, backend, slot, skip_entry_sync, copy_out, exit_sync)
 
 
-def push_launcher(ws, x, hidden_widths, backend, slot=-1, skip_entry_sync=False, copy_out=True, exit_sync=True):
+def push_launcher(ws, x, hidden_widths, backend, slot=-1, skip_entry_sync=False, copy_out=True, exit_sync=True,
+                  copy_delay_ns=0):
     """The barrier push's launcher of every call shaped like ``x`` on workspace ``ws`` (set up, slots grown).
 
     ``launch(x, out=None)``: ``out`` (tests only) is the caller-owned result to fill.
+    ``copy_delay_ns`` (tests only) makes this rank a slow reader (kernels/push_gather.py).
     """
     device_index = x.device.index
     total = sum(hidden_widths)
@@ -177,11 +180,11 @@ def push_launcher(ws, x, hidden_widths, backend, slot=-1, skip_entry_sync=False,
     # multimem.st moves 16 bytes at a time: bands that are not whole 16-byte
     # vectors go through P2P (the widths are the same on every rank).
     multimem = backend == Backend.MULTIMEM and all(w * x.element_size() % 16 == 0 for w in hidden_widths)
-    key = (x.dtype, tuple(hidden_widths), bool(skip_entry_sync), copy_out, multimem, exit_sync)
+    key = (x.dtype, tuple(hidden_widths), bool(skip_entry_sync), copy_out, multimem, exit_sync, copy_delay_ns)
     plan = ws.plans.get(key)
     if plan is None:
         plan = ws.plans[key] = _build_plan(ws, x.dtype, hidden_widths, skip_entry_sync, copy_out, multimem,
-                                           exit_sync)
+                                           exit_sync, copy_delay_ns)
     # Grid: a pure function of T, the widths and W (rank-invariant, docs/contract.md §2).
     nblocks = min(ws.facts.max_blocks, max(1, -(-tokens * plan.max_width_vec // plan.tile)))
     run, head = plan.run, (nblocks, 1, 1)

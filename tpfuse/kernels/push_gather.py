@@ -30,6 +30,7 @@ one Triton version, in processes that may not have torch.
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import globaltimer
 
 from .barrier import barrier, exchange, peer_lanes
 from .failure import ENTRY_TIMEOUT, EXIT_TIMEOUT, NAN_BITS_OF_SIZE, poison_result
@@ -86,6 +87,7 @@ def p2p_push_gather_kernel(
     COPY_OUT: tl.constexpr,
     POISON: tl.constexpr,  # the dtype's poison bits: a timed-out call's whole result (failure.py)
     EXIT_SYNC: tl.constexpr = True,  # False only for the benchmark's floor diagnostics: results are then racy
+    COPY_DELAY_NS: tl.constexpr = 0,  # > 0 only in tests: a slow reader, waiting this long before each copy-out
 ):
     """Push this rank's band to every peer, then copy the peers' bands out, chunk by chunk.
 
@@ -147,6 +149,12 @@ def p2p_push_gather_kernel(
             if exchange(peer_pads, own_pad, RANK, pid, live & (c < my_chunks), live & (c < lane_chunks), status,
                         timeout_ns, EXIT_TIMEOUT, W, True):
                 timeout_ns = timeout_ns * 0
+        if COPY_DELAY_NS > 0:
+            # The tests' slow reader: the window in which a peer that skipped its entry barrier
+            # could overwrite the slot before we copy it out (tests/gpu/test_barrier_push_one_gpu.py).
+            waited_from = globaltimer()
+            while globaltimer() - waited_from < COPY_DELAY_NS:
+                pass
         if COPY_OUT:
             for s in tl.static_range(1, W):
                 q_off = BAND_OFFSETS[(RANK + s) % W]
@@ -304,7 +312,7 @@ def barrier_constexprs(rank, band_offsets):
 
 
 def p2p_source(elem_size, rank, band_offsets, vec, block_v, skip_entry_sync, copy_out, chunk=4, exit_sync=True,
-               poison=None):
+               poison=None, copy_delay_ns=0):
     """The ``triton.compiler.ASTSource`` of one P2P variant.
 
     ``band_offsets`` holds W + 1 column offsets in elements; ``vec`` elements
@@ -314,7 +322,8 @@ def p2p_source(elem_size, rank, band_offsets, vec, block_v, skip_entry_sync, cop
     constexprs = barrier_constexprs(rank, band_offsets)
     constexprs.update(VEC=vec, BLOCK_V=block_v, CHUNK=chunk, SKIP_ENTRY_SYNC=bool(skip_entry_sync),
                       COPY_OUT=bool(copy_out), EXIT_SYNC=bool(exit_sync),
-                      POISON=NAN_BITS_OF_SIZE[elem_size] if poison is None else poison)
+                      POISON=NAN_BITS_OF_SIZE[elem_size] if poison is None else poison,
+                      COPY_DELAY_NS=int(copy_delay_ns))
     return _source(p2p_push_gather_kernel, "*" + INT_OF_SIZE[elem_size], constexprs)
 
 
