@@ -61,7 +61,24 @@ from .traced import Example, PatternError
 for _pattern in BUILTIN_PATTERNS:  # the built-in forms use the public registration API
     register_pattern(_pattern)
 del _pattern
-register_builtin_eliminations()  # the exact family, and the sum family where eliminate_sums.py exists
+
+
+def _builtin_eliminations() -> list:
+    """The exact family, and the sum family where ``eliminate_sums.py`` is present (it imports
+    ``gather_elimination``, so the two are joined here, not there)."""
+    import importlib.util
+
+    from .gather_elimination import EXACT_MATCHERS
+
+    matchers = list(EXACT_MATCHERS)
+    if importlib.util.find_spec(f"{__name__}.eliminate_sums") is not None:
+        from . import eliminate_sums
+
+        matchers += list(getattr(eliminate_sums, "MATCHERS", ()))
+    return matchers
+
+
+register_builtin_eliminations(_builtin_eliminations())
 
 __all__ = [
     "AnchorArgs", "default_group_resolver", "BUILTIN_PATTERNS", "DEFAULT_PRECONDITIONS", "Candidate", "Example", "PatternError", "RankBands", "rank_bands",

@@ -148,6 +148,24 @@ def _is_gather(node: Node) -> bool:
         _tpfuse("all_gather_hidden"), _tpfuse("linear_all_gather_hidden"))
 
 
+#: tpfuse ops with a group argument that communicate nothing (they read the rank, no peer).
+LOCAL_ONLY = ("hidden_band",)
+
+
+def _exchanges_inside(node: Node) -> bool:
+    """A tpfuse op that exchanges partials through ``tpfuse::all_gather_hidden`` inside itself (the
+    reductions of compile_ops/reduce_hidden.py and vocab_parallel_loss.py; any other tpfuse op with a
+    group, to be safe): that inner call uses a workspace slot chosen when it runs, which no proof
+    here can see, so no gather it may run just before may skip its entry barrier."""
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        return False
+    if target.namespace != "tpfuse" or _is_gather(node) or target is _tpfuse("reduce_scatter_hidden"):
+        return False
+    schema = target._schema
+    return schema.name.partition("::")[2] not in LOCAL_ONLY and any(a.name == "group_name" for a in schema.arguments)
+
+
 def _tensors(value) -> list[torch.Tensor]:
     if isinstance(value, torch.Tensor):
         return [value]
@@ -351,12 +369,14 @@ def decide_barriers(graph: Graph, elide: bool = True, zero_copy: bool = False) -
         if fence is not None:
             key_masks[key] = key_masks.get(key, 0) | 1 << len(fences)
             fences.append((by_name[fence.entry], by_name[fence.name], fence))
-    order = _Order(graph, gathers, fences)
+    inner = [n for n in graph.nodes if _exchanges_inside(n)]
+    order = _Order(graph, gathers + inner, fences)
 
     decisions = {}
     for key in dict.fromkeys(_key_of_gather(g) for g in gathers):
         on_key = [g for g in gathers if _key_of_gather(g) == key]
-        decisions.update(_decide_group(on_key, key_masks.get(key, 0), order, zero_copy))
+        inner_on_key = [n for n in inner if _key_of_gather(n) == key]
+        decisions.update(_decide_group(on_key, key_masks.get(key, 0), order, zero_copy, inner_on_key))
     return [replace(decisions[g.name], **_protocol_of(g)) for g in gathers]
 
 
@@ -375,8 +395,8 @@ def _protocol_of(node: Node) -> dict:
     return {"protocol": name, "protocol_reason": why}
 
 
-def _decide_group(gathers: list[Node], fences: int, order: _Order, allow_zero_copy: bool = False
-                  ) -> dict[str, BarrierDecision]:
+def _decide_group(gathers: list[Node], fences: int, order: _Order, allow_zero_copy: bool = False,
+                  inner: list[Node] = ()) -> dict[str, BarrierDecision]:
     group = str(arg_by_name(gathers[0], 2, "group_name"))
     # The gathers that may run before g with no fence between: g's slot must differ from theirs.
     unfenced = {
@@ -395,7 +415,7 @@ def _decide_group(gathers: list[Node], fences: int, order: _Order, allow_zero_co
         else:
             slot[g], slot_reason[g] = 0, f"both slots taken by {names}"
 
-    proofs = {g: _prove_skip(g, gathers, unfenced[g], slot, fences, order, group) for g in gathers}
+    proofs = {g: _prove_skip(g, gathers, unfenced[g], slot, fences, order, group, inner) for g in gathers}
     skip = {g: proofs[g][0] for g in gathers}
     if not any(skip.values()):
         # No skip rests on the slots: leave them to the op (slot=-1), so a graph without
@@ -405,13 +425,13 @@ def _decide_group(gathers: list[Node], fences: int, order: _Order, allow_zero_co
         slot_reason = {g: "left to the op: no skipped barrier on the group relies on it" for g in gathers}
     out = {}
     for g in gathers:
-        zero_copy, zc_reason = _decide_zero_copy(g, gathers, slot, skip, fences, order, allow_zero_copy)
+        zero_copy, zc_reason = _decide_zero_copy(g, gathers, slot, skip, fences, order, allow_zero_copy, inner)
         out[g.name] = BarrierDecision(g.name, group, slot[g], slot_reason[g], skip[g], proofs[g][1],
                                       zero_copy, zc_reason)
     return out
 
 
-def _prove_skip(g, gathers, unfenced, slot, fences, order, group) -> tuple[bool, str]:
+def _prove_skip(g, gathers, unfenced, slot, fences, order, group, inner=()) -> tuple[bool, str]:
     if not READS_END_IN_KERNEL:  # the whole rule below rests on it (kernels/barrier.py)
         return False, "entry barrier kept: the barrier push's reads of a slot outlive its kernel"
     prior = order.prior_fences(g, fences)
@@ -425,6 +445,10 @@ def _prove_skip(g, gathers, unfenced, slot, fences, order, group) -> tuple[bool,
     if clash:
         return False, (f"entry barrier kept: {', '.join(h.name for h in clash)} may run before it with "
                        "no fence between, on the same slot")
+    hidden = [o.name for o in inner if not order.before(g, o) and order.fence_between(o, g, fences) is None]
+    if hidden:
+        return False, (f"entry barrier kept: {', '.join(hidden)} may run before it with no fence between, "
+                       "and gather(s) inside the op on a slot chosen when it runs")
     used = []
     for h in gathers:
         if h is not g and slot[h] == slot[g] and not order.before(g, h):
@@ -480,7 +504,7 @@ def _may_be_reinplaced(node: Node) -> bool:
     return node.target in targets or "auto_functionalized" in str(node.target)
 
 
-def _decide_zero_copy(g, gathers, slot, skip, fences, order, allow=False) -> tuple[bool, str]:
+def _decide_zero_copy(g, gathers, slot, skip, fences, order, allow=False, inner=()) -> tuple[bool, str]:
     """Could ``g``'s result be a view of its slot?  Every reader must be inside the graph and
     finished on every rank before any peer pushes into the slot again: before each later
     same-slot gather K in stream order when K keeps its entry barrier (reader -> K), behind
@@ -505,6 +529,10 @@ def _decide_zero_copy(g, gathers, slot, skip, fences, order, allow=False) -> tup
                                    f"barrier-free push of {k.name} into the slot")
             elif not order.before(r, k):
                 return False, f"reader {r.name} may run after {k.name} writes the slot"
+    for k in inner:  # its inner gather keeps its entry barrier, on a slot chosen when it runs
+        late = next((r for r in readers if not order.before(k, g) and not order.before(r, k)), None)
+        if late is not None:
+            return False, f"reader {late.name} may run after {k.name} gathers inside the op into the slot"
     if not allow:
         return False, f"readers proven done before the slot is rewritten, {ZERO_COPY_NOT_APPLIED}"
     return True, "readers proven done before the slot is rewritten: the result is a view of the slot"

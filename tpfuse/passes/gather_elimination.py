@@ -18,8 +18,8 @@ it stays, and when some matcher claimed or rejected a consumer, the report says 
 
 ``find_gather_eliminations`` returns frozen records and changes nothing;
 ``rewrite_gather_eliminations`` consumes them.  The EXACT family (argmax, argmin, max,
-min, amax, amin, topk) is built in (``EXACT_MATCHERS``); the sum family registers from
-``eliminate_sums.py``; a user registers their own with ``register_elimination``
+min, amax, amin, topk) is built in (``EXACT_MATCHERS``); the sum family is
+``eliminate_sums.MATCHERS`` (both registered by ``tpfuse/passes/__init__.py``); a user registers their own with ``register_elimination``
 (docs/patterns.md, "Eliminating a gather before your own reduction").
 """
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
 
@@ -219,6 +218,9 @@ class EliminationRegistry:
         self._order.pop(name)
         return self._matchers.pop(name)
 
+    def __contains__(self, name: str) -> bool:
+        return name in self._matchers
+
     def ordered(self) -> list[EliminationMatcher]:
         return sorted(self._matchers.values(), key=lambda m: (-m.priority, self._order[m.name]))
 
@@ -265,15 +267,11 @@ def elimination_scope(*matchers: EliminationMatcher):
     return ELIMINATIONS.scoped(*matchers)
 
 
-def register_builtin_eliminations() -> None:
-    """The exact family (this module) and, where present, the sum family (``eliminate_sums.MATCHERS``)."""
-    matchers = list(EXACT_MATCHERS)
-    if importlib.util.find_spec(f"{__package__}.eliminate_sums") is not None:
-        from . import eliminate_sums
-
-        matchers += list(getattr(eliminate_sums, "MATCHERS", ()))
+def register_builtin_eliminations(matchers) -> None:
+    """Register the built-in matchers (``tpfuse/passes/__init__.py`` hands them over: the exact
+    family below and the sum family of ``eliminate_sums.MATCHERS``, which imports this module)."""
     for matcher in matchers:
-        if matcher.name not in ELIMINATIONS._matchers:
+        if matcher.name not in ELIMINATIONS:
             ELIMINATIONS.register(matcher)
 
 

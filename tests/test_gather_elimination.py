@@ -1,0 +1,415 @@
+"""Gather elimination (docs/passes.md, "Gather elimination"): graphs on a fake process group,
+and compiled numerics on real gloo ranks.
+
+The graph tests compile small LM heads with Inductor's real post-grad graph, run the tpfuse
+passes and compare the graph after them with an inline expected text
+(``EXPECTTEST_ACCEPT=1 pytest tests/test_gather_elimination.py`` rewrites them); each
+eliminated case shows that no gather of the full hidden width is left.  The controls keep
+the gather: logits also returned, a reduction over another axis, another consumer.
+
+The numerics run one spawned pair of gloo ranks that compiles a tiny LM head with several
+samplers (argmax with a temperature, a soft-capped max, a biased top-k after an upcast, a
+padded-vocab amin, an argmin) with Inductor on the CPU, with and without tpfuse, at a static
+T, at T=1 and with a dynamic T, and compares the outputs bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+from expecttest import TestCase
+
+from multiproc import run_ranks
+from pass_helpers import capture, fake_world
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+
+VOCAB = 13  # real vocabulary: 2 ranks x 8 padded columns, rank 1 keeps 5 of its 8
+
+
+def logits_of(h, w):
+    """The LM head as TP code writes it: a column linear, then the gather on the last axis."""
+    return funcol.all_gather_tensor(h @ w.t(), gather_dim=h.dim() - 1, group=dist.group.WORLD)
+
+
+def greedy_with_temperature(h, w):
+    return (logits_of(h, w) / 0.7).argmax(-1)
+
+
+def soft_capped_max(h, w):
+    logits = logits_of(h, w)
+    best = (torch.tanh(logits / 30.0) * 30.0).max(-1)
+    return best.values, best.indices
+
+
+def biased_topk_after_upcast(h, w, bias):
+    top = (logits_of(h, w).float() + bias).topk(3, -1)
+    return top.values, top.indices
+
+
+def padded_vocab_amin(h, w):
+    return logits_of(h, w)[..., :VOCAB].amin(-1, keepdim=True)
+
+
+def padded_vocab_leaving_rank_1_empty(h, w):
+    return logits_of(h, w)[..., :6].argmax(-1)
+
+
+def two_samplers(h, w):
+    logits = logits_of(h, w)
+    return logits.argmin(-1), logits.topk(2, -1).indices
+
+
+def argmax_and_logits(h, w):
+    logits = logits_of(h, w)
+    return logits.argmax(-1), logits
+
+
+def argmax_over_tokens(h, w):
+    return logits_of(h, w).argmax(0)
+
+
+def argmax_and_projection(h, w, p):
+    logits = logits_of(h, w)
+    return logits.argmax(-1), logits @ p
+
+
+def _h(T=4, dtype=torch.float32):
+    return torch.randn(T, 16, dtype=dtype)
+
+
+def _w(dtype=torch.float32):
+    return torch.randn(8, 16, dtype=dtype)
+
+
+def after(text: str) -> str:
+    return text.split("---- after tpfuse ----\n")[1]
+
+
+def no_full_width_gather(text: str) -> bool:
+    return "all_gather" not in after(text)
+
+
+class EliminationGraphs(TestCase):
+    maxDiff = None
+
+    def setUp(self):
+        self._world = fake_world(2)
+        self._world.__enter__()
+
+    def tearDown(self):
+        self._world.__exit__(None, None, None)
+
+    def test_argmax_with_temperature(self):
+        text, rep = capture(greedy_with_temperature, _h(), _w())
+        self.assertTrue(no_full_width_gather(text))
+        self.assertEqual([e.consumers for e in rep.eliminations], [("argmax",)])
+        self.assertEqual(rep.eliminations[0].steps, ("div",))
+        self.assertEqual((rep.eliminations[0].gathered_bytes, rep.eliminations[0].partial_bytes), ("256", "64"))
+        self.assertEqual([m.eliminated for m in rep.matches], ["argmax"])
+        self.assertExpectedInline(after(text), """\
+inputs: arg0_1, arg1_1
+permute = permute(arg0_1, [1, 0])
+mm = mm(arg1_1, permute)
+div_1 = div.Tensor(mm, 0.7)
+max_hidden = tpfuse.max_hidden(div_1, [8, 8], '0')
+getitem_3 = getitem(max_hidden, 1)
+return [getitem_3]""")
+
+    def test_soft_capped_max_values_and_indices(self):
+        text, rep = capture(soft_capped_max, _h(), _w())
+        self.assertTrue(no_full_width_gather(text))
+        self.assertEqual(rep.eliminations[0].steps, ("div", "tanh", "mul"))
+        self.assertExpectedInline(after(text), """\
+inputs: arg0_1, arg1_1
+permute = permute(arg0_1, [1, 0])
+mm = mm(arg1_1, permute)
+div_1 = div.Tensor(mm, 30.0)
+tanh_1 = tanh(div_1)
+mul_1 = mul.Tensor(tanh_1, 30.0)
+max_hidden = tpfuse.max_hidden(mul_1, [8, 8], '0')
+getitem_4 = getitem(max_hidden, 0)
+getitem_5 = getitem(max_hidden, 1)
+return [getitem_4, getitem_5]""")
+
+    def test_full_width_bias_is_cut_to_the_band(self):
+        text, rep = capture(biased_topk_after_upcast, _h(dtype=torch.bfloat16), _w(torch.bfloat16), torch.randn(16))
+        self.assertTrue(no_full_width_gather(text))
+        self.assertEqual(rep.eliminations[0].consumers, ("topk",))
+        self.assertEqual(rep.eliminations[0].partials, "[4, 6] int32")
+        self.assertExpectedInline(after(text), """\
+inputs: arg0_1, arg1_1, arg2_1
+permute = permute(arg0_1, [1, 0])
+mm = mm(arg1_1, permute)
+convert_element_type_3 = prims.convert_element_type(mm, float32)
+hidden_band = tpfuse.hidden_band(arg2_1, [8, 8], 8, '0')
+add_1 = add.Tensor(convert_element_type_3, hidden_band)
+topk_hidden = tpfuse.topk_hidden(add_1, 3, [8, 8], '0')
+getitem_4 = getitem(topk_hidden, 0)
+getitem_5 = getitem(topk_hidden, 1)
+return [getitem_4, getitem_5]""")
+
+    def test_padded_vocab_slice_becomes_valid_columns(self):
+        text, rep = capture(padded_vocab_amin, _h(), _w())
+        self.assertTrue(no_full_width_gather(text))
+        self.assertEqual(rep.eliminations[0].valid_columns, VOCAB)
+        self.assertExpectedInline(after(text), """\
+inputs: arg0_1, arg1_1
+permute = permute(arg0_1, [1, 0])
+mm = mm(arg1_1, permute)
+max_hidden = tpfuse.max_hidden(mm, [8, 8], '0', False, 13)
+getitem_2 = getitem(max_hidden, 0)
+unsqueeze = unsqueeze(getitem_2, -1)
+return [unsqueeze]""")
+        text, rep = capture(padded_vocab_leaving_rank_1_empty, _h(), _w())
+        self.assertTrue(no_full_width_gather(text))
+        self.assertIn("tpfuse.max_hidden(mm, [8, 8], '0', True, 6)", after(text))
+
+    def test_two_samplers_share_no_gather(self):
+        text, rep = capture(two_samplers, _h(), _w())
+        self.assertTrue(no_full_width_gather(text))
+        self.assertEqual(sorted(rep.eliminations[0].consumers), ["argmin", "topk"])
+        self.assertEqual(rep.near_misses, [])
+
+    def test_dynamic_tokens(self):
+        h = _h(5)
+        torch._dynamo.mark_dynamic(h, 0)  # T only: the widths stay static, as the gather needs
+        text, rep = capture(greedy_with_temperature, h, _w())
+        self.assertTrue(no_full_width_gather(text))
+        self.assertRegex(rep.eliminations[0].gathered_bytes, r"^64\*s\d+$")  # T rows of 16 float32 columns
+        self.assertRegex(rep.eliminations[0].partial_bytes, r"^16\*s\d+$")  # T rows of 2 ranks x 2 int32 words
+        self.assertIn("tpfuse.max_hidden(div_", after(text))
+
+    def test_control_logits_also_returned_keep_the_gather(self):
+        text, rep = capture(argmax_and_logits, _h(), _w())
+        self.assertEqual(rep.eliminations, [])
+        self.assertEqual([(n.pattern, n.reason) for n in rep.near_misses], [
+            ("gather_elimination", "gather kept: the gathered logits are also used by the graph output")])
+        self.assertExpectedInline(after(text), """\
+inputs: arg0_1, arg1_1
+permute = permute(arg0_1, [1, 0])
+mm = mm(arg1_1, permute)
+all_gather_hidden_default = tpfuse.all_gather_hidden(mm, [8, 8], '0')
+argmax = argmax(all_gather_hidden_default, -1)
+return [argmax, all_gather_hidden_default]""")
+
+    def test_near_miss_reduction_over_another_axis(self):
+        text, rep = capture(argmax_over_tokens, _h(), _w())
+        self.assertIn("tpfuse.all_gather_hidden(mm, [8, 8], '0')", after(text))
+        self.assertEqual([(n.pattern, n.reason) for n in rep.near_misses], [
+            ("argmax", "gather kept: argmax reduces over dim 0, not the gathered (last) axis 1")])
+
+    def test_near_miss_another_consumer(self):
+        text, rep = capture(argmax_and_projection, _h(), _w(), torch.randn(16, 3))
+        self.assertIn("tpfuse.all_gather_hidden(mm, [8, 8], '0')", after(text))
+        self.assertEqual(len(rep.near_misses), 1)
+        self.assertRegex(rep.near_misses[0].reason, r"^gather kept: the gathered logits are also used by mm_1 \(mm\)")
+
+    def test_option_off_keeps_every_gather_silently(self):
+        text, rep = capture(greedy_with_temperature, _h(), _w(), eliminate_gathers=False)
+        self.assertIn("tpfuse.all_gather_hidden(mm, [8, 8], '0')", after(text))
+        self.assertEqual((rep.eliminations, rep.near_misses), ([], []))
+
+    def test_report_lists_the_elimination(self):
+        from tpfuse.passes.records import Report
+
+        _, rep = capture(greedy_with_temperature, _h(), _w())
+        lines = str(Report([rep])).splitlines()
+        self.assertRegex(lines[0], r"1 match\(es\), 1 rewritten, 1 eliminated, 0 near-miss\(es\)")
+        self.assertIn("cat (eliminated: argmax)", lines[3])
+        self.assertEqual(lines[4].split("|")[:4], ["  eliminated gather         ", " consumer ",
+                                                   " steps on the band ", " slice "])
+
+
+# --------------------------------------------------------------------------- barrier elision
+
+
+def lm_head_then_next_gather(h, w, emb, w2):
+    """Greedy token -> embedding -> the next column linear's gather, in one graph (a draft loop)."""
+    first = funcol.all_gather_tensor(h @ w2.t(), gather_dim=1, group=dist.group.WORLD)  # a fence
+    token = logits_of(first[:, :16], w).argmax(-1)
+    return funcol.all_gather_tensor(emb[token] @ w2.t(), gather_dim=1, group=dist.group.WORLD)
+
+
+class BarrierElisionSeesTheInnerGather(TestCase):
+    """The reductions exchange through ``tpfuse::all_gather_hidden`` inside the op, on a slot
+    chosen when it runs; a gather they may run just before must keep its entry barrier."""
+
+    def setUp(self):
+        self._world = fake_world(2)
+        self._world.__enter__()
+
+    def tearDown(self):
+        self._world.__exit__(None, None, None)
+
+    def _last_decision(self):
+        _, rep = capture(lm_head_then_next_gather, _h(), _w(), torch.randn(32, 16), torch.randn(8, 16))
+        return rep.barriers[-1]
+
+    def test_gather_after_a_reduction_keeps_its_entry_barrier(self):
+        decision = self._last_decision()
+        self.assertFalse(decision.skip_entry_sync)
+        self.assertRegex(decision.reason, r"max_hidden may run before it with no fence between, and "
+                                          r"gather\(s\) inside the op")
+
+    def test_negative_control_without_the_rule_the_barrier_would_be_skipped(self):
+        from unittest import mock
+
+        from tpfuse.passes import barrier_elision
+
+        with mock.patch.object(barrier_elision, "_exchanges_inside", lambda node: False):
+            decision = self._last_decision()
+        self.assertTrue(decision.skip_entry_sync, decision.reason)
+
+
+# --------------------------------------------------------------------------- a user's own reduction
+
+
+def test_user_registered_reduction_eliminates_the_gather():
+    """The worked example of docs/patterns.md, "Eliminating a gather before your own reduction"."""
+    import tpfuse
+    from greedy_sampler_op import GREEDY_SAMPLER, sample
+
+    with fake_world(2):
+        text, rep = capture(sample, _h(), _w())
+        assert "all_gather_hidden" in after(text) and rep.eliminations == []
+        with tpfuse.elimination_scope(GREEDY_SAMPLER):
+            text, rep = capture(sample, _h(), _w())
+    assert no_full_width_gather(text), text
+    assert [(e.consumers, e.matchers) for e in rep.eliminations] == [(("myserve.greedy",), ("myserve_greedy",))]
+
+
+# --------------------------------------------------------------------------- numerics on gloo ranks
+
+
+def _samplers(h, w, bias):
+    """The LM head's logits (padded: 2 x 8 columns, 13 real) under five samplers at once."""
+    return _sample(logits_of(h, w), bias)
+
+
+def _sample(logits, bias):
+    greedy = (logits / 0.7).argmax(-1)
+    capped = (torch.tanh(logits.float() / 3.0) * 3.0).max(-1)
+    top = (logits.float() + bias).topk(3, -1)
+    lowest = logits[..., :VOCAB].amin(-1)
+    least = logits.argmin(-1, keepdim=True)
+    return greedy, capped.values, capped.indices, top.values, top.indices, lowest, least
+
+
+def _samplers_and_logits(h, w, bias):
+    logits = logits_of(h, w)
+    return (*_sample(logits, bias), logits)
+
+
+def _tokens(T, seed):
+    h = torch.randn(T, 16, generator=torch.Generator().manual_seed(seed)).bfloat16()
+    if T >= 3:
+        h[0] = 0.0  # all-equal logits: ties across the ranks, lowest index wins
+        h[1] = float("nan")  # NaN logits: the first NaN wins
+    return h
+
+
+def _compiled_outputs(fn, args_per_call, tpfuse_on, dynamic):
+    import tpfuse
+
+    torch._dynamo.reset()
+    # dynamic: T alone is marked (below); dynamic=True would make the widths symbolic too
+    compiled = torch.compile(fn, fullgraph=True, dynamic=None if dynamic else False)
+    outs = []
+    with (tpfuse.enabled() if tpfuse_on else torch.no_grad()), torch.no_grad():
+        for args in args_per_call:
+            if dynamic:
+                torch._dynamo.mark_dynamic(args[0], 0)
+            outs.append(compiled(*args))
+        rep = tpfuse.report() if tpfuse_on else None
+    return outs, rep
+
+
+def _bits(t):
+    return bytes(t.contiguous().view(torch.uint8).numpy())
+
+
+#: _samplers' outputs compared other than bit for bit (docs/passes.md, "Gather elimination",
+#: exactness): topk's indices among equal values (torch promises no order; tpfuse returns the
+#: lowest global indices first), and amin's sign of a zero that ties with -0.0 (a value-only
+#: reduction returns whichever of the equal zeros its reduction order meets; tpfuse returns
+#: the element at the first index)
+TOPK_INDICES, TOPK_VALUES, AMIN = 4, 3, 5
+
+
+def _same(i, ours, theirs, outputs):
+    if i == AMIN:
+        return bool(((ours == theirs) | (ours.isnan() & theirs.isnan())).all())
+    if i == TOPK_INDICES:
+        tied = outputs[TOPK_VALUES].isnan().any(-1)  # the all-NaN row: every value ties
+        lowest_first = torch.arange(ours.shape[-1]).expand_as(ours)
+        return torch.equal(ours[~tied], theirs[~tied]) and torch.equal(ours[tied], lowest_first[tied])
+    return _bits(ours) == _bits(theirs)
+
+
+def _equal(on, off, fn):
+    if fn is _samplers_and_logits:  # the control: both run torch's reductions, so every bit agrees
+        return all(_bits(a) == _bits(b) for o1, o2 in zip(on, off) for a, b in zip(o1, o2))
+    return all(_same(i, a, b, o1) for o1, o2 in zip(on, off) for i, (a, b) in enumerate(zip(o1, o2)))
+
+
+def _numerics(rank, world_size):
+    g = torch.Generator().manual_seed(7 + rank)
+    w = (torch.randn(8, 16, generator=g) / 4).bfloat16()
+    bias = torch.randn(8 * world_size, generator=torch.Generator().manual_seed(3))
+    bias[5] = float("-inf")
+    results = {}
+    for label, calls, dynamic in (("static T=5", [5], False), ("T=1", [1], False), ("dynamic T", [3, 6], True)):
+        for fn in (_samplers, _samplers_and_logits):
+            args = [(_tokens(T, seed=T), w, bias) for T in calls]
+            on, rep = _compiled_outputs(fn, args, True, dynamic)
+            off, _ = _compiled_outputs(fn, args, False, dynamic)
+            results[(label, fn.__name__)] = {
+                "equal": _equal(on, off, fn),
+                "bit_identical": all(_bits(a) == _bits(b) for o1, o2 in zip(on, off) for a, b in zip(o1, o2)),
+                "eliminated": [tuple(sorted(e.consumers)) for e in rep.eliminations],
+                "near_misses": [n.reason for n in rep.near_misses],
+                "outputs": [[_bits(t) for t in o] for o in on],
+            }
+    return results
+
+
+@pytest.fixture(scope="module")
+def gloo_w2():
+    return run_ranks(2, _numerics, timeout=600)
+
+
+def test_compiled_samplers_bit_exact_with_tpfuse_off(gloo_w2):
+    for rank, results in enumerate(gloo_w2):
+        for key, r in results.items():
+            assert r["equal"], (rank, key)
+
+
+def test_negative_control_the_comparison_sees_the_tie_rule(gloo_w2):
+    """Bit for bit, the topk indices of the all-NaN row differ from torch's: the comparison
+    above is not vacuous, and it is the documented tie rule that it allows."""
+    assert not gloo_w2[0][("static T=5", "_samplers")]["bit_identical"]
+    assert gloo_w2[0][("T=1", "_samplers")]["bit_identical"]  # no tie at T=1: every bit equal
+
+
+def test_every_sampler_eliminated_and_the_control_keeps_the_gather(gloo_w2):
+    samplers = tuple(sorted(("argmax", "max.dim", "topk", "amin", "argmin")))
+    for results in gloo_w2:
+        for (label, fn), r in results.items():
+            if fn == "_samplers":
+                assert r["eliminated"] == [samplers], (label, r)
+                assert r["near_misses"] == [], (label, r)
+            else:  # the logits are returned too: the gather must stay
+                assert r["eliminated"] == [], (label, r)
+                assert r["near_misses"] == ["gather kept: the gathered logits are also used by the graph output"]
+
+
+def test_ranks_agree_bit_for_bit(gloo_w2):
+    rank0, rank1 = gloo_w2
+    for key in rank0:
+        assert rank0[key]["outputs"] == rank1[key]["outputs"], key
