@@ -26,18 +26,21 @@ def test_explain_prints_report_and_writes_dumps(tmp_path):
     dumps = tmp_path / "dumps"
     code, out, err = _run("explain", "examples/tp_lm_head.py:decode_step", "--dump-dir", str(dumps))
     assert code == 0, out + err
-    assert "1 gather(s) rewritten, 0 near-miss(es)" in out
+    # the example's logits feed only argmax: the gather is rewritten, then not gathered at all
+    assert "1 gather(s) rewritten, 1 of them eliminated (not gathered at all), 0 near-miss(es)" in out
     assert "split_cat" in out and "mm(" in out  # the pattern and its column-linear producer
     files = sorted(p.name for p in dumps.iterdir())
     assert [f[:5] for f in files] == ["rank0", "rank1"], files
     text = (dumps / files[0]).read_text()
     before, after = text.split("# ===== after tpfuse =====")
-    assert "all_gather_into_tensor" in before and "tpfuse.all_gather_hidden" in after
+    assert "all_gather_into_tensor" in before and "tpfuse.max_hidden" in after
+    assert "all_gather" not in after
 
 
 def test_explain_shows_the_opt_in_rewrites(tmp_path):
+    # --keep-gathers: the LM head's gather stays (else it is eliminated, and nothing is left to fuse)
     code, out, err = _run("explain", "examples/tp_lm_head.py:decode_step", "--dump-dir", str(tmp_path),
-                          "--fuse-linear", "--zero-copy")
+                          "--fuse-linear", "--zero-copy", "--keep-gathers")
     assert code == 0, out + err
     # the example is fp32: the fused kernel takes bf16/fp16, and the report says so
     assert "not fused [unsupported]: dtype float32" in out, out

@@ -74,6 +74,10 @@ def argmax_over_tokens(h, w):
     return logits_of(h, w).argmax(0)
 
 
+def argmax_in_float64(h, w):
+    return logits_of(h, w).double().argmax(-1)
+
+
 def argmax_and_projection(h, w, p):
     logits = logits_of(h, w)
     return logits.argmax(-1), logits @ p
@@ -204,6 +208,13 @@ return [argmax, all_gather_hidden_default]""")
         self.assertEqual([(n.pattern, n.reason) for n in rep.near_misses], [
             ("argmax", "gather kept: argmax reduces over dim 0, not the gathered (last) axis 1")])
 
+    def test_near_miss_unsupported_dtype(self):
+        text, rep = capture(argmax_in_float64, _h(), _w())
+        self.assertIn("tpfuse.all_gather_hidden(mm, [8, 8], '0')", after(text))
+        self.assertEqual([n.reason for n in rep.near_misses], [
+            "gather kept: argmax (argmax) reduces torch.float64 values; the exact reductions take float32, "
+            "bfloat16, float16"])
+
     def test_near_miss_another_consumer(self):
         text, rep = capture(argmax_and_projection, _h(), _w(), torch.randn(16, 3))
         self.assertIn("tpfuse.all_gather_hidden(mm, [8, 8], '0')", after(text))
@@ -282,6 +293,18 @@ def test_user_registered_reduction_eliminates_the_gather():
             text, rep = capture(sample, _h(), _w())
     assert no_full_width_gather(text), text
     assert [(e.consumers, e.matchers) for e in rep.eliminations] == [(("myserve.greedy",), ("myserve_greedy",))]
+
+
+def test_patterns_doc_shows_the_tested_code():
+    """Every code block of docs/patterns.md marked as taken from the example is in it verbatim."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    doc = open(os.path.join(root, "docs", "patterns.md")).read()
+    example = open(os.path.join(root, "examples", "greedy_sampler_op.py")).read()
+    blocks = [b.split("```", 1)[0] for b in doc.split("```python\n")[1:]]
+    quoted = [b for b in blocks if b.startswith("# from examples/greedy_sampler_op.py\n")]
+    assert len(quoted) >= 5
+    for block in quoted:
+        assert block.split("\n", 1)[1].strip() in example, block
 
 
 # --------------------------------------------------------------------------- numerics on gloo ranks
@@ -376,6 +399,9 @@ def _numerics(rank, world_size):
                 "near_misses": [n.reason for n in rep.near_misses],
                 "outputs": [[_bits(t) for t in o] for o in on],
             }
+    import greedy_sampler_op  # docs/patterns.md's walkthrough: the same tokens with and without its matcher
+
+    results["walkthrough"] = greedy_sampler_op.walkthrough(rank, world_size)
     return results
 
 
@@ -386,8 +412,16 @@ def gloo_w2():
 
 def test_compiled_samplers_bit_exact_with_tpfuse_off(gloo_w2):
     for rank, results in enumerate(gloo_w2):
-        for key, r in results.items():
+        for key, r in _sampler_results(results).items():
             assert r["equal"], (rank, key)
+
+
+def _sampler_results(results):
+    return {k: v for k, v in results.items() if k != "walkthrough"}
+
+
+def test_user_matcher_walkthrough_on_gloo(gloo_w2):
+    assert [r["walkthrough"] for r in gloo_w2] == [True, True]
 
 
 def test_negative_control_the_comparison_sees_the_tie_rule(gloo_w2):
@@ -400,7 +434,7 @@ def test_negative_control_the_comparison_sees_the_tie_rule(gloo_w2):
 def test_every_sampler_eliminated_and_the_control_keeps_the_gather(gloo_w2):
     samplers = tuple(sorted(("argmax", "max.dim", "topk", "amin", "argmin")))
     for results in gloo_w2:
-        for (label, fn), r in results.items():
+        for (label, fn), r in _sampler_results(results).items():
             if fn == "_samplers":
                 assert r["eliminated"] == [samplers], (label, r)
                 assert r["near_misses"] == [], (label, r)
@@ -411,5 +445,5 @@ def test_every_sampler_eliminated_and_the_control_keeps_the_gather(gloo_w2):
 
 def test_ranks_agree_bit_for_bit(gloo_w2):
     rank0, rank1 = gloo_w2
-    for key in rank0:
+    for key in _sampler_results(rank0):
         assert rank0[key]["outputs"] == rank1[key]["outputs"], key

@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
                            help="also fuse column linears with their gather where the cost rule says so")
     p_explain.add_argument("--zero-copy", action="store_true",
                            help="also let proven gathers return a view of their slot")
+    p_explain.add_argument("--keep-gathers", action="store_true",
+                           help="do not eliminate gathers consumed only by reductions (argmax, topk, ...)")
     p_bench = sub.add_parser("bench", help="run the GPU benchmarks (torchrun); write tables and PNG plots")
     _verbosity(p_bench, "verbose")
     p_bench.add_argument("--nproc", type=int, default=4, help="GPUs to use (default 4)")
@@ -55,7 +57,7 @@ def _run(args) -> int:
         from . import explain
 
         return explain.run(args.entry, args.nproc, args.dump_dir, args.device, args.timeout,
-                           args.fuse_linear, args.zero_copy)
+                           args.fuse_linear, args.zero_copy, not args.keep_gathers)
     from . import bench
 
     return bench.run(args.nproc, args.out, args.only)

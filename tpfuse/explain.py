@@ -72,12 +72,13 @@ def _explain_rank(rank: int, world_size: int, spec: str, dump_dir: str, device: 
             fn, args, kwargs = (*result, {})[:3]
             torch.compile(fn)(*args, **kwargs)
         rep = tpfuse.report(all=True)
-    shape = [(len(g.matches), len(g.near_misses)) for g in rep.graphs]
-    return str(rep), shape, len(rep.matches), len(rep.near_misses)
+    shape = [(len(g.matches), len(g.near_misses), len(g.eliminations)) for g in rep.graphs]
+    return str(rep), shape, len(rep.matches), len(rep.near_misses), len(rep.eliminations)
 
 
 def run(spec: str, nproc: int = 2, dump_dir: str = "tpfuse_dumps", device: str = "cpu",
-        timeout: float = 600.0, fuse_linear: bool = False, zero_copy: bool = False) -> int:
+        timeout: float = 600.0, fuse_linear: bool = False, zero_copy: bool = False,
+        eliminate_gathers: bool = True) -> int:
     from .ranks import run_ranks
 
     try:
@@ -88,19 +89,21 @@ def run(spec: str, nproc: int = 2, dump_dir: str = "tpfuse_dumps", device: str =
     backend = "nccl" if device == "cuda" else "gloo"
     print(f"tpfuse explain {spec}: {nproc} {backend} ranks, dumps in {dump_dir}")
     log.info("spawning ranks and compiling (first compiles take a while)")
-    options = {"fuse_linear": fuse_linear, "zero_copy": zero_copy}  # tpfuse.enable's opt-in rewrites
+    # tpfuse.enable's opt-in rewrites, and gather elimination (on by default)
+    options = {"fuse_linear": fuse_linear, "zero_copy": zero_copy, "eliminate_gathers": eliminate_gathers}
     try:
         per_rank = run_ranks(nproc, _explain_rank, spec, dump_dir, device, options, backend=backend,
                              timeout=timeout)
     except (AssertionError, RuntimeError, TimeoutError) as err:
         raise EntryError(f"{spec} failed: {_rank_failures(err)} (-v shows the tracebacks)") from err
-    text, shape, matches, near = per_rank[0]
+    text, shape, matches, near, eliminated = per_rank[0]
     print(text)
-    differing = [r for r, (_, s, _, _) in enumerate(per_rank) if s != shape]
+    differing = [r for r, (_, s, *_) in enumerate(per_rank) if s != shape]
     if differing:
         print(f"\nWARNING: ranks {differing} saw other graphs or decisions than rank 0; every rank must "
               "compile the same graphs, or the gathers will not pair up")
-    print(f"\n{matches} gather(s) rewritten, {near} near-miss(es); before/after code: {dump_dir}")
+    gone = f", {eliminated} of them eliminated (not gathered at all)" if eliminated else ""
+    print(f"\n{matches} gather(s) rewritten{gone}, {near} near-miss(es); before/after code: {dump_dir}")
     return 1 if differing else 0
 
 

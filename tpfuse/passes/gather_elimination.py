@@ -750,8 +750,25 @@ def _match_topk(site: ReductionSite):
 
 
 def _exact(name, match, consumers, description):
-    return EliminationMatcher(name=name, match=match, consumers=consumers, priority=10,
+    return EliminationMatcher(name=name, match=_values_it_takes(match), consumers=consumers, priority=10,
                               description=description, builtin=True)
+
+
+def _values_it_takes(match):
+    """The ops take float32, bfloat16 and float16 values with int32 global indices: anything else
+    is a near-miss, not a compile error."""
+
+    def checked(site: ReductionSite):
+        if site.dtype not in reduce_hidden.VALUE_DTYPES:
+            accepted = ", ".join(str(d).removeprefix("torch.") for d in reduce_hidden.VALUE_DTYPES)
+            return Reject(f"{site.consumer.name} ({facts.target_name(site.consumer)}) reduces {site.dtype} values; "
+                          f"the exact reductions take {accepted}")
+        if sum(site.hidden_widths) >= torch.iinfo(torch.int32).max:
+            return Reject(f"{sum(site.hidden_widths)} columns do not fit the int32 indices the partials carry")
+        return match(site)
+
+    checked.cache_key = lambda: function_fingerprint(match) + function_fingerprint(_values_it_takes)
+    return checked
 
 
 EXACT_MATCHERS = (
