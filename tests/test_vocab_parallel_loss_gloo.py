@@ -215,6 +215,22 @@ def _check_padded_vocab(rank, world_size):
         _check_grad(f"padded-{name}", x.grad, _band(gathered.grad, widths, rank),
                     BOUND["grad of entropy" if name == "entropy" else "grad"])
         checked.append(name)
+    # The op the pass emits for logits[..., :V]: every rank's whole padded slab, valid_columns=V.
+    padded_widths = [padded] * world_size
+    x = _band(full, padded_widths, rank).clone().requires_grad_()
+    shift, log_sum, target_logit, _, _ = torch.ops.tpfuse.softmax_stats_hidden(
+        x, target.clamp(min=0), padded_widths, dist.group.WORLD.group_name, IGNORE, False, False, vocab)
+    gathered = sliced.clone().requires_grad_()
+    ref = torch.logsumexp(gathered, -1)
+    assert _rel_error((shift + log_sum).detach(), ref.detach()) <= BOUND["logsumexp"]
+    ref_logprobs = torch.log_softmax(sliced, -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    assert _rel_error((target_logit - log_sum).detach(), ref_logprobs) <= BOUND["logprobs"]
+    (shift + log_sum).sum().backward()
+    ref.sum().backward()
+    padded_grad = torch.cat([gathered.grad, torch.zeros(6, padded * world_size - vocab)], -1)
+    _check_grad("padded-valid_columns", x.grad, _band(padded_grad, padded_widths, rank), BOUND["grad"])
+    assert not x.grad[:, widths[rank]:].any()  # the padding's gradient is exactly 0
+    checked.append("valid_columns")
     return widths, checked
 
 
@@ -254,6 +270,8 @@ def _check_opcheck(rank, world_size):
     ops = torch.ops.tpfuse
     calls = [
         (ops.softmax_stats_hidden.default, (x, target, widths, name, IGNORE, True, True)),
+        (ops.softmax_stats_hidden.default, (x, target.clamp(max=sum(widths) - 4), widths, name, IGNORE, True, True,
+                                            sum(widths) - 3)),
         (ops.logsumexp_hidden.default, (x, widths, name)),
         (ops.target_logprobs_hidden.default, (x, target, widths, name, IGNORE)),
         (ops.cross_entropy_hidden.default, (x, target, widths, name, IGNORE, "mean", 0.1)),
@@ -329,14 +347,14 @@ def test_padded_vocabulary_with_a_rank_of_zero_columns(ranks):
     world_size, results = ranks
     for r in results:
         widths, checked = r["padded"]
-        assert widths[-1] == 0 and checked == ["logsumexp", "logprobs", "none", "mean", "entropy"]
+        assert widths[-1] == 0 and checked == ["logsumexp", "logprobs", "none", "mean", "entropy", "valid_columns"]
 
 
 def test_opcheck(ranks):
     world_size, results = ranks
     if world_size != 2:
         pytest.skip("opcheck runs on the W=2 group")
-    assert [r["opcheck"] for r in results] == [6, 6]
+    assert [r["opcheck"] for r in results] == [7, 7]
 
 
 def test_compile_with_backward(ranks):

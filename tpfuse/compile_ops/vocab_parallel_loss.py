@@ -59,13 +59,13 @@ REDUCTIONS = ("mean", "sum", "none")
 _lib = torch.library.Library("tpfuse", "FRAGMENT")
 _lib.define(
     "softmax_stats_hidden(Tensor x, Tensor? target, int[] hidden_widths, str group_name, "
-    "int ignore_index=-100, bool with_logit_sum=False, bool with_entropy=False) "
+    "int ignore_index=-100, bool with_logit_sum=False, bool with_entropy=False, int? valid_columns=None) "
     "-> (Tensor shift, Tensor log_sum, Tensor target_logit, Tensor logit_sum, Tensor entropy)"
 )
 _lib.define(
     "softmax_stats_hidden_backward(Tensor? grad_log_sum, Tensor? grad_target_logit, Tensor? grad_logit_sum, "
     "Tensor? grad_entropy, Tensor x, Tensor? target, Tensor shift, Tensor log_sum, Tensor entropy, "
-    "int[] hidden_widths, str group_name) -> Tensor"
+    "int[] hidden_widths, str group_name, int? valid_columns=None) -> Tensor"
 )
 _lib.define("logsumexp_hidden(Tensor x, int[] hidden_widths, str group_name) -> Tensor")
 _lib.define(
@@ -116,6 +116,20 @@ def check_shapes(x: Tensor, target: Tensor | None) -> None:
         raise ValueError(f"tpfuse: target is on {target.device} but x is on {x.device}; accepted: both on one device")
 
 
+def check_valid_columns(valid_columns: int | None) -> None:
+    if valid_columns is not None and valid_columns < 1:
+        raise ValueError(f"tpfuse: valid_columns={valid_columns} is not accepted; accepted are None (every column) "
+                         "or V >= 1 (the columns [0, V) of the gathered axis count, the rest is padding)")
+
+
+def valid_widths(hidden_widths: Sequence[int], valid_columns: int | None) -> list[int]:
+    """The ranks' widths once the padding ``[V, sum(hidden_widths))`` is dropped: rank r keeps
+    ``[0, clamp(V - offset_r, 0, w_r))`` of its slab (a rank may keep none)."""
+    if valid_columns is None:
+        return list(hidden_widths)
+    return [max(0, min(w, valid_columns - _offset(hidden_widths, r))) for r, w in enumerate(hidden_widths)]
+
+
 def check_loss_options(reduction: str, label_smoothing: float) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"tpfuse: reduction={reduction!r} is not accepted; accepted are {', '.join(REDUCTIONS)}")
@@ -124,7 +138,7 @@ def check_loss_options(reduction: str, label_smoothing: float) -> None:
 
 
 def _check_on_group(x: Tensor, target: Tensor | None, hidden_widths: Sequence[int], group: Group,
-                    ignore_index: int) -> None:
+                    ignore_index: int, valid_columns: int | None = None) -> None:
     """Every check, before any communication: a bad call raises on its own rank (docs/contract.md §4)."""
     check_shapes(x, target)
     check_vocab_widths(hidden_widths)
@@ -133,11 +147,12 @@ def _check_on_group(x: Tensor, target: Tensor | None, hidden_widths: Sequence[in
     if x.shape[-1] != expected:
         raise ValueError(f"tpfuse: x.shape[-1]={x.shape[-1]} on rank {group.rank} but hidden_widths[{group.rank}]="
                          f"{expected}; x's last dim must equal this rank's entry in hidden_widths")
+    check_valid_columns(valid_columns)
     check_device_matches_group(x.device.type, group)
     if target is not None and target.device.type == "cpu":
         # Reading target's values costs a device sync on CUDA; there an out-of-range class index
         # yields a NaN row instead (as no rank owns it), documented in docs/passes.md.
-        _check_target_values(target, sum(hidden_widths), ignore_index)
+        _check_target_values(target, sum(valid_widths(hidden_widths, valid_columns)), ignore_index)
 
 
 def _check_target_values(target: Tensor, vocab: int, ignore_index: int) -> None:
@@ -267,9 +282,12 @@ def _offset(hidden_widths: Sequence[int], rank: int) -> int:
 
 # --------------------------------------------------------------------------- the ops' kernels
 
-def _stats_impl(x, target, hidden_widths, group_name, ignore_index=-100, with_logit_sum=False, with_entropy=False):
+def _stats_impl(x, target, hidden_widths, group_name, ignore_index=-100, with_logit_sum=False, with_entropy=False,
+                valid_columns=None):
     group = resolve_group(group_name)
-    _check_on_group(x, target, hidden_widths, group, ignore_index)
+    _check_on_group(x, target, hidden_widths, group, ignore_index, valid_columns)
+    hidden_widths = valid_widths(hidden_widths, valid_columns)
+    x = x[..., :hidden_widths[group.rank]]  # this rank's columns below V
     partials = local_partials(x, target, _offset(hidden_widths, group.rank), with_logit_sum, with_entropy)
     k = partials.shape[-1]
     # k float32 numbers per row travel, not the slab: any backend of the gather serves
@@ -278,10 +296,15 @@ def _stats_impl(x, target, hidden_widths, group_name, ignore_index=-100, with_lo
 
 
 def _stats_backward_impl(grad_log_sum, grad_target_logit, grad_logit_sum, grad_entropy,
-                         x, target, shift, log_sum, entropy, hidden_widths, group_name):
+                         x, target, shift, log_sum, entropy, hidden_widths, group_name, valid_columns=None):
     rank = resolve_group(group_name).rank
-    return local_grad(grad_log_sum, grad_target_logit, grad_logit_sum, grad_entropy,
-                      x, target, shift, log_sum, entropy, _offset(hidden_widths, rank))
+    widths = valid_widths(hidden_widths, valid_columns)
+    grad = local_grad(grad_log_sum, grad_target_logit, grad_logit_sum, grad_entropy,
+                      x[..., :widths[rank]], target, shift, log_sum, entropy, _offset(widths, rank))
+    padding = x.shape[-1] - widths[rank]
+    if padding:  # the padding columns do not reach any statistic: their gradient is 0
+        grad = torch.cat([grad, grad.new_zeros(*grad.shape[:-1], padding)], -1)
+    return grad
 
 
 # The public ops are the statistics combined pointwise.  The same functions serve the device
@@ -349,15 +372,17 @@ def _rows(x: Tensor) -> Tensor:
 
 
 @torch.library.register_fake("tpfuse::softmax_stats_hidden", lib=_lib)
-def _(x, target, hidden_widths, group_name, ignore_index=-100, with_logit_sum=False, with_entropy=False):
+def _(x, target, hidden_widths, group_name, ignore_index=-100, with_logit_sum=False, with_entropy=False,
+      valid_columns=None):
     check_shapes(x, target)
     check_vocab_widths(hidden_widths)
+    check_valid_columns(valid_columns)
     return tuple(_rows(x) for _ in range(5))
 
 
 @torch.library.register_fake("tpfuse::softmax_stats_hidden_backward", lib=_lib)
 def _(grad_log_sum, grad_target_logit, grad_logit_sum, grad_entropy, x, target, shift, log_sum, entropy,
-      hidden_widths, group_name):
+      hidden_widths, group_name, valid_columns=None):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -396,13 +421,13 @@ class _SoftmaxStats(torch.autograd.Function):
     """Forward: the statistics (one exchange).  Backward: the local slab's gradient, no exchange."""
 
     @staticmethod
-    def forward(ctx, x, target, hidden_widths, group_name, ignore_index, with_logit_sum, with_entropy):
+    def forward(ctx, x, target, hidden_widths, group_name, ignore_index, with_logit_sum, with_entropy, valid_columns):
         with torch._C._AutoDispatchBelowAutograd():
             stats = torch.ops.tpfuse.softmax_stats_hidden.default(
-                x, target, hidden_widths, group_name, ignore_index, with_logit_sum, with_entropy)
+                x, target, hidden_widths, group_name, ignore_index, with_logit_sum, with_entropy, valid_columns)
         shift, log_sum, _, _, entropy = stats
         ctx.save_for_backward(x, target, shift, log_sum, entropy)
-        ctx.hidden_widths, ctx.group_name = hidden_widths, group_name
+        ctx.hidden_widths, ctx.group_name, ctx.valid_columns = hidden_widths, group_name, valid_columns
         ctx.mark_non_differentiable(shift)  # a constant of every statistic's value (see above)
         ctx.set_materialize_grads(False)  # an unused statistic costs no pass over the slab
         return stats
@@ -412,8 +437,8 @@ class _SoftmaxStats(torch.autograd.Function):
         x, target, shift, log_sum, entropy = ctx.saved_tensors
         grad_x = torch.ops.tpfuse.softmax_stats_hidden_backward.default(
             grad_log_sum, grad_target_logit, grad_logit_sum, grad_entropy, x, target, shift, log_sum, entropy,
-            ctx.hidden_widths, ctx.group_name)
-        return grad_x, None, None, None, None, None, None
+            ctx.hidden_widths, ctx.group_name, ctx.valid_columns)
+        return grad_x, None, None, None, None, None, None, None
 
 
 def _needs_grad(x: Tensor) -> bool:
@@ -421,12 +446,13 @@ def _needs_grad(x: Tensor) -> bool:
 
 
 def _stats_autograd(x, target, hidden_widths, group_name, ignore_index=-100, with_logit_sum=False,
-                    with_entropy=False):
+                    with_entropy=False, valid_columns=None):
     if _needs_grad(x):
-        return _SoftmaxStats.apply(x, target, hidden_widths, group_name, ignore_index, with_logit_sum, with_entropy)
+        return _SoftmaxStats.apply(x, target, hidden_widths, group_name, ignore_index, with_logit_sum, with_entropy,
+                                   valid_columns)
     with torch._C._AutoDispatchBelowAutograd():
         return torch.ops.tpfuse.softmax_stats_hidden.default(
-            x, target, hidden_widths, group_name, ignore_index, with_logit_sum, with_entropy)
+            x, target, hidden_widths, group_name, ignore_index, with_logit_sum, with_entropy, valid_columns)
 
 
 def _stats(x, target, hidden_widths, group_name, ignore_index=-100, with_logit_sum=False, with_entropy=False):

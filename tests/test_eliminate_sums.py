@@ -1,0 +1,340 @@
+"""Gather elimination, the sum family (docs/passes.md, "Gather elimination: the sum family").
+
+Graphs on a fake process group: small LM heads whose gathered logits feed logsumexp, a
+log-softmax gathered at the targets, ``F.cross_entropy`` (mean, sum, smoothing, HF's
+``ForCausalLMLoss`` form with ``view(-1, V)``) or an entropy compile with Inductor; after the
+tpfuse passes no gather of the full hidden width is left, only ``tpfuse.softmax_stats_hidden``
+(``EXPECTTEST_ACCEPT=1 pytest tests/test_eliminate_sums.py`` rewrites the texts).  The
+controls keep the gather: the logits or the log-softmax also returned, a class index computed
+from the logits themselves.
+
+Numerics: one spawned pair of gloo ranks compiles the same functions with Inductor with and
+without tpfuse, at a static T, T=1 and a dynamic T, and compares within the published bound.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
+from expecttest import TestCase
+
+from multiproc import run_ranks
+from pass_helpers import capture, fake_world
+
+#: docs/passes.md, "Gather elimination: the sum family's error" (relative to the largest |reference|)
+BOUND = 1e-5
+VOCAB = 13  # real vocabulary: 2 ranks x 8 padded columns, rank 1 keeps 5 of its 8
+
+
+def logits_of(h, w):
+    """The LM head as TP code writes it: a column linear, then the gather on the last axis."""
+    return funcol.all_gather_tensor(h @ w.t(), gather_dim=h.dim() - 1, group=dist.group.WORLD)
+
+
+def logsumexp(h, w):
+    return torch.logsumexp(logits_of(h, w).float(), -1)
+
+
+def target_logprobs_padded(h, w, t):
+    return torch.log_softmax(logits_of(h, w).float()[..., :VOCAB], -1).gather(-1, t.unsqueeze(-1)).squeeze(-1)
+
+
+def cross_entropy_mean(h, w, t):
+    return F.cross_entropy(logits_of(h, w).float(), t)
+
+
+def cross_entropy_smoothed_sum(h, w, t):
+    return F.cross_entropy(logits_of(h, w).float(), t, reduction="sum", label_smoothing=0.1)
+
+
+def causal_lm_loss(h, w, t):
+    """HF's ForCausalLMLoss: upcast, shift the labels, flatten, sum over the items."""
+    logits = logits_of(h, w).float()
+    labels = F.pad(t, (0, 1), value=-100)[..., 1:].contiguous()
+    logits = logits.view(-1, logits.shape[-1])
+    return F.cross_entropy(logits, labels.view(-1), ignore_index=-100, reduction="sum") / 7
+
+
+def entropy(h, w):
+    logits = logits_of(h, w).float()
+    return -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1)
+
+
+def cross_entropy_and_logits(h, w, t):
+    logits = logits_of(h, w).float()
+    return F.cross_entropy(logits, t), logits
+
+
+def logprobs_and_log_softmax(h, w, t):
+    log_softmax = torch.log_softmax(logits_of(h, w).float(), -1)
+    return log_softmax.gather(-1, t.unsqueeze(-1)), log_softmax
+
+
+def sampled_token_logprob(h, w):
+    logits = logits_of(h, w).float()
+    token = logits.argmax(-1)
+    return token, torch.log_softmax(logits, -1).gather(-1, token.unsqueeze(-1))
+
+
+def _h(T=4, lead=()):
+    return torch.randn(*lead, T, 16)
+
+
+def _w():
+    return torch.randn(8, 16)
+
+
+def _t(T=4, lead=(), high=16):
+    return torch.randint(0, high, (*lead, T))
+
+
+def after(text: str) -> str:
+    return text.split("---- after tpfuse ----\n")[1]
+
+
+def no_full_width_gather(text: str) -> bool:
+    return "all_gather" not in after(text)
+
+
+class SumFamilyGraphs(TestCase):
+    maxDiff = None
+
+    def setUp(self):
+        self._world = fake_world(2)
+        self._world.__enter__()
+
+    def tearDown(self):
+        self._world.__exit__(None, None, None)
+
+    def test_logsumexp(self):
+        text, rep = capture(logsumexp, _h(), _w())
+        self.assertTrue(no_full_width_gather(text))
+        self.assertEqual([e.consumers for e in rep.eliminations], [("logsumexp",)])
+        self.assertEqual((rep.eliminations[0].gathered_bytes, rep.eliminations[0].partial_bytes), ("256", "64"))
+        self.assertExpectedInline(after(text), """\
+inputs: arg0_1, arg1_1
+permute = permute(arg0_1, [1, 0])
+mm = mm(arg1_1, permute)
+softmax_stats_hidden = tpfuse.softmax_stats_hidden(mm, None, [8, 8], '0')
+getitem_2 = getitem(softmax_stats_hidden, 0)
+getitem_3 = getitem(softmax_stats_hidden, 1)
+add_1 = add.Tensor(getitem_2, getitem_3)
+return [add_1]""")
+
+    def test_log_softmax_gathered_at_targets_after_a_padded_vocab_slice(self):
+        text, rep = capture(target_logprobs_padded, _h(3, (2,)), _w(), _t(3, (2,), VOCAB))
+        self.assertTrue(no_full_width_gather(text))
+        self.assertEqual(rep.eliminations[0].valid_columns, VOCAB)
+        self.assertExpectedInline(after(text), """\
+inputs: arg0_1, arg1_1, arg2_1
+view = reshape(arg0_1, [6, 16])
+permute = permute(arg1_1, [1, 0])
+mm = mm(view, permute)
+view_1 = reshape(mm, [2, 3, 8])
+unsqueeze = unsqueeze(arg2_1, -1)
+clone_1 = clone(view_1, memory_format=torch.contiguous_format)
+squeeze_1 = squeeze.dim(unsqueeze, -1)
+softmax_stats_hidden = tpfuse.softmax_stats_hidden(clone_1, squeeze_1, [8, 8], '0', -100, False, False, 13)
+getitem_3 = getitem(softmax_stats_hidden, 1)
+getitem_4 = getitem(softmax_stats_hidden, 2)
+sub_2 = sub.Tensor(getitem_4, getitem_3)
+unsqueeze_1 = unsqueeze(sub_2, -1)
+squeeze = squeeze.dim(unsqueeze_1, -1)
+return [squeeze]""")
+
+    def test_cross_entropy_mean(self):
+        text, rep = capture(cross_entropy_mean, _h(), _w(), _t())
+        self.assertTrue(no_full_width_gather(text))
+        self.assertEqual([e.consumers for e in rep.eliminations], [("log_softmax gather",)])
+        self.assertExpectedInline(after(text), """\
+inputs: arg0_1, arg1_1, arg2_1
+permute = permute(arg0_1, [1, 0])
+mm = mm(arg1_1, permute)
+ne_1 = ne.Scalar(arg2_1, -100)
+ne = ne.Scalar(arg2_1, -100)
+full_default = full([], 0, dtype=int64)
+where = where.self(ne, arg2_1, full_default)
+unsqueeze = unsqueeze(where, 1)
+squeeze_1 = squeeze.dim(unsqueeze, -1)
+softmax_stats_hidden = tpfuse.softmax_stats_hidden(mm, squeeze_1, [8, 8], '0')
+getitem_3 = getitem(softmax_stats_hidden, 1)
+getitem_4 = getitem(softmax_stats_hidden, 2)
+sub_2 = sub.Tensor(getitem_4, getitem_3)
+unsqueeze_1 = unsqueeze(sub_2, -1)
+squeeze = squeeze.dim(unsqueeze_1, 1)
+neg = neg(squeeze)
+full_default_1 = full([], 0.0, dtype=float32)
+where_1 = where.self(ne_1, neg, full_default_1)
+sum_3 = sum(where_1)
+ne_2 = ne.Scalar(arg2_1, -100)
+sum_2 = sum(ne_2)
+convert_element_type = prims.convert_element_type(sum_2, float32)
+div = div.Tensor(sum_3, convert_element_type)
+return [div]""")
+
+    def test_cross_entropy_label_smoothing(self):
+        text, rep = capture(cross_entropy_smoothed_sum, _h(), _w(), _t())
+        self.assertTrue(no_full_width_gather(text))
+        self.assertEqual([e.consumers for e in rep.eliminations], [("log_softmax gather+log_softmax sum",)])
+        self.assertIn("tpfuse.softmax_stats_hidden(mm, squeeze_1, [8, 8], '0', -100, True)", after(text))
+
+    def test_causal_lm_loss_with_view(self):
+        text, rep = capture(causal_lm_loss, _h(3, (2,)).bfloat16(), _w().bfloat16(), _t(3, (2,)))
+        self.assertTrue(no_full_width_gather(text))
+        self.assertExpectedInline(after(text), """\
+inputs: arg0_1, arg1_1, arg2_1
+view = reshape(arg0_1, [6, 16])
+permute = permute(arg1_1, [1, 0])
+mm = mm(view, permute)
+view_1 = reshape(mm, [2, 3, 8])
+constant_pad_nd = constant_pad_nd(arg2_1, [0, 1], -100.0)
+slice_1 = slice.Tensor(constant_pad_nd, 1, 1, 9223372036854775807)
+clone = clone(slice_1, memory_format=torch.contiguous_format)
+view_3 = reshape(clone, [-1])
+ne_1 = ne.Scalar(view_3, -100)
+ne = ne.Scalar(view_3, -100)
+full_default = full([], 0, dtype=int64)
+where = where.self(ne, view_3, full_default)
+unsqueeze = unsqueeze(where, 1)
+convert_element_type_4 = prims.convert_element_type(view_1, float32)
+view_4 = view(convert_element_type_4, [-1, 8])
+squeeze_1 = squeeze.dim(unsqueeze, -1)
+softmax_stats_hidden = tpfuse.softmax_stats_hidden(view_4, squeeze_1, [8, 8], '0')
+getitem_3 = getitem(softmax_stats_hidden, 1)
+getitem_4 = getitem(softmax_stats_hidden, 2)
+sub_2 = sub.Tensor(getitem_4, getitem_3)
+unsqueeze_1 = unsqueeze(sub_2, -1)
+squeeze = squeeze.dim(unsqueeze_1, 1)
+neg = neg(squeeze)
+full_default_1 = full([], 0.0, dtype=float32)
+where_1 = where.self(ne_1, neg, full_default_1)
+sum_3 = sum(where_1)
+div = div.Tensor(sum_3, 7)
+return [div]""")
+
+    def test_entropy_dynamic_T(self):
+        h = _h(5)
+        torch._dynamo.mark_dynamic(h, 0)  # T alone: dynamic=True would make the widths symbolic too
+        text, rep = capture(entropy, h, _w())
+        self.assertTrue(no_full_width_gather(text))
+        self.assertEqual([e.consumers for e in rep.eliminations], [("entropy",)])
+        self.assertExpectedInline(after(text), """\
+inputs: arg0_1, arg1_1, arg2_1
+permute = permute(arg0_1, [1, 0])
+mm = mm(arg1_1, permute)
+softmax_stats_hidden = tpfuse.softmax_stats_hidden(mm, None, [8, 8], '0', -100, False, True)
+getitem_6 = getitem(softmax_stats_hidden, 4)
+neg_1 = neg(getitem_6)
+neg = neg(neg_1)
+return [neg]""")
+
+    def test_control_logits_also_returned(self):
+        text, rep = capture(cross_entropy_and_logits, _h(), _w(), _t())
+        self.assertFalse(no_full_width_gather(text))
+        self.assertEqual(rep.eliminations, [])
+        self.assertEqual([m.reason for m in rep.near_misses],
+                         ["gather kept: the gathered logits are also used by the graph output"])
+
+    def test_control_log_softmax_also_returned(self):
+        text, rep = capture(logprobs_and_log_softmax, _h(), _w(), _t())
+        self.assertFalse(no_full_width_gather(text))
+        self.assertEqual([m.reason for m in rep.near_misses],
+                         ["gather kept: softmax of the gathered logits not eliminated: the log-softmax sub_1 is "
+                          "also used by the graph output"])
+
+    def test_control_class_index_computed_from_the_logits(self):
+        text, rep = capture(sampled_token_logprob, _h(), _w())
+        self.assertFalse(no_full_width_gather(text))
+        self.assertEqual([m.reason for m in rep.near_misses],
+                         ["gather kept: softmax of the gathered logits not eliminated: the class index unsqueeze "
+                          "is computed from the gathered logits"])
+
+    def test_eliminate_gathers_false_keeps_the_gather(self):
+        text, rep = capture(cross_entropy_mean, _h(), _w(), _t(), eliminate_gathers=False)
+        self.assertFalse(no_full_width_gather(text))
+        self.assertEqual(rep.eliminations, [])
+
+
+# --------------------------------------------------------------------------- numerics on gloo ranks
+
+#: (function, takes targets, target range)
+NUMERIC_CASES = (
+    (logsumexp, False, 16),
+    (target_logprobs_padded, True, VOCAB),
+    (cross_entropy_mean, True, 16),
+    (cross_entropy_smoothed_sum, True, 16),
+    (causal_lm_loss, True, 16),
+    (entropy, False, 16),
+)
+
+
+def _rel_error(ours, ref):
+    diff = (ours.double() - ref.double()).abs().max().item() if ref.numel() else 0.0
+    return diff / max(ref.double().abs().max().item(), 1e-30) if ref.numel() else 0.0
+
+
+def _inputs(fn, takes_targets, high, T, lead, rank):
+    g = torch.Generator().manual_seed(11)  # the same hidden states and targets on every rank
+    h = torch.randn(*lead, T, 16, generator=g)
+    args = [h, (torch.randn(8, 16, generator=torch.Generator().manual_seed(20 + rank)) / 2)]
+    if takes_targets:
+        t = torch.randint(0, high, (*lead, T), generator=g)
+        if fn in (cross_entropy_mean, causal_lm_loss):
+            t.view(-1)[1::3] = -100  # ignored rows (not the only row at T=1: its mean would be NaN)
+        args.append(t)
+    return args
+
+
+def _numerics(rank, world_size):
+    import tpfuse
+
+    results = {}
+    for fn, takes_targets, high in NUMERIC_CASES:
+        lead = (2,) if fn in (causal_lm_loss, target_logprobs_padded) else ()
+        for label, calls, dynamic in (("static T=5", [5], False), ("T=1", [1], False), ("dynamic T", [3, 6], True)):
+            outs = {}
+            for on in (True, False):
+                torch._dynamo.reset()
+                compiled = torch.compile(fn, fullgraph=True, dynamic=None if dynamic else False)
+                with (tpfuse.enabled() if on else torch.no_grad()), torch.no_grad():
+                    outs[on] = []
+                    for T in calls:
+                        args = _inputs(fn, takes_targets, high, T, lead, rank)
+                        if dynamic:  # T, in the hidden states and in the targets alike
+                            torch._dynamo.mark_dynamic(args[0], args[0].dim() - 2)
+                            if takes_targets:
+                                torch._dynamo.mark_dynamic(args[2], args[2].dim() - 1)
+                        outs[on].append(compiled(*args))
+                    if on:
+                        eliminated = [e.consumers for e in tpfuse.report(all=True).eliminations]
+            error = max(_rel_error(a, b) for a, b in zip(outs[True], outs[False]))
+            finite = all(bool(torch.isfinite(a).all()) for a in outs[True])
+            results[(fn.__name__, label)] = (error, finite, eliminated)
+    return results
+
+
+@pytest.fixture(scope="module")
+def gloo_w2():
+    return run_ranks(2, _numerics, timeout=900)
+
+
+def test_compiled_losses_within_the_published_bound(gloo_w2):
+    for rank, results in enumerate(gloo_w2):
+        for key, (error, finite, _) in results.items():
+            assert finite and error <= BOUND, (rank, key, error)
+
+
+def test_every_compiled_loss_was_eliminated(gloo_w2):
+    for results in gloo_w2:
+        for key, (_, _, eliminated) in results.items():
+            assert eliminated, key
+
+
+def test_the_ranks_agree(gloo_w2):
+    assert gloo_w2[0].keys() == gloo_w2[1].keys()
+    assert math.isfinite(max(e for e, _, _ in gloo_w2[0].values()))
