@@ -329,8 +329,8 @@ def _samplers_and_logits(h, w, bias):
     return (*_sample(logits, bias), logits)
 
 
-def _tokens(T, seed):
-    h = torch.randn(T, 16, generator=torch.Generator().manual_seed(seed)).bfloat16()
+def _tokens(T, seed, device="cpu"):
+    h = torch.randn(T, 16, generator=torch.Generator().manual_seed(seed)).bfloat16().to(device)
     if T >= 3:
         h[0] = 0.0  # all-equal logits: ties across the ranks, lowest index wins
         h[1] = float("nan")  # NaN logits: the first NaN wins
@@ -354,7 +354,7 @@ def _compiled_outputs(fn, args_per_call, tpfuse_on, dynamic):
 
 
 def _bits(t):
-    return bytes(t.contiguous().view(torch.uint8).numpy())
+    return bytes(t.contiguous().view(torch.uint8).cpu().numpy())
 
 
 #: _samplers' outputs compared other than bit for bit (docs/passes.md, "Gather elimination",
@@ -370,7 +370,7 @@ def _same(i, ours, theirs, outputs):
         return bool(((ours == theirs) | (ours.isnan() & theirs.isnan())).all())
     if i == TOPK_INDICES:
         tied = outputs[TOPK_VALUES].isnan().any(-1)  # the all-NaN row: every value ties
-        lowest_first = torch.arange(ours.shape[-1]).expand_as(ours)
+        lowest_first = torch.arange(ours.shape[-1], device=ours.device).expand_as(ours)
         return torch.equal(ours[~tied], theirs[~tied]) and torch.equal(ours[tied], lowest_first[tied])
     return _bits(ours) == _bits(theirs)
 
@@ -382,14 +382,25 @@ def _equal(on, off, fn):
 
 
 def _numerics(rank, world_size):
+    results = compiled_samplers(rank, world_size, "cpu")
+    import greedy_sampler_op  # docs/patterns.md's walkthrough: the same tokens with and without its matcher
+
+    results["walkthrough"] = greedy_sampler_op.walkthrough(rank, world_size)
+    return results
+
+
+def compiled_samplers(rank, world_size, device):
+    """Per (T mode, function): the samplers compiled with tpfuse on and off, compared (also on GPUs:
+    tests/gpu/test_reduce_hidden_gpu.py)."""
     g = torch.Generator().manual_seed(7 + rank)
-    w = (torch.randn(8, 16, generator=g) / 4).bfloat16()
+    w = (torch.randn(8, 16, generator=g) / 4).bfloat16().to(device)
     bias = torch.randn(8 * world_size, generator=torch.Generator().manual_seed(3))
     bias[5] = float("-inf")
+    bias = bias.to(device)
     results = {}
     for label, calls, dynamic in (("static T=5", [5], False), ("T=1", [1], False), ("dynamic T", [3, 6], True)):
         for fn in (_samplers, _samplers_and_logits):
-            args = [(_tokens(T, seed=T), w, bias) for T in calls]
+            args = [(_tokens(T, seed=T, device=device), w, bias) for T in calls]
             on, rep = _compiled_outputs(fn, args, True, dynamic)
             off, _ = _compiled_outputs(fn, args, False, dynamic)
             results[(label, fn.__name__)] = {
@@ -399,9 +410,6 @@ def _numerics(rank, world_size):
                 "near_misses": [n.reason for n in rep.near_misses],
                 "outputs": [[_bits(t) for t in o] for o in on],
             }
-    import greedy_sampler_op  # docs/patterns.md's walkthrough: the same tokens with and without its matcher
-
-    results["walkthrough"] = greedy_sampler_op.walkthrough(rank, world_size)
     return results
 
 

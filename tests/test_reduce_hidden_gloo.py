@@ -83,9 +83,9 @@ def _reductions(x, widths, valid, k):
     }
 
 
-def _check_case(rank, world_size, i, case):
+def _check_case(rank, world_size, i, case, device="cpu"):
     name, lead, widths, valid, dtype = case
-    full = _full(lead, widths, dtype, seed=100 + i)
+    full = _full(lead, widths, dtype, seed=100 + i).to(device)
     offset = sum(widths[:rank])
     x = full[..., offset:offset + widths[rank]].contiguous()
     ref = full[..., :valid] if valid is not None else full
@@ -117,7 +117,7 @@ def _check_case(rank, world_size, i, case):
         out[f"{what}-distinct-rows-as-torch"] = _distinct_rows_equal(ref, g.indices, w.indices)
     # plain bytes: tensors would travel to the test process through shared memory that dies with the rank
     out["bits"] = {key: bytes(_bits(v if isinstance(v, torch.Tensor) else torch.cat(
-        [_bits(v.values).flatten(), _bits(v.indices).flatten()])).numpy()) for key, v in got.items()}
+        [_bits(v.values).flatten(), _bits(v.indices).flatten()])).cpu().numpy()) for key, v in got.items()}
     return name, out
 
 
@@ -127,7 +127,7 @@ def _distinct_rows_equal(ref, ours, theirs) -> bool:
         return ours.numel() == theirs.numel() == 0
     rows = ref.reshape(-1, ref.shape[-1])
     distinct = torch.tensor([len(set(r.float().tolist())) == r.numel() and not r.isnan().any() for r in rows],
-                            dtype=torch.bool)
+                            dtype=torch.bool, device=ref.device)
     return torch.equal(ours.reshape(len(rows), -1)[distinct], theirs.reshape(len(rows), -1)[distinct])
 
 
