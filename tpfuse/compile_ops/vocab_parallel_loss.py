@@ -36,6 +36,13 @@ graphs stay rank-agnostic.
 
 A rank may hold zero columns (a padded vocabulary sliced ``[..., :V]``): its partials are
 neutral (``m = -inf``, ``s = 0``), so ``hidden_widths`` entries may be 0 here, unlike the gather.
+
+On CUDA the local pass, the merge and the backward are one Triton kernel each
+(softmax_kernels.py, kernels/vocab_softmax.py); the torch functions below are the CPU path
+and the reference the kernels are tested against.  No CUDA call reads a value on the host
+(which would wait for the GPU and break graph capture): a class index outside the
+vocabulary is refused there only with ``TPFUSE_CHECK=1`` (outside capture); otherwise its
+row's result is NaN.
 """
 
 from __future__ import annotations
@@ -46,6 +53,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .. import config as settings
+from . import softmax_kernels
 from .dispatch import check_device_matches_group
 from .groups import Group, group_name_of, resolve_group
 from .validation import check_not_scalar, check_one_width_per_rank, world_size_of
@@ -149,10 +158,16 @@ def _check_on_group(x: Tensor, target: Tensor | None, hidden_widths: Sequence[in
                          f"{expected}; x's last dim must equal this rank's entry in hidden_widths")
     check_valid_columns(valid_columns)
     check_device_matches_group(x.device.type, group)
-    if target is not None and target.device.type == "cpu":
-        # Reading target's values costs a device sync on CUDA; there an out-of-range class index
-        # yields a NaN row instead (as no rank owns it), documented in docs/passes.md.
+    if target is not None and (target.device.type == "cpu" or _checking_device_values()):
+        # Reading target's values costs a device sync on CUDA, so there it runs only with
+        # TPFUSE_CHECK=1 outside graph capture; otherwise an out-of-range class index yields a
+        # NaN row (no rank owns it), documented in docs/passes.md.
         _check_target_values(target, sum(valid_widths(hidden_widths, valid_columns)), ignore_index)
+
+
+def _checking_device_values() -> bool:
+    """Whether a CUDA call reads the target's values (and so waits for the GPU): TPFUSE_CHECK=1, not capturing."""
+    return bool(settings.get("TPFUSE_CHECK")) and not torch.cuda.is_current_stream_capturing()
 
 
 def _check_target_values(target: Tensor, vocab: int, ignore_index: int) -> None:
@@ -288,6 +303,9 @@ def _stats_impl(x, target, hidden_widths, group_name, ignore_index=-100, with_lo
     _check_on_group(x, target, hidden_widths, group, ignore_index, valid_columns)
     hidden_widths = valid_widths(hidden_widths, valid_columns)
     x = x[..., :hidden_widths[group.rank]]  # this rank's columns below V
+    if x.is_cuda:  # one kernel per step and no host sync (softmax_kernels.py); the CPU keeps the composition
+        return softmax_kernels.softmax_stats(x, target, _offset(hidden_widths, group.rank), hidden_widths,
+                                             group_name, with_logit_sum, with_entropy)
     partials = local_partials(x, target, _offset(hidden_widths, group.rank), with_logit_sum, with_entropy)
     k = partials.shape[-1]
     # k float32 numbers per row travel, not the slab: any backend of the gather serves
@@ -299,6 +317,9 @@ def _stats_backward_impl(grad_log_sum, grad_target_logit, grad_logit_sum, grad_e
                          x, target, shift, log_sum, entropy, hidden_widths, group_name, valid_columns=None):
     rank = resolve_group(group_name).rank
     widths = valid_widths(hidden_widths, valid_columns)
+    if x.is_cuda:  # one pass over the slab, which also writes the padding's zeros (softmax_kernels.py)
+        return softmax_kernels.local_grad(grad_log_sum, grad_target_logit, grad_logit_sum, grad_entropy, x, target,
+                                          shift, log_sum, entropy, widths[rank], _offset(widths, rank))
     grad = local_grad(grad_log_sum, grad_target_logit, grad_logit_sum, grad_entropy,
                       x[..., :widths[rank]], target, shift, log_sum, entropy, _offset(widths, rank))
     padding = x.shape[-1] - widths[rank]

@@ -1,0 +1,206 @@
+"""Host launcher of the sum family's CUDA kernels (kernels/vocab_softmax.py).
+
+``tpfuse::softmax_stats_hidden`` on CUDA tensors runs three kernels where the CPU runs the
+torch composition of vocab_parallel_loss.py (the reference they are tested against):
+the local pass over the slab (one read of it), the exchange of its float32 partials
+through ``tpfuse::all_gather_hidden``, and the merge; its backward is one gradient kernel
+(one read of the slab, one write of the gradient).
+
+Per call the host does little, because an eager training step calls it every step:
+- each variant (dtypes, statistics asked for, tile, alignment) is compiled once per
+  device and launched through Triton's compiled launcher directly, as push.py does;
+- nothing reads the device: no ``.item()``, no boolean indexing, no validation of the
+  target's values (an index outside the vocabulary gives NaN, vocab_parallel_loss.py), so
+  a call neither waits for the GPU nor breaks CUDA-graph capture;
+- the number of partials per rank is a function of T and the widest band only
+  (``vocab_softmax.split_plan``): every rank sends and merges the same words.
+
+What a launch needs is built by ``*_launch`` functions as a ``Launch`` (grid, runtime
+arguments, constexprs); tests/interpret_vocab_softmax.py runs the same ``Launch`` in
+Triton's interpreter, so the host's arithmetic (splits, strides, widths) is tested on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..kernels import vocab_softmax as kernels
+from .program_order import raw_stream
+
+#: Triton's type names of the dtypes the kernels read and write
+TYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
+              torch.int64: "i64", torch.int32: "i32"}
+
+_SOURCES = {"local": kernels.local_stats_source, "merge": kernels.merge_source, "grad": kernels.local_grad_source}
+_KERNELS = {"local": kernels.local_stats_kernel, "merge": kernels.merge_kernel, "grad": kernels.local_grad_kernel}
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel call: ``kind`` ("local", "merge", "grad"), the arguments of its ``*_source``
+    function (the variant), the grid, the runtime arguments in the kernel's order (tensors
+    where it takes pointers), its constexprs and warps."""
+
+    kind: str
+    variant: tuple
+    grid: tuple
+    args: tuple
+    constexprs: dict
+    num_warps: int
+
+    @property
+    def kernel(self):
+        return _KERNELS[self.kind]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    run: object
+    function: object
+    packed_metadata: object
+    constexpr_values: tuple
+
+
+#: compiled variants: (kind, variant, warps, device index) -> _Plan
+_plans: dict = {}
+
+
+def _compile(launch: Launch, device_index: int) -> _Plan:
+    from ..kernels.push_gather import compile_source  # one compiler for every kernel
+
+    source = _SOURCES[launch.kind](*launch.variant)
+    with torch.cuda.device(device_index):
+        kernel = compile_source(source, num_warps=launch.num_warps)
+        run = kernel.run  # loads the module on this device
+    names = source.fn.arg_names
+    constexprs = tuple(source.constants[(names.index(n),)] for n in names if source.signature[n] == "constexpr")
+    return _Plan(run, kernel.function, kernel.packed_metadata, constexprs)
+
+
+def run(launch: Launch, device: torch.device) -> None:
+    """Launch on the current stream of ``device`` (no synchronisation; capture-safe once compiled)."""
+    key = (launch.kind, launch.variant, launch.num_warps, device.index)
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _plans[key] = _compile(launch, device.index)
+    args = [a.data_ptr() if isinstance(a, Tensor) else a for a in launch.args]
+    plan.run(*launch.grid, raw_stream(device.index), plan.function, plan.packed_metadata, None, None, None,
+             *args, *plan.constexpr_values)
+
+
+# --------------------------------------------------------------------------- the calls' arguments
+
+def _rows(x: Tensor) -> tuple[Tensor, int]:
+    """``x [..., w]`` as ``[rows, w]`` with unit column stride (a view where possible), and its row stride."""
+    rows = math.prod(x.shape[:-1])
+    flat = x.reshape(rows, x.shape[-1])
+    if x.shape[-1] and flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    # one row (or none) is read at offset 0 whatever its stride: call it the width, which keeps alignment
+    return flat, (flat.stride(0) if rows > 1 and x.shape[-1] else x.shape[-1])
+
+
+def _aligned(x: Tensor, *counts: int) -> bool:
+    """16-byte aligned start, and every count (row stride, widths) a multiple of 16 elements."""
+    return x.data_ptr() % 16 == 0 and all(c % 16 == 0 for c in counts)
+
+
+def _target_rows(target: Tensor | None, like: Tensor) -> tuple[Tensor, str]:
+    """The target as ``[rows]``; without a target, a stand-in the kernel never reads."""
+    if target is None:
+        return like, "i64"
+    return target.reshape(-1).contiguous(), TYPE_NAMES[target.dtype]  # an expanded target has stride 0
+
+
+def local_launch(x: Tensor, target: Tensor | None, offset: int, with_logit_sum: bool, with_entropy: bool,
+                 splits: int, chunk: int) -> tuple[Launch | None, Tensor]:
+    """The local pass over ``x [..., w]`` (this rank's valid columns): ``(launch, partials [..., splits * K])``."""
+    flat, row_stride = _rows(x)
+    rows, width = flat.shape
+    has_target = target is not None
+    k = kernels.partial_words(has_target, with_logit_sum, with_entropy)
+    partials = torch.empty(*x.shape[:-1], splits * k, dtype=torch.float32, device=x.device)
+    if rows == 0:
+        return None, partials
+    targets, target_type = _target_rows(target, flat)
+    block = kernels.local_block(chunk)
+    variant = (TYPE_NAMES[x.dtype], target_type, has_target, with_logit_sum, with_entropy, block,
+               _aligned(flat, row_stride, width))
+    return Launch("local", variant, (rows, splits, 1), (flat, targets, partials, width, row_stride, offset, chunk),
+                  kernels.local_stats_constexprs(has_target, with_logit_sum, with_entropy, block),
+                  kernels.warps_for(block)), partials
+
+
+def merge_launch(gathered: Tensor, widths, splits: int, chunk: int, has_target: bool, with_logit_sum: bool,
+                 with_entropy: bool) -> tuple[Launch | None, tuple[Tensor, ...]]:
+    """The merge of the exchanged ``[..., W * splits * K]`` partials: ``(launch, (shift, log_sum,
+    target_logit, logit_sum, entropy))``, each ``[...]`` float32 (zeros for a statistic not asked for)."""
+    lead = gathered.shape[:-1]
+    stats = tuple(torch.empty(lead, dtype=torch.float32, device=gathered.device) for _ in range(5))
+    rows = math.prod(lead)
+    if rows == 0:
+        return None, stats
+    # the widths select code only for the logit sum (merge_constexprs): one variant for every band otherwise
+    widths = tuple(int(w) for w in widths) if with_logit_sum else (0,) * len(widths)
+    constexprs = kernels.merge_constexprs(widths, has_target, with_logit_sum, with_entropy)
+    grid = (kernels.cdiv(rows, constexprs["BLOCK_T"]), 1, 1)
+    return Launch("merge", (widths, has_target, with_logit_sum, with_entropy), grid,
+                  (gathered.contiguous(), *stats, rows, splits, chunk), constexprs, 4), stats
+
+
+def grad_launch(grad_log_sum, grad_target_logit, grad_logit_sum, grad_entropy, x: Tensor, target: Tensor | None,
+                shift: Tensor, log_sum: Tensor, entropy: Tensor, width: int, offset: int) -> tuple[Launch | None, Tensor]:
+    """The gradient of ``x [..., full width]`` whose first ``width`` columns are this rank's valid
+    ones (the rest get 0): ``(launch, grad)``, grad contiguous in x's dtype."""
+    flat, row_stride = _rows(x)
+    rows, full_width = flat.shape
+    grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if rows == 0 or full_width == 0:
+        return None, grad
+    with_target_logit = grad_target_logit is not None and target is not None
+    targets, target_type = _target_rows(target if with_target_logit else None, flat)
+    wanted = [g is not None for g in (grad_log_sum, grad_target_logit, grad_logit_sum, grad_entropy)]
+    wanted[1] = with_target_logit
+    # one float32 per row, contiguous (the gradient of a sum arrives expanded, with stride 0)
+    upstream = [g.reshape(-1).float().contiguous() if used else flat
+                for g, used in zip((grad_log_sum, grad_target_logit, grad_logit_sum, grad_entropy), wanted)]
+    block = kernels.grad_block(full_width)
+    variant = (TYPE_NAMES[x.dtype], target_type, *wanted, block, _aligned(flat, row_stride, width, full_width))
+    stats = [t.reshape(-1).contiguous() for t in (shift, log_sum, entropy)]
+    args = (flat, targets, *stats, *upstream, grad,
+            width, full_width, row_stride, offset)
+    return Launch("grad", variant, (rows, kernels.cdiv(full_width, block), 1), args,
+                  kernels.local_grad_constexprs(*wanted, block), kernels.warps_for(block)), grad
+
+
+# --------------------------------------------------------------------------- the op's CUDA path
+
+def softmax_stats(x: Tensor, target: Tensor | None, offset: int, hidden_widths, group_name: str,
+                  with_logit_sum: bool, with_entropy: bool) -> tuple[Tensor, ...]:
+    """``tpfuse::softmax_stats_hidden``'s statistics for the slab ``x`` (this rank's valid columns,
+    global columns from ``offset``; ``hidden_widths``: every rank's valid width)."""
+    splits, chunk = kernels.split_plan(math.prod(x.shape[:-1]), max(hidden_widths))
+    launch, partials = local_launch(x, target, offset, with_logit_sum, with_entropy, splits, chunk)
+    if launch is not None:
+        run(launch, x.device)
+    words = partials.shape[-1]
+    gathered = torch.ops.tpfuse.all_gather_hidden.default(partials, [words] * len(hidden_widths), group_name)
+    launch, stats = merge_launch(gathered, hidden_widths, splits, chunk, target is not None, with_logit_sum,
+                                 with_entropy)
+    if launch is not None:
+        run(launch, x.device)
+    return stats
+
+
+def local_grad(grad_log_sum, grad_target_logit, grad_logit_sum, grad_entropy, x, target, shift, log_sum, entropy,
+               width: int, offset: int) -> Tensor:
+    """``tpfuse::softmax_stats_hidden_backward`` for ``x`` (full width; its first ``width`` columns valid)."""
+    launch, grad = grad_launch(grad_log_sum, grad_target_logit, grad_logit_sum, grad_entropy, x, target, shift,
+                               log_sum, entropy, width, offset)
+    if launch is not None:
+        run(launch, x.device)
+    return grad
