@@ -260,6 +260,93 @@ return [neg]""")
         self.assertEqual(rep.eliminations, [])
 
 
+# --------------------------------------------------------------------------- training: before AOTAutograd
+
+def _dynamo_graph(fn, *args):
+    """Dynamo's graph of ``fn`` (torch IR, what Inductor's pre-grad passes see), with example values."""
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=keep, fullgraph=True)(*args)
+    return graphs[0]
+
+
+def _torch_ir_text(gm) -> str:
+    lines = []
+    for n in gm.graph.nodes:
+        if n.op in ("call_function", "call_method"):
+            target = n.target if n.op == "call_method" else getattr(n.target, "__name__", str(n.target))
+            args = ", ".join(a.name if hasattr(a, "name") else repr(a) for a in n.args)
+            lines.append(f"{n.name} = {target}({args})")
+    return "\n".join(lines)
+
+
+def logits_and_training_loss(h, w, t):
+    logits = tp_training_loss_logits(h, w)
+    return F.cross_entropy(logits.view(-1, logits.shape[-1]), t.view(-1)), logits
+
+
+def weighted_training_loss(h, w, t):
+    logits = tp_training_loss_logits(h, w)
+    return F.cross_entropy(logits.view(-1, logits.shape[-1]), t.view(-1), weight=torch.ones(logits.shape[-1]))
+
+
+def tp_training_loss_logits(h, w):
+    import tpfuse
+
+    return tpfuse.all_gather_hidden(h @ w.t(), dist.group.WORLD).float()
+
+
+class BeforeAutograd(TestCase):
+    maxDiff = None
+
+    def setUp(self):
+        self._world = fake_world(2)
+        self._world.__enter__()
+
+    def tearDown(self):
+        self._world.__exit__(None, None, None)
+
+    def _rewrite(self, fn, requires_grad=True):
+        from tpfuse.passes.pre_grad_losses import rewrite_cross_entropy
+
+        h, w = _h(3, (2,)).requires_grad_(requires_grad), _w().requires_grad_(requires_grad)
+        gm = _dynamo_graph(fn, h, w, _t(3, (2,)))
+        lines = rewrite_cross_entropy(gm.graph)
+        gm.graph.lint()
+        return lines, _torch_ir_text(gm)
+
+    def test_training_loss_becomes_the_vocab_parallel_op(self):
+        lines, text = self._rewrite(tp_training_loss)
+        self.assertEqual(lines, ["rewrote cross_entropy: tpfuse::cross_entropy_hidden of matmul"])
+        self.assertExpectedInline(text, """\
+t = t(l_w_)
+matmul = matmul(l_h_, t)
+view_1 = view(l_t_, -1)
+reshape = reshape(matmul, -1, 8)
+cross_entropy_hidden_default = cross_entropy_hidden.default(reshape, view_1, [8, 8], '0', -100, 'mean', 0.1)
+sum_grad_over_ranks_default = sum_grad_over_ranks.default(cross_entropy_hidden_default, '0')""")
+
+    def test_control_logits_also_returned(self):
+        lines, text = self._rewrite(logits_and_training_loss)
+        self.assertEqual(lines, ["kept cross_entropy: the logits logits have 2 users (view, the graph output); the "
+                                 "rewrite needs the loss as the only one"])
+        self.assertIn("all_gather_hidden", text)
+
+    def test_control_no_gradient_is_left_to_the_post_grad_matchers(self):
+        lines, _ = self._rewrite(tp_training_loss, requires_grad=False)
+        self.assertEqual(lines, ["kept cross_entropy: the gather's input needs no gradient (post-grad matchers "
+                                 "serve it)"])
+
+    def test_control_class_weights(self):
+        lines, _ = self._rewrite(weighted_training_loss)
+        self.assertEqual(lines, ["kept cross_entropy: class weights or the legacy size_average/reduce arguments"])
+
+
 # --------------------------------------------------------------------------- numerics on gloo ranks
 
 #: (function, takes targets, target range)
@@ -318,9 +405,86 @@ def _numerics(rank, world_size):
     return results
 
 
+def tp_training_loss(h, w, t):
+    """A training step's loss with tpfuse's own (differentiable) gather, as HF's loss writes it."""
+    import tpfuse
+
+    logits = tpfuse.all_gather_hidden(h @ w.t(), dist.group.WORLD).float()
+    return F.cross_entropy(logits.view(-1, logits.shape[-1]), t.view(-1), label_smoothing=0.1)
+
+
+class _Recorder:
+    """A post-grad pass that keeps the text of every graph (forward and backward) and changes nothing."""
+
+    def __init__(self):
+        self.texts = []
+
+    def __call__(self, graph):
+        from pass_helpers import graph_text
+
+        self.texts.append(graph_text(graph))
+
+    def uuid(self):
+        return None
+
+
+def _training(rank, world_size):
+    """Inductor with the pre-grad rewrite against eager torch on the gathered logits: loss and both gradients."""
+    import torch._inductor.config as inductor_config
+
+    from tpfuse.passes.pre_grad_losses import CrossEntropyBeforeAutograd
+
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(2, 3, 16, generator=g)
+    t = torch.randint(0, 8 * world_size, (2, 3), generator=g)
+    t[0, 1] = -100
+    w = torch.randn(8, 16, generator=torch.Generator().manual_seed(30 + rank))
+    results = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
+        rewrite, recorder = CrossEntropyBeforeAutograd(), _Recorder()
+        if compiled:
+            with inductor_config.patch(pre_grad_custom_pass=rewrite, post_grad_custom_post_pass=recorder,
+                                       fx_graph_cache=False):
+                loss = torch.compile(tp_training_loss, fullgraph=True)(hr, wr, t)
+                loss.backward()
+        else:
+            loss = tp_training_loss(hr, wr, t)  # eager: the gather, then torch's loss and its backward
+            loss.backward()
+        results[compiled] = (loss.detach(), hr.grad, wr.grad)
+    errors = [_rel_error(a, b) for a, b in zip(results[True], results[False])]
+    return {"errors": errors, "rewrite": rewrite.last, "graphs": recorder.texts}
+
+
+def _all(rank, world_size):
+    return {"numerics": _numerics(rank, world_size), "training": _training(rank, world_size)}
+
+
 @pytest.fixture(scope="module")
-def gloo_w2():
-    return run_ranks(2, _numerics, timeout=900)
+def gloo_w2_all():
+    return run_ranks(2, _all, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def gloo_w2(gloo_w2_all):
+    return [r["numerics"] for r in gloo_w2_all]
+
+
+def test_training_rewrite_before_autograd_matches_eager(gloo_w2_all):
+    for r in gloo_w2_all:
+        training = r["training"]
+        assert training["rewrite"] == ["rewrote cross_entropy: tpfuse::cross_entropy_hidden of matmul"]
+        assert max(training["errors"]) <= BOUND, training["errors"]
+
+
+def test_training_graphs_gather_nothing_of_full_width(gloo_w2_all):
+    """Forward: the statistics' exchange; backward: the local gradient; neither gathers nor
+    reduce-scatters the logits."""
+    forward, backward = gloo_w2_all[0]["training"]["graphs"]
+    assert "tpfuse.softmax_stats_hidden(" in forward and "all_gather" not in forward
+    assert "tpfuse.softmax_stats_hidden_backward(" in backward
+    assert "reduce_scatter" not in backward and "all_gather" not in backward
 
 
 def test_compiled_losses_within_the_published_bound(gloo_w2):

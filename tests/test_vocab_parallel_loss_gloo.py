@@ -261,6 +261,23 @@ def _check_compile(rank, world_size):
     return results
 
 
+def _check_gather_gradient_convention(rank, world_size):
+    """``sum_grad_over_ranks(cross_entropy_hidden(...))`` has the gradient of the gather then the loss
+    (the gather's backward sums every rank's gradient), even when the ranks' upstream gradients differ."""
+    widths = [6 + r for r in range(world_size)]
+    full = _logits((4,), sum(widths), torch.float32, seed=21)
+    target = _targets((4,), sum(widths), seed=21)
+    x = _band(full, widths, rank).clone().requires_grad_()
+    scale = float(rank + 1)  # each rank's own upstream gradient
+    loss = torch.ops.tpfuse.sum_grad_over_ranks(tpfuse.cross_entropy_hidden(x, target, hidden_widths=widths,
+                                                                            reduction="none"), "0")
+    (loss * scale).sum().backward()
+    y = _band(full, widths, rank).clone().requires_grad_()
+    ref = F.cross_entropy(tpfuse.all_gather_hidden(y, hidden_widths=widths), target, reduction="none")
+    (ref * scale).sum().backward()
+    return _rel_error(x.grad, y.grad)
+
+
 def _check_opcheck(rank, world_size):
     widths = [8 + r for r in range(world_size)]
     name = dist.group.WORLD.group_name
@@ -277,6 +294,9 @@ def _check_opcheck(rank, world_size):
         (ops.cross_entropy_hidden.default, (x, target, widths, name, IGNORE, "mean", 0.1)),
         (ops.cross_entropy_hidden.default, (x, target, widths, name, IGNORE, "none", 0.0)),
         (ops.entropy_hidden.default, (x, widths, name)),
+        # a loss: the same shape on every rank (its gradient is summed over them)
+        (ops.sum_grad_over_ranks.default, (full[:, :4].clone().requires_grad_(), name)),
+        (ops.sum_over_ranks.default, (full[:, :4].clone(), name)),
     ]
     for op, args in calls:
         torch.library.opcheck(op, args)
@@ -318,6 +338,7 @@ def _all(rank, world_size):
         "padded": _check_padded_vocab(rank, world_size),
         "errors": _error_cases(rank, world_size),
         "opcheck": _check_opcheck(rank, world_size) if world_size == 2 else None,
+        "gradient_convention": _check_gather_gradient_convention(rank, world_size),
         "compile": _check_compile(rank, world_size) if world_size == 2 else None,
     }
 
@@ -350,11 +371,16 @@ def test_padded_vocabulary_with_a_rank_of_zero_columns(ranks):
         assert widths[-1] == 0 and checked == ["logsumexp", "logprobs", "none", "mean", "entropy", "valid_columns"]
 
 
+def test_sum_grad_over_ranks_gives_the_gathers_gradient(ranks):
+    for r in ranks[1]:
+        assert r["gradient_convention"] <= BOUND["grad"]
+
+
 def test_opcheck(ranks):
     world_size, results = ranks
     if world_size != 2:
         pytest.skip("opcheck runs on the W=2 group")
-    assert [r["opcheck"] for r in results] == [7, 7]
+    assert [r["opcheck"] for r in results] == [9, 9]
 
 
 def test_compile_with_backward(ranks):

@@ -86,6 +86,8 @@ _lib.define(
     "int ignore_index=-100, str reduction=\"mean\", float label_smoothing=0.0) -> Tensor"
 )
 _lib.define("entropy_hidden(Tensor x, int[] hidden_widths, str group_name) -> Tensor")
+_lib.define("sum_grad_over_ranks(Tensor x, str group_name) -> Tensor")
+_lib.define("sum_over_ranks(Tensor x, str group_name) -> Tensor")
 
 
 # --------------------------------------------------------------------------- validation
@@ -529,6 +531,62 @@ _lib.impl("logsumexp_hidden", _logsumexp_autograd, "Autograd")
 _lib.impl("target_logprobs_hidden", _target_logprobs_autograd, "Autograd")
 _lib.impl("cross_entropy_hidden", _cross_entropy_autograd, "Autograd")
 _lib.impl("entropy_hidden", _entropy_autograd, "Autograd")
+
+
+# --------------------------------------------------------------------------- the gather's gradient convention
+#
+# The ops above return each rank the gradient of ITS OWN loss (the vocab-parallel convention).
+# A gather's backward is a reduce-scatter: rank r receives the sum over ranks of every rank's
+# gradient of its band.  A rewrite that replaces "gather, then loss" keeps that meaning with
+# ``sum_grad_over_ranks(loss)``: the identity, whose backward sums the loss's (per-row)
+# gradient over the ranks; the slab's gradient is linear in it, so summing it first gives the
+# reduce-scatter's sum, and only a few numbers per row travel.
+
+def _sum_over_ranks_impl(x, group_name):
+    group = resolve_group(group_name)
+    rows = x.reshape(-1, 1).contiguous()
+    gathered = torch.ops.tpfuse.all_gather_hidden.default(rows, [1] * group.world_size, group_name)
+    return gathered.sum(-1).reshape(x.shape)  # in rank order: the same bits on every rank
+
+
+def _sum_grad_over_ranks_impl(x, group_name):
+    return x.clone()
+
+
+for _device in ("CPU", "CUDA"):
+    _lib.impl("sum_over_ranks", _sum_over_ranks_impl, _device)
+    _lib.impl("sum_grad_over_ranks", _sum_grad_over_ranks_impl, _device)
+
+
+@torch.library.register_fake("tpfuse::sum_over_ranks", lib=_lib)
+def _(x, group_name):
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("tpfuse::sum_grad_over_ranks", lib=_lib)
+def _(x, group_name):
+    return torch.empty_like(x)
+
+
+class _SumGradOverRanks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group_name):
+        ctx.group_name = group_name
+        with torch._C._AutoDispatchBelowAutograd():
+            return torch.ops.tpfuse.sum_grad_over_ranks.default(x, group_name)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.ops.tpfuse.sum_over_ranks.default(grad, ctx.group_name), None
+
+
+def _sum_grad_over_ranks_autograd(x, group_name):
+    if _needs_grad(x):
+        return _SumGradOverRanks.apply(x, group_name)
+    return _below_autograd(torch.ops.tpfuse.sum_grad_over_ranks.default, x, group_name)
+
+
+_lib.impl("sum_grad_over_ranks", _sum_grad_over_ranks_autograd, "Autograd")
 
 
 # --------------------------------------------------------------------------- public wrappers
