@@ -65,6 +65,25 @@ FLAG_CONFIGS = [
 ]
 
 
+# The sum family's kernels (kernels/vocab_softmax.py), as compile_ops/softmax_kernels.py launches them:
+# (name, kind, the arguments of its *_source function, warps)
+SOFTMAX_CONFIGS = [
+    # cross-entropy on a 16-byte aligned bf16 band: 4096-column tiles (one row per program) and 2048 (split rows)
+    ("local_bf16_ce_aligned_4096", "local", ("bf16", "i64", True, False, False, 4096, True), 8),
+    ("local_bf16_ce_aligned_2048", "local", ("bf16", "i64", True, False, False, 2048, True), 4),
+    ("local_fp32_every_statistic_unaligned", "local", ("fp32", "i32", True, True, True, 2048, False), 4),
+    ("local_fp16_logsumexp_narrow", "local", ("fp16", "i64", False, False, False, 128, False), 4),
+    ("merge_w4_ce", "merge", ((32064,) * 4, True, False, False), 4),
+    ("merge_w8_every_statistic", "merge", ((16032,) * 7 + (16000,), True, True, True), 4),
+    ("grad_bf16_ce_aligned", "grad", ("bf16", "i64", True, True, False, False, 2048, True), 4),
+    ("grad_fp32_ce_aligned", "grad", ("fp32", "i64", True, True, False, False, 2048, True), 4),
+    ("grad_fp16_every_statistic_unaligned", "grad", ("fp16", "i32", True, True, True, True, 2048, False), 4),
+    ("finish_mean", "finish", ("i64", 2, False), 4),
+    ("finish_none_smoothing", "finish", ("i32", 0, True), 4),
+    ("finish_logprobs", "finish", ("i64", 3, False), 4),
+]
+
+
 def _options(tma=False, swap_ab=False, balanced=False):
     return {"TMA": tma, "SWAP_AB": swap_ab, "BALANCED": balanced}
 
@@ -200,6 +219,13 @@ def report():
         record("flag_" + name, flag_gather.flag_source(elem, rank, offsets, block_u))
     for name, source in _poll_controls().items():
         record(name, source)
+    from tpfuse.kernels import vocab_softmax
+
+    for name, kind, variant, warps in SOFTMAX_CONFIGS:
+        source = {"local": vocab_softmax.local_stats_source, "merge": vocab_softmax.merge_source,
+                  "grad": vocab_softmax.local_grad_source, "finish": vocab_softmax.finish_source}[kind](*variant)
+        record("softmax_" + name, source, lambda src, target, warps=warps: push_gather.compile_source(
+            src, target=target, num_warps=warps))
     return out
 
 

@@ -188,6 +188,38 @@ def three_dimensional():
     return {"shapes": [list(o.shape) for o in ours], "errors": [error(o, r)[0] for o, r in zip(ours, ref)]}
 
 
+def finishes():
+    """The loss and the log-probabilities from merged statistics, against ``finish_cross_entropy`` and
+    ``finish_logprobs``: every reduction, with and without label smoothing; targets ignored, out of the
+    vocabulary (NaN), an ignore_index inside it; rows past one tile; no row; every row ignored (mean NaN)."""
+    results = []
+    for rows, ignore_index in ((7, IGNORE), (2500, IGNORE), (9, 3), (0, IGNORE), (4, "all")):
+        g = torch.Generator().manual_seed(rows)
+        vocab = 50
+        log_sum, target_logit = torch.rand(rows, generator=g) * 5 + 3, -torch.rand(rows, generator=g) * 4
+        logit_sum = torch.randn(rows, generator=g) * 40
+        target = torch.randint(0, vocab, (rows,), generator=g)
+        if ignore_index == "all":
+            ignore_index, target = IGNORE, torch.full((rows,), IGNORE)
+        elif rows:
+            target[::3] = ignore_index
+            if rows < vocab:  # the long case keeps every row finite, so that its sums are compared as numbers
+                target[1] = vocab + 2  # outside the vocabulary: NaN
+        for mode in ("none", "sum", "mean", "logprobs"):
+            for smoothing in ((0.0,) if mode == "logprobs" else (0.0, 0.1)):
+                launch, ours = sk.finish_launch(log_sum, target_logit, logit_sum, target, vocab, ignore_index, mode,
+                                                smoothing)
+                interpret(launch)
+                if mode == "logprobs":
+                    ref = vpl.finish_logprobs(log_sum, target_logit, target, vocab, ignore_index)
+                else:
+                    ref = vpl.finish_cross_entropy(log_sum, target_logit, logit_sum, target, vocab, ignore_index,
+                                                   mode, smoothing)
+                results.append({"rows": rows, "ignore_index": ignore_index, "mode": mode, "smoothing": smoothing,
+                                "shape": list(ours.shape) == list(ref.shape), "error": error(ours, ref)})
+    return results
+
+
 def through_the_exchange():
     """``softmax_kernels.softmax_stats`` whole, on a one-rank gloo group (its launches interpreted): the
     partials of every split go through ``tpfuse::all_gather_hidden`` and come back merged."""
@@ -214,4 +246,4 @@ def through_the_exchange():
 
 if __name__ == "__main__":
     print(json.dumps({"cases": [run_case(*case) for case in CASES], "three_dimensional": three_dimensional(),
-                      "through_the_exchange": through_the_exchange()}))
+                      "finishes": finishes(), "through_the_exchange": through_the_exchange()}))

@@ -85,6 +85,17 @@ def _check(report):
         assert not any(i.startswith(("fence", "membar", "atom", "red.")) or "release" in i for i in ins), (name, ins)
         assert not any(i.startswith("multimem") for i in ins), name
         assert k["globaltimer"], f"{name}: the flag wait must be bounded by %globaltimer"
+    for name, kind, variant, _ in aot.SOFTMAX_CONFIGS:
+        k = kernels["softmax_" + name]
+        ins = set(k["instructions"])
+        assert k["cubin_bytes"] > 0 and k["shared_bytes"] <= 227 * 1024, name
+        # No atomic and no fence: each result is written by one program in a fixed order, so the merge
+        # gives every rank the same bits, and the slab's kernels do not communicate.
+        assert not any(i.startswith(("atom", "red.", "fence", "membar", "multimem")) for i in ins), (name, ins)
+        if kind in ("local", "grad") and variant[-1]:  # an aligned variant reads (and writes) rows in 16-byte vectors
+            assert any(i.startswith("ld.global.v4") for i in ins), (name, ins)
+            if kind == "grad":
+                assert any(i.startswith("st.global.v4") for i in ins), (name, ins)
     # The poll check itself: it accepts a test-only wait that reads each unit whole and rejects the
     # same wait reading each unit as two int32 halves (negative control).
     assert_polls_read_whole_units("poll_control_whole", kernels["poll_control_whole"])

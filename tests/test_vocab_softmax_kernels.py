@@ -105,6 +105,17 @@ def test_leading_dims_are_flattened_and_given_back(interpreted):
     assert all(e <= 1e-6 for e in result["errors"]), result
 
 
+def test_the_finish_is_the_compositions_in_one_launch(interpreted):
+    """The loss (none, sum, mean; label smoothing) and log-probabilities from the statistics: the per-row
+    values exactly, the sums within float32 reordering, NaN and ignored rows where the composition has them."""
+    finishes = interpreted["finishes"]
+    assert {r["mode"] for r in finishes} == {"none", "sum", "mean", "logprobs"}
+    for r in finishes:
+        error, specials = r["error"]
+        assert r["shape"] and specials, r
+        assert error <= (0.0 if r["mode"] in ("none", "logprobs") else 1e-6), r
+
+
 def test_the_stats_through_a_real_exchange(interpreted):
     """softmax_stats whole on a one-rank gloo group: split partials gathered and merged."""
     results = interpreted["through_the_exchange"]
@@ -159,3 +170,19 @@ def test_the_cuda_paths_host_work_reads_no_value_and_is_a_few_allocations():
 def test_the_host_check_would_see_a_value_read():
     """Negative control: the op recorder sees a host read (``.item()``) for what it is."""
     assert set(_host_ops(lambda: torch.randn(3).sum().item())) & _READS_VALUES
+
+
+def test_the_ahead_of_time_variants_are_the_ones_the_host_launches():
+    """tests/test_kernels_aot.py compiles for sm_90 the variants the cross-entropy on an LM head's quarter
+    (bf16, 32064 columns) launches at T=1 and T=4096, with the host's warps."""
+    import aot_kernels_report as aot
+
+    compiled = {(kind, variant, warps) for _, kind, variant, warps in aot.SOFTMAX_CONFIGS}
+    target = torch.zeros(4096, dtype=torch.int64)
+    for T in (1, 4096):
+        x = torch.empty(T, 32064, dtype=torch.bfloat16)
+        local, _ = softmax_kernels.local_launch(x, target[:T], 0, False, False, *vocab_softmax.split_plan(T, 32064))
+        stats = [torch.zeros(T) for _ in range(3)]
+        grad, _ = softmax_kernels.grad_launch(stats[0], stats[0], None, None, x, target[:T], *stats, 32064, 0)
+        for launch in (local, grad):
+            assert (launch.kind, launch.variant, launch.num_warps) in compiled, (T, launch.variant)

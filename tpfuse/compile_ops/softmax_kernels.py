@@ -35,8 +35,10 @@ from .program_order import raw_stream
 TYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
               torch.int64: "i64", torch.int32: "i32"}
 
-_SOURCES = {"local": kernels.local_stats_source, "merge": kernels.merge_source, "grad": kernels.local_grad_source}
-_KERNELS = {"local": kernels.local_stats_kernel, "merge": kernels.merge_kernel, "grad": kernels.local_grad_kernel}
+_SOURCES = {"local": kernels.local_stats_source, "merge": kernels.merge_source, "grad": kernels.local_grad_source,
+            "finish": kernels.finish_source}
+_KERNELS = {"local": kernels.local_stats_kernel, "merge": kernels.merge_kernel, "grad": kernels.local_grad_kernel,
+            "finish": kernels.finish_kernel}
 
 
 @dataclass(frozen=True)
@@ -177,6 +179,26 @@ def grad_launch(grad_log_sum, grad_target_logit, grad_logit_sum, grad_entropy, x
                   kernels.local_grad_constexprs(*wanted, block), kernels.warps_for(block)), grad
 
 
+def finish_launch(log_sum: Tensor, target_logit: Tensor, logit_sum: Tensor | None, target: Tensor, vocab: int,
+                  ignore_index: int, mode: str, label_smoothing: float) -> tuple[Launch | None, Tensor]:
+    """The loss (``mode``: a reduction of vocab_parallel_loss.REDUCTIONS) or the target's log-probabilities
+    (``mode="logprobs"``) from the merged statistics, as ``finish_cross_entropy`` / ``finish_logprobs``
+    compute them: ``(launch, result)``, result float32 shaped like ``target`` (a scalar for sum and mean)."""
+    code = kernels.LOGPROBS if mode == "logprobs" else kernels.REDUCTIONS[mode]
+    per_row = code in (kernels.NONE, kernels.LOGPROBS)
+    out = torch.empty(target.shape if per_row else (), dtype=torch.float32, device=target.device)
+    targets, target_type = _target_rows(target, log_sum)
+    rows = targets.numel()
+    if per_row and rows == 0:
+        return None, out
+    smooth = code != kernels.LOGPROBS and label_smoothing > 0
+    grid = (kernels.cdiv(rows, kernels.FINISH_BLOCK) if per_row else 1, 1, 1)
+    sums = logit_sum.reshape(-1).contiguous() if smooth else log_sum
+    args = (log_sum.reshape(-1).contiguous(), target_logit.reshape(-1).contiguous(), sums, targets, out, rows,
+            vocab, ignore_index, 1.0 - label_smoothing, float(label_smoothing))
+    return Launch("finish", (target_type, code, smooth), grid, args, kernels.finish_constexprs(code, smooth), 4), out
+
+
 # --------------------------------------------------------------------------- the op's CUDA path
 
 def softmax_stats(x: Tensor, target: Tensor | None, offset: int, hidden_widths, group_name: str,
@@ -204,3 +226,12 @@ def local_grad(grad_log_sum, grad_target_logit, grad_logit_sum, grad_entropy, x,
     if launch is not None:
         run(launch, x.device)
     return grad
+
+
+def finish(log_sum, target_logit, logit_sum, target, vocab: int, ignore_index: int, mode: str,
+           label_smoothing: float) -> Tensor:
+    """One launch for what the composition does in about a dozen pointwise steps (``finish_launch``)."""
+    launch, out = finish_launch(log_sum, target_logit, logit_sum, target, vocab, ignore_index, mode, label_smoothing)
+    if launch is not None:
+        run(launch, target.device)
+    return out

@@ -363,6 +363,9 @@ def _logsumexp_impl(x, hidden_widths, group_name):
 
 def _target_logprobs_impl(x, target, hidden_widths, group_name, ignore_index=-100):
     _, log_sum, target_logit, _, _ = _stats_impl(x, target, hidden_widths, group_name, ignore_index)
+    if x.is_cuda:  # one launch for the pointwise steps (softmax_kernels.py)
+        return softmax_kernels.finish(log_sum, target_logit, None, target, sum(hidden_widths), ignore_index,
+                                      "logprobs", 0.0)
     return finish_logprobs(log_sum, target_logit, target, sum(hidden_widths), ignore_index)
 
 
@@ -371,6 +374,9 @@ def _cross_entropy_impl(x, target, hidden_widths, group_name, ignore_index=-100,
     check_loss_options(reduction, label_smoothing)
     _, log_sum, target_logit, logit_sum, _ = _stats_impl(x, target, hidden_widths, group_name, ignore_index,
                                                          with_logit_sum=label_smoothing > 0)
+    if x.is_cuda:  # one launch for the pointwise steps and the reduction (softmax_kernels.py)
+        return softmax_kernels.finish(log_sum, target_logit, logit_sum, target, sum(hidden_widths), ignore_index,
+                                      reduction, label_smoothing)
     return finish_cross_entropy(log_sum, target_logit, logit_sum, target, sum(hidden_widths), ignore_index,
                                 reduction, label_smoothing)
 

@@ -276,6 +276,69 @@ def local_grad_kernel(
              mask=cols < full_width)
 
 
+#: what ``finish_kernel`` computes from the statistics: a loss per row, their sum or mean, or log-probabilities
+NONE, SUM, MEAN, LOGPROBS = 0, 1, 2, 3
+REDUCTIONS = {"none": NONE, "sum": SUM, "mean": MEAN}
+#: rows per tile of the finish
+FINISH_BLOCK = 1024
+
+
+@triton.jit
+def finish_kernel(
+    log_sum_ptr,  # [rows] float32 statistics (compile_ops/vocab_parallel_loss.py's merge)
+    target_logit_ptr,
+    logit_sum_ptr,  # read only with SMOOTH
+    target_ptr,  # [rows] class indices
+    out_ptr,  # [rows] float32 (NONE, LOGPROBS) or [] (SUM, MEAN)
+    rows,
+    vocab,
+    ignore_index,
+    kept,  # 1 - label_smoothing
+    smoothing,
+    MODE: tl.constexpr,
+    SMOOTH: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """``finish_logprobs`` / ``finish_cross_entropy`` of vocab_parallel_loss.py in one launch: per row
+    ``-(log-probability of the target)`` (0 where ignored, NaN for an index outside the vocabulary), with
+    label smoothing ``(1 - eps) nll + eps (log_sum - logit_sum / vocab)``.  SUM and MEAN run as one
+    program that adds the rows' tiles in order (the same bits at every call); the mean divides by the
+    rows not ignored (0 / 0 = NaN, as torch)."""
+    total = tl.full((), 0.0, tl.float32)
+    counted = tl.full((), 0.0, tl.float32)
+    if MODE == 1 or MODE == 2:
+        first_tile = 0
+        tiles = tl.cdiv(rows, BLOCK)
+    else:
+        first_tile = tl.program_id(0)
+        tiles = first_tile + 1
+    for tile in range(first_tile, tiles):
+        r = tile * BLOCK + tl.arange(0, BLOCK)
+        live = r < rows
+        target = tl.load(target_ptr + r, mask=live, other=0).to(tl.int64)
+        log_sum = tl.load(log_sum_ptr + r, mask=live, other=0.0)
+        logprob = tl.load(target_logit_ptr + r, mask=live, other=0.0) - log_sum
+        logprob = tl.where((target >= 0) & (target < vocab), logprob, float("nan"))
+        ignored = target == ignore_index
+        logprob = tl.where(ignored, 0.0, logprob)
+        if MODE == 3:
+            tl.store(out_ptr + r, logprob, mask=live)
+        else:
+            loss = -logprob
+            if SMOOTH:
+                mean_logit = tl.load(logit_sum_ptr + r, mask=live, other=0.0) / vocab
+                loss = kept * loss + smoothing * tl.where(ignored, 0.0, log_sum - mean_logit)
+            if MODE == 0:
+                tl.store(out_ptr + r, loss, mask=live)
+            else:
+                total = total + tl.sum(tl.where(live, loss, 0.0), axis=0)
+                counted = counted + tl.sum((live & (ignored == 0)).to(tl.float32), axis=0)
+    if MODE == 1:
+        tl.store(out_ptr, total)
+    if MODE == 2:
+        tl.store(out_ptr, total / counted)
+
+
 # ---------------------------------------------------------------------------
 # Compilation: one explicit signature per variant, shared by the host launcher
 # (compile_ops/softmax_kernels.py, target = the current GPU) and the ahead-of-time
@@ -336,6 +399,19 @@ def merge_source(widths, has_target, with_logit_sum, with_entropy):
                                      "logit_sum_ptr", "entropy_ptr")},
              "rows": "i32", "splits": "i32", "chunk": "i32"}
     return _source(merge_kernel, types, merge_constexprs(widths, has_target, with_logit_sum, with_entropy), ())
+
+
+def finish_constexprs(mode, smooth):
+    return {"MODE": int(mode), "SMOOTH": bool(smooth), "BLOCK": FINISH_BLOCK}
+
+
+def finish_source(target, mode, smooth):
+    """The ``ASTSource`` of one finish variant (``mode``: NONE, SUM, MEAN or LOGPROBS)."""
+    _check_types("fp32", target)
+    types = {**{n: "*fp32" for n in ("log_sum_ptr", "target_logit_ptr", "logit_sum_ptr", "out_ptr")},
+             "target_ptr": "*" + target, "rows": "i32", "vocab": "i64", "ignore_index": "i64", "kept": "fp32",
+             "smoothing": "fp32"}
+    return _source(finish_kernel, types, finish_constexprs(mode, smooth), ())
 
 
 def local_grad_constexprs(with_log_sum, with_target_logit, with_logit_sum, with_entropy, block):
