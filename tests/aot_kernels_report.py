@@ -84,6 +84,21 @@ SOFTMAX_CONFIGS = [
 ]
 
 
+# The exact reductions (kernels/vocab_reduce.py), as compile_ops/reduce_kernels.py compiles them:
+# (name, kernel, dtype, largest, k, aligned); k None: max/min; aligned: 16-byte row starts (local kernels)
+VOCAB_REDUCE_CONFIGS = [
+    ("local_best_bf16_aligned", "local", "bfloat16", True, None, True),
+    ("local_best_fp16_min_unaligned", "local", "float16", False, None, False),
+    ("local_best_fp32_aligned", "local", "float32", True, None, True),
+    ("local_topk8_bf16_aligned", "local", "bfloat16", True, 8, True),
+    ("local_topk64_fp32_smallest_unaligned", "local", "float32", False, 64, False),
+    ("merge_best_bf16", "merge", "bfloat16", True, None, None),
+    ("merge_best_fp32_min", "merge", "float32", False, None, None),
+    ("merge_topk8_bf16", "merge", "bfloat16", True, 8, None),
+    ("merge_topk64_fp16_smallest", "merge", "float16", False, 64, None),
+]
+
+
 def _options(tma=False, swap_ab=False, balanced=False):
     return {"TMA": tma, "SWAP_AB": swap_ab, "BALANCED": balanced}
 
@@ -226,6 +241,12 @@ def report():
                   "grad": vocab_softmax.local_grad_source, "finish": vocab_softmax.finish_source}[kind](*variant)
         record("softmax_" + name, source, lambda src, target, warps=warps: push_gather.compile_source(
             src, target=target, num_warps=warps))
+    from tpfuse.kernels import vocab_reduce
+
+    for name, kernel, dtype, largest, k, aligned in VOCAB_REDUCE_CONFIGS:
+        source = (vocab_reduce.local_source(dtype, largest, k, aligned) if kernel == "local"
+                  else vocab_reduce.merge_source(dtype, largest, k))
+        record("vocab_" + name, source, vocab_reduce.compile_source)
     return out
 
 

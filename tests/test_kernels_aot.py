@@ -96,6 +96,15 @@ def _check(report):
             assert any(i.startswith("ld.global.v4") for i in ins), (name, ins)
             if kind == "grad":
                 assert any(i.startswith("st.global.v4") for i in ins), (name, ins)
+    for name, kernel, dtype, largest, k, aligned in aot.VOCAB_REDUCE_CONFIGS:
+        compiled = kernels["vocab_" + name]
+        ins = set(compiled["instructions"])
+        assert compiled["cubin_bytes"] > 0 and compiled["shared_bytes"] <= 227 * 1024, name
+        if aligned:  # whole tiles of the slab in 16-byte loads
+            assert "ld.global.v4.b32" in ins, (name, ins)
+        # Plain loads and stores between the exchange's collectives: no atomic, fence or wait.
+        assert not any(i.startswith(("atom", "red.", "fence", "membar", "multimem")) for i in ins), (name, ins)
+        assert not compiled["globaltimer"], name
     # The poll check itself: it accepts a test-only wait that reads each unit whole and rejects the
     # same wait reading each unit as two int32 halves (negative control).
     assert_polls_read_whole_units("poll_control_whole", kernels["poll_control_whole"])

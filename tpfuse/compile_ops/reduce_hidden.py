@@ -204,7 +204,9 @@ def _local_best(local: Tensor, offset: int, largest: bool) -> tuple[Tensor, Tens
         return values, torch.full((*lead, 1), _NEVER, dtype=torch.int64, device=local.device)
     # argmax/argmin: first occurrence on ties, the first NaN wins (torch's documented rule)
     index = (local.argmax(-1) if largest else local.argmin(-1)).unsqueeze(-1)
-    return local.gather(-1, index), index + offset
+    # the element's own bits, gathered as integers: torch's CPU gather of bfloat16 returns a NaN as 0xFFFF
+    ints = local.view(torch.int16 if local.element_size() == 2 else torch.int32)
+    return ints.gather(-1, index).view(local.dtype), index + offset
 
 
 def _merge_best(bits: Tensor, indices: Tensor, dtype: torch.dtype, largest: bool) -> tuple[Tensor, Tensor]:
