@@ -28,6 +28,10 @@ order, so every rank holds the same bits.  The order is torch's: NaN above every
 ``topk`` NaN is the largest value, also with ``largest=False``, as ``torch.topk`` and
 ``torch.sort`` treat it), then by value, then the lowest global index.
 
+On CUDA the same steps run as two Triton kernels around the exchange (reduce_kernels.py): each
+rank sends the best candidate (or first k) of each of S chunks of its row, S planned from
+rank-invariant facts; the torch composition here is their reference and the CPU path.
+
 Ties: ``max_hidden`` returns the first maximal (minimal) index, as ``torch.max(dim)`` and
 ``torch.argmax`` document.  ``torch.topk`` promises nothing about which of equal values it
 returns, or in which order; ``topk_hidden`` returns equal values by increasing global index
@@ -91,6 +95,11 @@ def valid_width(hidden_widths: Sequence[int], rank: int, valid_columns: int | No
     if valid_columns is None:
         return width
     return max(0, min(width, int(valid_columns) - band_offset(hidden_widths, rank)))
+
+
+def widest_valid_width(hidden_widths: Sequence[int], valid_columns: int | None) -> int:
+    """The most valid columns any rank holds: the same on every rank, so it may size what each sends."""
+    return max(valid_width(hidden_widths, rank, valid_columns) for rank in range(len(hidden_widths)))
 
 
 # --------------------------------------------------------------------------- validation
@@ -222,7 +231,11 @@ def _merge_best(bits: Tensor, indices: Tensor, dtype: torch.dtype, largest: bool
 
 def _max_hidden_impl(x: Tensor, hidden_widths: list[int], group_name: str, largest: bool = True,
                      valid_columns: int | None = None) -> tuple[Tensor, Tensor]:
-    group, _, local = _prepare(x, hidden_widths, group_name, valid_columns)
+    group, columns, local = _prepare(x, hidden_widths, group_name, valid_columns)
+    if local.is_cuda:  # Triton kernels (reduce_kernels.py); the composition below is their reference
+        from . import reduce_kernels
+        return reduce_kernels.max_hidden(local, band_offset(hidden_widths, group.rank),
+                                         widest_valid_width(hidden_widths, columns), group, largest)
     values, indices = _local_best(local, band_offset(hidden_widths, group.rank), largest)
     bits, indices = _exchange(values, indices, group)
     return _merge_best(bits.squeeze(-1), indices.squeeze(-1), x.dtype, largest)
@@ -261,6 +274,11 @@ def _topk_hidden_impl(x: Tensor, k: int, hidden_widths: list[int], group_name: s
                       sorted: bool = True, valid_columns: int | None = None) -> tuple[Tensor, Tensor]:  # noqa: A002
     group, columns, local = _prepare(x, hidden_widths, group_name, valid_columns)
     _check_k(k, columns)
+    if local.is_cuda:  # Triton kernels up to their largest k (reduce_kernels.py); the same choice on every rank
+        from . import reduce_kernels
+        if k <= reduce_kernels.MAX_TOPK:
+            return reduce_kernels.topk_hidden(local, k, band_offset(hidden_widths, group.rank),
+                                              widest_valid_width(hidden_widths, columns), group, largest)
     values, indices = _local_topk(local, k, band_offset(hidden_widths, group.rank), largest)
     bits, indices = _exchange(values, indices, group)
     bits, indices = bits.flatten(-2), indices.flatten(-2)
