@@ -81,6 +81,9 @@ SOFTMAX_CONFIGS = [
     ("finish_mean", "finish", ("i64", 2, False), 4),
     ("finish_none_smoothing", "finish", ("i32", 0, True), 4),
     ("finish_logprobs", "finish", ("i64", 3, False), 4),
+    ("cross_entropy_grad_bf16_mean_aligned", "cross_entropy_grad", ("bf16", "i64", 2, False, 2048, True), 4),
+    ("cross_entropy_grad_fp32_mean_aligned", "cross_entropy_grad", ("fp32", "i64", 2, False, 2048, True), 4),
+    ("cross_entropy_grad_fp16_none_smoothing", "cross_entropy_grad", ("fp16", "i32", 0, True, 2048, False), 4),
 ]
 
 
@@ -238,7 +241,8 @@ def report():
 
     for name, kind, variant, warps in SOFTMAX_CONFIGS:
         source = {"local": vocab_softmax.local_stats_source, "merge": vocab_softmax.merge_source,
-                  "grad": vocab_softmax.local_grad_source, "finish": vocab_softmax.finish_source}[kind](*variant)
+                  "grad": vocab_softmax.local_grad_source, "finish": vocab_softmax.finish_source,
+                  "cross_entropy_grad": vocab_softmax.cross_entropy_grad_source}[kind](*variant)
         record("softmax_" + name, source, lambda src, target, warps=warps: push_gather.compile_source(
             src, target=target, num_warps=warps))
     from tpfuse.kernels import vocab_reduce

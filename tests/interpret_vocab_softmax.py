@@ -220,6 +220,62 @@ def finishes():
     return results
 
 
+def cross_entropy_grads():
+    """The eager CUDA cross-entropy's backward kernel (the loss's per-row weights computed in it) against
+    autograd through the composition (``finish_cross_entropy``, then ``local_grad`` of the statistics'
+    gradients): every reduction, with and without label smoothing, ignored rows, an index outside the
+    vocabulary, and a mean over no row (weights 0/0 that the masks must keep out of the gradient)."""
+    results = []
+    for dtype, widths, T, all_ignored in ((torch.float32, (3000, 2100), 9, False), (torch.bfloat16, (2500, 0, 900), 5, False),
+                                          (torch.float32, (700, 700), 3, True)):
+        vocab = sum(widths)
+        x = logits(T, vocab, dtype, T, "normal")
+        target = targets(T, vocab, T, "normal", torch.int64)
+        target[2] = vocab + 1  # outside the vocabulary: its row's loss is NaN, its gradient 0
+        if all_ignored:
+            target[:] = IGNORE
+        slabs = slabs_of(x, widths, 0)
+        for reduction in ("none", "sum", "mean"):
+            for smoothing in (0.0, 0.1):
+                flags = (smoothing > 0, False)
+                stats = [t.requires_grad_() for t in reference(slabs, widths, target, flags)]
+                shift, log_sum, target_logit, logit_sum, entropy = stats
+                loss = vpl.finish_cross_entropy(log_sum, target_logit, logit_sum, target, vocab, IGNORE, reduction,
+                                                smoothing)
+                g = torch.Generator().manual_seed(T)
+                upstream = torch.randn(loss.shape, generator=g)
+                upstream_grads = torch.autograd.grad(loss, (log_sum, target_logit, logit_sum), upstream,
+                                                     allow_unused=True)
+                count = torch.empty(())
+                interpret(sk.finish_launch(log_sum.detach(), target_logit.detach(), logit_sum.detach(), target, vocab,
+                                           IGNORE, reduction, smoothing, count)[0])
+                worst, worst_ulps, specials = 0.0, 0, True
+                for r, (slab, w) in enumerate(zip(slabs, widths)):
+                    offset = sum(widths[:r])
+                    launch, ours = sk.cross_entropy_grad_launch(upstream, slab, target, shift.detach(),
+                                                                log_sum.detach(), count, offset, vocab, IGNORE,
+                                                                reduction, smoothing)
+                    interpret(launch)
+                    ref = vpl.local_grad(*upstream_grads, None, slab, target, shift.detach(), log_sum.detach(),
+                                         entropy.detach(), offset)
+                    e, same = error(ours.float(), ref.float())
+                    worst, specials = max(worst, e), specials and same
+                    worst_ulps = max(worst_ulps, ulps(ours, ref))
+                result = {"dtype": str(dtype), "all_ignored": all_ignored, "reduction": reduction,
+                          "smoothing": smoothing, "error": worst, "specials": specials, "ulps": worst_ulps}
+                if reduction == "mean" and not all_ignored:
+                    # negative control: the mean's gradient taken as the sum's (the divisor forgotten)
+                    launch, wrong = sk.cross_entropy_grad_launch(upstream, slabs[0], target, shift.detach(),
+                                                                 log_sum.detach(), count, 0, vocab, IGNORE, "sum",
+                                                                 smoothing)
+                    interpret(launch)
+                    ref = vpl.local_grad(*upstream_grads, None, slabs[0], target, shift.detach(), log_sum.detach(),
+                                         entropy.detach(), 0)
+                    result["control_error"] = error(wrong.float(), ref.float())[0]
+                results.append(result)
+    return results
+
+
 def through_the_exchange():
     """``softmax_kernels.softmax_stats`` whole, on a one-rank gloo group (its launches interpreted): the
     partials of every split go through ``tpfuse::all_gather_hidden`` and come back merged."""
@@ -246,4 +302,5 @@ def through_the_exchange():
 
 if __name__ == "__main__":
     print(json.dumps({"cases": [run_case(*case) for case in CASES], "three_dimensional": three_dimensional(),
-                      "finishes": finishes(), "through_the_exchange": through_the_exchange()}))
+                      "finishes": finishes(), "cross_entropy_grads": cross_entropy_grads(),
+                      "through_the_exchange": through_the_exchange()}))

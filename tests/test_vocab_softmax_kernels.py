@@ -116,6 +116,21 @@ def test_the_finish_is_the_compositions_in_one_launch(interpreted):
         assert error <= (0.0 if r["mode"] in ("none", "logprobs") else 1e-6), r
 
 
+def test_the_eager_cross_entropy_backward_kernel_matches_autograd_through_the_composition(interpreted):
+    """One kernel computes the loss's per-row weights and the slab's gradient: as autograd through
+    finish_cross_entropy and local_grad, for none/sum/mean, label smoothing, ignored rows, an index outside
+    the vocabulary and a mean over no row; the mean's gradient taken as the sum's is caught (control)."""
+    grads = interpreted["cross_entropy_grads"]
+    assert {(r["reduction"], r["smoothing"]) for r in grads} == {(m, e) for m in ("none", "sum", "mean")
+                                                                 for e in (0.0, 0.1)}
+    for r in grads:
+        assert r["specials"] and r["ulps"] <= LOW_PRECISION_ULPS, r
+        if "float32" in r["dtype"]:
+            assert r["error"] <= GRAD_BOUND, r
+    controls = [r["control_error"] for r in grads if "control_error" in r]
+    assert controls and all(e > 100 * GRAD_BOUND for e in controls), controls
+
+
 def test_the_stats_through_a_real_exchange(interpreted):
     """softmax_stats whole on a one-rank gloo group: split partials gathered and merged."""
     results = interpreted["through_the_exchange"]
@@ -186,3 +201,17 @@ def test_the_ahead_of_time_variants_are_the_ones_the_host_launches():
         grad, _ = softmax_kernels.grad_launch(stats[0], stats[0], None, None, x, target[:T], *stats, 32064, 0)
         for launch in (local, grad):
             assert (launch.kind, launch.variant, launch.num_warps) in compiled, (T, launch.variant)
+
+
+def test_the_eager_cross_entropy_launches_are_compiled_ahead_of_time():
+    """The bench's cross-entropy forward + backward (mean, bf16 band of 32064 or fp32 after .float())."""
+    import aot_kernels_report as aot
+
+    compiled = {(kind, variant, warps) for _, kind, variant, warps in aot.SOFTMAX_CONFIGS}
+    target = torch.zeros(8, dtype=torch.int64)
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.empty(8, 32064, dtype=dtype)
+        stats = [torch.zeros(8) for _ in range(2)]
+        launch, _ = softmax_kernels.cross_entropy_grad_launch(torch.ones(()), x, target, *stats, torch.ones(()), 0,
+                                                              32064, -100, "mean", 0.0)
+        assert (launch.kind, launch.variant, launch.num_warps) in compiled, launch.variant

@@ -36,9 +36,9 @@ TYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp3
               torch.int64: "i64", torch.int32: "i32"}
 
 _SOURCES = {"local": kernels.local_stats_source, "merge": kernels.merge_source, "grad": kernels.local_grad_source,
-            "finish": kernels.finish_source}
+            "finish": kernels.finish_source, "cross_entropy_grad": kernels.cross_entropy_grad_source}
 _KERNELS = {"local": kernels.local_stats_kernel, "merge": kernels.merge_kernel, "grad": kernels.local_grad_kernel,
-            "finish": kernels.finish_kernel}
+            "finish": kernels.finish_kernel, "cross_entropy_grad": kernels.cross_entropy_grad_kernel}
 
 
 @dataclass(frozen=True)
@@ -180,10 +180,12 @@ def grad_launch(grad_log_sum, grad_target_logit, grad_logit_sum, grad_entropy, x
 
 
 def finish_launch(log_sum: Tensor, target_logit: Tensor, logit_sum: Tensor | None, target: Tensor, vocab: int,
-                  ignore_index: int, mode: str, label_smoothing: float) -> tuple[Launch | None, Tensor]:
+                  ignore_index: int, mode: str, label_smoothing: float,
+                  count: Tensor | None = None) -> tuple[Launch | None, Tensor]:
     """The loss (``mode``: a reduction of vocab_parallel_loss.REDUCTIONS) or the target's log-probabilities
     (``mode="logprobs"``) from the merged statistics, as ``finish_cross_entropy`` / ``finish_logprobs``
-    compute them: ``(launch, result)``, result float32 shaped like ``target`` (a scalar for sum and mean)."""
+    compute them: ``(launch, result)``, result float32 shaped like ``target`` (a scalar for sum and mean).
+    ``count`` (a float32 scalar): where the mean writes the number of rows not ignored."""
     code = kernels.LOGPROBS if mode == "logprobs" else kernels.REDUCTIONS[mode]
     per_row = code in (kernels.NONE, kernels.LOGPROBS)
     out = torch.empty(target.shape if per_row else (), dtype=torch.float32, device=target.device)
@@ -194,12 +196,52 @@ def finish_launch(log_sum: Tensor, target_logit: Tensor, logit_sum: Tensor | Non
     smooth = code != kernels.LOGPROBS and label_smoothing > 0
     grid = (kernels.cdiv(rows, kernels.FINISH_BLOCK) if per_row else 1, 1, 1)
     sums = logit_sum.reshape(-1).contiguous() if smooth else log_sum
-    args = (log_sum.reshape(-1).contiguous(), target_logit.reshape(-1).contiguous(), sums, targets, out, rows,
-            vocab, ignore_index, 1.0 - label_smoothing, float(label_smoothing))
+    if count is None:  # the mean writes its divisor somewhere: never over its result
+        count = torch.empty((), dtype=torch.float32, device=out.device) if code == kernels.MEAN else out
+    args = (log_sum.reshape(-1).contiguous(), target_logit.reshape(-1).contiguous(), sums, targets, out, count,
+            rows, vocab, ignore_index, 1.0 - label_smoothing, float(label_smoothing))
     return Launch("finish", (target_type, code, smooth), grid, args, kernels.finish_constexprs(code, smooth), 4), out
 
 
+def cross_entropy_grad_launch(grad_loss: Tensor, x: Tensor, target: Tensor, shift: Tensor, log_sum: Tensor,
+                              count: Tensor | None, offset: int, vocab: int, ignore_index: int, reduction: str,
+                              label_smoothing: float) -> tuple[Launch | None, Tensor]:
+    """The gradient of the cross-entropy ``finish_launch`` computed, with respect to the slab ``x``
+    (global columns from ``offset``): ``(launch, grad)``, grad contiguous in x's dtype.  ``grad_loss``
+    is the loss's gradient ([rows] for ``reduction="none"``, a scalar otherwise); ``count`` the
+    mean's divisor that the forward wrote."""
+    flat, row_stride = _rows(x)
+    rows, width = flat.shape
+    grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if rows == 0 or width == 0:
+        return None, grad
+    code = kernels.REDUCTIONS[reduction]
+    smooth = label_smoothing > 0
+    targets, target_type = _target_rows(target, flat)
+    upstream = grad_loss.reshape(-1).float().contiguous()  # [rows] or [1]; an expanded one has stride 0
+    block = kernels.grad_block(width)
+    variant = (TYPE_NAMES[x.dtype], target_type, code, smooth, block, _aligned(flat, row_stride, width))
+    args = (flat, targets, shift.reshape(-1).contiguous(), log_sum.reshape(-1).contiguous(), upstream,
+            upstream if count is None else count, grad, width, row_stride, offset, vocab, ignore_index,
+            1.0 - label_smoothing, float(label_smoothing))
+    return Launch("cross_entropy_grad", variant, (rows, kernels.cdiv(width, block), 1), args,
+                  kernels.cross_entropy_grad_constexprs(code, smooth, block), kernels.warps_for(block)), grad
+
+
 # --------------------------------------------------------------------------- the op's CUDA path
+
+
+#: dispatch keys below Autograd whose kernels must see a call (functionalization, Python subclasses)
+_BELOW_AUTOGRAD = torch._C.DispatchKeySet(torch._C.DispatchKey.Functionalize).add(
+    torch._C.DispatchKey.Python).raw_repr()
+
+
+def plain(*tensors: Tensor) -> bool:
+    """No mode, subclass or functionalization would see the tensors' calls below Autograd: an eager
+    call, which may run kernels directly (as all_gather_hidden.py's Autograd kernel decides too); a
+    traced one (torch.compile, opcheck's fake tensors) must go through the ops."""
+    return not torch._C._len_torch_dispatch_stack() and all(
+        type(t) is Tensor and not torch._C._dispatch_keys(t).raw_repr() & _BELOW_AUTOGRAD for t in tensors)
 
 def softmax_stats(x: Tensor, target: Tensor | None, offset: int, hidden_widths, group_name: str,
                   with_logit_sum: bool, with_entropy: bool) -> tuple[Tensor, ...]:
@@ -235,3 +277,24 @@ def finish(log_sum, target_logit, logit_sum, target, vocab: int, ignore_index: i
     if launch is not None:
         run(launch, target.device)
     return out
+
+
+def finish_and_count(log_sum, target_logit, logit_sum, target, vocab: int, ignore_index: int, reduction: str,
+                     label_smoothing: float) -> tuple[Tensor, Tensor]:
+    """The loss (one launch) and the mean's divisor, which its backward needs."""
+    count = torch.empty((), dtype=torch.float32, device=target.device)
+    launch, out = finish_launch(log_sum, target_logit, logit_sum, target, vocab, ignore_index, reduction,
+                                label_smoothing, count)
+    if launch is not None:
+        run(launch, target.device)
+    return out, count
+
+
+def cross_entropy_grad(grad_loss, x, target, shift, log_sum, count, offset: int, vocab: int, ignore_index: int,
+                       reduction: str, label_smoothing: float) -> Tensor:
+    """The slab's gradient of the cross-entropy in one pass (``cross_entropy_grad_launch``)."""
+    launch, grad = cross_entropy_grad_launch(grad_loss, x, target, shift, log_sum, count, offset, vocab, ignore_index,
+                                             reduction, label_smoothing)
+    if launch is not None:
+        run(launch, x.device)
+    return grad

@@ -290,6 +290,7 @@ def finish_kernel(
     logit_sum_ptr,  # read only with SMOOTH
     target_ptr,  # [rows] class indices
     out_ptr,  # [rows] float32 (NONE, LOGPROBS) or [] (SUM, MEAN)
+    count_ptr,  # [] float32: MEAN writes the rows not ignored here (its backward divides by them)
     rows,
     vocab,
     ignore_index,
@@ -337,6 +338,61 @@ def finish_kernel(
         tl.store(out_ptr, total)
     if MODE == 2:
         tl.store(out_ptr, total / counted)
+        tl.store(count_ptr, counted)
+
+
+@triton.jit
+def cross_entropy_grad_kernel(
+    x_ptr,  # [rows, width] logits, rows row_stride apart
+    target_ptr,  # [rows] global class indices
+    shift_ptr,  # [rows] float32 statistics of the forward
+    log_sum_ptr,
+    grad_loss_ptr,  # the loss's gradient: [rows] (NONE) or [] (SUM, MEAN)
+    count_ptr,  # [] float32 rows not ignored (MEAN)
+    grad_ptr,  # [rows, width] in x's dtype, contiguous
+    width,
+    row_stride,
+    offset,
+    vocab,
+    ignore_index,
+    kept,  # 1 - label_smoothing
+    smoothing,
+    MODE: tl.constexpr,  # NONE, SUM or MEAN
+    SMOOTH: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """The gradient of ``finish_kernel``'s loss with respect to the slab, in one pass: the per-row
+    weights that autograd would carry through the composition's pointwise steps (``where`` passes
+    nothing to the rows it masks: ignored ones, and indices outside the vocabulary) are computed here,
+    then ``local_grad_kernel``'s sum of terms (log_sum, logit_sum, target)."""
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    live = cols < width
+    target = tl.load(target_ptr + row).to(tl.int64)
+    ignored = target == ignore_index
+    counted = (target >= 0) & (target < vocab) & (ignored == 0)
+    if MODE == 0:
+        weight = tl.load(grad_loss_ptr + row)
+    else:
+        weight = tl.load(grad_loss_ptr)
+    if MODE == 2:
+        weight = weight / tl.load(count_ptr)
+    if SMOOTH:
+        nll = kept * weight
+        grad_log_sum = tl.where(counted, nll, 0.0) + tl.where(ignored, 0.0, smoothing * weight)
+        grad_target_logit = tl.where(counted, -nll, 0.0)
+        grad_logit_sum = tl.where(ignored, 0.0, -(smoothing * weight) / vocab)
+    else:
+        grad_log_sum = tl.where(counted, weight, 0.0)
+        grad_target_logit = tl.where(counted, -weight, 0.0)
+    x = tl.load(x_ptr + row.to(tl.int64) * row_stride + cols, mask=live, other=0.0).to(tl.float32)
+    p = tl.exp((x - tl.load(shift_ptr + row)) - tl.load(log_sum_ptr + row))
+    grad = grad_log_sum * p
+    if SMOOTH:
+        grad = grad + grad_logit_sum
+    grad = grad + tl.where(cols == target - offset, grad_target_logit, 0.0)
+    grad = tl.where(live, grad, 0.0)
+    tl.store(grad_ptr + row.to(tl.int64) * width + cols, grad.to(grad_ptr.dtype.element_ty), mask=live)
 
 
 # ---------------------------------------------------------------------------
@@ -408,10 +464,25 @@ def finish_constexprs(mode, smooth):
 def finish_source(target, mode, smooth):
     """The ``ASTSource`` of one finish variant (``mode``: NONE, SUM, MEAN or LOGPROBS)."""
     _check_types("fp32", target)
-    types = {**{n: "*fp32" for n in ("log_sum_ptr", "target_logit_ptr", "logit_sum_ptr", "out_ptr")},
+    types = {**{n: "*fp32" for n in ("log_sum_ptr", "target_logit_ptr", "logit_sum_ptr", "out_ptr", "count_ptr")},
              "target_ptr": "*" + target, "rows": "i32", "vocab": "i64", "ignore_index": "i64", "kept": "fp32",
              "smoothing": "fp32"}
     return _source(finish_kernel, types, finish_constexprs(mode, smooth), ())
+
+
+def cross_entropy_grad_constexprs(mode, smooth, block):
+    return {"MODE": int(mode), "SMOOTH": bool(smooth), "BLOCK": int(block)}
+
+
+def cross_entropy_grad_source(logits, target, mode, smooth, block, aligned):
+    """The ``ASTSource`` of one variant of the loss's gradient (``mode``: NONE, SUM or MEAN)."""
+    _check_types(logits, target)
+    types = {"x_ptr": "*" + logits, "target_ptr": "*" + target, "grad_ptr": "*" + logits,
+             **{n: "*fp32" for n in ("shift_ptr", "log_sum_ptr", "grad_loss_ptr", "count_ptr")},
+             "width": "i32", "row_stride": "i64", "offset": "i64", "vocab": "i64", "ignore_index": "i64",
+             "kept": "fp32", "smoothing": "fp32"}
+    return _source(cross_entropy_grad_kernel, types, cross_entropy_grad_constexprs(mode, smooth, block),
+                   ("x_ptr", "grad_ptr", "width", "row_stride") if aligned else ())
 
 
 def local_grad_constexprs(with_log_sum, with_target_logit, with_logit_sum, with_entropy, block):
