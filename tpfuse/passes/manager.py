@@ -5,6 +5,10 @@ graph and folds its ``uuid()`` into the FX graph cache key.  The uuid covers
 the source of every tpfuse module the passes import (transitively), the op's schema, the
 configuration and the registered patterns, so the cache stays on and a cached
 graph is never served for other settings (docs/passes.md, "Caching").
+
+``TpfusePreGradPass`` is its companion in Inductor's ``pre_grad_custom_pass``: the training
+loss's rewrite before AOTAutograd (``pre_grad_losses.py``; docs/passes.md, "Training").
+``enable()`` / ``disable()`` / ``backend()`` install and remove the two together.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ from .gather_elimination import ELIMINATIONS, find_gather_eliminations, mark_eli
 from .gather_elimination import rewrite_gather_eliminations, tpfuse_gather_of
 from .linear_fusion import cache_key as linear_fusion_cache_key
 from .linear_fusion import fuse_linear_gathers
-from .records import GraphReport, NearMiss, Report
+from .pre_grad_losses import rewrite_cross_entropy
+from .records import GatherElimination, GraphReport, NearMiss, Report
 
 log = logging.getLogger("tpfuse.passes")
 
@@ -207,14 +212,24 @@ def _dump_cached(graph_report: GraphReport, stored) -> None:
 _compilations = itertools.count()
 
 
+def _compile_context() -> Any:
+    """Dynamo's context of the compile in progress in this thread, or None."""
+    try:
+        from torch._guards import CompileContext
+
+        return CompileContext.try_get()
+    except Exception:  # noqa: BLE001 - feature detection of a private API
+        return None
+
+
 def _compile_id() -> str:
     """``"<n>:<frame>/<attempt>"``: Dynamo's compile id, made unique across
     ``torch._dynamo.reset()`` (which restarts Dynamo's numbering) by the number
     of the compile context it belongs to."""
+    context = _compile_context()
     try:
         from torch._guards import CompileContext
 
-        context = CompileContext.try_get()
         cid = CompileContext.current_compile_id()
     except Exception:  # noqa: BLE001 - feature detection of a private API
         context, cid = None, None
@@ -245,6 +260,7 @@ def run_passes(graph: Graph, config: PassConfig, for_cache: bool = False) -> Gra
     later cache hit still has a report (``cache_records.py``)."""
     _collect_cached_graphs()  # graphs served from the cache before this one come first
     start = time.perf_counter()
+    before_autograd = _take_pre_grad_records()
     dump_dir = settings.dump_dir(config.dump_dir)
     tracing = _structured_trace_enabled()
     before = _graph_code(graph) if (dump_dir or tracing) else None
@@ -281,12 +297,12 @@ def run_passes(graph: Graph, config: PassConfig, for_cache: bool = False) -> Gra
         compile_id=_compile_id(),
         rank=_rank(),
         matches=matches,
-        near_misses=found.near_misses,
+        near_misses=[r for r in before_autograd if isinstance(r, NearMiss)] + found.near_misses,
         dry_run=config.dry_run,
         barriers=barriers,
         other_collectives=found.other_collectives,
         devices=_gather_devices(graph) if barriers else {},
-        eliminations=eliminations,
+        eliminations=[r for r in before_autograd if isinstance(r, GatherElimination)] + eliminations,
     )
     graph_report.pass_ms = (time.perf_counter() - start) * 1e3
     after = _graph_code(graph) if before is not None else None
@@ -298,7 +314,7 @@ def run_passes(graph: Graph, config: PassConfig, for_cache: bool = False) -> Gra
         if tracing:
             _trace_artifacts(before, after, graph_report)
     _STORE.add(graph_report)
-    if matches or found.near_misses or eliminations:
+    if matches or graph_report.near_misses or graph_report.eliminations:
         log.info("%s", Report([graph_report]))
     return graph_report
 
@@ -346,22 +362,13 @@ class TpfusePass(CustomGraphPass):
             inner(graph)
 
     def uuid(self) -> Any:
-        previous = []
-        for inner in _as_list(self.previous):
-            inner_uuid = getattr(inner, "uuid", None)
-            if inner_uuid is None:
-                # A plain callable has no identity Inductor can hash: caching it would
-                # be unsafe, so this chain opts out (Inductor does the same for it alone).
-                return None
-            previous.append(str(inner_uuid()))
         # A rank-dependent pattern builds a different graph on each rank from the same
         # input graph: the rank must then be part of the key, or ranks sharing a cache
         # directory would be served each other's graphs.
         rank_part = ""
         if any(p.rank_dependent for p in pattern_registry.select(self.config.patterns)):
             rank_part = f"rank={_rank()}"
-        digest = hashlib.sha256()
-        for part in (
+        return _chained_uuid((
             _pass_sources_hash(),
             _op_schema(),
             self.config.cache_key(),
@@ -369,14 +376,93 @@ class TpfusePass(CustomGraphPass):
             ELIMINATIONS.cache_key() if self.config.eliminate_gathers else "",
             linear_fusion_cache_key() if self.config.fuse_linear else "",
             rank_part,
-            *previous,
-        ):
-            digest.update(part.encode())
-            digest.update(b"\x00")
-        return digest.hexdigest()
+        ), self.previous)
 
     def __repr__(self) -> str:
         return f"TpfusePass({self.config}, previous={self.previous!r})"
+
+
+class TpfusePreGradPass(CustomGraphPass):
+    """The object installed as Inductor's ``pre_grad_custom_pass``: the training loss's rewrite
+    before AOTAutograd (``pre_grad_losses.py``) where ``eliminate_gathers`` is on, then whatever
+    pass was installed before (chained, restored by ``disable()``)."""
+
+    def __init__(self, config: PassConfig, previous: Any = None) -> None:
+        self.config = config
+        self.previous = previous
+
+    def __call__(self, graph: Graph) -> None:
+        if self.config.eliminate_gathers:
+            run_pre_grad(graph, self.config)
+        for inner in _as_list(self.previous):
+            inner(graph)
+
+    def uuid(self) -> Any:
+        # Torch that looks up its AOTAutograd cache before the pre-grad passes run keys the
+        # entry by this uuid, not by the rewritten graph: it covers what decides the rewrite.
+        ops = (torch.ops.tpfuse.cross_entropy_hidden.default, torch.ops.tpfuse.sum_grad_over_ranks.default)
+        return _chained_uuid(("pre_grad", _pass_sources_hash(), *(str(op._schema) for op in ops),
+                              self.config.cache_key()), self.previous)
+
+    def __repr__(self) -> str:
+        return f"TpfusePreGradPass({self.config}, previous={self.previous!r})"
+
+
+def _chained_uuid(parts: tuple, previous: Any) -> str | None:
+    """sha256 of ``parts`` and of the chained passes' uuids; None when one has none (a plain
+    callable has no identity Inductor can hash: caching it would be unsafe, so the chain opts
+    out, as Inductor does for it alone)."""
+    inner_uuids = []
+    for inner in _as_list(previous):
+        inner_uuid = getattr(inner, "uuid", None)
+        if inner_uuid is None:
+            return None
+        inner_uuids.append(str(inner_uuid()))
+    digest = hashlib.sha256()
+    for part in (*parts, *inner_uuids):
+        digest.update(part.encode())
+        digest.update(b"\x00")
+    return digest.hexdigest()
+
+
+def run_pre_grad(graph: Graph, config: PassConfig) -> list[str]:
+    """The training loss's rewrite on one Dynamo graph (a dry run says what it would rewrite);
+    its records go to the report with the next graph the post-grad pass runs on in this
+    compile.  Returns ``rewrite_cross_entropy``'s lines."""
+    gathers = (torch.ops.tpfuse.all_gather_hidden.default, torch.ops.tpfuse.all_gather_hidden)
+    if not any(n.op == "call_function" and n.target in gathers for n in graph.nodes):
+        return []  # most graphs: no tpfuse gather, no loss of one to rewrite or to report
+    records: list = []
+    lines = rewrite_cross_entropy(graph, dry_run=config.dry_run, records=records)
+    if records:
+        _hand_on_pre_grad_records(records)
+    return lines
+
+
+# The pre-grad records travel with the forward graph of the same compile, the first one the
+# post-grad pass sees after them: reported with it, and stored with it for a cache hit, which
+# replays only what was recorded while a post-grad graph compiled (cache_records.py).
+# They wait on Dynamo's compile context, so records of a compile whose forward graph was
+# served from the cache (its stored records carry them) end with that compile, unlisted.
+_PRE_GRAD_ATTR = "_tpfuse_pre_grad_records"
+
+
+def _hand_on_pre_grad_records(records: list) -> None:
+    context = _compile_context()
+    try:
+        setattr(context, _PRE_GRAD_ATTR, getattr(context, _PRE_GRAD_ATTR, []) + records)
+    except AttributeError:  # no compile (a graph rewritten by hand) or a slotted context
+        _STORE.add(GraphReport(graph_index=_STORE.claim_index(), compile_id=_compile_id(), rank=_rank(),
+                               near_misses=[r for r in records if isinstance(r, NearMiss)],
+                               eliminations=[r for r in records if isinstance(r, GatherElimination)]))
+
+
+def _take_pre_grad_records() -> list:
+    context = _compile_context()
+    records = getattr(context, _PRE_GRAD_ATTR, None) if context is not None else None
+    if records:
+        setattr(context, _PRE_GRAD_ATTR, [])
+    return records or []
 
 
 def _as_list(passes: Any) -> list:
@@ -395,26 +481,40 @@ def _inductor_config():
 
 
 def _without_tpfuse(installed: Any) -> Any:
-    return installed.previous if isinstance(installed, TpfusePass) else installed
+    return installed.previous if isinstance(installed, (TpfusePass, TpfusePreGradPass)) else installed
+
+
+# Inductor's config entry of each tpfuse pass, and the pass installed there.
+_POST_GRAD_KEY = "post_grad_custom_post_pass"
+_PRE_GRAD_KEY = "pre_grad_custom_pass"
+
+
+def _tpfuse_passes(cfg: PassConfig) -> dict:
+    """config entry -> how ``enable()`` changes what is installed there (ours first, the rest chained)."""
+    return {_POST_GRAD_KEY: lambda installed: TpfusePass(cfg, _without_tpfuse(installed)),
+            _PRE_GRAD_KEY: lambda installed: TpfusePreGradPass(cfg, _without_tpfuse(installed))}
 
 
 def enable(**config: Any) -> None:
-    """Install the tpfuse passes into Inductor's post-grad hook for every later compile, in
-    every thread of the process (docs/api.md, "Threads").
+    """Install the tpfuse passes into Inductor's post-grad hook, and the training loss's rewrite
+    into its pre-grad hook, for every later compile, in every thread of the process
+    (docs/api.md, "Threads").
 
-    A pass the user installed there keeps running after ours; ``disable()``
+    A pass the user installed in either hook keeps running after ours; ``disable()``
     restores it.  Graphs compiled before ``enable()`` are not recompiled (call
     ``torch._dynamo.reset()`` for that)."""
     cfg = make_config(**config)
     allow_funcol_gather_tracing()
     inductor_lowering.register()
-    _change_installed(lambda installed: TpfusePass(cfg, _without_tpfuse(installed)))
+    for key, change in _tpfuse_passes(cfg).items():
+        _change_installed(key, change)
     reset_report()
 
 
 def disable() -> None:
     """Remove the tpfuse passes from every thread; whatever was installed before ``enable()`` is restored."""
-    _change_installed(_without_tpfuse)
+    for key in (_POST_GRAD_KEY, _PRE_GRAD_KEY):
+        _change_installed(key, _without_tpfuse)
 
 
 def is_enabled() -> bool:
@@ -434,34 +534,33 @@ def enabled(**config: Any) -> Iterator[None]:
         _restore_installed(saved)
 
 
-# Where Inductor keeps the post-grad pass.  torch 2.11 keeps one value per process:
+# Where Inductor keeps the passes.  torch 2.11 keeps one value per process:
 # an assignment reaches every thread.  Later torch keeps each assigned value in a
 # ContextVar (torch/utils/_config_module.py), so an assignment reaches only the
 # assigning thread, and every other thread reads the entry's defaults: a plain
 # assignment in enable() would leave compiles in worker threads without the passes.
 # Changed outside Inductor's setattr, the entry's per-thread caches of the config dict
 # need no notice: they serve only save_config and the cache key's config, and both
-# leave this entry out (the key takes the pass's uuid instead).
-_PASS_KEY = "post_grad_custom_post_pass"
+# leave these entries out (the key takes the passes' uuids instead).
 try:
     from torch.utils._config_module import _UNSET_SENTINEL
 except ImportError:  # pragma: no cover - no config module: _per_thread_entry() finds no entry
     _UNSET_SENTINEL = object()
 
 
-def _per_thread_entry():
-    """Inductor's config entry of the post-grad pass where its value is per thread, else None."""
-    entry = getattr(_inductor_config(), "_config", {}).get(_PASS_KEY)
+def _per_thread_entry(key: str):
+    """Inductor's config entry ``key`` where its value is per thread, else None."""
+    entry = getattr(_inductor_config(), "_config", {}).get(key)
     per_thread = isinstance(getattr(entry, "user_override", None), contextvars.ContextVar)
     return entry if per_thread and hasattr(entry, "env_value_default") else None
 
 
-def _change_installed(change) -> None:
-    """Replace the installed pass by ``change(installed)``, for every thread."""
+def _change_installed(key: str, change) -> None:
+    """Replace the pass installed in config entry ``key`` by ``change(installed)``, for every thread."""
     ic = _inductor_config()
-    entry = _per_thread_entry()
+    entry = _per_thread_entry(key)
     if entry is None:
-        setattr(ic, _PASS_KEY, change(getattr(ic, _PASS_KEY)))
+        setattr(ic, key, change(getattr(ic, key)))
         return
     # The process-wide value: what every thread without a value of its own reads.  It is
     # the slot an environment variable would fill (Inductor reads it below a thread's own
@@ -472,34 +571,38 @@ def _change_installed(change) -> None:
     if entry.user_override.get() is not _UNSET_SENTINEL:
         # This thread assigned a value (or left one by ``config.patch``): it hides the
         # process-wide one here, so it is changed too, keeping the pass it chains.
-        setattr(ic, _PASS_KEY, change(entry.user_override.get()))
+        setattr(ic, key, change(entry.user_override.get()))
 
 
-def _installed() -> tuple:
-    """What ``_change_installed`` changes, raw (a thread's "no value" included), to restore exactly."""
-    entry = _per_thread_entry()
-    if entry is None:
-        return (getattr(_inductor_config(), _PASS_KEY), None)
-    return (entry.user_override.get(), entry.env_value_default)
+def _installed() -> dict:
+    """What ``_change_installed`` changes in each entry, raw (a thread's "no value" included), to restore exactly."""
+    saved = {}
+    for key in (_POST_GRAD_KEY, _PRE_GRAD_KEY):
+        entry = _per_thread_entry(key)
+        saved[key] = ((getattr(_inductor_config(), key), None) if entry is None
+                      else (entry.user_override.get(), entry.env_value_default))
+    return saved
 
 
-def _restore_installed(saved: tuple) -> None:
-    thread_value, process_wide = saved
-    entry = _per_thread_entry()
-    if entry is None:
-        setattr(_inductor_config(), _PASS_KEY, thread_value)
-        return
-    entry.env_value_default = process_wide
-    # Raw, as Inductor's own closure patcher does: the "no value" marker cannot be assigned.
-    entry.user_override.set(thread_value)
+def _restore_installed(saved: dict) -> None:
+    for key, (thread_value, process_wide) in saved.items():
+        entry = _per_thread_entry(key)
+        if entry is None:
+            setattr(_inductor_config(), key, thread_value)
+            continue
+        entry.env_value_default = process_wide
+        # Raw, as Inductor's own closure patcher does: the "no value" marker cannot be assigned.
+        entry.user_override.set(thread_value)
 
 
 def backend(inner: str = "inductor", **config: Any):
     """A ``torch.compile`` backend running the tpfuse passes, without touching global config.
 
-    ``inner="inductor"``: Inductor with the passes as its post-grad pass; ``torch.compile``'s
-    ``mode`` (e.g. ``"reduce-overhead"``) and ``options`` apply as they do to Inductor.
-    ``inner="aot_eager"``: AOTAutograd graphs, rewritten, run eagerly (no Inductor).
+    ``inner="inductor"``: Inductor with the passes as its post-grad pass and the training loss's
+    rewrite as its pre-grad pass; ``torch.compile``'s ``mode`` (e.g. ``"reduce-overhead"``) and
+    ``options`` apply as they do to Inductor.
+    ``inner="aot_eager"``: the pre-grad rewrite, then AOTAutograd graphs, rewritten, run eagerly
+    (no Inductor).
 
     Each call returns a new backend, so ``torch.compile(f, backend=tpfuse.backend())``
     never reuses code that Dynamo compiled for ``f`` with another backend."""
@@ -510,9 +613,9 @@ def backend(inner: str = "inductor", **config: Any):
         def tpfuse_inductor(gm, example_inputs, mode=None, options=None):
             from torch._inductor.compile_fx import compile_fx
 
-            installed = _without_tpfuse(_inductor_config().post_grad_custom_post_pass)
-            patches = {**_mode_options(mode), **(options or {}),
-                       "post_grad_custom_post_pass": TpfusePass(cfg, installed)}
+            ic = _inductor_config()
+            ours = {key: change(getattr(ic, key)) for key, change in _tpfuse_passes(cfg).items()}
+            patches = {**_mode_options(mode), **(options or {}), **ours}
             return compile_fx(gm, example_inputs, config_patches=patches)
 
         return tpfuse_inductor
@@ -529,7 +632,14 @@ def backend(inner: str = "inductor", **config: Any):
             gm.recompile()
             return make_boxed_func(gm.forward)
 
-        return aot_autograd(fw_compiler=rewrite_then_run, bw_compiler=rewrite_then_run)
+        aot = aot_autograd(fw_compiler=rewrite_then_run, bw_compiler=rewrite_then_run)
+
+        def pre_grad_then_aot(gm, example_inputs, **kwargs):
+            if cfg.eliminate_gathers and run_pre_grad(gm.graph, cfg):
+                gm.recompile()
+            return aot(gm, example_inputs, **kwargs)
+
+        return pre_grad_then_aot
     raise ValueError(f"tpfuse: backend inner={inner!r}; accepted are 'inductor' and 'aot_eager'")
 
 

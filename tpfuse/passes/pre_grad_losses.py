@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import pathlib
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,8 @@ from torch.fx import Graph, Node
 
 from ..compile_ops import vocab_parallel_loss  # noqa: F401 - registers the op the rewrite emits
 from ..compile_ops.vocab_parallel_loss import REDUCTIONS
+from .graph_facts import product
+from .records import GatherElimination, NearMiss
 
 try:
     from torch._inductor.custom_graph_pass import CustomGraphPass
@@ -113,23 +116,34 @@ def _loss_options(node: Node) -> dict | str:
     return options
 
 
-def rewrite_cross_entropy(graph: Graph) -> list[str]:
+#: The name records of this rewrite carry, and the section that explains them.
+PASS_NAME = "cross_entropy_before_autograd"
+DOC = "docs/passes.md#training"
+
+
+def rewrite_cross_entropy(graph: Graph, dry_run: bool = False, records: list | None = None) -> list[str]:
     """Rewrite every matching ``F.cross_entropy`` (module docstring); returns one line per loss
-    rewritten and one per loss of gathered logits left alone, with the reason."""
+    rewritten and one per loss of gathered logits left alone, with the reason.
+
+    ``dry_run``: find and say what would be rewritten, change nothing.  ``records``: a list that
+    receives a ``GatherElimination`` per loss rewritten and a ``NearMiss`` per loss kept, for
+    ``tpfuse.report()``."""
     lines = []
+    records = [] if records is None else records
     for node in [n for n in graph.nodes if n.op == "call_function" and n.target is F.cross_entropy]:
         options = _loss_options(node)
         found = _chain_to_gather(options["input"]) if isinstance(options, dict) else options
-        if isinstance(found, str):
-            lines.append(f"kept {node.name}: {found}")
+        reason = found if isinstance(found, str) else _why_not_rewritable(options["input"], found[0].args[0])
+        if reason is not None:
+            lines.append(f"kept {node.name}: {reason}")
+            records.append(NearMiss(PASS_NAME, reason, (node.name,), doc=DOC))
             continue
         gather, flatten, chain = found
         local, widths, group = gather.args[:3]
-        value = _value(options["input"])
-        if not (isinstance(value, torch.Tensor) and value.dim() == 2) or not _needs_grad(local):
-            lines.append(f"kept {node.name}: " + ("the gather's input needs no gradient (post-grad matchers serve it)"
-                                                  if isinstance(value, torch.Tensor) and value.dim() == 2 else
-                                                  "the logits are not 2-D [N, V] at the loss"))
+        record = _record(node, gather, chain, options)
+        if dry_run:
+            lines.append(f"would rewrite {node.name}: tpfuse::cross_entropy_hidden of {local.name}")
+            records.append(record)
             continue
         with graph.inserting_before(node):
             slab = graph.call_method("reshape", (local, -1, _value(local).shape[-1])) if flatten else local
@@ -143,7 +157,41 @@ def rewrite_cross_entropy(graph: Graph) -> list[str]:
         for dead in [node, *chain, gather]:
             graph.erase_node(dead)
         lines.append(f"rewrote {node.name}: tpfuse::cross_entropy_hidden of {local.name}")
+        records.append(replace(record, replacement=loss.name))
     return lines
+
+
+def _why_not_rewritable(logits: Node, local: Node) -> str | None:
+    value = _value(logits)
+    if not (isinstance(value, torch.Tensor) and value.dim() == 2):
+        return "the logits are not 2-D [N, V] at the loss"
+    if not _needs_grad(local):
+        return "the gather's input needs no gradient (post-grad matchers serve it)"
+    return None
+
+
+def _record(loss: Node, gather: Node, chain: list[Node], options: dict) -> GatherElimination:
+    """What the report says of one rewrite: the gather that goes (and, in the backward, its
+    reduce-scatter of the same bytes), what travels instead."""
+    value, widths, group = _value(gather), tuple(gather.args[1]), gather.args[2]
+    rows = product(value.shape[:-1])  # the op takes the slab as [rows, w]
+    # the op's partials per row, float32: max, sum of exp, the target's logit, and the logits'
+    # sum when smoothing (docs/passes.md, "Gather elimination: the sum family")
+    words = 3 + int(options["label_smoothing"] > 0)
+    return GatherElimination(
+        gather=gather.name,
+        consumers=("cross_entropy, before autograd",),
+        matchers=(PASS_NAME,),
+        nodes=(loss.name,),
+        group_name=group,
+        world_size=len(widths),
+        hidden_widths=widths,
+        dtype=value.dtype,
+        steps=tuple(str(n.target) for n in reversed(chain)),
+        gathered_bytes=str(rows * sum(widths) * value.dtype.itemsize),
+        partial_bytes=str(rows * words * len(widths) * 4),
+        partials=f"[{rows}, {words}] float32",
+    )
 
 
 def _needs_grad(node: Node) -> bool:
