@@ -118,3 +118,81 @@ def test_nan_is_a_magnitude_above_infinity(name):
 def test_topk_k_out_of_range_is_refused():
     with pytest.raises(ValueError, match="top-k kernels take k from 1 to 64, not 65"):
         vr.constexprs("bfloat16", True, 65)
+
+
+# --------------------------------------------------------------------------- a sort that orders bits
+# torch.sort on CUDA is a radix sort of the values' bits for rows of more than 128 elements: a NaN
+# with its sign bit set lands below -inf, and NaN payloads order among themselves.  torch.topk (and
+# the CPU sort) put every NaN above every number.  These tests run the composition on the CPU with
+# torch.sort and argsort replaced by such a sort, so what CUDA would do is checked without a GPU.
+
+_torch_sort, _tensor_argsort = torch.sort, torch.Tensor.argsort
+_UNSIGNED_INT_OF = {torch.float32: (torch.int32, 32), torch.bfloat16: (torch.int16, 16), torch.float16: (torch.int16, 16)}
+
+
+def _radix_sort(x, dim=-1, descending=False, stable=False):
+    """A stable sort of floats by their bits, as CUDA's radix sort orders them (-0.0 ties 0.0, no NaN rule)."""
+    if not x.is_floating_point():
+        return _torch_sort(x, dim=dim, descending=descending, stable=stable)
+    int_type, width = _UNSIGNED_INT_OF[x.dtype]
+    sign = 1 << (width - 1)
+    bits = x.contiguous().view(int_type).to(torch.int64) & ((1 << width) - 1)
+    bits = torch.where(bits == sign, 0, bits)
+    # negative: every bit flipped (larger magnitude lower); otherwise the sign bit set (above every negative)
+    key = torch.where(bits & sign != 0, bits ^ ((1 << width) - 1), bits | sign)
+    order = _torch_sort(key, dim=dim, descending=descending, stable=True).indices
+    return x.gather(dim, order), order
+
+
+def _radix_argsort(x, dim=-1, descending=False, stable=False):
+    if not x.is_floating_point():
+        return _tensor_argsort(x, dim=dim, descending=descending, stable=stable)
+    return _radix_sort(x, dim, descending, stable)[1]
+
+
+def _rows_with_signed_nans(dtype):
+    """Three rows over 40 columns: NaN with a payload on the first rank and NaN with its sign bit on the
+    last; signed zeros; random."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 40, generator=g).to(dtype)
+    ints = x.view(torch.int16 if x.element_size() == 2 else torch.int32)
+    x[0, 1], x[0, 39] = float("nan"), float("nan")
+    ints[0, 1] |= 0x3
+    ints[0, 39] |= -(1 << (8 * x.element_size() - 1))
+    x[1] = torch.where(torch.arange(40) % 2 == 0, 0.0, -0.0).to(dtype)
+    return x
+
+
+def _composition_topk(x, widths, largest, k):
+    offsets = [sum(widths[:r]) for r in range(len(widths))]
+    parts = [rh._local_topk(x[:, o:o + w], k, o, largest) for o, w in zip(offsets, widths)]
+    bits = torch.cat([rh._value_bits(v) for v, _ in parts], -1)
+    values, indices = rh._merge_topk(bits, torch.cat([i for _, i in parts], -1), k, x.dtype, largest)
+    return rh._value_bits(values), indices
+
+
+def _torch_order(x, largest, k):
+    values, indices = _torch_sort(x, dim=-1, descending=largest, stable=True)
+    return rh._value_bits(values[:, :k]), indices[:, :k]
+
+
+@pytest.mark.parametrize("name", sorted(DTYPES))
+@pytest.mark.parametrize("largest", [True, False])
+def test_composition_keeps_torch_order_under_a_radix_sort(name, largest, monkeypatch):
+    """A NaN with its sign bit is still the largest value when the sorts order bits (as on CUDA)."""
+    x = _rows_with_signed_nans(DTYPES[name])
+    want_bits, want_indices = _torch_order(x, largest, 8)
+    monkeypatch.setattr(torch, "sort", _radix_sort)
+    monkeypatch.setattr(torch.Tensor, "argsort", _radix_argsort)
+    bits, indices = _composition_topk(x, [7, 13, 20], largest, 8)
+    assert torch.equal(indices, want_indices), (indices, want_indices)
+    assert torch.equal(bits, want_bits)
+
+
+@pytest.mark.parametrize("name", sorted(DTYPES))
+def test_radix_sort_negative_control_misplaces_a_negative_nan(name):
+    """The emulated sort on the raw values does put the NaN with its sign bit below -inf (the hazard is real)."""
+    x = _rows_with_signed_nans(DTYPES[name])
+    for largest in (True, False):
+        order = _radix_sort(x, descending=largest)[1][:, :8]
+        assert not torch.equal(order, _torch_order(x, largest, 8)[1])

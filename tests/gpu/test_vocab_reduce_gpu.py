@@ -3,7 +3,9 @@
 - compiled kernels on W simulated ranks (an LM head's vocabulary of 128256 over W=4 and 8, a padded
   vocabulary, uneven widths that are not 16-byte multiples; T=1, 8, 4096; adversarial rows), the
   exchange replaced by the concatenation it returns, bit for bit against torch on the full tensor:
-  ``torch.max``/``torch.min`` and the first k of a stable ``torch.sort``;
+  ``torch.max``/``torch.min`` and the first k of a stable ``torch.sort`` in torch.topk's order (of a
+  key with one NaN: CUDA's radix sort would put a NaN with its sign bit below -inf), itself checked
+  against the CPU's sort;
 - the ops on a one-rank NCCL group (as benchmarks/bench_gather_elimination.py runs them) against torch
   on the slab, no host synchronisation in an eager call (``torch.cuda.set_sync_debug_mode("error")``,
   with a control that it catches one), a CUDA graph's replay equal to the eager call.
@@ -25,6 +27,11 @@ INT_OF = {2: torch.int16, 4: torch.int32}
 
 def _bits(t):
     return t.contiguous().view(INT_OF[t.element_size()])
+
+
+def _same(a, b):
+    """Equal bits (values: torch.equal finds a NaN unequal to itself) or equal integers."""
+    return torch.equal(_bits(a), _bits(b)) if a.is_floating_point() else torch.equal(a, b)
 
 
 def _logits(T, vocab, dtype, seed):
@@ -60,12 +67,39 @@ def _simulated(x, widths, valid_columns, largest, k):
     return rk.merge(torch.cat(parts, -1), x.dtype, largest, k)
 
 
+def _torch_order_key(x):
+    """Every NaN one positive NaN, -0.0 as 0.0.  torch.sort on CUDA is a radix sort of the bits for rows
+    of more than 128 elements: a NaN with its sign bit (row 4's last column) would sort below -inf,
+    where torch.topk and the CPU's torch.sort put every NaN above every number.  On this key both agree."""
+    key = x.masked_fill(x.isnan(), NAN)
+    return key.masked_fill(key == 0, 0.0)
+
+
 def _reference(x, valid_columns, largest, k):
+    """torch.max/torch.min, or the first k of a stable sort in torch.topk's order (the elements' own bits)."""
     cut = x[:, :valid_columns] if valid_columns else x
     if k is None:
         return torch.max(cut, -1) if largest else torch.min(cut, -1)
-    values, indices = torch.sort(cut, dim=-1, descending=largest, stable=True)
-    return values[:, :k], indices[:, :k]
+    indices = torch.sort(_torch_order_key(cut), dim=-1, descending=largest, stable=True).indices[:, :k]
+    return _bits(cut).gather(-1, indices).view(cut.dtype), indices
+
+
+def test_reference_is_the_cpu_order():
+    """The reference on CUDA gives the CPU's stable sort (NaN of either sign first) on the adversarial rows,
+    at a row length on each of CUDA's sort paths (bitonic/warp ones up to 128, block radix up to 4096,
+    segmented radix above)."""
+    for vocab in (100, 4099, 32064):
+        for dtype in (torch.bfloat16, torch.float32, torch.float16):
+            x = _logits(8, vocab, dtype, seed=vocab)
+            for largest in (True, False):
+                values, indices = _reference(x, None, largest, 8)
+                cpu = torch.sort(x.cpu(), dim=-1, descending=largest, stable=True)
+                case = (vocab, dtype, largest)
+                assert torch.equal(indices.cpu(), cpu.indices[:, :8]), case
+                assert torch.equal(_bits(values).cpu(), _bits(cpu.values[:, :8])), case
+                raw = torch.sort(x, dim=-1, descending=largest, stable=True).indices[:, :8].cpu()
+                agrees = "agrees" if torch.equal(raw, cpu.indices[:, :8]) else "DIFFERS"
+                print(f"vocab {vocab} {dtype} largest={largest}: CUDA torch.sort of the raw values {agrees}")
 
 
 LM_HEAD = {"W=4": ([32064] * 4, None), "W=8": ([16032] * 8, None),
@@ -107,11 +141,9 @@ def _one_rank_checks(rank, world_size):
                 ("argmax of [..., :V]", tpfuse.argmax_hidden(slab, valid_columns=vocab - 7),
                  slab[:, :vocab - 7].argmax(-1))):
             pairs = zip(ours, theirs) if isinstance(theirs, tuple) else [(ours, theirs)]
-            results[f"{name} T={T} {dtype}"] = all(
-                torch.equal(_bits(a) if a.is_floating_point() else a, _bits(b) if b.is_floating_point() else b)
-                for a, b in pairs)
+            results[f"{name} T={T} {dtype}"] = all(_same(a, b) for a, b in pairs)
     x = _logits(24, 1000, torch.bfloat16, seed=5).view(2, 3, 4, 1000)
-    results["3-D max"] = all(torch.equal(a, b) for a, b in zip(tpfuse.max_hidden(x), torch.max(x, -1)))
+    results["3-D max"] = all(_same(a, b) for a, b in zip(tpfuse.max_hidden(x), torch.max(x, -1)))  # row 4: NaN
     empty = torch.empty(0, 1000, device="cuda", dtype=torch.bfloat16)
     results["T=0 topk"] = tpfuse.topk_hidden(empty, 4).values.shape == (0, 4)
     return results

@@ -25,8 +25,10 @@ int32 words (the value's own bits and the global index) and one ``tpfuse::all_ga
 moves them (it moves bytes: contract §5); every rank then merges all candidates in the same
 order, so every rank holds the same bits.  The order is torch's: NaN above every number
 (for ``max``/``min`` the FIRST NaN wins, as ``torch.argmax``/``torch.argmin`` return it; for
-``topk`` NaN is the largest value, also with ``largest=False``, as ``torch.topk`` and
-``torch.sort`` treat it), then by value, then the lowest global index.
+``topk`` NaN is the largest value whatever its sign and payload, also with ``largest=False``,
+as ``torch.topk`` and the CPU's ``torch.sort`` treat it), then by value, then the lowest global
+index.  ``torch.sort`` on CUDA is a radix sort of the bits (rows of more than 128 elements): a
+NaN with its sign bit set lands below -inf there, so the composition sorts ``_sort_key``.
 
 On CUDA the same steps run as two Triton kernels around the exchange (reduce_kernels.py): each
 rank sends the best candidate (or first k) of each of S chunks of its row, S planned from
@@ -244,14 +246,27 @@ def _max_hidden_impl(x: Tensor, hidden_widths: list[int], group_name: str, large
 # --------------------------------------------------------------------------- topk
 
 
+def _sort_key(values: Tensor) -> Tensor:
+    """What the composition sorts instead of ``values``: every NaN one positive NaN, -0.0 as 0.0.
+
+    On this key a sort that compares (the CPU's) and one that orders bits (CUDA's radix sort, where
+    a NaN with its sign bit falls below -inf and NaN payloads order among themselves) give the same
+    stable order: NaN above every number, -0.0 tied with 0.0, ties by position."""
+    key = values.masked_fill(values.isnan(), float("nan"))
+    return key.masked_fill(key == 0, 0.0)
+
+
 def _local_topk(local: Tensor, k: int, offset: int, largest: bool) -> tuple[Tensor, Tensor]:
     """This rank's first k elements in the merge order, ``[..., k]``, padded with neutral candidates.
 
     A stable sort, not ``torch.topk``: which of equal values topk keeps is unspecified, and the
-    merge needs each rank's lowest-index ones (``torch.sort`` orders NaN as ``torch.topk`` does)."""
+    merge needs each rank's lowest-index ones.  It sorts ``_sort_key`` (torch.topk's NaN rule on
+    every device) and returns the elements' own bits."""
     lead, kept = local.shape[:-1], min(k, local.shape[-1])
-    values, order = torch.sort(local, dim=-1, descending=largest, stable=True)
-    values, indices = values[..., :kept], order[..., :kept] + offset
+    order = torch.sort(_sort_key(local), dim=-1, descending=largest, stable=True)[1][..., :kept]
+    # gathered as integers: torch's CPU gather of bfloat16 returns a NaN as 0xFFFF
+    ints = local.view(torch.int16 if local.element_size() == 2 else torch.int32)
+    values, indices = ints.gather(-1, order).view(local.dtype), order + offset
     if kept < k:
         values = torch.cat([values, local.new_full((*lead, k - kept), _neutral(largest))], -1)
         never = torch.full((*lead, k - kept), _NEVER, dtype=torch.int64, device=local.device)
@@ -263,7 +278,7 @@ def _merge_topk(bits: Tensor, indices: Tensor, k: int, dtype: torch.dtype, large
     """The first k of every rank's candidates ``[..., C]`` by (neutral last, value, global index):
     stable sorts, least significant key first, so each later sort keeps the earlier order among its ties."""
     order = indices.argsort(dim=-1, stable=True)
-    values = _from_bits(bits.gather(-1, order), dtype).float()  # exact for every accepted dtype
+    values = _sort_key(_from_bits(bits.gather(-1, order), dtype).float())  # exact for every accepted dtype
     order = order.gather(-1, values.argsort(dim=-1, stable=True, descending=largest))
     neutral = (indices.gather(-1, order) == _NEVER).to(torch.uint8)
     order = order.gather(-1, neutral.argsort(dim=-1, stable=True))[..., :k]

@@ -18,7 +18,7 @@ Each rank holds the slab ``[T, width]`` of ``cat_r(x_r, -1)`` whose global colum
 
 The order is torch's: by value, NaN above every number for max/min (the FIRST NaN wins, also
 for argmin, as ``torch.argmax``/``torch.argmin``) and for top-k the largest value (last with
-``largest=False``, as ``torch.topk`` and ``torch.sort``), then the lowest global index.
+``largest=False``, as ``torch.topk`` and the CPU's ``torch.sort``), then the lowest global index.
 ``-0.0`` and ``0.0`` tie.  The kernels compare integers only: each value's bits map to an
 int32 "order" (``_order``; no float instruction, so no flush of subnormals can merge two
 values), and order plus position make one int64 key, distinct per element, so a max over keys
