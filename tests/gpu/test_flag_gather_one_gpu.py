@@ -167,9 +167,11 @@ def test_missing_rank_times_out_and_is_named(W):
 # --------------------------------------------------------------------------- program order and failed calls
 
 
-def _two_streams_released_together(group, kind, trials, seed, T_choices=(1, 8, 32)):
+def _two_streams_released_together(group, kind, trials, seed, T_choices=(1, 8, 32), skew=0.5):
     """Rank 0 issues calls A then B on one group from two streams that a gate releases at once; every
-    other rank issues A then B on its own stream.  Returns (wrong results, failure codes)."""
+    other rank issues A then B on its own stream.  In a share ``skew`` of the trials rank 0's stream of A
+    also sleeps first, so that without the ordering B would surely run before A.  Returns (wrong
+    results, failure codes)."""
     rng = random.Random(seed)
     side = [torch.cuda.Stream(), torch.cuda.Stream()]
     gate = torch.cuda.Stream()
@@ -192,6 +194,8 @@ def _two_streams_released_together(group, kind, trials, seed, T_choices=(1, 8, 3
                 with torch.cuda.stream(stream):
                     if r != 0 and rng.random() < 0.5:
                         torch.cuda._sleep(rng.randint(0, 20_000))
+                    if r == 0 and k == "a" and rng.random() < skew:
+                        torch.cuda._sleep(200_000)  # A held back: B is released first
                     group.launcher(r, x[r], kind)(x[r], outs[(r, k)])
         for stream in side + group.streams:
             torch.cuda.current_stream().wait_stream(stream)
@@ -217,7 +221,7 @@ def test_two_streams_without_the_ordering_return_wrong_data():
     """The control: with the program order off, the same schedule pairs calls by GPU run order and returns
     other calls' bytes (with a clean status, which is what the ordering exists to prevent)."""
     group = OneGpuGroup([4096, 4096], torch.bfloat16, timeout_s=2.0, ordered=False)
-    wrong, codes = _two_streams_released_together(group, "flag", 300, seed=1)
+    wrong, codes = _two_streams_released_together(group, "flag", 300, seed=1, skew=1.0)
     print(f"two streams, flag, unordered: wrong {wrong} results, codes {codes}")
     assert wrong > 0
 
