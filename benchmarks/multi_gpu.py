@@ -13,11 +13,13 @@ order of value (docs/benchmarks.md, "Multi-GPU runs: one script"):
   writes the suite log the evidence table accepts (``flag_suite_<gpu>_w<W>.log``), whether that
   log is accepted for (GPU model, W), and ``derive_crossover.py --check``;
 - ``stress``: the barrier-elision stress at W and the one-GPU emulation files of tests/gpu;
+- ``elimination``: the vocab-parallel reductions over NCCL at W (tests/gpu/test_reduce_hidden_gpu.py)
+  and their Triton kernels' one-GPU tests;
 - ``perf``: ``bench_gather.py`` (T in 1,8,32,128,512 x widths 1024,4096,32064, under torchrun),
   the crossover derived from its JSON, and ``python -m tpfuse tune`` once it exists;
 - ``e2e``: ``bench_gather_elimination.py`` once it exists, ``bench_hf_decode.py --quick`` and
   ``bench_eagle_draft.py --quick``;
-- ``all``: the five in that order (about 47 minutes: for a machine without a per-call limit).
+- ``all``: the six in that order (about 55 minutes: for a machine without a per-call limit).
 
 test_flag_gather.py runs once, in ``flag``: its log is the evidence, and running it in
 ``correctness`` as well would cost a third of that call.
@@ -76,7 +78,7 @@ GROUP_BUDGET_S = 570
 KILL_GRACE_S = 5
 #: the benchmarks stop starting new pieces this long before their step's limit (start-up, teardown)
 BENCH_MARGIN_S = 60
-GROUPS = ("correctness", "flag", "stress", "perf", "e2e")
+GROUPS = ("correctness", "flag", "stress", "elimination", "perf", "e2e")
 
 SKIPPED = "not built yet: skipped"
 
@@ -161,6 +163,18 @@ def stress(plan: Plan) -> list[Step]:
     ]
 
 
+def elimination(plan: Plan) -> list[Step]:
+    py = plan.python
+    return [
+        # the vocab-parallel reductions over NCCL at W (the exchange is real here)
+        Step("reduce_hidden_gpu", pytest("-k", at_world_size(plan.W), "tests/gpu/test_reduce_hidden_gpu.py",
+                                         python=py), 240),
+        # their Triton kernels and the ops on a one-rank group: not parametrized by W, run whole
+        Step("vocab_kernels_one_gpu",
+             pytest("tests/gpu/test_vocab_reduce_gpu.py", "tests/gpu/test_vocab_softmax_gpu.py", python=py), 240),
+    ]
+
+
 def bench_json(plan: Plan) -> str:
     """Where bench_gather.py writes its JSON: ``<out>/bench_w<W>_<tag>.json``."""
     return os.path.join(plan.run_dir, f"bench_w{plan.W}_{plan.gpu}.json")
@@ -180,14 +194,16 @@ def perf(plan: Plan) -> list[Step]:
 
 
 def e2e(plan: Plan) -> list[Step]:
-    elimination = "benchmarks/bench_gather_elimination.py"
+    script = "benchmarks/bench_gather_elimination.py"
 
     def limit(timeout_s: int) -> tuple[str, ...]:
         return ("--time-limit-s", str(timeout_s - BENCH_MARGIN_S))
 
     return [
-        Step("gather_elimination", torchrun(plan, elimination, "--out", plan.run_dir), 150,
-             probe=("test", "-f", elimination), probe_timeout_s=10),
+        # funcol / tpfuse gather + reduction / eliminated, per rank, at vocab 128256
+        Step("gather_elimination", torchrun(plan, script, "--vocab", "128256", "--tokens", "1,8,128,1024,4096",
+                                            "--rounds", "5", "--calls", "10", "--out", plan.run_dir), 150,
+             probe=("test", "-f", script), probe_timeout_s=10),
         Step("hf_decode", torchrun(plan, "benchmarks/bench_hf_decode.py", "--quick", *limit(210), "--out",
                                    plan.run_dir), 210),
         Step("eagle_draft", torchrun(plan, "benchmarks/bench_eagle_draft.py", "--quick", *limit(120), "--out",
@@ -195,7 +211,8 @@ def e2e(plan: Plan) -> list[Step]:
     ]
 
 
-BUILDERS = {"correctness": correctness, "flag": flag, "stress": stress, "perf": perf, "e2e": e2e}
+BUILDERS = {"correctness": correctness, "flag": flag, "stress": stress, "elimination": elimination, "perf": perf,
+            "e2e": e2e}
 
 
 def steps_of(group: str, plan: Plan) -> list[Step]:

@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "multi_gpu.sh")
 SAFETY = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 BUDGET_S, GRACE_S = 570, 5
-GROUPS = ("correctness", "flag", "stress", "perf", "e2e")
+GROUPS = ("correctness", "flag", "stress", "elimination", "perf", "e2e")
 
 
 def _driver():
