@@ -13,8 +13,8 @@ order of value (docs/benchmarks.md, "Multi-GPU runs: one script"):
   writes the suite log the evidence table accepts (``flag_suite_<gpu>_w<W>.log``), whether that
   log is accepted for (GPU model, W), and ``derive_crossover.py --check``;
 - ``stress``: the barrier-elision stress at W and the one-GPU emulation files of tests/gpu;
-- ``elimination``: the vocab-parallel reductions over NCCL at W (tests/gpu/test_reduce_hidden_gpu.py)
-  and their Triton kernels' one-GPU tests;
+- ``elimination``: the vocab-parallel reductions over NCCL at W (tests/gpu/test_reduce_hidden_gpu.py),
+  their Triton kernels' one-GPU tests and the end-to-end HF runs (bench_e2e_elimination.py);
 - ``perf``: ``bench_gather.py`` (T in 1,8,32,128,512 x widths 1024,4096,32064, under torchrun),
   the crossover derived from its JSON, and ``python -m tpfuse tune`` once it exists;
 - ``e2e``: ``bench_gather_elimination.py`` once it exists, ``bench_hf_decode.py --quick`` and
@@ -168,10 +168,13 @@ def elimination(plan: Plan) -> list[Step]:
     return [
         # the vocab-parallel reductions over NCCL at W (the exchange is real here)
         Step("reduce_hidden_gpu", pytest("-k", at_world_size(plan.W), "tests/gpu/test_reduce_hidden_gpu.py",
-                                         python=py), 240),
+                                         python=py), 200),
         # their Triton kernels and the ops on a one-rank group: not parametrized by W, run whole
         Step("vocab_kernels_one_gpu",
-             pytest("tests/gpu/test_vocab_reduce_gpu.py", "tests/gpu/test_vocab_softmax_gpu.py", python=py), 240),
+             pytest("tests/gpu/test_vocab_reduce_gpu.py", "tests/gpu/test_vocab_softmax_gpu.py", python=py), 150),
+        # HF Llama compiled unmodified: greedy step, log-prob scoring, training loss; off / keep / elim
+        Step("e2e_elimination", torchrun(plan, "benchmarks/bench_e2e_elimination.py", "--time-limit-s", "140",
+                                         "--out", plan.run_dir), 150),
     ]
 
 
