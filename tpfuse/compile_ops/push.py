@@ -24,7 +24,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from .. import config as settings
 from ..kernels import failure, flag_protocol  # plain Python facts; this module is imported only for the GPU paths
