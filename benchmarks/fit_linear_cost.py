@@ -32,13 +32,13 @@ from tpfuse.kernels.linear_push import launch_config, wide_band  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 #: the results the committed constants are fitted to (4xH200, the kernel with the split entry barrier and the
-#: fifth sweep's launch configs, CUDA graphs of 32 calls, 2026-11-27): four W=4 runs on two leases (the
-#: second lease's two are the out-of-sample check of the rule fitted to the first's) and W=2
+#: fifth sweep's launch configs, CUDA graphs of 32 calls, 2026-11-27): four W=4 runs on two hosts (the
+#: second host's two are the out-of-sample check of the rule fitted to the first's) and W=2
 DEFAULT_FILES = [os.path.join(RESULTS, f) for f in (
     "bench_linear_gather_w4_h200_c32.json", "bench_linear_gather_w4_h200_c32_lm.json",
     "bench_linear_gather_w4_h200_c32_check_a.json", "bench_linear_gather_w4_h200_c32_check_b.json",
     "bench_linear_gather_w2_h200_c32.json")]
-#: held out of the fit: a third lease (two W=4 runs, LM heads at T = 8..32), measured after the rule was
+#: held out of the fit: a third host (two W=4 runs, LM heads at T = 8..32), measured after the rule was
 #: committed; tests/test_linear_cost_fit.py checks the target on these too
 HELD_OUT_FILES = [os.path.join(RESULTS, f) for f in (
     "bench_linear_gather_w4_h200_c32_held_out_a.json", "bench_linear_gather_w4_h200_c32_held_out_b.json")]

@@ -64,7 +64,7 @@ SAFETY_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", 
 #: dispatch picks the multimem kernel only when this is "1": pinned so an inherited value cannot
 MULTIMEM_OFF = {"TPFUSE_ENABLE_MULTIMEM": "0"}
 
-#: Time budget.  A call on the lent machines ends after 600 s; a group's steps must end by 570 s
+#: Time budget.  A call on the GPU hosts ends after 600 s; a group's steps must end by 570 s
 #: (30 s for start-up, the transfers and the summary).  A step costs its limit plus the 5 s that
 #: ``timeout`` waits between SIGTERM and SIGKILL, and an optional step its probe's as well.
 #: The limits (seconds), from the logs in benchmarks/results (W=2 and W=4 on H200) with margin:
@@ -481,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.dry_run:
             print("no GPU found (nvidia-smi lists none): this script needs a host with W GPUs", file=sys.stderr)
             return 1
-        model, note = "NVIDIA H200", "no GPU here: file names assume NVIDIA H200 (the lent machines)"
+        model, note = "NVIDIA H200", "no GPU here: file names assume NVIDIA H200 (the GPU hosts)"
     plan = make_plan(args.W, args.out, file_part(model))
     if args.dry_run:
         dry_run(groups, plan, note)

@@ -53,7 +53,7 @@ def test_model_error(rows):
 
 def test_every_fused_row_measured_at_least_the_target(rows):
     """The target (docs/benchmarks.md, "Against the targets"): at least TARGET_SPEEDUP over cuBLAS + the tpfuse gather on every
-    measurement of every row the rule fuses, W=4, T <= 32: the fitted runs and a lease held out."""
+    measurement of every row the rule fuses, W=4, T <= 32: the fitted runs and a host held out."""
     everything = rows + fit_linear_cost.load_rows(fit_linear_cost.HELD_OUT_FILES)
     fused = [(W, r["shape"], r["T"], round(measured, 3)) for W, r, measured, _ in fit_linear_cost.speedups(everything)
              if linear_cost.decide(r["T"], r["K"], [r["N_r"]] * W, "bfloat16", device_name=CARD).fuse]

@@ -31,7 +31,7 @@ below equal to what it gives on the committed results).  The model:
 Fitted by least squares to the LM-head rows (K 4096 and 7168, W=2 and 4,
 T=1..32; the kernel of 2026-11-27 with the split entry barrier and the fifth sweep's
 launch configs; CUDA graphs of 32 calls, which pay the ranks' host skew once per 32 calls,
-as a decode step's graph pays it once per model): four W=4 runs on two leased machines and
+as a decode step's graph pays it once per model): four W=4 runs on two different 4-GPU hosts and
 one W=2 run, 76 rows.  The model's speedup is within 0.06 of the measured one on every row;
 it over-predicts by up to 0.06 at T <= 8 (where it predicts at most 1.16x) and on W=2
 (at most 1.16x), and by at most 0.023 on the rows it fuses (hidden 4096, W=4, T = 21..32).
@@ -52,7 +52,7 @@ import torch
 #: fitted to (benchmarks/fit_linear_cost.py prints the same keys from the results files' ``meta``).
 #: Anywhere else the rule does not fuse: no constant below describes another card or W.
 MEASURED = {
-    ("NVIDIA H200", 4): "four runs on two leases, 2026-11-27 (benchmarks/results/bench_linear_gather_w4_h200_c32*.json)",
+    ("NVIDIA H200", 4): "four runs on two hosts, 2026-11-27 (benchmarks/results/bench_linear_gather_w4_h200_c32*.json)",
     ("NVIDIA H200", 2): "one run, 2026-11-27 (benchmarks/results/bench_linear_gather_w2_h200_c32.json)",
 }
 
