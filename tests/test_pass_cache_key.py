@@ -82,7 +82,7 @@ def test_uuid_ignores_a_module_the_passes_do_not_import(tmp_path, pristine):
     source, baseline = pristine
     assert not any(p.name == "demo.py" for p in pass_source_files())
     _copy_package(tmp_path, source)
-    _edit(tmp_path / "tpfuse" / "demo.py", '"""', '"""Edited. ')
+    _edit(tmp_path / "tpfuse" / "cli" / "demo.py", '"""', '"""Edited. ')
     assert _run(_UUID_SCRIPT, tmp_path) == baseline
 
 

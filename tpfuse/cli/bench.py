@@ -16,13 +16,13 @@ import pathlib
 import subprocess
 import sys
 
-from .ranks import SAFE_GPU_ENV
+from ..ranks import SAFE_GPU_ENV
 
 BENCHMARKS = ("bench_gather.py", "bench_e2e_decode.py", "bench_linear_gather.py")
 
 
 def _benchmarks_dir() -> pathlib.Path:
-    root = pathlib.Path(__file__).resolve().parents[1]
+    root = pathlib.Path(__file__).resolve().parents[2]
     folder = root / "benchmarks"
     if not folder.is_dir():
         raise FileNotFoundError(

@@ -79,7 +79,7 @@ def _explain_rank(rank: int, world_size: int, spec: str, dump_dir: str, device: 
 def run(spec: str, nproc: int = 2, dump_dir: str = "tpfuse_dumps", device: str = "cpu",
         timeout: float = 600.0, fuse_linear: bool = False, zero_copy: bool = False,
         eliminate_gathers: bool = True) -> int:
-    from .ranks import run_ranks
+    from ..ranks import run_ranks
 
     try:
         load_entry(spec)  # fail here, with one clear message, not once per rank

@@ -77,7 +77,7 @@ def compile_check(rank: int, world_size: int, device: str) -> dict:
 
 
 def run_compile_demo(device: str, nproc: int, timeout: float, backend: str) -> bool:
-    from .ranks import run_ranks
+    from ..ranks import run_ranks
 
     print(f"\ntorch.compile of an unmodified {nproc}-rank TP model with tpfuse.enable() (Inductor)")
     per_rank = run_ranks(nproc, compile_check, device, backend=backend, timeout=timeout)

@@ -31,7 +31,7 @@ def gather_check(rank: int, world_size: int, device: str) -> list[tuple]:
 
 
 def run(device: str = "cpu", nproc: int = 2, timeout: float = 300.0) -> int:
-    from .ranks import run_ranks
+    from ..ranks import run_ranks
 
     backend = "nccl" if device == "cuda" else "gloo"
     if device == "cuda" and torch.cuda.device_count() < nproc:
