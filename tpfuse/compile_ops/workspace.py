@@ -191,7 +191,8 @@ def _set_up(device: torch.device, what: str, fn, *args):
 def _all_gather_ints(values: list[int], group: Group, device: torch.device) -> torch.Tensor:
     mine = torch.tensor(values, dtype=torch.int64, device=device)
     everyone = torch.empty(group.world_size * len(values), dtype=torch.int64, device=device)
-    dist.all_gather_into_tensor(everyone, mine, group=group.pg)
+    # all_gather_single where torch has it: its older name warns as deprecated on every call
+    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(everyone, mine, group=group.pg)
     return everyone.view(group.world_size, len(values)).cpu()
 
 
