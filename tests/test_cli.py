@@ -1,8 +1,15 @@
-"""The command line as a new user meets it: ``python -m tpfuse demo`` and ``explain``."""
+"""The command line as a new user meets it: ``python -m tpfuse demo``, ``explain``, ``bench``, ``tune``,
+and every mistyped argument answered in one line (what was wrong, what is accepted) with status 2."""
 
+import os
 import pathlib
+import shutil
 import subprocess
 import sys
+
+import pytest
+
+from tpfuse.cli import main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -75,7 +82,6 @@ def test_explain_reports_a_failing_entry_in_one_line(tmp_path):
 
 
 def test_bench_without_gpus_says_why():
-    import pytest
     import torch
 
     if torch.cuda.is_available():
@@ -83,3 +89,68 @@ def test_bench_without_gpus_says_why():
     code, out, err = _run("bench")
     assert code == 2
     assert "needs 4 CUDA GPUs, found 0" in err
+
+
+#: (arguments, what the one line must say: the bad value and what is accepted)
+BAD_ARGUMENTS = [
+    (["demo", "--nproc", "0"], ["python -m tpfuse demo: error:", "--nproc", "'0'", ">= 2"]),
+    (["demo", "--nproc", "1"], ["--nproc", "'1'", ">= 2"]),  # one rank has nothing to gather from
+    (["demo", "--nproc", "two"], ["--nproc", "'two'", ">= 2"]),
+    (["demo", "--timeout", "0"], ["--timeout", "'0'", "> 0"]),
+    (["demo", "--timeout", "nan"], ["--timeout", "'nan'", "> 0"]),
+    (["demo", "--device", "tpu"], ["--device", "'tpu'", "'cpu', 'cuda'"]),
+    (["demo", "--bogus"], ["--bogus", "--nproc", "--timeout", "--device"]),
+    (["--bogus"], ["python -m tpfuse: error:", "--bogus", "demo, explain, bench"]),
+    ([], ["no command given", "demo, explain, bench"]),
+    (["demoo"], ["'demoo'", "'demo', 'explain', 'bench'"]),
+    (["explain", "m:f", "--nproc", "-1"], ["python -m tpfuse explain: error:", "'-1'", ">= 2"]),
+    (["explain"], ["MODULE:FUNCTION"]),
+    (["bench", "--nproc", "1"], ["python -m tpfuse bench: error:", "'1'", ">= 2"]),
+]
+
+
+@pytest.mark.parametrize("argv, says", BAD_ARGUMENTS, ids=lambda a: " ".join(a) if isinstance(a, list) else "")
+def test_a_bad_argument_is_one_line_naming_it(argv, says, capsys):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 2 and not out
+    assert len(err.strip().splitlines()) == 1, err
+    for words in says:
+        assert words in err, (words, err)
+
+
+def test_the_module_entry_names_a_bad_flag():
+    # the same, through ``python -m tpfuse`` (tpfuse/__main__.py), as a user types it
+    code, out, err = _run("--bogus")
+    assert code == 2 and err.strip().splitlines() == [
+        "python -m tpfuse: error: unrecognized argument(s) --bogus; accepted: --help, --verbose, "
+        "then a command: " + ", ".join(_commands())], err
+
+
+def _commands():
+    return ["demo", "explain", "bench"] + (["tune"] if _has_tuner(ROOT) else [])
+
+
+def _has_tuner(root):
+    return (root / "tpfuse" / "tune.py").exists() or (root / "tpfuse" / "cli" / "tune.py").exists()
+
+
+def test_tune_hands_its_arguments_to_the_tuner(tmp_path):
+    # a copy of the package with a stand-in tuner: ``tune`` appears and passes everything after it on
+    shutil.copytree(ROOT / "tpfuse", tmp_path / "tpfuse", ignore=shutil.ignore_patterns("__pycache__"))
+    for stale in ("tune.py", "cli/tune.py"):
+        (tmp_path / "tpfuse" / stale).unlink(missing_ok=True)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "tpfuse", *args], capture_output=True, text=True,
+                              timeout=300, cwd=tmp_path, env=env)
+
+    # the negative control: without a tuner, ``tune`` is no command
+    proc = run("tune", "--help")
+    assert proc.returncode == 2 and "invalid choice: 'tune'" in proc.stderr, proc.stderr
+    (tmp_path / "tpfuse" / "tune.py").write_text(
+        "def main(argv):\n    print('tuner got', argv)\n    return 3\n")
+    proc = run("tune", "--gpu", "h200", "-v", "--help", "out.json")
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout.strip() == "tuner got ['--gpu', 'h200', '-v', '--help', 'out.json']"

@@ -44,8 +44,8 @@ TOP = "tpfuse"
 LAYERS = (
     # ``tpfuse.cli`` is the parser (``tpfuse/cli/__init__.py``); its commands are tools
     ("command line", ("tpfuse.__main__", "tpfuse.cli")),
-    ("tools", ("tpfuse.cli.demo", "tpfuse.cli.demo_compile", "tpfuse.cli.explain", "tpfuse.cli.bench", "tpfuse.ranks",
-               "tpfuse.tune", "tpfuse.cli.tune")),
+    ("tools", ("tpfuse.cli.demo", "tpfuse.cli.demo_compile", "tpfuse.cli.explain", "tpfuse.cli.bench",
+               "tpfuse.cli.errors", "tpfuse.ranks", "tpfuse.tune", "tpfuse.cli.tune")),
     ("public API", ("tpfuse",)),
     ("passes", ("tpfuse.passes",)),
     ("compile_ops", ("tpfuse.compile_ops",)),

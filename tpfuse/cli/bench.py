@@ -17,6 +17,7 @@ import subprocess
 import sys
 
 from ..ranks import SAFE_GPU_ENV
+from .errors import CommandError
 
 BENCHMARKS = ("bench_gather.py", "bench_e2e_decode.py", "bench_linear_gather.py")
 
@@ -25,8 +26,8 @@ def _benchmarks_dir() -> pathlib.Path:
     root = pathlib.Path(__file__).resolve().parents[2]
     folder = root / "benchmarks"
     if not folder.is_dir():
-        raise FileNotFoundError(
-            f"tpfuse bench: no benchmarks/ folder next to the package ({root}); run it from a "
+        raise CommandError(
+            f"no benchmarks/ folder next to the package ({root}); run it from a "
             "source checkout installed with `pip install -e .`"
         )
     return folder
@@ -37,9 +38,8 @@ def run(nproc: int, out: str, only: str | None = None) -> int:
 
     found = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if found < max(nproc, 2):
-        print(f"tpfuse bench: needs {max(nproc, 2)} CUDA GPUs, found {found}; the benchmarks "
-              "compare multi-GPU gathers", file=sys.stderr)
-        return 2
+        raise CommandError(f"--nproc {nproc} needs {nproc} CUDA GPUs, found {found}; the benchmarks "
+                           "compare multi-GPU gathers")
     folder = _benchmarks_dir()
     env = dict(os.environ, **SAFE_GPU_ENV)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(folder.parent), env.get("PYTHONPATH")]))

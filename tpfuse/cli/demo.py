@@ -6,6 +6,8 @@ import logging
 
 import torch
 
+from .errors import CommandError
+
 log = logging.getLogger("tpfuse.demo")
 
 
@@ -35,8 +37,8 @@ def run(device: str = "cpu", nproc: int = 2, timeout: float = 300.0) -> int:
 
     backend = "nccl" if device == "cuda" else "gloo"
     if device == "cuda" and torch.cuda.device_count() < nproc:
-        log.error("--device cuda --nproc %d needs %d GPUs, found %d", nproc, nproc, torch.cuda.device_count())
-        return 2
+        raise CommandError(f"--device cuda --nproc {nproc} needs {nproc} GPUs, found {torch.cuda.device_count()}; "
+                           "accepted: --nproc up to the GPUs present, or --device cpu")
     print(f"tpfuse demo: {nproc} {backend} ranks on {device}, torch {torch.__version__}")
     log.info("spawning %d ranks (each imports torch: a few seconds)", nproc)
     per_rank = run_ranks(nproc, gather_check, device, backend=backend, timeout=timeout)

@@ -22,10 +22,12 @@ import os
 import pathlib
 import sys
 
+from .errors import CommandError
+
 log = logging.getLogger("tpfuse.explain")
 
 
-class EntryError(Exception):
+class EntryError(CommandError):
     """A problem with the user's entry, said in one line (the traceback only with -v)."""
 
 
