@@ -500,3 +500,7 @@ def local_grad_source(logits, target, with_log_sum, with_target_logit, with_logi
     constexprs = local_grad_constexprs(with_log_sum, with_target_logit, with_logit_sum, with_entropy, block)
     return _source(local_grad_kernel, types, constexprs,
                    ("x_ptr", "grad_ptr", "width", "full_width", "row_stride") if aligned else ())
+
+
+# kernels/lm_head_reduce.py computes these partials in a GEMM's epilogue with the same shift
+logsumexp_shift = _shift
