@@ -119,6 +119,18 @@ def test_a_bad_argument_is_one_line_naming_it(argv, says, capsys):
         assert words in err, (words, err)
 
 
+def test_demo_on_missing_gpus_is_one_line(capsys):
+    import torch
+
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has the GPUs: the demo would run")
+    code = main(["demo", "--device", "cuda", "--nproc", "2"])
+    out, err = capsys.readouterr()
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "python -m tpfuse demo: error: --device cuda --nproc 2 needs 2 GPUs, found" in err
+    assert "--device cpu" in err
+
+
 def test_the_module_entry_names_a_bad_flag():
     # the same, through ``python -m tpfuse`` (tpfuse/__main__.py), as a user types it
     code, out, err = _run("--bogus")

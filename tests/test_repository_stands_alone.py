@@ -139,3 +139,43 @@ def test_the_machinery_allowance_names_files_that_exist():
     # a renamed or deleted file would leave its allowance behind for a new file of that name
     files = set(_files())
     assert not [rel for rel in MACHINERY_ALLOWED if rel not in files]
+
+
+# --------------------------------------------------------------------------- the docs reach every page
+
+#: a markdown link or image: ``[text](target)``
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def _docs_pages():
+    return sorted(name for name in os.listdir(os.path.join(ROOT, "docs")) if name.endswith(".md"))
+
+
+def _linked(rel):
+    with open(os.path.join(ROOT, rel), encoding="utf-8") as f:
+        return LINK.findall(f.read())
+
+
+def test_readme_and_the_docs_index_list_every_docs_page():
+    pages = _docs_pages()
+    assert "index.md" in pages and "benchmarks.md" in pages  # a listing of nothing passes trivially
+    in_readme = {t.split("#")[0] for t in _linked("README.md")}
+    in_index = {t.split("#")[0] for t in _linked("docs/index.md")}
+    assert not [p for p in pages if f"docs/{p}" not in in_readme], "README.md's Docs list lacks these docs/ pages"
+    assert not [p for p in pages if p != "index.md" and p not in in_index], "docs/index.md lacks these pages"
+
+
+def test_every_relative_link_in_the_docs_resolves():
+    bad = []
+    for rel in ["README.md", "benchmarks/NOTES.md"] + [f"docs/{p}" for p in _docs_pages()]:
+        for target in _linked(rel):
+            path = target.split("#")[0]
+            if not path or re.match(r"[a-z]+:", path):  # an anchor in the same page, or a URL
+                continue
+            if not os.path.exists(os.path.normpath(os.path.join(ROOT, os.path.dirname(rel), path))):
+                bad.append(f"{rel}: ({target})")
+    assert not bad, "links to files that do not exist (figures included):\n" + "\n".join(bad)
+
+
+def test_the_link_check_catches_a_missing_file():
+    assert LINK.findall("see ![a plot](img/none.png) and [x](api.md#y)") == ["img/none.png", "api.md#y"]
