@@ -53,8 +53,9 @@ def _verbosity(parser: argparse.ArgumentParser, dest: str) -> None:
                         help="more log output and full tracebacks (-vv: debug)")
 
 
-def _tune_main():
-    """The tuner's ``main(argv)`` where this checkout has one (``tpfuse/cli/tune.py`` or ``tpfuse/tune.py``)."""
+def tuner():
+    """The tuner's ``main(argv)`` where this checkout has one (``tpfuse/cli/tune.py`` or ``tpfuse/tune.py``),
+    else None (then ``tune`` is no command)."""
     if importlib.util.find_spec("tpfuse.cli.tune") is not None:
         from . import tune
 
@@ -114,7 +115,7 @@ def _parser() -> _Parser:
     _add_demo(sub)
     _add_explain(sub)
     _add_bench(sub)
-    if _tune_main() is not None:
+    if tuner() is not None:
         _add_tune(sub)
     return parser
 
@@ -157,7 +158,7 @@ def _run(args) -> int:
         return explain.run(args.entry, args.nproc, args.dump_dir, args.device, args.timeout,
                            args.fuse_linear, args.zero_copy, not args.keep_gathers)
     if args.command == "tune":
-        return _tune_main()(args.tune_args)
+        return tuner()(args.tune_args)
     from . import bench
 
     return bench.run(args.nproc, args.out, args.only)
