@@ -45,7 +45,7 @@ LAYERS = (
     # ``tpfuse.cli`` is the parser (``tpfuse/cli/__init__.py``); its commands are tools
     ("command line", ("tpfuse.__main__", "tpfuse.cli")),
     ("tools", ("tpfuse.cli.demo", "tpfuse.cli.demo_compile", "tpfuse.cli.explain", "tpfuse.cli.bench",
-               "tpfuse.cli.errors", "tpfuse.ranks", "tpfuse.tune", "tpfuse.cli.tune")),
+               "tpfuse.cli.errors", "tpfuse.ranks", "tpfuse.tune", "tpfuse.tune_gpu", "tpfuse.cli.tune")),
     ("public API", ("tpfuse",)),
     ("passes", ("tpfuse.passes",)),
     ("compile_ops", ("tpfuse.compile_ops",)),
@@ -372,12 +372,17 @@ def private_names_across_modules(tree: Tree) -> list[str]:
     return bad
 
 
+#: the names in ``os`` that read the process environment
+_ENVIRONMENT_NAMES = ("environ", "environb", "getenv", "getenvb")
+
+
 def environment_uses(source: str, filename: str = "<source>") -> list[tuple[int, str]]:
     """``(line, line text)`` of every read of the process environment in ``source``.
 
     A read is any use of ``os.environ`` (``os`` under any alias) other than writing it
-    (``os.environ[k] = v``, ``del os.environ[k]``, ``os.environ.update(...)``), ``os.getenv``, and
-    importing ``environ``/``getenv`` from ``os`` (whatever is done with them then)."""
+    (``os.environ[k] = v``, ``del os.environ[k]``, ``os.environ.update(...)``), ``os.getenv``,
+    ``getattr(os, "environ")`` and the like (the name spelled as a string), and importing
+    ``environ``/``getenv`` from ``os`` (whatever is done with them then)."""
     syntax = ast.parse(source, filename)
     lines = source.splitlines()
     parents = {child: node for node in ast.walk(syntax) for child in ast.iter_child_nodes(node)}
@@ -386,12 +391,16 @@ def environment_uses(source: str, filename: str = "<source>") -> list[tuple[int,
     found = []
     for node in ast.walk(syntax):
         if isinstance(node, ast.ImportFrom) and node.module == "os" and not node.level:
-            if any(a.name in ("environ", "environb", "getenv", "getenvb", "*") for a in node.names):
+            if any(a.name in (*_ENVIRONMENT_NAMES, "*") for a in node.names):
                 found.append(node.lineno)
         elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in os_names
-              and node.attr in ("environ", "environb", "getenv", "getenvb")):
+              and node.attr in _ENVIRONMENT_NAMES):
             if not (node.attr.startswith("environ") and _writes_environment(node, parents)):
                 found.append(node.lineno)
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr"
+              and len(node.args) >= 2 and isinstance(node.args[0], ast.Name) and node.args[0].id in os_names
+              and isinstance(node.args[1], ast.Constant) and node.args[1].value in _ENVIRONMENT_NAMES):
+            found.append(node.lineno)
     return [(line, lines[line - 1].strip()) for line in sorted(set(found))]
 
 
@@ -419,10 +428,11 @@ def package():
 
 def test_the_scan_sees_the_modules_and_their_imports(package):
     # a tree of nothing passes every rule: make sure the scan reads the package and finds known edges
-    assert {"tpfuse.passes.barrier_elision", "tpfuse.compile_ops.all_gather_hidden", "tpfuse.kernels.push_gather",
+    assert {"tpfuse.passes.barrier_elision", "tpfuse.compile_ops.all_gather_hidden",
+            "tpfuse.kernels.barrier.push_gather",
             "tpfuse.config", "tpfuse.__main__", "tpfuse.cli", "tpfuse.cli.demo", "tpfuse"} <= set(package.sources)
     edges = import_edges(package)
-    assert {"tpfuse.kernels.push_gather", "tpfuse.kernels.peer_args"} <= edges["tpfuse.kernels.flag_gather"]
+    assert {"tpfuse.kernels.compiler", "tpfuse.kernels.peer_args"} <= edges["tpfuse.kernels.flag.gather"]
     assert "tpfuse.config" in edges["tpfuse.compile_ops.dispatch"]
     assert any(environment_uses(package.sources[SETTINGS]))
 
@@ -510,6 +520,8 @@ UP_THE_LAYERS = [
     ("tpfuse/kernels/push.py", "import importlib\nm = importlib.import_module('tpfuse.passes.manager')\n"),
     ("tpfuse/passes/manager.py", "from ..ranks import run_ranks\n"),
     ("tpfuse/ranks.py", "from . import __main__\n"),
+    ("tpfuse/kernels/push.py", "def f():\n    return __import__('tpfuse.passes.manager')\n"),
+    ("tpfuse/kernels/push.py", "import importlib\nm = importlib.import_module('..passes.manager', package=__package__)\n"),
     ("tpfuse/ranks.py", "from .cli import main\n"),
     ("tpfuse/cli/demo.py", "from . import main\n"),
     ("tpfuse/cli/bench.py", "def f():\n    from tpfuse.cli import main\n"),
@@ -536,6 +548,9 @@ ENVIRONMENT_READS = [
     "import os\nenv = os.environ\n",
     "import os\nx = 'TPFUSE_BACKEND' in os.environ\n",
     "import os\nx = os.environ.setdefault('TPFUSE_BACKEND', 'auto')\n",
+    "import os\nx = getattr(os, 'environ')['TPFUSE_BACKEND']\n",
+    "import os as system\nread = getattr(system, 'getenv')\n",
+    "import os\nx = os.environb.get(b'TPFUSE_BACKEND')\n",
 ]
 
 
@@ -576,6 +591,18 @@ def test_an_import_up_the_layers_is_caught(path, source):
 def test_a_new_top_level_module_must_be_placed_in_a_layer():
     tree = _broken({"tpfuse/extra.py": "from .passes import manager\n"})
     assert modules_without_a_layer(tree) == ["tpfuse.extra"]
+    # a new top-level package too, with everything in it
+    tree = _broken({"tpfuse/extras/__init__.py": "", "tpfuse/extras/more.py": "from ..passes import manager\n"})
+    assert modules_without_a_layer(tree) == ["tpfuse.extras", "tpfuse.extras.more"]
+
+
+def test_a_new_command_line_module_is_placed_by_its_folder():
+    # tpfuse/cli/new.py sits with the parser (command line): a tool importing it imports up the layers
+    tree = _broken({"tpfuse/cli/new.py": "from ..ranks import run_ranks\n",
+                    "tpfuse/cli/demo.py": "from . import new\n"})
+    assert not modules_without_a_layer(tree)
+    assert imports_up_the_layers(tree) == [
+        "tpfuse.cli.demo:1: imports tpfuse.cli.new (tools must not import from command line, a layer above it)"]
 
 
 def test_new_modules_of_a_layer_package_are_placed_by_their_folder():
