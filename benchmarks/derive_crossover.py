@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import subprocess
@@ -36,10 +35,11 @@ import sys
 from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-#: bench_gather.py times bf16 rows only, so a row's slab per rank is T * width * 2 bytes
-BENCH_ITEMSIZE = 2
-FLAG, BARRIER_PUSH = "tpfuse_flag", "tpfuse_both"
-MODES = ("graph", "eager")
+sys.path.insert(0, ROOT)  # run as a script from a checkout: the rule lives in the library
+# The rule itself is the library's (tpfuse/compile_ops/crossover_rule.py), so that this script and
+# ``python -m tpfuse tune`` can never read a measurement under two different rules.
+from tpfuse.compile_ops.crossover_rule import (  # noqa: E402,F401  (re-exported for the evidence tests)
+    BARRIER_PUSH, BENCH_ITEMSIZE, FLAG, MODES, Row, crossover, judge, judge_all, per_width)
 
 SUITE_FILE = "tests/gpu/test_flag_gather.py"
 #: without these two a log cannot stand for the suite, whatever collection finds
@@ -59,46 +59,6 @@ FINAL_LINE = re.compile(r"^=*\s*(?P<counts>\d+ \w+(?:, \d+ \w+)*) in [\d.]+s", r
 
 
 @dataclass(frozen=True)
-class Row:
-    T: int
-    width: int
-    slab: int
-    flag: dict
-    barrier_push: dict
-    verdict: str  # "" when it passes, else why not
-
-
-def judge(row: dict) -> Row:
-    """One bench row against the rule: the flag protocol no slower in graph replay and eager."""
-    flag = {mode: row[mode][FLAG] for mode in MODES}
-    push = {mode: row[mode][BARRIER_PUSH] for mode in MODES}
-    verdict = ""
-    for mode in MODES:
-        if math.isnan(flag[mode]):
-            verdict = "flag protocol not run (slab above its buffers)"
-        elif math.isnan(push[mode]) or flag[mode] > push[mode]:
-            verdict = f"slower in {mode}"
-        if verdict:
-            break
-    return Row(row["T"], row["width"], row["T"] * row["width"] * BENCH_ITEMSIZE, flag, push, verdict)
-
-
-def crossover(rows: list[Row]) -> int:
-    """The largest slab at and below which every row (every width) passes; 0 if the smallest slab fails."""
-    best = 0
-    for slab in sorted({r.slab for r in rows}):
-        if any(r.verdict for r in rows if r.slab == slab):
-            break
-        best = slab
-    return best
-
-
-def per_width(rows: list[Row]) -> dict[int, int]:
-    """Each width's own crossover, for the table only: the entry takes all widths together."""
-    return {w: crossover([r for r in rows if r.width == w]) for w in sorted({r.width for r in rows})}
-
-
-@dataclass(frozen=True)
 class Derivation:
     key: tuple[str, int]  # (GPU model, W), from the log's own header
     rows: list[Row]
@@ -114,7 +74,7 @@ def derive(log: dict) -> Derivation:
     if not log.get("rows"):
         raise ValueError("the log has no rows: bench_gather.py was run with --skip-sweep; a crossover needs the "
                          "T x width sweep")
-    rows = sorted((judge(r) for r in log["rows"]), key=lambda r: (r.slab, r.width, r.T))
+    rows = judge_all(log["rows"])
     return Derivation((log["meta"]["card"], int(log["meta"]["W"])), rows, crossover(rows))
 
 

@@ -82,6 +82,9 @@ VARIABLES = {v.name: v for v in (
     Variable("TPFUSE_FLAG_BLOCK_U", "256", _positive_int, "flag protocol: units per tile (a power of two)"),
     Variable("TPFUSE_FLAG_NUM_WARPS", "4", _positive_int, "flag protocol: warps per block"),
     Variable("TPFUSE_DUMP_DIR", None, str, "write before/after graph code per rank and graph (as enable(dump_dir=))"),
+    Variable("TPFUSE_TUNED_CONFIG_DIR", None, str,
+             "where python -m tpfuse tune writes tuned configs and auto looks first (unset: $XDG_CACHE_HOME/tpfuse, "
+             "else ~/.cache/tpfuse; docs/tuning.md)"),
 )}
 
 
@@ -183,6 +186,13 @@ def pass_config(**options: Any) -> PassConfig:
         names = options["patterns"]
         options["patterns"] = (names,) if isinstance(names, str) else tuple(names)
     return PassConfig(**options)
+
+
+def tuned_config_dir() -> str:
+    """The user's tuned-config folder: ``TPFUSE_TUNED_CONFIG_DIR``, else ``$XDG_CACHE_HOME/tpfuse``, else
+    ``~/.cache/tpfuse`` (the XDG cache convention; read here, the one reader of the environment)."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return get("TPFUSE_TUNED_CONFIG_DIR") or os.path.join(cache, "tpfuse")
 
 
 def dump_dir(option: str | None) -> str | None:
