@@ -55,7 +55,7 @@ LINEAR_CONFIGS = [
     ("bf16_w8_t16_wide", "bfloat16", 7, tuple(32768 * i for i in range(9)), 4096, 16, False, False, False, True),
 ]
 
-# The flag protocol (kernels/flag_gather.py):
+# The flag protocol (kernels/flag/gather.py):
 # (name, elem_size, rank, band_offsets, block_u)
 FLAG_CONFIGS = [
     ("bf16_w4_4096", 2, 1, (0, 4096, 8192, 12288, 16384), 256),
@@ -150,7 +150,7 @@ def poll_loads(ptx):
 
 def _poll_controls():
     """Test-only kernels for the poll check: a bounded wait on int64 units (data in the low half, the flag
-    in the high half, as in kernels/flag_protocol.py), read whole (SPLIT=False) or as two int32 halves
+    in the high half, as in kernels/flag/device.py), read whole (SPLIT=False) or as two int32 halves
     (SPLIT=True: flag and data could then come from different stores, the split the check must reject)."""
     import triton
     import triton.language as tl
@@ -189,21 +189,23 @@ def _import_kernels():
         package = types.ModuleType("tpfuse")
         package.__path__ = [os.path.join(REPO, "tpfuse")]
         sys.modules["tpfuse"] = package
-    from tpfuse.kernels import flag_gather, linear_push, push_gather
+    from tpfuse.kernels import compiler, linear_push
+    from tpfuse.kernels.barrier import push_gather
+    from tpfuse.kernels.flag import gather as flag_gather
 
-    return push_gather, linear_push, flag_gather
+    return compiler, push_gather, linear_push, flag_gather
 
 
 def report():
     import triton
     from triton.backends.compiler import GPUTarget
 
-    push_gather, linear_push, flag_gather = _import_kernels()
+    compiler, push_gather, linear_push, flag_gather = _import_kernels()
     target = GPUTarget("cuda", 90, 32)
     out = {"triton": triton.__version__, "torch_imported": "torch" in sys.modules and sys.modules["torch"] is not None, "kernels": {}}
 
     def record(name, source, compile=None):
-        kernel = (compile or push_gather.compile_source)(source, target=target)
+        kernel = (compile or compiler.compile_source)(source, target=target)
         ptx = kernel.asm["ptx"]
         out["kernels"][name] = {
             "instructions": sorted(set(_INSTRUCTIONS.findall(ptx))),
@@ -243,7 +245,7 @@ def report():
         source = {"local": vocab_softmax.local_stats_source, "merge": vocab_softmax.merge_source,
                   "grad": vocab_softmax.local_grad_source, "finish": vocab_softmax.finish_source,
                   "cross_entropy_grad": vocab_softmax.cross_entropy_grad_source}[kind](*variant)
-        record("softmax_" + name, source, lambda src, target, warps=warps: push_gather.compile_source(
+        record("softmax_" + name, source, lambda src, target, warps=warps: compiler.compile_source(
             src, target=target, num_warps=warps))
     from tpfuse.kernels import vocab_reduce
 

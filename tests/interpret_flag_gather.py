@@ -18,7 +18,11 @@ are written out here:
   status word names the peer; here the wait is bounded by poll iterations);
   with ``ACCEPT_STALE`` it takes the old data;
 - ``clear``: with a clear period of 1 the buffers are zeroed after every read
-  and the results stay exact.
+  and the results stay exact;
+- ``wrap``: the epoch slots start just below the 32-bit wrap: the kernel's own
+  ``next_epoch`` must skip 0 (and 1) and keep the parities alternating;
+- ``layout``: where the kernel's own ``region_offset`` puts each source's units
+  in a receiver's buffer, against the layout docs/flag_protocol.md states.
 
 Prints one JSON line (tests/test_flag_protocol.py runs it in a subprocess,
 because the interpreter is chosen when Triton is imported).
@@ -34,7 +38,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from interpreter_support import addressed  # noqa: E402
-from tpfuse.kernels import failure, flag_gather, flag_protocol  # noqa: E402
+from tpfuse.kernels import failure  # noqa: E402
+from tpfuse.kernels import flag as flag_protocol  # noqa: E402
+from tpfuse.kernels.flag import gather as flag_gather  # noqa: E402
 
 INT_OF = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 POLLS = 3  # poll iterations before a wait gives up (the GPU bounds it by %globaltimer)
@@ -177,6 +183,45 @@ def clear():
     return {"exact": all(results), "parity0_zeroed": zeroed, "status": [int(s[0]) for s in group.status]}
 
 
+def wrap():
+    """Epoch slots at 0xFFFFFFFE on every rank: the calls take 0xFFFFFFFF, then 2, 3 (never 0 or 1)."""
+    group = Group([5, 3, 4], 2, max_slab_bytes=8 * 5 * 2)
+    for epochs in group.epochs:
+        epochs.fill_(-2)  # 0xFFFFFFFE as int32 bits
+    results = []
+    for i, T in enumerate([2, 8, 1]):
+        slabs = group.slabs(T, seed=40 + i)
+        exact_now = exact(group.call(slabs), slabs)
+        results.append({"epoch": int(group.epochs[0][0]) & 0xFFFFFFFF, "exact": exact_now,
+                        "slots_agree": all(bool((e == group.epochs[0][0]).all()) for e in group.epochs),
+                        "status": [int(st[0]) for st in group.status]})
+    return results
+
+
+def layout():
+    """After every rank sent call 1 (epoch 1, parity 1) and before anyone read it (a read of call 1 zeroes
+    what it read: ``clear``): each receiver's buffer holds source s's units, flagged 1, at the start of
+    region (1, s), that is from unit (1 * W + s) * region_units, and nothing anywhere else."""
+    widths, elem, T = [7, 5, 9], 2, 3
+    group = Group(widths, elem, max_slab_bytes=4 * max(widths) * elem)
+    slabs = group.slabs(T, seed=7)
+    outs = group.poisoned(T)
+    for r in range(group.W):
+        group.launch(r, slabs[r], outs[r], flag_gather.SEND, group.grid(T))
+    W, units = group.W, group.region_units
+    placed = []
+    for r, buffer in enumerate(group.buffers):
+        flags = torch.zeros_like(buffer)
+        for s in range(W):
+            if s != r:
+                start = (1 * W + s) * units
+                flags[start: start + flag_protocol.units_for(T * widths[s], elem)] = 1
+        placed.append(bool(((buffer >> 32) == flags).all()) and bool((buffer[flags == 0] == 0).all()))
+    for r in range(group.W):
+        group.launch(r, slabs[r], outs[r], flag_gather.RECEIVE, group.grid(T))
+    return {"exact": exact(outs, slabs), "placed": placed, "status": [int(st[0]) for st in group.status]}
+
+
 if __name__ == "__main__":
     print(json.dumps({
         "cases": cases(),
@@ -186,5 +231,7 @@ if __name__ == "__main__":
         "stale": stale(),
         "stale_accepted": stale(accept_stale=True),
         "clear": clear(),
+        "wrap": wrap(),
+        "layout": layout(),
         "missing": [missing(elem, widths) for elem, widths in ((1, [5, 3]), (2, [8, 7, 9]), (4, [3, 4]))],
     }))

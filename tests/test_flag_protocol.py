@@ -14,7 +14,8 @@ from tpfuse.compile_ops import dispatch, push, push_backends, workspace as works
 from tpfuse.compile_ops.dispatch import Backend
 from tpfuse.compile_ops.flag_evidence import FlagEvidence
 from tpfuse.compile_ops.groups import Group
-from tpfuse.kernels import flag_protocol
+from tpfuse.kernels import failure
+from tpfuse.kernels import flag as flag_protocol
 
 import interpreter_support
 
@@ -27,23 +28,11 @@ def test_units_carry_four_data_bytes_and_pad_to_16_byte_pairs():
     assert flag_protocol.units_for(3, 4) == 4  # 3 words -> padded to 2 pairs
 
 
-def test_buffer_layout_regions_do_not_overlap():
-    W, slab = 4, dispatch.FLAG_MAX_SLAB_BYTES
+def test_buffer_holds_both_parities_and_one_region_per_source():
+    W, slab = 4, flag_protocol.MAX_SLAB_BYTES
     units = flag_protocol.region_units(slab)
-    starts = sorted(flag_protocol.region_offset_units(p, s, W, units) for p in range(2) for s in range(W))
-    assert starts == [i * units for i in range(2 * W)]
-    assert flag_protocol.buffer_bytes(W, slab) == 2 * W * units * 8 == 4 << 20  # 4 MiB at W=4
-
-
-def test_epochs_skip_zero_and_keep_alternating_parity():
-    assert flag_protocol.next_epoch(1) == 2
-    assert flag_protocol.next_epoch(0xFFFFFFFE) == 0xFFFFFFFF
-    after_wrap = flag_protocol.next_epoch(0xFFFFFFFF)
-    assert after_wrap != 0 and after_wrap % 2 == 0  # odd -> even: buffers still alternate
-
-
-def test_protocol_has_no_entry_barrier_for_a_pass_to_elide():
-    assert flag_protocol.HAS_ENTRY_BARRIER is False
+    assert units == flag_protocol.units_for(slab, 1) and units % 2 == 0  # whole 16-byte pairs
+    assert flag_protocol.buffer_bytes(W, slab) == flag_protocol.PARITIES * W * units * 8 == 4 << 20  # 4 MiB at W=4
     assert flag_protocol.PARITIES >= 2  # the proof that replaces the entry barrier needs two buffers
 
 
@@ -76,7 +65,7 @@ def test_interpreter_parity_lets_a_peer_run_one_call_ahead(interpreted):
 def test_interpreter_negative_control_one_buffer(interpreted):
     # The epoch check refuses the overwritten units (the wait gives up, naming peer 1) ...
     assert not interpreted["ahead_one_buffer"]["exact"]
-    assert interpreted["ahead_one_buffer"]["status"] == 3 * 2**24 + 1 + 1
+    assert failure.describe(interpreted["ahead_one_buffer"]["status"]) == ("flag wait", 0, 1)
     # ... and without it the overwrite is silent corruption.
     assert interpreted["ahead_one_buffer_accept_stale"] == {"exact": False, "status": 0}
 
@@ -84,7 +73,7 @@ def test_interpreter_negative_control_one_buffer(interpreted):
 def test_interpreter_negative_control_stale_epoch(interpreted):
     # Data not there yet: the protocol waits and reports the peer, never reads the old call's units,
     # and the result holds poison, not the old call's bytes ...
-    assert not interpreted["stale"]["exact"] and interpreted["stale"]["status"] == 3 * 2**24 + 1 + 1
+    assert not interpreted["stale"]["exact"] and failure.describe(interpreted["stale"]["status"]) == ("flag wait", 0, 1)
     assert interpreted["stale"]["poisoned"] and interpreted["stale"]["call"] == 5
     # ... a receiver that accepts stale epochs returns them silently.
     accepted = interpreted["stale_accepted"]
@@ -96,12 +85,27 @@ def test_interpreter_timed_out_call_poisons_its_whole_result_and_names_the_call(
     band alone), the status names the flag wait, block 0, peer 1 (or the first peer that is missing), and call 2."""
     for case in interpreted["missing"]:
         assert case["poisoned"], case
-        assert case["status"] >> 24 == 3 and case["call"] == 2, case
-        assert (case["status"] & 0xFF) - 1 in (1, 2), case
+        which, _, peer = failure.describe(case["status"])
+        assert which == "flag wait" and case["call"] == 2 and peer in (1, 2), case
 
 
 def test_interpreter_clear_every_call_stays_exact(interpreted):
     assert interpreted["clear"] == {"exact": True, "parity0_zeroed": True, "status": [0, 0, 0]}
+
+
+def test_interpreter_epochs_skip_zero_and_keep_alternating_parity_across_the_wrap(interpreted):
+    """The kernel's own ``next_epoch``, run from slots at 0xFFFFFFFE: 0xFFFFFFFF (odd), then 2 (even) and 3,
+    never 0 ("never written") nor 1 (a second odd call in a row would land in the buffer just read)."""
+    calls = interpreted["wrap"]
+    assert [c["epoch"] for c in calls] == [0xFFFFFFFF, 2, 3]
+    assert all(c["exact"] and c["slots_agree"] and not any(c["status"]) for c in calls), calls
+
+
+def test_interpreter_units_land_in_the_documented_regions(interpreted):
+    """The kernel's own ``region_offset``: source s's units in region (parity, s) of each receiver, parity-major,
+    nothing elsewhere (docs/flag_protocol.md, "Units and layout").  A layout that every rank gets equally wrong
+    still returns exact results, so only this check sees it."""
+    assert interpreted["layout"] == {"exact": True, "placed": [True, True, True], "status": [0, 0, 0]}
 
 
 # --------------------------------------------------------------------------- the choice
@@ -177,7 +181,7 @@ def test_capture_never_sets_the_flag_buffers_up(fake_cuda, monkeypatch):
 
 def test_flag_timeout_report_names_the_missing_rank():
     ws = _fake_workspace()
-    ws.status_view = np.array([3 * 2**24 + 5 * 256 + 2 + 1, 12], dtype=np.int32)
+    ws.status_view = np.array([failure.code(failure.FLAG_TIMEOUT.value, 5, 2), 12], dtype=np.int32)
     with pytest.raises(RuntimeError, match=r"timed out in the flag wait \(block 5\) of call 12 .* after 2s waiting for rank 2"):
         push.raise_if_failed(ws)
 

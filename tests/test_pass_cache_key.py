@@ -1,7 +1,7 @@
 """The pass's cache key covers every tpfuse module the passes import (docs/passes.md, "Caching").
 
 The barrier-elision pass decides graphs on protocol facts kept beside the kernels
-(``kernels/barrier.py``, ``kernels/flag_protocol.py``).  A changed fact must change
+(``kernels/barrier/``, ``kernels/flag/``).  A changed fact must change
 ``TpfusePass.uuid()``, or Inductor's FX graph cache would serve a graph decided under
 the old fact.  Each uuid here is computed in a fresh process on a copy of the package
 (the hash is computed once per process, as in real use).
@@ -66,8 +66,8 @@ def pristine(tmp_path_factory):
 
 
 @pytest.mark.parametrize("module, old, new", [
-    ("kernels/barrier.py", "READS_END_IN_KERNEL = True", "READS_END_IN_KERNEL = False"),
-    ("kernels/flag_protocol.py", 'FENCE = "{gather} (flag protocol:', 'FENCE = "{gather} (flag:'),
+    ("kernels/barrier/__init__.py", "READS_END_IN_KERNEL = True", "READS_END_IN_KERNEL = False"),
+    ("kernels/flag/__init__.py", 'FENCE = "{gather} (flag protocol:', 'FENCE = "{gather} (flag:'),
 ])
 def test_uuid_changes_with_a_protocol_fact_the_passes_import(tmp_path, pristine, module, old, new):
     source, baseline = pristine

@@ -20,7 +20,7 @@ from tpfuse.compile_ops.backend import Backend
 from tpfuse.compile_ops.dispatch import FLAG_MAX_SLAB_BYTES
 from tpfuse.compile_ops.program_order import ProgramOrder
 from gpu_helpers import as_int, bits  # noqa: F401  (re-exported for the flag tests)
-from tpfuse.kernels import flag_protocol
+from tpfuse.kernels import flag as flag_protocol
 
 INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32}
 

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 
 from .. import config as settings
-from ..kernels import failure, flag_protocol  # plain Python facts; this module is imported only for the GPU paths
+from ..kernels import failure  # plain Python facts; this module is imported only for the GPU paths
+from ..kernels import flag as flag_protocol
 from . import workspace as workspaces
 from .backend import Backend
 from .failures import raise_if_failed
@@ -71,7 +72,8 @@ def _band_offsets(hidden_widths, scale=1):
 
 def _build_plan(ws, dtype, hidden_widths, skip_entry_sync, copy_out, multimem, exit_sync=True,
                 copy_delay_ns=0) -> Plan:
-    from ..kernels import push_gather
+    from ..kernels import compiler
+    from ..kernels.barrier import push_gather
 
     rank = ws.group.rank
     elem_size = dtype.itemsize
@@ -90,7 +92,7 @@ def _build_plan(ws, dtype, hidden_widths, skip_entry_sync, copy_out, multimem, e
                                         chunk, exit_sync, _poison(dtype), copy_delay_ns)
         unit = elem_size
     with torch.cuda.device(ws.device):
-        kernel = push_gather.compile_source(source, num_warps=settings.get("TPFUSE_PUSH_NUM_WARPS"))
+        kernel = compiler.compile_source(source, num_warps=settings.get("TPFUSE_PUSH_NUM_WARPS"))
         run = kernel.run  # loads the module on this device
     names = source.fn.arg_names
     constexprs = tuple(source.constants[(names.index(n),)] for n in names if source.signature[n] == "constexpr")
@@ -225,13 +227,14 @@ def flag_plan(rank: int, device: torch.device, dtype: torch.dtype, hidden_widths
     ``options`` select the kernel's test variants (negative controls, clear
     period; kernels/flag_gather.py); the op passes none.
     """
-    from ..kernels import flag_gather
+    from ..kernels import compiler
+    from ..kernels.flag import gather as flag_gather
 
     block_u = settings.get("TPFUSE_FLAG_BLOCK_U")
     source = flag_gather.flag_source(dtype.itemsize, rank, _band_offsets(hidden_widths), block_u,
                                      _poison(dtype), **options)
     with torch.cuda.device(device):
-        kernel = flag_gather.compile_source(source, num_warps=settings.get("TPFUSE_FLAG_NUM_WARPS"))
+        kernel = compiler.compile_source(source, num_warps=settings.get("TPFUSE_FLAG_NUM_WARPS"))
         run = kernel.run
     names = source.fn.arg_names
     constexprs = tuple(source.constants[(names.index(n),)] for n in names if source.signature[n] == "constexpr")

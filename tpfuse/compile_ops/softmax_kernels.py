@@ -72,7 +72,7 @@ _plans: dict = {}
 
 
 def _compile(launch: Launch, device_index: int) -> _Plan:
-    from ..kernels.push_gather import compile_source  # one compiler for every kernel
+    from ..kernels.compiler import compile_source  # one compiler for every kernel
 
     source = _SOURCES[launch.kind](*launch.variant)
     with torch.cuda.device(device_index):

@@ -360,7 +360,7 @@ def ensure_flag_buffers(ws: Workspace, max_slab_bytes: int) -> FlagBuffers:
 def _make_flag_buffers(ws: Workspace, max_slab_bytes: int) -> None:
     import torch.distributed._symmetric_memory as symm_mem
 
-    from ..kernels import flag_protocol
+    from ..kernels import flag as flag_protocol
 
     W = ws.group.world_size
     with torch.cuda.device(ws.device):

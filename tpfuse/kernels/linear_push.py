@@ -19,7 +19,7 @@ columns (``_column_range``, 8-column units) in masked BLOCK_N tiles, so no block
 streams more than 8 columns' weight more than another.  Either way block ``b``
 of every other rank copies out exactly what block ``b`` here pushed, after the
 exit exchange it shares with block ``b`` here (one barrier slot per (block,
-peer), as in push_gather.py).  Each block runs exactly one entry (unless
+peer), as in barrier/push_gather.py).  Each block runs exactly one entry (unless
 skipped) and one exit exchange per call, whether or not it has tiles, so the
 slots balance on every rank.  The grid comes from T, K, the widths and W
 (``launch_config``) and the group's agreed grid cap: the same on every rank,
@@ -51,10 +51,10 @@ No torch import here (CI compiles these kernels with more than one Triton).
 import triton
 import triton.language as tl
 
-from .barrier import barrier, exchange, peer_lanes, signal_peers, wait_peers
+from .barrier.device import barrier, exchange, peer_lanes, signal_peers, wait_peers
+from .barrier.push_gather import RUNTIME_ARGS, barrier_constexprs, multimem_store_v4
 from .failure import ENTRY_TIMEOUT, EXIT_TIMEOUT, NAN_BITS_OF_SIZE, poison_result
 from .peer_args import per_lane, pick
-from .push_gather import RUNTIME_ARGS, barrier_constexprs, multimem_store_v4
 
 #: output tiles the config aims for: about one per multiprocessor of an H100 (132)
 TARGET_TILES = 128

@@ -60,7 +60,7 @@ import torch
 from torch.fx import Graph, Node
 
 from ..kernels.barrier import EXIT_FENCE, READS_END_IN_KERNEL, next_slot
-from ..kernels.flag_protocol import FENCE as FLAG_FENCE
+from ..kernels.flag import FENCE as FLAG_FENCE
 from .graph_facts import WAITS, arg_by_name, functional_collectives, known_true, op_overloads, val
 
 aten = torch.ops.aten

@@ -1,11 +1,8 @@
-"""The barrier protocol: device functions, host bookkeeping and the facts the elision proof uses.
+"""The barrier protocol's device functions: signal, wait and barrier (the package docstring says what for).
 
-This module is the protocol's one home (its doc: docs/safety.md, "Barriers", and
-docs/barrier_elision.md for the proof).  The barrier push (``push_gather.py``,
-``linear_push.py``) meets its peers in an entry barrier (relaxed: no peer still
-reads the slot we write) and an exit barrier (release/acquire: our pushes are
-visible before any peer reads).  The flag protocol (``flag_protocol.py``) is the
-other protocol; the two share nothing.
+The push kernels (``push_gather.py``, ``kernels/linear_push.py``) meet their peers
+in an entry barrier (relaxed: no peer still reads the slot we write) and an exit
+barrier (release/acquire: our pushes are visible before any peer reads).
 
 Slots.  Every rank owns a signal pad; slot ``block * W + src`` on rank ``dst``
 counts the signals that block ``block`` of rank ``src`` has sent to rank
@@ -27,7 +24,7 @@ Addresses.  The signal pads' addresses arrive as scalar kernel arguments
 start and its first signal.
 
 Bounded spin.  Every wait gives up after ``timeout_ns`` of %globaltimer time,
-records which barrier, block and peer in the status word (``failure.py``, the
+records which barrier, block and peer in the status word (``kernels/failure.py``, the
 codes' one home; host-mapped, so the host reads it without synchronising) and
 returns; the kernel then poisons the call's result, and the host turns the word
 into an error naming the rank and the peer that never arrived.
@@ -41,7 +38,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import globaltimer
 
-from .failure import record_timeout
+from ..failure import record_timeout
 
 
 @triton.jit
@@ -135,39 +132,3 @@ def barrier(peer_pads, own_pad, rank, block, status, timeout_ns, KIND: tl.conste
     """Block ``block`` of every rank meets block ``block`` of every other rank (see ``exchange``)."""
     _, live = peer_lanes(rank, W, peer_pads.shape[0])
     return exchange(peer_pads, own_pad, rank, block, live, live, status, timeout_ns, KIND, W, ACQ_REL)
-
-
-# --------------------------------------------------------------------------- host bookkeeping (plain Python)
-
-#: data slots per group workspace: a call writes one; with ``slot=-1`` the op alternates them
-SLOTS = 2
-
-
-def next_slot(slot: int) -> int:
-    """The slot after ``slot`` in the alternation that every rank follows alike."""
-    return slot ^ 1
-
-
-def signal_pad_bytes(max_blocks: int, world_size: int) -> int:
-    """Bytes of signal pad the barriers need: one int32 slot per (block, peer)."""
-    return max_blocks * world_size * 4
-
-
-def blocks_that_fit(max_blocks: int, world_size: int, pad_bytes: int) -> int:
-    """The grid cap once the pad size is known: no block may lack its slots."""
-    return max(1, min(max_blocks, pad_bytes // (world_size * 4)))
-
-
-# --------------------------------------------------------------------------- facts for the elision proof
-# Stated once, here, next to the code that makes them true; passes/barrier_elision.py
-# imports them (docs/barrier_elision.md).
-
-#: A call's every read of its data slot ends inside the kernel that wrote it (the copy-out is
-#: fused), so the only hazard is a peer pushing a later call into the slot while we copy out.
-READS_END_IN_KERNEL = True
-#: A rank leaves a call's exit barrier only after every peer signalled in it, that is, after
-#: every peer started the call and so finished everything before it on its stream: the call is a
-#: fence for the group.  How a report names that fence:
-EXIT_FENCE = "exit barrier of {gather}"
-#: The entry barrier is what a pass may prove redundant (``skip_entry_sync``).
-HAS_ENTRY_BARRIER = True

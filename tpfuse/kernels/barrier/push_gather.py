@@ -32,9 +32,11 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import globaltimer
 
-from .barrier import barrier, exchange, peer_lanes
-from .failure import ENTRY_TIMEOUT, EXIT_TIMEOUT, NAN_BITS_OF_SIZE, poison_result
-from .peer_args import MAX_RANKS, per_lane, pick
+from ..compiler import INT_OF_SIZE
+from ..failure import ENTRY_TIMEOUT, EXIT_TIMEOUT, NAN_BITS_OF_SIZE, poison_result
+from ..peer_args import MAX_RANKS, per_lane, pick
+from .device import barrier, exchange, peer_lanes
+
 
 @triton.jit
 def _band_tile(tile, tokens, BAND_OFFSET: tl.constexpr, WIDTH: tl.constexpr, TOTAL: tl.constexpr,
@@ -85,7 +87,7 @@ def p2p_push_gather_kernel(
     CHUNK: tl.constexpr,  # tiles per exit exchange (pipelines pushes against copy-out)
     SKIP_ENTRY_SYNC: tl.constexpr,
     COPY_OUT: tl.constexpr,
-    POISON: tl.constexpr,  # the dtype's poison bits: a timed-out call's whole result (failure.py)
+    POISON: tl.constexpr,  # the dtype's poison bits: a timed-out call's whole result (kernels/failure.py)
     EXIT_SYNC: tl.constexpr = True,  # False only for the benchmark's floor diagnostics: results are then racy
     COPY_DELAY_NS: tl.constexpr = 0,  # > 0 only in tests: a slow reader, waiting this long before each copy-out
 ):
@@ -274,9 +276,6 @@ def multimem_push_gather_kernel(
 # Compilation: one explicit signature per variant, shared by the host launcher
 # (target = the current GPU) and the ahead-of-time CI tests (target = sm_90).
 
-#: element size in bytes -> the integer type the kernels move
-INT_OF_SIZE = {1: "i8", 2: "i16", 4: "i32"}
-
 RUNTIME_ARGS = {
     "slot_offset": "i64",
     "status": "*i32",
@@ -335,8 +334,3 @@ def multimem_source(rank, band_offsets_words, block_v, skip_entry_sync, copy_out
     constexprs.update(BLOCK_V=block_v, SKIP_ENTRY_SYNC=bool(skip_entry_sync), COPY_OUT=bool(copy_out),
                       POISON=poison_word)
     return _source(multimem_push_gather_kernel, "*i32", constexprs)
-
-
-def compile_source(source, target=None, num_warps=4):
-    """Compile an ASTSource for ``target`` (a ``GPUTarget``; None means the current GPU)."""
-    return triton.compile(source, target=target, options={"num_warps": num_warps})

@@ -1,99 +1,55 @@
-"""The flag protocol: every 8 bytes that cross the link carry their own arrival flag.
+"""The flag protocol's device functions: the epoch, the region layout, units, their stores and checks.
 
-This module is the protocol's one home: the facts the host and the passes rely
-on (constants and layout arithmetic, plain Python) and the device functions
-the flag kernel (``flag_gather.py``) is built from.  The design and the safety
-argument are in docs/flag_protocol.md; the short form:
+The design and safety argument are in docs/flag_protocol.md; the short form:
 
-**Units.**  A sender packs its slab (flattened, element order) into 32-bit data words and stores each word
-together with a 32-bit flag as one 8-byte *unit* (data in the low half, flag in
-the high half), two units per 16-byte ``st.relaxed.sys.global.v2.b64``.  The
-PTX memory model treats a vector access as scalar accesses of its element
-size, so each aligned 8-byte unit lands whole: a receiver that reads a flag of
-the current epoch reads that store's data in the same load.  No fence, no
-signal atomic and no barrier stand between the sender's stores and the
-receiver's reads.
+**Units.**  A sender packs its slab (flattened, element order) into 32-bit data words and stores each
+word together with a 32-bit flag as one 8-byte *unit* (data in the low half, flag in the high half),
+two units per 16-byte ``st.relaxed.sys.global.v2.b64``.  The PTX memory model treats a vector access
+as scalar accesses of its element size, so each aligned 8-byte unit lands whole: a receiver that reads
+a flag of the current epoch reads that store's data in the same load.
 
-**Epoch.**  Every call has an epoch ``e`` (never 0), the same on every rank
-because every rank makes the same sequence of flag calls on the group.  It
-lives in device memory (``EPOCH_SLOTS`` int32 slots, all equal between calls)
-and advances on the device, so a captured CUDA graph advances it on every
-replay and the host keeps no per-call state.  Block ``b`` reads slot ``b``
-and writes the new epoch into slots ``b, b + nblocks, ...``: every slot
-advances on every call whatever the grid, so the grid may change with T.
+**Epoch.**  Every call has an epoch ``e`` (never 0), the same on every rank because every rank makes
+the same sequence of flag calls on the group.  It lives in device memory (``EPOCH_SLOTS`` int32 slots,
+all equal between calls) and advances on the device (``take_epoch``, ``next_epoch``), so a captured
+CUDA graph advances it on every replay and the host keeps no per-call state.
 
-**Parity.**  Each receiver has two buffers; call ``e`` writes buffer ``e & 1``.
-A rank that starts call ``e`` has finished call ``e - 1`` (stream order), so
-it has read every peer's epoch-(e-1) units; each peer stored those after its
-own call ``e - 2`` had finished, and that call was the last reader of the
-buffer about to be written.  So no entry barrier is needed.
+**Parity.**  Each receiver has two buffers; call ``e`` writes buffer ``e & 1`` (``region_offset``).
+A rank that starts call ``e`` has finished call ``e - 1``, so no peer still reads the buffer it writes:
+no entry barrier.
 
-**Freshness.**  Flag 0 means "never written" (buffers start zeroed).  A stale
-unit in buffer ``p`` carries an older epoch of the same parity.  Epochs are
-32-bit and wrap; so that a stale flag can never equal the current epoch, each
-receiver zeroes the whole of its buffer ``p`` after reading it in the calls
-whose ``(e >> 1) % CLEAR_PERIOD == 0``: no unit is older than ``2 * CLEAR_PERIOD``
-calls, far less than a wrap (2**32 - 2 calls).
+**Freshness.**  Flag 0 means "never written" (buffers start zeroed); each receiver zeroes its buffer of
+one parity every ``2 * CLEAR_PERIOD`` calls (``clear_due``), so a stale flag never equals the current
+epoch across the 32-bit wrap.
 
-No torch import here: CI compiles the kernel ahead of time with more than one
-Triton version, in processes that may not have torch.
+No torch import here: CI compiles the kernel ahead of time with more than one Triton version.
 """
 
 import triton
 import triton.language as tl
 
-#: bytes of one unit on the wire: DATA_BYTES of payload and a 4-byte flag
-UNIT_BYTES = 8
-DATA_BYTES = 4
-#: wire bytes per payload byte (the flag's cost)
-WIRE_OVERHEAD = UNIT_BYTES // DATA_BYTES
-#: epoch slots in device memory; the flag kernel's grid never exceeds this
-EPOCH_SLOTS = 256
-#: a receiver zeroes its buffer of one parity once every 2 * CLEAR_PERIOD calls
-CLEAR_PERIOD = 1 << 20
-# The same numbers as compile-time constants for the device functions (Triton
-# kernels may read only constexpr globals).
+from . import DATA_BYTES, EPOCH_SLOTS
+
+# The package's numbers as compile-time constants (Triton kernels may read only constexpr globals).
 _DATA_BYTES = tl.constexpr(DATA_BYTES)
 _EPOCH_SLOTS = tl.constexpr(EPOCH_SLOTS)
 
-#: the protocol has no barriers, so a pass has no entry barrier to elide on it
-HAS_ENTRY_BARRIER = False
-#: Still, a flag call is a fence for the group: a rank finishes it only after every peer's units
-#: of it arrived, and each peer sent them when it started the call, so every peer had finished
-#: everything before it on its stream.  How a report names that fence:
-FENCE = "{gather} (flag protocol: finished on one rank = started on every rank)"
-#: buffers a receiver keeps per peer (selected by epoch parity)
-PARITIES = 2
-
-
-def units_for(elements: int, elem_size: int) -> int:
-    """Units one slab of ``elements`` elements takes, padded to whole 16-byte pairs."""
-    words = -(-elements * elem_size // DATA_BYTES)
-    return words + (words & 1)
-
-
-def region_units(max_slab_bytes: int) -> int:
-    """Units of one (parity, source) region: the largest slab the buffers serve, padded to pairs."""
-    return units_for(max_slab_bytes, 1)
-
-
-def buffer_bytes(world_size: int, max_slab_bytes: int) -> int:
-    """Bytes of one rank's flag buffer: both parities, one region per source rank."""
-    return PARITIES * world_size * region_units(max_slab_bytes) * UNIT_BYTES
-
-
-def region_offset_units(parity: int, source: int, world_size: int, units_per_region: int) -> int:
-    """Where the region of (parity, source) starts in a buffer, in units."""
-    return (parity * world_size + source) * units_per_region
-
-
-def next_epoch(epoch: int) -> int:
-    """The epoch after ``epoch`` (32-bit, skipping 0 and keeping the parity alternation)."""
-    e = (epoch + 1) & 0xFFFFFFFF
-    return 2 if e == 0 else e
-
 
 # --------------------------------------------------------------------------- device side
+
+
+@triton.jit
+def next_epoch(e):
+    """The epoch after ``e`` (int32 bits of a 32-bit count): 0 is skipped for 2, which keeps the parity
+    alternating across the wrap (0xFFFFFFFF is odd, 2 even).  0 is "never written"."""
+    e = e + 1
+    return tl.where(e == 0, 2, e)
+
+
+@triton.jit
+def region_offset(parity, source, world_size, region_units):
+    """Where the region of (parity, source) starts in a rank's flag buffer, in units: both parities,
+    one region per source rank, parity-major (``buffer_bytes`` in the package sizes the whole)."""
+    return (parity * world_size + source).to(tl.int64) * region_units
 
 
 @triton.jit
@@ -110,8 +66,7 @@ def take_epoch(epochs, pid, nblocks, ADVANCE: tl.constexpr):
         # Every thread loads the slot; none may overwrite it before all have
         # read it, or the block's warps would disagree on the epoch.
         tl.debug_barrier()
-        e = e + 1
-        e = tl.where(e == 0, 2, e)  # 0 is "never written"; 2 keeps the parity alternating
+        e = next_epoch(e)
         slots = pid + nblocks * tl.arange(0, _EPOCH_SLOTS)
         tl.store(epochs + slots, tl.full([_EPOCH_SLOTS], 0, tl.int32) + e, mask=slots < _EPOCH_SLOTS)
     return e

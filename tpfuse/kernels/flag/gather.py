@@ -1,6 +1,6 @@
 """The flag-protocol push gather: small hidden-axis gathers with no barrier at all.
 
-Every rank packs its ``[T, w_rank]`` slab into units (flag_protocol.py) and
+Every rank packs its ``[T, w_rank]`` slab into units (``device.py``) and
 stores them into its region of every peer's flag buffer, then polls its own
 buffer until every unit of every peer's region carries this call's epoch and
 unpacks the peers' bands into the caller-owned ``[T, total]`` result.  Its
@@ -22,21 +22,21 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import globaltimer
 
-from .failure import FLAG_TIMEOUT, NAN_BITS_OF_SIZE, poison_result, record_timeout
-from .flag_protocol import (
-    CLEAR_PERIOD,
-    DATA_BYTES,
+from ..compiler import INT_OF_SIZE
+from ..failure import FLAG_TIMEOUT, NAN_BITS_OF_SIZE, poison_result, record_timeout
+from ..peer_args import MAX_RANKS, pick
+from . import CLEAR_PERIOD, DATA_BYTES
+from .device import (
     accepted,
     clear_due,
     flags_of,
     get_element,
     put_element,
+    region_offset,
     store_unit_pairs,
     take_epoch,
     unit_of,
 )
-from .peer_args import MAX_RANKS, pick
-from .push_gather import INT_OF_SIZE, compile_source  # noqa: F401  (compile_source: one compiler for every kernel)
 
 _DATA_BYTES = tl.constexpr(DATA_BYTES)
 
@@ -115,7 +115,7 @@ def _receive(mine, out_ptr, e, parity, tokens, pid, nblocks, status, timeout_ns,
     n = tl.where(lane_live, tokens * width, 0)  # lanes past the peers (PEERS > W - 1) move nothing
     width = tl.where(lane_live, width, 1)  # and divide by 1, not 0, in the row/column split
     pad = tl.cdiv(n, 2 * PER) * 2
-    region = mine + (parity * W + peer).to(tl.int64) * region_units
+    region = mine + region_offset(parity, peer, W, region_units)
     for tile in range(pid, tl.cdiv(tl.max(pad, axis=0), BLOCK_U), nblocks):
         u = tile * BLOCK_U + tl.arange(0, BLOCK_U)
         u_live = u[None, :] < pad[:, None]
@@ -148,7 +148,7 @@ def flag_gather_kernel(
     x_ptr,  # this rank's [T, w_rank] slab, contiguous
     out_ptr,  # the caller-owned [T, total] result
     epochs,  # *i32: EPOCH_SLOTS local slots, equal between calls
-    status,  # *i32[2]: 0, or the code of a wait that gave up and the failed call's number (failure.py)
+    status,  # *i32[2]: 0, or the code of a wait that gave up and the failed call's number (kernels/failure.py)
     tokens,
     timeout_ns,  # ns on the GPU; poll iterations in the interpreter; > 0
     call,  # the call's host-issued number on the group, recorded if it fails
@@ -160,8 +160,8 @@ def flag_gather_kernel(
     BAND_OFFSETS: tl.constexpr,  # W + 1 column offsets, prefix sums of hidden_widths
     ELEM: tl.constexpr,  # bytes per element: 1, 2 or 4
     BLOCK_U: tl.constexpr,  # units per tile (even)
-    POISON: tl.constexpr,  # the dtype's poison bits: a timed-out call's whole result (failure.py)
-    CLEAR_PERIOD: tl.constexpr = 1 << 20,  # buffers are zeroed every 2 * CLEAR_PERIOD calls (docs/flag_protocol.md)
+    POISON: tl.constexpr,  # the dtype's poison bits: a timed-out call's whole result (kernels/failure.py)
+    CLEAR_PERIOD: tl.constexpr = CLEAR_PERIOD,  # zero the buffers every 2 * CLEAR_PERIOD calls (docs/flag_protocol.md)
     PHASES: tl.constexpr = 3,  # SEND | RECEIVE; the interpreter runs them as two launches
     PARITY: tl.constexpr = True,  # False: one buffer for every call (negative control only)
     ACCEPT_STALE: tl.constexpr = False,  # True: any written unit counts as arrived (negative control only)
@@ -178,7 +178,7 @@ def flag_gather_kernel(
     if not PARITY:
         parity = parity * 0
     if (PHASES & 1) != 0:
-        region = (parity * W + RANK).to(tl.int64) * region_units
+        region = region_offset(parity, RANK, W, region_units)
         _send(x_ptr, out_ptr, e, tokens, pid, nblocks, region, buf0, buf1, buf2, buf3, buf4, buf5, buf6, buf7,
               RANK, W, OFF, WIDTH, TOTAL, ELEM, BLOCK_U, PLAIN_STORES)
     if (PHASES & 2) != 0:
@@ -197,7 +197,7 @@ def flag_gather_kernel(
             # again before we start our next call.
             tl.debug_barrier()
             for s in tl.static_range(1, W):
-                ours = mine + (parity * W + (RANK + W - s) % W).to(tl.int64) * region_units
+                ours = mine + region_offset(parity, (RANK + W - s) % W, W, region_units)
                 for tile in range(pid, tl.cdiv(region_units, BLOCK_U), nblocks):
                     u = tile * BLOCK_U + tl.arange(0, BLOCK_U)
                     tl.store(ours + u, tl.zeros([BLOCK_U], tl.int64), mask=u < region_units)
