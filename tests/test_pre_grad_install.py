@@ -208,17 +208,34 @@ def test_disable_uninstalls(recorder):
 
 
 def test_a_kept_loss_is_a_near_miss_with_its_reason(recorder):
-    def logits_also_returned(h, w, t):
+    def weighted(h, w, t):
         logits = tpfuse.all_gather_hidden(h @ w.t(), dist.group.WORLD).float()
-        return F.cross_entropy(logits.view(-1, logits.shape[-1]), t.view(-1)) + logits.sum() * 0
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), t.view(-1), weight=torch.ones(logits.shape[-1]))
 
     tpfuse.enable()
-    _compile_step(logits_also_returned)
-    misses = [n for n in tpfuse.report().near_misses if n.pattern == "cross_entropy_before_autograd"]
-    (miss,) = misses
-    assert "have 2 users" in miss.reason and miss.reason.endswith("the rewrite needs the loss as the only one")
+    _compile_step(weighted)
+    (miss,) = [n for n in tpfuse.report().near_misses if n.pattern == "cross_entropy_before_autograd"]
+    assert miss.reason == "class weights or the legacy size_average/reduce arguments"
     assert miss.doc == "docs/passes.md#training"
     assert tpfuse.report(all=True).eliminations == []
+    forward, backward = _forward_backward(recorder)
+    assert "all_gather_hidden" in forward and "reduce_scatter" in backward
+
+
+def test_logits_used_elsewhere_split_the_loss_and_keep_the_gather(recorder):
+    """The loss goes onto the slabs; the gather stays for the other use, and says so."""
+    def logits_also_used(h, w, t):
+        logits = tpfuse.all_gather_hidden(h @ w.t(), dist.group.WORLD).float()
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), t.view(-1)) + 1e-3 * logits.sum()
+
+    tpfuse.enable()
+    _compile_step(logits_also_used)
+    (miss,) = [n for n in tpfuse.report().near_misses if n.pattern == "cross_entropy_before_autograd"]
+    assert miss.reason.startswith("gather kept: the gathered logits are also used by sum")
+    assert miss.reason.endswith("the loss is split (computed on each rank's slab)")
+    assert tpfuse.report(all=True).eliminations == []
+    forward, _ = _forward_backward(recorder)
+    assert "all_gather_hidden" in forward and "tpfuse.softmax_stats_hidden(" in forward
 
 
 def _in_worker(fn):

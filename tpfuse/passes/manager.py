@@ -42,7 +42,7 @@ from .gather_elimination import ELIMINATIONS, find_gather_eliminations, mark_eli
 from .gather_elimination import rewrite_gather_eliminations, tpfuse_gather_of
 from .linear_fusion import cache_key as linear_fusion_cache_key
 from .linear_fusion import fuse_linear_gathers
-from .pre_grad_losses import rewrite_cross_entropy
+from .pre_grad_losses import might_rewrite, rewrite_cross_entropy
 from .records import GatherElimination, GraphReport, NearMiss, Report
 
 log = logging.getLogger("tpfuse.passes")
@@ -429,9 +429,8 @@ def run_pre_grad(graph: Graph, config: PassConfig) -> list[str]:
     """The training loss's rewrite on one Dynamo graph (a dry run says what it would rewrite);
     its records go to the report with the next graph the post-grad pass runs on in this
     compile.  Returns ``rewrite_cross_entropy``'s lines."""
-    gathers = (torch.ops.tpfuse.all_gather_hidden.default, torch.ops.tpfuse.all_gather_hidden)
-    if not any(n.op == "call_function" and n.target in gathers for n in graph.nodes):
-        return []  # most graphs: no tpfuse gather, no loss of one to rewrite or to report
+    if not might_rewrite(graph):
+        return []  # most graphs: no loss, or nothing that gathers: no loss of one to rewrite or to report
     records: list = []
     lines = rewrite_cross_entropy(graph, dry_run=config.dry_run, records=records)
     if records:
