@@ -196,22 +196,39 @@ def _full_width(text):
     return [line.strip() for line in text.splitlines() if any(c in line for c in COLLECTIVES_OF_FULL_WIDTH)]
 
 
+def _params(names):
+    """``names`` as test parameters; funcol's skip where torch registers no backward for its gather
+    (the rewrite keeps the gather there, tests/test_pre_grad_losses_graphs.py)."""
+    from tpfuse.passes.pre_grad_losses import funcol_gather_has_autograd
+
+    skip = pytest.mark.skipif(not funcol_gather_has_autograd(),
+                              reason=f"torch {torch.__version__}: funcol's gather has no autograd kernel")
+    builders = {c.name: c.builder for c in CASES}
+    return [pytest.param(n, marks=skip) if builders[n] == "funcol" else n for n in names]
+
+
+def _runnable(names):
+    from tpfuse.passes.pre_grad_losses import funcol_gather_has_autograd
+
+    builders = {c.name: c.builder for c in CASES}
+    return [n for n in names if builders[n] != "funcol" or funcol_gather_has_autograd()]
+
+
 @pytest.fixture(scope="module")
 def gloo_w2():
-    return run_ranks(2, _all_cases, [c.name for c in CASES], timeout=900)
+    return run_ranks(2, _all_cases, _runnable([c.name for c in CASES]), timeout=900)
 
 
 @pytest.fixture(scope="module")
 def gloo_w4():
-    names = ["funcol chunk+cat, smoothing", "DTensor ColwiseParallel"]
-    return run_ranks(4, _all_cases, names, timeout=900)
+    return run_ranks(4, _all_cases, _runnable(["funcol chunk+cat, smoothing", "DTensor ColwiseParallel"]), timeout=900)
 
 
 def _loss_only_cases():
     return [c.name for c in CASES if not c.returns_logits and not c.wrong_meaning]
 
 
-@pytest.mark.parametrize("name", _loss_only_cases())
+@pytest.mark.parametrize("name", _params(_loss_only_cases()))
 def test_loss_only_step_matches_eager_and_gathers_nothing(gloo_w2, name):
     for rank in gloo_w2:
         result = rank[name]
@@ -222,7 +239,7 @@ def test_loss_only_step_matches_eager_and_gathers_nothing(gloo_w2, name):
         assert _full_width(forward) == [] and _full_width(backward) == []
 
 
-@pytest.mark.parametrize("name", ["funcol chunk+cat, smoothing", "DTensor ColwiseParallel"])
+@pytest.mark.parametrize("name", _params(["funcol chunk+cat, smoothing", "DTensor ColwiseParallel"]))
 def test_loss_only_step_at_w4(gloo_w4, name):
     for rank in gloo_w4:
         result = rank[name]
@@ -232,7 +249,7 @@ def test_loss_only_step_at_w4(gloo_w4, name):
         assert _full_width(forward) == [] and _full_width(backward) == []
 
 
-@pytest.mark.parametrize("name", [c.name for c in CASES if c.returns_logits])
+@pytest.mark.parametrize("name", _params([c.name for c in CASES if c.returns_logits]))
 def test_control_logits_returned_keep_the_gather_and_split_the_loss(gloo_w2, name):
     for rank in gloo_w2:
         result = rank[name]

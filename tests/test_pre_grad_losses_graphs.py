@@ -15,13 +15,21 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.torch_version import TorchVersion
 
 from tpfuse.passes import pre_grad_losses
+from tpfuse.passes.dynamo_compat import allow_funcol_gather_tracing
 from tpfuse.passes.pre_grad_losses import rewrite_cross_entropy
 
 from pass_helpers import fake_world
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # funcol.all_gather_tensor's deprecation
+
+#: torch 2.13 registers funcol's gather backward (a reduce-scatter); without it the rewrite keeps the
+#: gather (test_control_funcol_without_autograd_keeps_the_gather runs either way)
+needs_funcol_backward = pytest.mark.skipif(
+    not pre_grad_losses.funcol_gather_has_autograd(),
+    reason=f"torch {torch.__version__}: funcol's gather has no autograd kernel, so the rewrite keeps it")
 
 GATHERS = ("all_gather_into_tensor", "wait_tensor", "redistribute", "full_tensor", "all_gather_hidden")
 
@@ -106,10 +114,12 @@ def _gathers(text: str) -> list[str]:
 
 @pytest.fixture
 def world():
+    allow_funcol_gather_tracing()  # what enable() does: torch 2.11 traces gather_dim > 0 only with it
     with fake_world(2):
         yield
 
 
+@needs_funcol_backward
 @pytest.mark.parametrize("fn, lead, slab", [(funcol_chunk_cat, (2, 3), "matmul"), (funcol_last_axis, (2, 3), "y"),
                                             (funcol_last_axis, (1, 1), "y"), (funcol_sliced, (2, 3), "y")],
                          ids=["chunk+cat", "gather_dim=last", "view (leading dims 1)", "logits[..., :-1, :]"])
@@ -125,12 +135,14 @@ def test_funcol_gather_goes_with_its_loss_and_sums_the_gradient(world, fn, lead,
     assert record.consumers == ("cross_entropy, before autograd",) and record.hidden_widths == (8, 8)
 
 
+@needs_funcol_backward
 def test_funcol_sliced_replays_the_slice_on_the_slab(world):
     _, text, _ = _rewrite(funcol_sliced, *_inputs())
     assert "getitem_4 = getitem(y, (Ellipsis, slice(None, -1, None), slice(None, None, None)))" in text
     assert "cross_entropy_hidden.default(flatten, view_1, [8, 8], '0', -100, 'mean', 0.0)" in text
 
 
+@needs_funcol_backward
 def test_hf_for_causal_lm_loss(world):
     pytest.importorskip("transformers")
     h, w, t = _inputs()
@@ -154,7 +166,7 @@ def test_control_funcol_without_autograd_keeps_the_gather(world, monkeypatch):
 
 def test_funcol_on_this_torch_has_a_backward():
     """torch 2.13 registers funcol's gather backward; where a torch does not, the control above applies."""
-    if torch.__version__ < "2.13":
+    if TorchVersion(torch.__version__) < "2.13":
         pytest.skip(f"torch {torch.__version__}: whether funcol's gather has autograd is what the rewrite detects")
     assert pre_grad_losses.funcol_gather_has_autograd()
 
@@ -166,6 +178,7 @@ def test_control_no_gradient_is_left_to_the_post_grad_matchers(world):
     assert "all_gather_into_tensor" in text
 
 
+@needs_funcol_backward
 def test_logits_returned_split_the_loss_and_keep_the_gather(world):
     lines, text, records = _rewrite(funcol_logits_returned, *_inputs())
     assert lines == ["split cross_entropy: tpfuse::cross_entropy_hidden of y; gather kept: the gathered logits are "
@@ -248,3 +261,54 @@ def test_control_dtensor_partial_gradient_keeps_the_gather(world):
     assert len(lines) == 1 and lines[0].startswith("kept cross_entropy: to_local(grad_placements="), lines
     assert lines[0].endswith("the gather's backward is not a local slice")
     assert "redistribute" in text and "cross_entropy_hidden" not in text
+
+
+def _prim(method, args_as_value, kwargs_as_value):
+    def prim(x):
+        return getattr(x, method)(*args_as_value, **kwargs_as_value)
+
+    prim.__name__ = f"prim_{method}"
+    return prim
+
+
+def _as_earlier_dynamo(gm):
+    """The graph as Dynamo before torch 2.13 writes DTensor's methods: a ``call_function`` of a
+    function named ``prim_<method>``, its arguments in its closure."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_method" and node.target in ("redistribute", "to_local"):
+            with gm.graph.inserting_before(node):
+                prim = gm.graph.call_function(_prim(node.target, list(node.args[1:]), dict(node.kwargs)),
+                                              (node.args[0],))
+            prim.meta.update(node.meta)
+            node.replace_all_uses_with(prim)
+            gm.graph.erase_node(node)
+    gm.recompile()
+    return gm
+
+
+@pytest.mark.parametrize("grad_placements", [None, "partial"])
+def test_dtensor_as_earlier_dynamo_writes_it(world, grad_placements):
+    """torch 2.11's spelling (``prim_redistribute`` / ``prim_to_local``) reads as the method calls do."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+
+    head, mesh = _colwise_head()
+    grad = None if grad_placements is None else [Partial()]
+
+    def loss(h, t):
+        sharded = F.linear(DTensor.from_local(h, mesh, [Replicate()], run_check=False), head.weight)
+        logits = sharded.redistribute(placements=[Replicate()]).to_local(grad_placements=grad).float()
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), t.view(-1))
+
+    h, _, t = _inputs()
+    gm = _as_earlier_dynamo(_dynamo_graph(loss, h, t))
+    before = _text(gm)
+    assert "prim_redistribute(" in before and "prim_to_local(" in before and " redistribute(" not in before
+    assert pre_grad_losses.might_rewrite(gm.graph)
+    lines = rewrite_cross_entropy(gm.graph)
+    gm.graph.lint()
+    if grad is None:
+        assert lines == ["rewrote cross_entropy: tpfuse::cross_entropy_hidden of sharded"]
+        assert "prim_" not in _text(gm) and "sum_grad_over_ranks" not in _text(gm)
+    else:
+        assert lines[0].startswith("kept cross_entropy: prim_to_local(grad_placements=")
+        assert _text(gm) == before

@@ -203,8 +203,8 @@ def _funcol_view(view: Node) -> tuple[Node, tuple[Node, ...]] | None:
     local, out = _value(found[0].args[0]), _value(view)
     if not (isinstance(local, torch.Tensor) and isinstance(out, torch.Tensor) and local.dim() == out.dim()):
         return None
-    size = found[0].args[1]
-    if list(local.shape[:-1]) != [1] * (local.dim() - 1) or list(out.shape) != [*local.shape[:-1], size * local.shape[-1]]:
+    leading, size = list(local.shape[:-1]), found[0].args[1]
+    if leading != [1] * len(leading) or list(out.shape) != [*leading, size * local.shape[-1]]:
         return None
     return found[0], (found[1],)
 
@@ -212,24 +212,25 @@ def _funcol_view(view: Node) -> tuple[Node, tuple[Node, ...]] | None:
 def _dtensor_gather(node: Node) -> Gathered | str | None:
     """``d.redistribute(placements=[Replicate()]).to_local()`` or ``d.full_tensor()`` of ``d``
     sharded on its last axis."""
-    if _method(node, "full_tensor") and node.args:
-        sharded, nodes = node.args[0], (node,)
-    elif _method(node, "to_local") and node.args and _replicates(node.args[0]):
-        sharded, nodes = node.args[0].args[0], (node.args[0], node)
+    full, local = _dtensor_call(node, "full_tensor"), _dtensor_call(node, "to_local")
+    if full is not None:
+        sharded, nodes, options = node.args[0], (node,), full
+    elif local is not None and _replicates(node.args[0]):
+        sharded, nodes, options = node.args[0].args[0], (node.args[0], node), local
     else:
         return None
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-
+    classes = _dtensor_classes()
     value = _value(sharded)
-    if not isinstance(value, DTensor):
+    if classes is None or not isinstance(value, classes[0]):
         return None
+    _, replicate, shard = classes
     mesh, placements = value.device_mesh, tuple(value.placements)
-    if mesh.ndim != 1 or not (isinstance(placements[0], Shard) and placements[0].dim % value.dim() == value.dim() - 1):
+    if mesh.ndim != 1 or not (isinstance(placements[0], shard) and placements[0].dim % value.dim() == value.dim() - 1):
         return (f"the DTensor {sharded.name} is {placements} on a {mesh.ndim}-D mesh; the rewrite takes "
                 "Shard(last axis) on a 1-D mesh")
-    grad = node.kwargs.get("grad_placements")
-    if not (grad is None or all(isinstance(p, Replicate) for p in grad)):
-        return f"{node.target}(grad_placements={grad}): the gather's backward is not a local slice"
+    grad = options[1].get("grad_placements")
+    if options[0] or not (grad is None or all(isinstance(p, replicate) for p in grad)):
+        return f"{_name(node)}(grad_placements={grad}): the gather's backward is not a local slice"
     vocab, size = value.shape[-1], mesh.size()
     if not isinstance(vocab, int):
         return "the DTensor's vocabulary size is not static"
@@ -238,18 +239,48 @@ def _dtensor_gather(node: Node) -> Gathered | str | None:
     return Gathered("dtensor", nodes[0], nodes, sharded, widths, mesh.get_group(0).group_name, OWN_SLICE)
 
 
+def _dtensor_classes():
+    """(DTensor, Replicate, Shard), or None on a torch built without them."""
+    try:
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+    except ImportError:  # pragma: no cover - torch without distributed
+        return None
+    return DTensor, Replicate, Shard
+
+
+def _dtensor_call(node: Node, method: str) -> tuple[tuple, dict] | None:
+    """(args, kwargs) after the DTensor of ``d.<method>(...)`` at ``node``, or None.  torch 2.13's
+    Dynamo writes a method call; earlier Dynamo a ``call_function`` of a function it makes on the
+    fly, named ``prim_<method>``, holding the arguments in its closure (``args_as_value``,
+    ``kwargs_as_value``)."""
+    if node.op == "call_method" and node.target == method and node.args:
+        return tuple(node.args[1:]), dict(node.kwargs)
+    if node.op != "call_function" or getattr(node.target, "__name__", None) != f"prim_{method}" or len(node.args) != 1:
+        return None
+    try:
+        captured = inspect.getclosurevars(node.target).nonlocals
+    except (TypeError, ValueError):
+        return None
+    args, kwargs = captured.get("args_as_value"), captured.get("kwargs_as_value")
+    return (tuple(args), dict(kwargs)) if isinstance(args, (list, tuple)) and isinstance(kwargs, dict) else None
+
+
+def _name(node: Node) -> str:
+    return node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
+
+
 def _replicates(node) -> bool:
     """``node`` is ``d.redistribute(placements=[Replicate(), ...])``, casting nothing."""
-    if not (isinstance(node, Node) and _method(node, "redistribute") and node.args):
+    call = _dtensor_call(node, "redistribute") if isinstance(node, Node) else None
+    classes = _dtensor_classes()
+    if call is None or classes is None:
         return False
-    from torch.distributed.tensor import DTensor, Replicate
-
     try:
-        options = inspect.signature(DTensor.redistribute).bind(*node.args, **node.kwargs).arguments
+        options = inspect.signature(classes[0].redistribute).bind(node.args[0], *call[0], **call[1]).arguments
     except TypeError:
         return False
     placements = options.get("placements")
-    return (isinstance(placements, (list, tuple)) and all(isinstance(p, Replicate) for p in placements)
+    return (isinstance(placements, (list, tuple)) and all(isinstance(p, classes[1]) for p in placements)
             and options.get("forward_dtype") is None and options.get("backward_dtype") is None)
 
 
@@ -271,7 +302,8 @@ def might_rewrite(graph: Graph) -> bool:
     losses = gathers = False
     for n in graph.nodes:
         losses = losses or _calls(n, F.cross_entropy)
-        gathers = gathers or _calls(n, *anchors) or _method(n, "redistribute", "full_tensor")
+        gathers = gathers or _calls(n, *anchors) or _method(n, "redistribute", "full_tensor") or (
+            n.op == "call_function" and getattr(n.target, "__name__", None) == "prim_redistribute")
     return losses and gathers
 
 
