@@ -28,7 +28,8 @@ ignore_index, reduction, label_smoothing)`` (the op upcasts to float32 itself). 
 - DTensor: ``d.redistribute(placements=[Replicate()]).to_local()`` (or ``d.full_tensor()``) of
   a ``d`` sharded ``Shard(last axis)`` on a 1-D mesh: torch's and transformers'
   ``ColwiseParallel`` with a replicated output (HF Llama's LM head under ``tp_plan``).  The
-  slab is ``d.to_local()``.
+  slab is ``d.to_local()``.  torch 2.13's Dynamo writes the methods as method calls, earlier
+  Dynamo as calls of ``prim_redistribute`` / ``prim_to_local`` (``_dtensor_call``).
 
 **The gradient keeps each gather's meaning.**  ``cross_entropy_hidden`` returns each rank the
 gradient of its own loss on its own slab.  What the gather's backward hands the slab differs:
