@@ -34,7 +34,10 @@ def payload(tmp_path_factory):
            "--device", "cpu", "--tiny", "--layers", "1", "--workloads", ",".join(WORKLOADS), "--batches", "2",
            "--draft-tokens", "2", "--seq", "32", "--train-seq", "32", "--rounds", "2", "--calls", "1",
            "--time-limit-s", "0", "--out", str(out)]
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    # A CPU smoke test on gloo ranks: on a host with a GPU, transformers would pick NCCL for its device mesh and
+    # put both ranks on GPU 0, so the GPUs are hidden from the children.
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+               CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     with open(out / "e2e_elimination_w2.json") as f:
