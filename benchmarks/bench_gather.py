@@ -13,7 +13,7 @@ Rows: T in {1, 8, 32, 128, 512} x local width in {1024, 1792, 4096, 32064}
 The floor for small messages is an empty kernel in a graph plus one link traversal
 (``--diagnose`` times the empty kernel).  The last lines give, per width, the
 largest slab at which the flag protocol beat the barrier push in both modes: the
-crossover ``compile_ops/dispatch.py`` records per card and W.
+crossover ``compile_ops/flag/evidence.py`` records per card and W.
 Times are per call, median over repeats, the slowest rank's.  Egress is the
 bytes each GPU sends, ``T * w * 2 * (W - 1)``, over the time.  Prints the
 card, torch, NCCL and Triton versions first and a short table last; writes
@@ -36,8 +36,9 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from tpfuse import config  # noqa: E402
-from tpfuse.compile_ops import collective, push  # noqa: E402
-from tpfuse.compile_ops.dispatch import Backend  # noqa: E402
+from tpfuse.compile_ops import collective  # noqa: E402
+from tpfuse.compile_ops.barrier import P2P  # noqa: E402
+from tpfuse.compile_ops.flag import FLAG  # noqa: E402
 from tpfuse.compile_ops.groups import resolve_group  # noqa: E402
 
 METHODS = ("nccl_gather", "nccl_rearrange", "tpfuse_both", "tpfuse_elided", "tpfuse_flag")
@@ -57,23 +58,24 @@ def make_methods(group, x, widths):
         return collective.gather_hidden(x, widths, group)
 
     def tpfuse_both():
-        return push.gather_hidden(x, widths, group, Backend.P2P, -1, False)
+        return P2P.gather(x, widths, group, -1, False)
 
     def tpfuse_elided():
         # Alternating slots with an even number of calls per timed unit: the
         # last reader of a slot finished before the peers passed the exit
         # barrier of the call in between (see tests/gpu, CUDA-graph test).
         slot[0] ^= 1
-        return push.gather_hidden(x, widths, group, Backend.P2P, slot[0], True)
+        return P2P.gather(x, widths, group, slot[0], True)
 
     def tpfuse_flag():
-        return push.gather_hidden(x, widths, group, Backend.FLAG)
+        return FLAG.gather(x, widths, group)
 
     from tpfuse.compile_ops import workspace as workspaces
-    from tpfuse.compile_ops.dispatch import FLAG_MAX_SLAB_BYTES
+    from tpfuse.compile_ops.flag.buffers import ensure_buffers
+    from tpfuse.kernels.flag import MAX_SLAB_BYTES as FLAG_MAX_SLAB_BYTES
 
     ws = workspaces.workspace(group, torch.cuda.current_device())  # collective: every rank, same row
-    workspaces.ensure_flag_buffers(ws, FLAG_MAX_SLAB_BYTES)
+    ensure_buffers(ws)
     flag = tpfuse_flag if T * max(widths) * x.element_size() <= FLAG_MAX_SLAB_BYTES else None
     return {"nccl_gather": nccl_gather, "nccl_rearrange": nccl_rearrange, "tpfuse_both": tpfuse_both,
             "tpfuse_elided": tpfuse_elided, "tpfuse_flag": flag}
@@ -162,18 +164,28 @@ def host_cost(group, rank):
     out = {
         "torch_add": per_call(lambda: torch.add(x, 1)),
         "op_p2p": per_call(lambda: torch.ops.tpfuse.all_gather_hidden(x, widths, name)),
-        "push_direct": per_call(lambda: push.gather_hidden(x, widths, group, Backend.P2P, -1, False)),
+        "push_direct": per_call(lambda: P2P.gather(x, widths, group, -1, False)),
     }
     from tpfuse.compile_ops.dispatch import choose_backend
 
-    out["dispatch_only"] = per_call(lambda: choose_backend("cuda", x.dtype, 4096 * W, group))
+    out["dispatch_only"] = per_call(lambda: choose_backend("cuda", x.dtype, widths, group))
     os.environ["TPFUSE_BACKEND"] = "flag"
     out["op_flag"] = per_call(lambda: torch.ops.tpfuse.all_gather_hidden(x, widths, name))
-    out["flag_direct"] = per_call(lambda: push.gather_hidden(x, widths, group, Backend.FLAG))
+    out["flag_direct"] = per_call(lambda: FLAG.gather(x, widths, group))
     os.environ["TPFUSE_BACKEND"] = "nccl"
     out["op_nccl"] = per_call(lambda: torch.ops.tpfuse.all_gather_hidden(x, widths, name))
     del os.environ["TPFUSE_BACKEND"]
     return out
+
+
+def no_sync(x, widths, group):
+    """The barrier push without its exit barrier (racy: the floor diagnostics' timing only)."""
+    from tpfuse.compile_ops import workspace as workspaces
+    from tpfuse.compile_ops.barrier import launcher
+
+    ws = workspaces.usable_workspace(group, x.device.index)
+    launch = launcher.launcher(ws, x, widths, slot=0, skip_entry_sync=True, copy_out=False, exit_sync=False)
+    return lambda: launch(x)
 
 
 def diagnose(group, rows):
@@ -196,9 +208,9 @@ def diagnose(group, rows):
             "nccl+rearrange": methods["nccl_rearrange"],
             "both": methods["tpfuse_both"],
             "elided": methods["tpfuse_elided"],
-            "zero-copy both": lambda: push.gather_into_slot(x, widths, group, 0, False),
-            "zero-copy elided": lambda: push.gather_into_slot(x, widths, group, alternate(), True),
-            "no-sync": lambda: push.gather_into_slot(x, widths, group, 0, True, _exit_sync=False),
+            "zero-copy both": lambda: P2P.gather(x, widths, group, 0, False, zero_copy=True),
+            "zero-copy elided": lambda: P2P.gather(x, widths, group, alternate(), True, zero_copy=True),
+            "no-sync": no_sync(x, widths, group),
             "flag": methods["tpfuse_flag"] or (lambda: None),
         }
         parts = [f"{name} {time_graph(fn, calls=20, repeats=20):.1f}" for name, fn in variants.items()]

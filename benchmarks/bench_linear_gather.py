@@ -44,8 +44,8 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_gather import quiesce, time_graph, torchrun_group  # noqa: E402
 
-from tpfuse.compile_ops import collective, linear_cost, linear_push, push  # noqa: E402
-from tpfuse.compile_ops.dispatch import Backend  # noqa: E402
+from tpfuse.compile_ops import collective, linear_cost, linear_push  # noqa: E402
+from tpfuse.compile_ops.barrier import P2P  # noqa: E402
 from tpfuse.kernels.linear_push import launch_config  # noqa: E402
 
 #: name -> (K, full output width N; N_r = N / W)
@@ -63,17 +63,17 @@ def make_methods(group, x, weight, widths):
     slot = [0]
 
     def fused():
-        return linear_push.linear_gather_hidden(x, weight, None, widths, group, Backend.P2P, -1, False)
+        return linear_push.linear_gather_hidden(x, weight, None, widths, group, -1, False)
 
     def fused_elided():
         slot[0] ^= 1  # an even number of calls per timed unit (see bench_gather.py)
-        return linear_push.linear_gather_hidden(x, weight, None, widths, group, Backend.P2P, slot[0], True)
+        return linear_push.linear_gather_hidden(x, weight, None, widths, group, slot[0], True)
 
     def cublas_nccl():
         return collective.gather_hidden(F.linear(x, weight), widths, group)
 
     def cublas_tpfuse():
-        return push.gather_hidden(F.linear(x, weight), widths, group, Backend.P2P, -1, False)
+        return P2P.gather(F.linear(x, weight), widths, group, -1, False)
 
     def cublas_only():
         return F.linear(x, weight)
@@ -81,10 +81,10 @@ def make_methods(group, x, weight, widths):
     # zero-copy (opt-in, the pass grants it where proven): the result is the slot, no copy-out;
     # both sides, so that the ratio stays fair
     def fused_zero_copy():
-        return linear_push.linear_gather_hidden(x, weight, None, widths, group, Backend.P2P, -1, False, True)
+        return linear_push.linear_gather_hidden(x, weight, None, widths, group, -1, False, True)
 
     def cublas_tpfuse_zero_copy():
-        return push.gather_hidden(F.linear(x, weight), widths, group, Backend.P2P, -1, False, True)
+        return P2P.gather(F.linear(x, weight), widths, group, -1, False, True)
 
     return {"fused": fused, "fused_elided": fused_elided, "cublas_nccl": cublas_nccl,
             "cublas_tpfuse": cublas_tpfuse, "cublas_only": cublas_only, "fused_zero_copy": fused_zero_copy,

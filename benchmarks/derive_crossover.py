@@ -4,7 +4,7 @@
     python benchmarks/derive_crossover.py --check
 
 The first form reads a JSON written by ``benchmarks/bench_gather.py`` and prints the
-derivation table and the entry for ``tpfuse/compile_ops/flag_evidence.py``.  ``--check``
+derivation table and the entry for ``tpfuse/compile_ops/flag/evidence.py``.  ``--check``
 recomputes every entry of that table from its benchmark log and parses its suite log
 (``tests/test_selection_evidence.py`` runs the same check); it exits 1 on any mismatch.
 
@@ -197,7 +197,7 @@ def main(argv=None) -> int:
     if not args.check:
         return 0
     sys.path.insert(0, ROOT)
-    from tpfuse.compile_ops.flag_evidence import FLAG_CROSSOVER
+    from tpfuse.compile_ops.flag.evidence import FLAG_CROSSOVER
 
     problems = check_table(FLAG_CROSSOVER)
     for (device, W), evidence in FLAG_CROSSOVER.items():

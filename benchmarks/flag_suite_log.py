@@ -5,7 +5,7 @@
 Runs all of ``tests/gpu/test_flag_gather.py`` (W=2 and W=4; a W the host has too few GPUs
 for is skipped and shows nothing for that W) with ``-v -rA``, so every test's outcome is
 listed by name, after a header naming the GPU model, the GPU count and the stress length.
-Committing the log and naming it as ``suite_log`` in ``tpfuse/compile_ops/flag_evidence.py``
+Committing the log and naming it as ``suite_log`` in ``tpfuse/compile_ops/flag/evidence.py``
 lets ``auto`` take the flag protocol on that GPU model at each W it shows passing
 (docs/flag_protocol.md, "Choosing it: on evidence"); ``derive_crossover.py --check``
 verifies the claim.  Exits with pytest's status.

@@ -444,7 +444,7 @@ def suite_verdict(log_path: str, W: int) -> int:
         why = suite_refusal(text, device, w, suite_node_ids(w))
         print(f"({device!r}, {w}): " + (f"not accepted: {why}" if why else
                                         f"accepted: name {log_path} (under {RESULTS}/) as suite_log in "
-                                        "tpfuse/compile_ops/flag_evidence.py"))
+                                        "tpfuse/compile_ops/flag/evidence.py"))
         refused_at_W |= bool(why) and w == W
     return 1 if refused_at_W else 0
 

@@ -27,8 +27,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import tpfuse  # noqa: E402,F401  (registers the op)
-from tpfuse.compile_ops import dispatch, push, workspace  # noqa: E402
-from tpfuse.compile_ops.backend import Backend, GatherCall  # noqa: E402
+from tpfuse.compile_ops import dispatch, failures, program_order, validation, workspace  # noqa: E402
+from tpfuse.compile_ops.backend import GatherCall  # noqa: E402
 from tpfuse.compile_ops.groups import resolve_group  # noqa: E402
 
 op_module = importlib.import_module("tpfuse.compile_ops.all_gather_hidden")
@@ -79,19 +79,20 @@ def main():
             f"[{forced}] op": lambda: op(x, widths, name),
             f"[{forced}] op.default below autograd": _below(lambda: op.default(x, widths, name)),
             f"[{forced}] impl (no dispatcher)": lambda: op_module._all_gather_hidden_impl(x, widths, name),
-            f"[{forced}] push.gather_hidden": lambda b=Backend(forced): push.gather_hidden(x, widths, group, b),
+            f"[{forced}] backend.gather": lambda b=next(o for o in dispatch.BACKENDS if o.name == forced): b.gather(
+                x, widths, group),
         }
         if forced == "flag":
-            call = GatherCall("cuda", x.dtype, 4096 * W, group, 4096, forced)
+            call = GatherCall("cuda", x.dtype, 1, tuple(widths), group, forced)
             rows.update({
                 "  resolve_group": lambda: resolve_group(name),
-                "  check args": lambda: op_module._check_gather_args(x, widths, group, -1),
+                "  check args": lambda: validation.check_gather_args(x, widths, group, -1),
                 "  forced_backend": dispatch.forced_backend,
-                "  GatherCall": lambda: GatherCall("cuda", x.dtype, 4096 * W, group, 4096, "flag"),
+                "  GatherCall": lambda: GatherCall("cuda", x.dtype, 1, tuple(widths), group, "flag"),
                 "  choose (flag)": lambda: dispatch.choose(call),
                 "  workspace lookup": lambda: workspace.workspace(group, x.device.index),
-                "  raise_if_failed": lambda: push.raise_if_failed(ws),
-                "  raw_stream": lambda: push.raw_stream(x.device.index),
+                "  raise_if_failed": lambda: failures.raise_if_failed(ws),
+                "  raw_stream": lambda: program_order.raw_stream(x.device.index),
                 "  current_device": torch.cuda.current_device,
                 "  is_current_stream_capturing": torch.cuda.is_current_stream_capturing,
             })

@@ -41,7 +41,6 @@ from bench_gather import quiesce, time_graph, torchrun_group  # noqa: E402
 from bench_linear_gather import SHAPES  # noqa: E402
 
 from tpfuse.compile_ops import linear_push, workspace  # noqa: E402
-from tpfuse.compile_ops.dispatch import Backend  # noqa: E402
 from tpfuse.kernels import linear_push as kernels  # noqa: E402
 
 #: --diag: what each floor diagnostic leaves out of the kernel (label, constexprs, exit barrier)
@@ -157,8 +156,7 @@ def main():
             workspace.workspace(group, rank).plans.clear()
 
             def fused():
-                return linear_push.linear_gather_hidden(x, weight, None, widths, group, Backend.P2P,
-                                                        _exit_sync=exit_sync)
+                return linear_push.linear_gather_hidden(x, weight, None, widths, group, exit_sync=exit_sync)
 
             try:
                 out = fused()

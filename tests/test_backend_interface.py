@@ -81,6 +81,6 @@ def test_dispatch_counts_the_backend_each_call_ran():
 
     dispatch.chosen.clear()
     group = Group(pg=None, name="g", rank=0, world_size=2)
-    dispatch.choose(GatherCall("cpu", torch.float32, 8, group, 4, "auto"))
-    dispatch.choose(GatherCall("cpu", torch.float32, 8, group, 4, "gloo"))
+    dispatch.choose(GatherCall("cpu", torch.float32, 2, (2, 2), group, "auto"))
+    dispatch.choose(GatherCall("cpu", torch.float32, 2, (2, 2), group, "gloo"))
     assert dispatch.chosen == {"gloo": 2}

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from tpfuse.compile_ops import dispatch, push, push_backends, workspace as workspaces
-from tpfuse.compile_ops.dispatch import Backend
-from tpfuse.compile_ops.flag_evidence import FlagEvidence
-from tpfuse.compile_ops.groups import Group
+from tpfuse.compile_ops import dispatch, failures, workspace as workspaces
+from tpfuse.compile_ops.backend import Backend
+from tpfuse.compile_ops.barrier import slots
+from tpfuse.compile_ops.flag import buffers, evidence
+from tpfuse.compile_ops.flag.evidence import FlagEvidence
+from tpfuse.compile_ops.groups import Group, GroupFacts
 from tpfuse.kernels import failure
 from tpfuse.kernels import flag as flag_protocol
 
@@ -113,10 +115,11 @@ def test_interpreter_units_land_in_the_documented_regions(interpreted):
 
 def _fake_workspace(device_name="NVIDIA H200", world_size=4, flags=True):
     group = Group(pg=None, name="g", rank=1, world_size=world_size)
-    ws = workspaces.Workspace(group, torch.device("cpu"), workspaces.GroupFacts(True, "", 8, device_name))
-    ws.slot_bytes, ws.timeout_ns = 1 << 20, 2_000_000_000
+    ws = workspaces.Workspace(group, torch.device("cpu"), GroupFacts(True, "", 8, device_name))
+    slots.slots_of(ws).slot_bytes, ws.timeout_ns = 1 << 20, 2_000_000_000
     ws.status_view = np.array([0], dtype=np.int32)
-    ws.flags = object() if flags else None  # set up: no collective needed
+    if flags:  # set up: no collective needed
+        ws.protocols[buffers.NAME] = object()
     return ws
 
 
@@ -127,13 +130,12 @@ SHOWN = FlagEvidence(64 << 10, "benchmarks/results/stand_in.json", "benchmarks/r
 @pytest.fixture
 def fake_cuda(fake_cuda, monkeypatch):
     """The shared stand-in (tests/conftest.py), with evidence for H200 at W=4 only (not the real table's)."""
-    monkeypatch.setattr(push_backends, "FLAG_CROSSOVER", {("NVIDIA H200", 4): SHOWN})
+    monkeypatch.setattr(evidence, "FLAG_CROSSOVER", {("NVIDIA H200", 4): SHOWN})
     return fake_cuda
 
 
-def choose(group, tokens, width=4096, dtype=torch.bfloat16):
-    return dispatch.choose_backend("cuda", dtype, tokens * width * group.world_size, group,
-                                   max_slab_numel=tokens * width)
+def choose(group, tokens, width=4096, dtype=torch.bfloat16, fused_linear=False):
+    return dispatch.choose_backend("cuda", dtype, [width] * group.world_size, group, tokens, fused_linear)
 
 
 def test_flag_up_to_the_measured_crossover_then_barrier_push(fake_cuda):
@@ -141,17 +143,17 @@ def test_flag_up_to_the_measured_crossover_then_barrier_push(fake_cuda):
     assert choose(ws.group, 1) == Backend.FLAG  # 8 KiB slab
     assert choose(ws.group, 8) == Backend.FLAG  # 64 KiB: at the crossover
     assert choose(ws.group, 9) == Backend.P2P  # above it
-    # The fused linear + push has its own kernel: no slab size given, no flag protocol.
-    assert dispatch.choose_backend("cuda", torch.bfloat16, 4096 * 4, ws.group) == Backend.P2P
+    # The flag protocol has no fused linear kernel: the fused op's calls never take it.
+    assert choose(ws.group, 1, fused_linear=True) == Backend.P2P
 
 
 def test_unmeasured_device_or_world_size_keeps_the_barrier_push_and_says_why(fake_cuda):
     for ws in (_fake_workspace(device_name="NVIDIA H100 80GB HBM3"), _fake_workspace(world_size=2)):
         fake_cuda(ws)
         assert choose(ws.group, 1) == Backend.P2P
-    limit, why = dispatch.flag_limit("NVIDIA H100 80GB HBM3", 4)
+    limit, why = evidence.flag_limit("NVIDIA H100 80GB HBM3", 4)
     assert limit == 0 and why == "flag protocol not measured on NVIDIA H100 80GB HBM3 at W=4"
-    limit, why = dispatch.flag_limit("", 4)  # ranks with different GPU models: no agreed name
+    limit, why = evidence.flag_limit("", 4)  # ranks with different GPU models: no agreed name
     assert limit == 0 and "this device" in why
 
 
@@ -159,8 +161,8 @@ def test_forcing_and_the_override(fake_cuda, monkeypatch):
     ws = fake_cuda(_fake_workspace(device_name="unmeasured"))
     monkeypatch.setenv("TPFUSE_BACKEND", "flag")
     assert choose(ws.group, 32) == Backend.FLAG
-    # The fused linear + push (no slab given) keeps choosing among its own protocols.
-    assert dispatch.choose_backend("cuda", torch.bfloat16, 4096 * 4, ws.group) == Backend.P2P
+    # The fused op's calls are not forced onto a backend that takes none: they choose as under auto.
+    assert choose(ws.group, 1, fused_linear=True) == Backend.P2P
     with pytest.raises(RuntimeError, match="exceeds the flag buffers"):
         choose(ws.group, 33)  # 264 KiB slab > 256 KiB
     monkeypatch.setenv("TPFUSE_BACKEND", "p2p")
@@ -183,24 +185,33 @@ def test_flag_timeout_report_names_the_missing_rank():
     ws = _fake_workspace()
     ws.status_view = np.array([failure.code(failure.FLAG_TIMEOUT.value, 5, 2), 12], dtype=np.int32)
     with pytest.raises(RuntimeError, match=r"timed out in the flag wait \(block 5\) of call 12 .* after 2s waiting for rank 2"):
-        push.raise_if_failed(ws)
+        failures.raise_if_failed(ws)
 
 
 # --------------------------------------------------------------------------- the passes
 
 
-def test_pass_reports_the_protocol_and_never_claims_a_barrier_the_flag_protocol_lacks(monkeypatch):
+@pytest.fixture
+def planning(monkeypatch):
+    """The compile-time plan, whatever machine runs the test: a stand-in GPU model, an empty evidence table
+    and no forcing variable (none of the machine's GPU or of the shipped table's entries reaches it)."""
+    for name in ("TPFUSE_BACKEND", "TPFUSE_FLAG_MAX_BYTES", "TPFUSE_ENABLE_MULTIMEM", "TPFUSE_PUSH_MAX_BYTES"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(dispatch, "local_device_name", lambda: "stand-in GPU")
+    monkeypatch.setattr(evidence, "FLAG_CROSSOVER", {})
+    return monkeypatch
+
+
+def test_pass_reports_the_protocol_and_never_claims_a_barrier_the_flag_protocol_lacks(planning):
     """A post-grad-like graph on (fake) CUDA tensors: the small gather is reported as the flag protocol,
-    with no saved barrier and as a fence without an exit barrier; the large one as the barrier push,
-    whose skipped entry barrier is a real saving; a symbolic T is decided per call."""
+    with no saved barrier and as a fence without an exit barrier; the large one as p2p (the barrier push),
+    whose skipped entry barrier is a real saving."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from tpfuse.passes.barrier_elision import decide_barriers
 
-    monkeypatch.delenv("TPFUSE_BACKEND", raising=False)
-    monkeypatch.setenv("TPFUSE_FLAG_MAX_BYTES", str(64 << 10))
-    monkeypatch.setattr(push_backends, "FLAG_CROSSOVER", {})  # whatever GPU this runs on: nothing measured
+    planning.setenv("TPFUSE_FLAG_MAX_BYTES", str(64 << 10))
 
     def two_gathers(x, y, a, b):
         h1 = torch.ops.tpfuse.all_gather_hidden(x @ a, [8, 8], "0")  # 4 x 8 bf16: a 64-byte slab
@@ -214,31 +225,57 @@ def test_pass_reports_the_protocol_and_never_claims_a_barrier_the_flag_protocol_
     assert small.protocol == "flag" and "TPFUSE_FLAG_MAX_BYTES" in small.protocol_reason
     assert not small.saves_a_barrier
     assert str(small).startswith(f"{small.gather} group '0': no barriers, flag protocol")
-    assert large.protocol == "barrier push" and "above the flag protocol's 65536 bytes" in large.protocol_reason
+    assert large.protocol == "p2p", large.protocol_reason
+    assert large.protocol_reason.startswith("flag refuses: a 131072-byte slab is above the crossover "
+                                            "(TPFUSE_FLAG_MAX_BYTES: 65536 bytes)")
     assert large.skip_entry_sync and large.saves_a_barrier
     assert "flag protocol: finished on one rank = started on every rank" in large.reason
     assert "exit barrier of" not in large.reason
 
-    monkeypatch.delenv("TPFUSE_FLAG_MAX_BYTES")  # nothing measured (the table is empty here)
+    planning.delenv("TPFUSE_FLAG_MAX_BYTES")  # nothing measured (the table is empty here)
     with FakeTensorMode():
         args = [torch.empty(s, device="cuda", dtype=torch.bfloat16) for s in ((4, 16), (8192, 16), (16, 8), (16, 8))]
         graph = make_fx(two_gathers)(*args).graph
-    assert [d.protocol for d in decide_barriers(graph)] == ["barrier push"] * 2
-    assert "flag protocol not measured" in decide_barriers(graph)[0].protocol_reason
+    assert [d.protocol for d in decide_barriers(graph)] == ["p2p"] * 2
+    assert ("flag refuses: flag protocol not measured on stand-in GPU at W=2"
+            in decide_barriers(graph)[0].protocol_reason)
 
 
-def test_planned_backend_for_symbolic_T_cpu_and_forcing(monkeypatch):
-    monkeypatch.delenv("TPFUSE_BACKEND", raising=False)
-    assert dispatch.planned_backend("cuda", torch.bfloat16, None, [8, 8])[0] == "per call"
-    assert dispatch.planned_backend("cpu", torch.bfloat16, 4, [8, 8])[0] == "gloo"
-    monkeypatch.setenv("TPFUSE_BACKEND", "flag")
-    assert dispatch.planned_backend("cuda", torch.bfloat16, 4, [8, 8])[0] == "flag"
-    assert dispatch.planned_backend("cuda", torch.bfloat16, 1 << 20, [8, 8])[0] == "barrier push"  # too big
-    monkeypatch.setenv("TPFUSE_BACKEND", "nccl")
-    assert dispatch.planned_backend("cuda", torch.bfloat16, 4, [8, 8])[0] == "nccl"
+def test_planned_backend_asks_the_backends_own_refusals(planning):
+    """The plan walks the backends in dispatch's order and takes the first whose refusal is empty, giving the
+    refusals it passed: no rule of its own that could drift from the choice."""
+    plan = dispatch.planned_backend
+    assert plan("cuda", torch.bfloat16, 4, [8, 8]) == (
+        "p2p", "flag refuses: flag protocol not measured on stand-in GPU at W=2; "
+               "multimem refuses: TPFUSE_ENABLE_MULTIMEM is not 1")
+    assert plan("cuda", torch.bfloat16, None, [8, 8])[0] == "per call"  # T symbolic: the sizes decide per call
+    assert plan("cpu", torch.bfloat16, 4, [8, 8]) == ("gloo", "cpu tensors go through gloo")
+    assert plan("mps", torch.bfloat16, 4, [8, 8])[0] == "none"
+    planning.setenv("TPFUSE_ENABLE_MULTIMEM", "1")  # the multicast push, where the group has an address
+    assert plan("cuda", torch.bfloat16, 4, [8, 8])[0] == "multimem"
+    assert plan("cuda", torch.bfloat16, 4, [9, 9])[0] == "p2p"  # 18-byte bands: no whole 16-byte vectors
+    planning.delenv("TPFUSE_ENABLE_MULTIMEM")
+    planning.setenv("TPFUSE_PUSH_MAX_BYTES", str(1 << 10))
+    name, why = plan("cuda", torch.bfloat16, 64, [8, 8])  # 2 KiB of output
+    assert name == "nccl" and "p2p refuses: 2048 output bytes are above TPFUSE_PUSH_MAX_BYTES" in why
+    planning.delenv("TPFUSE_PUSH_MAX_BYTES")
+    planning.setenv("TPFUSE_BACKEND", "flag")
+    assert plan("cuda", torch.bfloat16, 4, [8, 8]) == ("flag", "TPFUSE_BACKEND=flag")
+    name, why = plan("cuda", torch.bfloat16, 1 << 20, [8, 8])  # a 16 MiB slab: the forced protocol refuses
+    assert name == "none" and "exceeds the flag buffers" in why and "the call raises" in why
+    planning.setenv("TPFUSE_BACKEND", "nccl")
+    assert plan("cuda", torch.bfloat16, 4, [8, 8]) == ("nccl", "TPFUSE_BACKEND=nccl")
 
 
-def test_report_shows_no_barrier_for_a_flag_gather(monkeypatch):
+def test_planned_backend_follows_the_evidence_for_the_local_gpu_model(planning):
+    """The local GPU model stands in for the group's agreed one: an entry that shows the protocol is taken."""
+    planning.setattr(evidence, "FLAG_CROSSOVER", {("stand-in GPU", 2): SHOWN})
+    assert dispatch.planned_backend("cuda", torch.bfloat16, 4, [8, 8]) == (
+        "flag", "a 64-byte slab, within the flag protocol's 65536 bytes (measured crossover on stand-in GPU at W=2)")
+    assert dispatch.planned_backend("cuda", torch.bfloat16, 4, [8, 8, 8, 8])[0] == "p2p"  # W=4: not measured
+
+
+def test_report_shows_no_barrier_for_a_flag_gather(planning):
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -246,8 +283,7 @@ def test_report_shows_no_barrier_for_a_flag_gather(monkeypatch):
     from tpfuse.passes.barrier_elision import decide_barriers
     from tpfuse.passes.records import GraphReport
 
-    monkeypatch.delenv("TPFUSE_BACKEND", raising=False)
-    monkeypatch.setenv("TPFUSE_FLAG_MAX_BYTES", str(64 << 10))
+    planning.setenv("TPFUSE_FLAG_MAX_BYTES", str(64 << 10))
 
     def one_gather(x, a):
         return torch.ops.tpfuse.all_gather_hidden(x @ a, [8, 8], "0")

@@ -304,28 +304,26 @@ def test_cost_rule_over_a_symbolic_token_range():
 
 
 def test_op_decides_with_the_model_its_ranks_agreed_on(monkeypatch):
-    """The op's CUDA path asks the rule with the workspace's agreed GPU model, not the local one."""
-    import importlib
-    from types import SimpleNamespace
+    """The op asks the chosen backend for its fused kernel; the barrier backends ask the rule with the
+    workspace's agreed GPU model, not the local one, and the c10d backends have no fused kernel."""
+    from tpfuse.compile_ops import linear_push, workspace
+    from tpfuse.compile_ops.barrier import P2P
+    from tpfuse.compile_ops.collective import NCCL
+    from tpfuse.compile_ops.groups import Group, GroupFacts
 
-    from tpfuse.compile_ops import workspace
-    from tpfuse.compile_ops.dispatch import Backend
-
-    # the module (tpfuse.compile_ops exports a function of the same name)
-    op = importlib.import_module("tpfuse.compile_ops.linear_all_gather_hidden")
-
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.delenv("TPFUSE_LINEAR_PUSH", raising=False)
-    group = SimpleNamespace(name="agreed-model-test", pg=None)
+    monkeypatch.setattr(linear_push, "launcher", lambda ws, *args: "the fused kernel's launcher")
+    group = Group(pg=None, name="agreed-model-test", rank=0, world_size=4)
+    x, weight = torch.empty(32, 4096, dtype=torch.bfloat16), torch.empty(32064, 4096, dtype=torch.bfloat16)
 
-    def use_fused(agreed, backend=Backend.P2P):
-        facts = workspace.GroupFacts(True, "", 264, agreed)
-        monkeypatch.setitem(workspace._workspaces, (group.name, 0), SimpleNamespace(facts=facts, group=group))
-        return op._use_fused(backend, 32, 4096, [32064] * 4, torch.bfloat16, group)
+    def use_fused(agreed, backend=P2P):
+        ws = workspace.Workspace(group, x.device, GroupFacts(True, "", 264, agreed))
+        monkeypatch.setitem(workspace._workspaces, (group.name, x.device.index), ws)
+        return backend.prepare_linear(x, weight, None, [32064] * 4, group) is not None
 
     assert use_fused("NVIDIA H200")
     assert not use_fused("")  # the ranks' models differ
     assert not use_fused("NVIDIA H100 80GB HBM3")
-    assert not use_fused("NVIDIA H200", Backend.NCCL)
+    assert not use_fused("NVIDIA H200", NCCL)
     monkeypatch.setenv("TPFUSE_LINEAR_PUSH", "fused")  # forcing still works where nothing was measured
     assert use_fused("NVIDIA H100 80GB HBM3")

@@ -139,7 +139,8 @@ def _capture(fn):
 
 
 def _error_cases(rank, world_size):
-    from tpfuse.compile_ops.dispatch import check_device_matches_group, choose_backend
+    from tpfuse.compile_ops.dispatch import choose_backend
+    from tpfuse.compile_ops.validation import check_device_matches_group
     from tpfuse.compile_ops.groups import resolve_group
 
     name = dist.group.WORLD.group_name
@@ -154,7 +155,7 @@ def _error_cases(rank, world_size):
         "unknown_group": _capture(lambda: op(x, [4, 4], "no-such-group")),
         "dtype": _capture(lambda: op(x.double(), [4, 4], name)),
         "device": _capture(lambda: check_device_matches_group("cuda", group)),
-        "no_backend": _capture(lambda: choose_backend("mps", torch.float32, 8, group)),
+        "no_backend": _capture(lambda: choose_backend("mps", torch.float32, [4, 4], group)),
         "scalar": _capture(lambda: op(torch.tensor(1.0), [4, 4], name)),
         "scalar_default_widths": _capture(lambda: tpfuse.all_gather_hidden(torch.tensor(1.0))),
         "scalar_given_widths": _capture(lambda: tpfuse.all_gather_hidden(torch.tensor(1.0), hidden_widths=[4, 4])),

@@ -1,12 +1,14 @@
 """The elision pass takes the protocols' facts from their one home (the packages kernels/barrier/ and
 kernels/flag/) instead of restating them: change a fact there and the decisions follow."""
 
+import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import tpfuse  # noqa: F401  (registers the op)
-from tpfuse.compile_ops import push_backends
+from tpfuse.compile_ops import dispatch
+from tpfuse.compile_ops.flag import evidence
 from tpfuse.kernels import barrier
 from tpfuse.kernels import flag as flag_protocol
 from tpfuse.passes import barrier_elision
@@ -24,12 +26,20 @@ def _decisions():
     return barrier_elision.decide_barriers(graph)
 
 
-def test_skips_rest_on_the_barrier_protocols_facts(monkeypatch):
-    monkeypatch.delenv("TPFUSE_BACKEND", raising=False)
-    monkeypatch.delenv("TPFUSE_FLAG_MAX_BYTES", raising=False)
-    # Barrier gathers whatever GPU this runs on: with no evidence, auto keeps the barrier push.
-    monkeypatch.setattr(push_backends, "FLAG_CROSSOVER", {})
+@pytest.fixture
+def planning(monkeypatch):
+    """The plan, whatever machine runs the test: a stand-in GPU model, no evidence, no forcing variable."""
+    for name in ("TPFUSE_BACKEND", "TPFUSE_FLAG_MAX_BYTES", "TPFUSE_ENABLE_MULTIMEM", "TPFUSE_PUSH_MAX_BYTES"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(dispatch, "local_device_name", lambda: "stand-in GPU")
+    monkeypatch.setattr(evidence, "FLAG_CROSSOVER", {})
+    return monkeypatch
+
+
+def test_skips_rest_on_the_barrier_protocols_facts(planning):
+    monkeypatch = planning
     first, second = _decisions()
+    assert first.protocol == second.protocol == "p2p"  # no evidence for the stand-in GPU: auto keeps p2p
     assert second.skip_entry_sync and barrier.EXIT_FENCE.format(gather=first.gather) in second.reason
     assert second.slot == barrier.next_slot(first.slot)
     # Were a slot's reads to outlive the kernel (say, a copy-out moved out of it), no skip would hold.
@@ -37,9 +47,8 @@ def test_skips_rest_on_the_barrier_protocols_facts(monkeypatch):
     assert not any(d.skip_entry_sync for d in _decisions())
 
 
-def test_a_flag_gather_is_named_by_the_flag_protocols_fence_fact(monkeypatch):
-    monkeypatch.delenv("TPFUSE_BACKEND", raising=False)
-    monkeypatch.setenv("TPFUSE_FLAG_MAX_BYTES", str(64 << 10))
+def test_a_flag_gather_is_named_by_the_flag_protocols_fence_fact(planning):
+    planning.setenv("TPFUSE_FLAG_MAX_BYTES", str(64 << 10))
     first, second = _decisions()
     assert first.protocol == second.protocol == "flag"
     assert flag_protocol.FENCE.format(gather=first.gather) in second.reason

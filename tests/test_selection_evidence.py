@@ -16,10 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from tpfuse.compile_ops import dispatch, push_backends, workspace as workspaces
-from tpfuse.compile_ops.dispatch import Backend
-from tpfuse.compile_ops.flag_evidence import FLAG_CROSSOVER, FlagEvidence
-from tpfuse.compile_ops.groups import Group
+from tpfuse.compile_ops import dispatch, workspace as workspaces
+from tpfuse.compile_ops.backend import Backend
+from tpfuse.compile_ops.barrier import slots
+from tpfuse.compile_ops.flag import buffers, evidence
+from tpfuse.compile_ops.flag.evidence import FLAG_CROSSOVER, FlagEvidence
+from tpfuse.compile_ops.groups import Group, GroupFacts
+from tpfuse.kernels.flag import MAX_SLAB_BYTES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("derive_crossover", os.path.join(ROOT, "benchmarks",
@@ -158,46 +161,55 @@ def test_a_claimed_suite_log_that_does_not_pass_is_caught(monkeypatch):
 
 def _workspace(device_name, world_size):
     group = Group(pg=None, name="g", rank=1, world_size=world_size)
-    ws = workspaces.Workspace(group, torch.device("cpu"), workspaces.GroupFacts(True, "", 8, device_name))
-    ws.slot_bytes, ws.timeout_ns = 1 << 20, 2_000_000_000
+    ws = workspaces.Workspace(group, torch.device("cpu"), GroupFacts(True, "", 8, device_name))
+    slots.slots_of(ws).slot_bytes, ws.timeout_ns = 1 << 20, 2_000_000_000
     ws.status_view = np.array([0], dtype=np.int32)
-    ws.flags = object()  # set up: no collective needed
+    ws.protocols[buffers.NAME] = object()  # set up: no collective needed
     return ws
 
 
 def _choose(group, tokens, width=4096):
-    return dispatch.choose_backend("cuda", torch.bfloat16, tokens * width * group.world_size, group,
-                                   max_slab_numel=tokens * width)
+    return dispatch.choose_backend("cuda", torch.bfloat16, [width] * group.world_size, group, tokens)
+
+
+@pytest.fixture
+def planning(monkeypatch):
+    """The compile-time plan on a stand-in H200, whatever machine runs the test; no forcing variable."""
+    for name in ("TPFUSE_BACKEND", "TPFUSE_FLAG_MAX_BYTES", "TPFUSE_ENABLE_MULTIMEM", "TPFUSE_PUSH_MAX_BYTES"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(dispatch, "local_device_name", lambda: "NVIDIA H200")
+    return monkeypatch
 
 
 MEASURED = FlagEvidence(64 << 10, "bench.json")  # the files are read by the checks above, never at run time
 PASSED = FlagEvidence(64 << 10, "bench.json", "suite.log")
 
 
-def test_without_a_suite_log_auto_keeps_the_barrier_push_and_says_why(fake_cuda, monkeypatch):
-    monkeypatch.setattr(push_backends, "FLAG_CROSSOVER", {("NVIDIA H200", 2): MEASURED})
+def test_without_a_suite_log_auto_keeps_the_barrier_push_and_says_why(fake_cuda, planning):
+    monkeypatch = planning
+    monkeypatch.setattr(evidence, "FLAG_CROSSOVER", {("NVIDIA H200", 2): MEASURED})
     ws = fake_cuda(_workspace("NVIDIA H200", 2))
     assert _choose(ws.group, 1) == Backend.P2P
     why = "flag protocol: no committed passing multi-GPU suite for NVIDIA H200 at W=2"
-    assert dispatch.flag_limit("NVIDIA H200", 2) == (0, why)
-    monkeypatch.setattr(dispatch, "_local_device_name", lambda: "NVIDIA H200")
-    assert dispatch.planned_backend("cuda", torch.bfloat16, 1, [4096, 4096]) == ("barrier push", why)
+    assert evidence.flag_limit("NVIDIA H200", 2) == (0, why)
+    name, reason = dispatch.planned_backend("cuda", torch.bfloat16, 1, [4096, 4096])
+    assert name == "p2p" and reason.startswith(f"flag refuses: {why};"), reason
     # The moment a passing suite log is named, the measured crossover applies.
-    monkeypatch.setattr(push_backends, "FLAG_CROSSOVER", {("NVIDIA H200", 2): PASSED})
+    monkeypatch.setattr(evidence, "FLAG_CROSSOVER", {("NVIDIA H200", 2): PASSED})
     assert _choose(ws.group, 8) == Backend.FLAG and _choose(ws.group, 9) == Backend.P2P
     assert dispatch.planned_backend("cuda", torch.bfloat16, 8, [4096, 4096])[0] == "flag"
 
 
 def test_a_zero_crossover_keeps_the_barrier_push_even_with_a_suite(fake_cuda, monkeypatch):
-    monkeypatch.setattr(push_backends, "FLAG_CROSSOVER", {("NVIDIA H200", 2): FlagEvidence(0, "b.json", "s.log")})
+    monkeypatch.setattr(evidence, "FLAG_CROSSOVER", {("NVIDIA H200", 2): FlagEvidence(0, "b.json", "s.log")})
     ws = fake_cuda(_workspace("NVIDIA H200", 2))
     assert _choose(ws.group, 1) == Backend.P2P
-    assert "slower than the barrier push already at the smallest measured slab" in dispatch.flag_limit(
-        "NVIDIA H200", 2)[1]
+    assert "slower than p2p already at the smallest measured slab" in evidence.flag_limit("NVIDIA H200", 2)[1]
 
 
-def test_the_overrides_still_force_the_protocol_without_evidence(fake_cuda, monkeypatch):
-    monkeypatch.setattr(push_backends, "FLAG_CROSSOVER", {("NVIDIA H200", 2): MEASURED})
+def test_the_overrides_still_force_the_protocol_without_evidence(fake_cuda, planning):
+    monkeypatch = planning
+    monkeypatch.setattr(evidence, "FLAG_CROSSOVER", {("NVIDIA H200", 2): MEASURED})
     ws = fake_cuda(_workspace("NVIDIA H200", 2))
     monkeypatch.setenv("TPFUSE_FLAG_MAX_BYTES", str(16 << 10))
     assert _choose(ws.group, 2) == Backend.FLAG and _choose(ws.group, 3) == Backend.P2P
@@ -209,24 +221,21 @@ def test_the_overrides_still_force_the_protocol_without_evidence(fake_cuda, monk
 
 def test_the_shipped_table_takes_the_protocol_only_where_a_suite_log_is_named(monkeypatch):
     monkeypatch.delenv("TPFUSE_FLAG_MAX_BYTES", raising=False)
-    for (device, W), evidence in FLAG_CROSSOVER.items():
-        limit, why = push_backends.flag_limit(device, W)
-        if evidence.suite_log is None:
+    for (device, W), entry in FLAG_CROSSOVER.items():
+        limit, why = evidence.flag_limit(device, W)
+        if entry.suite_log is None:
             assert (limit, why) == (0, f"flag protocol: no committed passing multi-GPU suite for {device} at W={W}")
         else:
-            assert limit == min(evidence.crossover_bytes, dispatch.FLAG_MAX_SLAB_BYTES)
+            assert limit == min(entry.crossover_bytes, MAX_SLAB_BYTES)
 
 
-def test_the_pass_report_says_why_the_flag_protocol_was_not_planned(monkeypatch):
+def test_the_pass_report_says_why_the_flag_protocol_was_not_planned(planning):
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from tpfuse.passes.barrier_elision import decide_barriers
 
-    for name in ("TPFUSE_BACKEND", "TPFUSE_FLAG_MAX_BYTES"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(push_backends, "FLAG_CROSSOVER", {("NVIDIA H200", 2): MEASURED})
-    monkeypatch.setattr(dispatch, "_local_device_name", lambda: "NVIDIA H200")
+    planning.setattr(evidence, "FLAG_CROSSOVER", {("NVIDIA H200", 2): MEASURED})
 
     def one_gather(x, a):
         return torch.ops.tpfuse.all_gather_hidden(x @ a, [8, 8], "0")  # a 64-byte slab at W=2
@@ -235,5 +244,6 @@ def test_the_pass_report_says_why_the_flag_protocol_was_not_planned(monkeypatch)
         graph = make_fx(one_gather)(torch.empty(4, 16, device="cuda", dtype=torch.bfloat16),
                                     torch.empty(16, 8, device="cuda", dtype=torch.bfloat16)).graph
     (decision,) = decide_barriers(graph)
-    assert decision.protocol == "barrier push"
-    assert decision.protocol_reason == "flag protocol: no committed passing multi-GPU suite for NVIDIA H200 at W=2"
+    assert decision.protocol == "p2p"
+    assert decision.protocol_reason.startswith(
+        "flag refuses: flag protocol: no committed passing multi-GPU suite for NVIDIA H200 at W=2;")

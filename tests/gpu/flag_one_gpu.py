@@ -2,7 +2,7 @@
 
 Every emulated rank has its own flag buffer, epoch slots and status word in
 the one GPU's memory, and its own stream; its kernel is the production kernel
-(compiled and launched by the op's own host code, ``compile_ops.push``) for
+(compiled and launched by the protocol's own launcher, ``compile_ops/flag/launcher.py``) for
 its rank.  The W kernels of a call run concurrently, so the ranks really race:
 a fast rank can start its next call while a slow one still reads, and random
 per-rank delays shift them against each other.  What this cannot show is the
@@ -15,12 +15,16 @@ from types import SimpleNamespace
 
 import torch
 
-from tpfuse.compile_ops import push, workspace
-from tpfuse.compile_ops.backend import Backend
-from tpfuse.compile_ops.dispatch import FLAG_MAX_SLAB_BYTES
+from tpfuse.compile_ops import workspace
+from tpfuse.compile_ops.barrier import launcher as barrier_launcher, slots
+from tpfuse.compile_ops.flag import buffers as flag_buffers, launcher as flag_launcher
+from tpfuse.compile_ops.groups import GroupFacts
 from tpfuse.compile_ops.program_order import ProgramOrder
 from gpu_helpers import as_int, bits  # noqa: F401  (re-exported for the flag tests)
 from tpfuse.kernels import flag as flag_protocol
+from tpfuse.kernels.barrier import signal_pad_bytes
+
+FLAG_MAX_SLAB_BYTES = flag_protocol.MAX_SLAB_BYTES
 
 INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32}
 
@@ -41,7 +45,7 @@ class OneGpuGroup:
     Each rank is a ``Workspace`` of the op's own (kernels/failure.py status word,
     program order, flag buffers, and with ``add_barrier_push`` slots and signal
     pads) in this one GPU's memory, and its calls go through the op's own
-    launchers (``push.flag_launcher``, ``push.push_launcher``): what runs is what
+    launchers (``flag/launcher.py``, ``barrier/launcher.py``): what runs is what
     the op runs, only the peers' addresses are local.
     """
 
@@ -62,11 +66,13 @@ class OneGpuGroup:
         for r in range(self.W):
             status, view, ptr = workspace.new_status()
             group = SimpleNamespace(rank=r, world_size=self.W, name="emulated", pg=None)
-            flags = workspace.FlagBuffers(max_slab_bytes, region_units, self.buffers[r], None, buffer_args,
-                                          self.epochs[r])
-            self.workspaces.append(workspace.Workspace(
-                group, device, workspace.GroupFacts(True, "", blocks, "emulated"), status=status, status_view=view,
-                status_ptr=ptr, timeout_ns=self.timeout_ns, flags=flags, order=ProgramOrder(enforce=ordered)))
+            flags = flag_buffers.FlagBuffers(max_slab_bytes, region_units, self.buffers[r], None, buffer_args,
+                                             self.epochs[r])
+            ws = workspace.Workspace(group, device, GroupFacts(True, "", blocks, "emulated"), status=status,
+                                     status_view=view, status_ptr=ptr, timeout_ns=self.timeout_ns,
+                                     order=ProgramOrder(enforce=ordered))
+            ws.protocols[flag_buffers.NAME] = flags
+            self.workspaces.append(ws)
         self.status = [ws.status for ws in self.workspaces]
         self.streams = [torch.cuda.Stream() for _ in range(self.W)]
         self._launchers = {}
@@ -84,16 +90,17 @@ class OneGpuGroup:
         hold on the GPU at once.
         """
         blocks = min(ws.facts.max_blocks for ws in self.workspaces)
-        slot_bytes = workspace.slot_bytes_for(self.max_slab_bytes * self.W)
+        slot_bytes = slots.slot_bytes_for(self.max_slab_bytes * self.W)
         self.slot_buffers = [torch.empty(2 * slot_bytes, dtype=torch.uint8, device="cuda") for _ in range(self.W)]
-        pad_ints = workspace.signal_pad_bytes(blocks, self.W) // 4
+        pad_ints = signal_pad_bytes(blocks, self.W) // 4
         self.pads = [torch.zeros(pad_ints, dtype=torch.int32, device="cuda") for _ in range(self.W)]
         zeros = (0,) * (8 - self.W)
         pointer_args = (tuple(b.data_ptr() for b in self.slot_buffers) + zeros
                         + tuple(p.data_ptr() for p in self.pads) + zeros)
         for ws, buffer in zip(self.workspaces, self.slot_buffers):
             ws.facts.max_blocks = blocks
-            ws.slot_bytes, ws.buffer, ws.pointer_args = slot_bytes, buffer, pointer_args
+            room = slots.slots_of(ws)
+            room.slot_bytes, room.buffer, room.pointer_args = slot_bytes, buffer, pointer_args
         return self
 
     def launcher(self, rank, x, kind="flag"):
@@ -109,8 +116,8 @@ class OneGpuGroup:
 
     def _make_launcher(self, ws, x, kind):
         if kind == "flag":
-            return push.flag_launcher(ws, x, self.widths, **self.options)
-        return push.push_launcher(ws, x, self.widths, Backend.P2P)
+            return flag_launcher.launcher(ws, x, self.widths, **self.options)
+        return barrier_launcher.launcher(ws, x, self.widths)
 
     def launch_barrier_push(self, rank, x, out):
         self.launcher(rank, x, "barrier push")(x, out)

@@ -73,10 +73,10 @@ def slot_view_gather(x: torch.Tensor, hidden_widths: list[int], group_name: str)
 
     A hidden alias on purpose (test only): its readers read the symmetric slot.
     The graph returns it as an output, so Inductor never reuses its memory."""
-    from tpfuse.compile_ops import push
+    from tpfuse.compile_ops.barrier import P2P
     from tpfuse.compile_ops.groups import resolve_group
 
-    return push.gather_into_slot(x, hidden_widths, resolve_group(group_name), 0, False)
+    return P2P.gather(x, hidden_widths, resolve_group(group_name), 0, False, zero_copy=True)
 
 
 @slot_view_gather.register_fake

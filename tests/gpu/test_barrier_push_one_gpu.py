@@ -46,13 +46,12 @@ def _free_running(slot, skip_entry_sync, seed, W=2):
     xs = [inputs(seed * 1000 + j, T, group.widths, group.dtype) for j in range(8)]
     refs = [reference(x) for x in xs]
     order = [rng.randrange(8) for _ in range(CALLS)]
-    from tpfuse.compile_ops import push
-    from tpfuse.compile_ops.backend import Backend
+    from tpfuse.compile_ops.barrier import launcher
 
     delays = (0, 5_000, 20_000)  # ns before each copy-out chunk on rank 0; one variant per delay
-    slow = [push.push_launcher(group.workspaces[0], xs[0][0], group.widths, Backend.P2P, slot, skip_entry_sync,
-                               copy_delay_ns=d) for d in delays]
-    launchers = [None] + [push.push_launcher(ws, xs[0][r], group.widths, Backend.P2P, slot, skip_entry_sync)
+    slow = [launcher.launcher(group.workspaces[0], xs[0][0], group.widths, slot=slot, skip_entry_sync=skip_entry_sync,
+                              copy_delay_ns=d) for d in delays]
+    launchers = [None] + [launcher.launcher(ws, xs[0][r], group.widths, slot=slot, skip_entry_sync=skip_entry_sync)
                           for r, ws in enumerate(group.workspaces) if r]
     outs = [[torch.full((T, W * WIDTH), -1, dtype=INT_OF_SIZE[2], device="cuda").view(group.dtype)
              for _ in range(CALLS)] for _ in range(W)]

@@ -33,7 +33,7 @@ def _op(x, widths):
 def _correctness(rank, W):
     from tpfuse.compile_ops import collective
     from tpfuse.compile_ops.dispatch import choose_backend
-    from tpfuse.compile_ops.workspace import FLAG_MAX_SLAB_BYTES
+    from tpfuse.kernels.flag import MAX_SLAB_BYTES as FLAG_MAX_SLAB_BYTES
 
     os.environ["TPFUSE_BACKEND"] = "flag"
     group = _group()
@@ -60,9 +60,9 @@ def _correctness(rank, W):
                 nccl = collective.gather_hidden(xs[rank], widths, group)
                 if not (torch.equal(_as_int(out), ref) and torch.equal(_as_int(nccl), ref)):
                     failures.append((dname, kind, T))
-    chosen = choose_backend("cuda", torch.bfloat16, 4096 * W, group, max_slab_numel=4096).value
+    chosen = choose_backend("cuda", torch.bfloat16, [4096] * W, group).value
     del os.environ["TPFUSE_BACKEND"]
-    auto = choose_backend("cuda", torch.bfloat16, 4096 * W, group, max_slab_numel=4096).value
+    auto = choose_backend("cuda", torch.bfloat16, [4096] * W, group).value
     return {"failures": failures, "cases": cases, "refused": refused, "over": over, "forced": chosen, "auto": auto}
 
 
@@ -116,22 +116,23 @@ def test_cuda_graph_replays_with_T_changing(W):
 
 
 def _stress(rank, W, iters):
-    from tpfuse.compile_ops import push, workspace
-    from tpfuse.compile_ops.dispatch import Backend
+    from tpfuse.compile_ops import workspace
+    from tpfuse.compile_ops.barrier import P2P
+    from tpfuse.compile_ops.flag import FLAG
 
     group = _group()
     widths = [2048 + 64 * r for r in range(W)]
     results = {}
     for T in (1, 32):
         results[f"flag/T={T}"] = _delayed_loop(rank, W, iters, T, widths,
-                                               lambda x, i: push.gather_hidden(x, widths, group, Backend.FLAG), 11 + T)
+                                               lambda x, i: FLAG.gather(x, widths, group), 11 + T)
         _quiesce()
     # Interleaved with the barrier push in a random (rank-consistent) order.
     order = random.Random(5)
     choice = [order.random() < 0.5 for _ in range(iters)]
     results["flag_and_barrier_interleaved"] = _delayed_loop(
         rank, W, iters, 8, widths,
-        lambda x, i: push.gather_hidden(x, widths, group, Backend.FLAG if choice[i] else Backend.P2P), 7)
+        lambda x, i: (FLAG if choice[i] else P2P).gather(x, widths, group), 7)
     results["failure_code"] = workspace.workspace(group, rank).failure_code()
     return results
 
@@ -151,16 +152,16 @@ def test_stress_random_delays_and_interleaving_bit_exact(W):
 
 def _negative(rank, W, iters, options):
     """Free-running calls of a negative-control kernel variant; returns (corrupted, failure code)."""
-    from tpfuse.compile_ops import push, workspace
-    from tpfuse.compile_ops.dispatch import choose_backend
+    from tpfuse.compile_ops import workspace
+    from tpfuse.compile_ops.flag import launcher
 
     os.environ["TPFUSE_BACKEND"] = "flag"
     group = _group()
     widths = [2048] * W
-    choose_backend("cuda", torch.bfloat16, 32 * 2048 * W, group, max_slab_numel=32 * 2048)  # buffers
     ws = workspace.workspace(group, rank)
     ws.timeout_ns = int(0.05e9)
-    launch = push.flag_launcher(ws, torch.empty(32, 2048, dtype=torch.bfloat16, device="cuda"), widths, **options)
+    # the protocol's own launcher (it makes the buffers, collectively, on every rank alike)
+    launch = launcher.launcher(ws, torch.empty(32, 2048, dtype=torch.bfloat16, device="cuda"), widths, **options)
 
     def call(x, i):
         return launch(x)
@@ -180,8 +181,8 @@ def test_negative_controls_detect_corruption(W):
 
 
 def _timeout(rank, W):
-    from tpfuse.compile_ops import push, workspace
-    from tpfuse.compile_ops.dispatch import Backend
+    from tpfuse.compile_ops import workspace
+    from tpfuse.compile_ops.flag import FLAG
 
     os.environ["TPFUSE_BARRIER_TIMEOUT_S"] = "2"
     os.environ["TPFUSE_BACKEND"] = "flag"
@@ -193,11 +194,11 @@ def _timeout(rank, W):
     if rank == W - 1:
         return {"skipped": True}
     t0 = time.perf_counter()
-    push.gather_hidden(x, widths, group, Backend.FLAG)
+    FLAG.gather(x, widths, group)
     torch.cuda.synchronize()
     waited = time.perf_counter() - t0
     try:
-        push.gather_hidden(x, widths, group, Backend.FLAG)
+        FLAG.gather(x, widths, group)
         message = ""
     except RuntimeError as err:
         message = str(err)

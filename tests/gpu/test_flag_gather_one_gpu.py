@@ -13,7 +13,8 @@ import time
 import pytest
 import torch
 
-from tpfuse.compile_ops.dispatch import FLAG_MAX_SLAB_BYTES
+from tpfuse.kernels import failure
+from tpfuse.kernels.flag import MAX_SLAB_BYTES as FLAG_MAX_SLAB_BYTES
 from flag_one_gpu import OneGpuGroup, as_int, delayed_run, inputs, reference, width_kinds as _widths
 
 pytestmark = [pytest.mark.gpu]
@@ -100,7 +101,7 @@ def test_negative_control_one_buffer(W):
     one_buffer.max_blocks[0] = 1
     corrupted, code = delayed_run(one_buffer, 32, iters=2000, seed=1, max_cycles=2000)
     print(f"one buffer, W={W}: corrupted {corrupted}, failure code {code:#x}")
-    assert code >> 24 == 3, (corrupted, code)  # a flag wait gave up: the data it waited for was overwritten
+    assert failure.describe(code)[0] == "flag wait", (corrupted, code)  # it gave up: its data was overwritten
     silent = OneGpuGroup(widths, torch.bfloat16, timeout_s=0.05, PARITY=False, ACCEPT_STALE=True)
     silent.max_blocks[0] = 1
     corrupted, code = delayed_run(silent, 32, iters=2000, seed=2, max_cycles=2000)
@@ -150,18 +151,18 @@ def test_missing_rank_times_out_and_is_named(W):
     waited = time.perf_counter() - t0
     assert waited < 5, waited
     for rank, code in enumerate(codes[:-1]):
-        kind, peer = code >> 24, (code & 0xFF) - 1
-        assert kind == 3 and peer == W - 1, (rank, hex(code))
+        which, _, peer = failure.describe(code)
+        assert which == "flag wait" and peer == W - 1, (rank, hex(code))
     assert codes[-1] == 0
     # The host's report of that code names the rank and the missing peer.
     from types import SimpleNamespace
 
-    from tpfuse.compile_ops import push
+    from tpfuse.compile_ops import failures
 
     ws = SimpleNamespace(failure_code=lambda: codes[0], failed_call=lambda: 0, timeout_ns=group.timeout_ns,
                          group=SimpleNamespace(rank=0, name="emulated", pg=None))
     with pytest.raises(RuntimeError, match=f"flag wait .*waiting for rank {W - 1}"):
-        push.raise_if_failed(ws)
+        failures.raise_if_failed(ws)
 
 
 # --------------------------------------------------------------------------- program order and failed calls

@@ -67,11 +67,11 @@ def _problem(seed, T, K, widths, dtype, has_bias):
 
 
 def _poison(ws, nbytes):
-    from tpfuse.compile_ops import workspace
+    from tpfuse.compile_ops.barrier import slots
 
-    workspace.ensure_capacity(ws, max(nbytes, 1))
+    slots.ensure_capacity(ws, max(nbytes, 1))
     _quiesce()
-    ws.buffer.fill_(0xFF)
+    slots.slots_of(ws).buffer.fill_(0xFF)
 
 
 def _agree_across_ranks(out):
@@ -87,7 +87,7 @@ def _correctness(rank, W):
     import torch.distributed as dist
 
     from tpfuse.compile_ops import linear_push, workspace
-    from tpfuse.compile_ops.dispatch import Backend
+    from tpfuse.compile_ops.barrier import slots
 
     group = _group()
     ws = workspace.workspace(group, rank)
@@ -100,8 +100,8 @@ def _correctness(rank, W):
                 for mode in MODES:
                     _poison(ws, T * sum(widths) * dtype.itemsize)
                     skip, slot = (True, 1) if mode == "entry_elided_slot1" else (False, -1)  # safe: quiesced
-                    out = linear_push.linear_gather_hidden(x, weights[rank], biases[rank], widths, group,
-                                                           Backend.P2P, slot, skip, mode == "zero_copy")
+                    out = linear_push.linear_gather_hidden(x, weights[rank], biases[rank], widths, group, slot,
+                                                           skip, mode == "zero_copy")
                     torch.cuda.synchronize()
                     cases += 1
                     err = ((out.float() - ref.float()).abs() - TOL[dtype] * ref.float().abs()).max().item()
@@ -116,7 +116,7 @@ def _correctness(rank, W):
     outs = {}
     for mode in ("fused", "unfused"):
         os.environ["TPFUSE_LINEAR_PUSH"] = mode
-        from tpfuse.compile_ops.linear_all_gather_hidden import _parse_mode
+        from tpfuse.compile_ops.linear_push import _parse_mode
 
         _parse_mode.cache_clear()
         outs[mode] = torch.ops.tpfuse.linear_all_gather_hidden(x3, weights[rank], biases[rank], widths,
@@ -125,7 +125,7 @@ def _correctness(rank, W):
     op_ok = all(o.shape == (2, 4, 1024 * W) for o in outs.values()) and all(
         ((o.view(8, -1).float() - ref.float()).abs() <= TOL[dtype] * (1 + ref.float().abs())).all() for o in outs.values())
     return {"failures": failures, "cases": cases, "worst_excess": worst, "op_ok": bool(op_ok),
-            "multicast_ptr": ws.multicast_ptr}
+            "multicast_ptr": slots.slots_of(ws).multicast_ptr}
 
 
 @pytest.mark.parametrize("W", [2, 4])
@@ -142,7 +142,6 @@ def test_correctness_within_bf16_gemm_tolerance_and_ranks_agree(W):
 # ---------------------------------------------------------------------------
 def _cuda_graph(rank, W):
     from tpfuse.compile_ops import linear_push
-    from tpfuse.compile_ops.dispatch import Backend
 
     group = _group()
     dtype, T, K = torch.bfloat16, 32, 2048
@@ -151,7 +150,7 @@ def _cuda_graph(rank, W):
     x_b = _randn(2, (T, K), dtype)
 
     def call(x, slot, skip):
-        return linear_push.linear_gather_hidden(x, weights[rank], biases[rank], widths, group, Backend.P2P, slot, skip)
+        return linear_push.linear_gather_hidden(x, weights[rank], biases[rank], widths, group, slot, skip)
 
     def step():
         # Slots 0, 1 with both barriers, then 0, 1 with the entry barrier elided (each slot's
@@ -194,7 +193,6 @@ def _delayed_loop(rank, W, iters, T, K, widths, call, seed, max_delay_cycles=400
     ``compare_now``: compare each result before the next call (a zero-copy result is the slot,
     valid until the next call on that slot), instead of RING results at a time."""
     from tpfuse.compile_ops import linear_push
-    from tpfuse.compile_ops.dispatch import Backend
 
     group = _group()
     dtype = torch.bfloat16
@@ -202,7 +200,7 @@ def _delayed_loop(rank, W, iters, T, K, widths, call, seed, max_delay_cycles=400
     xs = [_randn(seed * 1000 + j, (T, K), dtype) for j in range(RING)]
     refs = []
     for x in xs:  # quiet references: both barriers, then a full quiesce
-        refs.append(linear_push.linear_gather_hidden(x, weights[rank], biases[rank], widths, group, Backend.P2P))
+        refs.append(linear_push.linear_gather_hidden(x, weights[rank], biases[rank], widths, group))
         _quiesce()
     rng = random.Random(seed * 31 + rank)
     bad = torch.zeros((), dtype=torch.int64, device="cuda")
@@ -220,7 +218,6 @@ def _delayed_loop(rank, W, iters, T, K, widths, call, seed, max_delay_cycles=400
 
 def _stress(rank, W, iters):
     from tpfuse.compile_ops import linear_push
-    from tpfuse.compile_ops.dispatch import Backend
 
     group = _group()
     results = {}
@@ -231,7 +228,7 @@ def _stress(rank, W, iters):
                                ("decode_even", 1, 4096, [1024] * W),
                                ("lm_head_shares", 8, 1024, [16384] * (W - 1) + [16000])):
         def fused(x, w, b, i, skip=False, slot=-1, zero_copy=False, widths=widths):
-            return linear_push.linear_gather_hidden(x, w, b, widths, group, Backend.P2P, slot, skip, zero_copy)
+            return linear_push.linear_gather_hidden(x, w, b, widths, group, slot, skip, zero_copy)
 
         results[f"{name}/both_barriers"] = _delayed_loop(rank, W, iters, T, K, widths, fused, 11)
         _quiesce()
@@ -250,7 +247,6 @@ def _stress(rank, W, iters):
 def _negative_control(rank, W, iters):
     """Forced-off barriers must corrupt results, so the stress test above can fail."""
     from tpfuse.compile_ops import linear_push
-    from tpfuse.compile_ops.dispatch import Backend
 
     group = _group()
     wide = [8192] + [256] * (W - 1)
@@ -258,7 +254,7 @@ def _negative_control(rank, W, iters):
 
     def no_barriers(x, w, b, i):
         # No entry, no exit: the copy-out reads our slot before (some) peers pushed into it.
-        return linear_push.linear_gather_hidden(x, w, b, wide, group, Backend.P2P, 0, True, _exit_sync=False)
+        return linear_push.linear_gather_hidden(x, w, b, wide, group, 0, True, exit_sync=False)
 
     results["no_exit_barrier"] = _delayed_loop(rank, W, iters, 128, 1024, wide, no_barriers, 21)
     _quiesce()
@@ -272,7 +268,7 @@ def _negative_control(rank, W, iters):
     shares = [16384] * W  # even column shares (T=8), no exit barrier: must corrupt too
 
     def no_barriers_shares(x, w, b, i):
-        return linear_push.linear_gather_hidden(x, w, b, shares, group, Backend.P2P, 0, True, _exit_sync=False)
+        return linear_push.linear_gather_hidden(x, w, b, shares, group, 0, True, exit_sync=False)
 
     results["no_exit_barrier_column_shares"] = _delayed_loop(rank, W, iters, 8, 1024, shares, no_barriers_shares, 23)
     _quiesce()
@@ -315,7 +311,6 @@ def _config_options(rank, W):
     and the round-robin mma.sync path) against the reference: within its tolerance, ranks
     bit-identical."""
     from tpfuse.compile_ops import linear_push, workspace
-    from tpfuse.compile_ops.dispatch import Backend
     from tpfuse.kernels import linear_push as kernels
 
     group = _group()
@@ -329,7 +324,7 @@ def _config_options(rank, W):
             for name, options in OPTIONS.items():
                 kernels.launch_config = lambda *a, options=options, **kw: {**original(*a, **kw), **options}
                 ws.plans.clear()
-                out = linear_push.linear_gather_hidden(x, weights[rank], biases[rank], widths, group, Backend.P2P)
+                out = linear_push.linear_gather_hidden(x, weights[rank], biases[rank], widths, group)
                 torch.cuda.synchronize()
                 tol = TOL[torch.bfloat16]
                 found[f"T={T} {name}"] = {

@@ -36,11 +36,11 @@ def _widths(kind, W):
 
 def _poison(ws, nbytes):
     """Fill both symmetric slots and the allocator's next block with 0xFF (NaN for floats)."""
-    from tpfuse.compile_ops import workspace
+    from tpfuse.compile_ops.barrier import slots
 
-    workspace.ensure_capacity(ws, max(nbytes, 1))
+    slots.ensure_capacity(ws, max(nbytes, 1))
     _quiesce()  # nobody is pushing into our buffer now
-    ws.buffer.fill_(0xFF)
+    slots.slots_of(ws).buffer.fill_(0xFF)
     junk = torch.full((max(nbytes, 1),), 0xFF, dtype=torch.uint8, device="cuda")
     del junk  # the caching allocator hands this block to the next output
     _quiesce()
@@ -50,8 +50,9 @@ def _poison(ws, nbytes):
 def _correctness(rank, W):
     import torch.distributed as dist
 
-    from tpfuse.compile_ops import collective, push, workspace
-    from tpfuse.compile_ops.dispatch import Backend, choose_backend
+    from tpfuse.compile_ops import collective, workspace
+    from tpfuse.compile_ops.barrier import P2P, slots
+    from tpfuse.compile_ops.dispatch import choose_backend
 
     group = _group()
     failures, cases, seed = [], 0, 0
@@ -67,10 +68,10 @@ def _correctness(rank, W):
                 for mode in ("both_barriers", "entry_elided_slot1", "nccl"):
                     _poison(ws, T * sum(widths) * dtype.itemsize)
                     if mode == "both_barriers":
-                        out = push.gather_hidden(xs[rank], widths, group, Backend.P2P, -1, False)
+                        out = P2P.gather(xs[rank], widths, group, -1, False)
                     elif mode == "entry_elided_slot1":
                         # Safe here: _quiesce() proved every peer finished reading.
-                        out = push.gather_hidden(xs[rank], widths, group, Backend.P2P, 1, True)
+                        out = P2P.gather(xs[rank], widths, group, 1, True)
                     else:
                         out = collective.gather_hidden(xs[rank], widths, group)
                     torch.cuda.synchronize()
@@ -79,13 +80,13 @@ def _correctness(rank, W):
                         failures.append((dname, kind, T, mode))
     # The op itself, through dispatch: auto picks P2P on one host, and the result is bit-identical to NCCL.
     dtype = torch.bfloat16
-    chosen = choose_backend("cuda", dtype, 8 * 1024 * W, group).value
+    chosen = choose_backend("cuda", dtype, [1024] * W, group, 8).value
     x = _bits(7 + rank, (2, 4, 1024), dtype)  # 3-D input: leading dims are flattened
     ref = torch.cat([_bits(7 + r, (2, 4, 1024), dtype) for r in range(W)], dim=-1)
     via_op = torch.ops.tpfuse.all_gather_hidden(x, [1024] * W, dist.group.WORLD.group_name)
     os.environ["TPFUSE_BACKEND"] = "nccl"
     try:
-        forced = choose_backend("cuda", dtype, 8 * 1024 * W, group).value
+        forced = choose_backend("cuda", dtype, [1024] * W, group, 8).value
         via_nccl = torch.ops.tpfuse.all_gather_hidden(x, [1024] * W, dist.group.WORLD.group_name)
     finally:
         del os.environ["TPFUSE_BACKEND"]
@@ -97,7 +98,7 @@ def _correctness(rank, W):
         "auto_backend": chosen,
         "forced_backend": forced,
         "op_ok": op_ok,
-        "multicast_ptr": ws.multicast_ptr,
+        "multicast_ptr": slots.slots_of(ws).multicast_ptr,
         "max_blocks": ws.facts.max_blocks,
     }
 
@@ -116,8 +117,7 @@ def test_correctness_bit_exact(W):
 
 # ---------------------------------------------------------------------------
 def _cuda_graph(rank, W):
-    from tpfuse.compile_ops import push
-    from tpfuse.compile_ops.dispatch import Backend
+    from tpfuse.compile_ops.barrier import P2P
 
     group = _group()
     dtype, T = torch.bfloat16, 96
@@ -131,10 +131,10 @@ def _cuda_graph(rank, W):
         # every peer passed the second call's exit barrier, and likewise for
         # slot 1.  The next replay starts with entry barriers again.
         return (
-            push.gather_hidden(x_a, widths, group, Backend.P2P, 0, False),
-            push.gather_hidden(x_b, widths, group, Backend.P2P, 1, False),
-            push.gather_hidden(x_a, widths, group, Backend.P2P, 0, True),
-            push.gather_hidden(x_b, widths, group, Backend.P2P, 1, True),
+            P2P.gather(x_a, widths, group, 0, False),
+            P2P.gather(x_b, widths, group, 1, False),
+            P2P.gather(x_a, widths, group, 0, True),
+            P2P.gather(x_b, widths, group, 1, True),
         )
 
     step()  # warm up: workspace, compiled kernels
@@ -167,8 +167,7 @@ def test_cuda_graph_replays(W):
 
 # ---------------------------------------------------------------------------
 def _stress(rank, W, iters):
-    from tpfuse.compile_ops import push
-    from tpfuse.compile_ops.dispatch import Backend
+    from tpfuse.compile_ops.barrier import P2P
 
     group = _group()
     wide = [8192] + [256] * (W - 1)  # rank 0 pushes a wide band, peers copy it out for long
@@ -177,17 +176,17 @@ def _stress(rank, W, iters):
     t0 = time.perf_counter()
     for name, T, widths in (("large_uneven", 1024, wide), ("small_even", 8, small)):
         results[f"{name}/both_barriers"] = _delayed_loop(
-            rank, W, iters, T, widths, lambda x, i: push.gather_hidden(x, widths, group, Backend.P2P, -1, False), 11
+            rank, W, iters, T, widths, lambda x, i: P2P.gather(x, widths, group, -1, False), 11
         )
         # Entry elided with alternating slots: the pattern the elision pass may use.
         _quiesce()
         results[f"{name}/entry_elided_ping_pong"] = _delayed_loop(
-            rank, W, iters, T, widths, lambda x, i: push.gather_hidden(x, widths, group, Backend.P2P, i % 2, True), 12
+            rank, W, iters, T, widths, lambda x, i: P2P.gather(x, widths, group, i % 2, True), 12
         )
         _quiesce()
     # Zero-copy result (a view of the slot) with the entry barrier: readers are safe.
     results["zero_copy/both_barriers"] = _delayed_loop(
-        rank, W, iters // 4, 1024, wide, lambda x, i: push.gather_into_slot(x, wide, group, 0, False).clone(), 13
+        rank, W, iters // 4, 1024, wide, lambda x, i: P2P.gather(x, wide, group, 0, False, zero_copy=True).clone(), 13
     )
     _quiesce()
     results["seconds"] = time.perf_counter() - t0
@@ -196,19 +195,18 @@ def _stress(rank, W, iters):
 
 def _negative_control(rank, W, iters):
     """The same delayed loops with the entry barrier forced off and one slot: corruption must show."""
-    from tpfuse.compile_ops import push
-    from tpfuse.compile_ops.dispatch import Backend
+    from tpfuse.compile_ops.barrier import P2P
 
     group = _group()
     wide = [8192] + [256] * (W - 1)
     results = {}
     results["copy_out/no_entry_one_slot"] = _delayed_loop(
-        rank, W, iters, 1024, wide, lambda x, i: push.gather_hidden(x, wide, group, Backend.P2P, 0, True), 21
+        rank, W, iters, 1024, wide, lambda x, i: P2P.gather(x, wide, group, 0, True), 21
     )
     _quiesce()
 
     def zero_copy_then_read(x, i):
-        view = push.gather_into_slot(x, wide, group, 0, True)
+        view = P2P.gather(x, wide, group, 0, True, zero_copy=True)
         # The reader reads the result later than the next call's delay: a
         # peer that runs ahead overwrites the slot first.
         torch.cuda._sleep(random.randint(40000, 100000))
@@ -244,24 +242,24 @@ def test_negative_control_detects_missing_entry_barrier(W):
 
 # ---------------------------------------------------------------------------
 def _timeout(rank, W, timeout_s):
-    from tpfuse.compile_ops import push, workspace
-    from tpfuse.compile_ops.dispatch import Backend
+    from tpfuse.compile_ops import workspace
+    from tpfuse.compile_ops.barrier import P2P
 
     os.environ["TPFUSE_BARRIER_TIMEOUT_S"] = str(timeout_s)  # read when the workspace is set up
     group = _group()
     widths = [512] * W
     x = _bits(rank, (4, 512), torch.bfloat16)
-    push.gather_hidden(x, widths, group, Backend.P2P)  # every rank: set up and compile
+    P2P.gather(x, widths, group)  # every rank: set up and compile
     _quiesce()
     skipper = W - 1
     if rank == skipper:
         return {"skipped": True}
     t0 = time.perf_counter()
-    push.gather_hidden(x, widths, group, Backend.P2P)  # the skipper never arrives
+    P2P.gather(x, widths, group)  # the skipper never arrives
     torch.cuda.synchronize()  # returns: the kernel gave up instead of hanging
     waited = time.perf_counter() - t0
     try:
-        push.gather_hidden(x, widths, group, Backend.P2P)
+        P2P.gather(x, widths, group)
     except RuntimeError as err:
         message = str(err)
     else:
@@ -320,6 +318,7 @@ def _launchers_across_growth(rank, W):
     import torch.distributed as dist
 
     from tpfuse.compile_ops import dispatch, workspace
+    from tpfuse.compile_ops.barrier import slots
 
     os.environ["TPFUSE_BACKEND"] = "p2p"
     name = dist.group.WORLD.group_name
@@ -330,7 +329,7 @@ def _launchers_across_growth(rank, W):
         xs = [_bits(100 * i + r, (T, 4096), torch.bfloat16) for r in range(W)]
         out = torch.ops.tpfuse.all_gather_hidden(xs[rank], widths, name)
         results.append(torch.equal(_as_int(out), _as_int(torch.cat(xs, -1))))
-        sizes.append(workspace.workspace(group, rank).slot_bytes)
+        sizes.append(slots.slots_of(workspace.workspace(group, rank)).slot_bytes)
     return {"exact": results, "slot_bytes": sizes, "ran": dict(dispatch.chosen)}
 
 

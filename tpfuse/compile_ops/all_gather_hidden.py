@@ -24,35 +24,10 @@ from torch import Tensor
 from .. import config as settings
 from . import agreement, collective, failures, inductor_lowering, launchers
 from .backend import GatherCall
-from .dispatch import check_device_matches_group, check_dtype, choose, chosen, forced_backend
+from .dispatch import choose, chosen, forced_backend
 from .groups import Group, group_name_of, resolve_group
-from .validation import check_not_scalar, check_one_width_per_rank, check_slot, check_widths, world_size_of
-
-
-#: argument signatures that passed ``_check_gather_args`` (the eager hot path
-#: validates each distinct call shape once)
-_validated: set = set()
-
-
-def _check_gather_args(x: Tensor, hidden_widths: Sequence[int], group: Group, slot: int) -> None:
-    """Every check of the eager path, in one place, with what would be accepted."""
-    check_not_scalar(x)
-    key = (group, tuple(hidden_widths), x.shape[-1], x.dtype, x.device.type, slot)
-    if key in _validated:
-        return
-    check_widths(hidden_widths)
-    check_one_width_per_rank(hidden_widths, group)
-    expected = hidden_widths[group.rank]
-    if x.shape[-1] != expected:
-        raise ValueError(
-            f"tpfuse: x.shape[-1]={x.shape[-1]} on rank {group.rank} but "
-            f"hidden_widths[{group.rank}]={expected}; x's last dim must equal "
-            "this rank's entry in hidden_widths"
-        )
-    check_dtype(x.dtype)
-    check_device_matches_group(x.device.type, group)
-    check_slot(slot)
-    _validated.add(key)
+from .validation import (check_gather_args, check_gather_shapes, check_not_scalar, check_reduce_scatter_args,
+                         world_size_of)
 
 
 # The ops are registered through torch.library.Library rather than the
@@ -93,10 +68,8 @@ def _all_gather_hidden_impl(
         name, launch = kept
         chosen[name] += 1
         return launch(x)
-    _check_gather_args(x, hidden_widths, group, slot)
-    tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    backend = choose(GatherCall(device.type, x.dtype, tokens * sum(hidden_widths), group,
-                                tokens * max(hidden_widths), forced_backend()))
+    check_gather_args(x, hidden_widths, group, slot)
+    backend = choose(GatherCall.of(x, hidden_widths, group, forced_backend()))
     launch = backend.prepare(x, hidden_widths, group, slot, skip_entry_sync, zero_copy)
     if not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
         launchers.keep(key, group, backend.name, launch)
@@ -116,18 +89,7 @@ def _reduce_scatter_hidden_impl(
     grad: Tensor, hidden_widths: list[int], local_width: int, group_name: str
 ) -> Tensor:
     group = resolve_group(group_name)
-    check_widths(hidden_widths)
-    if len(hidden_widths) != group.world_size or hidden_widths[group.rank] != local_width:
-        raise ValueError(
-            f"tpfuse: reduce_scatter_hidden on rank {group.rank} of {group.world_size}: "
-            f"local_width={local_width} does not match hidden_widths={hidden_widths}"
-        )
-    if grad.shape[-1] != sum(hidden_widths):
-        raise ValueError(
-            f"tpfuse: reduce_scatter_hidden got grad.shape[-1]={grad.shape[-1]}, "
-            f"expected sum(hidden_widths)={sum(hidden_widths)}"
-        )
-    check_device_matches_group(grad.device.type, group)
+    check_reduce_scatter_args(grad, hidden_widths, local_width, group)
     return collective.reduce_scatter_hidden(grad, hidden_widths, group)
 
 
@@ -139,9 +101,7 @@ for _device in ("CPU", "CUDA"):
 @torch.library.register_fake("tpfuse::all_gather_hidden", lib=_lib)
 def _(x, hidden_widths, group_name, slot=-1, skip_entry_sync=False, zero_copy=False):
     # Shape only: never touches a process group, works for symbolic leading dims.
-    check_widths(hidden_widths)
-    check_dtype(x.dtype)
-    check_not_scalar(x)
+    check_gather_shapes(x, hidden_widths)
     return x.new_empty(*x.shape[:-1], sum(hidden_widths))
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .backend import GatherBackend, GatherCall
+from .backend import Backend, GatherBackend, GatherCall
 from .groups import Group
 
 # gloo has no float8 kernels; moving bytes through a same-sized integer view
@@ -89,10 +89,13 @@ class C10dBackend(GatherBackend):
     def refusal(self, call: GatherCall) -> str:
         return "" if call.device_type in self.devices else f"{self.name} moves {self.devices[0]} tensors"
 
-    def gather(self, x, hidden_widths, group, slot, skip_entry_sync, zero_copy):
+    def why_taken(self, call: GatherCall) -> str:
+        return f"{call.device_type} tensors go through {self.name}"
+
+    def gather(self, x, hidden_widths, group, slot=-1, skip_entry_sync=False, zero_copy=False):
         # The op has run the agreement check already where it applies (all_gather_hidden.py).
         return gather_hidden(x, hidden_widths, group)
 
 
-GLOO = C10dBackend("gloo", "cpu")
-NCCL = C10dBackend("nccl", "cuda")
+GLOO = C10dBackend(Backend.GLOO.value, "cpu")
+NCCL = C10dBackend(Backend.NCCL.value, "cuda")

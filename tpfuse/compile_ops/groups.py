@@ -20,6 +20,20 @@ class Group:
     backend: str = ""
 
 
+@dataclass
+class GroupFacts:
+    """What every rank of a group agreed on, once (workspace.py establishes them collectively).
+
+    The backends' refusals read these and nothing rank-local, so every rank takes the same path
+    (docs/contract.md §2).  At compile time the local device's facts stand in (dispatch.planned_backend).
+    """
+
+    push_ok: bool
+    reason: str  # why push is off ("" when on)
+    max_blocks: int = 0  # grid cap: min multiprocessor count, and what the signal pads hold
+    device_name: str = ""  # the GPU model, when every rank has the same one ("" otherwise)
+
+
 def group_name_of(group: "dist.ProcessGroup | str | None") -> str:
     """The registered name of ``group``; ``None`` means the default group."""
     if isinstance(group, str):

@@ -1,10 +1,13 @@
-"""Host launcher of the fused column-linear + push kernel (kernels/linear_push.py).
+"""The fused column-linear + push (kernels/linear_push.py) on the host: whether a call fuses, and its one launcher.
 
-Shares the group's workspace with the gather (same symmetric slots, signal
-pads, status word and slot alternation), so a fused call and a gather on the
-same group follow one sequence of slots and barriers on every rank.  Like
-push.py it compiles each variant once and launches it through Triton's
-compiled launcher.
+The fused kernel runs the barrier protocol: it shares the group's workspace with the
+gather (the same slots, signal pads, status word and slot alternation,
+barrier/slots.py), so a fused call and a gather on the same group follow one
+sequence of slots and barriers on every rank.  The barrier backends
+(barrier/backends.py, ``prepare_linear``) are its one entry from the op; the tests
+and benchmarks call ``linear_gather_hidden`` (the same launcher, without the cost
+rule).  Like every push launcher it compiles each variant once and launches it
+through Triton's compiled launcher.
 
 Correct on 2 and 4 H200s (tests/gpu/test_linear_push.py); where it is faster than
 cuBLAS + the gather: docs/benchmarks.md.
@@ -12,25 +15,66 @@ cuBLAS + the gather: docs/benchmarks.md.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 from .. import config as settings
+from . import linear_cost
 from . import workspace as workspaces
-from .backend import Backend
-from .groups import Group
+from .barrier.slots import ensure_capacity, take_slot
+from .compiled import Compiled, compile_for
 from .failures import raise_if_failed
 
 OP = "tpfuse::linear_all_gather_hidden"
+_MODES = ("auto", "fused", "unfused")
+
+
+# --------------------------------------------------------------------------- whether a call fuses
+
+
+def linear_push_mode() -> str:
+    """``TPFUSE_LINEAR_PUSH``: ``auto`` (the cost rule), ``fused`` or ``unfused``; same on every rank."""
+    return _parse_mode(settings.get("TPFUSE_LINEAR_PUSH"))
+
+
+@functools.lru_cache(maxsize=None)
+def _parse_mode(raw: str) -> str:
+    mode = raw.strip().lower()
+    if mode not in _MODES:
+        raise ValueError(f"tpfuse: TPFUSE_LINEAR_PUSH={mode!r} is not one of {', '.join(_MODES)}")
+    return mode
+
+
+@functools.lru_cache(maxsize=4096)
+def fused_decision(tokens: int, k: int, widths: tuple, dtype: torch.dtype,
+                   device_name: str) -> linear_cost.LinearFusionDecision:
+    """The cost rule for one call shape on one GPU model (cached: the eager hot path)."""
+    return linear_cost.decide(tokens, k, widths, str(dtype).removeprefix("torch."), dtype.itemsize,
+                              device_name=device_name)
+
+
+def fuses(tokens: int, k: int, hidden_widths, dtype: torch.dtype, device_name: str) -> bool:
+    """Whether this call runs the fused kernel: ``TPFUSE_LINEAR_PUSH``, else the cost rule on the GPU model
+    the group's ranks agreed on.  Rank-consistent: T, K, the widths, the dtype and agreed facts only."""
+    mode = linear_push_mode()
+    if mode == "unfused":
+        return False
+    decision = fused_decision(tokens, k, tuple(hidden_widths), dtype, device_name)
+    if mode == "fused":
+        if decision.rule == "unsupported":
+            raise RuntimeError(f"tpfuse: TPFUSE_LINEAR_PUSH=fused but the fused kernel cannot run: {decision.reason}")
+        return True
+    return decision.fuse
+
+
+# --------------------------------------------------------------------------- compiling a variant
 
 
 @dataclass
 class LinearPlan:
-    run: object
-    function: object
-    packed_metadata: object
-    constexpr_values: tuple
+    compiled: Compiled
     config: dict
     multimem: bool
     scratch: torch.Tensor | None = None  # TMA descriptors, one per block (TMA configs only)
@@ -50,26 +94,19 @@ def grid_cap(ws) -> int:
 
 
 def _build(ws, dtype, k, hidden_widths, tokens, has_bias, skip_entry_sync, multimem, exit_sync, copy_out):
-    from ..kernels import linear_push
+    from ..kernels import compiler, linear_push
 
-    offsets = [0]
-    for w in hidden_widths:
-        offsets.append(offsets[-1] + w)
     config = linear_push.launch_config(tokens, k, hidden_widths, dtype.itemsize, multimem=multimem)
-    source = linear_push.linear_source(str(dtype).removeprefix("torch."), ws.group.rank, tuple(offsets), k,
-                                       config, has_bias, skip_entry_sync, multimem=multimem, exit_sync=exit_sync,
+    offsets = compiler.band_offsets(hidden_widths)
+    source = linear_push.linear_source(str(dtype).removeprefix("torch."), ws.group.rank, offsets, k, config,
+                                       has_bias, skip_entry_sync, multimem=multimem, exit_sync=exit_sync,
                                        copy_out=copy_out)
-    with torch.cuda.device(ws.device):
-        kernel = linear_push.compile_linear(source, config)
-        run = kernel.run
-    names = source.fn.arg_names
-    constexprs = tuple(source.constants[(names.index(n),)] for n in names if source.signature[n] == "constexpr")
-    scratch = None
+    compiled = compile_for(ws.device, source, lambda src: linear_push.compile_linear(src, config))
+    kernel, scratch = compiled.kernel, None
     per_block = int(getattr(kernel.metadata, "global_scratch_size", 0) or 0)
     if per_block:  # the kernel builds its TMA descriptors here: one region per block, kept for CUDA graphs
         scratch = torch.empty(grid_cap(ws) * per_block, dtype=torch.uint8, device=ws.device)
-    return LinearPlan(run, kernel.function, kernel.packed_metadata, constexprs, config, multimem, scratch,
-                      int(kernel.metadata.shared), int(kernel.n_regs))
+    return LinearPlan(compiled, config, multimem, scratch, int(kernel.metadata.shared), int(kernel.n_regs))
 
 
 def _launch_with_scratch(plan, run_args):
@@ -94,7 +131,7 @@ def _launch_with_scratch(plan, run_args):
 
     token = _allocation._allocator.set(allocator)
     try:
-        plan.run(*run_args)
+        plan.compiled.run(*run_args)
     finally:
         _allocation._allocator.reset(token)
 
@@ -117,71 +154,72 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t.clone() if t.data_ptr() % 16 else t
 
 
-def linear_gather_hidden(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    hidden_widths: list[int],
-    group: Group,
-    backend: Backend,
-    slot: int = -1,
-    skip_entry_sync: bool = False,
-    zero_copy: bool = False,
-    _exit_sync: bool = True,
-) -> torch.Tensor:
-    """``cat_r(linear(x, W_r, b_r))`` along the last axis, in one kernel per rank.
+# --------------------------------------------------------------------------- launching
 
-    Returns a fresh tensor the caller owns, or, with ``zero_copy`` (P2P; granted
-    only by the barrier-elision pass, docs/barrier_elision.md §8), a view of the
-    workspace slot, valid until the next call that uses the same slot."""
-    device_index = x.device.index
-    ws = workspaces.workspace(group, device_index)
-    if not ws.facts.push_ok:
-        raise RuntimeError(f"{OP}: the push path is unavailable on group {group.name!r}: {ws.facts.reason}")
-    raise_if_failed(ws, OP)
-    total = sum(hidden_widths)
-    lead = x.shape[:-1]
-    k = x.shape[-1]
-    tokens = x.numel() // k if k else 0
+
+def launcher(ws, x, weight, bias, hidden_widths, multimem=False, slot=-1, skip_entry_sync=False, zero_copy=False,
+             exit_sync=True):
+    """The launcher ``launch(x, weight, bias) -> result`` of the fused kernel for calls shaped like these.
+
+    ``cat_r(linear(x, W_r, b_r))`` along the last axis, in one kernel per rank: a fresh tensor the
+    caller owns, or, with ``zero_copy`` (P2P; granted only by the barrier-elision pass,
+    docs/barrier_elision.md §8), a view of the workspace slot, valid until the next call that
+    uses the same slot.  ``exit_sync=False`` is for the floor diagnostics only (racy)."""
+    total, lead, k = sum(hidden_widths), tuple(x.shape[:-1]), x.shape[-1]
+    tokens, device_index, order = x.numel() // k if k else 0, x.device.index, ws.order
     if tokens == 0:  # identical on every rank: every rank skips
-        return torch.empty(*lead, total, dtype=x.dtype, device=x.device)
-    multimem = backend == Backend.MULTIMEM
-    copy_out = multimem or not zero_copy
+        return lambda x, weight, bias: torch.empty(*lead, total, dtype=x.dtype, device=x.device)
+    copy_out = multimem or not zero_copy  # the multicast kernel always copies out
     bucket = _config_key(tokens)
     key = ("linear", x.dtype, k, tuple(hidden_widths), bucket, bias is not None, bool(skip_entry_sync), multimem,
-           _exit_sync, copy_out)
+           exit_sync, copy_out)
     plan = ws.plans.get(key)
     if plan is None:
         plan = ws.plans[key] = _build(ws, x.dtype, k, hidden_widths, bucket, bias is not None, skip_entry_sync,
-                                      multimem, _exit_sync, copy_out)
-    workspaces.ensure_capacity(ws, tokens * total * x.element_size())
-    # The kernel reads 16-byte vectors of rows: strided or misaligned operands are copied first
-    # (a local fact; the grid and the config do not change).
-    x, weight = _aligned(x.reshape(tokens, k)), _aligned(weight)
-    bias_ptr = 0
-    if bias is not None:
-        bias = bias.contiguous()
-        bias_ptr = bias.data_ptr()
+                                      multimem, exit_sync, copy_out)
+    slots = ensure_capacity(ws, tokens * total * x.element_size())
     # Grid: the widest band's tiles (a pure function of T, K, the widths), capped by agreed facts.
     block_m, block_n = plan.config["BLOCK_M"], plan.config["BLOCK_N"]
     tiles = -(-tokens // block_m) * -(-max(hidden_widths) // block_n)
-    nblocks = max(1, min(grid_cap(ws), tiles))
-    with ws.order.lock:  # this call's place in the group's host order, its slot and its launch are one step
-        stream, call = ws.order.next_call(device_index)
-        slot = workspaces.take_slot(ws, slot)
-        elems = ws.slot_bytes // x.element_size()
-        if copy_out:
-            out = torch.empty(*lead, total, dtype=x.dtype, device=x.device)
-        else:  # zero-copy: our tiles and the peers' land in the slot, which is the result
-            out = ws.buffer.view(x.dtype)[slot * elems: slot * elems + tokens * total].view(*lead, total)
-        args = (x.data_ptr(), weight.data_ptr(), bias_ptr, out.data_ptr(), slot * elems, ws.status_ptr, tokens,
-                ws.timeout_ns, call)
-        if multimem:
-            args += (ws.multicast_ptr,)
-        run_args = (nblocks, 1, 1, stream, plan.function, plan.packed_metadata, None, None, None,
-                    *args, *ws.pointer_args, *plan.constexpr_values)
-        if plan.scratch is None:
-            plan.run(*run_args)
-        else:
-            _launch_with_scratch(plan, run_args)
-    return out
+    head = (max(1, min(grid_cap(ws), tiles)), 1, 1)
+    middle = (plan.compiled.function, plan.compiled.packed_metadata, None, None, None)
+
+    def launch(x, weight, bias):
+        if ws.status_view[0]:
+            raise_if_failed(ws, OP)
+        # The kernel reads 16-byte vectors of rows: strided or misaligned operands are copied first
+        # (a local fact; the grid and the config do not change).
+        x, weight = _aligned(x.reshape(tokens, k)), _aligned(weight)
+        bias_ptr = 0
+        if bias is not None:
+            bias = bias.contiguous()
+            bias_ptr = bias.data_ptr()
+        with order.lock:  # this call's place in the group's host order, its slot and its launch are one step
+            stream, call = order.next_call(device_index)
+            chosen_slot = take_slot(slots, slot)
+            elems = slots.slot_bytes // x.element_size()
+            if copy_out:
+                out = torch.empty(*lead, total, dtype=x.dtype, device=x.device)
+            else:  # zero-copy: our tiles and the peers' land in the slot, which is the result
+                out = slots.buffer.view(x.dtype)[chosen_slot * elems: chosen_slot * elems + tokens * total]
+                out = out.view(*lead, total)
+            args = (x.data_ptr(), weight.data_ptr(), bias_ptr, out.data_ptr(), chosen_slot * elems, ws.status_ptr,
+                    tokens, ws.timeout_ns, call)
+            if multimem:
+                args += (slots.multicast_ptr,)
+            run_args = (*head, stream, *middle, *args, *slots.pointer_args, *plan.compiled.constexprs)
+            if plan.scratch is None:
+                plan.compiled.run(*run_args)
+            else:
+                _launch_with_scratch(plan, run_args)
+        return out
+
+    return launch
+
+
+def linear_gather_hidden(x, weight, bias, hidden_widths, group, slot=-1, skip_entry_sync=False, zero_copy=False,
+                         multimem=False, exit_sync=True):
+    """The fused kernel run directly (tests, benchmarks): the op's launcher, without asking the cost rule."""
+    ws = workspaces.usable_workspace(group, x.device.index, OP)
+    return launcher(ws, x, weight, bias, hidden_widths, multimem, slot, skip_entry_sync, zero_copy,
+                    exit_sync)(x, weight, bias)

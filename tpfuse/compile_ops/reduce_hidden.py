@@ -54,7 +54,7 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from .dispatch import check_device_matches_group
+from .validation import check_device_matches_group
 from .groups import Group, group_name_of, resolve_group
 from .validation import check_not_scalar, check_one_width_per_rank, check_widths, world_size_of
 

@@ -55,7 +55,7 @@ from torch import Tensor
 
 from .. import config as settings
 from . import softmax_kernels
-from .dispatch import check_device_matches_group
+from .validation import check_device_matches_group
 from .groups import Group, group_name_of, resolve_group
 from .validation import check_not_scalar, check_one_width_per_rank, world_size_of
 

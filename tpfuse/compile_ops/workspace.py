@@ -1,38 +1,32 @@
-"""The symmetric workspace of the push backends, one per (group, device).
+"""The symmetric workspace the push protocols share, one per (group, device).
 
-What lives here:
+What lives here is the group's, not a protocol's:
 - **Group facts**, established collectively once per group (one all-gather):
   whether every rank can use symmetric memory, whether all ranks share one
-  host, the smallest multiprocessor count (the grid cap).  Dispatch decides
-  only from these agreed facts, so every rank takes the same path
-  (docs/contract.md §2).
-- **Signal pads**: a small symmetric allocation that is never freed or
-  regrown, whose signal pads hold the barrier slots.  Its size is set before
-  our first allocation.  The slots balance after every call, so they carry
-  over from call to call and across buffer growth.
-- **Data buffers**: two ping-pong slots in one symmetric allocation.  A call
-  that needs more room grows them; every rank grows at the same call because
-  the sizes come from the (identical) shapes.  Old buffers are kept alive:
-  kernels already queued may still use them.
-- **Flag buffers** (the flag protocol, kernels/flag_protocol.py): one
-  zeroed symmetric allocation, both parities and one region per source rank,
-  sized for the largest slab the protocol serves, and the local epoch slots.
-  Made at the first flag call on the group (every rank makes it at the same
-  call: the protocol choice is rank-consistent); separate from the barrier
-  slots, so the two protocols interleave on one group in any order.
-- **Status word**: host-mapped pinned memory that the kernels write when a
-  barrier or a flag wait times out (the failure and the failed call's number,
-  kernels/failure.py), readable by the host without synchronising; the
-  watchdog (watchdog.py) reads it even while CUDA graphs replay.
+  host, the smallest multiprocessor count (the grid cap) and the GPU model.
+  The backends' refusals read only these agreed facts, so every rank takes
+  the same path (docs/contract.md §2).
+- **Signal pads**: a small symmetric allocation, never freed or regrown, whose
+  pads hold the barrier protocol's counters.  They are made here, with the
+  group, because torch fixes the pad size at the process's first symmetric
+  allocation (either protocol's), and the grid cap depends on it.
+- **Status word**: host-mapped pinned memory that every push kernel writes when a
+  wait times out (the codes: kernels/failure.py), readable by the host without
+  synchronising; the watchdog (failures.py) reads it even while CUDA graphs replay.
 - **Program order** (program_order.py): the lock and the last stream that keep
   the group's calls in host issue order on the GPU.
+- **Compiled plans** (``plans``), under each protocol's own keys, and **each
+  protocol's own state** (``protocols``): the barrier protocol's slots
+  (barrier/slots.py), the flag protocol's buffers and epochs (flag/buffers.py).
+  A protocol makes its state at its first call, collectively, through
+  ``set_up`` and ``symmetric_buffer`` here.
 
 Set-up and growth are collective and allocate small device tensors that NCCL
-keeps alive after the call.  They run on a worker thread (``_set_up``):
+keeps alive after the call.  They run on a worker thread (``set_up``):
 CUDA-graph trees (``mode="reduce-overhead"``) route the calling thread's
 allocations to the graph's memory pool during warm-up and refuse any that
 outlive the call untracked.  Neither may happen during stream capture: the
-first call of a group, or one that needs bigger slots, must run once eagerly
+first call of a group, or one that needs bigger buffers, must run once eagerly
 (warm-up) before capture, and is refused with that message otherwise.
 """
 
@@ -48,40 +42,16 @@ import torch
 import torch.distributed as dist
 
 from .. import config as settings
-from ..kernels.barrier import blocks_that_fit, next_slot, signal_pad_bytes  # noqa: F401  (the protocol's sizing)
+from ..kernels.barrier import blocks_that_fit, signal_pad_bytes
 from ..kernels.failure import STATUS_WORDS
 from . import failures
-from .groups import Group
+from .groups import Group, GroupFacts
 from .program_order import ProgramOrder
 
-#: the most ranks the push kernels handle (one barrier lane per peer)
+#: the most ranks the push kernels handle (one barrier lane per peer, 8 peer addresses)
 MAX_PUSH_WORLD_SIZE = 8
-#: the smallest slot (bytes); slots grow by powers of two from here
-MIN_SLOT_BYTES = 1 << 20
-#: the largest slab (bytes per rank) the flag buffers hold: T=32 of a 4096-wide bf16 band
-FLAG_MAX_SLAB_BYTES = 256 << 10
-
-
-@dataclass
-class GroupFacts:
-    """What every rank of a group agreed on, once."""
-
-    push_ok: bool
-    reason: str  # why push is off ("" when on)
-    max_blocks: int = 0  # grid cap: min multiprocessor count, and what the signal pads hold
-    device_name: str = ""  # the GPU model, when every rank has the same one ("" otherwise)
-
-
-@dataclass
-class FlagBuffers:
-    """The flag protocol's memory on this rank (layout: kernels/flag_protocol.py)."""
-
-    max_slab_bytes: int  # the largest slab one region holds
-    region_units: int
-    buffer: torch.Tensor  # symmetric, zeroed at birth
-    handle: object
-    buffer_args: tuple  # 8 flag-buffer addresses, zero past W: the kernel's scalar arguments
-    epochs: torch.Tensor  # int32[EPOCH_SLOTS], local; advanced by the kernel
+#: the push paths' name for themselves in errors
+OP = "tpfuse::all_gather_hidden"
 
 
 @dataclass
@@ -90,20 +60,13 @@ class Workspace:
     device: torch.device
     facts: GroupFacts
     signal_handle: object = None
-    signal_pad_ptrs: tuple = ()  # rank r's signal pad address at index r
-    slot_bytes: int = 0
-    buffer: torch.Tensor | None = None
-    buffer_handle: object = None
-    pointer_args: tuple = ()  # 8 buffer then 8 signal-pad addresses, zero past W: the kernels' scalar arguments
-    multicast_ptr: int = 0  # non-zero only when every rank has a multicast address
+    signal_pad_args: tuple = ()  # 8 signal-pad addresses (rank r's at index r), zero past W
     status: torch.Tensor | None = None  # pinned int32[STATUS_WORDS], host-mapped (kernels/failure.py)
     status_view: object = None  # numpy view of it: a host read costs ~100 ns, no sync
     status_ptr: int = 0
     timeout_ns: int = 0
-    next_slot: int = 0  # for slot=-1: alternate 0, 1, 0, ...
-    retired: list = field(default_factory=list)
-    plans: dict = field(default_factory=dict)  # launch plans, filled by push.py
-    flags: "FlagBuffers | None" = None  # the flag protocol's buffers, made at its first call
+    plans: dict = field(default_factory=dict)  # compiled kernel variants, under each protocol's own keys
+    protocols: dict = field(default_factory=dict)  # each protocol's state, by its name, made at its first call
     order: ProgramOrder = field(default_factory=ProgramOrder)  # host issue order of the group's calls
 
     def failure_code(self) -> int:
@@ -161,7 +124,7 @@ def _local_reason(group: Group, device: torch.device) -> str:
     return ""
 
 
-def _set_up(device: torch.device, what: str, fn, *args):
+def set_up(device: torch.device, what: str, fn, *args):
     """Run the collective set-up ``fn(*args)`` (described by ``what``) on a worker thread.
 
     CUDA-graph trees' warm-up routes every allocation *of the calling thread* to
@@ -196,7 +159,8 @@ def _all_gather_ints(values: list[int], group: Group, device: torch.device) -> t
     return everyone.view(group.world_size, len(values)).cpu()
 
 
-def _agree(ok: bool, group: Group, device: torch.device) -> bool:
+def agree(ok: bool, group: Group, device: torch.device) -> bool:
+    """Collective: whether ``ok`` holds on every rank."""
     flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group.pg)
     return bool(flag.item())
@@ -219,7 +183,7 @@ def _rendezvous(tensor: torch.Tensor, group: Group):
 def _establish(group: Group, device: torch.device) -> Workspace:
     """Collective: every rank of ``group`` calls this at the same op call."""
     reason = _local_reason(group, device)
-    return _set_up(device, "setting up the symmetric workspace", _establish_facts, group, device, reason)
+    return set_up(device, "setting up the symmetric workspace", _establish_facts, group, device, reason)
 
 
 def _establish_facts(group: Group, device: torch.device, reason: str) -> Workspace:
@@ -246,7 +210,7 @@ def _establish_facts(group: Group, device: torch.device, reason: str) -> Workspa
     except Exception as err:  # agree below, so that every rank falls back together
         ws.facts = GroupFacts(False, f"symmetric memory setup failed: {err}")
         ok = False
-    if not _agree(ok, group, device) and ok:
+    if not agree(ok, group, device) and ok:
         ws.facts = GroupFacts(False, "symmetric memory setup failed on a peer")
     return ws
 
@@ -268,7 +232,7 @@ def _make_signal_pads(ws: Workspace) -> None:
         if any(p == 0 for p in handle.signal_pad_ptrs):
             raise RuntimeError("a peer's signal pad is not mapped")
         ws.signal_handle = (anchor, handle)
-        ws.signal_pad_ptrs = tuple(int(p) for p in handle.signal_pad_ptrs)
+        ws.signal_pad_args = padded(handle.signal_pad_ptrs)
         ws.status, ws.status_view, ws.status_ptr = new_status()
     # The grid cap must be identical everywhere.
     cap = torch.tensor([ws.facts.max_blocks], dtype=torch.int32, device=ws.device)
@@ -301,79 +265,49 @@ def workspace(group: Group, device_index: int, establish: bool = True) -> Worksp
     return ws
 
 
-def slot_bytes_for(nbytes: int) -> int:
-    """The slot size a request of ``nbytes`` grows to (a pure function of the size)."""
-    size = MIN_SLOT_BYTES
-    while size < nbytes:
-        size *= 2
-    return size
+def set_up_for_call(group: Group) -> tuple[Workspace | None, str]:
+    """The group's workspace on the current device, set up now if it is not (collective), and why the push
+    paths cannot run on it ("" when they can).  Under CUDA-graph capture a group not yet set up is refused:
+    every rank captures the same calls, so every rank falls back alike."""
+    device_index = torch.cuda.current_device()
+    ws = workspace(group, device_index, establish=False)
+    if ws is None:
+        if torch.cuda.is_current_stream_capturing():
+            return None, "the group's workspace must be set up by an eager call before graph capture"
+        ws = workspace(group, device_index)
+    return ws, ("" if ws.facts.push_ok else ws.facts.reason)
 
 
-def ensure_capacity(ws: Workspace, nbytes: int) -> None:
-    """Grow both slots to hold ``nbytes``. Collective: every rank grows at the same call."""
-    if nbytes <= ws.slot_bytes:
-        return
-    _set_up(ws.device, f"growing the symmetric slots to {slot_bytes_for(nbytes)} bytes", _grow, ws, nbytes)
+def usable_workspace(group: Group, device_index: int, op: str = OP) -> Workspace:
+    """The group's workspace on this device, set up; an error if the push paths cannot run on it or it failed."""
+    ws = workspace(group, device_index)
+    if not ws.facts.push_ok:
+        raise RuntimeError(f"{op}: the push path is unavailable on group {group.name!r}: {ws.facts.reason}")
+    failures.raise_if_failed(ws, op)
+    return ws
 
 
-def _grow(ws: Workspace, nbytes: int) -> None:
+def padded(addresses) -> tuple:
+    """Rank r's address at index r, zero past W: the kernels' 8 scalar peer arguments (kernels/peer_args.py)."""
+    addresses = tuple(int(a) for a in addresses)
+    return addresses + (0,) * (MAX_PUSH_WORLD_SIZE - len(addresses))
+
+
+def symmetric_buffer(ws: Workspace, nbytes: int, what: str, zeroed: bool = False):
+    """Collective: a symmetric ``uint8[nbytes]`` buffer on every rank of ``ws``'s group, and its handle.
+
+    Call it inside ``set_up``.  ``zeroed``: every rank's buffer is zero before any peer's first
+    store can land in it.  Raises, on every rank alike, where a peer's buffer is not mapped."""
     import torch.distributed._symmetric_memory as symm_mem
 
-    slot_bytes = slot_bytes_for(nbytes)
     with torch.cuda.device(ws.device):
-        buffer = symm_mem.empty(2 * slot_bytes, dtype=torch.uint8, device=ws.device)
-        handle = _rendezvous(buffer, ws.group)
-    ok = all(p != 0 for p in handle.buffer_ptrs)
-    if not _agree(ok, ws.group, ws.device):
-        raise RuntimeError(
-            f"tpfuse: symmetric buffer of {2 * slot_bytes} bytes for group "
-            f"{ws.group.name!r} is not mapped on every rank"
-        )
-    # Multicast: only when every rank has an address (never on our shared
-    # hosts, where TORCH_SYMM_MEM_DISABLE_MULTICAST=1 makes it 0).
-    multicast = int(getattr(handle, "multicast_ptr", 0) or 0)
-    multicast_everywhere = _agree(multicast != 0, ws.group, ws.device)
-    if ws.buffer is not None:
-        ws.retired.append((ws.buffer, ws.buffer_handle))  # queued kernels may still use it
-    ws.buffer, ws.buffer_handle, ws.slot_bytes = buffer, handle, slot_bytes
-    pad = (0,) * (MAX_PUSH_WORLD_SIZE - ws.group.world_size)
-    ws.pointer_args = tuple(int(p) for p in handle.buffer_ptrs) + pad + ws.signal_pad_ptrs + pad
-    ws.multicast_ptr = multicast if multicast_everywhere else 0
-
-
-def take_slot(ws: Workspace, slot: int) -> int:
-    """The slot this call uses: ``slot`` if given, else alternate (same sequence on every rank)."""
-    if slot >= 0:
-        return slot
-    chosen = ws.next_slot
-    ws.next_slot = next_slot(chosen)
-    return chosen
-
-
-def ensure_flag_buffers(ws: Workspace, max_slab_bytes: int) -> FlagBuffers:
-    """The flag buffers of ``ws``, made at the first call. Collective: every rank makes them at the same call."""
-    if ws.flags is None:
-        _set_up(ws.device, "setting up the flag-protocol buffers", _make_flag_buffers, ws, max_slab_bytes)
-    return ws.flags
-
-
-def _make_flag_buffers(ws: Workspace, max_slab_bytes: int) -> None:
-    import torch.distributed._symmetric_memory as symm_mem
-
-    from ..kernels import flag as flag_protocol
-
-    W = ws.group.world_size
-    with torch.cuda.device(ws.device):
-        buffer = symm_mem.empty(flag_protocol.buffer_bytes(W, max_slab_bytes), dtype=torch.uint8, device=ws.device)
-        buffer.zero_()  # flag 0 is "never written"
-        epochs = torch.zeros(flag_protocol.EPOCH_SLOTS, dtype=torch.int32, device=ws.device)
+        buffer = symm_mem.empty(nbytes, dtype=torch.uint8, device=ws.device)
+        if zeroed:
+            buffer.zero_()
         handle = _rendezvous(buffer, ws.group)
         torch.cuda.synchronize(ws.device)
-    ok = all(p != 0 for p in handle.buffer_ptrs)
-    if not _agree(ok, ws.group, ws.device):
-        raise RuntimeError(f"tpfuse: the flag buffers of group {ws.group.name!r} are not mapped on every rank")
-    # Every rank's zeroing is done before any peer's first store lands.
-    _agree(True, ws.group, ws.device)
-    pad = (0,) * (MAX_PUSH_WORLD_SIZE - W)
-    ws.flags = FlagBuffers(max_slab_bytes, flag_protocol.region_units(max_slab_bytes), buffer, handle,
-                           tuple(int(p) for p in handle.buffer_ptrs) + pad, epochs)
+    if not agree(all(p != 0 for p in handle.buffer_ptrs), ws.group, ws.device):
+        raise RuntimeError(f"tpfuse: {what} ({nbytes} bytes) of group {ws.group.name!r} is not mapped on every rank")
+    if zeroed:
+        agree(True, ws.group, ws.device)  # every rank's zeroing is done before any peer's first store lands
+    return buffer, handle

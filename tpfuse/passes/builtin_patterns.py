@@ -276,7 +276,7 @@ def group_resolves(site: GatherSite, candidate: Candidate) -> str | None:
 
 
 def dtype_supported(site: GatherSite, candidate: Candidate) -> str | None:
-    from tpfuse.compile_ops.dispatch import SUPPORTED_DTYPES  # the op's contract
+    from tpfuse.compile_ops.validation import SUPPORTED_DTYPES  # the op's contract
 
     if site.dtype not in SUPPORTED_DTYPES:
         return f"dtype {site.dtype} is not moved by tpfuse::all_gather_hidden"

@@ -300,6 +300,15 @@ def _source(fn, elem, constexprs):
     return ASTSource(fn, signature, constexprs, attrs)
 
 
+def vector_elements(elem_size: int, band_offsets) -> int:
+    """VEC: elements per vector, up to 16 bytes and dividing every band offset (so every width), so that
+    every vector of every band is VEC-aligned -- the same on every rank."""
+    vec = 16 // elem_size
+    while vec > 1 and any(o % vec for o in band_offsets):
+        vec //= 2
+    return vec
+
+
 def barrier_constexprs(rank, band_offsets):
     world_size = len(band_offsets) - 1
     return {

@@ -1,15 +1,15 @@
-"""The evidence ``auto`` needs before it sends a gather through the flag protocol.
+"""The evidence ``auto`` needs before it sends a gather through the flag protocol, and the limit it sets.
 
 One entry per (GPU model, W), each naming the committed files it rests on
 (docs/flag_protocol.md, "Choosing it: on evidence"):
 
 - ``crossover_bytes``: the largest slab at which the flag protocol was no slower
-  than the barrier push, derived from ``benchmark_log`` (a JSON written by
+  than the p2p backend (the barrier push), derived from ``benchmark_log`` (a JSON written by
   ``benchmarks/bench_gather.py``) by ``benchmarks/derive_crossover.py``;
 - ``suite_log``: the log of the protocol's multi-GPU correctness and stress suite
   (``tests/gpu/test_flag_gather.py``) passing on that GPU model at that W, written
-  by ``benchmarks/flag_suite_log.py``.  Until one is committed, ``auto`` keeps the
-  barrier push there, whatever the crossover says.
+  by ``benchmarks/flag_suite_log.py``.  Until one is committed, ``auto`` keeps
+  p2p there, whatever the crossover says.
 
 ``tests/test_selection_evidence.py`` recomputes every crossover from its log and
 parses every suite log, so an entry cannot claim more than its files show.  The
@@ -21,13 +21,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ... import config as settings
+from ...kernels.flag import MAX_SLAB_BYTES
+
 
 @dataclass(frozen=True)
 class FlagEvidence:
     """What one (GPU model, W) has shown for the flag protocol."""
 
     #: the largest slab (bytes per rank) at which every measured row up to it had the flag protocol no
-    #: slower than the barrier push, in graph replay and eager; 0: not even the smallest row
+    #: slower than p2p (the barrier push), in graph replay and eager; 0: not even the smallest row
     crossover_bytes: int
     #: the ``bench_gather.py`` JSON the crossover was derived from
     benchmark_log: str
@@ -46,3 +49,26 @@ FLAG_CROSSOVER: dict[tuple[str, int], FlagEvidence] = {
         suite_log=None,
     ),
 }
+
+
+def flag_limit(device_name: str, world_size: int) -> tuple[int, str]:
+    """The largest slab (bytes) ``auto`` sends through the flag protocol, and where that number comes from.
+
+    ``FLAG_CROSSOVER`` holds, per (device name, W), the measured crossover and the multi-GPU
+    suite log.  ``auto`` takes the protocol only where both are there: a (device, W) not in the
+    table was never measured, and one without a suite log has not shown the protocol correct
+    across its GPUs.  ``TPFUSE_FLAG_MAX_BYTES`` overrides the table (benchmarks, tuning, tests);
+    it must be set alike on every rank.
+    """
+    override = settings.get("TPFUSE_FLAG_MAX_BYTES")
+    if override is not None:
+        return min(override, MAX_SLAB_BYTES), "TPFUSE_FLAG_MAX_BYTES"
+    where = f"{device_name or 'this device'} at W={world_size}"
+    evidence = FLAG_CROSSOVER.get((device_name, world_size))
+    if evidence is None:
+        return 0, f"flag protocol not measured on {where}"
+    if evidence.suite_log is None:
+        return 0, f"flag protocol: no committed passing multi-GPU suite for {where}"
+    if evidence.crossover_bytes == 0:
+        return 0, f"flag protocol: slower than p2p already at the smallest measured slab on {where}"
+    return min(evidence.crossover_bytes, MAX_SLAB_BYTES), f"measured crossover on {where}"

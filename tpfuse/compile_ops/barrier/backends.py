@@ -1,0 +1,67 @@
+"""The barrier protocol's backends: ``p2p`` (stores through peer pointers) and ``multimem`` (NVLink multicast).
+
+Each refuses what it cannot run (push_backend.py's three steps) and prepares and
+launches its own calls, the gather's (``launcher.py``) and the fused linear's
+(``compile_ops/linear_push.py``).  Safety argument: docs/safety.md, "Barriers".
+"""
+
+from __future__ import annotations
+
+from .. import linear_push
+from .. import workspace as workspaces
+from ..backend import Backend, GatherCall
+from ..push_backend import PushBackend, multimem_asked
+from . import launcher
+from .slots import room_refusal, slots_of
+
+
+class P2PBackend(PushBackend):
+    """The push with entry and exit barriers, over two ping-pong slots."""
+
+    name = Backend.P2P.value
+    #: which kernel variant it launches: stores through peer pointers
+    multimem = False
+
+    def state_refusal(self, call: GatherCall, ws) -> str:
+        return room_refusal(ws, call.nbytes)
+
+    def prepare(self, x, hidden_widths, group, slot=-1, skip_entry_sync=False, zero_copy=False):
+        ws = workspaces.usable_workspace(group, x.device.index)
+        return launcher.launcher(ws, x, hidden_widths, self.multimem, slot, skip_entry_sync, copy_out=not zero_copy)
+
+    def prepare_linear(self, x, weight, bias, hidden_widths, group, slot=-1, skip_entry_sync=False, zero_copy=False):
+        """The fused kernel where the cost rule (or ``TPFUSE_LINEAR_PUSH``) says so, on the GPU model the ranks
+        agreed on; None otherwise (the op runs ``linear``, then the gather)."""
+        ws = workspaces.usable_workspace(group, x.device.index, linear_push.OP)
+        tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if tokens == 0 or not linear_push.fuses(tokens, x.shape[-1], hidden_widths, x.dtype, ws.facts.device_name):
+            return None
+        return linear_push.launcher(ws, x, weight, bias, hidden_widths, self.multimem, slot, skip_entry_sync,
+                                    zero_copy)
+
+
+class MultimemBackend(P2PBackend):
+    """NVLink multicast, where the user asked for it and every rank has an address: never on the shared
+    hosts (docs/safety.md, "Multicast"), where the address is always 0.  Compile-verified only."""
+
+    name = Backend.MULTIMEM.value
+    multimem = True
+
+    def call_refusal(self, call: GatherCall) -> str:
+        if not multimem_asked():
+            return "TPFUSE_ENABLE_MULTIMEM is not 1"
+        why = super().call_refusal(call)
+        if why:
+            return why
+        # One multimem.st moves 16 bytes: every band must be whole 16-byte vectors (the widths are the same
+        # on every rank, so every rank refuses alike and takes p2p).
+        ragged = [w for w in call.hidden_widths if w * call.dtype.itemsize % 16]
+        return f"widths {ragged} are not whole 16-byte vectors" if ragged else ""
+
+    def state_refusal(self, call: GatherCall, ws) -> str:
+        return super().state_refusal(call, ws) or ("" if slots_of(ws).multicast_ptr else
+                                                   "no multicast address on every rank")
+
+
+P2P = P2PBackend()
+MULTIMEM = MultimemBackend()
