@@ -75,18 +75,76 @@ def logprobs_and_log_softmax(h, w, t):
     return log_softmax.gather(-1, t.unsqueeze(-1)), log_softmax
 
 
-def sampled_token_logprob(h, w):
+def greedy_token_logprob(h, w):
+    """Greedy decoding with log-probabilities: the argmax token and its log-probability."""
     logits = logits_of(h, w).float()
     token = logits.argmax(-1)
     return token, torch.log_softmax(logits, -1).gather(-1, token.unsqueeze(-1))
+
+
+def logprob_of_a_token_counted_from_the_logits(h, w):
+    """The control: the class index is computed from the logits by a reduction nobody eliminates."""
+    logits = logits_of(h, w).float()
+    token = (logits > 0).sum(-1)
+    return torch.log_softmax(logits, -1).gather(-1, token.unsqueeze(-1))
+
+
+def logprob_of_a_random_token(h, w):
+    """The control: each rank draws its own token, so the ranks' bands would answer for different ones."""
+    logits = logits_of(h, w).float()
+    token = torch.randint(0, logits.shape[-1], logits.shape[:-1])
+    return torch.log_softmax(logits, -1).gather(-1, token.unsqueeze(-1))
+
+
+def last_token_topk_at_per_request_temperatures(h, w, temperatures):
+    """A server's sampler: the last token's row, one temperature per sequence, the top-k proposals."""
+    top = torch.topk(torch.softmax(logits_of(h, w)[:, -1, :].float() / temperatures.unsqueeze(-1), -1), 4)
+    return top.values, top.indices
+
+
+def last_token_logprob(h, w, t):
+    """The row selection moves before the softmax: only the last token's statistics travel."""
+    return torch.log_softmax(logits_of(h, w)[:, -1, :].float(), -1).gather(-1, t.unsqueeze(-1))
+
+
+# --- softmax after a temperature, and its top-k (a draft model's proposals)
+
+
+def softmax_at_temperature_gathered(h, w, t):
+    return torch.softmax(logits_of(h, w).float() / 0.7, -1).gather(-1, t.unsqueeze(-1))
+
+
+def draft_topk_at_tensor_temperature(h, w, tau):
+    top = torch.topk(torch.softmax(logits_of(h, w).float() / tau, -1), 4)
+    return top.values, top.indices
+
+
+def log_softmax_times_inverse_temperature(h, w, t):
+    return torch.log_softmax(logits_of(h, w).float() * (1 / 0.7), -1).gather(-1, t.unsqueeze(-1))
+
+
+def draft_topk(h, w):
+    """EAGLE-style draft proposals: the k most probable tokens and their probabilities (bf16 softmax)."""
+    top = torch.topk(torch.softmax(logits_of(h, w), -1), 4)
+    return top.values, top.indices
+
+
+def probabilities_and_softmax_at_temperature(h, w, t):
+    probs = torch.softmax(logits_of(h, w).float() / 0.7, -1)
+    return probs.gather(-1, t.unsqueeze(-1)), probs
 
 
 def _h(T=4, lead=()):
     return torch.randn(*lead, T, 16)
 
 
-def _w():
-    return torch.randn(8, 16)
+def _w(rows=8):
+    return torch.randn(rows, 16)
+
+
+#: columns per rank where the partials of a case need them (bf16 rows, a top-k): they must save
+#: half a gathered row's bytes (docs/passes.md, "Gather elimination", the cost rule)
+WIDE = 64
 
 
 def _t(T=4, lead=(), high=16):
@@ -99,6 +157,25 @@ def after(text: str) -> str:
 
 def no_full_width_gather(text: str) -> bool:
     return "all_gather" not in after(text)
+
+
+def _drop_finite_guard(graph):
+    """The scaled softmax as torch before 2.13 writes it: ``where(finite, stable, original)`` -> ``stable``."""
+    for node in list(graph.nodes):
+        if node.target is torch.ops.aten.where.self and "any" in str([a.target for a in _ancestors(node.args[0])]):
+            node.replace_all_uses_with(node.args[1])
+    graph.eliminate_dead_code()
+
+
+def _ancestors(node, depth=8):
+    found, pending = [], [node]
+    while pending and len(found) < 64:
+        current = pending.pop()
+        found.append(current)
+        if depth > 0:
+            pending += current.all_input_nodes
+        depth -= 1
+    return found
 
 
 class SumFamilyGraphs(TestCase):
@@ -184,14 +261,14 @@ return [div]""")
         self.assertIn("tpfuse.softmax_stats_hidden(mm, squeeze_1, [8, 8], '0', -100, True)", after(text))
 
     def test_causal_lm_loss_with_view(self):
-        text, rep = capture(causal_lm_loss, _h(3, (2,)).bfloat16(), _w().bfloat16(), _t(3, (2,)))
+        text, rep = capture(causal_lm_loss, _h(3, (2,)).bfloat16(), _w(WIDE).bfloat16(), _t(3, (2,)))
         self.assertTrue(no_full_width_gather(text))
         self.assertExpectedInline(after(text), """\
 inputs: arg0_1, arg1_1, arg2_1
 view = reshape(arg0_1, [6, 16])
 permute = permute(arg1_1, [1, 0])
 mm = mm(view, permute)
-view_1 = reshape(mm, [2, 3, 8])
+view_1 = reshape(mm, [2, 3, 64])
 constant_pad_nd = constant_pad_nd(arg2_1, [0, 1], -100.0)
 slice_1 = slice.Tensor(constant_pad_nd, 1, 1, 9223372036854775807)
 clone = clone(slice_1, memory_format=torch.contiguous_format)
@@ -202,9 +279,9 @@ full_default = full([], 0, dtype=int64)
 where = where.self(ne, view_3, full_default)
 unsqueeze = unsqueeze(where, 1)
 convert_element_type_4 = prims.convert_element_type(view_1, float32)
-view_4 = view(convert_element_type_4, [-1, 8])
+view_4 = view(convert_element_type_4, [6, 64])
 squeeze_1 = squeeze.dim(unsqueeze, -1)
-softmax_stats_hidden = tpfuse.softmax_stats_hidden(view_4, squeeze_1, [8, 8], '0')
+softmax_stats_hidden = tpfuse.softmax_stats_hidden(view_4, squeeze_1, [64, 64], '0')
 getitem_3 = getitem(softmax_stats_hidden, 1)
 getitem_4 = getitem(softmax_stats_hidden, 2)
 sub_2 = sub.Tensor(getitem_4, getitem_3)
@@ -247,12 +324,134 @@ return [neg]""")
                          ["gather kept: softmax of the gathered logits not eliminated: the log-softmax sub_1 is "
                           "also used by the graph output"])
 
+    def test_greedy_token_logprob(self):
+        """The class index is the eliminated argmax's token: both consumers reduce over the vocabulary."""
+        text, rep = capture(greedy_token_logprob, _h(), _w(WIDE))
+        self.assertTrue(no_full_width_gather(text))
+        self.assertEqual([e.consumers for e in rep.eliminations], [("log_softmax gather", "argmax")])
+        self.assertEqual(rep.eliminations[0].partials, "[4, 3] float32; [4, 2] int32")
+        self.assertExpectedInline(after(text), """\
+inputs: arg0_1, arg1_1
+permute = permute(arg0_1, [1, 0])
+mm = mm(arg1_1, permute)
+max_hidden = tpfuse.max_hidden(mm, [64, 64], '0')
+getitem_8 = getitem(max_hidden, 1)
+unsqueeze = unsqueeze(getitem_8, -1)
+squeeze = squeeze.dim(unsqueeze, -1)
+softmax_stats_hidden = tpfuse.softmax_stats_hidden(mm, squeeze, [64, 64], '0')
+getitem_3 = getitem(softmax_stats_hidden, 1)
+getitem_4 = getitem(softmax_stats_hidden, 2)
+sub_2 = sub.Tensor(getitem_4, getitem_3)
+unsqueeze_1 = unsqueeze(sub_2, -1)
+return [getitem_8, unsqueeze_1]""")
+
     def test_control_class_index_computed_from_the_logits(self):
-        text, rep = capture(sampled_token_logprob, _h(), _w())
+        text, rep = capture(logprob_of_a_token_counted_from_the_logits, _h(), _w())
         self.assertFalse(no_full_width_gather(text))
-        self.assertEqual([m.reason for m in rep.near_misses],
-                         ["gather kept: softmax of the gathered logits not eliminated: the class index unsqueeze "
-                          "is computed from the gathered logits"])
+        self.assertEqual([m.reason for m in rep.near_misses], [
+            "gather kept: log_softmax gather: its input unsqueeze is computed from the gathered logits through "
+            "sum_1 (sum), which is not eliminated; the gathered logits are also used by sum_1 (sum), a reduction "
+            "no matcher eliminates"])
+
+    def test_control_class_index_drawn_at_random(self):
+        text, rep = capture(logprob_of_a_random_token, _h(), _w())
+        self.assertFalse(no_full_width_gather(text))
+        self.assertEqual(len(rep.near_misses), 1)
+        self.assertRegex(rep.near_misses[0].reason, r"^gather kept: log_softmax gather: its input unsqueeze is "
+                                                    r"drawn at random \(inductor_seeds_default\); every rank must "
+                                                    r"read the same$")
+
+    def test_last_token_topk_at_per_request_temperatures(self):
+        text, rep = capture(last_token_topk_at_per_request_temperatures, _h(3, (2,)), _w(WIDE), torch.rand(2) + 0.5)
+        self.assertTrue(no_full_width_gather(text))
+        self.assertEqual([e.consumers for e in rep.eliminations], [("softmax topk",)])
+        self.assertEqual(rep.eliminations[0].partials, "[2, 2] float32 + [2, 8] int32")  # the last token's row only
+        self.assertIn("tpfuse.topk_hidden(div_", after(text))
+
+    def test_last_token_logprob(self):
+        text, rep = capture(last_token_logprob, _h(3, (2,)), _w(), _t(2))
+        self.assertTrue(no_full_width_gather(text))
+        self.assertEqual(rep.eliminations[0].steps, ("select", "clone"))
+        self.assertEqual(rep.eliminations[0].partial_bytes, "48")  # 2 rows, not 2 x 3
+
+    def test_softmax_after_float_temperature_gathered_at_targets(self):
+        text, rep = capture(softmax_at_temperature_gathered, _h(), _w(), _t())
+        self.assertTrue(no_full_width_gather(text))
+        self.assertEqual([e.consumers for e in rep.eliminations], [("softmax gather",)])
+        self.assertExpectedInline(after(text), """\
+inputs: arg0_1, arg1_1, arg2_1
+permute = permute(arg0_1, [1, 0])
+mm = mm(arg1_1, permute)
+unsqueeze = unsqueeze(arg2_1, -1)
+mul = mul.Tensor(mm, 1)
+div_2 = div.Tensor(mul, 0.7)
+squeeze = squeeze.dim(unsqueeze, -1)
+softmax_stats_hidden = tpfuse.softmax_stats_hidden(div_2, squeeze, [8, 8], '0')
+getitem_3 = getitem(softmax_stats_hidden, 1)
+getitem_4 = getitem(softmax_stats_hidden, 2)
+exp_1 = exp(getitem_4)
+exp_2 = exp(getitem_3)
+div_3 = div.Tensor(exp_1, exp_2)
+unsqueeze_1 = unsqueeze(div_3, -1)
+return [unsqueeze_1]""")
+
+    def test_draft_topk_after_tensor_temperature_dynamic_T(self):
+        h = _h(5)
+        torch._dynamo.mark_dynamic(h, 0)
+        text, rep = capture(draft_topk_at_tensor_temperature, h, _w(WIDE), torch.tensor(1.3))
+        self.assertTrue(no_full_width_gather(text))
+        self.assertEqual([e.consumers for e in rep.eliminations], [("softmax topk",)])
+        self.assertRegex(rep.eliminations[0].partials, r"^\[s\d+, 2\] float32 \+ \[s\d+, 8\] int32$")
+        self.assertExpectedInline(after(text), """\
+inputs: arg0_1, arg1_1, arg2_1, arg3_1
+permute = permute(arg0_1, [1, 0])
+mm = mm(arg1_1, permute)
+ge_scalar = ge.Scalar(arg3_1, 0)
+scalar_tensor_default = scalar_tensor(1, dtype=float32)
+neg_default = neg(scalar_tensor_default)
+where_self = where.self(ge_scalar, scalar_tensor_default, neg_default)
+mul_tensor_1 = mul.Tensor(where_self, arg3_1)
+mul_22 = mul.Tensor(mm, where_self)
+div_2 = div.Tensor(mul_22, mul_tensor_1)
+softmax_stats_hidden = tpfuse.softmax_stats_hidden(div_2, None, [64, 64], '0')
+getitem_4 = getitem(softmax_stats_hidden, 0)
+getitem_5 = getitem(softmax_stats_hidden, 1)
+topk_hidden = tpfuse.topk_hidden(div_2, 4, [64, 64], '0')
+getitem_9 = getitem(topk_hidden, 0)
+getitem_10 = getitem(topk_hidden, 1)
+unsqueeze = unsqueeze(getitem_4, -1)
+sub_12 = sub.Tensor(getitem_9, unsqueeze)
+exp_1 = exp(sub_12)
+exp_2 = exp(getitem_5)
+unsqueeze_1 = unsqueeze(exp_2, -1)
+div_3 = div.Tensor(exp_1, unsqueeze_1)
+return [div_3, getitem_10]""")
+
+    def test_log_softmax_times_inverse_temperature(self):
+        text, rep = capture(log_softmax_times_inverse_temperature, _h(), _w(), _t())
+        self.assertTrue(no_full_width_gather(text))
+        self.assertEqual([e.consumers for e in rep.eliminations], [("log_softmax gather",)])
+        self.assertIn("mul.Tensor(mul_", after(text))  # the band times 1/0.7, then the statistics
+
+    def test_draft_topk_of_bf16_probabilities(self):
+        text, rep = capture(draft_topk, _h().bfloat16(), _w(WIDE).bfloat16())
+        self.assertTrue(no_full_width_gather(text))
+        self.assertEqual([e.consumers for e in rep.eliminations], [("softmax topk",)])
+        self.assertIn("tpfuse.topk_hidden(convert_element_type", after(text))
+
+    def test_scaled_softmax_without_the_finite_guard(self):
+        """Older torch writes the scaled softmax without ``where(all(isfinite(S)), ..)``: the same match."""
+        text, rep = capture(softmax_at_temperature_gathered, _h(), _w(), _t(), mutate=_drop_finite_guard)
+        self.assertNotIn("where", text.split("---- after tpfuse ----")[0])
+        self.assertTrue(no_full_width_gather(text))
+        self.assertEqual([e.consumers for e in rep.eliminations], [("softmax gather",)])
+
+    def test_control_probabilities_also_returned(self):
+        text, rep = capture(probabilities_and_softmax_at_temperature, _h(), _w(), _t())
+        self.assertFalse(no_full_width_gather(text))
+        self.assertEqual(len(rep.near_misses), 1)
+        self.assertRegex(rep.near_misses[0].reason, r"^gather kept: softmax of the gathered logits not eliminated: the "
+                                                    r"softmax div_\d+ is also used by the graph output")
 
     def test_eliminate_gathers_false_keeps_the_gather(self):
         text, rep = capture(cross_entropy_mean, _h(), _w(), _t(), eliminate_gathers=False)
@@ -459,13 +658,136 @@ def _training(rank, world_size):
     return {"errors": errors, "rewrite": rewrite.last, "graphs": recorder.texts}
 
 
+# --------------------------------------------------------------------------- the new forms, at W=2 and W=4
+
+
+def temperature_samplers(h, w, tau, t):
+    """Three softmaxes after a temperature: a float divisor, a 0-d tensor (for a draft's top-k), a multiplier."""
+    logits = logits_of(h, w).float()
+    top = torch.topk(torch.softmax(logits / tau, -1), 4)
+    return (torch.softmax(logits / 0.7, -1).gather(-1, t.unsqueeze(-1)), top.values, top.indices,
+            torch.log_softmax(logits * (1 / 0.7), -1).gather(-1, t.unsqueeze(-1)))
+
+
+def draft_and_greedy(h, w):
+    """bf16 logits: a draft's top-k probabilities, and the greedy token with its log-probability."""
+    logits = logits_of(h, w)
+    top = torch.topk(torch.softmax(logits, -1), 4)
+    token = logits.argmax(-1)
+    return top.values, top.indices, token, logits.float().log_softmax(-1).gather(-1, token.unsqueeze(-1))
+
+
+def _new_form_inputs(fn, T, rank):
+    g = torch.Generator().manual_seed(T)  # the same hidden states, targets and temperature on every rank
+    w = torch.randn(WIDE, 16, generator=torch.Generator().manual_seed(50 + rank)) / 2
+    if fn is last_token_logprob:
+        return torch.randn(2, T, 16, generator=g), w, torch.randint(0, 2 * WIDE, (2,), generator=g)
+    h = torch.randn(T, 16, generator=g)
+    if T > 1:
+        h[0] = 0.0  # equal logits on every rank: ties in the top-k, the greedy token is the lowest index
+    if T > 2:
+        h[1] = float("nan")  # NaN logits: NaN probabilities, the first NaN is the greedy token
+    if fn is draft_and_greedy:
+        return h.bfloat16(), w.bfloat16()
+    return h, w, torch.tensor(1.3), torch.randint(0, 2 * WIDE, (T,), generator=g)
+
+
+def _bf16_ulps(ours, ref):
+    """max |ours - ref| in units of the bf16 spacing at ref (NaN where both are NaN counts 0)."""
+    if bool((ours.isnan() ^ ref.isnan()).any()):
+        return math.inf
+    spacing = torch.exp2(torch.floor(torch.log2(ref.float().abs().clamp_min(2.0 ** -126))) - 7)
+    ulps = ((ours.float() - ref.float()).abs() / spacing).nan_to_num(0.0)
+    return ulps.max().item() if ref.numel() else 0.0
+
+
+def _nan_rel_error(ours, ref):
+    """``_rel_error`` where a row of NaN logits gives NaN in both (infinite where only one is NaN)."""
+    both = ours.isnan() & ref.isnan()
+    if bool((ours.isnan() ^ ref.isnan()).any()):
+        return math.inf
+    return _rel_error(ours[~both], ref[~both]) if bool((~both).any()) else 0.0
+
+
+def _topk_error(values, indices, probabilities, ref_values):
+    """A valid top-k of torch's probabilities: the probabilities at our indices are torch's top-k values
+    (ties may pick other classes), and our values are those probabilities, within the bound."""
+    picked = probabilities.gather(-1, indices)
+    return max(_nan_rel_error(picked, ref_values), _nan_rel_error(values, picked))
+
+
+def _new_form_errors(fn, ours, args):
+    """Per output: the relative error (sum family), bf16 ulps, or 0/1 (the exact token), against eager
+    torch; the ``control`` entries compare with a computation that differs on purpose (another
+    temperature, another row, another token) and must exceed the bound."""
+    ref = fn(*args)
+    if fn is temperature_samplers:
+        logits, t = logits_of(*args[:2]).float(), args[3].unsqueeze(-1)
+        probabilities = torch.softmax(logits / args[2], -1)
+        return {"softmax gather": _nan_rel_error(ours[0], ref[0]),
+                "log_softmax gather": _nan_rel_error(ours[3], ref[3]),
+                "topk": _topk_error(ours[1], ours[2], probabilities, ref[1]),
+                "control": _nan_rel_error(ours[0], torch.softmax(logits / 0.75, -1).gather(-1, t))}
+    if fn is draft_and_greedy:
+        logits = logits_of(*args)
+        probabilities, log_probabilities = torch.softmax(logits, -1), logits.float().log_softmax(-1)
+        picked = probabilities.gather(-1, ours[1])
+        other = log_probabilities.gather(-1, (ref[2].unsqueeze(-1) + 1) % logits.shape[-1])
+        return {"topk bf16 ulps": max(_bf16_ulps(picked, ref[0]), _bf16_ulps(ours[0], picked)),
+                "token": float(not torch.equal(ours[2], ref[2])), "logprob": _nan_rel_error(ours[3], ref[3]),
+                "control": _nan_rel_error(ours[3], other)}
+    errors = {"logprob": _nan_rel_error(ours, ref)}
+    if args[0].shape[1] > 1:
+        errors["control"] = _nan_rel_error(ours, last_token_logprob(args[0][:, :1], *args[1:]))
+    return errors
+
+
+NEW_FORMS = (
+    (temperature_samplers, [("log_softmax gather",), ("softmax gather",), ("softmax topk",)]),
+    (draft_and_greedy, [("argmax", "log_softmax gather", "softmax topk")]),
+    (last_token_logprob, [("log_softmax gather",)]),
+)
+
+
+def new_forms(rank, world_size):
+    import tpfuse
+
+    results = {}
+    for fn, _ in NEW_FORMS:
+        for label, calls, dynamic in (("static T=5", [5], False), ("T=1", [1], False), ("dynamic T", [3, 6], True)):
+            torch._dynamo.reset()
+            compiled = torch.compile(fn, fullgraph=True, dynamic=None if dynamic else False)
+            errors, outputs = {}, []
+            with tpfuse.enabled(), torch.no_grad():
+                for T in calls:
+                    args = _new_form_inputs(fn, T, rank)
+                    if dynamic:
+                        torch._dynamo.mark_dynamic(args[0], args[0].dim() - 2)
+                        if fn is temperature_samplers:
+                            torch._dynamo.mark_dynamic(args[3], 0)
+                    ours = compiled(*args)
+                    for key, error in _new_form_errors(fn, ours, args).items():
+                        # a control counts by its smallest difference, the rest by the largest
+                        errors[key] = (min if key == "control" else max)(errors.get(key, error), error)
+                    outputs.append([bytes(o.contiguous().reshape(-1).view(torch.uint8)) for o in
+                                    (ours if isinstance(ours, tuple) else (ours,))])
+                rep = tpfuse.report()
+            results[(fn.__name__, label)] = {
+                "errors": errors, "outputs": outputs,
+                "eliminated": sorted(tuple(sorted(c.split("+"))) for e in rep.eliminations for c in e.consumers)
+                if fn is not draft_and_greedy else [tuple(sorted(c for e in rep.eliminations for c in e.consumers))],
+                "near_misses": [n.reason for n in rep.near_misses]}
+    return results
+
+
 def _all(rank, world_size):
-    return {"numerics": _numerics(rank, world_size), "training": _training(rank, world_size)}
+    return {"numerics": _numerics(rank, world_size), "training": _training(rank, world_size),
+            "new_forms": new_forms(rank, world_size)}
 
 
 @pytest.fixture(scope="module")
 def gloo_w2_all():
-    return run_ranks(2, _all, timeout=900)
+    return run_ranks(2, _all, timeout=1200)
 
 
 @pytest.fixture(scope="module")
@@ -499,6 +821,37 @@ def test_every_compiled_loss_was_eliminated(gloo_w2):
     for results in gloo_w2:
         for key, (_, _, eliminated) in results.items():
             assert eliminated, key
+
+
+@pytest.fixture(scope="module")
+def gloo_w4_new_forms():
+    return run_ranks(4, new_forms, timeout=900)
+
+
+def _check_new_forms(per_rank):
+    """Every form eliminated, at every T; the sum family within the published bound (bf16 probabilities:
+    1 bf16 ulp), the greedy token bit for bit; every rank the same bits."""
+    expected = dict((fn.__name__, consumers) for fn, consumers in NEW_FORMS)
+    for rank, results in enumerate(per_rank):
+        for (name, label), r in results.items():
+            assert r["eliminated"] == expected[name], (rank, name, label, r["eliminated"], r["near_misses"])
+            assert r["near_misses"] == [], (rank, name, label, r["near_misses"])
+            for key, error in r["errors"].items():
+                if key == "control":  # the comparison sees a wrong temperature, row or token
+                    assert error > BOUND, (rank, name, label, key, error)
+                    continue
+                limit = 1.0 if "ulps" in key else 0.0 if key == "token" else BOUND
+                assert error <= limit, (rank, name, label, key, error)
+    for results in per_rank[1:]:
+        assert [r["outputs"] for r in results.values()] == [r["outputs"] for r in per_rank[0].values()]
+
+
+def test_temperature_draft_greedy_and_last_token_w2(gloo_w2_all):
+    _check_new_forms([r["new_forms"] for r in gloo_w2_all])
+
+
+def test_temperature_draft_greedy_and_last_token_w4(gloo_w4_new_forms):
+    _check_new_forms(gloo_w4_new_forms)
 
 
 def test_the_ranks_agree(gloo_w2):

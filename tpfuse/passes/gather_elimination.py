@@ -6,27 +6,34 @@ gather form the pattern pass knows, and gathers written with ``tpfuse.all_gather
 hand (docs/passes.md, "Gather elimination").
 
 From each gather the walk follows the gathered tensor through the steps that commute with the
-gather (``Step``): elementwise ops whose other operands are scalars, broadcast along the
-hidden axis, or full width (applied to this rank's band through ``tpfuse::hidden_band``), and
-prefix slices ``[..., :V]`` that drop vocabulary padding.  Every other user is a *consumer*,
-offered to the registered ``EliminationMatcher`` objects, highest priority first.  A matcher
-answers with an ``Elimination`` (the consumer nodes it replaces, and a traceable replacement
-that computes them from this rank's band), a ``Reject`` (its consumer, but not rewritable:
-a near-miss), or ``None``.  The gather goes only if EVERY consumer is eliminated; otherwise
-it stays, and when some matcher claimed or rejected a consumer, the report says why
-(another user, an unsupported consumer, a reduction over another axis).
+gather: elementwise ops whose other operands are scalars, broadcast along the hidden axis, or
+full width (applied to this rank's band through ``tpfuse::hidden_band``); prefix slices
+``[..., :V]`` that drop vocabulary padding; and row selections and views that leave the
+gathered (last) axis alone (``logits[:, -1, :]``, ``index``, ``view(-1, V)``, ...), replayed
+on the slab so that only the selected rows are reduced and their partials travel.  Every other
+user is a *consumer*, offered to the registered ``EliminationMatcher`` objects, highest
+priority first.  A matcher answers with an ``Elimination`` (the consumer nodes it replaces, and
+a traceable replacement that computes them from this rank's band), a ``Reject`` (its consumer,
+but not rewritable: a near-miss), or ``None``.  Where two eliminations cover the same node (a
+softmax's amax is an amax too) the wider one is taken.  The gather goes only if EVERY consumer
+is covered and the partials take at most half the bytes of a gathered row (``_cost_problem``);
+otherwise it stays, and when a matcher claimed or rejected a consumer, or a consumer stands
+between the gather and a reduction (a select of the gathered axis before an argmax), the
+report says why.
 
 ``find_gather_eliminations`` returns frozen records and changes nothing;
 ``rewrite_gather_eliminations`` consumes them.  The EXACT family (argmax, argmin, max,
 min, amax, amin, topk) is built in (``EXACT_MATCHERS``); the sum family is
-``eliminate_sums.MATCHERS`` (both registered by ``tpfuse/passes/__init__.py``); a user registers their own with ``register_elimination``
-(docs/patterns.md, "Eliminating a gather before your own reduction").
+``eliminate_sums.MATCHERS`` (both registered by ``tpfuse/passes/__init__.py``); a user registers
+their own with ``register_elimination`` (docs/patterns.md, "Eliminating a gather before your own
+reduction").
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import operator
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
 
@@ -55,9 +62,10 @@ class ReductionSite:
     """One consumer of a gathered tensor, offered to the matchers.
 
     ``value`` is the full-width tensor the consumer reads: the gather's result after
-    ``steps`` (elementwise ops and prefix slices, gather side first).  Its last axis is the
-    gathered one.  ``valid_columns`` is ``V`` when a slice ``[..., :V]`` is among the steps
-    (None: every column).  ``hidden_widths`` and ``group_name`` are the gather's."""
+    ``steps`` (elementwise ops, prefix slices, row selections and views of the leading dims,
+    gather side first).  Its last axis is the gathered one.  ``valid_columns`` is ``V`` when a
+    slice ``[..., :V]`` is among the steps (None: every column).  ``hidden_widths`` and
+    ``group_name`` are the gather's."""
 
     gather: Node
     local: Node
@@ -67,6 +75,7 @@ class ReductionSite:
     consumer: Node
     steps: tuple[Node, ...]
     valid_columns: int | None = None
+    kinds: tuple[str, ...] = ()  # how each step is replayed on the band (POINTWISE, ROWS, ...)
 
     @property
     def graph(self) -> Graph:
@@ -125,7 +134,10 @@ class Elimination:
 
     where ``band`` is this rank's ``[..., w_rank]`` band of ``site.value`` (the steps already
     applied; with ``valid_columns`` its columns at global index >= V must be ignored).
-    ``partials``: (elements per rank per row, dtype) that travel instead, for the report."""
+    ``partials``: (elements per rank per row, dtype) that travel instead, or a tuple of such pairs
+    when the replacement exchanges more than once; the report and the cost rule read them.
+    ``inputs`` may be computed from the gathered tensor only through the ``outputs`` of another
+    elimination of the same gather (the token of an eliminated argmax)."""
 
     consumer: str
     outputs: tuple[Node | None, ...]
@@ -134,7 +146,7 @@ class Elimination:
     region: tuple[Node, ...] = ()
     inputs: tuple[Node, ...] = ()
     extra: tuple[tuple[str, Any], ...] = ()
-    partials: tuple[int, torch.dtype] = (2, torch.int32)
+    partials: tuple = (2, torch.int32)  # (words, dtype) or ((words, dtype), ...)
 
 
 Matcher = Callable[[ReductionSite], "Elimination | Reject | None"]
@@ -277,12 +289,39 @@ def register_builtin_eliminations(matchers) -> None:
 
 # --------------------------------------------------------------------------- the walk
 
+#: ops that pick rows (or views of the leading dims) and commute with the gather when they leave the
+#: gathered (last) axis alone: replayed on each rank's slab, so only the picked rows are reduced
+SELECTS = facts.op_overloads("select.int")
+INDEXES = facts.op_overloads("index.Tensor")
+INDEX_SELECTS = facts.op_overloads("index_select.default")
+GATHERS = facts.op_overloads("gather.default")
+UNSQUEEZES = facts.op_overloads("unsqueeze.default")
+SQUEEZES = facts.op_overloads("squeeze.dim", "squeeze.dims", "squeeze.default")
+ALIASES = facts.op_overloads("alias.default")
+_ROW_OPS = (SELECTS | facts.SLICES | INDEXES | INDEX_SELECTS | GATHERS | facts.RESHAPES | UNSQUEEZES | SQUEEZES
+            | facts.PERMUTES | facts.TRANSPOSES | facts.T_OPS | ALIASES)
+#: ops that only move, pick or copy elements: followed (never rewritten) from a consumer that is no
+#: step, to find the reduction a near-miss is about
+_MOVES_ELEMENTS = _ROW_OPS | facts.op_overloads(
+    "expand.default", "as_strided.default", "narrow.default", "split.Tensor", "split_with_sizes.default",
+    "unfold.default", "flip.default", "roll.default", "repeat.default", "clone.default", "cat.default")
+#: reductions a near-miss may name (over any axis): what the built-in matchers reduce, and sums
+_REDUCTIONS = facts.op_overloads(
+    "argmax.default", "argmin.default", "max.dim", "min.dim", "max.default", "min.default", "amax.default",
+    "amin.default", "topk.default", "sort.default", "sort.stable", "logsumexp.default", "sum.dim_IntList")
+#: how many nodes the near-miss search follows from a consumer
+_NEAR_MISS_REACH = 64
+
+#: step kinds: how ``_band_of`` replays a step on this rank's slab
+POINTWISE, PREFIX_SLICE, ROWS, RESHAPE, ROWS_GATHER = "pointwise", "prefix_slice", "rows", "reshape", "rows_gather"
+
 
 @dataclass(frozen=True)
 class _Leaf:
     value: Node
     consumer: Node
     steps: tuple[Node, ...]
+    kinds: tuple[str, ...]
     valid_columns: int | None
     why: str = ""  # why the consumer is no step, when it nearly is one
 
@@ -293,17 +332,27 @@ def _positions(graph: Graph) -> dict[Node, int]:
 
 def _depends_on(node: Node, gather: Node, positions: dict[Node, int]) -> bool:
     """``node`` reads the gather's result, directly or not (a walk back over nodes after it)."""
+    return _path_from(node, gather, frozenset(), positions) is not None
+
+
+def _path_from(node: Node, gather: Node, stops, positions: dict[Node, int]) -> list[Node] | None:
+    """A chain of inputs from ``gather`` to ``node`` that passes no node of ``stops`` (None: there is none)."""
     start = positions[gather]
-    pending, seen = [node], set()
+    pending, came_from = [node], {node: None}
     while pending:
         current = pending.pop()
         if current is gather:
-            return True
-        if current in seen or positions.get(current, -1) <= start:
+            path = [current]
+            while came_from[path[-1]] is not None:
+                path.append(came_from[path[-1]])
+            return path
+        if current in stops or positions.get(current, -1) <= start:
             continue
-        seen.add(current)
-        pending += current.all_input_nodes
-    return False
+        for source in current.all_input_nodes:
+            if source not in came_from:
+                came_from[source] = current
+                pending.append(source)
+    return None
 
 
 def _operand_problem(operand: Node, chain: Node, gather: Node, positions) -> str | None:
@@ -314,10 +363,37 @@ def _operand_problem(operand: Node, chain: Node, gather: Node, positions) -> str
         return f"operand {operand.name} has no shape metadata"
     if _depends_on(operand, gather, positions):
         return f"operand {operand.name} is computed from the gathered tensor"
+    drawn = _random_source(operand, frozenset((gather,)))
+    if drawn is not None:
+        return (f"operand {operand.name} is drawn at random ({drawn.name}): a rank's band of its own draw is not "
+                "a band of the other ranks' draws")
     width = facts.shape(chain)[-1]
     if len(shape) == 0 or facts.same_size(shape[-1], 1) or facts.same_size(shape[-1], width):
         return None
     return f"operand {operand.name} has last dim {shape[-1]}, neither 1 nor the gathered width {width}"
+
+
+#: how many nodes the search for a random source of an operand looks at
+_RANDOM_REACH = 256
+
+
+def _random_source(operand: Node, stops=frozenset()) -> Node | None:
+    """A random op ``operand`` is computed from (Inductor's ``inductor_random`` reads seeds drawn by
+    ``inductor_seeds``), not looking behind ``stops`` (values every rank holds alike, e.g. an eliminated
+    argmax's token), or None.  Ranks need not share the seed, so such an operand cut to the band
+    would mix the ranks' draws."""
+    pending, seen = [operand], set()
+    while pending and len(seen) < _RANDOM_REACH:
+        node = pending.pop()
+        if node in seen or node in stops:
+            continue
+        seen.add(node)
+        target = node.target
+        if isinstance(target, (torch._ops.OpOverload, torch._ops.HigherOrderOperator)) and \
+                torch.Tag.nondeterministic_seeded in getattr(target, "tags", ()):
+            return node
+        pending += node.all_input_nodes
+    return None
 
 
 def _elementwise_step(user: Node, chain: Node, gather: Node, positions) -> str | None:
@@ -325,7 +401,9 @@ def _elementwise_step(user: Node, chain: Node, gather: Node, positions) -> str |
     if user.op != "call_function" or not isinstance(user.target, torch._ops.OpOverload):
         return "not an op"
     tags = user.target.tags
-    if torch.Tag.pointwise not in tags or torch.Tag.nondeterministic_seeded in tags:
+    if torch.Tag.nondeterministic_seeded in tags:
+        return f"{user.name} draws random numbers: each rank would draw its own band's"
+    if torch.Tag.pointwise not in tags:
         return "not an elementwise op"
     if not facts.same_shape(facts.shape(user) or (), facts.shape(chain)):
         return f"{user.name} broadcasts the gathered tensor to another shape"
@@ -356,24 +434,118 @@ def _prefix_slice(user: Node, chain: Node) -> tuple[bool, int | None, str | None
     return True, end, None
 
 
+def _row_step(user: Node, chain: Node, gather: Node, positions) -> tuple[str | None, str | None]:
+    """(kind, None) for a row selection or view that leaves the gathered (last) axis as it is; (None, why)
+    for one of those ops that touches it; (None, None) for any other op."""
+    if user.op != "call_function" or user.target not in _ROW_OPS:
+        return None, None
+    if not user.args or user.args[0] is not chain:
+        return None, f"{user.name} reads the gathered tensor other than as its input"
+    rank, width, out = facts.ndim(chain), facts.shape(chain)[-1], facts.shape(user)
+    if out is None or not out:
+        return None, f"{user.name} leaves no gathered axis"
+    why = _touches_hidden_axis(user, rank, width)
+    if why is None and not facts.same_size(out[-1], width):
+        why = f"{user.name} makes the last axis {out[-1]} wide, not the gathered {width}"
+    if why is not None:
+        return None, why
+    if user.target in facts.RESHAPES:
+        unknown = [d for d in out[:-1] if not isinstance(d, int)]
+        if len(unknown) > 1:
+            return None, f"{user.name} reshapes to {len(unknown)} symbolic leading dims; one is replayed on the ranks"
+        return RESHAPE, None
+    for operand in user.all_input_nodes[1:]:
+        if _depends_on(operand, gather, positions):
+            return None, f"the row index {operand.name} of {user.name} is computed from the gathered tensor"
+        if _random_source(operand, frozenset((gather,))) is not None:
+            return None, f"the row index {operand.name} of {user.name} is drawn at random: ranks need not agree"
+        if not isinstance(facts.val(operand), torch.Tensor):
+            return None, f"{user.name} picks rows at a symbolic position {operand.name}"
+    if user.target in GATHERS:
+        index = facts.shape(user.args[2])
+        if not facts.same_size(index[-1], width):
+            return None, f"{user.name} gathers rows at {index[-1]} of the {width} columns"
+        return ROWS_GATHER, None
+    return ROWS, None
+
+
+def _touches_hidden_axis(user: Node, rank: int, width: Any) -> str | None:
+    """Why ``user`` (one of the row ops) selects, moves or reshapes the gathered (last) axis; None if not."""
+    last, target = rank - 1, user.target
+    if target in SELECTS and facts.nonneg_dim(user.args[1], rank) == last:
+        return f"{user.name} selects one column of the gathered (last) axis"
+    if target in facts.SLICES:  # a slice of the last axis is a prefix slice or has its own reason
+        return None
+    if target in INDEXES:
+        indices = user.args[1]
+        if len(indices) == rank and indices[-1] is not None:
+            return f"{user.name} indexes the gathered (last) axis with a tensor"
+    if target in INDEX_SELECTS and facts.nonneg_dim(user.args[1], rank) == last:
+        return f"{user.name} selects columns of the gathered (last) axis"
+    if target in GATHERS and facts.nonneg_dim(user.args[1], rank) == last:
+        return f"{user.name} gathers columns of the gathered (last) axis"
+    if target in UNSQUEEZES and facts.nonneg_dim(user.args[1], rank + 1) == rank:
+        return f"{user.name} adds a dim after the gathered (last) axis"
+    if target in SQUEEZES and facts.same_size(width, 1):
+        return f"{user.name} squeezes the gathered axis of width 1"
+    perm = facts.permutation(user) if target in facts.PERMUTES | facts.TRANSPOSES | facts.T_OPS else None
+    if perm is not None and perm[-1] != last:
+        return f"{user.name} moves the gathered axis to dim {perm.index(last)}"
+    if target in facts.RESHAPES and not facts.same_size(facts.shape(user)[-1], width):
+        return f"{user.name} reshapes the gathered (last) axis of {width} columns to {facts.shape(user)[-1]}"
+    return None
+
+
+def _step_of(user: Node, chain: Node, gather: Node, positions) -> tuple[str | None, int | None, str]:
+    """(kind, prefix end, "") when ``user`` is a step of ``chain``; (None, None, why) when it is not."""
+    is_slice, end, why = _prefix_slice(user, chain)
+    if is_slice:
+        return PREFIX_SLICE, end, ""
+    if why is None:
+        kind, why = _row_step(user, chain, gather, positions)
+        if kind is not None:
+            return kind, None, ""
+    if why is None:
+        why = _elementwise_step(user, chain, gather, positions)
+        if why is None:
+            return POINTWISE, None, ""
+    return None, None, why
+
+
 def _leaves(gather: Node, positions) -> list[_Leaf]:
     """Every consumer reached from the gather through steps, in graph order."""
-    leaves, pending = [], [(gather, (), None)]
+    leaves, pending = [], [(gather, (), (), None)]
     while pending:
-        chain, steps, valid = pending.pop(0)
+        chain, steps, kinds, valid = pending.pop(0)
         for user in chain.users:
-            is_slice, end, why = _prefix_slice(user, chain)
-            if is_slice:
-                columns = valid if end is None else end if valid is None else min(valid, end)
-                pending.append((user, steps + (user,), columns))
+            kind, end, why = _step_of(user, chain, gather, positions)
+            if kind is None:
+                leaves.append(_Leaf(chain, user, steps, kinds, valid, why))
                 continue
-            if why is None:
-                why = _elementwise_step(user, chain, gather, positions)
-                if why is None:
-                    pending.append((user, steps + (user,), valid))
-                    continue
-            leaves.append(_Leaf(chain, user, steps, valid, why))
+            columns = valid if end is None else end if valid is None else min(valid, end)
+            pending.append((user, steps + (user,), kinds + (kind,), columns))
     return sorted(leaves, key=lambda leaf: positions.get(leaf.consumer, 0))
+
+
+def _reduction_after(node: Node, width: Any, reductions) -> Node | None:
+    """The first reduction reached from ``node`` (itself included) through ops that move, pick or
+    compute elements, or keep a last axis as wide as the gathered one (a cumsum), or None: a
+    consumer on such a path is a near-miss, one that feeds a matmul is not."""
+    pending, seen = [node], set()
+    while pending and len(seen) < _NEAR_MISS_REACH:
+        current = pending.pop(0)
+        if current in seen or current.op != "call_function":
+            continue
+        seen.add(current)
+        if current.target in reductions:
+            return current
+        target, shape = current.target, facts.shape(current)
+        passes = (target is operator.getitem or target in _MOVES_ELEMENTS
+                  or (isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags)
+                  or (bool(shape) and facts.same_size(shape[-1], width)))
+        if passes:
+            pending += list(current.users)
+    return None
 
 
 # --------------------------------------------------------------------------- find
@@ -396,6 +568,20 @@ class EliminationFind:
     near_misses: list[NearMiss] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class _Candidate:
+    """A matcher's Elimination at one consumer, and every node it replaces or lets die."""
+
+    site: ReductionSite
+    elimination: Elimination
+    matcher: str
+
+    @property
+    def covers(self) -> frozenset:
+        e = self.elimination
+        return frozenset((self.site.consumer, *e.claims, *e.region, *(o for o in e.outputs if o is not None)))
+
+
 def _gather_facts(gather: Node) -> tuple[Node, tuple[int, ...], str] | None:
     local, widths, group = (facts.arg_by_name(gather, i, n) for i, n in
                             enumerate(("x", "hidden_widths", "group_name")))
@@ -413,45 +599,54 @@ def find_gather_eliminations(graph: Graph, matchers: list[EliminationMatcher]) -
     if not gathers or not matchers:
         return result
     positions = _positions(graph)
+    reductions = _REDUCTIONS | frozenset(op for m in matchers if not m.builtin for op in m.consumers)
     for gather in gathers:
         known = _gather_facts(gather)
         if known is not None:
-            _find_one(gather, *known, matchers, positions, result)
+            _find_one(gather, *known, matchers, positions, reductions, result)
     return result
 
 
-def _find_one(gather, local, widths, group, matchers, positions, result: EliminationFind) -> None:
-    claimed: set[Node] = set()
-    sites, eliminations, names, missing = [], [], [], []
+def _find_one(gather, local, widths, group, matchers, positions, reductions, result: EliminationFind) -> None:
+    first: dict[Node, _Leaf] = {}
     for leaf in _leaves(gather, positions):
-        if leaf.consumer in claimed:
-            continue
-        site = ReductionSite(gather, local, widths, group, leaf.value, leaf.consumer, leaf.steps,
-                             leaf.valid_columns)
-        outcome, name, rejects = _offer(site, matchers)
-        problem = None if outcome is None else _claim_problem(site, outcome)
+        first.setdefault(leaf.consumer, leaf)
+    candidates, rejects = [], {}
+    for consumer, leaf in first.items():
+        site = ReductionSite(gather, local, widths, group, leaf.value, consumer, leaf.steps, leaf.valid_columns,
+                             leaf.kinds)
+        outcome, name, found = _offer(site, matchers)
+        problem = None if outcome is None else _claim_problem(site, outcome, first)
         if problem is not None:
-            outcome, rejects = None, rejects + [(name, problem)]
-        if outcome is None:
-            missing.append((leaf, rejects))
-            continue
-        claimed.update((leaf.consumer, *outcome.claims))
-        sites.append(site)
-        eliminations.append(outcome)
-        names.append(name)
+            outcome, found = None, found + [(name, problem, ())]
+        rejects[consumer] = found
+        if outcome is not None:
+            candidates.append(_Candidate(site, outcome, name))
+    explained = _explained(rejects)
+    chosen = _choose(gather, candidates, rejects, explained, first, positions)
+    covered = frozenset().union(*(c.covers for c in chosen))
+    missing = [leaf for consumer, leaf in first.items() if consumer not in covered]
     if missing:
-        if eliminations or any(rejects for _, rejects in missing):
-            # a reduction was (nearly) found: say why the gather stays
-            result.near_misses.append(_near_miss(gather, missing))
+        near = _near_miss(gather, missing, rejects, explained, chosen, reductions)
+        if near is not None:
+            result.near_misses.append(near)
         return
-    if eliminations:
-        record = _record(gather, widths, group, sites, eliminations, names)
-        result.found.append(FoundElimination(gather, tuple(sites), tuple(eliminations), tuple(names), record))
+    if not chosen:
+        return
+    sites, eliminations = tuple(c.site for c in chosen), tuple(c.elimination for c in chosen)
+    too_costly = _cost_problem(gather, widths, eliminations)
+    if too_costly is not None:
+        result.near_misses.append(NearMiss("gather_elimination", "gather kept: " + too_costly,
+                                           (gather.name,) + tuple(s.consumer.name for s in sites), doc=DOC))
+        return
+    names = tuple(c.matcher for c in chosen)
+    record = _record(gather, widths, group, sites, eliminations, names)
+    result.found.append(FoundElimination(gather, sites, eliminations, names, record))
 
 
 def _offer(site: ReductionSite, matchers) -> tuple[Elimination | None, str, list]:
     """The first Elimination of the matchers offered this consumer, with every Reject before it."""
-    rejects = []
+    rejects = []  # (matcher name, reason, the nodes the reason is about)
     for matcher in matchers:
         if not matcher.offered(site.consumer):
             continue
@@ -462,49 +657,147 @@ def _offer(site: ReductionSite, matchers) -> tuple[Elimination | None, str, list
                 raise  # our own bug: fail loudly
             outcome = Reject(f"the matcher raised {type(err).__name__}: {err}")
         if isinstance(outcome, Reject):
-            rejects.append((matcher.name, outcome.reason))
+            rejects.append((matcher.name, outcome.reason, tuple(outcome.nodes)))
         elif outcome is not None:
             return outcome, matcher.name, rejects
     return None, "", rejects
 
 
-def _claim_problem(site: ReductionSite, found: Elimination) -> str | None:
-    stray = [n.name for n in found.claims if n not in site.value.users]
+def _claim_problem(site: ReductionSite, found: Elimination, consumers) -> str | None:
+    stray = [n.name for n in found.claims if n not in consumers]
     if stray:
-        return f"claims {', '.join(stray)}, which do not read {site.value.name}"
+        return f"claims {', '.join(stray)}, which are not consumers of {site.gather.name} (through steps)"
     if not found.outputs or all(o is None for o in found.outputs):
         return "returns no output node to replace"
     return None
 
 
-def _near_miss(gather: Node, missing: list) -> NearMiss:
-    """Why the gather stays: per consumer that no matcher eliminated, the matchers' reasons, or
-    that it is another user (the graph output, an op no matcher reduces)."""
-    reasons, names = [], []
-    for leaf, rejects in missing:
-        user = leaf.consumer
-        if rejects:
-            reasons += [reason for _, reason in rejects]
-            names += [name for name, _ in rejects]
+def _explained(rejects: dict) -> dict:
+    """node -> the consumer whose matcher's Reject is about it (a rejected softmax's inner nodes):
+    those consumers are not listed again, each with a reason of its own, in the near-miss."""
+    return {node: consumer for consumer, said in rejects.items() for *_, nodes in said for node in nodes}
+
+
+def _choose(gather: Node, candidates: list[_Candidate], rejects: dict, explained: dict, consumers,
+            positions) -> list[_Candidate]:
+    """The eliminations that are rewritten: where two cover a node alike, the one covering more (a
+    softmax's amax is also an amax); an elimination whose inputs read the gathered tensor other than
+    through another chosen elimination's outputs is dropped (its reason joins the consumer's)."""
+    pool = sorted(candidates, key=lambda c: (-len(c.covers), positions[c.site.consumer]))
+    while True:
+        chosen, covered = [], set()
+        for candidate in pool:
+            if not (candidate.covers & covered):
+                chosen.append(candidate)
+                covered |= candidate.covers
+        unsafe = next(((c, why) for c in chosen if (why := _input_problem(gather, c, chosen, consumers, positions))),
+                      None)
+        if unsafe is None:
+            return sorted(chosen, key=lambda c: positions[c.site.consumer])
+        candidate, why = unsafe
+        pool.remove(candidate)
+        consumer = candidate.site.consumer
+        rejects[consumer] = rejects[consumer] + [(candidate.matcher, why, tuple(candidate.covers))]
+        explained.update((node, consumer) for node in candidate.covers if node is not consumer)
+
+
+def _input_problem(gather: Node, candidate: _Candidate, chosen: list[_Candidate], consumers, positions) -> str | None:
+    """Why an input of ``candidate`` cannot be read once the gather is gone: it is computed from the
+    gathered tensor other than through the outputs of another chosen elimination (e.g. the token of
+    an eliminated argmax is fine; one counted from the logits is not)."""
+    stops = frozenset(o for c in chosen if c is not candidate for o in c.elimination.outputs if o is not None)
+    for node in candidate.elimination.inputs:
+        drawn = _random_source(node, stops | {gather})
+        if drawn is not None:  # e.g. a token sampled by each rank: the ranks' bands would answer for different ones
+            return (f"{candidate.elimination.consumer}: its input {node.name} is drawn at random ({drawn.name}); "
+                    "every rank must read the same")
+        path = _path_from(node, gather, stops, positions)
+        if path is not None:
+            via = next((n for n in path if n in consumers), path[1] if len(path) > 1 else node)
+            return (f"{candidate.elimination.consumer}: its input {node.name} is computed from the gathered "
+                    f"logits through {facts.describe(via)}, which is not eliminated")
+    return None
+
+
+def _near_miss(gather: Node, missing: list[_Leaf], rejects: dict, explained: dict, chosen,
+               reductions) -> NearMiss | None:
+    """Why the gather stays, or None when nothing came close (no consumer was eliminated or rejected,
+    and none leads to a reduction: a gather feeding a matmul). Per consumer not eliminated: the
+    matchers' reasons, or the op that stands between the gather and a reduction and why."""
+    reasons, names, close = [], [], bool(chosen)
+    for leaf in missing:
+        user, said = leaf.consumer, rejects.get(leaf.consumer, [])
+        if said:
+            reasons += [reason for _, reason, _ in said]
+            names += [name for name, _, _ in said]
+            close = True
             continue
-        used_by = "the graph output" if user.op == "output" else facts.describe(user)
-        detail = f" ({leaf.why})" if leaf.why and user.op != "output" and leaf.why not in (
-            "not an op", "not an elementwise op") else ""
-        reasons.append(f"the gathered logits are also used by {used_by}{detail}")
-    nodes = (gather.name,) + tuple(leaf.consumer.name for leaf, _ in missing if leaf.consumer.op != "output")
+        if explained.get(user, user) is not user:  # the inside of a rejected softmax: its Reject says why
+            reasons += [reason for _, reason, _ in rejects[explained[user]]]
+            names += [name for name, _, _ in rejects[explained[user]]]
+            close = True
+            continue
+        if user.op == "output":
+            reasons.append("the gathered logits are also used by the graph output")
+            continue
+        reduction = _reduction_after(user, facts.shape(leaf.value)[-1], reductions)
+        close = close or reduction is not None
+        detail = leaf.why if leaf.why not in ("", "not an op", "not an elementwise op") else ""
+        if reduction is not None and reduction is not user and not detail:
+            detail = ("an op the pass does not move to the ranks: only elementwise ops, prefix slices, row "
+                      "selections and views of the leading dims are")
+        text = f"the gathered logits are also used by {facts.describe(user)}" + (f" ({detail})" if detail else "")
+        if reduction is user:
+            text += ", a reduction no matcher eliminates"
+        elif reduction is not None:
+            text += f", on the way to {facts.describe(reduction)}"
+        reasons.append(text)
+    if not close:
+        return None
+    nodes = (gather.name,) + tuple(leaf.consumer.name for leaf in missing if leaf.consumer.op != "output")
     pattern = names[0] if names and len(set(names)) == 1 and len(names) == len(reasons) else "gather_elimination"
     return NearMiss(pattern, "gather kept: " + "; ".join(dict.fromkeys(reasons)), nodes, doc=DOC)
+
+
+# --------------------------------------------------------------------------- the cost rule
+
+#: The gather is eliminated only when the partials of all its consumers take at most 1/MIN_SAVING_RATIO
+#: of the bytes of a gathered row (docs/passes.md, "Gather elimination", "When it is not worth it").
+MIN_SAVING_RATIO = 2
+
+
+def partial_pairs(elimination: Elimination) -> tuple[tuple[int, torch.dtype], ...]:
+    """``Elimination.partials`` as ((words per rank per row, dtype), ...): one pair, or one per exchange."""
+    p = elimination.partials
+    return (tuple(p),) if len(p) == 2 and isinstance(p[0], int) else tuple(tuple(x) for x in p)
+
+
+def _partial_row_bytes(widths, elimination: Elimination) -> int:
+    return sum(words * len(widths) * dtype.itemsize for words, dtype in partial_pairs(elimination))
+
+
+def _cost_problem(gather: Node, widths, eliminations) -> str | None:
+    """Why eliminating would not pay, or None.  Per row (so T may be symbolic), every rank alike: the
+    gathered row moves ``sum(widths) * itemsize`` bytes and feeds one reduction kernel; eliminated,
+    each consumer's exchange moves its partials (``words * W * 4`` bytes) and adds a local and a
+    merge step.  Unless the exchange moves at most half the row's bytes, the saving cannot pay for
+    the added steps (e.g. a top-k whose k is near the band's width, or several consumers on a row
+    a few dozen columns wide)."""
+    row = sum(widths) * facts.val(gather).dtype.itemsize
+    partial = sum(_partial_row_bytes(widths, e) for e in eliminations)
+    if partial * MIN_SAVING_RATIO <= row:
+        return None
+    return (f"eliminating {', '.join(e.consumer for e in eliminations)} would move {partial} B of partials per row "
+            f"against the {row} B of a gathered row; the rule takes at most 1/{MIN_SAVING_RATIO} of it")
 
 
 def _record(gather, widths, group, sites, eliminations, names) -> GatherElimination:
     value = facts.val(gather)
     rows = facts.product(value.shape[:-1])
-    itemsize = value.dtype.itemsize
-    words = sum(e.partials[0] for e in eliminations)
-    partial_size = max(e.partials[1].itemsize for e in eliminations)
-    lead = ", ".join(str(d) for d in value.shape[:-1])
-    partials = "; ".join(f"[{lead}{', ' if lead else ''}{e.partials[0]}] {str(e.partials[1]).removeprefix('torch.')}"
-                         for e in eliminations)
+    partial_bytes = sum(facts.product(facts.shape(site.value)[:-1]) * _partial_row_bytes(widths, e)
+                        for site, e in zip(sites, eliminations))
+    partials = "; ".join(" + ".join(f"[{_lead(site)}{w}] {str(d).removeprefix('torch.')}" for w, d in partial_pairs(e))
+                         for site, e in zip(sites, eliminations))
     steps = tuple(dict.fromkeys(facts.target_name(s) for site in sites for s in site.steps))
     return GatherElimination(
         gather=gather.name,
@@ -518,25 +811,28 @@ def _record(gather, widths, group, sites, eliminations, names) -> GatherEliminat
         dtype=value.dtype,
         steps=steps,
         valid_columns=next((s.valid_columns for s in sites if s.valid_columns is not None), None),
-        gathered_bytes=str(rows * sum(widths) * itemsize),
-        partial_bytes=str(rows * words * len(widths) * partial_size),
+        gathered_bytes=str(rows * sum(widths) * value.dtype.itemsize),
+        partial_bytes=str(partial_bytes),
         partials=partials,
     )
+
+
+def _lead(site: ReductionSite) -> str:
+    lead = ", ".join(str(d) for d in facts.shape(site.value)[:-1])
+    return f"{lead}, " if lead else ""
 
 
 # --------------------------------------------------------------------------- rewrite
 
 
 def rewrite_gather_eliminations(graph: Graph, found: list[FoundElimination]) -> list[GatherElimination]:
-    """Replace every eliminated consumer; erase the gather and its steps once unused."""
+    """Replace every eliminated consumer; erase the gather and what it fed once unused."""
     records = []
     for item in found:
         added = []
         for site, elimination in zip(item.sites, item.eliminations):
             added += _replace(graph, site, elimination)
-        dead = [item.gather] + [n for site, e in zip(item.sites, item.eliminations)
-                                for n in (*site.steps, site.consumer, *e.claims, *e.region)]
-        _erase_dead(dead)
+        _erase_dead_after(item.gather, [n for e in item.eliminations for n in (*e.claims, *e.region)])
         records.append(replace(item.record, replacement=added[-1].name if added else None,
                                after=tuple(_line(n) for n in added)))
     return records
@@ -544,40 +840,58 @@ def rewrite_gather_eliminations(graph: Graph, found: list[FoundElimination]) -> 
 
 def _band_of(site: ReductionSite) -> Callable:
     """A function (slab, *operands) -> this rank's band of ``site.value``: the steps replayed on
-    the slab, full-width operands cut to the band by ``tpfuse::hidden_band``."""
+    the slab (row selections as they are, reshapes to the band's width), full-width operands cut
+    to the band by ``tpfuse::hidden_band``."""
     widths, group = [int(w) for w in site.hidden_widths], site.group_name
     local_width = facts.shape(site.local)[-1]
-    steps = [s for s in site.steps if s.target not in facts.SLICES]
     operands = _operands(site)
+
+    def banded(operand):
+        return torch.ops.tpfuse.hidden_band(operand, widths, local_width, group)
 
     def band(slab, *values):
         env = dict(zip(operands, values))
         current, chain = slab, site.gather
-        for step in site.steps:
-            if step.target in facts.SLICES:
+        for step, kind in zip(site.steps, _kinds(site)):
+            if kind == PREFIX_SLICE:
                 chain = step
                 continue
+            if kind == RESHAPE:
+                current, chain = current.reshape(_band_shape(step, current)), step
+                continue
 
-            def value_of(n, chain=chain, current=current):
+            def value_of(n, chain=chain, current=current, kind=kind):
                 if n is chain:
                     return current
-                operand = env[n]
                 shape = facts.shape(n)
-                if len(shape) and not facts.same_size(shape[-1], 1):
-                    return torch.ops.tpfuse.hidden_band(operand, widths, local_width, group)
-                return operand
+                if kind == POINTWISE and len(shape) and not facts.same_size(shape[-1], 1):
+                    return banded(env[n])
+                return banded(env[n]) if kind == ROWS_GATHER else env[n]
 
             current = step.target(*map_arg(step.args, value_of), **map_arg(step.kwargs, value_of))
             chain = step
         return current
 
-    band.steps = steps
     return band
+
+
+def _kinds(site: ReductionSite) -> tuple[str, ...]:
+    """The kind of each step (a site built by hand without kinds: elementwise ops and slices)."""
+    if len(site.kinds) == len(site.steps):
+        return site.kinds
+    return tuple(PREFIX_SLICE if s.target in facts.SLICES else POINTWISE for s in site.steps)
+
+
+def _band_shape(step: Node, band) -> list:
+    """The shape of a reshape of the gathered tensor (leading dims merged or split, the gathered axis
+    kept), for the band: the leading dims as the graph has them (one symbolic one as -1), the band's width."""
+    return [d if isinstance(d, int) else -1 for d in facts.shape(step)[:-1]] + [band.shape[-1]]
 
 
 def _operands(site: ReductionSite) -> list[Node]:
     chain_nodes = {site.gather, *site.steps}
-    return list(dict.fromkeys(n for s in site.steps for n in s.all_input_nodes if n not in chain_nodes))
+    replayed = [s for s, k in zip(site.steps, _kinds(site)) if k not in (PREFIX_SLICE, RESHAPE)]
+    return list(dict.fromkeys(n for s in replayed for n in s.all_input_nodes if n not in chain_nodes))
 
 
 def _replace(graph: Graph, site: ReductionSite, elimination: Elimination) -> list[Node]:
@@ -652,18 +966,21 @@ def _check_same(old: Node, new: Node, what: str) -> None:
                          f"{old.name}, which is {list(want.shape)} {want.dtype}")
 
 
-def _erase_dead(nodes: list[Node]) -> None:
-    """Erase the given nodes once nothing uses them (any order), then the gather's own inputs'
-    orphans are left to Inductor's dead-code elimination."""
-    pending = list(dict.fromkeys(nodes))
-    progress = True
-    while progress:
-        progress = False
-        for node in list(pending):
-            if node.graph is not None and not node.users:
-                node.graph.erase_node(node)
-                pending.remove(node)
-                progress = True
+def _erase_dead_after(gather: Node, region: list[Node]) -> None:
+    """Erase the gather, every node computed from it and every node of the matched regions (a
+    constant of logsumexp's shift) that nothing uses any more, latest first; other orphans are
+    left to Inductor's dead-code elimination."""
+    pending, seen = [gather], {gather, *region}
+    while pending:
+        node = pending.pop()
+        for user in node.users:
+            if user not in seen:
+                seen.add(user)
+                pending.append(user)
+    positions = _positions(gather.graph)
+    for node in sorted((n for n in seen if n.graph is not None), key=lambda n: positions[n], reverse=True):
+        if node.op == "call_function" and not node.users and not node.is_impure():
+            node.graph.erase_node(node)
 
 
 def _line(node: Node) -> str:
@@ -695,7 +1012,7 @@ def _getitems(node: Node) -> tuple[Node | None, ...] | None:
     """The ``getitem`` users of a tuple-valued node by index, or None when it is used otherwise."""
     items: list[Node | None] = [None, None]
     for user in node.users:
-        if user.op != "call_function" or user.target is not __import__("operator").getitem:
+        if user.op != "call_function" or user.target is not operator.getitem:
             return None
         items[user.args[1]] = user
     return tuple(items)
