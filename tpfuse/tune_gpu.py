@@ -2,13 +2,15 @@
 
 Real ranks (``gpu_runners``): one process and one GPU per rank, NCCL and
 symmetric memory between them; each runner moves a bf16 ``[T, width]`` slab
-per rank through one protocol, as the op would:
+per rank through one protocol, as the op would: through the backend's
+launcher, made once per call shape and kept (compile_ops/launchers.py), so an
+eager call costs what the op's repeated call costs.
 
 | runner | what one call runs | its negative control |
 |---|---|---|
-| ``flag`` | the flag protocol (``push.gather_hidden``, ``Backend.FLAG``) | stale epochs accepted (``ACCEPT_STALE``) |
-| ``barrier_push`` | the barrier push, both barriers | no barrier at all, one slot |
-| ``barrier_push_elided`` | entry barrier elided, ping-pong slots | no barrier at all, one slot |
+| ``flag`` | the flag protocol (the ``flag`` backend's launcher) | stale epochs accepted (``ACCEPT_STALE``) |
+| ``barrier_push`` | the barrier push, both barriers (the ``p2p`` backend's launcher) | no barrier at all, one slot |
+| ``barrier_push_elided`` | the same, entry barrier elided, ping-pong slots | no barrier at all, one slot |
 | ``nccl`` | NCCL all-gather + rearrange (the op's NCCL backend) | bands in reverse order |
 | ``nccl_symmetric`` | the same from NCCL symmetric windows, where torch and NCCL expose them | bands in reverse order |
 
@@ -18,11 +20,10 @@ exists to prevent), for NCCL, which tpfuse does not implement, a wrong
 rearrange.
 
 One GPU (``emulated_runners``, ``--one-gpu W``): W ranks emulated by W streams
-of one GPU, each with its own workspace in that GPU's memory, running the
-op's own launchers (the emulation tests/gpu/flag_one_gpu.py also builds;
-this is the library's copy, since the library never imports the tests).  It
-exercises the loop and the kernels, not the links: its output is never a
-config.
+of one GPU (``EmulatedRanks``), each with its own workspace in that GPU's
+memory, running the protocols' own launchers.  The one-GPU tests build on the
+same class (tests/gpu/flag_one_gpu.py).  It exercises the loop and the
+kernels, not the links: its output is never a config.
 
 Never NVLink multicast (docs/safety.md): ``tune.main`` sets the variables
 before any rank starts, and nothing here runs the multimem kernel.
@@ -36,12 +37,19 @@ from types import SimpleNamespace
 
 import torch
 
-from .compile_ops import collective, push, tuned_configs
+from .compile_ops import collective, tuned_configs
 from .compile_ops import workspace as workspaces
-from .compile_ops.backend import Backend
+from .compile_ops.barrier import P2P, slots
+from .compile_ops.barrier import launcher as barrier_launcher
+from .compile_ops.flag import FLAG
+from .compile_ops.flag import buffers as flag_buffers
+from .compile_ops.flag import launcher as flag_launcher
+from .compile_ops.groups import GroupFacts
 from .compile_ops.program_order import ProgramOrder
 from .compile_ops.tuned_configs import CorrectnessRecord
-from .compile_ops.workspace import FLAG_MAX_SLAB_BYTES
+from .kernels import flag as flag_protocol
+from .kernels.barrier import signal_pad_bytes
+from .kernels.flag import MAX_SLAB_BYTES as FLAG_MAX_SLAB_BYTES
 
 #: calls alternate between these shapes (T changes between calls, as in decode + prefill), per-rank width
 STRESS_SHAPES = ((1, 4096), (32, 4096))
@@ -138,9 +146,26 @@ class GatherRunner:
     def __init__(self, ctx):
         self.ctx, self.group = ctx, ctx.group
         self.W, self.rank, self.device = ctx.world_size, ctx.rank, ctx.device
+        self._launchers = {}
 
     def unavailable(self) -> str:
         return ""
+
+    def widths(self, x: torch.Tensor) -> list:
+        """Every rank's width: the runners move equal slabs."""
+        return [x.shape[-1]] * self.W
+
+    def workspace(self):
+        """The group's workspace on this rank's GPU (set up collectively at the first call)."""
+        return workspaces.usable_workspace(self.group, self.device.index)
+
+    def _kept(self, key, make):
+        """The launcher made once per call shape and kept, as the op keeps it (compile_ops/launchers.py).  Every
+        rank makes it at the same call: making one may set buffers up, collectively."""
+        launch = self._launchers.get(key)
+        if launch is None:
+            launch = self._launchers[key] = make()
+        return launch
 
     def serves(self, T: int, width: int) -> bool:
         return True
@@ -200,26 +225,16 @@ class NcclRunner(GatherRunner):
 class _PushRunner(GatherRunner):
     control_what = "no entry or exit barrier, one slot (the race the barriers prevent)"
 
-    def __init__(self, ctx):
-        super().__init__(ctx)
-        self._controls = {}
-
     def control(self, x):
-        launch = self._controls.get(x.shape)
-        if launch is None:
-            ws = workspaces.workspace(self.group, self.device.index)
-            workspaces.ensure_capacity(ws, x.numel() * self.W * x.element_size())
-            launch = self._controls[x.shape] = push.push_launcher(
-                ws, x, [x.shape[-1]] * self.W, Backend.P2P, slot=0, skip_entry_sync=True, copy_out=False,
-                exit_sync=False)
-        return launch(x)
+        return self._kept(("control", x.shape), lambda: barrier_launcher.launcher(
+            self.workspace(), x, self.widths(x), slot=0, skip_entry_sync=True, copy_out=False, exit_sync=False))(x)
 
 
 class BarrierPushRunner(_PushRunner):
     name = "barrier_push"
 
     def gather(self, x):
-        return push.gather_hidden(x, [x.shape[-1]] * self.W, self.group, Backend.P2P, -1, False)
+        return self._kept(("gather", x.shape), lambda: P2P.prepare(x, self.widths(x), self.group))(x)
 
 
 class ElidedPushRunner(_PushRunner):
@@ -234,29 +249,25 @@ class ElidedPushRunner(_PushRunner):
 
     def gather(self, x):
         self.slot ^= 1
-        return push.gather_hidden(x, [x.shape[-1]] * self.W, self.group, Backend.P2P, self.slot, True)
+        slot = self.slot
+        return self._kept(("elided", x.shape, slot), lambda: P2P.prepare(x, self.widths(x), self.group, slot,
+                                                                          skip_entry_sync=True))(x)
 
 
 class FlagRunner(GatherRunner):
-    name, control_what = "flag", "stale epochs accepted (ACCEPT_STALE: a unit counts before it arrived)"
+    """The flag backend's launcher, whatever its crossover says: the tune measures where the crossover is."""
 
-    def __init__(self, ctx):
-        super().__init__(ctx)
-        self._controls = {}
+    name, control_what = "flag", "stale epochs accepted (ACCEPT_STALE: a unit counts before it arrived)"
 
     def serves(self, T, width):
         return T * width * BF16.itemsize <= FLAG_MAX_SLAB_BYTES
 
     def gather(self, x):
-        return push.gather_hidden(x, [x.shape[-1]] * self.W, self.group, Backend.FLAG)
+        return self._kept(("gather", x.shape), lambda: FLAG.prepare(x, self.widths(x), self.group))(x)
 
     def control(self, x):
-        launch = self._controls.get(x.shape)
-        if launch is None:
-            ws = workspaces.workspace(self.group, self.device.index)
-            workspaces.ensure_flag_buffers(ws, FLAG_MAX_SLAB_BYTES)
-            launch = self._controls[x.shape] = push.flag_launcher(ws, x, [x.shape[-1]] * self.W, ACCEPT_STALE=True)
-        return launch(x)
+        return self._kept(("control", x.shape), lambda: flag_launcher.launcher(self.workspace(), x, self.widths(x),
+                                                                               ACCEPT_STALE=True))(x)
 
 
 class NcclSymmetricRunner(NcclRunner):
@@ -343,12 +354,11 @@ class LinearProbe:
     def _fused(self, x, weight):
         from .compile_ops import linear_push
 
-        return linear_push.linear_gather_hidden(x, weight, None, [weight.shape[0]] * self.W, self.group,
-                                                Backend.P2P, -1, False)
+        return linear_push.linear_gather_hidden(x, weight, None, [weight.shape[0]] * self.W, self.group)
 
     def _unfused(self, x, weight):
         y = torch.nn.functional.linear(x, weight)
-        return push.gather_hidden(y, [weight.shape[0]] * self.W, self.group, Backend.P2P, -1, False)
+        return P2P.gather(y, [weight.shape[0]] * self.W, self.group)
 
     def _count_off(self, weight_for_check, calls, seed) -> int:
         k, width = self.STRESS
@@ -434,74 +444,116 @@ def torchrun_tune(plan, rank_fn):
 
 
 class EmulatedRanks:
-    """W ranks of one width on one GPU: each its own workspace (status word, program order, flag buffers,
-    slots and signal pads) in this GPU's memory and its own stream, launching through the op's own
-    launchers (``push.flag_launcher``, ``push.push_launcher``).  What cannot be shown: the links."""
+    """W ranks on one GPU, each a stream and a ``Workspace`` of the op's own in this GPU's memory.
 
-    def __init__(self, W: int, width: int, max_tokens: int, **flag_options):
-        self.W, self.width, self.flag_options = W, width, flag_options
-        self.widths = [width] * W
-        device = torch.device("cuda", torch.cuda.current_device())
-        from .kernels import flag as flag_protocol
+    Each rank has its own status word, program order and flag buffers and epochs (with
+    ``add_barrier_push`` also its slots and signal pads), and its calls go through the protocols'
+    own launchers (compile_ops/flag/launcher.py, compile_ops/barrier/launcher.py): what runs is what
+    the op runs, only the peers' addresses are local.  The W kernels of a call run concurrently, so
+    the ranks really race (a fast rank can start its next call while a slow one still reads).  What
+    cannot be shown: the links (the peers' stores land in local memory).
 
-        flag_bytes = flag_protocol.buffer_bytes(W, FLAG_MAX_SLAB_BYTES)
-        self.flag_buffers = [torch.zeros(flag_bytes, dtype=torch.uint8, device=device) for _ in range(W)]
-        flag_args = tuple(b.data_ptr() for b in self.flag_buffers) + (0,) * (8 - W)
-        self.epochs = [torch.zeros(flag_protocol.EPOCH_SLOTS, dtype=torch.int32, device=device) for _ in range(W)]
-        # every rank's blocks on the GPU at once: the barrier push's blocks wait for their peers'
-        blocks = torch.cuda.get_device_properties(device).multi_processor_count // W
-        slot_bytes = workspaces.slot_bytes_for(max_tokens * width * W * BF16.itemsize)
-        self.slots = [torch.empty(2 * slot_bytes, dtype=torch.uint8, device=device) for _ in range(W)]
-        pads = [torch.zeros(workspaces.signal_pad_bytes(blocks, W) // 4, dtype=torch.int32, device=device)
-                for _ in range(W)]
-        self.pads = pads
-        zeros = (0,) * (8 - W)
-        pointer_args = tuple(b.data_ptr() for b in self.slots) + zeros + tuple(p.data_ptr() for p in pads) + zeros
-        self.workspaces = []
-        for r in range(W):
-            status, view, ptr = workspaces.new_status()
-            group = SimpleNamespace(rank=r, world_size=W, name="emulated", pg=None)
-            flags = workspaces.FlagBuffers(FLAG_MAX_SLAB_BYTES, flag_protocol.region_units(FLAG_MAX_SLAB_BYTES),
-                                           self.flag_buffers[r], None, flag_args, self.epochs[r])
-            ws = workspaces.Workspace(group, device, workspaces.GroupFacts(True, "", blocks, "emulated"),
-                                      status=status, status_view=view, status_ptr=ptr,
-                                      timeout_ns=workspaces.barrier_timeout_ns(), flags=flags, order=ProgramOrder())
-            ws.slot_bytes, ws.buffer, ws.pointer_args = slot_bytes, self.slots[r], pointer_args
-            self.workspaces.append(ws)
-        self.streams = [torch.cuda.Stream() for _ in range(W)]
+    ``flag_options`` select the flag kernel's test variants (negative controls; kernels/flag/gather.py).
+    """
+
+    #: the call kinds ``launcher`` makes: the flag protocol, the barrier push, and the barrier push with
+    #: its safety removed (no barrier, one slot, no copy-out: the tune's negative control)
+    KINDS = ("flag", "barrier push", "unsafe push")
+
+    def __init__(self, widths, dtype=BF16, timeout_s: float | None = None,
+                 max_slab_bytes: int = FLAG_MAX_SLAB_BYTES, ordered: bool = True, **flag_options):
+        self.widths, self.dtype, self.W = list(widths), dtype, len(widths)
+        self.max_slab_bytes, self.flag_options = max_slab_bytes, flag_options
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        self.timeout_ns = workspaces.barrier_timeout_ns() if timeout_s is None else int(timeout_s * 1e9)
+        nbytes = flag_protocol.buffer_bytes(self.W, max_slab_bytes)
+        self.flag_buffers = [torch.zeros(nbytes, dtype=torch.uint8, device=self.device) for _ in range(self.W)]
+        self.epochs = [torch.zeros(flag_protocol.EPOCH_SLOTS, dtype=torch.int32, device=self.device)
+                       for _ in range(self.W)]
+        # every rank's blocks on the GPU at once: a rank's blocks wait for its peers'
+        blocks = torch.cuda.get_device_properties(self.device).multi_processor_count // self.W
+        buffer_args = workspaces.padded(b.data_ptr() for b in self.flag_buffers)
+        self.workspaces = [self._rank(r, blocks, buffer_args, ordered) for r in range(self.W)]
+        self.streams = [torch.cuda.Stream(self.device) for _ in range(self.W)]
         self._launchers = {}
 
-    def _launcher(self, kind: str, rank: int, x: torch.Tensor):
-        key = (kind, tuple(x.shape))
-        if key not in self._launchers:  # every rank's launcher before any launch: compiling is no late peer
-            self._launchers[key] = [self._make(kind, ws, x) for ws in self.workspaces]
+    def _rank(self, rank: int, blocks: int, buffer_args: tuple, ordered: bool) -> workspaces.Workspace:
+        status, view, ptr = workspaces.new_status()
+        group = SimpleNamespace(rank=rank, world_size=self.W, name="emulated", pg=None)
+        ws = workspaces.Workspace(group, self.device, GroupFacts(True, "", blocks, "emulated"), status=status,
+                                  status_view=view, status_ptr=ptr, timeout_ns=self.timeout_ns,
+                                  order=ProgramOrder(enforce=ordered))
+        ws.protocols[flag_buffers.NAME] = flag_buffers.FlagBuffers(
+            self.max_slab_bytes, flag_protocol.region_units(self.max_slab_bytes), self.flag_buffers[rank], None,
+            buffer_args, self.epochs[rank])
+        return ws
+
+    def add_barrier_push(self, max_slab_bytes: int | None = None) -> "EmulatedRanks":
+        """Also emulate the barrier push (entry and exit barriers, two slots) on the same ranks, for slabs of
+        up to ``max_slab_bytes`` (default: the flag buffers').
+
+        Its own slots and signal pads, as in the op's workspace, sized once: growing them is collective
+        over a real group.  Its blocks meet the peers' blocks in barriers, so every rank gets the same
+        grid, within what all W kernels can hold on the GPU at once."""
+        blocks = min(ws.facts.max_blocks for ws in self.workspaces)
+        slot_bytes = slots.slot_bytes_for((max_slab_bytes or self.max_slab_bytes) * self.W)
+        self.slot_buffers = [torch.empty(2 * slot_bytes, dtype=torch.uint8, device=self.device)
+                             for _ in range(self.W)]
+        self.pads = [torch.zeros(signal_pad_bytes(blocks, self.W) // 4, dtype=torch.int32, device=self.device)
+                     for _ in range(self.W)]
+        pointer_args = (workspaces.padded(b.data_ptr() for b in self.slot_buffers)
+                        + workspaces.padded(p.data_ptr() for p in self.pads))
+        for ws, buffer in zip(self.workspaces, self.slot_buffers):
+            ws.facts.max_blocks = blocks
+            room = slots.slots_of(ws)
+            room.slot_bytes, room.buffer, room.pointer_args = slot_bytes, buffer, pointer_args
+        return self
+
+    def launcher(self, rank: int, x: torch.Tensor, kind: str = "flag"):
+        """Rank ``rank``'s launcher ``launch(x, out=None)`` of ``kind`` (``KINDS``) for calls shaped like ``x``.
+
+        The first call of a shape makes every rank's launcher before any launches: compiling one rank's
+        kernel while a peer's already waits would look like a peer that never came."""
+        key = (kind, tuple(x.shape[:-1]))  # the leading dims: each rank has its own width
+        if key not in self._launchers:
+            self._launchers[key] = [self._make(ws, x, kind) for ws in self.workspaces]
         return self._launchers[key][rank]
 
-    def _make(self, kind, ws, x):
+    def _make(self, ws, x, kind):
         if kind == "flag":
-            return push.flag_launcher(ws, x, self.widths, **self.flag_options)
-        if kind == "control push":
-            return push.push_launcher(ws, x, self.widths, Backend.P2P, slot=0, skip_entry_sync=True,
-                                      copy_out=False, exit_sync=False)
-        return push.push_launcher(ws, x, self.widths, Backend.P2P)
+            return flag_launcher.launcher(ws, x, self.widths, **self.flag_options)
+        if kind == "barrier push":
+            return barrier_launcher.launcher(ws, x, self.widths)
+        if kind == "unsafe push":
+            return barrier_launcher.launcher(ws, x, self.widths, slot=0, skip_entry_sync=True, copy_out=False,
+                                             exit_sync=False)
+        raise ValueError(f"tpfuse: no emulated call kind {kind!r}; accepted are {', '.join(self.KINDS)}")
 
-    def call(self, kind: str, xs, outs, delays=None, after=None):
-        """One gather on every rank, each on its stream after its delay; returns each rank's result.
+    def run(self, kind: str, xs, outs=None, delays=None, after=None, skip=None) -> list:
+        """One call of ``kind`` on every rank but ``skip``, each on its stream after its delay (GPU cycles);
+        returns each rank's result.
 
         ``after(rank, result)`` runs on that rank's stream right after its launch: a check there sees the
         result as the rank would use it, before the peers' late stores (a check after the join would not)."""
         main = torch.cuda.current_stream()
         results = [None] * self.W
         for r in range(self.W):
-            self.streams[r].wait_stream(main)
+            self.streams[r].wait_stream(main)  # inputs and outputs are ready
             with torch.cuda.stream(self.streams[r]):
                 sleep(delays[r] if delays else 0)
-                results[r] = self._launcher(kind, r, xs[r])(xs[r], outs[r])
+                if r == skip:
+                    continue
+                results[r] = self.launcher(r, xs[r], kind)(xs[r], None if outs is None else outs[r])
                 if after is not None:
                     after(r, results[r])
         for r in range(self.W):
             main.wait_stream(self.streams[r])
         return results
+
+    def failure_codes(self) -> list:
+        """Each rank's status word after the GPU finished: 0, or the code of a wait that timed out."""
+        torch.cuda.synchronize()
+        return [ws.failure_code() for ws in self.workspaces]
 
 
 class EmulatedRunner:
@@ -509,7 +561,7 @@ class EmulatedRunner:
 
     def __init__(self, ctx, plan, name: str):
         self.ctx, self.plan, self.name, self.W = ctx, plan, name, ctx.world_size
-        self.kind = "flag" if name == "flag" else "push"
+        self.kind = "flag" if name == "flag" else "barrier push"
         self.control_what = ("stale epochs accepted (ACCEPT_STALE)" if name == "flag"
                              else "no entry or exit barrier, one slot")
         self._ranks = {}
@@ -517,9 +569,12 @@ class EmulatedRunner:
     def ranks(self, width: int, control: bool = False) -> EmulatedRanks:
         key = (width, control and self.kind == "flag")
         if key not in self._ranks:
-            max_tokens = max(max(self.plan.tokens), max(t for t, _ in STRESS_SHAPES))
             options = {"ACCEPT_STALE": True} if key[1] else {}
-            self._ranks[key] = EmulatedRanks(self.W, width, max_tokens, **options)
+            ranks = EmulatedRanks([width] * self.W, BF16, **options)
+            if self.kind != "flag":
+                max_tokens = max(max(self.plan.tokens), max(t for t, _ in STRESS_SHAPES))
+                ranks.add_barrier_push(max_tokens * width * BF16.itemsize)
+            self._ranks[key] = ranks
         return self._ranks[key]
 
     def unavailable(self) -> str:
@@ -536,11 +591,11 @@ class EmulatedRunner:
 
     def call(self, T, width):
         ranks, (xs, outs) = self.ranks(width), self._inputs(1000, T, width)
-        return lambda: ranks.call(self.kind, xs, outs)
+        return lambda: ranks.run(self.kind, xs, outs)
 
     def _count_wrong(self, control: bool, calls: int, seed: int) -> int:
         rng = random.Random(seed)
-        kind = "control push" if control and self.kind == "push" else self.kind
+        kind = "unsafe push" if control and self.kind != "flag" else self.kind
         cases = []
         for j in range(RING):
             T, width = STRESS_SHAPES[j % len(STRESS_SHAPES)]
@@ -554,7 +609,7 @@ class EmulatedRunner:
         for j in range(calls):
             ranks, xs, outs, reference = cases[j % RING]
             delays = [rng.randint(0, MAX_DELAY_CYCLES) for _ in range(self.W)]
-            ranks.call(kind, xs, outs, delays, lambda r, result: check(r, result, reference))
+            ranks.run(kind, xs, outs, delays, lambda r, result: check(r, result, reference))
         torch.cuda.synchronize()
         return int(wrong.sum())
 

@@ -3,7 +3,9 @@
 Every emulated rank has its own flag buffer, epoch slots and status word in
 the one GPU's memory, and its own stream; its kernel is the production kernel
 (compiled and launched by the protocol's own launcher, ``compile_ops/flag/launcher.py``) for
-its rank.  The W kernels of a call run concurrently, so the ranks really race:
+its rank.  The emulation itself is the library's (``tpfuse.tune_gpu.EmulatedRanks``,
+which ``python -m tpfuse tune --one-gpu W`` runs); this file adds what the tests
+need.  The W kernels of a call run concurrently, so the ranks really race:
 a fast rank can start its next call while a slow one still reads, and random
 per-rank delays shift them against each other.  What this cannot show is the
 NVLink path (the peers' stores land in local memory); the multi-GPU tests
@@ -11,18 +13,12 @@ NVLink path (the peers' stores land in local memory); the multi-GPU tests
 """
 
 import random
-from types import SimpleNamespace
 
 import torch
 
-from tpfuse.compile_ops import workspace
-from tpfuse.compile_ops.barrier import launcher as barrier_launcher, slots
-from tpfuse.compile_ops.flag import buffers as flag_buffers, launcher as flag_launcher
-from tpfuse.compile_ops.groups import GroupFacts
-from tpfuse.compile_ops.program_order import ProgramOrder
 from gpu_helpers import as_int, bits  # noqa: F401  (re-exported for the flag tests)
 from tpfuse.kernels import flag as flag_protocol
-from tpfuse.kernels.barrier import signal_pad_bytes
+from tpfuse.tune_gpu import EmulatedRanks
 
 FLAG_MAX_SLAB_BYTES = flag_protocol.MAX_SLAB_BYTES
 
@@ -39,85 +35,19 @@ def width_kinds(kind, W):
     }[kind]
 
 
-class OneGpuGroup:
-    """W emulated ranks of one dtype and one set of widths.
-
-    Each rank is a ``Workspace`` of the op's own (kernels/failure.py status word,
-    program order, flag buffers, and with ``add_barrier_push`` slots and signal
-    pads) in this one GPU's memory, and its calls go through the op's own
-    launchers (``flag/launcher.py``, ``barrier/launcher.py``): what runs is what
-    the op runs, only the peers' addresses are local.
-    """
+class OneGpuGroup(EmulatedRanks):
+    """W emulated ranks of one dtype and one set of widths: the library's emulation (``tpfuse.tune_gpu.
+    EmulatedRanks``, which ``python -m tpfuse tune --one-gpu`` runs) with what the tests add: poisoned
+    results, free-running calls, a per-rank grid cap and the epochs' agreement."""
 
     def __init__(self, widths, dtype, timeout_s=10.0, max_slab_bytes=FLAG_MAX_SLAB_BYTES, ordered=True, **options):
-        self.widths, self.dtype, self.W = list(widths), dtype, len(widths)
-        self.options = options
-        self.max_slab_bytes = max_slab_bytes
-        region_units = flag_protocol.region_units(max_slab_bytes)
-        nbytes = flag_protocol.buffer_bytes(self.W, max_slab_bytes)
-        self.buffers = [torch.zeros(nbytes, dtype=torch.uint8, device="cuda") for _ in range(self.W)]
-        buffer_args = tuple(b.data_ptr() for b in self.buffers) + (0,) * (8 - self.W)
-        self.epochs = [torch.zeros(flag_protocol.EPOCH_SLOTS, dtype=torch.int32, device="cuda") for _ in range(self.W)]
-        self.timeout_ns = int(timeout_s * 1e9)
-        device = torch.device("cuda", torch.cuda.current_device())
-        #: per rank, the most blocks its kernels get (all ranks' kernels must fit on the one GPU at once)
-        blocks = torch.cuda.get_device_properties(0).multi_processor_count // self.W
-        self.workspaces = []
-        for r in range(self.W):
-            status, view, ptr = workspace.new_status()
-            group = SimpleNamespace(rank=r, world_size=self.W, name="emulated", pg=None)
-            flags = flag_buffers.FlagBuffers(max_slab_bytes, region_units, self.buffers[r], None, buffer_args,
-                                             self.epochs[r])
-            ws = workspace.Workspace(group, device, GroupFacts(True, "", blocks, "emulated"), status=status,
-                                     status_view=view, status_ptr=ptr, timeout_ns=self.timeout_ns,
-                                     order=ProgramOrder(enforce=ordered))
-            ws.protocols[flag_buffers.NAME] = flags
-            self.workspaces.append(ws)
+        super().__init__(widths, dtype, timeout_s, max_slab_bytes, ordered, **options)
         self.status = [ws.status for ws in self.workspaces]
-        self.streams = [torch.cuda.Stream() for _ in range(self.W)]
-        self._launchers = {}
 
     @property
     def max_blocks(self):
         """Per rank, the grid cap (a test may lower one rank's to make it a slow reader)."""
         return _MaxBlocks(self.workspaces)
-
-    def add_barrier_push(self):
-        """Also emulate the barrier push (entry and exit barriers, two slots) on the same ranks.
-
-        Its own slots and signal pads, as in the op's workspace.  Its blocks meet the peers'
-        blocks in barriers, so every rank gets the same grid, within what all W kernels can
-        hold on the GPU at once.
-        """
-        blocks = min(ws.facts.max_blocks for ws in self.workspaces)
-        slot_bytes = slots.slot_bytes_for(self.max_slab_bytes * self.W)
-        self.slot_buffers = [torch.empty(2 * slot_bytes, dtype=torch.uint8, device="cuda") for _ in range(self.W)]
-        pad_ints = signal_pad_bytes(blocks, self.W) // 4
-        self.pads = [torch.zeros(pad_ints, dtype=torch.int32, device="cuda") for _ in range(self.W)]
-        zeros = (0,) * (8 - self.W)
-        pointer_args = (tuple(b.data_ptr() for b in self.slot_buffers) + zeros
-                        + tuple(p.data_ptr() for p in self.pads) + zeros)
-        for ws, buffer in zip(self.workspaces, self.slot_buffers):
-            ws.facts.max_blocks = blocks
-            room = slots.slots_of(ws)
-            room.slot_bytes, room.buffer, room.pointer_args = slot_bytes, buffer, pointer_args
-        return self
-
-    def launcher(self, rank, x, kind="flag"):
-        """Rank ``rank``'s launcher (the op's) for calls shaped like ``x``.
-
-        The first call of a shape makes every rank's launcher before any launches: compiling
-        one rank's kernel while a peer's already waits would look like a peer that never came.
-        """
-        key = (kind, tuple(x.shape[:-1]))  # the leading dims: each rank has its own width
-        if key not in self._launchers:
-            self._launchers[key] = [self._make_launcher(ws, x, kind) for ws in self.workspaces]
-        return self._launchers[key][rank]
-
-    def _make_launcher(self, ws, x, kind):
-        if kind == "flag":
-            return flag_launcher.launcher(ws, x, self.widths, **self.options)
-        return barrier_launcher.launcher(ws, x, self.widths)
 
     def launch_barrier_push(self, rank, x, out):
         self.launcher(rank, x, "barrier push")(x, out)
@@ -126,22 +56,18 @@ class OneGpuGroup:
         assert x.shape[0] * max(self.widths) * self.dtype.itemsize <= self.max_slab_bytes, "slab beyond the buffers"
         self.launcher(rank, x)(x, out)
 
+    def poisoned(self, T):
+        """One rank's result buffer, every bit set: a band no store reached shows."""
+        return torch.full((T, sum(self.widths)), -1, dtype=INT_OF_SIZE[self.dtype.itemsize],
+                          device="cuda").view(self.dtype)
+
     def call(self, xs, outs=None, delays=None, skip=None):
         """One gather on every rank (each on its own stream, after its delay); returns the results."""
-        main = torch.cuda.current_stream()
-        T = xs[0].shape[0]
+        assert xs[0].shape[0] * max(self.widths) * self.dtype.itemsize <= self.max_slab_bytes, \
+            "slab beyond the buffers"
         if outs is None:
-            outs = [torch.full((T, sum(self.widths)), -1, dtype=INT_OF_SIZE[self.dtype.itemsize], device="cuda")
-                    .view(self.dtype) for _ in range(self.W)]
-        for r in range(self.W):
-            self.streams[r].wait_stream(main)  # inputs and poisoned outputs are ready
-            with torch.cuda.stream(self.streams[r]):
-                if delays is not None and delays[r]:
-                    torch.cuda._sleep(delays[r])
-                if r != skip:
-                    self.launch(r, xs[r], outs[r])
-        for r in range(self.W):
-            main.wait_stream(self.streams[r])
+            outs = [self.poisoned(xs[0].shape[0]) for _ in range(self.W)]
+        self.run("flag", xs, outs, delays, skip=skip)
         return outs
 
     def call_free_running(self, xs_per_rank, outs_per_rank, delays_per_rank, barrier_push=None):
@@ -165,10 +91,6 @@ class OneGpuGroup:
                         self.launch(r, x, out)
         for r in range(self.W):
             main.wait_stream(self.streams[r])
-
-    def failure_codes(self):
-        torch.cuda.synchronize()
-        return [ws.failure_code() for ws in self.workspaces]
 
     def epochs_agree(self):
         """Every slot of every rank holds the same epoch (the grid may have changed between calls)."""

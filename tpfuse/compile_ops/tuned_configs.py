@@ -68,7 +68,8 @@ CROSSOVERS = {
 #: the topologies ``detect_topology`` names
 TOPOLOGIES = ("nvlink-all-to-all", "nvlink-partial", "pcie", "single-gpu", "unknown")
 SHIPPED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-DEFAULT_WHY = "the conservative default: the barrier push (the flag protocol only where flag_evidence.py allows)"
+DEFAULT_WHY = \
+    "the conservative default: p2p, the barrier push (the flag protocol only where compile_ops/flag/evidence.py allows)"
 
 
 class ConfigError(ValueError):
