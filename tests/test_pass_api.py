@@ -173,9 +173,9 @@ def test_report_rows_and_why_lines_share_the_node_key_on_cuda():
     graph_report.devices = {name: "cuda" for name in graph_report.devices}  # as a CUDA graph records it
     lines = str(tpfuse.passes.Report([graph_report])).splitlines()
     ExpectTest().assertExpectedInline("\n".join(lines[1:]), """\
-  node                      | pattern   | output         | group   | widths | dtype   | producer              | backend   | slot | entry barrier | result
-  --------------------------+-----------+----------------+---------+--------+---------+-----------------------+-----------+------+---------------+-------
-  all_gather_hidden_default | split_cat | cat (replaced) | '0' W=2 | 2x8    | float32 | mm(arg1_1 @ arg0_1.T) | push/nccl | -1   | kept          | copied
+  node                      | pattern   | output         | group   | widths | dtype   | producer              | backend  | slot | entry barrier | result
+  --------------------------+-----------+----------------+---------+--------+---------+-----------------------+----------+------+---------------+-------
+  all_gather_hidden_default | split_cat | cat (replaced) | '0' W=2 | 2x8    | float32 | mm(arg1_1 @ arg0_1.T) | per call | -1   | kept          | copied
   why:
     all_gather_hidden_default: entry barrier kept: no fence on group '0' precedes it in the graph, so a peer may still be reading the slot for a call before this graph
                                result copied: the result (or a view of it) is a graph output""")

@@ -7,13 +7,13 @@ writes ``slot`` / ``skip_entry_sync`` / ``zero_copy`` into the nodes.  The
 safety argument is in docs/barrier_elision.md; in short:
 
 **What the protocols guarantee** is stated once, next to the kernels, and
-imported here: ``kernels/barrier.py`` (the barrier push: ``READS_END_IN_KERNEL``,
-every read of a slot ends inside the kernel that wrote it, so the only hazard is
-a fast peer pushing a later call into a slot we still copy out of; ``EXIT_FENCE``,
-a rank leaves a call's exit barrier only after every peer started it;
-``next_slot``, the alternation) and ``kernels/flag_protocol.py`` (the flag
-protocol: no slot, no barrier, and ``FENCE``, finished on one rank means started
-on every rank).
+imported here: ``kernels/barrier/`` (the barrier protocol, backends ``p2p`` and
+``multimem``: ``READS_END_IN_KERNEL``, every read of a slot ends inside the kernel
+that wrote it, so the only hazard is a fast peer pushing a later call into a slot
+we still copy out of; ``EXIT_FENCE``, a rank leaves a call's exit barrier only
+after every peer started it; ``next_slot``, the alternation) and ``kernels/flag/``
+(the flag protocol, backend ``flag``: no slot, no barrier, and ``FENCE``, finished
+on one rank means started on every rank).
 
 **Fences.** A node F "fences" H before G'' when H -> F -> G'' along data
 edges and F's completion on any rank q implies that every rank r has started
@@ -88,7 +88,7 @@ class BarrierDecision:
     zero_copy: bool
     zero_copy_reason: str
     #: the protocol the op is expected to run (dispatch.planned_backend) and why; the
-    #: decision above applies when it runs the barrier push, and is ignored otherwise
+    #: decision above applies when it runs the barrier protocol (p2p, multimem), and is ignored otherwise
     protocol: str = ""
     protocol_reason: str = ""
 
@@ -100,7 +100,7 @@ class BarrierDecision:
     def __str__(self) -> str:
         if self.protocol == "flag":
             return (f"{self.gather} group {self.group_name!r}: no barriers, flag protocol ({self.protocol_reason}); "
-                    f"should a call take the barrier push: slot {self.slot}, entry barrier "
+                    f"should a call take p2p or multimem: slot {self.slot}, entry barrier "
                     f"{'skipped' if self.skip_entry_sync else 'kept'}")
         barrier = ("skipped: " if self.skip_entry_sync else "") + self.reason
         copy = "zero-copy" if self.zero_copy else "copy"
@@ -221,8 +221,9 @@ def _provably_empty(t: torch.Tensor, cache: dict | None = None) -> bool:
 def _launches(node: Node, tensor_arg) -> bool:
     """The op really communicates: its tensor has provably at least one row and one column.
 
-    push.py returns without launching when T == 0, and a collective of size 0
-    may return without any rank waiting for any other."""
+    The push launchers (compile_ops/barrier/launcher.py, compile_ops/flag/launcher.py) launch
+    nothing when T == 0, and a collective of size 0 may return without any rank waiting
+    for any other."""
     value = val(tensor_arg)
     if not isinstance(value, torch.Tensor) or value.dim() == 0:
         return False
@@ -383,7 +384,7 @@ def decide_barriers(graph: Graph, elide: bool = True, zero_copy: bool = False) -
 def _protocol_of(node: Node) -> dict:
     """What the op is expected to run for this node (for the report only; see BarrierDecision)."""
     if node.target is _tpfuse("linear_all_gather_hidden"):
-        return {"protocol": "fused barrier push", "protocol_reason": "the fused linear + push kernel"}
+        return {"protocol": "p2p (fused linear)", "protocol_reason": "the fused linear + push kernel"}
     from ..compile_ops.dispatch import planned_backend
 
     x, widths = val(arg_by_name(node, 0, "x")), arg_by_name(node, 1, "hidden_widths")
@@ -432,8 +433,8 @@ def _decide_group(gathers: list[Node], fences: int, order: _Order, allow_zero_co
 
 
 def _prove_skip(g, gathers, unfenced, slot, fences, order, group, inner=()) -> tuple[bool, str]:
-    if not READS_END_IN_KERNEL:  # the whole rule below rests on it (kernels/barrier.py)
-        return False, "entry barrier kept: the barrier push's reads of a slot outlive its kernel"
+    if not READS_END_IN_KERNEL:  # the whole rule below rests on it (kernels/barrier/)
+        return False, "entry barrier kept: the barrier protocol's reads of a slot outlive its kernel"
     prior = order.prior_fences(g, fences)
     if not prior:
         silent = [h.name for h in gathers if h is not g and order.before(h, g)]

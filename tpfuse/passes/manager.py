@@ -334,7 +334,7 @@ def _eliminate(graph: Graph, matches: list, near_misses: list, dry_run: bool) ->
 
 
 def _gather_devices(graph: Graph) -> dict[str, str]:
-    """Device type of every tpfuse gather: CPU tensors run gloo, CUDA tensors the push path."""
+    """Device type of every tpfuse gather: CPU tensors run gloo, CUDA tensors flag, multimem, p2p or nccl."""
     from . import graph_facts as facts
 
     ops = (torch.ops.tpfuse.all_gather_hidden.default, torch.ops.tpfuse.linear_all_gather_hidden.default)

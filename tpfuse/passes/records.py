@@ -214,16 +214,17 @@ class Report:
 
 # --------------------------------------------------------------------------- rendering
 #
-# Slots, entry barriers and zero-copy belong to the CUDA push path; on CPU tensors the
+# Slots, entry barriers and zero-copy belong to the barrier protocol (p2p, multimem); on CPU tensors the
 # op runs gloo's all_gather, where none of them exists, so their columns and ``why:``
 # lines are shown only for gathers that run on CUDA.
 
 
 def _backend(device: str, protocol: str = "") -> str:
-    """The backend column: the protocol the barrier pass expects the op to run, else by device."""
+    """The backend column: the backend the barrier pass expects the op to run, else by device (on CUDA
+    the op chooses per call among flag, multimem, p2p and nccl)."""
     if device == "cuda" and protocol not in ("", "gloo", "none"):
         return protocol
-    return {"cpu": "gloo", "cuda": "push/nccl"}.get(device, device)
+    return {"cpu": "gloo", "cuda": "per call"}.get(device, device)
 
 
 def _protocols(g: "GraphReport") -> dict:
