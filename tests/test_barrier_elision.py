@@ -121,7 +121,7 @@ def reader_not_fenced(x, a, b, c):
 
 
 def empty_fence(x, empty, a):
-    """A gather of zero tokens launches nothing (push.py returns early): it is no fence."""
+    """A gather of zero tokens launches nothing (the push backends return early): it is no fence."""
     h0 = gather(empty)
     return gather(x @ a + h0.sum())
 
@@ -394,7 +394,7 @@ agh_1: slot 1 (other slot than agh), SKIP
     zero-copy: the result (or a view of it) is a graph output""")
 
     def test_an_unbacked_token_count_may_be_zero_so_is_no_fence(self):
-        # push.py launches nothing for T == 0: a gather of x[:n] (n from .item()) may not sync.
+        # the push backends launch nothing for T == 0: a gather of x[:n] (n from .item()) may not sync.
         def chain(x, k, a, b):
             n = k.item()
             torch._check(n <= x.shape[0])

@@ -76,9 +76,9 @@ VARIABLES = {v.name: v for v in (
     Variable("TPFUSE_LINEAR_PUSH", "auto", str.strip,  # validated by the fused op, with its own message
              "the fused linear + push: auto (the cost rule), fused, unfused"),
     Variable("TPFUSE_PUSH_BLOCKS_PER_SM", "2", _positive_int, "grid cap of the push kernels, blocks per SM"),
-    Variable("TPFUSE_PUSH_BLOCK_V", "256", _positive_int, "barrier push: vectors per tile"),
-    Variable("TPFUSE_PUSH_NUM_WARPS", "4", _positive_int, "barrier push: warps per block"),
-    Variable("TPFUSE_PUSH_CHUNK_TILES", "4", _positive_int, "barrier push: tiles per exit exchange"),
+    Variable("TPFUSE_PUSH_BLOCK_V", "256", _positive_int, "p2p / multimem push kernels: vectors per tile"),
+    Variable("TPFUSE_PUSH_NUM_WARPS", "4", _positive_int, "p2p / multimem push kernels: warps per block"),
+    Variable("TPFUSE_PUSH_CHUNK_TILES", "4", _positive_int, "p2p / multimem push kernels: tiles per exit exchange"),
     Variable("TPFUSE_FLAG_BLOCK_U", "256", _positive_int, "flag protocol: units per tile (a power of two)"),
     Variable("TPFUSE_FLAG_NUM_WARPS", "4", _positive_int, "flag protocol: warps per block"),
     Variable("TPFUSE_DUMP_DIR", None, str, "write before/after graph code per rank and graph (as enable(dump_dir=))"),

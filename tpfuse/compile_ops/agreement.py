@@ -29,7 +29,7 @@ Where it runs (docs/op.md, "Agreement across ranks"): the op calls it first, on
 every call it covers, before any check that could raise on one rank only and
 before any collective set-up (a workspace, a slot that grows):
 - CPU tensors (gloo): always; one extra collective of ``64 · W`` bytes.
-- CUDA tensors, every backend (NCCL, the flag protocol, the barrier push): with
+- CUDA tensors, every backend (nccl, flag, p2p, multimem): with
   ``TPFUSE_CHECK=1``, outside CUDA-graph capture (it reads the signatures on the
   host: a device synchronisation per call, so it is a debugging mode).
 """

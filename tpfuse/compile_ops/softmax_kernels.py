@@ -8,7 +8,7 @@ through ``tpfuse::all_gather_hidden``, and the merge; its backward is one gradie
 
 Per call the host does little, because an eager training step calls it every step:
 - each variant (dtypes, statistics asked for, tile, alignment) is compiled once per
-  device and launched through Triton's compiled launcher directly, as push.py does;
+  device and launched through Triton's compiled launcher directly, as the push protocols' launchers do (compile_ops/barrier/launcher.py);
 - nothing reads the device: no ``.item()``, no boolean indexing, no validation of the
   target's values (an index outside the vocabulary gives NaN, vocab_parallel_loss.py), so
   a call neither waits for the GPU nor breaks CUDA-graph capture;

@@ -2,7 +2,7 @@
 
 This module is the one home of both (docs/contract.md, "A failed call never
 yields data"; docs/safety.md, "Timeouts").  Every push kernel (flag protocol,
-barrier push, fused linear + push, multicast) uses it the same way:
+the barrier protocol's p2p push, fused linear + push, multicast) uses it the same way:
 
 **Status word.**  Each group workspace has a host-mapped ``int32[STATUS_WORDS]``
 status.  A wait that gives up writes ``code(kind, block, peer)`` into word 0

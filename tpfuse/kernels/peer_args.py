@@ -2,7 +2,7 @@
 
 Scalar arguments live in constant memory, so no dependent global load stands
 between a kernel's start and its first remote store.  Shared by every push
-kernel (barrier push, fused linear + push, flag protocol).
+kernel (the barrier protocol's push kernels, fused linear + push, the flag protocol).
 """
 
 import triton

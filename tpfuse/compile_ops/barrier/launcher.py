@@ -1,4 +1,4 @@
-"""The barrier push's one launcher: the op's backends (backends.py) and the tests call it alike.
+"""The barrier protocol's one launcher (the p2p and multimem backends): the op's backends (backends.py) and the tests call it alike.
 
 Per call it does as little as it can, because an eager call must cost about one
 torch elementwise op (docs/benchmarks.md, "Against the targets"): ``launcher``
