@@ -9,7 +9,8 @@ called.  FUNCTION either
 - compiles and runs on its own and returns ``None``.
 
 Rank 0 then prints the report (matches, near-misses with reasons, barrier
-decisions) and where the before/after dumps are.  Reports that differ between
+decisions), the tuned config that decides the backends and the linear rule
+(with its path) and where the before/after dumps are.  Reports that differ between
 ranks are flagged: tpfuse requires every rank to compile the same graph.
 """
 
@@ -75,7 +76,18 @@ def _explain_rank(rank: int, world_size: int, spec: str, dump_dir: str, device: 
             torch.compile(fn)(*args, **kwargs)
         rep = tpfuse.report(all=True)
     shape = [(len(g.matches), len(g.near_misses), len(g.eliminations)) for g in rep.graphs]
-    return str(rep), shape, len(rep.matches), len(rep.near_misses), len(rep.eliminations)
+    return (str(rep), shape, len(rep.matches), len(rep.near_misses), len(rep.eliminations),
+            selection_line(device, world_size))
+
+
+def selection_line(device: str, world_size: int) -> str:
+    """Which tuned config decides the CUDA backends and the linear rule at this W, with its path
+    (docs/tuning.md); the op's ranks agree on it when their group is set up."""
+    if device != "cuda":
+        return "tuned config: none applies (CPU tensors run gloo; tuned configs choose between the CUDA backends)"
+    from ..compile_ops import tuned_configs
+
+    return f"tuned config (W={world_size}): {tuned_configs.local_selection(world_size).describe()}"
 
 
 def run(spec: str, nproc: int = 2, dump_dir: str = "tpfuse_dumps", device: str = "cpu",
@@ -98,8 +110,9 @@ def run(spec: str, nproc: int = 2, dump_dir: str = "tpfuse_dumps", device: str =
                              timeout=timeout)
     except (AssertionError, RuntimeError, TimeoutError) as err:
         raise EntryError(f"{spec} failed: {_rank_failures(err)} (-v shows the tracebacks)") from err
-    text, shape, matches, near, eliminated = per_rank[0]
+    text, shape, matches, near, eliminated, selection = per_rank[0]
     print(text)
+    print(selection)
     differing = [r for r, (_, s, *_) in enumerate(per_rank) if s != shape]
     if differing:
         print(f"\nWARNING: ranks {differing} saw other graphs or decisions than rank 0; every rank must "

@@ -161,9 +161,14 @@ def _not_measured(device_name: str, world_size: int) -> LinearFusionDecision | N
 
 
 def decide(tokens: int, k: int, widths, dtype_name: str, elem_size: int = 2, *,
-           device_name: str) -> LinearFusionDecision:
+           device_name: str, constants=None, constants_from: str | None = None) -> LinearFusionDecision:
     """The rule.  Rank-consistent: a function of T, K, the widths (hence W), the dtype and
-    ``device_name`` (``torch.cuda.get_device_name()`` of every rank, "" when unknown or mixed)."""
+    ``device_name`` (``torch.cuda.get_device_name()`` of every rank, "" when unknown or mixed).
+
+    ``constants`` (``linear_constants.LinearConstants``, from the tuned config every rank agreed on,
+    ``constants_from`` its path; docs/tuning.md) replace the module's H200 constants: the config was
+    measured on this GPU model at this W, so it stands for the ``MEASURED`` entry too.  None: the
+    module's own rule."""
     widths = tuple(int(w) for w in widths)
     world_size = len(widths)
     if dtype_name not in FUSED_DTYPES:
@@ -174,7 +179,7 @@ def decide(tokens: int, k: int, widths, dtype_name: str, elem_size: int = 2, *,
     if k % 8 or any(w % 8 for w in widths):
         return LinearFusionDecision(False, "unsupported", f"K={k} or a width in {list(widths)} is not a "
                                     "multiple of 8 elements (16-byte rows)")
-    unmeasured = _not_measured(device_name, world_size)
+    unmeasured = None if constants is not None else _not_measured(device_name, world_size)
     if unmeasured is not None:
         return unmeasured
     if tokens > MAX_TOKENS:
@@ -188,10 +193,11 @@ def decide(tokens: int, k: int, widths, dtype_name: str, elem_size: int = 2, *,
                                     f"128-column tiles to fill the SMs; the model is fitted to wide bands only, and "
                                     f"these {block_n}-column tiles measured 0.46-1.24x of linear + gather (EAGLE3 "
                                     "projection 0.46-0.68x, Llama-8B MLP 0.98-1.24x)")
-    fused, unfused = predict(max(int(tokens), 1), k, widths, elem_size)
+    model = (predict, MODEL) if constants is None else (constants.predict, f"tuned constants of {constants_from}")
+    fused, unfused = model[0](max(int(tokens), 1), k, widths, elem_size)
     speedup = unfused / fused
     text = (f"T={tokens} K={k} N_r={max(widths)} W={world_size}: predicted fused {fused:.1f} us vs "
-            f"linear+gather {unfused:.1f} us ({speedup:.2f}x, threshold {MIN_SPEEDUP:.2f}x; {MODEL})")
+            f"linear+gather {unfused:.1f} us ({speedup:.2f}x, threshold {MIN_SPEEDUP:.2f}x; {model[1]})")
     if speedup >= MIN_SPEEDUP:
         return LinearFusionDecision(True, "predicted_faster", text, fused, unfused)
     return LinearFusionDecision(False, "predicted_slower", text, fused, unfused)
@@ -209,13 +215,14 @@ def _runs(values) -> str:
 
 
 def decide_range(lo: int, hi: int | None, k: int, widths, dtype_name: str, elem_size: int = 2, *,
-                 device_name: str) -> LinearFusionDecision:
+                 device_name: str, constants=None, constants_from: str | None = None) -> LinearFusionDecision:
     """The rule for a symbolic T in ``lo..hi`` (``hi`` None: unbounded): fuse (rule ``per_call``)
     when any T there fuses, since the op decides again with each call's T.  Only T <= MAX_TOKENS
-    can fuse, so at most 32 T are tried."""
+    can fuse, so at most 32 T are tried.  ``constants``: as in ``decide``."""
     span = f"T symbolic (range {lo}..{'inf' if hi is None else hi})"
     first, last = max(int(lo), 1), MAX_TOKENS if hi is None else min(int(hi), MAX_TOKENS)
-    tried = {t: decide(t, k, widths, dtype_name, elem_size, device_name=device_name)
+    tuned = {"constants": constants, "constants_from": constants_from}
+    tried = {t: decide(t, k, widths, dtype_name, elem_size, device_name=device_name, **tuned)
              for t in range(first, last + 1)}
     fusing = [t for t, d in tried.items() if d.fuse]
     if fusing:
@@ -223,7 +230,7 @@ def decide_range(lo: int, hi: int | None, k: int, widths, dtype_name: str, elem_
                                     f"{_runs(fusing)} on {device_name} W={len(tuple(widths))}")
     # No T fuses: say why at the most promising T (the largest tried; the lowest when none is <= 32).
     t = last if tried else max(int(lo), 1)
-    why = tried.get(t) or decide(t, k, widths, dtype_name, elem_size, device_name=device_name)
+    why = tried.get(t) or decide(t, k, widths, dtype_name, elem_size, device_name=device_name, **tuned)
     if why.rule in ("unsupported", "not_measured"):  # the same at every T
         return LinearFusionDecision(False, why.rule, f"{why.reason} ({span})")
     tried_text = f"no T in {first}..{last} fuses" if tried else f"no T <= {MAX_TOKENS} in range"

@@ -48,20 +48,22 @@ def _parse_mode(raw: str) -> str:
 
 
 @functools.lru_cache(maxsize=4096)
-def fused_decision(tokens: int, k: int, widths: tuple, dtype: torch.dtype,
-                   device_name: str) -> linear_cost.LinearFusionDecision:
+def fused_decision(tokens: int, k: int, widths: tuple, dtype: torch.dtype, device_name: str, constants=None,
+                   constants_from: str | None = None) -> linear_cost.LinearFusionDecision:
     """The cost rule for one call shape on one GPU model (cached: the eager hot path)."""
     return linear_cost.decide(tokens, k, widths, str(dtype).removeprefix("torch."), dtype.itemsize,
-                              device_name=device_name)
+                              device_name=device_name, constants=constants, constants_from=constants_from)
 
 
-def fuses(tokens: int, k: int, hidden_widths, dtype: torch.dtype, device_name: str) -> bool:
+def fuses(tokens: int, k: int, hidden_widths, dtype: torch.dtype, device_name: str, constants=None,
+          constants_from: str | None = None) -> bool:
     """Whether this call runs the fused kernel: ``TPFUSE_LINEAR_PUSH``, else the cost rule on the GPU model
-    the group's ranks agreed on.  Rank-consistent: T, K, the widths, the dtype and agreed facts only."""
+    the group's ranks agreed on (with the agreed tuned config's constants, where it has them).
+    Rank-consistent: T, K, the widths, the dtype and agreed facts only."""
     mode = linear_push_mode()
     if mode == "unfused":
         return False
-    decision = fused_decision(tokens, k, tuple(hidden_widths), dtype, device_name)
+    decision = fused_decision(tokens, k, tuple(hidden_widths), dtype, device_name, constants, constants_from)
     if mode == "fused":
         if decision.rule == "unsupported":
             raise RuntimeError(f"tpfuse: TPFUSE_LINEAR_PUSH=fused but the fused kernel cannot run: {decision.reason}")

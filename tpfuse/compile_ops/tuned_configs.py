@@ -522,10 +522,22 @@ class Selection:
     linear_constants: LinearConstants | None  # None: linear_cost's own constants and MEASURED table
     why: str  # which config, what it allows, what it dropped and why
     content_hash: str = ""  # "" for the default
+    kind: str = ""  # "user tuned config" or "shipped config"; "" for the default
 
     def describe(self) -> str:
         """One line for the report and ``explain``: the config that decided and its path."""
         return self.why
+
+    def source(self) -> str:
+        """Which config decided, with its path, in a few words (the refusals' reasons name it)."""
+        if self.config_path:
+            return f"{self.kind or 'tuned config'} {self.config_path}"
+        return "no tuned config (the default)" if self.why.startswith("no tuned config") else \
+            "the default: the ranks found different tuned configs"
+
+    def crossover(self, name: str) -> int | None:
+        """The crossover ``name`` (``CROSSOVERS``) in bytes where a passing record backs it; None: the default."""
+        return self.crossovers.get(name)
 
 
 def _default(why: str) -> Selection:
@@ -571,7 +583,7 @@ def selection_of(config: TunedConfig | None, what: str = "", looked: str = "") -
            f"{host}): {_what_it_allows(crossovers, constants)}")
     if dropped:
         why += "; " + "; ".join(dropped)
-    return Selection(config.path, crossovers, constants, why, config.content_hash)
+    return Selection(config.path, crossovers, constants, why, config.content_hash, what)
 
 
 def _group_of(group):
@@ -612,9 +624,45 @@ def agree(selection: Selection, group) -> Selection:
 def selection_for(device_key: DeviceKey, world_size: int, group=None, dirs=None) -> Selection:
     """What ``auto`` may do for (``device_key``, W) on ``group``: collective over ``group`` (None: this
     process alone, e.g. a compile-time prediction), so every rank must call it at the same point."""
-    config, what, _ = find_config(device_key, world_size, dirs)
-    looked = ", ".join(folder for _, folder in (search_dirs() if dirs is None else dirs))
-    return agree(selection_of(config, what, looked), group)
+    try:
+        config, what, _ = find_config(device_key, world_size, dirs)
+        looked = ", ".join(folder for _, folder in (search_dirs() if dirs is None else dirs))
+        mine = selection_of(config, what, looked)
+    except Exception as err:  # noqa: BLE001 - this rank must still reach the exchange, or its peers wait there
+        log.warning("tpfuse: looking up a tuned config failed: %s", err)
+        mine = _default(f"no tuned config (looking one up failed: {err}): {DEFAULT_WHY}")
+    return agree(mine, group)
+
+
+def group_selection(group, device_name: str) -> Selection:
+    """The selection a group agrees on at set-up (the workspace keeps it in its facts): collective over
+    ``group``, every rank at the same point.  ``device_name``: the GPU model every rank agreed on."""
+    try:
+        key = local_device_key(device_name)
+    except Exception as err:  # noqa: BLE001 - never leave the peers waiting in the exchange
+        return agree(_default(f"no tuned config (this machine's key failed: {err}): {DEFAULT_WHY}"), group)
+    return selection_for(key, group.world_size, group)
+
+
+#: the W a tuned config may hold (the push kernels' ranks)
+WORLD_SIZES = range(2, 9)
+
+
+@functools.lru_cache(maxsize=None)
+def selection_key(device_name: str) -> str:
+    """A hash of what the local selections decide for ``device_name`` at every W: a compiled graph depends
+    on it (the linear rule's constants, the report's planned backend), so the passes' cache key holds it.
+    "" when no config applies anywhere (then it is the default everywhere)."""
+    if not device_name:
+        return ""
+    hashes = [local_selection(w, device_name).content_hash for w in WORLD_SIZES]
+    return hashlib.sha256(",".join(hashes).encode()).hexdigest() if any(hashes) else ""
+
+
+def forget() -> None:
+    """Drop the cached local selections (a config was written or removed in this process)."""
+    local_selection.cache_clear()
+    selection_key.cache_clear()
 
 
 @functools.lru_cache(maxsize=None)

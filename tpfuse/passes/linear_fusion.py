@@ -15,7 +15,9 @@ For every rewritten gather whose producer is a column linear
 - the reduction dim K is a static, positive int;
 - the cost rule ``compile_ops.linear_cost.decide(T, K, widths, dtype, device_name=...)``
   for the GPU model ``linear_cost.compile_time_device_name()`` (this process's;
-  a (model, W) with no measurement is not fused).  With a symbolic T the rule is
+  a (model, W) with no measurement is not fused), with the constants of the tuned
+  config this process finds for it where one has them (docs/tuning.md; its hash is
+  in ``cache_key``).  With a symbolic T the rule is
   asked for every T the shape environment allows (``linear_cost.decide_range``):
   the pass rewrites when any of them fuses, and the op applies the rule again to
   every call's T with the model its ranks agreed on.  T and the agreed model are
@@ -59,9 +61,23 @@ def cache_key() -> str:
     digest = hashlib.sha256(inspect.getsource(linear_cost).encode())
     # The rule decides per GPU model: a graph rewritten for one card must not be reused on another.
     digest.update(linear_cost.compile_time_device_name().encode())
+    # ... and with a tuned config's constants where one applies: a graph rewritten under one config
+    # must not be served under another (docs/tuning.md)
+    digest.update(selection_cache_key().encode())
     digest.update(inspect.getsource(linear_push.launch_config).encode())
     digest.update(str(_fused_op()._schema).encode())  # the node the rewrite emits
     return digest.hexdigest()
+
+
+def selection_cache_key() -> str:
+    """What the tuned configs this process finds decide for its GPU model, as a hash ("" where none applies).
+
+    A compiled graph depends on it: the linear rule's constants, and the backend the report plans
+    (``dispatch.planned_backend``), so the pass's cache key holds it (manager.py's ``uuid``)."""
+    from ..compile_ops import dispatch, linear_cost, tuned_configs
+
+    names = sorted({linear_cost.compile_time_device_name(), dispatch.local_device_name()})
+    return ",".join(tuned_configs.selection_key(name) for name in names)
 
 
 def _tokens(shape) -> object:
@@ -124,9 +140,35 @@ def _decision(linear_cost, lhs: Node, k: int, match: GatherMatch):
     widths = tuple(int(w) for w in match.hidden_widths)
     args = (k, widths, str(match.dtype).removeprefix("torch."), match.dtype.itemsize)
     device_name = linear_cost.compile_time_device_name()
-    if isinstance(tokens, int):
-        return linear_cost.decide(tokens, *args, device_name=device_name)
-    return linear_cost.decide_range(*_token_range(lhs, tokens), *args, device_name=device_name)
+
+    def rule(**tuned):
+        if isinstance(tokens, int):
+            return linear_cost.decide(tokens, *args, device_name=device_name, **tuned)
+        return linear_cost.decide_range(*_token_range(lhs, tokens), *args, device_name=device_name, **tuned)
+
+    tuned = _tuned_constants(device_name, len(widths))
+    decision = rule(**tuned)
+    if not tuned or decision.fuse:
+        return decision
+    # Ranks that do not all find this config agree on the default rule at run time (docs/tuning.md):
+    # where that rule fuses, every rank must hold the fused op, which then decides per call.
+    default = rule()
+    if not default.fuse:
+        return decision
+    return replace(default, rule="per_call", reason=(
+        f"{decision.reason}; but the default rule fuses ({default.reason}), which the group follows where its "
+        "ranks do not all find this config: fused op, decided per call with the agreed one"))
+
+
+def _tuned_constants(device_name: str, world_size: int) -> dict:
+    """The linear rule's constants of the tuned config this process finds for (GPU model, W), where it has
+    them: it stands in for the one the group will agree on, as the GPU model does (docs/tuning.md)."""
+    from ..compile_ops import tuned_configs
+
+    selection = tuned_configs.local_selection(world_size, device_name)
+    if selection.linear_constants is None:
+        return {}
+    return {"constants": selection.linear_constants, "constants_from": selection.config_path}
 
 
 def fuse_linear_gathers(graph: Graph, matches: list[GatherMatch], near_misses: list[NearMiss],

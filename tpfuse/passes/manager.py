@@ -41,7 +41,7 @@ from .hidden_gather import find_hidden_gathers, rewrite_hidden_gathers
 from .gather_elimination import ELIMINATIONS, find_gather_eliminations, mark_eliminated
 from .gather_elimination import rewrite_gather_eliminations, tpfuse_gather_of
 from .linear_fusion import cache_key as linear_fusion_cache_key
-from .linear_fusion import fuse_linear_gathers
+from .linear_fusion import fuse_linear_gathers, selection_cache_key
 from .pre_grad_losses import might_rewrite, rewrite_cross_entropy
 from .records import GatherElimination, GraphReport, NearMiss, Report
 
@@ -375,6 +375,7 @@ class TpfusePass(CustomGraphPass):
             pattern_registry.REGISTRY.cache_key(),
             ELIMINATIONS.cache_key() if self.config.eliminate_gathers else "",
             linear_fusion_cache_key() if self.config.fuse_linear else "",
+            selection_cache_key(),  # the tuned config the reports' planned backends follow
             rank_part,
         ), self.previous)
 

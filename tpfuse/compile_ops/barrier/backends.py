@@ -21,6 +21,24 @@ class P2PBackend(PushBackend):
     name = Backend.P2P.value
     #: which kernel variant it launches: stores through peer pointers
     multimem = False
+    #: the tuned config's crossover (tuned_configs.CROSSOVERS) that caps the outputs ``auto`` gives it
+    crossover = "barrier_push"
+
+    def facts_refusal(self, call: GatherCall, facts) -> str:
+        """Step 2, and under ``auto`` the agreed tuned config's crossover with NCCL: above it NCCL runs."""
+        why = super().facts_refusal(call, facts)
+        if why or call.forced == self.name or facts.selection is None or self.crossover is None:
+            return why
+        cap = facts.selection.crossover(self.crossover)
+        if cap is None or call.nbytes <= cap:
+            return ""
+        return (f"a {call.nbytes}-byte output is above its crossover with nccl ({cap} bytes, "
+                f"{facts.selection.source()})")
+
+    def why_taken(self, call: GatherCall) -> str:
+        """The tuned config that let it take the call, with its path ("" where none did: the default)."""
+        selection = call.planned_facts.selection if call.planned_facts is not None else None
+        return f"selection: {selection.source()}" if selection is not None and selection.config_path else ""
 
     def state_refusal(self, call: GatherCall, ws) -> str:
         return room_refusal(ws, call.nbytes)
@@ -31,10 +49,14 @@ class P2PBackend(PushBackend):
 
     def prepare_linear(self, x, weight, bias, hidden_widths, group, slot=-1, skip_entry_sync=False, zero_copy=False):
         """The fused kernel where the cost rule (or ``TPFUSE_LINEAR_PUSH``) says so, on the GPU model the ranks
-        agreed on; None otherwise (the op runs ``linear``, then the gather)."""
+        agreed on, with the agreed tuned config's constants where it has them; None otherwise (the op runs
+        ``linear``, then the gather)."""
         ws = workspaces.usable_workspace(group, x.device.index, linear_push.OP)
         tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if tokens == 0 or not linear_push.fuses(tokens, x.shape[-1], hidden_widths, x.dtype, ws.facts.device_name):
+        selection = ws.facts.selection
+        constants = (selection.linear_constants, selection.config_path) if selection is not None else (None, None)
+        if tokens == 0 or not linear_push.fuses(tokens, x.shape[-1], hidden_widths, x.dtype, ws.facts.device_name,
+                                                *constants):
             return None
         return linear_push.launcher(ws, x, weight, bias, hidden_widths, self.multimem, slot, skip_entry_sync,
                                     zero_copy)
@@ -46,6 +68,7 @@ class MultimemBackend(P2PBackend):
 
     name = Backend.MULTIMEM.value
     multimem = True
+    crossover = None  # never measured by the tune (it never runs on our hosts)
 
     def call_refusal(self, call: GatherCall) -> str:
         if not multimem_asked():

@@ -2,7 +2,8 @@
 
 Its refusal (push_backend.py's three steps): the call alone (forcing, sizes, the
 multicast push asked for instead, the buffers' capacity), the agreed facts (the
-measured crossover for the group's GPU model and W, evidence.py), and the group's
+measured crossover for the group's GPU model and W: the agreed tuned config's, else
+evidence.py's), and the group's
 buffers (made at the first flag call, never under graph capture).  It prepares and
 launches its own calls through ``launcher.py``.  It has no fused linear kernel, so
 it takes no fused linear call.  Safety argument: docs/flag_protocol.md.
@@ -38,7 +39,7 @@ class FlagBackend(PushBackend):
         why = super().facts_refusal(call, facts)
         if why or call.forced == self.name:
             return why
-        limit, source = evidence.flag_limit(facts.device_name, len(call.hidden_widths))
+        limit, source = evidence.flag_limit(facts.device_name, len(call.hidden_widths), facts.selection)
         if call.slab_bytes <= limit:
             return ""
         slab = call.slab_bytes
@@ -53,7 +54,8 @@ class FlagBackend(PushBackend):
         return ""
 
     def why_taken(self, call: GatherCall) -> str:
-        limit, source = evidence.flag_limit(call.planned_facts.device_name, len(call.hidden_widths))
+        facts = call.planned_facts
+        limit, source = evidence.flag_limit(facts.device_name, len(call.hidden_widths), facts.selection)
         return f"a {call.slab_bytes}-byte slab, within the flag protocol's {limit} bytes ({source})"
 
     def prepare(self, x, hidden_widths, group, slot=-1, skip_entry_sync=False, zero_copy=False):

@@ -11,6 +11,9 @@ One entry per (GPU model, W), each naming the committed files it rests on
   by ``benchmarks/flag_suite_log.py``.  Until one is committed, ``auto`` keeps
   p2p there, whatever the crossover says.
 
+A tuned config (docs/tuning.md) measured on the machine takes the table's place
+there (``flag_limit``'s ``selection``).
+
 ``tests/test_selection_evidence.py`` recomputes every crossover from its log and
 parses every suite log, so an entry cannot claim more than its files show.  The
 paths are relative to the repository root; the installed package carries only
@@ -51,18 +54,25 @@ FLAG_CROSSOVER: dict[tuple[str, int], FlagEvidence] = {
 }
 
 
-def flag_limit(device_name: str, world_size: int) -> tuple[int, str]:
+def flag_limit(device_name: str, world_size: int, selection=None) -> tuple[int, str]:
     """The largest slab (bytes) ``auto`` sends through the flag protocol, and where that number comes from.
 
-    ``FLAG_CROSSOVER`` holds, per (device name, W), the measured crossover and the multi-GPU
-    suite log.  ``auto`` takes the protocol only where both are there: a (device, W) not in the
-    table was never measured, and one without a suite log has not shown the protocol correct
-    across its GPUs.  ``TPFUSE_FLAG_MAX_BYTES`` overrides the table (benchmarks, tuning, tests);
-    it must be set alike on every rank.
+    In order: ``TPFUSE_FLAG_MAX_BYTES`` (benchmarks, tuning, tests; set alike on every rank); the
+    tuned config's flag crossover, where ``selection`` (the group's agreed
+    ``tuned_configs.Selection``) holds one, which it does only where the protocol passed its stress
+    on that machine (docs/tuning.md); else ``FLAG_CROSSOVER``, per (device name, W): the measured
+    crossover and the multi-GPU suite log.  ``auto`` takes the protocol from the table only where
+    both are there: a (device, W) not in the table was never measured, and one without a suite
+    log has not shown the protocol correct across its GPUs.
     """
     override = settings.get("TPFUSE_FLAG_MAX_BYTES")
     if override is not None:
         return min(override, MAX_SLAB_BYTES), "TPFUSE_FLAG_MAX_BYTES"
+    tuned = selection.crossover("flag") if selection is not None else None
+    if tuned is not None:
+        if tuned == 0:
+            return 0, f"flag protocol: slower than p2p already at the smallest slab in {selection.source()}"
+        return min(tuned, MAX_SLAB_BYTES), f"measured crossover in {selection.source()}"
     where = f"{device_name or 'this device'} at W={world_size}"
     evidence = FLAG_CROSSOVER.get((device_name, world_size))
     if evidence is None:
