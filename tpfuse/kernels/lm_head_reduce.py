@@ -45,6 +45,24 @@ trip (~2-4 µs under graph replay, benchmarks/bench_vocab_reduce.py), against a 
 is compute bound (2·T·w·H: 1.08 TFLOP, ≥ 1.09 ms at T = 4096, w = 32064) and the saved logits
 traffic is ≤ 10 % of it; the fused kernel wins only where its GEMM is within that of cuBLAS.
 
+**When to fuse: T <= 8** (measured; no pass uses it yet).  One H200, vocab 128256 over W = 2
+(w = 64128), bf16, H = 4096, CUDA-graph replay, composition (cuBLAS + the local kernel) / fused,
+argmax / softmax (benchmarks/results/bench_lm_head_fusion_h200_2026-12-04_first.log):
+
+| T | plan | argmax | softmax |
+|---:|---|---:|---:|
+| 1 | 16x128x128x8x4xswap | 1.032x | 1.022x |
+| 8 | 16x128x128x8x4xswap | 1.039x | 1.014x |
+| 32 | 32x64x128x4x6xswap | 0.995x | 0.958x |
+| 128 | 64x128x64x8x3 | 0.748x | (not timed) |
+
+At T <= 8 the fused GEMM streams W_r at 4.2-4.3 TB/s, as cuBLAS does, and saves the local kernel
+(1.7-4.8 µs of 122-128); at T = 32 its GEMM is already 4-8 % slower than cuBLAS's and from T = 128
+(202 µs against cuBLAS's 138 µs) the saving cannot pay for the tiled GEMM.  So the rule this
+supports: fuse where the number of rows T is static and at most 8, keep the composition otherwise
+(a symbolic T included).  The bound rests on one (vocab, W); the benchmark's default grid measures
+the other three and T = 1024, and the bound moves only with such measurements.
+
 No torch import here: tests compile these kernels ahead of time for sm_90 with more than one
 Triton, in processes that may not have torch.
 """
