@@ -1,6 +1,7 @@
 """Every multi-GPU check and benchmark for one world size W, in groups that each fit a 10-minute call.
 
-    benchmarks/multi_gpu.sh W [correctness|flag|stress|perf|e2e|all] [--dry-run] [--out DIR]
+    benchmarks/multi_gpu.sh W [correctness|flag|stress|elimination|perf|e2e|e2e_elimination|tune|all]
+                             [--dry-run] [--out DIR]
 
 W is 2 or 4 (the GPU tests are written for those two).  The host needs at least W GPUs; the
 first W are used (``CUDA_VISIBLE_DEVICES=0,..,W-1`` unless it is set already).  Groups, in
@@ -13,13 +14,19 @@ order of value (docs/benchmarks.md, "Multi-GPU runs: one script"):
   writes the suite log the evidence table accepts (``flag_suite_<gpu>_w<W>.log``), whether that
   log is accepted for (GPU model, W), and ``derive_crossover.py --check``;
 - ``stress``: the barrier-elision stress at W and the one-GPU emulation files of tests/gpu;
-- ``elimination``: the vocab-parallel reductions over NCCL at W (tests/gpu/test_reduce_hidden_gpu.py),
-  their Triton kernels' one-GPU tests and the end-to-end HF runs (bench_e2e_elimination.py);
-- ``perf``: ``bench_gather.py`` (T in 1,8,32,128,512 x widths 1024,4096,32064, under torchrun),
-  the crossover derived from its JSON, and ``python -m tpfuse tune`` once it exists;
+- ``elimination``: the vocab-parallel reductions over NCCL at W (tests/gpu/test_reduce_hidden_gpu.py)
+  and the one-GPU tests of their Triton kernels and of the fused LM head's (test_lm_head_reduce_gpu.py);
+- ``perf``: ``bench_gather.py`` (T in 1,8,32,128,512 x widths 1024,4096,32064, under torchrun)
+  and the crossover derived from its JSON;
 - ``e2e``: ``bench_gather_elimination.py`` once it exists, ``bench_hf_decode.py --quick`` and
   ``bench_eagle_draft.py --quick``;
-- ``all``: the six in that order (about 55 minutes: for a machine without a per-call limit).
+- ``e2e_elimination``: the end-to-end HF runs of ``bench_e2e_elimination.py``, all five workloads
+  named (``--workloads``) in two invocations, so that none is left out by its time limit:
+  the inference ones (greedy, logprobs, eagle_draft), then training (train_loss, train_loss_only),
+  each into its own folder (the script names its JSON by W alone);
+- ``tune``: ``python -m tpfuse tune --nproc W`` writing the config into ``<out>/tune/`` (its log
+  is the step's), then tests/gpu/test_tune_gpu.py (the one-GPU smoke and a real 2-rank tune);
+- ``all``: the eight in that order (about 70 minutes: for a machine without a per-call limit).
 
 test_flag_gather.py runs once, in ``flag``: its log is the evidence, and running it in
 ``correctness`` as well would cost a third of that call.
@@ -72,13 +79,16 @@ MULTIMEM_OFF = {"TPFUSE_ENABLE_MULTIMEM": "0"}
 #:   flag:        environment 30 + flag suite 430 + suite verdict 45 + --check 45   = 550 (+20) = 570
 #:                (at W=4 the suite runs its W=2 tests too: it must run whole to count as evidence)
 #:   stress:      environment 30 + barrier-elision stress 300 + one-GPU files 220    = 550 (+15) = 565
-#:   perf:        environment 30 + bench_gather 270 + derive 30 + tune (probe 30) 180 = 540 (+25) = 565
+#:   elimination: environment 30 + reduce_hidden 200 + one-GPU kernels 250           = 480 (+15) = 495
+#:   perf:        environment 30 + bench_gather 270 + derive 30                      = 330 (+15) = 345
 #:   e2e:         environment 30 + elimination (probe 10) 150 + HF 210 + EAGLE 120  = 520 (+25) = 545
+#:   e2e_elimination: environment 30 + inference workloads 260 + training 260       = 550 (+15) = 565
+#:   tune:        environment 30 + tune 300 + tests/gpu/test_tune_gpu.py 220          = 550 (+15) = 565
 GROUP_BUDGET_S = 570
 KILL_GRACE_S = 5
 #: the benchmarks stop starting new pieces this long before their step's limit (start-up, teardown)
 BENCH_MARGIN_S = 60
-GROUPS = ("correctness", "flag", "stress", "elimination", "perf", "e2e")
+GROUPS = ("correctness", "flag", "stress", "elimination", "perf", "e2e", "e2e_elimination", "tune")
 
 SKIPPED = "not built yet: skipped"
 
@@ -169,12 +179,10 @@ def elimination(plan: Plan) -> list[Step]:
         # the vocab-parallel reductions over NCCL at W (the exchange is real here)
         Step("reduce_hidden_gpu", pytest("-k", at_world_size(plan.W), "tests/gpu/test_reduce_hidden_gpu.py",
                                          python=py), 200),
-        # their Triton kernels and the ops on a one-rank group: not parametrized by W, run whole
+        # their Triton kernels, the fused LM head's, and the ops on a one-rank group: not parametrized by W
         Step("vocab_kernels_one_gpu",
-             pytest("tests/gpu/test_vocab_reduce_gpu.py", "tests/gpu/test_vocab_softmax_gpu.py", python=py), 150),
-        # HF Llama compiled unmodified: greedy step, log-prob scoring, training loss; off / keep / elim
-        Step("e2e_elimination", torchrun(plan, "benchmarks/bench_e2e_elimination.py", "--time-limit-s", "140",
-                                         "--out", plan.run_dir), 150),
+             pytest("tests/gpu/test_vocab_reduce_gpu.py", "tests/gpu/test_vocab_softmax_gpu.py",
+                    "tests/gpu/test_lm_head_reduce_gpu.py", python=py), 250),
     ]
 
 
@@ -190,9 +198,6 @@ def perf(plan: Plan) -> list[Step]:
              torchrun(plan, "benchmarks/bench_gather.py", "--tokens", "1,8,32,128,512", "--widths", "1024,4096,32064",
                       "--diagnose", "1x4096,8x1024,32x4096", "--tag", plan.gpu, "--out", plan.run_dir), 270),
         Step("derive_crossover", (py, "benchmarks/derive_crossover.py", bench_json(plan)), 30),
-        # flags as `python -m tpfuse bench` takes them; match them when `tune` lands
-        Step("tune", (py, "-m", "tpfuse", "tune", "--nproc", str(plan.W), "--out", os.path.join(plan.run_dir, "tune")),
-             180, probe=(py, "-m", "tpfuse", "tune", "--help"), probe_timeout_s=30),
     ]
 
 
@@ -214,8 +219,42 @@ def e2e(plan: Plan) -> list[Step]:
     ]
 
 
+#: bench_e2e_elimination.py's workloads, per invocation: each fits its step with its time limit
+E2E_ELIMINATION_WORKLOADS = {"inference": ("greedy", "logprobs", "eagle_draft"),
+                             "training": ("train_loss", "train_loss_only")}
+E2E_ELIMINATION_LIMIT_S = 260
+#: bench_e2e_elimination.py stops starting pieces this long before its step's limit (its teardown is short)
+E2E_ELIMINATION_MARGIN_S = 30
+
+
+def e2e_elimination(plan: Plan) -> list[Step]:
+    """HF Llama compiled unmodified (greedy step, log-prob scoring, EAGLE draft head, training loss with and
+    without the logits); off / keep / elim.  Each invocation writes e2e_elimination_w<W>.json into its folder."""
+    limit = str(E2E_ELIMINATION_LIMIT_S - E2E_ELIMINATION_MARGIN_S)
+    return [Step(f"e2e_elimination_{part}",
+                 torchrun(plan, "benchmarks/bench_e2e_elimination.py", "--workloads", ",".join(workloads),
+                          "--time-limit-s", limit, "--out", os.path.join(plan.run_dir, f"e2e_elimination_{part}")),
+                 E2E_ELIMINATION_LIMIT_S)
+            for part, workloads in E2E_ELIMINATION_WORKLOADS.items()]
+
+
+TUNE_LIMIT_S = 300
+
+
+def tune(plan: Plan) -> list[Step]:
+    """The machine's tuned config (docs/tuning.md) into ``<out>/tune/``; the step's log is the tune's."""
+    py = plan.python
+    return [
+        # its own rank timeout inside the step's limit: a hung rank is reported by tune, not only killed
+        Step("tune", (py, "-m", "tpfuse", "tune", "--nproc", str(plan.W), "--out", os.path.join(plan.run_dir, "tune"),
+                      "--timeout", str(TUNE_LIMIT_S - 30)), TUNE_LIMIT_S),
+        # the one-GPU smoke at W=2 and 4 and a real tune on 2 ranks: not parametrized by the host's W
+        Step("tune_gpu_tests", pytest("tests/gpu/test_tune_gpu.py", python=py), 220),
+    ]
+
+
 BUILDERS = {"correctness": correctness, "flag": flag, "stress": stress, "elimination": elimination, "perf": perf,
-            "e2e": e2e}
+            "e2e": e2e, "e2e_elimination": e2e_elimination, "tune": tune}
 
 
 def steps_of(group: str, plan: Plan) -> list[Step]:

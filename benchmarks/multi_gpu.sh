@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every multi-GPU check and benchmark for world size W, one group per 10-minute call:
 #
-#   benchmarks/multi_gpu.sh W [correctness|flag|stress|perf|e2e|all] [--dry-run] [--out DIR]
+#   benchmarks/multi_gpu.sh W [correctness|flag|stress|elimination|perf|e2e|e2e_elimination|tune|all]
+#                             [--dry-run] [--out DIR]
 #
 # The steps, their time limits and the budget are in benchmarks/multi_gpu.py; the commands to run
 # are in docs/benchmarks.md, "Multi-GPU runs: one script".  PYTHON names the interpreter (default:

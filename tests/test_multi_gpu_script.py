@@ -25,7 +25,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "multi_gpu.sh")
 SAFETY = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 BUDGET_S, GRACE_S = 570, 5
-GROUPS = ("correctness", "flag", "stress", "elimination", "perf", "e2e")
+GROUPS = ("correctness", "flag", "stress", "elimination", "perf", "e2e", "e2e_elimination", "tune")
+#: every workload of benchmarks/bench_e2e_elimination.py
+E2E_WORKLOADS = {"greedy", "logprobs", "train_loss", "train_loss_only", "eagle_draft"}
 
 
 def _driver():
@@ -209,12 +211,28 @@ def test_the_flag_evidence_and_perf_steps(dry):
     # derive_crossover reads the JSON that bench_gather.py writes: <out>/bench_w<W>_<tag>.json
     tag = bench[bench.index("--tag") + 1]
     assert steps["derive_crossover"].run.argv[-1] == os.path.join(out, f"bench_w{W}_{tag}.json")
-    assert steps["tune"].probe.argv[-3:] == ["tpfuse", "tune", "--help"]
+    tune = steps["tune"].run.argv
+    assert tune[tune.index("-m") + 1:tune.index("-m") + 3] == ["tpfuse", "tune"] and steps["tune"].probe is None
+    assert tune[tune.index("--nproc") + 1] == str(W) and steps["tune"].group == "tune"
+    # the config goes under the run's folder, beside the step's log (the tune's output)
+    assert os.path.dirname(tune[tune.index("--out") + 1]) == os.path.dirname(steps["tune"].log)
+    assert float(tune[tune.index("--timeout") + 1]) < steps["tune"].limit_s
     assert steps["gather_elimination"].probe.argv == ["test", "-f", "benchmarks/bench_gather_elimination.py"]
     for name in ("hf_decode", "eagle_draft"):
         argv = steps[name].run.argv
         assert "--quick" in argv
         assert int(float(argv[argv.index("--time-limit-s") + 1])) < steps[name].limit_s
+
+
+def test_every_e2e_elimination_workload_is_named_and_each_invocation_writes_its_own_folder(dry):
+    W, text = dry
+    runs = [s for s in parse(text) if "benchmarks/bench_e2e_elimination.py" in s.run.argv]
+    named = [set(s.run.argv[s.run.argv.index("--workloads") + 1].split(",")) for s in runs]
+    assert set().union(*named) == E2E_WORKLOADS and sum(map(len, named)) == len(E2E_WORKLOADS), named
+    outs = [s.run.argv[s.run.argv.index("--out") + 1] for s in runs]
+    assert len(set(outs)) == len(runs)  # the script names its JSON by W alone: one folder each
+    for s in runs:
+        assert int(float(s.run.argv[s.run.argv.index("--time-limit-s") + 1])) < s.limit_s
 
 
 def test_k_selection_keeps_exactly_the_tests_for_W(dry):
