@@ -16,11 +16,21 @@ with ``int()`` (a loop bound computed in the kernel, ``range(0, my_tiles)``), wh
 NumPy 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars");
 Triton 3.7 squeezes the array first.  No change to the kernels avoids it: their loops
 run to computed bounds.
+
+``interpret`` and ``triton36_report``: how the tests run those scripts, and the ahead-of-time reports
+(``aot_*_report.py``) under the GPU machines' Triton 3.6, in a fresh Python whose last printed line is
+the JSON they check.
 """
 
 from __future__ import annotations
 
+import json
 import mmap
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def addressed(numel: int, dtype, fill=0):
@@ -57,3 +67,42 @@ def skip_reason(triton_version: str | None = None, numpy_version: str | None = N
                 f"NumPy {numpy_version} refuses (the kernels' computed loop bounds); Triton 3.7 squeezes them "
                 "first. Run with numpy<2.4 or Triton >= 3.7")
     return None
+
+
+def script_result(name: str, *flags: str, env: dict, timeout: int) -> dict:
+    """Run ``tests/<name>`` with ``flags`` in a fresh Python and return the JSON of its last printed line
+    (the test fails with the script's stderr where it exits non-zero)."""
+    done = subprocess.run([sys.executable, os.path.join(HERE, name), *flags], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def interpret(name: str, *flags: str, timeout: int = 600) -> dict:
+    """``tests/<name>`` (an ``interpret_*.py`` script) in Triton's interpreter; skips the test where
+    ``skip_reason`` says the installed Triton and NumPy cannot run it."""
+    reason = skip_reason()
+    if reason:
+        import pytest
+
+        pytest.skip(reason)
+    # the script puts the repository on sys.path itself; an inherited PYTHONPATH (a Triton 3.6 target, for
+    # one) would put another Triton first
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return script_result(name, *flags, env=env, timeout=timeout)
+
+
+def triton36_report(name: str) -> dict:
+    """``tests/<name>`` (an ``aot_*_report.py`` script) under the Triton that ``TPFUSE_TRITON36_PATH`` holds,
+    without torch; skips where the variable is unset, fails where CI left it unset."""
+    path = os.environ.get("TPFUSE_TRITON36_PATH")
+    if not path:
+        import pytest
+
+        if os.environ.get("CI"):
+            pytest.fail("CI must set TPFUSE_TRITON36_PATH (pip install --no-deps --target DIR triton==3.6.0)")
+        pytest.skip("TPFUSE_TRITON36_PATH is not set")
+    report = script_result(name, "--no-torch", env=dict(os.environ, PYTHONPATH=path), timeout=600)
+    assert report["triton"].startswith("3.6"), report["triton"]
+    assert not report["torch_imported"]
+    return report

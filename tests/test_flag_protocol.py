@@ -1,11 +1,6 @@
 """The flag protocol on the CPU: its layout facts, the kernel in Triton's interpreter (with the
 negative controls), and the rank-consistent choice between the flag protocol and the barrier push."""
 
-import json
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -41,14 +36,7 @@ def test_buffer_holds_both_parities_and_one_region_per_source():
 @pytest.fixture(scope="module")
 def interpreted():
     pytest.importorskip("triton")
-    reason = interpreter_support.skip_reason()
-    if reason:
-        pytest.skip(reason)
-    script = os.path.join(os.path.dirname(__file__), "interpret_flag_gather.py")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return interpreter_support.interpret("interpret_flag_gather.py")
 
 
 def test_interpreter_bit_exact_with_T_and_grid_changing(interpreted):

@@ -7,11 +7,7 @@ installed Triton and under the GPU machines' Triton 3.6 (``TPFUSE_TRITON36_PATH`
 rejects some loops that newer releases accept (docs/design.md, "Toolchain note").
 """
 
-import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
@@ -131,31 +127,11 @@ def test_kernels_compile_for_sm90_with_installed_triton():
 
 
 def test_kernels_compile_for_sm90_with_triton_36():
-    path = os.environ.get("TPFUSE_TRITON36_PATH")
-    if not path:
-        if os.environ.get("CI"):
-            pytest.fail("CI must set TPFUSE_TRITON36_PATH (pip install --no-deps --target DIR triton==3.6.0)")
-        pytest.skip("TPFUSE_TRITON36_PATH is not set")
-    env = dict(os.environ, PYTHONPATH=path)
-    script = os.path.join(os.path.dirname(__file__), "aot_kernels_report.py")
-    done = subprocess.run([sys.executable, script, "--no-torch"], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert report["triton"].startswith("3.6"), report["triton"]
-    assert not report["torch_imported"]
-    _check(report)
+    _check(interpreter_support.triton36_report("aot_kernels_report.py"))
 
 
 def _interpret(*flags):
-    reason = interpreter_support.skip_reason()
-    if reason:
-        pytest.skip(reason)
-    script = os.path.join(os.path.dirname(__file__), "interpret_linear_push.py")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([sys.executable, script, *flags], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return interpreter_support.interpret("interpret_linear_push.py", *flags, timeout=300)
 
 
 def test_fused_linear_push_kernel_computes_and_places_bands_in_the_interpreter():

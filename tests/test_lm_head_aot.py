@@ -8,14 +8,10 @@ fence):
 each partial is written by one program, so the combine and the merges read the same bits every call.
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
 import aot_lm_head_report as aot
+import interpreter_support
 
 pytest.importorskip("triton")
 
@@ -51,17 +47,4 @@ def test_lm_head_kernels_compile_for_sm90_with_installed_triton():
 
 
 def test_lm_head_kernels_compile_for_sm90_with_triton_36():
-    path = os.environ.get("TPFUSE_TRITON36_PATH")
-    if not path:
-        if os.environ.get("CI"):
-            pytest.fail("CI must set TPFUSE_TRITON36_PATH (pip install --no-deps --target DIR triton==3.6.0)")
-        pytest.skip("TPFUSE_TRITON36_PATH is not set")
-    env = dict(os.environ, PYTHONPATH=path)
-    script = os.path.join(os.path.dirname(__file__), "aot_lm_head_report.py")
-    done = subprocess.run([sys.executable, script, "--no-torch"], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert report["triton"].startswith("3.6"), report["triton"]
-    assert not report["torch_imported"]
-    _check(report)
+    _check(interpreter_support.triton36_report("aot_lm_head_report.py"))

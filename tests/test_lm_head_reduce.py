@@ -10,10 +10,7 @@ on a GPU: tests/gpu/test_lm_head_reduce_gpu.py.
 """
 
 import importlib.util
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -35,14 +32,7 @@ SUM_TOLERANCE = bench.SUM_TOLERANCE
 
 
 def _interpret(*flags):
-    reason = interpreter_support.skip_reason()
-    if reason:
-        pytest.skip(reason)
-    script = os.path.join(os.path.dirname(__file__), "interpret_lm_head_reduce.py")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([sys.executable, script, *flags], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return interpreter_support.interpret("interpret_lm_head_reduce.py", *flags)
 
 
 @pytest.fixture(scope="module")

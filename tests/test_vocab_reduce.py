@@ -4,11 +4,6 @@ negative control; the rank-invariant chunk plan; the facts the kernels share wit
 The same kernels on a GPU: tests/gpu/test_vocab_reduce.py; compiled for sm_90:
 tests/test_kernels_aot.py."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -20,14 +15,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def _interpret(*flags):
-    reason = interpreter_support.skip_reason()
-    if reason:
-        pytest.skip(reason)
-    script = os.path.join(os.path.dirname(__file__), "interpret_vocab_reduce.py")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([sys.executable, script, *flags], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return interpreter_support.interpret("interpret_vocab_reduce.py", *flags)
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,6 @@ The kernels themselves: kernels/vocab_softmax.py; their launches: compile_ops/so
 ahead-of-time compile for sm_90: tests/test_kernels_aot.py; on a GPU: tests/gpu/test_vocab_softmax_gpu.py.
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -66,14 +61,7 @@ def test_words_per_rank_depend_on_T_and_the_widest_band_only():
 @pytest.fixture(scope="module")
 def interpreted():
     pytest.importorskip("triton")
-    reason = interpreter_support.skip_reason()
-    if reason:
-        pytest.skip(reason)
-    script = os.path.join(os.path.dirname(__file__), "interpret_vocab_softmax.py")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return interpreter_support.interpret("interpret_vocab_softmax.py")
 
 
 def test_kernels_agree_with_the_composition_within_the_published_bound(interpreted):
