@@ -1,4 +1,5 @@
-"""Shared pieces of the pass tests: a fake world, post-grad graph capture, a compact printer.
+"""Shared pieces of the pass tests: a fake world, post-grad graph capture, a compact printer; Dynamo's
+torch-IR graph (what the pre-grad passes see) and its printer.
 
 ``capture(fn, *args)`` compiles ``fn`` with Inductor far enough to run the
 post-grad passes, runs the tpfuse passes on the real post-grad graph, prints
@@ -94,6 +95,29 @@ def graph_text(graph) -> str:
         args = [_arg(a) for a in n.args]
         args += [f"{k}={_arg(v)}" for k, v in n.kwargs.items() if k not in ("device", "pin_memory", "layout")]
         lines.append(f"{n.name} = {_target(n)}({', '.join(args)})")
+    return "\n".join(lines)
+
+
+def dynamo_graph(fn, *args):
+    """Dynamo's graph of ``fn`` on ``args`` (torch IR, what Inductor's pre-grad passes see)."""
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=keep, fullgraph=True)(*args)
+    return graphs[0]
+
+
+def torch_ir_text(gm) -> str:
+    """One line per call of a torch-IR graph, ``name = target(args)``: the pre-grad graphs' printer."""
+    lines = []
+    for n in gm.graph.nodes:
+        if n.op in ("call_function", "call_method"):
+            target = n.target if n.op == "call_method" else getattr(n.target, "__name__", str(n.target))
+            lines.append(f"{n.name} = {target}({', '.join(getattr(a, 'name', repr(a)) for a in n.args)})")
     return "\n".join(lines)
 
 

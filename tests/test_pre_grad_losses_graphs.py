@@ -21,7 +21,7 @@ from tpfuse.passes import pre_grad_losses
 from tpfuse.passes.dynamo_compat import allow_funcol_gather_tracing
 from tpfuse.passes.pre_grad_losses import rewrite_cross_entropy
 
-from pass_helpers import fake_world
+from pass_helpers import dynamo_graph, fake_world, torch_ir_text
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # funcol.all_gather_tensor's deprecation
 
@@ -78,34 +78,12 @@ def _inputs():
     return h, torch.randn(8, 16, generator=g, requires_grad=True), torch.randint(0, 16, (2, 3), generator=g)
 
 
-def _dynamo_graph(fn, *args):
-    """Dynamo's graph of ``fn`` (torch IR, what Inductor's pre-grad passes see)."""
-    graphs = []
-
-    def keep(gm, example_inputs):
-        graphs.append(gm)
-        return gm
-
-    torch._dynamo.reset()
-    torch.compile(fn, backend=keep, fullgraph=True)(*args)
-    return graphs[0]
-
-
-def _text(gm) -> str:
-    lines = []
-    for n in gm.graph.nodes:
-        if n.op in ("call_function", "call_method"):
-            target = n.target if n.op == "call_method" else getattr(n.target, "__name__", str(n.target))
-            lines.append(f"{n.name} = {target}({', '.join(getattr(a, 'name', repr(a)) for a in n.args)})")
-    return "\n".join(lines)
-
-
 def _rewrite(fn, *args):
-    gm = _dynamo_graph(fn, *args)
+    gm = dynamo_graph(fn, *args)
     records: list = []
     lines = rewrite_cross_entropy(gm.graph, records=records)
     gm.graph.lint()
-    return lines, _text(gm), records
+    return lines, torch_ir_text(gm), records
 
 
 def _gathers(text: str) -> list[str]:
@@ -300,15 +278,15 @@ def test_dtensor_as_earlier_dynamo_writes_it(world, grad_placements):
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), t.view(-1))
 
     h, _, t = _inputs()
-    gm = _as_earlier_dynamo(_dynamo_graph(loss, h, t))
-    before = _text(gm)
+    gm = _as_earlier_dynamo(dynamo_graph(loss, h, t))
+    before = torch_ir_text(gm)
     assert "prim_redistribute(" in before and "prim_to_local(" in before and " redistribute(" not in before
     assert pre_grad_losses.might_rewrite(gm.graph)
     lines = rewrite_cross_entropy(gm.graph)
     gm.graph.lint()
     if grad is None:
         assert lines == ["rewrote cross_entropy: tpfuse::cross_entropy_hidden of sharded"]
-        assert "prim_" not in _text(gm) and "sum_grad_over_ranks" not in _text(gm)
+        assert "prim_" not in torch_ir_text(gm) and "sum_grad_over_ranks" not in torch_ir_text(gm)
     else:
         assert lines[0].startswith("kept cross_entropy: prim_to_local(grad_placements=")
-        assert _text(gm) == before
+        assert torch_ir_text(gm) == before
