@@ -1,7 +1,7 @@
-"""A compiled push kernel ready to launch without Triton's per-call binder; what every launcher shares.
+"""A compiled kernel ready to launch without Triton's per-call binder; what every launcher shares.
 
-The launchers (barrier/launcher.py, flag/launcher.py, linear_push.py) compile each
-variant once and call Triton's compiled launcher directly: an eager call must cost
+The launchers (barrier/launcher.py, flag/launcher.py, linear_push.py, softmax_kernels.py,
+lm_head_kernels.py) compile each variant once and call Triton's compiled launcher directly: an eager call must cost
 about one torch elementwise op (docs/benchmarks.md, "Against the targets"), so no
 argument specialisation or table is built per call.
 """
@@ -24,8 +24,8 @@ class Compiled:
     kernel: object  # the CompiledKernel (its metadata: shared memory, registers, scratch)
 
 
-def compile_for(device: torch.device, source, compile) -> Compiled:
-    """``compile(source)`` for ``device``'s GPU, loaded there."""
+def compile_for(device: torch.device | int, source, compile) -> Compiled:
+    """``compile(source)`` for ``device``'s GPU (a device or its index), loaded there."""
     with torch.cuda.device(device):
         kernel = compile(source)
         run = kernel.run  # loads the module on this device

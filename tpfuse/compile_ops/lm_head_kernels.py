@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ..kernels import lm_head_reduce as kernels
+from .compiled import Compiled, compile_for
 from .program_order import raw_stream
 
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -69,26 +70,15 @@ class Launch:
         return _KERNELS[self.kind]
 
 
-@dataclass(frozen=True)
-class _Compiled:
-    run: object
-    function: object
-    packed_metadata: object
-    constexpr_values: tuple
-
-
-#: compiled variants: (kind, variant, warps, stages, device index) -> _Compiled
+#: compiled variants: (kind, variant, warps, stages, device index) -> Compiled
 _compiled: dict = {}
 
 
-def _compile(launch: Launch, device_index: int) -> _Compiled:
-    source = _SOURCES[launch.kind](*launch.variant)
-    with torch.cuda.device(device_index):
-        kernel = kernels.compile_source(source, num_warps=launch.num_warps, num_stages=launch.num_stages)
-        run = kernel.run  # loads the module on this device
-    names = source.fn.arg_names
-    constexprs = tuple(source.constants[(names.index(n),)] for n in names if source.signature[n] == "constexpr")
-    return _Compiled(run, kernel.function, kernel.packed_metadata, constexprs)
+def _compile(launch: Launch, device_index: int) -> Compiled:
+    def compile_variant(source):
+        return kernels.compile_source(source, num_warps=launch.num_warps, num_stages=launch.num_stages)
+
+    return compile_for(device_index, _SOURCES[launch.kind](*launch.variant), compile_variant)
 
 
 def run(launch: Launch | None, device: torch.device) -> None:
@@ -104,7 +94,7 @@ def run(launch: Launch | None, device: torch.device) -> None:
             return run(launch, device)
     args = [a.data_ptr() if isinstance(a, Tensor) else a for a in launch.args]
     compiled.run(*launch.grid, raw_stream(device.index), compiled.function, compiled.packed_metadata, None, None,
-                 None, *args, *compiled.constexpr_values)
+                 None, *args, *compiled.constexprs)
 
 
 # --------------------------------------------------------------------------- validation

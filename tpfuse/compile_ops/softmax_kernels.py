@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ..kernels import vocab_softmax as kernels
+from .compiled import Compiled, compile_for
 from .program_order import raw_stream
 
 #: Triton's type names of the dtypes the kernels read and write
@@ -59,28 +60,15 @@ class Launch:
         return _KERNELS[self.kind]
 
 
-@dataclass(frozen=True)
-class _Plan:
-    run: object
-    function: object
-    packed_metadata: object
-    constexpr_values: tuple
-
-
-#: compiled variants: (kind, variant, warps, device index) -> _Plan
+#: compiled variants: (kind, variant, warps, device index) -> Compiled
 _plans: dict = {}
 
 
-def _compile(launch: Launch, device_index: int) -> _Plan:
+def _compile(launch: Launch, device_index: int) -> Compiled:
     from ..kernels.compiler import compile_source  # one compiler for every kernel
 
-    source = _SOURCES[launch.kind](*launch.variant)
-    with torch.cuda.device(device_index):
-        kernel = compile_source(source, num_warps=launch.num_warps)
-        run = kernel.run  # loads the module on this device
-    names = source.fn.arg_names
-    constexprs = tuple(source.constants[(names.index(n),)] for n in names if source.signature[n] == "constexpr")
-    return _Plan(run, kernel.function, kernel.packed_metadata, constexprs)
+    return compile_for(device_index, _SOURCES[launch.kind](*launch.variant),
+                       lambda src: compile_source(src, num_warps=launch.num_warps))
 
 
 def run(launch: Launch, device: torch.device) -> None:
@@ -91,7 +79,7 @@ def run(launch: Launch, device: torch.device) -> None:
         plan = _plans[key] = _compile(launch, device.index)
     args = [a.data_ptr() if isinstance(a, Tensor) else a for a in launch.args]
     plan.run(*launch.grid, raw_stream(device.index), plan.function, plan.packed_metadata, None, None, None,
-             *args, *plan.constexpr_values)
+             *args, *plan.constexprs)
 
 
 # --------------------------------------------------------------------------- the calls' arguments
