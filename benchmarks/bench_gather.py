@@ -41,6 +41,8 @@ from tpfuse.compile_ops.barrier import P2P  # noqa: E402
 from tpfuse.compile_ops.flag import FLAG  # noqa: E402
 from tpfuse.compile_ops.groups import resolve_group  # noqa: E402
 
+import compiled_tp_bench as cb  # noqa: E402  (this folder: the script's own)
+
 METHODS = ("nccl_gather", "nccl_rearrange", "tpfuse_both", "tpfuse_elided", "tpfuse_flag")
 
 
@@ -129,14 +131,7 @@ def time_graph(fn, calls, repeats):
     for _ in range(3):
         graph.replay()
     quiesce()
-    samples = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) * 1e3 / calls)
+    samples = cb.replay_us(graph, calls, repeats)
     quiesce()
     del graph
     return slowest(statistics.median(samples))

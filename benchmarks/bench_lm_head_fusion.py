@@ -68,6 +68,9 @@ from tpfuse.compile_ops import reduce_kernels as rk  # noqa: E402
 from tpfuse.compile_ops import softmax_kernels as sk  # noqa: E402
 from tpfuse.kernels import lm_head_reduce, vocab_softmax  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests load this file by its path
+import compiled_tp_bench as cb  # noqa: E402
+
 CONSUMERS = ("argmax", "softmax")
 
 
@@ -269,14 +272,7 @@ def time_graph(step, calls, repeats):
         raise AssertionError("a graph replay left an output unwritten or wrong")
     for _ in range(3):
         graph.replay()
-    samples = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) * 1e3 / calls)
+    samples = cb.replay_us(graph, calls, repeats)
     del graph, outs
     return statistics.median(samples)
 

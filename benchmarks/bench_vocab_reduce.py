@@ -25,25 +25,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tpfuse.compile_ops import reduce_kernels  # noqa: E402
 from tpfuse.kernels import vocab_reduce  # noqa: E402
 
+import compiled_tp_bench as cb  # noqa: E402  (this folder: the script's own)
+
 
 def time_graph(record, calls=20, repeats=30):
-    record()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            record()
-    for _ in range(3):
-        graph.replay()
-    samples = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) * 1e3 / calls)
-    return statistics.median(samples)
+    return statistics.median(cb.graph_us(record, calls, repeats))
 
 
 def row(T, vocab, world, k):

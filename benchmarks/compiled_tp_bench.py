@@ -1,4 +1,5 @@
-"""Shared by the compiled end-to-end benchmarks (``bench_hf_decode.py``, ``bench_eagle_draft.py``).
+"""Shared by the compiled end-to-end benchmarks (``bench_hf_decode.py``, ``bench_eagle_draft.py``), and
+by the kernel benchmarks for timing CUDA-graph replays (``replay_us``, ``graph_us``).
 
 What a configuration is, how it is compiled in isolation from the others, how a run is timed
 (CUDA events on GPUs, ``perf_counter`` on the CPU, the slowest rank of every sample), what is
@@ -176,6 +177,34 @@ class Stopwatch:
             t0 = time.perf_counter()
             yield
             into.append((time.perf_counter() - t0) * 1e3)
+
+
+def replay_us(graph, calls: int, repeats: int) -> list[float]:
+    """µs per call of each of ``repeats`` timed replays of ``graph``, which holds ``calls`` calls (CUDA events:
+    the device's time of the whole replay, divided by the calls)."""
+    samples = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1e3 / calls)
+    return samples
+
+
+def graph_us(record, calls: int = 20, repeats: int = 30) -> list[float]:
+    """``replay_us`` of a graph of ``calls`` calls of ``record()``: run once first (what it launches is
+    compiled and loaded outside the capture), then captured, replayed three times untimed."""
+    record()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            record()
+    for _ in range(3):
+        graph.replay()
+    return replay_us(graph, calls, repeats)
 
 
 def slowest(values, device: torch.device) -> list[float]:
