@@ -50,8 +50,8 @@ class FakeTimer:
         slab = timing.T * timing.width * 2
         output = slab * self.ctx.world_size
         us = {"flag": 3.0 if slab <= FLAG_WINS_UP_TO else 9.0,
-              "barrier_push": 5.0 if output <= PUSH_WINS_UP_TO else 50.0,
-              "barrier_push_elided": 4.0, "nccl": 20.0}[timing.protocol]
+              "p2p": 5.0 if output <= PUSH_WINS_UP_TO else 50.0,
+              "p2p_entry_elided": 4.0, "nccl": 20.0}[timing.protocol]
         return us + (15.0 if timing.mode == "eager" else 0.0) + 0.5 * self.ctx.rank
 
 
@@ -80,7 +80,7 @@ class FakeLinearProbe:
 
 
 def fake_runners(ctx, plan):
-    return [FakeRunner(ctx, "flag"), FakeRunner(ctx, "barrier_push"), FakeRunner(ctx, "barrier_push_elided"),
+    return [FakeRunner(ctx, "flag"), FakeRunner(ctx, "p2p"), FakeRunner(ctx, "p2p_entry_elided"),
             FakeRunner(ctx, "nccl"), FakeRunner(ctx, "nccl_symmetric", unavailable="NCCL 2.21 has no symmetric kernels"
                                                 if ctx.rank == 1 else "")]
 
@@ -118,7 +118,7 @@ def test_a_dry_run_writes_a_config_that_selection_then_follows(tmp_path, capfd):
     assert cfg.protocols["flag"]["correctness"].control_detected  # caught on rank 1 only
     chosen = tuned_configs.selection_for(KEY, 2, None, [("user tuned config", str(tmp_path))])
     assert chosen.config_path == path
-    assert chosen.crossovers == {"flag": FLAG_WINS_UP_TO, "barrier_push": 512 << 10}  # the grid's largest <= 1 MiB
+    assert chosen.crossovers == {"flag": FLAG_WINS_UP_TO, "p2p": 512 << 10}  # the grid's largest <= 1 MiB
     for name, value in TRUTH.as_dict().items():
         assert getattr(chosen.linear_constants, name) == pytest.approx(value, rel=1e-6), name
     assert f"user tuned config {path}" in chosen.describe() and "cpu-test-host" in chosen.describe()
@@ -158,7 +158,7 @@ def test_ranks_with_the_same_config_agree_wherever_it_lies(tmp_path):
     _config(a, "gpu-host-a"), _config(b, "gpu-host-a")  # the same content at two paths
     results = run_ranks(2, _select, [a, b], timeout=120)
     assert [r[0] for r in results] == [os.path.join(a, os.listdir(a)[0]), os.path.join(b, os.listdir(b)[0])]
-    assert all(r[1] == {"flag": 16 << 10, "barrier_push": 128 << 10} for r in results)
+    assert all(r[1] == {"flag": 16 << 10, "p2p": 128 << 10} for r in results)
 
 
 @pytest.mark.parametrize("rank1_has", ["another config", "none"])

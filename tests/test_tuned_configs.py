@@ -29,8 +29,8 @@ def record(**change):
 
 
 def row(T, width, flag, push, nccl):
-    return {"T": T, "width": width, "graph": {"flag": flag, "barrier_push": push, "nccl": nccl},
-            "eager": {"flag": flag, "barrier_push": push, "nccl": nccl}}
+    return {"T": T, "width": width, "graph": {"flag": flag, "p2p": push, "nccl": nccl},
+            "eager": {"flag": flag, "p2p": push, "nccl": nccl}}
 
 
 def make_config(key=KEY, world_size=2, **change):
@@ -41,11 +41,11 @@ def make_config(key=KEY, world_size=2, **change):
             "key": key.as_dict(world_size),
             "measured": {"host": "gpu-host-a", "date": "2026-12-01T10:00:00+00:00"},
             "protocols": {"flag": {"unavailable": "", "correctness": record()},
-                          "barrier_push": {"unavailable": "", "correctness": record()},
+                          "p2p": {"unavailable": "", "correctness": record()},
                           "nccl": {"unavailable": "", "correctness": record(negative_control="reversed bands")},
                           "nccl_symmetric": {"unavailable": "NCCL 2.21 has no symmetric kernels", "correctness": None}},
             "rows": rows,
-            "crossovers": {"flag": 16 << 10, "barrier_push": 128 << 10},
+            "crossovers": {"flag": 16 << 10, "p2p": 128 << 10},
             "linear": {"constants": TRUTH.as_dict(), "correctness": record(check="bf16 GEMM tolerance")}}
     data.update(change)
     return data
@@ -65,7 +65,7 @@ def write(folder, name, data):
 def test_a_valid_config_parses_and_its_crossovers_match_its_rows():
     cfg = tuned_configs.parse_config(make_config(), "a.json")
     assert cfg.key == KEY and cfg.world_size == 2
-    assert cfg.crossovers == {"flag": 16 << 10, "barrier_push": 128 << 10}
+    assert cfg.crossovers == {"flag": 16 << 10, "p2p": 128 << 10}
     assert math.isnan(cfg.rows[-1]["graph"]["flag"])  # null: the flag protocol did not run that row
     assert cfg.linear_constants == TRUTH
 
@@ -79,13 +79,13 @@ def _broken(change):
 @pytest.mark.parametrize("change, message", [
     (lambda d: d.update(format="something"), "format 'something'; accepted is 'tpfuse-tuned-config'"),
     (lambda d: d.update(format=tuned_configs.SMOKE_FORMAT), "a one-GPU smoke output"),
-    (lambda d: d.update(format_version=99), "format_version 99; this tpfuse reads 1"),
+    (lambda d: d.update(format_version=99), "format_version 99; this tpfuse reads 2"),
     (lambda d: d["key"].pop("nccl"), "key: missing 'nccl'"),
     (lambda d: d["key"].update(world_size=16), "world_size: 16; accepted are 2..8"),
     (lambda d: d["key"].update(topology="nvswitch"), "topology: 'nvswitch'; accepted are ['nvlink-all-to-all'"),
     (lambda d: d["key"].update(gpu=""), "key.gpu: empty"),
     (lambda d: d["protocols"].update(multimem={"unavailable": "", "correctness": None}),
-     "protocols ['multimem'] unknown; accepted are ['flag', 'barrier_push'"),
+     "protocols ['multimem'] unknown; accepted are ['flag', 'p2p'"),
     (lambda d: d["protocols"]["flag"]["correctness"].update(calls="many"), "correctness.calls: 'many' is not a int"),
     (lambda d: d["protocols"]["flag"]["correctness"].pop("negative_control"), "missing ['negative_control']"),
     (lambda d: d["crossovers"].update(flag=256 << 10),
@@ -122,7 +122,7 @@ def test_the_rule_is_the_documented_one_on_the_committed_h200_log():
     """The same rows read as a bench log and as a config's rows give the same crossover (0 bytes)."""
     with open(os.path.join(ROOT, "benchmarks/results/bench_gather_w2_h200_flag.json")) as f:
         log = json.load(f)
-    names = {crossover_rule.FLAG: "flag", crossover_rule.BARRIER_PUSH: "barrier_push", "nccl_rearrange": "nccl"}
+    names = {crossover_rule.FLAG: "flag", crossover_rule.BARRIER_PUSH: "p2p", "nccl_rearrange": "nccl"}
     rows = [{"T": r["T"], "width": r["width"],
              **{m: {names[k]: v for k, v in r[m].items() if k in names} for m in crossover_rule.MODES}}
             for r in log["rows"]]
@@ -190,12 +190,12 @@ def test_the_user_folder_wins_then_the_shipped_one_then_the_default(tmp_path):
     chosen = tuned_configs.selection_for(KEY, 2, None, dirs)
     assert chosen.config_path == shipped_path and chosen.describe().startswith(f"shipped config {shipped_path}")
 
-    faster = make_config(crossovers={"flag": 16 << 10, "barrier_push": 128 << 10})
+    faster = make_config(crossovers={"flag": 16 << 10, "p2p": 128 << 10})
     faster["measured"]["host"] = "user-host"
     user_path = write(user, "mine.json", faster)
     chosen = tuned_configs.selection_for(KEY, 2, None, dirs)
     assert chosen.config_path == user_path and chosen.describe().startswith(f"user tuned config {user_path}")
-    assert chosen.crossovers == {"flag": 16 << 10, "barrier_push": 128 << 10} and chosen.linear_constants == TRUTH
+    assert chosen.crossovers == {"flag": 16 << 10, "p2p": 128 << 10} and chosen.linear_constants == TRUTH
     assert "flag protocol up to 16384-byte slabs" in chosen.why and "user-host" in chosen.why
 
 
@@ -245,7 +245,7 @@ def test_a_crossover_is_used_only_when_its_protocol_passed_its_stress(tmp_path, 
     data["protocols"]["flag"]["correctness"].update(broken)
     write(tmp_path, "c.json", data)
     chosen = tuned_configs.selection_for(KEY, 2, None, [("user", str(tmp_path))])
-    assert "flag" not in chosen.crossovers and chosen.crossovers["barrier_push"] == 128 << 10
+    assert "flag" not in chosen.crossovers and chosen.crossovers["p2p"] == 128 << 10
     assert f"flag crossover unused (flag: {why}" in chosen.why, chosen.why
 
 
@@ -255,7 +255,7 @@ def test_no_record_or_an_unavailable_protocol_counts_as_not_passed(tmp_path):
     data["linear"]["correctness"]["mismatches"] = 1
     write(tmp_path, "c.json", data)
     chosen = tuned_configs.selection_for(KEY, 2, None, [("user", str(tmp_path))])
-    assert "barrier_push" not in chosen.crossovers and "nccl: no correctness record" in chosen.why
+    assert "p2p" not in chosen.crossovers and "nccl: no correctness record" in chosen.why
     assert chosen.linear_constants is None and "linear constants unused (fused_linear: 1 wrong" in chosen.why
 
 
@@ -304,7 +304,7 @@ def test_the_package_ships_its_configs_folder_and_every_shipped_config_parses():
     for name in os.listdir(tuned_configs.SHIPPED_DIR):
         if name.endswith(".json"):
             cfg = tuned_configs.load_config(os.path.join(tuned_configs.SHIPPED_DIR, name))
-            assert all(not cfg.record_failure(p) for p in ("flag", "barrier_push", "nccl")), name
+            assert all(not cfg.record_failure(p) for p in ("flag", "p2p", "nccl")), name
 
 
 def test_a_smoke_output_is_never_a_config(tmp_path):

@@ -9,8 +9,8 @@ eager call costs what the op's repeated call costs.
 | runner | what one call runs | its negative control |
 |---|---|---|
 | ``flag`` | the flag protocol (the ``flag`` backend's launcher) | stale epochs accepted (``ACCEPT_STALE``) |
-| ``barrier_push`` | the barrier push, both barriers (the ``p2p`` backend's launcher) | no barrier at all, one slot |
-| ``barrier_push_elided`` | the same, entry barrier elided, ping-pong slots | no barrier at all, one slot |
+| ``p2p`` | the barrier push, both barriers (the ``p2p`` backend's launcher) | no barrier at all, one slot |
+| ``p2p_entry_elided`` | the same, entry barrier elided, ping-pong slots | no barrier at all, one slot |
 | ``nccl`` | NCCL all-gather + rearrange (the op's NCCL backend) | bands in reverse order |
 | ``nccl_symmetric`` | the same from NCCL symmetric windows, where torch and NCCL expose them | bands in reverse order |
 
@@ -230,18 +230,18 @@ class _PushRunner(GatherRunner):
             self.workspace(), x, self.widths(x), slot=0, skip_entry_sync=True, copy_out=False, exit_sync=False))(x)
 
 
-class BarrierPushRunner(_PushRunner):
-    name = "barrier_push"
+class P2PRunner(_PushRunner):
+    name = "p2p"
 
     def gather(self, x):
         return self._kept(("gather", x.shape), lambda: P2P.prepare(x, self.widths(x), self.group))(x)
 
 
-class ElidedPushRunner(_PushRunner):
+class P2PEntryElidedRunner(_PushRunner):
     """Entry barrier elided over ping-pong slots: what the barrier-elision pass emits where it proved it safe
     (docs/barrier_elision.md); every call's exit barrier is the fence that makes the next one safe."""
 
-    name = "barrier_push_elided"
+    name = "p2p_entry_elided"
 
     def __init__(self, ctx):
         super().__init__(ctx)
@@ -327,7 +327,7 @@ class NcclSymmetricRunner(NcclRunner):
 
 def gpu_runners(ctx, plan) -> list:
     largest = max(plan.tokens) * max(plan.widths)
-    return [FlagRunner(ctx), BarrierPushRunner(ctx), ElidedPushRunner(ctx), NcclRunner(ctx),
+    return [FlagRunner(ctx), P2PRunner(ctx), P2PEntryElidedRunner(ctx), NcclRunner(ctx),
             NcclSymmetricRunner(ctx, max(largest, max(t * w for t, w in STRESS_SHAPES)))]
 
 
@@ -557,7 +557,7 @@ class EmulatedRanks:
 
 
 class EmulatedRunner:
-    """A protocol on ``EmulatedRanks``: ``flag`` or ``barrier_push``."""
+    """A protocol on ``EmulatedRanks``: ``flag`` or ``p2p``."""
 
     def __init__(self, ctx, plan, name: str):
         self.ctx, self.plan, self.name, self.W = ctx, plan, name, ctx.world_size
@@ -620,4 +620,4 @@ class EmulatedRunner:
 
 
 def emulated_runners(ctx, plan) -> list:
-    return [EmulatedRunner(ctx, plan, "flag"), EmulatedRunner(ctx, plan, "barrier_push")]
+    return [EmulatedRunner(ctx, plan, "flag"), EmulatedRunner(ctx, plan, "p2p")]

@@ -11,8 +11,8 @@ crossovers derived from them under the documented rule
 **Precedence** (``search_dirs``): the user's tuned configs
 (``config.tuned_config_dir()``: ``TPFUSE_TUNED_CONFIG_DIR``, else
 ``$XDG_CACHE_HOME/tpfuse``, else ``~/.cache/tpfuse``), then the configs shipped
-in ``tpfuse/configs/*.json``, then the conservative default: the barrier push,
-and the linear rule as ``linear_cost.MEASURED`` has it.
+in ``tpfuse/configs/*.json``, then the conservative default: p2p (the barrier push),
+never nccl_symmetric, and the linear rule as ``linear_cost.MEASURED`` has it.
 
 **Only what passed counts**: a crossover is used only when the protocol it
 sends traffic to has a passing correctness record (>= ``MIN_STRESS_CALLS``
@@ -51,25 +51,32 @@ log = logging.getLogger(__name__)
 #: the ``format`` of a config, and of the one-GPU smoke output that must never be taken for one
 FORMAT = "tpfuse-tuned-config"
 SMOKE_FORMAT = "tpfuse-tune-smoke"
-FORMAT_VERSION = 1
-#: the protocols a config may hold, in the tune's order
-PROTOCOLS = ("flag", "barrier_push", "barrier_push_elided", "nccl", "nccl_symmetric")
+#: 2: the protocols and crossovers are named by their backends (1 named them barrier_push, ...)
+FORMAT_VERSION = 2
+#: the protocols a config may hold, in the tune's order, by their backends' names (``p2p_entry_elided``:
+#: the ``p2p`` backend with the entry barrier a pass may elide, docs/barrier_elision.md)
+PROTOCOLS = ("flag", "p2p", "p2p_entry_elided", "nccl", "nccl_symmetric")
 #: the fused linear + push kernel's record sits next to the gathers'
 FUSED_LINEAR = "fused_linear"
 #: a correctness record passes only with at least this many stressed calls
 MIN_STRESS_CALLS = 1000
 #: crossover name -> (candidate, baseline, the size it is counted in, the protocol whose record it needs)
+#: (each is named by the backend whose calls it caps)
 CROSSOVERS = {
-    # the largest slab per rank auto sends through the flag protocol instead of the barrier push
-    "flag": ("flag", "barrier_push", "slab", "flag"),
-    # the largest output the barrier push keeps; above it auto uses NCCL
-    "barrier_push": ("barrier_push", "nccl", "output", "nccl"),
+    # the largest slab per rank auto sends through the flag protocol instead of p2p (the barrier push)
+    "flag": ("flag", "p2p", "slab", "flag"),
+    # the largest output p2p keeps; above it auto uses NCCL
+    "p2p": ("p2p", "nccl", "output", "nccl"),
+    # the largest output auto sends through NCCL's symmetric windows where p2p does not take the call, instead
+    # of NCCL's classic path; never by default (compile_ops/nccl_symmetric/)
+    "nccl_symmetric": ("nccl_symmetric", "nccl", "output", "nccl_symmetric"),
 }
 #: the topologies ``detect_topology`` names
 TOPOLOGIES = ("nvlink-all-to-all", "nvlink-partial", "pcie", "single-gpu", "unknown")
 SHIPPED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 DEFAULT_WHY = \
-    "the conservative default: p2p, the barrier push (the flag protocol only where compile_ops/flag/evidence.py allows)"
+    ("the conservative default: p2p, the barrier push (the flag protocol only where compile_ops/flag/evidence.py "
+     "allows; nccl_symmetric never)")
 
 
 class ConfigError(ValueError):
@@ -566,8 +573,12 @@ def _what_it_allows(crossovers: dict, constants: LinearConstants | None) -> str:
     if "flag" in crossovers:
         parts.append(f"flag protocol up to {crossovers['flag']}-byte slabs" if crossovers["flag"]
                      else "flag protocol nowhere (slower already at the smallest slab)")
-    if "barrier_push" in crossovers:
-        parts.append(f"barrier push up to {crossovers['barrier_push']}-byte outputs, NCCL above")
+    if "p2p" in crossovers:
+        parts.append(f"p2p (the barrier push) up to {crossovers['p2p']}-byte outputs, NCCL above")
+    if "nccl_symmetric" in crossovers:
+        parts.append(f"nccl_symmetric up to {crossovers['nccl_symmetric']}-byte outputs where p2p does not take "
+                     "the call" if crossovers["nccl_symmetric"] else
+                     "nccl_symmetric nowhere (slower than nccl already at the smallest output)")
     parts.append("linear rule with its tuned constants" if constants else "linear rule as linear_cost.py has it")
     return ", ".join(parts)
 

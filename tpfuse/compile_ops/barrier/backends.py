@@ -2,12 +2,13 @@
 
 Each refuses what it cannot run (push_backend.py's three steps) and prepares and
 launches its own calls, the gather's (``launcher.py``) and the fused linear's
-(``compile_ops/linear_push.py``).  Safety argument: docs/safety.md, "Barriers".
+(whether it fuses: ``compile_ops/linear_decision.py``; its one launcher:
+``compile_ops/linear_push.py``).  Safety argument: docs/safety.md, "Barriers".
 """
 
 from __future__ import annotations
 
-from .. import linear_push
+from .. import linear_decision, linear_push
 from .. import workspace as workspaces
 from ..backend import Backend, GatherCall
 from ..push_backend import PushBackend, multimem_asked
@@ -22,7 +23,7 @@ class P2PBackend(PushBackend):
     #: which kernel variant it launches: stores through peer pointers
     multimem = False
     #: the tuned config's crossover (tuned_configs.CROSSOVERS) that caps the outputs ``auto`` gives it
-    crossover = "barrier_push"
+    crossover = "p2p"
 
     def facts_refusal(self, call: GatherCall, facts) -> str:
         """Step 2, and under ``auto`` the agreed tuned config's crossover with NCCL: above it NCCL runs."""
@@ -48,15 +49,11 @@ class P2PBackend(PushBackend):
         return launcher.launcher(ws, x, hidden_widths, self.multimem, slot, skip_entry_sync, copy_out=not zero_copy)
 
     def prepare_linear(self, x, weight, bias, hidden_widths, group, slot=-1, skip_entry_sync=False, zero_copy=False):
-        """The fused kernel where the cost rule (or ``TPFUSE_LINEAR_PUSH``) says so, on the GPU model the ranks
-        agreed on, with the agreed tuned config's constants where it has them; None otherwise (the op runs
-        ``linear``, then the gather)."""
+        """The fused kernel's launcher where linear_decision.py says so (``TPFUSE_LINEAR_PUSH``, else the cost
+        rule on the GPU model and tuned config the ranks agreed on); None otherwise (the op runs ``linear``,
+        then the gather)."""
         ws = workspaces.usable_workspace(group, x.device.index, linear_push.OP)
-        tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        selection = ws.facts.selection
-        constants = (selection.linear_constants, selection.config_path) if selection is not None else (None, None)
-        if tokens == 0 or not linear_push.fuses(tokens, x.shape[-1], hidden_widths, x.dtype, ws.facts.device_name,
-                                                *constants):
+        if not linear_decision.fuses_call(ws, x, hidden_widths):
             return None
         return linear_push.launcher(ws, x, weight, bias, hidden_widths, self.multimem, slot, skip_entry_sync,
                                     zero_copy)
