@@ -41,7 +41,6 @@ when Triton is imported).  ``--control``: the negative controls only (each check
 """
 
 import importlib.util
-import json
 import math
 import os
 import sys
@@ -55,6 +54,7 @@ import torch.nn.functional as F  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.runtime import interpreter  # noqa: E402
 
+from interpreter_support import print_report  # noqa: E402
 from tpfuse.compile_ops import lm_head_kernels as lmk  # noqa: E402
 from tpfuse.compile_ops import reduce_hidden as rh  # noqa: E402
 from tpfuse.compile_ops import softmax_kernels as sk  # noqa: E402
@@ -375,9 +375,4 @@ def host():
 
 
 if __name__ == "__main__":
-    if "--control" in sys.argv:
-        print(json.dumps({"control": control()}))
-    elif "--host" in sys.argv:
-        print(json.dumps({"host": host()}))
-    else:
-        print(json.dumps({"cases": cases()}))
+    print_report(sys.argv, cases=cases, control=control, host=host)

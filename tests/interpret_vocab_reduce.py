@@ -23,7 +23,6 @@ only: the candidates merged in reverse rank order, which the same checks must re
 launches handed to the interpreter.
 """
 
-import json
 import math
 import os
 import sys
@@ -33,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from interpreter_support import print_report  # noqa: E402
 from tpfuse.compile_ops import reduce_hidden as rh  # noqa: E402
 from tpfuse.kernels import vocab_reduce as vr  # noqa: E402
 
@@ -229,9 +229,4 @@ def host():
 
 
 if __name__ == "__main__":
-    if "--control" in sys.argv:
-        print(json.dumps({"control": control()}))
-    elif "--host" in sys.argv:
-        print(json.dumps({"host": host()}))
-    else:
-        print(json.dumps({"cases": cases()}))
+    print_report(sys.argv, cases=cases, control=control, host=host)

@@ -17,7 +17,8 @@ NumPy 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars
 Triton 3.7 squeezes the array first.  No change to the kernels avoids it: their loops
 run to computed bounds.
 
-``interpret`` and ``triton36_report``: how the tests run those scripts, and the ahead-of-time reports
+``print_report``: what a script prints, the report its command line picks.  ``interpret`` and
+``triton36_report``: how the tests run those scripts, and the ahead-of-time reports
 (``aot_*_report.py``) under the GPU machines' Triton 3.6, in a fresh Python whose last printed line is
 the JSON they check.
 """
@@ -67,6 +68,13 @@ def skip_reason(triton_version: str | None = None, numpy_version: str | None = N
                 f"NumPy {numpy_version} refuses (the kernels' computed loop bounds); Triton 3.7 squeezes them "
                 "first. Run with numpy<2.4 or Triton >= 3.7")
     return None
+
+
+def print_report(argv: list[str], **reports) -> None:
+    """Print ``{name: report()}`` as one JSON line for the report that ``--name`` in ``argv`` picks, the first
+    of ``reports`` where none does (``script_result`` reads the last line)."""
+    name = next((n for n in reports if f"--{n}" in argv), next(iter(reports)))
+    print(json.dumps({name: reports[name]()}))
 
 
 def script_result(name: str, *flags: str, env: dict, timeout: int) -> dict:
