@@ -1,13 +1,13 @@
 """The fused kernel's launch configs and the token buckets they are compiled for (no GPU).
 
-The host launcher compiles one kernel per token bucket (``compile_ops.linear_push._config_key``)
+The host launcher compiles one kernel per token bucket (``compile_ops.linear_push.token_bucket``)
 and runs it at the call's T: the bucket's config must be the one ``launch_config`` picks for
 that T, or a call would run tiles chosen for another T.
 """
 
 import pytest
 
-from tpfuse.compile_ops.linear_push import _config_key
+from tpfuse.compile_ops.linear_push import token_bucket
 from tpfuse.kernels import linear_push
 
 #: (K, widths): LM heads at W=4 and 2 (wide bands), the Llama-8B MLP and the EAGLE3 projection at W=4, uneven
@@ -27,7 +27,7 @@ def test_bucket_config_is_the_config_of_every_t_in_it(k, widths):
     band that is not launch_config(T)'s pick at every T: at T=257 the 3584-column band of the
     Llama-8B MLP would count as wide.)"""
     for tokens in range(1, 301):
-        bucket = _config_key(tokens)
+        bucket = token_bucket(tokens)
         assert bucket >= tokens if tokens <= 128 else bucket == 256, (tokens, bucket)
         expected = linear_push.launch_config(tokens if tokens <= 128 else 256, k, widths)
         assert _tiles_aside(linear_push.launch_config(bucket, k, widths)) == _tiles_aside(expected), \
@@ -55,4 +55,4 @@ def test_lm_head_32_row_tiles_switch_width_after_mid_tokens():
         c = linear_push.launch_config(tokens, 4096, widths)
         assert (c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], c["num_stages"], c["SWAP_AB"]) == \
             (32, 64, 4, 6, True), (tokens, c)
-    assert _config_key(mid) == _config_key(17) != _config_key(mid + 1) == _config_key(32)
+    assert token_bucket(mid) == token_bucket(17) != token_bucket(mid + 1) == token_bucket(32)

@@ -116,7 +116,7 @@ def _correctness(rank, W):
     outs = {}
     for mode in ("fused", "unfused"):
         os.environ["TPFUSE_LINEAR_PUSH"] = mode
-        from tpfuse.compile_ops.linear_push import _parse_mode
+        from tpfuse.compile_ops.linear_decision import _parse_mode
 
         _parse_mode.cache_clear()
         outs[mode] = torch.ops.tpfuse.linear_all_gather_hidden(x3, weights[rank], biases[rank], widths,

@@ -21,7 +21,7 @@ Backends:
   computes the linear and pushes each output tile into every peer.  Otherwise
   cuBLAS ``linear`` then ``all_gather_hidden`` with the same permissions.
   ``TPFUSE_LINEAR_PUSH=auto|fused|unfused`` (identical on every rank) forces
-  the choice for benchmarks and tests (compile_ops/linear_push.py).
+  the choice for benchmarks and tests (compile_ops/linear_decision.py).
 
 ``slot``, ``skip_entry_sync`` and ``zero_copy`` are the gather's permissions,
 with the same meaning (only a pass that proved them sets them; ``zero_copy``

@@ -1,13 +1,17 @@
-"""The fused column-linear + push (kernels/linear_push.py) on the host: whether a call fuses, and its one launcher.
+"""The fused column-linear + push (kernels/linear_push.py) on the host: its one launcher.
 
 The fused kernel runs the barrier protocol: it shares the group's workspace with the
 gather (the same slots, signal pads, status word and slot alternation,
 barrier/slots.py), so a fused call and a gather on the same group follow one
 sequence of slots and barriers on every rank.  The barrier backends
-(barrier/backends.py, ``prepare_linear``) are its one entry from the op; the tests
-and benchmarks call ``linear_gather_hidden`` (the same launcher, without the cost
-rule).  Like every push launcher it compiles each variant once and launches it
-through Triton's compiled launcher.
+(barrier/backends.py, ``prepare_linear``) are its one entry from the op: they ask
+linear_decision.py whether the call fuses, then call ``launcher``; the tests and
+benchmarks call ``linear_gather_hidden`` (the same launcher, without the decision).
+
+Here, in this order: the plan a call runs (``plan_for``: its token bucket, then, once
+per variant, the kernel module's launch config, source and compiled kernel), the grid,
+and the launch.  Like every push launcher it compiles each variant once and launches
+it through Triton's compiled launcher.
 
 Correct on 2 and 4 H200s (tests/gpu/test_linear_push.py); where it is faster than
 cuBLAS + the gather: docs/benchmarks.md.
@@ -15,63 +19,22 @@ cuBLAS + the gather: docs/benchmarks.md.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 
 from .. import config as settings
-from . import linear_cost
+from ..kernels import compiler
+from ..kernels import linear_push as kernel
 from . import workspace as workspaces
 from .barrier.slots import ensure_capacity, take_slot
 from .compiled import Compiled, compile_for
 from .failures import raise_if_failed
 
 OP = "tpfuse::linear_all_gather_hidden"
-_MODES = ("auto", "fused", "unfused")
 
 
-# --------------------------------------------------------------------------- whether a call fuses
-
-
-def linear_push_mode() -> str:
-    """``TPFUSE_LINEAR_PUSH``: ``auto`` (the cost rule), ``fused`` or ``unfused``; same on every rank."""
-    return _parse_mode(settings.get("TPFUSE_LINEAR_PUSH"))
-
-
-@functools.lru_cache(maxsize=None)
-def _parse_mode(raw: str) -> str:
-    mode = raw.strip().lower()
-    if mode not in _MODES:
-        raise ValueError(f"tpfuse: TPFUSE_LINEAR_PUSH={mode!r} is not one of {', '.join(_MODES)}")
-    return mode
-
-
-@functools.lru_cache(maxsize=4096)
-def fused_decision(tokens: int, k: int, widths: tuple, dtype: torch.dtype, device_name: str, constants=None,
-                   constants_from: str | None = None) -> linear_cost.LinearFusionDecision:
-    """The cost rule for one call shape on one GPU model (cached: the eager hot path)."""
-    return linear_cost.decide(tokens, k, widths, str(dtype).removeprefix("torch."), dtype.itemsize,
-                              device_name=device_name, constants=constants, constants_from=constants_from)
-
-
-def fuses(tokens: int, k: int, hidden_widths, dtype: torch.dtype, device_name: str, constants=None,
-          constants_from: str | None = None) -> bool:
-    """Whether this call runs the fused kernel: ``TPFUSE_LINEAR_PUSH``, else the cost rule on the GPU model
-    the group's ranks agreed on (with the agreed tuned config's constants, where it has them).
-    Rank-consistent: T, K, the widths, the dtype and agreed facts only."""
-    mode = linear_push_mode()
-    if mode == "unfused":
-        return False
-    decision = fused_decision(tokens, k, tuple(hidden_widths), dtype, device_name, constants, constants_from)
-    if mode == "fused":
-        if decision.rule == "unsupported":
-            raise RuntimeError(f"tpfuse: TPFUSE_LINEAR_PUSH=fused but the fused kernel cannot run: {decision.reason}")
-        return True
-    return decision.fuse
-
-
-# --------------------------------------------------------------------------- compiling a variant
+# --------------------------------------------------------------------------- the plan a call runs
 
 
 @dataclass
@@ -95,20 +58,43 @@ def grid_cap(ws) -> int:
     return max(1, ws.facts.max_blocks // per_sm)
 
 
-def _build(ws, dtype, k, hidden_widths, tokens, has_bias, skip_entry_sync, multimem, exit_sync, copy_out):
-    from ..kernels import compiler, linear_push
+def token_bucket(tokens):
+    """Launch configs depend on T only through BLOCK_M, BLOCK_N and whether T <= MID_TOKENS: bucket T
+    so that a dynamic T compiles a handful of variants, not one per value (same on every rank).
+    Up to T=128 a bucket's config is each of its T's own; every T > 128 runs the T=256 config
+    (the rule never fuses there; tests/test_linear_launch_config.py)."""
+    if 16 < tokens <= kernel.MID_TOKENS:
+        return kernel.MID_TOKENS
+    return min(kernel.next_pow2(max(tokens, 1)), 128) if tokens <= 128 else 256
 
-    config = linear_push.launch_config(tokens, k, hidden_widths, dtype.itemsize, multimem=multimem)
+
+def plan_for(ws, dtype, k, hidden_widths, tokens, has_bias, skip_entry_sync, multimem, exit_sync, copy_out,
+             cap) -> LinearPlan:
+    """The compiled variant that runs ``tokens`` rows: one per token bucket and set of options, kept in the
+    workspace and built on first use.  ``cap``: the grid's cap (the TMA scratch holds one region per block)."""
+    bucket = token_bucket(tokens)
+    key = ("linear", dtype, k, tuple(hidden_widths), bucket, has_bias, bool(skip_entry_sync), multimem, exit_sync,
+           copy_out)
+    plan = ws.plans.get(key)
+    if plan is None:
+        plan = ws.plans[key] = _build(ws, dtype, k, hidden_widths, bucket, has_bias, skip_entry_sync, multimem,
+                                      exit_sync, copy_out, cap)
+    return plan
+
+
+def _build(ws, dtype, k, hidden_widths, bucket, has_bias, skip_entry_sync, multimem, exit_sync, copy_out, cap):
+    """The kernel module's launch config for ``bucket`` rows, its source and its compiled kernel, in one step."""
+    config = kernel.launch_config(bucket, k, hidden_widths, dtype.itemsize, multimem=multimem)
     offsets = compiler.band_offsets(hidden_widths)
-    source = linear_push.linear_source(str(dtype).removeprefix("torch."), ws.group.rank, offsets, k, config,
-                                       has_bias, skip_entry_sync, multimem=multimem, exit_sync=exit_sync,
-                                       copy_out=copy_out)
-    compiled = compile_for(ws.device, source, lambda src: linear_push.compile_linear(src, config))
-    kernel, scratch = compiled.kernel, None
-    per_block = int(getattr(kernel.metadata, "global_scratch_size", 0) or 0)
+    source = kernel.linear_source(str(dtype).removeprefix("torch."), ws.group.rank, offsets, k, config,
+                                  has_bias, skip_entry_sync, multimem=multimem, exit_sync=exit_sync,
+                                  copy_out=copy_out)
+    compiled = compile_for(ws.device, source, lambda src: kernel.compile_linear(src, config))
+    binary, scratch = compiled.kernel, None
+    per_block = int(getattr(binary.metadata, "global_scratch_size", 0) or 0)
     if per_block:  # the kernel builds its TMA descriptors here: one region per block, kept for CUDA graphs
-        scratch = torch.empty(grid_cap(ws) * per_block, dtype=torch.uint8, device=ws.device)
-    return LinearPlan(compiled, config, multimem, scratch, int(kernel.metadata.shared), int(kernel.n_regs))
+        scratch = torch.empty(cap * per_block, dtype=torch.uint8, device=ws.device)
+    return LinearPlan(compiled, config, multimem, scratch, int(binary.metadata.shared), int(binary.n_regs))
 
 
 def _launch_with_scratch(plan, run_args):
@@ -138,24 +124,6 @@ def _launch_with_scratch(plan, run_args):
         _allocation._allocator.reset(token)
 
 
-def _config_key(tokens):
-    """Launch configs depend on T only through BLOCK_M, BLOCK_N and whether T <= MID_TOKENS: bucket T
-    so that a dynamic T compiles a handful of variants, not one per value (same on every rank).
-    Up to T=128 a bucket's config is each of its T's own; every T > 128 runs the T=256 config
-    (the rule never fuses there; tests/test_linear_launch_config.py)."""
-    from ..kernels.linear_push import MID_TOKENS, next_pow2
-
-    if 16 < tokens <= MID_TOKENS:
-        return MID_TOKENS
-    return min(next_pow2(max(tokens, 1)), 128) if tokens <= 128 else 256
-
-
-def _aligned(t: torch.Tensor) -> torch.Tensor:
-    if not t.is_contiguous():
-        t = t.contiguous()
-    return t.clone() if t.data_ptr() % 16 else t
-
-
 # --------------------------------------------------------------------------- launching
 
 
@@ -172,18 +140,14 @@ def launcher(ws, x, weight, bias, hidden_widths, multimem=False, slot=-1, skip_e
     if tokens == 0:  # identical on every rank: every rank skips
         return lambda x, weight, bias: torch.empty(*lead, total, dtype=x.dtype, device=x.device)
     copy_out = multimem or not zero_copy  # the multicast kernel always copies out
-    bucket = _config_key(tokens)
-    key = ("linear", x.dtype, k, tuple(hidden_widths), bucket, bias is not None, bool(skip_entry_sync), multimem,
-           exit_sync, copy_out)
-    plan = ws.plans.get(key)
-    if plan is None:
-        plan = ws.plans[key] = _build(ws, x.dtype, k, hidden_widths, bucket, bias is not None, skip_entry_sync,
-                                      multimem, exit_sync, copy_out)
+    cap = grid_cap(ws)
+    plan = plan_for(ws, x.dtype, k, hidden_widths, tokens, bias is not None, skip_entry_sync, multimem, exit_sync,
+                    copy_out, cap)
     slots = ensure_capacity(ws, tokens * total * x.element_size())
     # Grid: the widest band's tiles (a pure function of T, K, the widths), capped by agreed facts.
     block_m, block_n = plan.config["BLOCK_M"], plan.config["BLOCK_N"]
     tiles = -(-tokens // block_m) * -(-max(hidden_widths) // block_n)
-    head = (max(1, min(grid_cap(ws), tiles)), 1, 1)
+    head = (max(1, min(cap, tiles)), 1, 1)
     middle = (plan.compiled.function, plan.compiled.packed_metadata, None, None, None)
 
     def launch(x, weight, bias):
@@ -191,7 +155,11 @@ def launcher(ws, x, weight, bias, hidden_widths, multimem=False, slot=-1, skip_e
             raise_if_failed(ws, OP)
         # The kernel reads 16-byte vectors of rows: strided or misaligned operands are copied first
         # (a local fact; the grid and the config do not change).
-        x, weight = _aligned(x.reshape(tokens, k)), _aligned(weight)
+        x, weight = x.reshape(tokens, k).contiguous(), weight.contiguous()
+        if x.data_ptr() % 16:
+            x = x.clone()
+        if weight.data_ptr() % 16:
+            weight = weight.clone()
         bias_ptr = 0
         if bias is not None:
             bias = bias.contiguous()
@@ -221,7 +189,7 @@ def launcher(ws, x, weight, bias, hidden_widths, multimem=False, slot=-1, skip_e
 
 def linear_gather_hidden(x, weight, bias, hidden_widths, group, slot=-1, skip_entry_sync=False, zero_copy=False,
                          multimem=False, exit_sync=True):
-    """The fused kernel run directly (tests, benchmarks): the op's launcher, without asking the cost rule."""
+    """The fused kernel run directly (tests, benchmarks): the op's launcher, without asking linear_decision.py."""
     ws = workspaces.usable_workspace(group, x.device.index, OP)
     return launcher(ws, x, weight, bias, hidden_widths, multimem, slot, skip_entry_sync, zero_copy,
                     exit_sync)(x, weight, bias)
