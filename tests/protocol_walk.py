@@ -4,7 +4,7 @@
 resolve from the source alone, depth first and in source order, entering each function
 once; it returns the file of each function as it is entered.  ``returns(files)`` counts,
 per file, how often the walk comes back to it after having left it.  The walk goal
-(docs/design.md, "Reading a protocol's path"): from a backend's ``prepare``, no file is
+(docs/design.md, "Reading a protocol's path"): from a backend's ``prepare`` and ``prepare_linear``, no file is
 returned to more than once.
 
 What it resolves (nothing is imported, so it runs on any tree of sources):
