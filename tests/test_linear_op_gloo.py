@@ -316,7 +316,7 @@ def test_op_decides_with_the_model_its_ranks_agreed_on(monkeypatch):
     group = Group(pg=None, name="agreed-model-test", rank=0, world_size=4)
     x, weight = torch.empty(32, 4096, dtype=torch.bfloat16), torch.empty(32064, 4096, dtype=torch.bfloat16)
 
-    def use_fused(agreed, backend=P2P):
+    def use_fused(agreed, backend=P2P, x=x):
         ws = workspace.Workspace(group, x.device, GroupFacts(True, "", 264, agreed))
         monkeypatch.setitem(workspace._workspaces, (group.name, x.device.index), ws)
         return backend.prepare_linear(x, weight, None, [32064] * 4, group) is not None
@@ -327,3 +327,5 @@ def test_op_decides_with_the_model_its_ranks_agreed_on(monkeypatch):
     assert not use_fused("NVIDIA H200", NCCL)
     monkeypatch.setenv("TPFUSE_LINEAR_PUSH", "fused")  # forcing still works where nothing was measured
     assert use_fused("NVIDIA H100 80GB HBM3")
+    # a call with no rows never fuses, even forced: the composite returns its empty result on every rank
+    assert not use_fused("NVIDIA H200", x=torch.empty(0, 4096, dtype=torch.bfloat16))
