@@ -10,8 +10,7 @@ of each tile leaves the chip.  Two kernels per call:
   accumulator rounded to x's dtype (the composition's logits are that dtype too, and an argmax of
   the unrounded sums would differ where rounding makes two logits equal), and per row the tile's
   partial: ARGMAX, the first maximal element as vocab_reduce's candidate word (value bits, global
-  index; ``value_order``/``order_key``, so NaN above every number and ties to the lowest index as
-  there); SOFTMAX, vocab_softmax's words ``m`` (max, NaN read as -inf, NaN if the tile holds one),
+  index; ``value_order``, so NaN above every number and ties to the lowest index as there); SOFTMAX, vocab_softmax's words ``m`` (max, NaN read as -inf, NaN if the tile holds one),
   ``s = sum exp(x - shift(m))`` and, with a target, the target's logit where this tile holds it
   (0 elsewhere).
 - ``combine_best_kernel`` / ``combine_stats_kernel``, one program per row: the row's tile partials
@@ -70,8 +69,7 @@ Triton, in processes that may not have torch.
 import triton
 import triton.language as tl
 
-from .vocab_reduce import FLOAT_FACTS, NEVER, candidate_word, key_position, neutral_bits, order_key, value_order, \
-    word_bits, word_index
+from .vocab_reduce import FLOAT_FACTS, NEVER, candidate_word, first_best, neutral_bits, value_order
 from .vocab_softmax import logsumexp_shift
 
 #: what the epilogue reduces each row of a tile to
@@ -91,8 +89,6 @@ TARGET_TYPES = ("i64", "i32")
 
 _NAN_FIRST16 = tl.constexpr(2**15 - 1)  # 16-bit orders (vocab_reduce's): NaN above every value
 _NONE16 = tl.constexpr(-(2**15))  # ... and the order of no element, below every value
-_NAN_FIRST = tl.constexpr(2**31 - 1)  # the same for the combine's 32-bit orders (vocab_reduce's merge)
-_MIN_KEY = tl.constexpr(-(2**63))
 _NEVER = tl.constexpr(NEVER)
 _INT32_MIN = tl.constexpr(-(2**31))
 _TILE_COLUMN = tl.constexpr(0xFFFF)  # a tile's column in the low 16 bits of an in-tile key (BLOCK_N <= 2**16)
@@ -243,22 +239,10 @@ def combine_best_kernel(
     NEUTRAL_BITS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Row ``t``: the first best of its tiles' candidates, keyed as vocab_reduce's merge keys them (order,
+    """Row ``t``: the first best of its tiles' candidates, by vocab_reduce's merge's own ``first_best`` (order,
     then position: the tiles sit in increasing column order), the winner's word copied whole."""
     row = tl.program_id(0)
-    base = tiles_ptr + row.to(tl.int64) * n_tiles
-    lanes = tl.arange(0, BLOCK)
-    best = tl.full([BLOCK], _MIN_KEY, tl.int64)
-    for first in range(0, n_tiles, BLOCK):
-        pos = first + lanes
-        live = pos < n_tiles
-        words = tl.load(base + pos, mask=live, other=0)
-        real = live & (word_index(words) != _NEVER)
-        order = value_order(word_bits(words), MAG_MASK, INF_BITS, True, _NAN_FIRST)
-        best = tl.maximum(best, tl.where(real, order_key(order, pos), _MIN_KEY))
-    win = tl.max(best, axis=0)
-    found = win > _MIN_KEY
-    word = tl.load(base + tl.where(found, key_position(win), 0), mask=found, other=0)
+    found, word = first_best(tiles_ptr + row.to(tl.int64) * n_tiles, n_tiles, MAG_MASK, INF_BITS, True, BLOCK)
     neutral = candidate_word(tl.full((), _NEVER, tl.int32), tl.full((), NEUTRAL_BITS, tl.int32))
     tl.store(out_ptr + row, tl.where(found, word, neutral))
 

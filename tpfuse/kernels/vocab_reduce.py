@@ -280,19 +280,10 @@ def local_topk_kernel(
 
 
 @triton.jit
-def merge_best_kernel(
-    part_ptr,  # *i64: [T, candidates], every rank's candidates in rank order
-    values_ptr,  # *i16 / *i32: [T] the winners' bits (x's dtype)
-    indices_ptr,  # *i64: [T]
-    candidates,
-    MAG_MASK: tl.constexpr,
-    INF_BITS: tl.constexpr,
-    LARGEST: tl.constexpr,
-    NEUTRAL_BITS: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    t = tl.program_id(0)
-    row = part_ptr + t.to(tl.int64) * candidates
+def _first_best(row, candidates, MAG_MASK: tl.constexpr, INF_BITS: tl.constexpr, LARGEST: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """The first best of the ``candidates`` words at ``row`` (by order, NaN first, then the lower position;
+    neutral candidates skipped): ``(found, word)``, the winner's word copied whole."""
     lanes = tl.arange(0, BLOCK)
     best = tl.full([BLOCK], _MIN_KEY, tl.int64)
     for i in range(0, tl.cdiv(candidates, BLOCK)):
@@ -305,6 +296,24 @@ def merge_best_kernel(
     win = tl.max(best, axis=0)
     found = win > _MIN_KEY
     word = tl.load(row + tl.where(found, _position(win), 0), mask=found, other=0)
+    return found, word
+
+
+@triton.jit
+def merge_best_kernel(
+    part_ptr,  # *i64: [T, candidates], every rank's candidates in rank order
+    values_ptr,  # *i16 / *i32: [T] the winners' bits (x's dtype)
+    indices_ptr,  # *i64: [T]
+    candidates,
+    MAG_MASK: tl.constexpr,
+    INF_BITS: tl.constexpr,
+    LARGEST: tl.constexpr,
+    NEUTRAL_BITS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    t = tl.program_id(0)
+    found, word = _first_best(part_ptr + t.to(tl.int64) * candidates, candidates, MAG_MASK, INF_BITS, LARGEST,
+                              BLOCK)
     tl.store(values_ptr + t, tl.where(found, _bits_of(word), NEUTRAL_BITS).to(values_ptr.dtype.element_ty))
     tl.store(indices_ptr + t, tl.where(found, _index_of(word), _NEVER).to(tl.int64))
 
@@ -443,3 +452,4 @@ key_position = _position
 candidate_word = _word
 word_bits = _bits_of
 word_index = _index_of
+first_best = _first_best
