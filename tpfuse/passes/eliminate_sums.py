@@ -2,7 +2,7 @@
 
 Inductor's post-grad graphs hold ``log_softmax``, ``logsumexp``, ``softmax`` and
 ``cross_entropy`` decomposed (docs/passes.md, "Gather elimination: the sum family").  Around
-the gathered logits ``X`` (after the steps ``gather_elimination.py`` walks: upcast,
+the gathered logits ``X`` (after the steps ``elimination_walk.py`` walks: upcast,
 temperature, ``[..., :V]``), one *softmax* is::
 
     amax = amax(X, [-1], True)
@@ -58,7 +58,7 @@ from torch.fx import Node
 
 from ..compile_ops import reduce_hidden, vocab_parallel_loss  # noqa: F401 - register the ops the rewrite emits
 from . import graph_facts as facts
-from .gather_elimination import Elimination, EliminationMatcher, ReductionSite
+from .elimination_matchers import Elimination, EliminationMatcher, ReductionSite
 from .patterns import Reject
 
 aten = torch.ops.aten
