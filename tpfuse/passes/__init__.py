@@ -64,18 +64,11 @@ del _pattern
 
 
 def _builtin_eliminations() -> list:
-    """The exact family, and the sum family where ``eliminate_sums.py`` is present (it imports
-    ``gather_elimination``, so the two are joined here, not there)."""
-    import importlib.util
+    """The exact family, then the sum family (``eliminate_sums.py``)."""
+    from .eliminate_sums import MATCHERS as SUM_MATCHERS
+    from .exact_eliminations import EXACT_MATCHERS
 
-    from .gather_elimination import EXACT_MATCHERS
-
-    matchers = list(EXACT_MATCHERS)
-    if importlib.util.find_spec(f"{__name__}.eliminate_sums") is not None:
-        from . import eliminate_sums
-
-        matchers += list(getattr(eliminate_sums, "MATCHERS", ()))
-    return matchers
+    return [*EXACT_MATCHERS, *SUM_MATCHERS]
 
 
 register_builtin_eliminations(_builtin_eliminations())
