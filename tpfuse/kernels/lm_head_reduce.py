@@ -69,6 +69,7 @@ Triton, in processes that may not have torch.
 import triton
 import triton.language as tl
 
+from .compiler import ast_source
 from .vocab_reduce import FLOAT_FACTS, NEVER, candidate_word, first_best, neutral_bits, value_order
 from .vocab_softmax import logsumexp_shift
 
@@ -382,16 +383,6 @@ def _check_dtype(dtype_name: str) -> None:
         raise ValueError(f"the fused LM head reads x and W of {', '.join(DOT_TYPES)}, not {dtype_name!r}")
 
 
-def _source(fn, types, constexprs, aligned):
-    from triton.compiler import ASTSource
-
-    signature = {n: ("constexpr" if n in constexprs else types[n]) for n in fn.arg_names}
-    # Triton's "tt.divisibility": these pointers are 16-byte aligned and these integers multiples of 16
-    # (the host checks before it picks the aligned variant): the operand tiles load in 16-byte vectors
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    return ASTSource(fn, signature, constexprs, attrs)
-
-
 def tiles_source(dtype_name: str, target_type: str, mode: int, has_target: bool, plan: dict, even_k: bool,
                  aligned: bool):
     """The ``ASTSource`` of one variant of ``lm_head_tiles_kernel``.  ``aligned``: x and W start on 16 bytes
@@ -405,19 +396,19 @@ def tiles_source(dtype_name: str, target_type: str, mode: int, has_target: bool,
              "tiles_ptr": "*i64" if mode == ARGMAX else "*fp32", "tokens": "i32", "width": "i32", "hidden": "i32",
              "x_stride": "i64", "w_stride": "i64", "offset": "i64", "m_tiles": "i32", "n_tiles": "i32"}
     constexprs = tiles_constexprs(dtype_name, mode, has_target, plan, even_k)
-    return _source(lm_head_tiles_kernel, types, constexprs,
+    return ast_source(lm_head_tiles_kernel, types, constexprs,
                    ("x_ptr", "w_ptr", "hidden", "x_stride", "w_stride") if aligned else ())
 
 
 def combine_best_source(dtype_name: str):
     _check_dtype(dtype_name)
     types = {"tiles_ptr": "*i64", "out_ptr": "*i64", "n_tiles": "i32"}
-    return _source(combine_best_kernel, types, combine_best_constexprs(dtype_name), ())
+    return ast_source(combine_best_kernel, types, combine_best_constexprs(dtype_name), ())
 
 
 def combine_stats_source(has_target: bool):
     types = {"tiles_ptr": "*fp32", "out_ptr": "*fp32", "n_tiles": "i32"}
-    return _source(combine_stats_kernel, types, combine_stats_constexprs(has_target), ())
+    return ast_source(combine_stats_kernel, types, combine_stats_constexprs(has_target), ())
 
 
 def compile_source(source, target=None, num_warps=4, num_stages=3):

@@ -38,6 +38,8 @@ version, in processes that may not have torch.
 import triton
 import triton.language as tl
 
+from .compiler import ast_source
+
 #: the index of a neutral candidate (int32 max, as reduce_hidden's ``_NEVER``): loses every tie
 NEVER = 2**31 - 1
 #: multiprocessors assumed by the plan (H100/H200 SXM): a constant, not a device query, so that
@@ -408,15 +410,6 @@ def constexprs(dtype_name: str, largest: bool, k: int | None = None, block: int 
 # the ahead-of-time CI tests (target = sm_90).
 
 
-def _source(fn, types, consts, aligned=()):
-    from triton.compiler import ASTSource
-
-    signature = {n: ("constexpr" if n in consts else types[n]) for n in fn.arg_names}
-    # Triton's "tt.divisibility": these are multiples of 16 (bytes for pointers), which the host checks
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    return ASTSource(fn, signature, consts, attrs)
-
-
 def local_source(dtype_name: str, largest: bool, k: int | None = None, aligned: bool = True):
     """The ``ASTSource`` of ``local_best`` (k None) or ``local_topk``.
 
@@ -426,7 +419,7 @@ def local_source(dtype_name: str, largest: bool, k: int | None = None, aligned: 
     types = {"x_ptr": "*" + INT_OF_SIZE[size], "part_ptr": "*i64", "row_stride": "i64", "width": "i32",
              "offset": "i32", "tiles_per_chunk": "i32"}
     fn = local_best_kernel if k is None else local_topk_kernel
-    return _source(fn, types, constexprs(dtype_name, largest, k), ("x_ptr", "row_stride") if aligned else ())
+    return ast_source(fn, types, constexprs(dtype_name, largest, k), ("x_ptr", "row_stride") if aligned else ())
 
 
 def merge_source(dtype_name: str, largest: bool, k: int | None = None):
@@ -435,7 +428,7 @@ def merge_source(dtype_name: str, largest: bool, k: int | None = None):
     types = {"part_ptr": "*i64", "values_ptr": "*" + INT_OF_SIZE[size], "indices_ptr": "*i64", "candidates": "i32"}
     fn = merge_best_kernel if k is None else merge_topk_kernel
     block = MERGE_BLOCK_BEST if k is None else MERGE_BLOCK_TOPK
-    return _source(fn, types, constexprs(dtype_name, largest, k, block))
+    return ast_source(fn, types, constexprs(dtype_name, largest, k, block))
 
 
 def compile_source(source, target=None, num_warps=NUM_WARPS):

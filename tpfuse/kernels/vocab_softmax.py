@@ -33,6 +33,8 @@ may not have torch (tests/aot_kernels_report.py).
 import triton
 import triton.language as tl
 
+from .compiler import ast_source
+
 #: programs the local pass aims for when rows are few (about two per multiprocessor of an
 #: H100/H200); a constant, not the device's count, so that every rank splits alike
 TARGET_PROGRAMS = 264
@@ -412,17 +414,6 @@ def _check_types(logits: str, target: str) -> None:
         raise ValueError(f"the softmax kernels read targets of {', '.join(TARGET_TYPES)}, not {target!r}")
 
 
-def _source(fn, types, constexprs, aligned):
-    from triton.compiler import ASTSource
-
-    signature = {n: ("constexpr" if n in constexprs else types[n]) for n in fn.arg_names}
-    # Triton's "tt.divisibility": these pointers are 16-byte aligned and these integers
-    # multiples of 16 (the host checks both before it picks an aligned variant), so that
-    # the row loads and stores are 16-byte vectors
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    return ASTSource(fn, signature, constexprs, attrs)
-
-
 def local_stats_constexprs(has_target, with_logit_sum, with_entropy, block):
     return {"HAS_TARGET": bool(has_target), "WITH_LOGIT_SUM": bool(with_logit_sum),
             "WITH_ENTROPY": bool(with_entropy), "K": partial_words(has_target, with_logit_sum, with_entropy),
@@ -435,7 +426,7 @@ def local_stats_source(logits, target, has_target, with_logit_sum, with_entropy,
     types = {"x_ptr": "*" + logits, "target_ptr": "*" + target, "partials_ptr": "*fp32", "width": "i32",
              "row_stride": "i64", "offset": "i64", "chunk": "i32"}
     constexprs = local_stats_constexprs(has_target, with_logit_sum, with_entropy, block)
-    return _source(local_stats_kernel, types, constexprs,
+    return ast_source(local_stats_kernel, types, constexprs,
                    ("x_ptr", "width", "row_stride", "chunk") if aligned else ("chunk",))
 
 
@@ -454,7 +445,7 @@ def merge_source(widths, has_target, with_logit_sum, with_entropy):
     types = {**{n: "*fp32" for n in ("gathered_ptr", "shift_ptr", "log_sum_ptr", "target_logit_ptr",
                                      "logit_sum_ptr", "entropy_ptr")},
              "rows": "i32", "splits": "i32", "chunk": "i32"}
-    return _source(merge_kernel, types, merge_constexprs(widths, has_target, with_logit_sum, with_entropy), ())
+    return ast_source(merge_kernel, types, merge_constexprs(widths, has_target, with_logit_sum, with_entropy), ())
 
 
 def finish_constexprs(mode, smooth):
@@ -467,7 +458,7 @@ def finish_source(target, mode, smooth):
     types = {**{n: "*fp32" for n in ("log_sum_ptr", "target_logit_ptr", "logit_sum_ptr", "out_ptr", "count_ptr")},
              "target_ptr": "*" + target, "rows": "i32", "vocab": "i64", "ignore_index": "i64", "kept": "fp32",
              "smoothing": "fp32"}
-    return _source(finish_kernel, types, finish_constexprs(mode, smooth), ())
+    return ast_source(finish_kernel, types, finish_constexprs(mode, smooth), ())
 
 
 def cross_entropy_grad_constexprs(mode, smooth, block):
@@ -481,7 +472,7 @@ def cross_entropy_grad_source(logits, target, mode, smooth, block, aligned):
              **{n: "*fp32" for n in ("shift_ptr", "log_sum_ptr", "grad_loss_ptr", "count_ptr")},
              "width": "i32", "row_stride": "i64", "offset": "i64", "vocab": "i64", "ignore_index": "i64",
              "kept": "fp32", "smoothing": "fp32"}
-    return _source(cross_entropy_grad_kernel, types, cross_entropy_grad_constexprs(mode, smooth, block),
+    return ast_source(cross_entropy_grad_kernel, types, cross_entropy_grad_constexprs(mode, smooth, block),
                    ("x_ptr", "grad_ptr", "width", "row_stride") if aligned else ())
 
 
@@ -498,7 +489,7 @@ def local_grad_source(logits, target, with_log_sum, with_target_logit, with_logi
                                      "grad_target_logit_ptr", "grad_logit_sum_ptr", "grad_entropy_ptr")},
              "width": "i32", "full_width": "i64", "row_stride": "i64", "offset": "i64"}
     constexprs = local_grad_constexprs(with_log_sum, with_target_logit, with_logit_sum, with_entropy, block)
-    return _source(local_grad_kernel, types, constexprs,
+    return ast_source(local_grad_kernel, types, constexprs,
                    ("x_ptr", "grad_ptr", "width", "full_width", "row_stride") if aligned else ())
 
 
