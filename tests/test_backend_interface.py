@@ -64,7 +64,7 @@ def test_a_toy_backend_in_one_file():
         assert res["toy_calls_after_float32"] == 1
         assert "TPFUSE_BACKEND=toy but that path is unavailable: the toy moves int32 only" in res["forced_refusal"]
         assert res["toy_calls_after_unregister"] == 1
-        assert res["order"] == ["gloo", "flag", "multimem", "p2p", "nccl"]
+        assert res["order"] == ["gloo", "flag", "multimem", "p2p", "nccl_symmetric", "nccl"]
 
 
 def test_registration_errors_say_what_is_registered():

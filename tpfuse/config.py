@@ -195,6 +195,13 @@ def tuned_config_dir() -> str:
     return get("TPFUSE_TUNED_CONFIG_DIR") or os.path.join(cache, "tpfuse")
 
 
+def nccl_nvls_off() -> bool:
+    """Whether ``NCCL_NVLS_ENABLE=0`` is set: NCCL then makes no NVLink SHARP (multicast) object for a
+    communicator it creates, so no window registered on one is bound to multicast (docs/safety.md, "NCCL
+    symmetric windows"; the nccl_symmetric backend runs only then).  Read here, the one reader of the environment."""
+    return (os.environ.get("NCCL_NVLS_ENABLE") or "").strip() == "0"
+
+
 def dump_dir(option: str | None) -> str | None:
     """Where dumps go: the ``dump_dir`` option, else ``$TPFUSE_DUMP_DIR``, else nowhere."""
     return option or get("TPFUSE_DUMP_DIR") or None

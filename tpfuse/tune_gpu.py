@@ -12,7 +12,7 @@ eager call costs what the op's repeated call costs.
 | ``p2p`` | the barrier push, both barriers (the ``p2p`` backend's launcher) | no barrier at all, one slot |
 | ``p2p_entry_elided`` | the same, entry barrier elided, ping-pong slots | no barrier at all, one slot |
 | ``nccl`` | NCCL all-gather + rearrange (the op's NCCL backend) | bands in reverse order |
-| ``nccl_symmetric`` | the same from NCCL symmetric windows, where torch and NCCL expose them | bands in reverse order |
+| ``nccl_symmetric`` | the ``nccl_symmetric`` backend's launcher, where this host allows NCCL windows | bands in reverse order |
 
 A control shows that the check would catch a wrong result: for the push
 protocols it is the protocol with its safety removed (the race the protocol
@@ -37,14 +37,16 @@ from types import SimpleNamespace
 
 import torch
 
-from .compile_ops import collective, tuned_configs
+from .compile_ops import collective, nccl_symmetric, tuned_configs
 from .compile_ops import workspace as workspaces
+from .compile_ops.backend import GatherCall
 from .compile_ops.barrier import P2P, slots
 from .compile_ops.barrier import launcher as barrier_launcher
 from .compile_ops.flag import FLAG
 from .compile_ops.flag import buffers as flag_buffers
 from .compile_ops.flag import launcher as flag_launcher
 from .compile_ops.groups import GroupFacts
+from .compile_ops.nccl_symmetric import NCCL_SYMMETRIC
 from .compile_ops.program_order import ProgramOrder
 from .compile_ops.tuned_configs import CorrectnessRecord
 from .kernels import flag as flag_protocol
@@ -271,64 +273,37 @@ class FlagRunner(GatherRunner):
 
 
 class NcclSymmetricRunner(NcclRunner):
-    """NCCL all-gather between buffers registered as NCCL symmetric windows (NCCL >= 2.27 with a torch whose
-    ProcessGroupNCCL registers a memory pool with ``symm=True``); the input is copied into the window, as a
-    caller's tensor would have to be."""
+    """The ``nccl_symmetric`` backend's launcher (compile_ops/nccl_symmetric/), whatever its crossover says: the
+    tune measures where the crossover is.  Unavailable, with the backend's own agreed reason, where this
+    host's NCCL, torch or ``NCCL_NVLS_ENABLE`` allow no windows."""
 
     name = "nccl_symmetric"
 
-    def __init__(self, ctx, max_slab_numel: int):
+    def __init__(self, ctx, tokens: int, width: int):
         super().__init__(ctx)
-        self.pool = self.backend = None
-        self.reason = self._set_up(max_slab_numel)
-
-    def _set_up(self, numel: int) -> str:
-        self.ctx.barrier()  # a collective first: the group's NCCL communicator exists before windows register on it
-        version = tuple(torch.cuda.nccl.version())
-        if version < (2, 27):
-            return f"NCCL {'.'.join(map(str, version))} has no symmetric kernels (2.27 or later)"
-        get_backend = getattr(self.group.pg, "_get_backend", None)
-        backend = get_backend(self.device) if get_backend else None
-        if getattr(backend, "mem_allocator", None) is None or not hasattr(backend, "register_mem_pool"):
-            return f"torch {torch.__version__} exposes no NCCL window registration (ProcessGroupNCCL.register_mem_pool)"
-        pool = torch.cuda.MemPool(backend.mem_allocator)
-        with torch.cuda.use_mem_pool(pool):
-            self.send = torch.empty(numel, dtype=BF16, device=self.device)
-            self.stacked = torch.empty(self.W * numel, dtype=BF16, device=self.device)
-        try:
-            backend.register_mem_pool(pool, symm=True)  # collective: the same on every rank (same software)
-        except TypeError:
-            return f"torch {torch.__version__} registers NCCL windows without symm=True"
-        except RuntimeError as err:
-            return f"registering NCCL symmetric windows failed: {err}"
-        self.pool, self.backend = pool, backend
-        return ""
+        # the backend's own refusal, forced (the crossover is what this run measures): it registers the windows
+        # once, for the largest slab of the run (collective: every rank makes its runners in the same order)
+        call = GatherCall("cuda", BF16, tokens, (width,) * self.W, self.group, NCCL_SYMMETRIC.name)
+        self.reason = NCCL_SYMMETRIC.refusal(call)
 
     def unavailable(self):
         return self.reason
 
     def gather(self, x):
-        import torch.distributed as dist
-
-        T, width = x.shape
-        send = self.send[: x.numel()].view(T, width)
-        send.copy_(x)
-        stacked = self.stacked[: self.W * x.numel()]
-        dist.all_gather_into_tensor(stacked, send, group=self.group.pg)
-        return stacked.view(self.W, T, width).permute(1, 0, 2).reshape(T, self.W * width)
+        return self._kept(("gather", x.shape), lambda: NCCL_SYMMETRIC.prepare(x, self.widths(x), self.group))(x)
 
     def close(self):
-        """Deregister before the group goes: a process group destroyed with windows still registered fails."""
-        if self.pool is not None:
-            torch.cuda.synchronize()
-            self.backend.deregister_mem_pool(self.pool)
-            self.pool = None
+        """Deregister the windows before the group goes (collective): some torch releases fail to when they
+        destroy a group that still has windows."""
+        self._launchers.clear()
+        nccl_symmetric.release(self.group.name)
 
 
 def gpu_runners(ctx, plan) -> list:
-    largest = max(plan.tokens) * max(plan.widths)
+    tokens = max(max(plan.tokens), max(t for t, _ in STRESS_SHAPES))
+    width = max(max(plan.widths), max(w for _, w in STRESS_SHAPES))
     return [FlagRunner(ctx), P2PRunner(ctx), P2PEntryElidedRunner(ctx), NcclRunner(ctx),
-            NcclSymmetricRunner(ctx, max(largest, max(t * w for t, w in STRESS_SHAPES)))]
+            NcclSymmetricRunner(ctx, tokens, width)]
 
 
 # --------------------------------------------------------------------------- the linear probe

@@ -40,6 +40,7 @@ class Backend(str, enum.Enum):
     P2P = "p2p"  # CUDA: Triton push into peers' symmetric memory between entry and exit barriers
     FLAG = "flag"  # CUDA: Triton push with a flag in every 8 bytes, no barriers (small messages)
     MULTIMEM = "multimem"  # CUDA: NVLink multicast push between barriers (compile-verified only)
+    NCCL_SYMMETRIC = "nccl_symmetric"  # CUDA: NCCL's all-gather between symmetric windows, then rearrange
 
 
 #: what a refusal answers, at compile time only, when its decision needs T and T is symbolic

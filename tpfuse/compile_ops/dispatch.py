@@ -28,12 +28,14 @@ from .barrier import MULTIMEM, P2P
 from .collective import GLOO, NCCL
 from .flag import FLAG
 from .groups import Group, GroupFacts
+from .nccl_symmetric import NCCL_SYMMETRIC
 
 #: The registered backends, in the order dispatch tries them (the first that does not
 #: refuse runs the call): gloo for CPU tensors; on CUDA the flag protocol for small
-#: slabs, NVLink multicast where asked for and available, p2p (the barrier push), and
+#: slabs, NVLink multicast where asked for and available, p2p (the barrier push),
+#: NCCL's symmetric windows where a tuned config measured them faster than NCCL, and
 #: NCCL, which never refuses.  The same on every rank, as long as every rank registers alike.
-BACKENDS: list[GatherBackend] = [GLOO, FLAG, MULTIMEM, P2P, NCCL]
+BACKENDS: list[GatherBackend] = [GLOO, FLAG, MULTIMEM, P2P, NCCL_SYMMETRIC, NCCL]
 #: how many calls each backend was chosen for, in this process (tests assert the path that ran)
 chosen: collections.Counter = collections.Counter()
 

@@ -1,0 +1,63 @@
+"""The nccl_symmetric backend's one launcher: the op's backend (backend.py), the tune's runner and the benchmark
+call it alike.
+
+``launcher`` does once per call shape what does not change between calls: windows big enough for the shape
+(windows.py, collective at the first call that needs them) and the views into them.  The ``launch`` it
+returns checks the group's status word (a push call that failed on the group fails every later call,
+docs/contract.md), then, as one step in the group's host issue order (program_order.py), copies the slab
+into the send window, all-gathers into the receive window and rearranges the bands into a fresh result.
+The order matters here as it does for the push protocols: every call of the group shares the windows, so a
+call on another stream must not overwrite them while an earlier call still reads them.  On one stream,
+stream order does it (the collective waits for the copy in, the rearrange for the collective).
+
+A peer that never arrives is NCCL's to report (its watchdog), as on the ``nccl`` backend.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..failures import raise_if_failed
+from .windows import ensure_windows
+
+# all_gather_single where torch has it: its older name warns as deprecated on every call
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+#: the copies move an integer of the element's size: bit-exact for every dtype, float8 included
+_WIRE = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
+
+
+def launcher(ws, x, hidden_widths):
+    """The launcher ``launch(x, out=None) -> result`` of every call shaped like ``x`` on workspace ``ws``.
+
+    ``out`` (tests only) is the caller-owned result to fill.  Raises, naming the agreed reason, where the
+    group cannot have windows (the backend refuses those calls; a direct caller may not have asked it)."""
+    shape = tuple(x.shape[:-1]) + (sum(hidden_widths),)
+    tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if tokens == 0:  # identical on every rank: every rank skips
+        return lambda x, out=None: x.new_empty(shape) if out is None else out
+    W, width, widest, dtype = len(hidden_widths), x.shape[-1], max(hidden_widths), x.dtype
+    wire = _WIRE[x.element_size()]
+    slab = tokens * widest * x.element_size()
+    windows = ensure_windows(ws, slab)
+    if windows.reason:
+        raise RuntimeError(f"tpfuse: nccl_symmetric cannot run on group {ws.group.name!r}: {windows.reason}")
+    send_bytes, recv_bytes = windows.send[:slab], windows.recv[:W * slab]
+    send = send_bytes.view(wire).view(tokens, widest)[:, :width]  # padding columns are never read
+    stacked = recv_bytes.view(wire).view(W, tokens, widest)
+    bands = [stacked[r, :, :w] for r, w in enumerate(hidden_widths)]
+    pg, device_index, order, status = ws.group.pg, x.device.index, ws.order, ws.status_view
+
+    def launch(x, out=None):
+        if status is not None and status[0]:
+            raise_if_failed(ws)
+        if out is None:
+            out = torch.empty(shape, dtype=dtype, device=x.device)
+        with order.lock:  # this call's place in the group's host order and its work are one step
+            order.next_call(device_index)
+            send.copy_(x.reshape(tokens, width).view(wire))
+            _all_gather(recv_bytes, send_bytes, group=pg)
+            torch.cat(bands, dim=-1, out=out.view(tokens, -1).view(wire))
+        return out
+
+    return launch
