@@ -57,3 +57,17 @@ def fake_cuda(monkeypatch):
     yield install
     workspaces._workspaces.clear()
     workspaces._workspaces.update(saved)
+
+
+@pytest.fixture
+def planning(monkeypatch):
+    """The compile-time plan, whatever machine runs the test: a stand-in GPU model, an empty evidence table
+    and no forcing variable (none of the machine's GPU or of the shipped table's entries reaches it)."""
+    from tpfuse.compile_ops import dispatch
+    from tpfuse.compile_ops.flag import evidence
+
+    for name in ("TPFUSE_BACKEND", "TPFUSE_FLAG_MAX_BYTES", "TPFUSE_ENABLE_MULTIMEM", "TPFUSE_PUSH_MAX_BYTES"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(dispatch, "local_device_name", lambda: "stand-in GPU")
+    monkeypatch.setattr(evidence, "FLAG_CROSSOVER", {})
+    return monkeypatch

@@ -179,17 +179,6 @@ def test_flag_timeout_report_names_the_missing_rank():
 # --------------------------------------------------------------------------- the passes
 
 
-@pytest.fixture
-def planning(monkeypatch):
-    """The compile-time plan, whatever machine runs the test: a stand-in GPU model, an empty evidence table
-    and no forcing variable (none of the machine's GPU or of the shipped table's entries reaches it)."""
-    for name in ("TPFUSE_BACKEND", "TPFUSE_FLAG_MAX_BYTES", "TPFUSE_ENABLE_MULTIMEM", "TPFUSE_PUSH_MAX_BYTES"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(dispatch, "local_device_name", lambda: "stand-in GPU")
-    monkeypatch.setattr(evidence, "FLAG_CROSSOVER", {})
-    return monkeypatch
-
-
 def test_pass_reports_the_protocol_and_never_claims_a_barrier_the_flag_protocol_lacks(planning):
     """A post-grad-like graph on (fake) CUDA tensors: the small gather is reported as the flag protocol,
     with no saved barrier and as a fence without an exit barrier; the large one as p2p (the barrier push),

@@ -1,14 +1,11 @@
 """The elision pass takes the protocols' facts from their one home (the packages kernels/barrier/ and
 kernels/flag/) instead of restating them: change a fact there and the decisions follow."""
 
-import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import tpfuse  # noqa: F401  (registers the op)
-from tpfuse.compile_ops import dispatch
-from tpfuse.compile_ops.flag import evidence
 from tpfuse.kernels import barrier
 from tpfuse.kernels import flag as flag_protocol
 from tpfuse.passes import barrier_elision
@@ -24,16 +21,6 @@ def _decisions():
         args = [torch.empty(s, device="cuda", dtype=torch.bfloat16) for s in ((4, 16), (16, 8), (16, 8))]
         graph = make_fx(_chain)(*args).graph
     return barrier_elision.decide_barriers(graph)
-
-
-@pytest.fixture
-def planning(monkeypatch):
-    """The plan, whatever machine runs the test: a stand-in GPU model, no evidence, no forcing variable."""
-    for name in ("TPFUSE_BACKEND", "TPFUSE_FLAG_MAX_BYTES", "TPFUSE_ENABLE_MULTIMEM", "TPFUSE_PUSH_MAX_BYTES"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(dispatch, "local_device_name", lambda: "stand-in GPU")
-    monkeypatch.setattr(evidence, "FLAG_CROSSOVER", {})
-    return monkeypatch
 
 
 def test_skips_rest_on_the_barrier_protocols_facts(planning):
