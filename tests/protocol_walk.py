@@ -42,17 +42,23 @@ class Module:
     instances: dict = field(default_factory=dict)  # local name -> class name called to make it
 
 
-def read_tree(root: str = ROOT, top: str = TOP) -> dict[str, Module]:
-    """Every module under ``root/top``, parsed."""
+def python_sources(folder: str, relative_to: str) -> dict[str, str]:
+    """``{"tpfuse/a/b.py": source}`` for every ``.py`` file under ``folder`` (new files included), the paths
+    relative to ``relative_to`` with ``/``."""
     files = {}
-    for base, dirs, names in os.walk(os.path.join(root, top)):
+    for base, dirs, names in os.walk(folder):
         dirs[:] = [d for d in dirs if d != "__pycache__"]
         for name in names:
             if name.endswith(".py"):
                 path = os.path.join(base, name)
                 with open(path, encoding="utf-8") as f:
-                    files[os.path.relpath(path, root).replace(os.sep, "/")] = f.read()
-    return tree_of(files)
+                    files[os.path.relpath(path, relative_to).replace(os.sep, "/")] = f.read()
+    return files
+
+
+def read_tree(root: str = ROOT, top: str = TOP) -> dict[str, Module]:
+    """Every module under ``root/top``, parsed."""
+    return tree_of(python_sources(os.path.join(root, top), root))
 
 
 def tree_of(files: dict[str, str]) -> dict[str, Module]:

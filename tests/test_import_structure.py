@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from protocol_walk import python_sources
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "tpfuse")
 TOP = "tpfuse"
@@ -94,16 +96,7 @@ def tree_of(files: dict[str, str]) -> Tree:
 
 def read_package(package_dir: str) -> Tree:
     """The ``Tree`` of every ``.py`` file under ``package_dir``, read from disk (new modules included)."""
-    files = {}
-    parent = os.path.dirname(package_dir)
-    for base, dirs, names in os.walk(package_dir):
-        dirs[:] = [d for d in dirs if d != "__pycache__"]
-        for name in names:
-            if name.endswith(".py"):
-                path = os.path.join(base, name)
-                with open(path, encoding="utf-8") as f:
-                    files[os.path.relpath(path, parent).replace(os.sep, "/")] = f.read()
-    return tree_of(files)
+    return tree_of(python_sources(package_dir, os.path.dirname(package_dir)))
 
 
 # --------------------------------------------------------------------------- one module's references
