@@ -10,7 +10,8 @@ of each tile leaves the chip.  Two kernels per call:
   accumulator rounded to x's dtype (the composition's logits are that dtype too, and an argmax of
   the unrounded sums would differ where rounding makes two logits equal), and per row the tile's
   partial: ARGMAX, the first maximal element as vocab_reduce's candidate word (value bits, global
-  index; ``value_order``, so NaN above every number and ties to the lowest index as there); SOFTMAX, vocab_softmax's words ``m`` (max, NaN read as -inf, NaN if the tile holds one),
+  index; ``value_order``, so NaN above every number and ties to the lowest index as there);
+  SOFTMAX, vocab_softmax's words ``m`` (max, NaN read as -inf, NaN if the tile holds one),
   ``s = sum exp(x - shift(m))`` and, with a target, the target's logit where this tile holds it
   (0 elsewhere).
 - ``combine_best_kernel`` / ``combine_stats_kernel``, one program per row: the row's tile partials
