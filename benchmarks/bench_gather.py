@@ -9,11 +9,16 @@ Rows: T in {1, 8, 32, 128, 512} x local width in {1024, 1792, 4096, 32064}
 - ``tpfuse_both``: the push kernel with entry and exit barriers (the op's default);
 - ``tpfuse_elided``: entry barrier elided, ping-pong slots (what a proven pass may emit);
 - ``tpfuse_flag``: the flag protocol (no barriers; a flag in every 8 bytes), for slabs up
-  to the flag buffers' size (``FLAG_MAX_SLAB_BYTES``), blank above.
+  to the flag buffers' size (``FLAG_MAX_SLAB_BYTES``), blank above;
+- ``nccl_symmetric``: the ``nccl_symmetric`` backend (NCCL's all-gather between buffers registered as
+  NCCL symmetric windows, then the rearrange), forced; blank on every row, with the backend's reason
+  printed, where the host cannot register windows (NCCL before 2.27, a torch without ``symm``).
 The floor for small messages is an empty kernel in a graph plus one link traversal
 (``--diagnose`` times the empty kernel).  The last lines give, per width, the
 largest slab at which the flag protocol beat the barrier push in both modes: the
-crossover ``compile_ops/flag/evidence.py`` records per card and W.
+crossover ``compile_ops/flag/evidence.py`` records per card and W; and the largest
+output up to which nccl_symmetric was no slower than nccl_rearrange (the rule of
+``crossover_rule.py``, the tune's ``nccl_symmetric`` crossover).
 Times are per call, median over repeats, the slowest rank's.  Egress is the
 bytes each GPU sends, ``T * w * 2 * (W - 1)``, over the time.  Prints the
 card, torch, NCCL and Triton versions first and a short table last; writes
@@ -36,14 +41,18 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from tpfuse import config  # noqa: E402
-from tpfuse.compile_ops import collective  # noqa: E402
+from tpfuse.compile_ops import collective, crossover_rule, nccl_symmetric  # noqa: E402
+from tpfuse.compile_ops.backend import GatherCall  # noqa: E402
 from tpfuse.compile_ops.barrier import P2P  # noqa: E402
 from tpfuse.compile_ops.flag import FLAG  # noqa: E402
 from tpfuse.compile_ops.groups import resolve_group  # noqa: E402
+from tpfuse.compile_ops.nccl_symmetric import NCCL_SYMMETRIC  # noqa: E402
 
 import compiled_tp_bench as cb  # noqa: E402  (this folder: the script's own)
 
-METHODS = ("nccl_gather", "nccl_rearrange", "tpfuse_both", "tpfuse_elided", "tpfuse_flag")
+METHODS = ("nccl_gather", "nccl_rearrange", "tpfuse_both", "tpfuse_elided", "tpfuse_flag", "nccl_symmetric")
+#: method -> why it was not run on this host (the same on every rank)
+SKIPPED = {}
 
 
 def make_methods(group, x, widths):
@@ -80,7 +89,20 @@ def make_methods(group, x, widths):
     ensure_buffers(ws)
     flag = tpfuse_flag if T * max(widths) * x.element_size() <= FLAG_MAX_SLAB_BYTES else None
     return {"nccl_gather": nccl_gather, "nccl_rearrange": nccl_rearrange, "tpfuse_both": tpfuse_both,
-            "tpfuse_elided": tpfuse_elided, "tpfuse_flag": flag}
+            "tpfuse_elided": tpfuse_elided, "tpfuse_flag": flag,
+            "nccl_symmetric": nccl_symmetric_method(group, x, widths)}
+
+
+def nccl_symmetric_method(group, x, widths):
+    """The nccl_symmetric backend's launcher for ``x``, forced; None where the host cannot register NCCL windows
+    (its agreed reason goes to SKIPPED).  Collective: the first row registers the windows, a larger one grows them."""
+    call = GatherCall("cuda", x.dtype, x.shape[0], tuple(widths), group, NCCL_SYMMETRIC.name)
+    why = NCCL_SYMMETRIC.refusal(call)
+    if why:
+        SKIPPED[NCCL_SYMMETRIC.name] = why
+        return None
+    launch = NCCL_SYMMETRIC.prepare(x, widths, group)
+    return lambda: launch(x)
 
 
 def torchrun_group():
@@ -207,6 +229,7 @@ def diagnose(group, rows):
             "zero-copy elided": lambda: P2P.gather(x, widths, group, alternate(), True, zero_copy=True),
             "no-sync": no_sync(x, widths, group),
             "flag": methods["tpfuse_flag"] or (lambda: None),
+            "nccl_symmetric": methods["nccl_symmetric"] or (lambda: None),
         }
         parts = [f"{name} {time_graph(fn, calls=20, repeats=20):.1f}" for name, fn in variants.items()]
         lines.append(f"T={T} w={w}: " + ", ".join(parts))
@@ -263,6 +286,15 @@ def crossover(rows):
     return lines
 
 
+def symmetric_crossover(rows, W):
+    """The tune's nccl_symmetric crossover on these rows: the largest output up to which nccl_symmetric was no
+    slower than nccl_rearrange in graph replay and eager (crossover_rule.py; 0 where it did not run)."""
+    judged = crossover_rule.judge_all(rows, "nccl_symmetric", "nccl_rearrange",
+                                      lambda r: crossover_rule.slab_bytes(r) * W)
+    best = crossover_rule.crossover(judged)
+    return f"crossover: nccl_symmetric never slower than nccl_rearrange up to a {best}-byte output"
+
+
 def plot(rows, W, card, path):
     import matplotlib
 
@@ -274,7 +306,7 @@ def plot(rows, W, card, path):
     for ax, w in zip(axes[0], widths):
         sel = sorted((r for r in rows if r["width"] == w), key=lambda r: r["T"])
         ts = [r["T"] for r in sel]
-        for m, style in zip(METHODS, ("C0", "C1", "C2", "C3", "C4")):
+        for m, style in zip(METHODS, ("C0", "C1", "C2", "C3", "C4", "C5")):
             ax.plot(ts, [r["graph"][m] for r in sel], "-o", color=style, label=f"{m} (graph)", ms=3)
             ax.plot(ts, [r["eager"][m] for r in sel], ":", color=style, label=f"{m} (eager)")
         ax.set_xscale("log", base=2)
@@ -356,23 +388,28 @@ def main():
         print()
         print(f"W={W} {card}; µs per call (slowest rank, median); ratio = nccl_rearrange / tpfuse")
         print(f"{'T':>4} {'width':>6} | {'graph: nccl':>11} {'nccl+rearr':>10} {'tp both':>8} {'tp elided':>9} "
-              f"{'tp flag':>8} {'ratio both':>10} {'ratio flag':>10} {'GB/s':>6} | {'eager: nccl+rearr':>17} "
-              f"{'tp both':>8} {'tp elided':>9} {'tp flag':>8}")
+              f"{'tp flag':>8} {'nccl symm':>9} {'ratio both':>10} {'ratio flag':>10} {'GB/s':>6} | "
+              f"{'eager: nccl+rearr':>17} {'tp both':>8} {'tp elided':>9} {'tp flag':>8} {'nccl symm':>9}")
         for r in rows:
             g, e = r["graph"], r["eager"]
             print(f"{r['T']:>4} {r['width']:>6} | {g['nccl_gather']:11.1f} {g['nccl_rearrange']:10.1f} "
                   f"{g['tpfuse_both']:8.1f} {g['tpfuse_elided']:9.1f} {g['tpfuse_flag']:8.1f} "
+                  f"{g['nccl_symmetric']:9.1f} "
                   f"{g['nccl_rearrange'] / g['tpfuse_both']:10.2f} {g['nccl_rearrange'] / g['tpfuse_flag']:10.2f} "
                   f"{r['egress_GBps']['tpfuse_both']:6.0f} | "
                   f"{e['nccl_rearrange']:17.1f} {e['tpfuse_both']:8.1f} {e['tpfuse_elided']:9.1f} "
-                  f"{e['tpfuse_flag']:8.1f}")
+                  f"{e['tpfuse_flag']:8.1f} {e['nccl_symmetric']:9.1f}")
         print()
         for line in crossover(rows):
             print(line)
+        print(symmetric_crossover(rows, W))
+        for method, why in SKIPPED.items():
+            print(f"{method}: not run on this host ({why})")
         if args.out:
             os.makedirs(args.out, exist_ok=True)
             meta = {"tuning": tuning, "diagnosis": diagnosis, "W": W, "card": card, "torch": torch.__version__,
-                    "nccl": nccl, "triton": triton.__version__, **defaults, "tag": args.tag, "host_cost_us": costs}
+                    "nccl": nccl, "triton": triton.__version__, **defaults, "tag": args.tag, "host_cost_us": costs,
+                    "not_run": dict(SKIPPED)}
             stem = f"bench_w{W}{('_' + args.tag) if args.tag else ''}"
             with open(os.path.join(args.out, stem + ".json"), "w") as f:
                 json.dump({"meta": meta, "rows": rows}, f, indent=1)
@@ -380,6 +417,7 @@ def main():
                 plot(rows, W, card, os.path.join(args.out, stem + ".png"))
             except Exception as err:  # the numbers matter more than the picture
                 print(f"plot failed: {err}")
+    nccl_symmetric.release(group.name)  # collective: its windows are deregistered before the group goes
     dist.barrier()
     dist.destroy_process_group()
 

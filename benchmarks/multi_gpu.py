@@ -16,8 +16,10 @@ order of value (docs/benchmarks.md, "Multi-GPU runs: one script"):
 - ``stress``: the barrier-elision stress at W and the one-GPU emulation files of tests/gpu;
 - ``elimination``: the vocab-parallel reductions over NCCL at W (tests/gpu/test_reduce_hidden_gpu.py)
   and the one-GPU tests of their Triton kernels and of the fused LM head's (test_lm_head_reduce_gpu.py);
-- ``perf``: ``bench_gather.py`` (T in 1,8,32,128,512 x widths 1024,4096,32064, under torchrun)
-  and the crossover derived from its JSON;
+- ``perf``: the nccl_symmetric backend's multi-GPU tests at W (tests/gpu/test_nccl_symmetric.py: they
+  skip, naming why, where the host cannot register NCCL symmetric windows), ``bench_gather.py`` (T in
+  1,8,32,128,512 x widths 1024,4096,32064, under torchrun; its ``nccl_symmetric`` column) and the
+  crossover derived from its JSON;
 - ``e2e``: ``bench_gather_elimination.py`` once it exists, ``bench_hf_decode.py --quick`` and
   ``bench_eagle_draft.py --quick``;
 - ``e2e_elimination``: the end-to-end HF runs of ``bench_e2e_elimination.py``, all five workloads
@@ -80,7 +82,8 @@ MULTIMEM_OFF = {"TPFUSE_ENABLE_MULTIMEM": "0"}
 #:                (at W=4 the suite runs its W=2 tests too: it must run whole to count as evidence)
 #:   stress:      environment 30 + barrier-elision stress 300 + one-GPU files 220    = 550 (+15) = 565
 #:   elimination: environment 30 + reduce_hidden 200 + one-GPU kernels 250           = 480 (+15) = 495
-#:   perf:        environment 30 + bench_gather 270 + derive 30                      = 330 (+15) = 345
+#:   perf:        environment 30 + nccl_symmetric tests 150 + bench_gather 300 + derive 30 = 510 (+20) = 530
+#:                (bench_gather: 270 before its nccl_symmetric column, about a sixth more timings)
 #:   e2e:         environment 30 + elimination (probe 10) 150 + HF 210 + EAGLE 120  = 520 (+25) = 545
 #:   e2e_elimination: environment 30 + inference workloads 260 + training 260       = 550 (+15) = 565
 #:   tune:        environment 30 + tune 300 + tests/gpu/test_tune_gpu.py 220          = 550 (+15) = 565
@@ -194,9 +197,12 @@ def bench_json(plan: Plan) -> str:
 def perf(plan: Plan) -> list[Step]:
     py = plan.python
     return [
+        # the backend bench_gather's nccl_symmetric column times: bit-exact first
+        Step("nccl_symmetric_gpu", pytest("-k", at_world_size(plan.W), "tests/gpu/test_nccl_symmetric.py", python=py),
+             150),
         Step("bench_gather",
              torchrun(plan, "benchmarks/bench_gather.py", "--tokens", "1,8,32,128,512", "--widths", "1024,4096,32064",
-                      "--diagnose", "1x4096,8x1024,32x4096", "--tag", plan.gpu, "--out", plan.run_dir), 270),
+                      "--diagnose", "1x4096,8x1024,32x4096", "--tag", plan.gpu, "--out", plan.run_dir), 300),
         Step("derive_crossover", (py, "benchmarks/derive_crossover.py", bench_json(plan)), 30),
     ]
 

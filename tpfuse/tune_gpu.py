@@ -12,7 +12,7 @@ eager call costs what the op's repeated call costs.
 | ``p2p`` | the barrier push, both barriers (the ``p2p`` backend's launcher) | no barrier at all, one slot |
 | ``p2p_entry_elided`` | the same, entry barrier elided, ping-pong slots | no barrier at all, one slot |
 | ``nccl`` | NCCL all-gather + rearrange (the op's NCCL backend) | bands in reverse order |
-| ``nccl_symmetric`` | the ``nccl_symmetric`` backend's launcher, where this host allows NCCL windows | bands in reverse order |
+| ``nccl_symmetric`` | the ``nccl_symmetric`` backend's launcher, where the host has NCCL windows | bands in reverse order |
 
 A control shows that the check would catch a wrong result: for the push
 protocols it is the protocol with its safety removed (the race the protocol
