@@ -349,3 +349,14 @@ def test_one_name_per_backend_in_the_config_format():
     assert all({candidate, baseline, needs} <= names for candidate, baseline, _, needs in
                tuned_configs.CROSSOVERS.values())
     assert os.path.isfile(os.path.join(os.path.dirname(tuned_configs.__file__), "nccl_symmetric", "backend.py"))
+
+
+def test_the_report_counts_no_saved_barrier_for_it():
+    """A gather planned for nccl_symmetric has no entry barrier: a skip the pass proved saves nothing there."""
+    from tpfuse.passes.barrier_elision import BarrierDecision
+
+    def decision(protocol):
+        return BarrierDecision("g0", "0", 1, "alternating", True, "proved", False, "", protocol, "")
+
+    assert decision("p2p").saves_a_barrier  # the control: the barrier protocol does save one
+    assert not decision("nccl_symmetric").saves_a_barrier and not decision("nccl").saves_a_barrier

@@ -65,7 +65,7 @@ def _correctness(rank, W):
     import torch.distributed as dist
 
     from tpfuse.compile_ops import collective, dispatch, workspace
-    from tpfuse.compile_ops.nccl_symmetric import launcher
+    from tpfuse.compile_ops.nccl_symmetric import launcher, release
 
     os.environ["TPFUSE_TUNED_CONFIG_DIR"] = tempfile.mkdtemp()  # no tuned config: auto's default
     group = world_group()
@@ -112,6 +112,7 @@ def _correctness(rank, W):
     forced = dispatch.choose_backend("cuda", torch.bfloat16, [1024] * W, group, 8).value
     del os.environ["TPFUSE_BACKEND"]
     auto = dispatch.choose_backend("cuda", torch.bfloat16, [1024] * W, group, 8).value  # no tuned config here
+    release(group.name)  # before the group is destroyed
     return {"failures": failures, "cases": cases, "three_d": three_d, "forced_calls": forced_calls,
             "forced": forced, "auto": auto}
 

@@ -95,7 +95,7 @@ class BarrierDecision:
     @property
     def saves_a_barrier(self) -> bool:
         """A skipped entry barrier that would otherwise have run (the flag protocol has none to skip)."""
-        return self.skip_entry_sync and self.protocol not in ("flag", "gloo", "nccl")
+        return self.skip_entry_sync and self.protocol not in ("flag", "gloo", "nccl", "nccl_symmetric")
 
     def __str__(self) -> str:
         if self.protocol == "flag":
