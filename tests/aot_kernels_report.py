@@ -225,15 +225,15 @@ def report():
         config = linear_push.launch_config(tokens, k, widths, multimem=multimem)
         source = linear_push.linear_source(dtype, rank, offsets, k, config, bias, skip, multimem=multimem,
                                            copy_out=copy_out)
-        record("linear_" + name, source, lambda src, target, config=config: linear_push.compile_linear(
-            src, config, target=target))
+        record("linear_" + name, source, lambda src, target, config=config: compiler.compile_source(
+            src, target=target, num_warps=config["num_warps"], num_stages=config["num_stages"]))
         out["kernels"]["linear_" + name]["config"] = config
     for name, dtype, rank, offsets, k, tokens, options in LINEAR_VARIANT_CONFIGS:
         widths = [offsets[i + 1] - offsets[i] for i in range(len(offsets) - 1)]
         config = {**linear_push.launch_config(tokens, k, widths), **options}
         source = linear_push.linear_source(dtype, rank, offsets, k, config, False, False)
-        record("linear_" + name, source, lambda src, target, config=config: linear_push.compile_linear(
-            src, config, target=target))
+        record("linear_" + name, source, lambda src, target, config=config: compiler.compile_source(
+            src, target=target, num_warps=config["num_warps"], num_stages=config["num_stages"]))
         out["kernels"]["linear_" + name]["config"] = config
     for name, elem, rank, offsets, block_u in FLAG_CONFIGS:
         record("flag_" + name, flag_gather.flag_source(elem, rank, offsets, block_u))

@@ -35,14 +35,6 @@ FUSED_PATH = {"tpfuse/compile_ops/linear_decision.py", "tpfuse/compile_ops/linea
 #: per backend with a fused kernel (its own ``prepare_linear``), files that path must reach
 FUSED_REACHES = {"p2p": FUSED_PATH, "multimem": FUSED_PATH}
 
-#: a return made inside a kernel module's own function, not by the host path: the fused kernel's source
-#: builder steps out to the barrier protocol's constexprs and back to its own helpers (``linear_source`` calls
-#: ``push_gather.barrier_constexprs``, then ``even_bands``, ``tma_weight_ok``, ``_source``).  A path through that
-#: function may return to its file once more for each return the function's own walk makes.  Each entry must
-#: still braid (a stale one fails), so the list only shrinks.
-KERNEL_BRAIDS = {"tpfuse/kernels/linear_push.py": ("tpfuse.kernels.linear_push", "linear_source")}
-
-
 @pytest.fixture(scope="module")
 def package():
     return pw.read_tree()
@@ -54,23 +46,16 @@ def _prepare_walk(package, backend, method="prepare"):
                    self_class=(type(backend).__module__, type(backend).__name__))
 
 
-def _kernel_returns(package, path, braids=KERNEL_BRAIDS):
-    """How often ``braids[path]``'s function, walked on its own, returns to ``path``."""
-    return pw.returns(pw.walk(package, *braids[path]).files).get(path, 0)
-
-
-def _over_allowance(package, files, braids=KERNEL_BRAIDS):
-    """The files a path returns to more than allowed: once, and a kernel module in ``braids`` once more per
-    return its own function makes."""
-    allowed = {path: 1 + _kernel_returns(package, path, braids) for path in braids}
-    return {f: n for f, n in pw.returns(files).items() if n > allowed.get(f, 1)}
+def _braided(files):
+    """The files a path returns to more than once."""
+    return {f: n for f, n in pw.returns(files).items() if n > 1}
 
 
 @pytest.mark.parametrize("backend", dispatch.BACKENDS, ids=lambda b: b.name)
 def test_a_prepare_path_returns_to_a_file_at_most_once(package, backend):
     walker = _prepare_walk(package, backend)
     assert REACHES[backend.name] <= set(walker.files), (backend.name, pw.runs(walker.files))
-    braided = {f: n for f, n in pw.returns(walker.files).items() if n > 1}
+    braided = _braided(walker.files)
     assert not braided, (f"{backend.name}: the prepare path returns to {braided} more than once; the path, "
                          f"file by file: {pw.runs(walker.files)}")
 
@@ -87,21 +72,12 @@ def test_every_fused_kernel_path_is_held_to_what_it_must_reach():
 
 @pytest.mark.parametrize("backend", dispatch.BACKENDS, ids=lambda b: b.name)
 def test_a_fused_prepare_path_returns_to_a_file_at_most_once(package, backend):
-    """The fused op's path (``prepare_linear``): the host files at most once each; a kernel module in
-    ``KERNEL_BRAIDS`` once more per return its own function makes."""
+    """The fused op's path (``prepare_linear``), the kernel module's source builder included."""
     walker = _prepare_walk(package, backend, "prepare_linear")
     assert FUSED_REACHES.get(backend.name, set()) <= set(walker.files), (backend.name, pw.runs(walker.files))
-    braided = _over_allowance(package, walker.files)
-    assert not braided, (f"{backend.name}: the fused prepare path returns to {braided} more than allowed "
-                         f"(once; see KERNEL_BRAIDS); the path, file by file: {pw.runs(walker.files)}")
-
-
-@pytest.mark.parametrize("path", sorted(KERNEL_BRAIDS))
-def test_an_allowed_kernel_braid_still_braids(package, path):
-    """The allowance only shrinks: once the kernel function no longer returns to its file, its entry goes
-    (and the fused path is held to once per file there too)."""
-    assert _kernel_returns(package, path) >= 1, (f"{KERNEL_BRAIDS[path]} no longer returns to {path}: remove "
-                                                 "its KERNEL_BRAIDS entry and the note in docs/design.md")
+    braided = _braided(walker.files)
+    assert not braided, (f"{backend.name}: the fused prepare path returns to {braided} more than once; the path, "
+                         f"file by file: {pw.runs(walker.files)}")
 
 
 # --------------------------------------------------------------------------- the checker itself
@@ -188,43 +164,3 @@ def test_the_walk_follows_every_call_form_the_paths_use():
     assert walker.steps == ["tpfuse/p/entry.py:Entry.prepare", "tpfuse/p/base.py:Base.inherited",
                             "tpfuse/p/mod.py:by_module", "tpfuse/p/leaf.py:reexported", "tpfuse/p/made.py:Made.method",
                             "tpfuse/p/made.py:Made.__init__", "tpfuse/p/closure.py:inner"]
-
-
-#: a host path that asks a kernel module for its facts, then for its source, whose builder braids on its own
-#: (out to a shared helper and back): the one return the kernel makes is allowed, one more by the host is not
-KERNEL_BRAIDED = {
-    "tpfuse/__init__.py": "",
-    "tpfuse/k/__init__.py": "",
-    "tpfuse/k/shared.py": "def constexprs():\n    return {}\n",
-    "tpfuse/k/kernel.py": (
-        "from .shared import constexprs\n\n"
-        "def config():\n    return 1\n\n"
-        "def helper():\n    return 2\n\n"
-        "def source():\n    constexprs()\n    return helper()\n\n"
-        "def compile_it():\n    return 3\n"),
-    "tpfuse/k/other.py": "def step():\n    return 4\n",
-    "tpfuse/k/host.py": (
-        "from . import kernel, other\n\n"
-        "def prepare():\n"
-        "    kernel.config()\n"
-        "    other.step()\n"
-        "    return build()\n\n"
-        "def build():\n"
-        "    kernel.source()\n"
-        "    return kernel.compile_it()\n"),
-}
-TOY_BRAIDS = {"tpfuse/k/kernel.py": ("tpfuse.k.kernel", "source")}
-
-
-def test_the_kernel_allowance_excuses_the_kernels_own_return_only():
-    tree = pw.tree_of(KERNEL_BRAIDED)
-    layered = pw.walk(tree, "tpfuse.k.host", "prepare")
-    assert pw.returns(layered.files)["tpfuse/k/kernel.py"] == 2  # facts, then source: out to shared.py and back
-    assert _over_allowance(tree, layered.files, TOY_BRAIDS) == {}
-    # the host steps out between the source and the compiled kernel: a third return, the host's
-    braided_host = {**KERNEL_BRAIDED, "tpfuse/k/host.py": KERNEL_BRAIDED["tpfuse/k/host.py"].replace(
-        "    kernel.source()\n", "    kernel.source()\n    other.later()\n"),
-        "tpfuse/k/other.py": "def step():\n    return 4\n\ndef later():\n    return 5\n"}
-    tree = pw.tree_of(braided_host)
-    walker = pw.walk(tree, "tpfuse.k.host", "prepare")
-    assert _over_allowance(tree, walker.files, TOY_BRAIDS) == {"tpfuse/k/kernel.py": 3}

@@ -89,7 +89,8 @@ def _build(ws, dtype, k, hidden_widths, bucket, has_bias, skip_entry_sync, multi
     source = kernel.linear_source(str(dtype).removeprefix("torch."), ws.group.rank, offsets, k, config,
                                   has_bias, skip_entry_sync, multimem=multimem, exit_sync=exit_sync,
                                   copy_out=copy_out)
-    compiled = compile_for(ws.device, source, lambda src: kernel.compile_linear(src, config))
+    compiled = compile_for(ws.device, source, lambda src: compiler.compile_source(
+        src, num_warps=config["num_warps"], num_stages=config["num_stages"]))
     binary, scratch = compiled.kernel, None
     per_block = int(getattr(binary.metadata, "global_scratch_size", 0) or 0)
     if per_block:  # the kernel builds its TMA descriptors here: one region per block, kept for CUDA graphs

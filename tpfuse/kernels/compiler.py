@@ -2,7 +2,7 @@
 
 Shared by the host launchers (target: the current GPU) and the ahead-of-time tests
 (target: sm_90); ``ast_source`` builds the explicit signature for every kernel module
-(the reductions' and the fused LM head's as well).  Plain Triton, no torch import.
+(the fused linear's, the reductions' and the fused LM head's as well).  Plain Triton, no torch import.
 """
 
 import triton
@@ -32,6 +32,10 @@ def ast_source(fn, types, constexprs, aligned=()):
     return ASTSource(fn, signature, constexprs, attrs)
 
 
-def compile_source(source, target=None, num_warps=4):
-    """Compile an ASTSource for ``target`` (a ``GPUTarget``; None means the current GPU)."""
-    return triton.compile(source, target=target, options={"num_warps": num_warps})
+def compile_source(source, target=None, num_warps=4, num_stages=None):
+    """Compile an ASTSource for ``target`` (a ``GPUTarget``; None means the current GPU).  ``num_stages``: the
+    software pipeline's depth (the fused linear's launch config picks it); None leaves Triton's default."""
+    options = {"num_warps": num_warps}
+    if num_stages is not None:
+        options["num_stages"] = num_stages
+    return triton.compile(source, target=target, options=options)

@@ -485,21 +485,11 @@ def launch_config(tokens, k, widths, elem_size=2, multimem=False):
 
 
 # ---------------------------------------------------------------------------
-# Compilation (shared by the host launcher and the AOT tests).
+# The source of one variant (compiled with ``compiler.compile_source`` by the host launcher and the AOT tests).
 
 #: torch dtype name -> Triton pointer type of the operands and the result
 FLOAT_PTR = {"bfloat16": "*bf16", "float16": "*fp16"}
 _ALIGNED = ("x_ptr", "w_ptr", "out_ptr", "slot_offset")
-
-
-def _source(fn, ptr_type, constexprs):
-    from triton.compiler import ASTSource
-
-    types = {"x_ptr": ptr_type, "w_ptr": ptr_type, "bias_ptr": ptr_type, "out_ptr": ptr_type, **RUNTIME_ARGS}
-    signature = {n: ("constexpr" if n in constexprs else types[n]) for n in fn.arg_names}
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in _ALIGNED}
-    return ASTSource(fn, signature, constexprs, attrs)
-
 
 #: the even-band copy-out holds WP x BLOCK_M x BLOCK_N elements per block in registers: at most this many
 #: (W=4 at 32 x 128 tiles, W=8 at 16 x 128; larger take the one-peer-at-a-time loop)
@@ -518,35 +508,54 @@ def tma_weight_ok(k, config):
     return int(k) % 8 == 0 and config["BLOCK_K"] <= 256 and config["BLOCK_N"] <= 256
 
 
+def _check_variant(k, config, multimem, copy_out):
+    """Refuse the option combinations neither kernel has, naming what is accepted."""
+    tma = config.get("TMA", False)
+    if tma and not tma_weight_ok(k, config):
+        raise ValueError(f"tpfuse: TMA weight loads need K % 8 == 0 and BLOCK_K <= 256 (a TMA box), got K={k}, "
+                         f"BLOCK_K={config['BLOCK_K']}")
+    balanced = bool(config.get("BALANCED", False))
+    if balanced and tma:
+        raise ValueError("tpfuse: TMA weight loads are not combined with BALANCED (a share's last box would read "
+                         "rows of the next share; not measured)")
+    if multimem and (not copy_out or tma or config.get("SWAP_AB", False) or balanced):
+        raise ValueError("tpfuse: the multimem fused kernel copies out and loads the weight with plain "
+                         "loads, in round-robin tiles (zero-copy, TMA, swap-AB and BALANCED are P2P only)")
+
+
+def _kernel_constexprs(band_offsets, k, config, has_bias, skip_entry_sync, multimem, exit_sync, copy_out,
+                       diagnostic):
+    """The fused kernel's own constexprs (the barrier protocol's ``RANK``, ``W``, ``WP`` and
+    ``BAND_OFFSETS`` come from ``barrier_constexprs``); the P2P-only options are left out for multimem."""
+    constexprs = dict(K=int(k), HAS_BIAS=bool(has_bias), BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
+                      BLOCK_K=config["BLOCK_K"], SKIP_ENTRY_SYNC=bool(skip_entry_sync),
+                      EVEN_BANDS=even_bands(band_offsets, config), POISON=NAN_BITS_OF_SIZE[2])
+    if not multimem:
+        constexprs.update(EXIT_SYNC=bool(exit_sync), PUSH=True, COPY_OUT=bool(copy_out),
+                          TMA_WEIGHT=bool(config.get("TMA", False)), SWAP_AB=bool(config.get("SWAP_AB", False)),
+                          BALANCED=bool(config.get("BALANCED", False)))
+        constexprs.update(diagnostic or {})  # {"PUSH": False} / {"COPY_OUT": False}: floor diagnostics only
+    return constexprs
+
+
 def linear_source(dtype_name, rank, band_offsets, k, config, has_bias, skip_entry_sync, multimem=False,
                   exit_sync=True, copy_out=True, diagnostic=None):
     """The ``ASTSource`` of one fused variant; ``config`` from ``launch_config``.
 
     ``copy_out=False`` is the zero-copy variant (P2P only): the caller passes its
-    slot as ``out_ptr``, so our own tiles land there and the peers' arrive there."""
-    constexprs = barrier_constexprs(rank, band_offsets)
-    constexprs.update(K=int(k), HAS_BIAS=bool(has_bias), BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
-                      BLOCK_K=config["BLOCK_K"], SKIP_ENTRY_SYNC=bool(skip_entry_sync),
-                      EVEN_BANDS=even_bands(band_offsets, config), POISON=NAN_BITS_OF_SIZE[2])
-    if config.get("TMA", False) and not tma_weight_ok(k, config):
-        raise ValueError(f"tpfuse: TMA weight loads need K % 8 == 0 and BLOCK_K <= 256 (a TMA box), got K={k}, "
-                         f"BLOCK_K={config['BLOCK_K']}")
-    balanced = bool(config.get("BALANCED", False))
-    if balanced and config.get("TMA", False):
-        raise ValueError("tpfuse: TMA weight loads are not combined with BALANCED (a share's last box would read "
-                         "rows of the next share; not measured)")
-    if multimem:
-        if not copy_out or config.get("TMA", False) or config.get("SWAP_AB", False) or balanced:
-            raise ValueError("tpfuse: the multimem fused kernel copies out and loads the weight with plain "
-                             "loads, in round-robin tiles (zero-copy, TMA, swap-AB and BALANCED are P2P only)")
-        return _source(multimem_linear_push_kernel, FLOAT_PTR[dtype_name], constexprs)
-    constexprs.update(EXIT_SYNC=bool(exit_sync), PUSH=True, COPY_OUT=bool(copy_out),
-                      TMA_WEIGHT=bool(config.get("TMA", False)), SWAP_AB=bool(config.get("SWAP_AB", False)),
-                      BALANCED=balanced)
-    constexprs.update(diagnostic or {})  # {"PUSH": False} / {"COPY_OUT": False}: floor diagnostics only
-    return _source(p2p_linear_push_kernel, FLOAT_PTR[dtype_name], constexprs)
+    slot as ``out_ptr``, so our own tiles land there and the peers' arrive there.
 
+    This module's part (the checks and the kernel's own constexprs) comes first and the one step
+    out of it last (the barrier protocol's constexprs, then the explicit signature), so that a
+    prepare path reads this file in one piece (docs/design.md, "Reading a protocol's path")."""
+    # Imported here, not at the top: a line added above the kernels moves their line numbers, which are part
+    # of Triton's cache key (every cached variant would compile again).
+    from .compiler import ast_source
 
-def compile_linear(source, config, target=None):
-    return triton.compile(source, target=target,
-                          options={"num_warps": config["num_warps"], "num_stages": config["num_stages"]})
+    _check_variant(k, config, multimem, copy_out)
+    own = _kernel_constexprs(band_offsets, k, config, has_bias, skip_entry_sync, multimem, exit_sync, copy_out,
+                             diagnostic)
+    fn = multimem_linear_push_kernel if multimem else p2p_linear_push_kernel
+    ptr_type = FLOAT_PTR[dtype_name]
+    types = {"x_ptr": ptr_type, "w_ptr": ptr_type, "bias_ptr": ptr_type, "out_ptr": ptr_type, **RUNTIME_ARGS}
+    return ast_source(fn, types, {**barrier_constexprs(rank, band_offsets), **own}, _ALIGNED)
