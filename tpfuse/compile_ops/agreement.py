@@ -42,7 +42,7 @@ import weakref
 import torch
 import torch.distributed as dist
 
-from .groups import Group
+from .groups import Group, all_gather_single
 from .validation import check_widths
 
 #: int64 words per rank: a marker, then what must agree (the call number last), then this rank's width
@@ -90,8 +90,7 @@ def check(x: torch.Tensor, hidden_widths: list[int], group: Group) -> None:
     call = next_call(group.pg)
     mine = torch.tensor(signature(x, hidden_widths, call), dtype=torch.int64, device=x.device)
     everyone = torch.empty(group.world_size * WORDS, dtype=torch.int64, device=x.device)
-    # all_gather_single where torch has it: its older name warns as deprecated on every call
-    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(everyone, mine, group=group.pg)
+    all_gather_single(everyone, mine, group=group.pg)
     table = everyone.view(group.world_size, WORDS).tolist()
     # Plain values for the message: every rank's dtype, leading dims and widths, gathered
     # only when something disagrees (the common case pays for the 9 words alone).

@@ -18,13 +18,12 @@ import torch
 import torch.distributed as dist
 
 from .backend import Backend, GatherBackend, GatherCall
-from .groups import Group
+from .groups import Group, all_gather_single
 
 # gloo has no float8 kernels; moving bytes through a same-sized integer view
 # keeps the gather bit-exact.
 _WIRE_DTYPE = {torch.float8_e4m3fn: torch.uint8, torch.float8_e5m2: torch.uint8}
 
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
@@ -50,7 +49,7 @@ def gather_hidden(
         send = x.new_empty(tokens, max_width)
         send[:, :width].copy_(slab)
     stacked = x.new_empty(group.world_size, tokens, max_width)
-    _all_gather_single(_on_wire(stacked).view(-1), _on_wire(send).view(-1), group=group.pg)
+    all_gather_single(_on_wire(stacked).view(-1), _on_wire(send).view(-1), group=group.pg)
     bands = [stacked[r, :, :w] for r, w in enumerate(hidden_widths)]
     torch.cat(bands, dim=-1, out=out.view(tokens, -1))
     return out

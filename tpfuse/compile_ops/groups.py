@@ -8,6 +8,10 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
 
+#: torch's all-gather of one tensor into one tensor: ``all_gather_single`` where torch has it, because its
+#: older name, ``all_gather_into_tensor``, warns as deprecated on every call.
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 @dataclass(frozen=True)
 class Group:

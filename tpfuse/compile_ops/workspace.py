@@ -47,7 +47,7 @@ from .. import config as settings
 from ..kernels.barrier import blocks_that_fit, signal_pad_bytes
 from ..kernels.failure import STATUS_WORDS
 from . import failures, tuned_configs
-from .groups import Group, GroupFacts
+from .groups import Group, GroupFacts, all_gather_single
 from .program_order import ProgramOrder
 
 #: the most ranks the push kernels handle (one barrier lane per peer, 8 peer addresses)
@@ -156,8 +156,7 @@ def set_up(device: torch.device, what: str, fn, *args):
 def _all_gather_ints(values: list[int], group: Group, device: torch.device) -> torch.Tensor:
     mine = torch.tensor(values, dtype=torch.int64, device=device)
     everyone = torch.empty(group.world_size * len(values), dtype=torch.int64, device=device)
-    # all_gather_single where torch has it: its older name warns as deprecated on every call
-    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(everyone, mine, group=group.pg)
+    all_gather_single(everyone, mine, group=group.pg)
     return everyone.view(group.world_size, len(values)).cpu()
 
 

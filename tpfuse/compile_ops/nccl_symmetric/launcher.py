@@ -16,13 +16,11 @@ A peer that never arrives is NCCL's to report (its watchdog), as on the ``nccl``
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from ..failures import raise_if_failed
+from ..groups import all_gather_single
 from .windows import ensure_windows
 
-# all_gather_single where torch has it: its older name warns as deprecated on every call
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 #: the copies move an integer of the element's size: bit-exact for every dtype, float8 included
 _WIRE = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 
@@ -56,7 +54,7 @@ def launcher(ws, x, hidden_widths):
         with order.lock:  # this call's place in the group's host order and its work are one step
             order.next_call(device_index)
             send.copy_(x.reshape(tokens, width).view(wire))
-            _all_gather(recv_bytes, send_bytes, group=pg)
+            all_gather_single(recv_bytes, send_bytes, group=pg)
             torch.cat(bands, dim=-1, out=out.view(tokens, -1).view(wire))
         return out
 
