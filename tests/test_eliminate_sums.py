@@ -15,6 +15,8 @@ without tpfuse, at a static T, T=1 and a dynamic T, and compares within the publ
 from __future__ import annotations
 
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -780,9 +782,86 @@ def new_forms(rank, world_size):
     return results
 
 
+# --------------------------------------------------------------------------- the EAGLE draft step at T=1
+
+#: the draft step's top-k (bench_eagle_draft.py's proposals per token)
+DRAFT_K = 8
+
+
+def _benchmarks():
+    """bench_eagle_draft.py and bench_e2e_elimination.py, importable (they live beside the tests, not in them)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    import bench_e2e_elimination
+    import bench_eagle_draft
+
+    return bench_eagle_draft, bench_e2e_elimination
+
+
+def eagle_draft_step(draft):
+    """bench_e2e_elimination.py's eagle_draft on ``draft`` (DraftStep, looked up before tracing): its final
+    norm, its column-parallel draft LM head and its funcol gather (dim 0, then rearranged), float32
+    softmax, the top 8."""
+
+    def step(h, w, norm):
+        logits = draft.gather_hidden(draft.rms(h, norm) @ w.t())
+        return torch.topk(torch.softmax(logits.float(), dim=-1), DRAFT_K, dim=-1)
+
+    return step
+
+
+#: the draft row's logits, best first, as (rank, local row): 3rd = 4th, and 8th = 9th (both on rank 1,
+#: as in the benchmark's row), so topk may return either 9th-place class in its last place
+DRAFT_ORDER = ((1, 3), (0, 9), (1, 12), (0, 2), (1, 0), (0, 14), (1, 7), (1, 2), (1, 11), (0, 5))
+DRAFT_TIES = ((2, 3), (7, 8))  # places (from 0) of equal logits
+
+
+def _draft_inputs(rank, world_size, local=128):
+    """T=1: a hidden row of ones (RMS-normed to exactly ones), so each class's bf16 logit is exactly its
+    row's first weight; the classes of DRAFT_ORDER get descending logits with DRAFT_TIES equal, the
+    other classes lower ones, distinct (bf16 holds -4 + i/64 exactly).  128 columns a rank: narrower, the
+    top 8's partials would outweigh the gathered row and the gather is kept (docs/passes.md)."""
+    order = torch.randperm(world_size * local, generator=torch.Generator().manual_seed(3))
+    value = (-4.0 + order / 64).view(world_size, local)
+    top = [4.0 - place / 4 for place in range(len(DRAFT_ORDER))]
+    for earlier, later in DRAFT_TIES:
+        top[later] = top[earlier]
+    for (r, row), logit in zip(DRAFT_ORDER, top):
+        value[r % world_size, row] = logit
+    w = torch.zeros(local, 16, dtype=torch.bfloat16)
+    w[:, 0] = value[rank]
+    return torch.ones(1, 16, dtype=torch.bfloat16), w, torch.ones(16, dtype=torch.bfloat16)
+
+
+def eagle_draft_at_one_token(rank, world_size):
+    """The draft step compiled without and with tpfuse at T=1, and eager torch's full row (every class's
+    probability, to judge ties past the 8th place)."""
+    import tpfuse
+
+    draft = _benchmarks()[0].DraftStep
+    args = _draft_inputs(rank, world_size)
+    outs = {}
+    for on in (False, True):
+        torch._dynamo.reset()
+        compiled = torch.compile(eagle_draft_step(draft), fullgraph=True, dynamic=False)
+        with (tpfuse.enabled() if on else torch.no_grad()), torch.no_grad():
+            top = compiled(*args)
+            outs[on] = (top.values, top.indices)
+            if on:
+                eliminated = [e.consumers for e in tpfuse.report().eliminations]
+    h, w, norm = args
+    with torch.no_grad():
+        logits = draft.gather_hidden(draft.rms(h, norm) @ w.t()).float()
+    # plain lists: a tensor would reach the parent through a shared file of a rank that has exited
+    return {"off": [o.tolist() for o in outs[False]], "elim": [o.tolist() for o in outs[True]],
+            "eliminated": eliminated, "probabilities": torch.softmax(logits, -1).tolist(), "logits": logits.tolist()}
+
+
 def _all(rank, world_size):
     return {"numerics": _numerics(rank, world_size), "training": _training(rank, world_size),
-            "new_forms": new_forms(rank, world_size)}
+            "new_forms": new_forms(rank, world_size),
+            "eagle_draft": eagle_draft_at_one_token(rank, world_size)}
 
 
 @pytest.fixture(scope="module")
@@ -857,3 +936,52 @@ def test_temperature_draft_greedy_and_last_token_w4(gloo_w4_new_forms):
 def test_the_ranks_agree(gloo_w2):
     assert gloo_w2[0].keys() == gloo_w2[1].keys()
     assert math.isfinite(max(e for e, _, _ in gloo_w2[0].values()))
+
+
+# the benchmark's B=1 draft row (2 gloo ranks, tiny): off's and elim's top 8; off's logits at 832 and 714
+# are equal (its 8th and 9th places), and each variant's topk returned a different one of them
+BENCH_OFF = ([[0.011448324657976627, 0.010423818603157997, 0.007626228500157595, 0.007626228500157595,
+               0.006523059215396643, 0.006322365719825029, 0.006322365719825029, 0.006032843608409166]],
+             [[638, 248, 249, 173, 971, 735, 682, 832]])
+BENCH_ELIM = ([[0.011448322795331478, 0.010423816740512848, 0.007626227103173733, 0.007626227103173733,
+                0.006523058284074068, 0.006322364788502455, 0.006322364788502455, 0.006032842677086592]],
+              [[638, 248, 173, 249, 971, 682, 735, 714]])
+
+
+def _draft_rows(rows):
+    return torch.tensor(rows[0]), torch.tensor(rows[1])
+
+
+def test_draft_check_lets_topk_pick_any_class_tied_at_the_8th_place():
+    check = _benchmarks()[1].draft_disagreement
+    off, elim = _draft_rows(BENCH_OFF), _draft_rows(BENCH_ELIM)
+    assert check(off, elim) is None
+    # controls: a swap where no tie is possible, and the 8th place's probability out of bound
+    swapped = elim[1].clone()
+    swapped[0, [0, 1]] = swapped[0, [1, 0]]
+    assert check(off, (elim[0], swapped)) == "2 draft ids differ where off's probability is not tied"
+    off_bound = elim[0].clone()
+    off_bound[0, 7] *= 1.01
+    assert check(off, (off_bound, elim[1])).startswith("probabilities: relative difference")
+
+
+def test_eagle_draft_step_at_one_token(gloo_w2_all):
+    """Eliminated; the probabilities at elim's ids are torch's top 8 and elim's within the bound; ids bit for
+    bit where the logit is unique in the row; the benchmark's check accepts elim against off (a tie at the 8th
+    place included) and rejects a swap of two untied ids."""
+    check = _benchmarks()[1].draft_disagreement
+    for rank, r in enumerate(gloo_w2_all):
+        d = r["eagle_draft"]
+        assert d["eliminated"] == [("softmax topk",)], (rank, d["eliminated"])
+        off, (values, ids) = _draft_rows(d["off"]), _draft_rows(d["elim"])
+        full, logits = torch.tensor(d["probabilities"]), torch.tensor(d["logits"])
+        ref = torch.topk(full, DRAFT_K)
+        assert _topk_error(values, ids, full, ref.values) <= BOUND, rank
+        unique = (logits.gather(-1, ids).unsqueeze(-1) == logits.unsqueeze(-2)).sum(-1) == 1
+        assert unique.sum().item() == DRAFT_K - 3  # DRAFT_TIES: places 2, 3 and 7 are tied
+        assert torch.equal(ids[unique], ref.indices[unique]), (rank, ids, ref.indices)
+        assert check(off, (values, ids)) is None, (rank, d["off"], d["elim"])
+        swapped = ids.clone()
+        swapped[0, [0, 1]] = swapped[0, [1, 0]]
+        assert check(off, (values, swapped)) is not None
+    assert gloo_w2_all[0]["eagle_draft"]["elim"] == gloo_w2_all[1]["eagle_draft"]["elim"]
