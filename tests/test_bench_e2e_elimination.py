@@ -32,7 +32,7 @@ def payload(tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", SCRIPT,
            "--device", "cpu", "--tiny", "--layers", "1", "--workloads", ",".join(WORKLOADS), "--batches", "2",
-           "--draft-tokens", "2", "--seq", "32", "--train-seq", "32", "--rounds", "2", "--calls", "1",
+           "--draft-tokens", "1", "--seq", "32", "--train-seq", "32", "--rounds", "2", "--calls", "1",
            "--time-limit-s", "0", "--out", str(out)]
     # A CPU smoke test on gloo ranks: on a host with a GPU, transformers would pick NCCL for its device mesh and
     # put both ranks on GPU 0, so the GPUs are hidden from the children.
