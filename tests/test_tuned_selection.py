@@ -170,3 +170,27 @@ def test_the_pass_cache_key_changes_with_the_config_this_process_finds(tuned, fi
     assert key()[0] not in (without[0], with_config[0])
     finds(folder, gpu=None)  # no GPU: no config applies, the default's key
     assert key()[0] == without[0]
+
+
+def test_the_pass_fuses_only_where_a_rank_without_the_config_would_too(tuned):
+    """The graph must be the same on every rank: a tuned rule that fuses where the default rule does not
+    leaves linear + gather (a rank without the config would), and the reverse keeps the fused op, decided per
+    call with the agreed config."""
+    from dataclasses import replace
+
+    from tpfuse.passes.linear_fusion import graph_verdict
+
+    folder, path = tuned
+    selection = tuned_configs.selection_for(this_machine(None), 2, None, [("user tuned config", folder)])
+    args = (32, 4096, [64128, 64128], "bfloat16")
+    tuned_rule = linear_cost.decide(*args, device_name=GPU, constants=selection.linear_constants,
+                                    constants_from=path)
+    default = linear_cost.decide(*args, device_name=GPU)
+    assert default.rule == "not_measured" and not default.fuse  # this card is not in the default rule's table
+    verdict = graph_verdict(replace(tuned_rule, fuse=True), default)
+    assert not verdict.fuse and "every rank must hold the same graph" in verdict.reason
+    # the reverse: the default fuses, the tuned rule does not -> the fused op, deciding per call
+    reverse = graph_verdict(replace(tuned_rule, fuse=False), replace(default, fuse=True))
+    assert reverse.fuse and reverse.rule == "per_call"
+    agreeing = replace(tuned_rule, fuse=False)
+    assert graph_verdict(agreeing, default) is agreeing  # the control: agreeing rules, the tuned decision

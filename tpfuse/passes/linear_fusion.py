@@ -147,17 +147,27 @@ def _decision(linear_cost, lhs: Node, k: int, match: GatherMatch):
         return linear_cost.decide_range(*_token_range(lhs, tokens), *args, device_name=device_name, **tuned)
 
     tuned = _tuned_constants(device_name, len(widths))
-    decision = rule(**tuned)
-    if not tuned or decision.fuse:
-        return decision
-    # Ranks that do not all find this config agree on the default rule at run time (docs/tuning.md):
-    # where that rule fuses, every rank must hold the fused op, which then decides per call.
-    default = rule()
-    if not default.fuse:
-        return decision
-    return replace(default, rule="per_call", reason=(
-        f"{decision.reason}; but the default rule fuses ({default.reason}), which the group follows where its "
-        "ranks do not all find this config: fused op, decided per call with the agreed one"))
+    if not tuned:
+        return rule()
+    return graph_verdict(rule(**tuned), rule())
+
+
+def graph_verdict(tuned, default):
+    """The pass's decision from the tuned rule's and the default rule's (``linear_cost`` decisions).
+
+    Every rank must hold the same graph, and a rank that does not find the tuned config decides by
+    the default rule (docs/tuning.md, "What ``auto`` reads"): where the two differ, the graph follows
+    the default rule's verdict.  Where that fuses, the fused op decides per call with the config the
+    group agreed on at set-up; a tuned config can stop a fusion, never start one."""
+    if tuned.fuse == default.fuse:
+        return tuned
+    if default.fuse:
+        return replace(default, rule="per_call", reason=(
+            f"{tuned.reason}; but the default rule fuses ({default.reason}), which the group follows where "
+            "its ranks do not all find this config: fused op, decided per call with the agreed one"))
+    return replace(default, reason=(
+        f"{default.reason}; the tuned rule would fuse ({tuned.reason}), but a rank that does not find this "
+        "config would not, and every rank must hold the same graph: not fused"))
 
 
 def _tuned_constants(device_name: str, world_size: int) -> dict:
