@@ -30,8 +30,10 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from expecttest import TestCase
 
+import tpfuse
 from multiproc import run_ranks
 from pass_helpers import capture, fake_world
+from tpfuse.passes.computed_from import RANDOM_REACH
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 
@@ -154,6 +156,47 @@ def cumulative_argmax(h, w):
 def noisy_argmax(h, w):
     logits = logits_of(h, w)
     return (logits + torch.rand_like(logits)).argmax(-1)
+
+
+def _long_chain(x, n):
+    """``x`` behind ``n`` elementwise ops: a source ``n`` nodes back from the operand that reads it."""
+    for _ in range(n):
+        x = x.abs() if x.dtype == torch.int64 else torch.sin(x)
+    return x
+
+
+def gumbel_token_behind(n):
+    """The Gumbel trick, its uniform draw ``n`` ops back: each rank would reduce its band at its own token."""
+    def fn(h, w):
+        u = _long_chain(torch.rand(h.shape[0], 2 * VOCAB_PER_RANK), n)
+        return (logits_of(h, w) - torch.log(-torch.log(u))).argmax(-1)
+    return fn
+
+
+def bias_behind(n):
+    def fn(h, w, bias):
+        return (logits_of(h, w) + _long_chain(bias, n)).argmax(-1)
+    return fn
+
+
+def rows_behind(n):
+    def fn(h, w, rows):
+        return logits_of(h, w)[:, _long_chain(rows, n)].amax(-1)
+    return fn
+
+
+def class_index_behind(n):
+    def fn(h, w, target):
+        return logits_of(h, w).log_softmax(-1).gather(-1, _long_chain(target, n).unsqueeze(-1))
+    return fn
+
+
+def squeezed_argmax(widths, dim):
+    """``squeeze()`` (dim None) or ``squeeze(dim)`` of the gathered logits of ``widths``, then argmax."""
+    def fn(h, w):
+        logits = tpfuse.all_gather_hidden(h @ w.t(), dist.group.WORLD, widths)
+        return (logits.squeeze() if dim is None else logits.squeeze(dim)).argmax(-1)
+    return fn
 
 
 def last_row_projection(h, w, p):
@@ -390,6 +433,37 @@ return [getitem_3]""")
         self.assertIn("tpfuse.all_gather_hidden(", after(text))
         self.assertEqual((rep.eliminations, rep.near_misses), ([], []))
 
+    def test_random_search_that_gives_up_keeps_the_gather(self):
+        """A source more than RANDOM_REACH nodes back may be a random draw: every reader of the search
+        (an elementwise operand, a row index, an elimination's input) keeps the gather, also when the
+        source is no draw (conservative); the controls, the same chains short, are decided."""
+        far, near = RANDOM_REACH, 3
+        cases = (
+            (gumbel_token_behind, (), _h(), "sub (sub) (cannot tell within 256 nodes whether log_1 depends on a "
+             "random draw; kept), on the way to argmax (argmax)", "is drawn at random"),
+            (bias_behind, (torch.rand(4, 2 * VOCAB_PER_RANK),), _h(), "add (add) (cannot tell within 256 nodes "
+             f"whether sin_{far - 1} depends on a random draw; kept), on the way to argmax (argmax)", None),
+            (rows_behind, (torch.tensor([0, 2]),), _h3(), f"index (index) (cannot tell within 256 nodes whether "
+             f"abs_{far} depends on a random draw; kept), on the way to amax (amax)", None),
+            (class_index_behind, (torch.tensor([0, 2, 1, 3]),), _h(), None, None),
+        )
+        for make, args, h, reason, near_reason in cases:
+            with self.subTest(make.__name__):
+                text, rep = capture(make(far), h, _w(), *args)
+                self.assertTrue("tpfuse.all_gather_hidden(" in after(text), rep.eliminations)  # not the long text
+                self.assertEqual(rep.eliminations, [])
+                self.assertEqual(len(rep.near_misses), 1, rep.near_misses)
+                self.assertEqual(rep.near_misses[0].reason, "gather kept: " + (
+                    "the gathered logits are also used by " + reason if reason else
+                    "log_softmax gather: cannot tell within 256 nodes whether unsqueeze depends on a random "
+                    "draw; kept"))
+                text, rep = capture(make(near), h, _w(), *args)
+                if near_reason:  # the draw is found: refused for that, not for the search's reach
+                    self.assertIn(near_reason, rep.near_misses[0].reason)
+                else:
+                    self.assertTrue(no_full_width_gather(text), text)
+                    self.assertEqual(rep.near_misses, [])
+
     # ---------------------------------------------------------------- the cost rule
 
     def test_cost_rule_keeps_a_gather_whose_partials_save_too_little(self):
@@ -415,6 +489,38 @@ return [getitem_3]""")
         self.assertIn("cat (eliminated: argmax)", lines[3])
         self.assertEqual(lines[4].split("|")[:4], ["  eliminated gather         ", " consumer ",
                                                    " steps on the band ", " slice "])
+
+
+class SqueezeOfUnevenBands(TestCase):
+    """A squeeze that names the gathered (last) axis is a no-op on the full logits, but replayed on the
+    slab of a rank whose own width is 1 it would drop that rank's hidden axis (docs/passes.md, "What is
+    rewritten"): refused when any width is 1, replayed when none is."""
+
+    def test_squeeze_of_the_last_axis_keeps_the_gather_when_a_rank_is_one_wide(self):
+        with fake_world(4):
+            for dim in (None, -1):
+                with self.subTest(dim=dim):
+                    text, rep = capture(squeezed_argmax([64, 64, 64, 1], dim), torch.randn(1, 16), _w())
+                    self.assertIn("tpfuse.all_gather_hidden(mm, [64, 64, 64, 1], '0')", after(text))
+                    self.assertEqual([n.reason for n in rep.near_misses], [
+                        "gather kept: the gathered logits are also used by squeeze (squeeze) (squeeze squeezes the "
+                        "gathered (last) axis, and a rank of hidden widths [64, 64, 64, 1] is 1 wide: it would "
+                        "squeeze its band's axis; only a squeeze of leading dims is replayed there), on the way "
+                        "to argmax (argmax)"])
+
+    def test_control_the_same_squeezes_of_even_bands_are_replayed(self):
+        with fake_world(4):
+            for dim in (None, -1, 0):
+                with self.subTest(dim=dim):
+                    text, rep = capture(squeezed_argmax([64, 64, 64, 64], dim), torch.randn(1, 16), _w())
+                    self.assertTrue(no_full_width_gather(text), text)
+                    self.assertEqual(rep.eliminations[0].steps, ("squeeze",))
+
+    def test_squeeze_of_leading_dims_only_is_replayed_with_a_one_wide_rank(self):
+        with fake_world(4):
+            text, rep = capture(squeezed_argmax([64, 64, 64, 1], 0), torch.randn(1, 16), _w())
+            self.assertTrue(no_full_width_gather(text), text)
+            self.assertEqual(rep.eliminations[0].steps, ("squeeze",))
 
 
 # --------------------------------------------------------------------------- barrier elision

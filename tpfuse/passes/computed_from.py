@@ -44,16 +44,33 @@ def path_from(node: Node, gather: Node, stops, positions: dict[Node, int]) -> li
     return None
 
 
-def random_source(operand: Node, stops=frozenset()) -> Node | None:
+class _CannotTell:
+    """The search for a random source gave up at ``RANDOM_REACH`` nodes with inputs still to look at."""
+
+    name = "cannot tell"
+
+    def __repr__(self) -> str:
+        return "CANNOT_TELL"
+
+
+#: ``random_source``'s answer when it ran out of nodes to look at: callers must keep the gather, since
+#: "no random op found so far" is not "not random" (a Gumbel token behind a long chain, a draft model)
+CANNOT_TELL = _CannotTell()
+
+
+def random_source(operand: Node, stops=frozenset()) -> Node | _CannotTell | None:
     """A random op ``operand`` is computed from (Inductor's ``inductor_random`` reads seeds drawn by
     ``inductor_seeds``), not looking behind ``stops`` (values every rank holds alike, e.g. an eliminated
-    argmax's token), or None.  Ranks need not share the seed, so such an operand cut to the band
+    argmax's token); None when there is none; ``CANNOT_TELL`` when more than ``RANDOM_REACH`` nodes
+    would have to be looked at.  Ranks need not share the seed, so such an operand cut to the band
     would mix the ranks' draws."""
     pending, seen = [operand], set()
-    while pending and len(seen) < RANDOM_REACH:
+    while pending:
         node = pending.pop()
         if node in seen or node in stops:
             continue
+        if len(seen) >= RANDOM_REACH:
+            return CANNOT_TELL
         seen.add(node)
         target = node.target
         if isinstance(target, (torch._ops.OpOverload, torch._ops.HigherOrderOperator)) and \
@@ -61,3 +78,8 @@ def random_source(operand: Node, stops=frozenset()) -> Node | None:
             return node
         pending += node.all_input_nodes
     return None
+
+
+def cannot_tell_why(operand: Node) -> str:
+    """The near-miss of an operand whose random source ``random_source`` could not settle."""
+    return f"cannot tell within {RANDOM_REACH} nodes whether {operand.name} depends on a random draw; kept"

@@ -15,7 +15,7 @@ import torch
 from torch.fx import Node
 
 from . import graph_facts as facts
-from .computed_from import depends_on, random_source
+from .computed_from import CANNOT_TELL, cannot_tell_why, depends_on, random_source
 from .elimination_matchers import POINTWISE, PREFIX_SLICE
 from .row_selection import row_step
 
@@ -110,6 +110,8 @@ def _operand_problem(operand: Node, chain: Node, gather: Node, positions) -> str
     if depends_on(operand, gather, positions):
         return f"operand {operand.name} is computed from the gathered tensor"
     drawn = random_source(operand, frozenset((gather,)))
+    if drawn is CANNOT_TELL:
+        return cannot_tell_why(operand)
     if drawn is not None:
         return (f"operand {operand.name} is drawn at random ({drawn.name}): a rank's band of its own draw is not "
                 "a band of the other ranks' draws")

@@ -31,7 +31,7 @@ import torch
 from torch.fx import Graph, Node
 
 from . import graph_facts as facts
-from .computed_from import node_positions, path_from, random_source
+from .computed_from import CANNOT_TELL, cannot_tell_why, node_positions, path_from, random_source
 from .elimination_cost import cost_problem, partial_pairs, partial_row_bytes
 from .elimination_matchers import (
     ELIMINATIONS,
@@ -219,6 +219,8 @@ def _input_problem(gather: Node, candidate: _Candidate, chosen: list[_Candidate]
     stops = frozenset(o for c in chosen if c is not candidate for o in c.elimination.outputs if o is not None)
     for node in candidate.elimination.inputs:
         drawn = random_source(node, stops | {gather})
+        if drawn is CANNOT_TELL:
+            return f"{candidate.elimination.consumer}: {cannot_tell_why(node)}"
         if drawn is not None:  # e.g. a token sampled by each rank: the ranks' bands would answer for different ones
             return (f"{candidate.elimination.consumer}: its input {node.name} is drawn at random ({drawn.name}); "
                     "every rank must read the same")

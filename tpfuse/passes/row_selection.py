@@ -15,7 +15,7 @@ import torch
 from torch.fx import Node
 
 from . import graph_facts as facts
-from .computed_from import depends_on, random_source
+from .computed_from import CANNOT_TELL, cannot_tell_why, depends_on, random_source
 from .elimination_matchers import RESHAPE, ROWS, ROWS_GATHER
 
 #: ops that pick rows (or views of the leading dims) and commute with the gather when they leave the
@@ -41,7 +41,7 @@ def row_step(user: Node, chain: Node, gather: Node, positions) -> tuple[str | No
     rank, width, out = facts.ndim(chain), facts.shape(chain)[-1], facts.shape(user)
     if out is None or not out:
         return None, f"{user.name} leaves no gathered axis"
-    why = _touches_hidden_axis(user, rank, width)
+    why = _touches_hidden_axis(user, rank, width) or _squeezes_a_band(user, rank, gather)
     if why is None and not facts.same_size(out[-1], width):
         why = f"{user.name} makes the last axis {out[-1]} wide, not the gathered {width}"
     if why is not None:
@@ -54,7 +54,10 @@ def row_step(user: Node, chain: Node, gather: Node, positions) -> tuple[str | No
     for operand in user.all_input_nodes[1:]:
         if depends_on(operand, gather, positions):
             return None, f"the row index {operand.name} of {user.name} is computed from the gathered tensor"
-        if random_source(operand, frozenset((gather,))) is not None:
+        drawn = random_source(operand, frozenset((gather,)))
+        if drawn is CANNOT_TELL:
+            return None, cannot_tell_why(operand)
+        if drawn is not None:
             return None, f"the row index {operand.name} of {user.name} is drawn at random: ranks need not agree"
         if not isinstance(facts.val(operand), torch.Tensor):
             return None, f"{user.name} picks rows at a symbolic position {operand.name}"
@@ -91,3 +94,25 @@ def _touches_hidden_axis(user: Node, rank: int, width: Any) -> str | None:
     if target in facts.RESHAPES and not facts.same_size(facts.shape(user)[-1], width):
         return f"{user.name} reshapes the gathered (last) axis of {width} columns to {facts.shape(user)[-1]}"
     return None
+
+
+def _squeezes_a_band(user: Node, rank: int, gather: Node) -> str | None:
+    """Why a squeeze that may reach the last axis (``squeeze()``, or one naming it) cannot be replayed on
+    the slabs: a rank whose own width is 1 would squeeze its band's axis away (wrong values, and a graph
+    that differs between ranks), even where the gathered axis is wider; None if it can."""
+    if user.target not in SQUEEZES or not _may_squeeze_last(user, rank):
+        return None
+    widths = facts.arg_by_name(gather, 1, "hidden_widths")
+    if isinstance(widths, (list, tuple)) and all(isinstance(w, int) and w != 1 for w in widths):
+        return None
+    return (f"{user.name} squeezes the gathered (last) axis, and a rank of hidden widths {widths} is 1 wide: "
+            "it would squeeze its band's axis; only a squeeze of leading dims is replayed there")
+
+
+def _may_squeeze_last(user: Node, rank: int) -> bool:
+    """``squeeze()`` (every size-1 dim) or ``squeeze(dim(s))`` naming the last axis."""
+    dims = facts.arg(user, 1, "dim", None)
+    if dims is None:
+        return True
+    dims = dims if isinstance(dims, (list, tuple)) else [dims]
+    return any(facts.nonneg_dim(d, rank) == rank - 1 for d in dims)
