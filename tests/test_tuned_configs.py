@@ -312,3 +312,15 @@ def test_a_smoke_output_is_never_a_config(tmp_path):
     write(tmp_path, "one_gpu_w2.json", smoke)
     chosen = tuned_configs.selection_for(KEY, 2, None, [("user", str(tmp_path))])
     assert chosen.config_path is None
+
+
+def test_a_crossover_the_file_leaves_out_is_not_a_zero_byte_cap(tmp_path):
+    """A passing record without its crossover is 'not measured': the default's choice stands for that
+    protocol (p2p uncapped, no flag protocol), never a 0-byte cap that would send every gather to NCCL."""
+    user = str(tmp_path / "user")
+    write(user, "partial.json", make_config(crossovers={"flag": 16 << 10}))
+    chosen = tuned_configs.selection_for(KEY, 2, None, [("user tuned config", user)])
+    assert chosen.crossovers == {"flag": 16 << 10}, chosen.crossovers
+    assert "p2p crossover not in the file" in chosen.why, chosen.why
+    whole = tuned_configs.selection_for(KEY, 2, None, [("user tuned config", str(tmp_path / "none"))])
+    assert "p2p" not in whole.crossovers  # the control: the default has no p2p cap either

@@ -44,6 +44,7 @@ import torch
 
 from .. import config as settings
 from . import crossover_rule
+from .groups import all_gather_single
 from .linear_constants import LinearConstants
 
 log = logging.getLogger(__name__)
@@ -557,8 +558,10 @@ def _allowed(config: TunedConfig) -> tuple[dict, LinearConstants | None, list[st
         why = config.record_failure(needs)
         if why:
             dropped.append(f"{name} crossover unused ({why})")
+        elif name not in config.crossovers:  # not measured: the default's choice stands, not a 0-byte cap
+            dropped.append(f"{name} crossover not in the file")
         else:
-            crossovers[name] = config.crossovers.get(name, 0)
+            crossovers[name] = config.crossovers[name]
     constants = config.linear_constants
     if constants is not None:
         why = config.record_failure(FUSED_LINEAR)
@@ -620,7 +623,7 @@ def agree(selection: Selection, group) -> Selection:
     device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in group.backend else torch.device("cpu")
     mine = torch.tensor([_hash_word(selection)], dtype=torch.int64, device=device)
     everyone = torch.empty(group.world_size, dtype=torch.int64, device=device)
-    dist.all_gather_into_tensor(everyone, mine, group=group.pg)
+    all_gather_single(everyone, mine, group=group.pg)
     words = everyone.tolist()
     if all(w == words[0] for w in words):
         return selection

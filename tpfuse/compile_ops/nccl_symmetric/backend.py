@@ -18,6 +18,8 @@ may come here).  The pass's permissions do not apply: no slot, no barrier, alway
 
 from __future__ import annotations
 
+import torch
+
 from .. import failures
 from .. import workspace as workspaces
 from ..backend import DEPENDS_ON_T, Backend, GatherBackend, GatherCall
@@ -38,11 +40,19 @@ class NcclSymmetricBackend(GatherBackend):
             return why
         if call.group is None:  # compile time: the planned facts and this process stand in
             return self.facts_refusal(call, call.planned_facts) or support.software_refusal()
-        ws, why = workspaces.set_up_for_call(call.group)
-        if ws is None:  # under capture, on a group not set up yet
-            return why
-        if call.forced == "auto" and why:  # no push workspace: no tuned config was agreed on
-            return f"no tuned config agreed on this group ({why})"
+        if call.forced == "auto":
+            # The config the group agreed on lives in its workspace.  A group no earlier call set one up on has
+            # none yet, and auto does not set one up (symmetric memory, collectively) for a backend that no
+            # config chose; every rank has made the same calls, so every rank refuses alike.
+            ws = workspaces.workspace(call.group, torch.cuda.current_device(), establish=False)
+            if ws is None:
+                return "no tuned config agreed on this group yet (the first call a push backend takes agrees on it)"
+            if not ws.facts.push_ok:
+                return f"push workspace unavailable: {ws.facts.reason}"
+        else:
+            ws, why = workspaces.set_up_for_call(call.group)
+            if ws is None:  # under capture, on a group not set up yet
+                return why
         return self.facts_refusal(call, ws.facts) or self.state_refusal(call, ws)
 
     def call_refusal(self, call: GatherCall) -> str:

@@ -32,6 +32,12 @@ NAME = "nccl_symmetric"
 MIN_WINDOW_BYTES = 1 << 20
 
 
+#: (pool, send, recv) registered on this rank while a peer's registration failed: never deregistered
+#: (deregistering is collective, and the peer holds no window to join it with) and never freed, so no
+#: registered memory returns to the allocator; kept for the life of the process.
+STRANDED: list = []
+
+
 @dataclass
 class Windows:
     """The group's windows on this rank."""
@@ -111,7 +117,7 @@ def _grow(ws, windows: Windows, slab_bytes: int) -> None:
     windows.reason = agreed_reason(every_rank(ws, error))
     if windows.reason:
         if not error:
-            windows.retired.append(pair[1:])  # registered here while a peer failed: never freed while registered
+            STRANDED.append(pair[1:])  # registered here while a peer failed: see STRANDED
         return
     if windows.pool is not None:
         windows.retired.append((windows.pool, windows.send, windows.recv))  # queued calls, captured graphs use it
