@@ -154,7 +154,7 @@ def test_partials_are_the_formats_the_merges_read():
 
 def test_kernels_share_the_local_kernels_order_functions():
     """The same JIT functions, not copies: the NaN and tie rules cannot drift apart."""
-    assert vr.value_order is vr._order and vr.order_key is vr._key and vr.candidate_word is vr._word
+    assert vr.value_order is vr._order and vr.candidate_word is vr._word
     assert lm.value_order is vr.value_order and lm.first_best is vr.first_best is vr._first_best
     assert lm.logsumexp_shift is vs._shift
 

@@ -146,7 +146,7 @@ def planned_backend(device_type: str, dtype: torch.dtype, tokens: int | None, hi
     """The backend a gather of this shape will run, as far as compile time can tell: (name, why).
 
     ``tokens`` is None when T is symbolic.  The names are the backends' own (``gloo``,
-    ``nccl``, ``flag``, ``multimem``, ``p2p``), or ``per call`` where the choice depends on
+    ``nccl``, ``nccl_symmetric``, ``flag``, ``multimem``, ``p2p``), or ``per call`` where the choice depends on
     T, or ``none`` where the call would raise.  Derived from the backends' own refusals
     (the order of ``choose``, the same forcing), with the local GPU model standing in for
     the group's agreed facts, the tuned config this process finds

@@ -54,9 +54,9 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from .validation import check_device_matches_group
 from .groups import Group, group_name_of, resolve_group
-from .validation import check_not_scalar, check_one_width_per_rank, check_widths, world_size_of
+from .validation import (check_device_matches_group, check_not_scalar, check_one_width_per_rank, check_widths,
+                         world_size_of)
 
 #: the dtypes of x the ops accept; a value travels as its own bits in one int32 word
 VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -55,9 +55,8 @@ from torch import Tensor
 
 from .. import config as settings
 from . import softmax_kernels
-from .validation import check_device_matches_group
 from .groups import Group, group_name_of, resolve_group
-from .validation import check_not_scalar, check_one_width_per_rank, world_size_of
+from .validation import check_device_matches_group, check_not_scalar, check_one_width_per_rank, world_size_of
 
 #: the dtypes of x the ops accept: everything is computed in float32, as ``logits.float()`` does
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -440,9 +440,5 @@ def compile_source(source, target=None, num_warps=NUM_WARPS):
 # kernels/lm_head_reduce.py writes these same candidates from a GEMM's epilogue.  It orders, keys and
 # packs them with these very functions, so that the NaN and tie rules of the two producers cannot drift.
 value_order = _order
-order_key = _key
-key_position = _position
 candidate_word = _word
-word_bits = _bits_of
-word_index = _index_of
 first_best = _first_best
