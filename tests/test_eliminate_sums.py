@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from expecttest import TestCase
 
 from multiproc import run_ranks
-from pass_helpers import capture, fake_world
+from pass_helpers import capture, dynamo_graph, fake_world, torch_ir_text
 
 #: docs/passes.md, "Gather elimination: the sum family's error" (relative to the largest |reference|)
 BOUND = 1e-5
@@ -463,29 +463,6 @@ return [div_3, getitem_10]""")
 
 # --------------------------------------------------------------------------- training: before AOTAutograd
 
-def _dynamo_graph(fn, *args):
-    """Dynamo's graph of ``fn`` (torch IR, what Inductor's pre-grad passes see), with example values."""
-    graphs = []
-
-    def keep(gm, example_inputs):
-        graphs.append(gm)
-        return gm
-
-    torch._dynamo.reset()
-    torch.compile(fn, backend=keep, fullgraph=True)(*args)
-    return graphs[0]
-
-
-def _torch_ir_text(gm) -> str:
-    lines = []
-    for n in gm.graph.nodes:
-        if n.op in ("call_function", "call_method"):
-            target = n.target if n.op == "call_method" else getattr(n.target, "__name__", str(n.target))
-            args = ", ".join(a.name if hasattr(a, "name") else repr(a) for a in n.args)
-            lines.append(f"{n.name} = {target}({args})")
-    return "\n".join(lines)
-
-
 def logits_and_training_loss(h, w, t):
     logits = tp_training_loss_logits(h, w)
     return F.cross_entropy(logits.view(-1, logits.shape[-1]), t.view(-1)), logits
@@ -516,10 +493,10 @@ class BeforeAutograd(TestCase):
         from tpfuse.passes.pre_grad_losses import rewrite_cross_entropy
 
         h, w = _h(3, (2,)).requires_grad_(requires_grad), _w().requires_grad_(requires_grad)
-        gm = _dynamo_graph(fn, h, w, _t(3, (2,)))
+        gm = dynamo_graph(fn, h, w, _t(3, (2,)))
         lines = rewrite_cross_entropy(gm.graph)
         gm.graph.lint()
-        return lines, _torch_ir_text(gm)
+        return lines, torch_ir_text(gm)
 
     def test_training_loss_becomes_the_vocab_parallel_op(self):
         lines, text = self._rewrite(tp_training_loss)
