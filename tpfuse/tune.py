@@ -43,16 +43,16 @@ from typing import Callable
 import torch
 
 from . import config as settings
-from .compile_ops import tuned_configs
+from .compile_ops import tuned
 from .compile_ops.linear_constants import fit as fit_linear
-from .compile_ops.tuned_configs import CorrectnessRecord
+from .compile_ops.tuned import CorrectnessRecord
 
 #: the grid: decode sizes, where the protocols differ; slabs 2 KiB .. 4 MiB per rank, so the flag
 #: protocol (up to 256 KiB) and the barrier push against NCCL both cross over inside it
 DEFAULT_TOKENS = (1, 8, 32, 128, 512)
 DEFAULT_WIDTHS = (1024, 4096)
 #: the stress: calls with random per-rank delays, then calls of the negative control
-STRESS_CALLS = tuned_configs.MIN_STRESS_CALLS
+STRESS_CALLS = tuned.MIN_STRESS_CALLS
 CONTROL_CALLS = 200
 #: the time the run should stay within (a warning beyond it, never a cut: a partial grid would bias the rule)
 BUDGET_S = 120.0
@@ -263,8 +263,8 @@ def tune_rank(ctx: RankContext, plan: TunePlan) -> dict:
         print(f"tune: took {seconds:.0f} s, more than the {BUDGET_S:.0f} s it should", flush=True)
     key = make_key(ctx)
     return {
-        "format": tuned_configs.SMOKE_FORMAT if plan.one_gpu else tuned_configs.FORMAT,
-        "format_version": tuned_configs.FORMAT_VERSION,
+        "format": tuned.SMOKE_FORMAT if plan.one_gpu else tuned.FORMAT,
+        "format_version": tuned.FORMAT_VERSION,
         "key": key.as_dict(ctx.world_size),
         "measured": {"host": plan.host, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
                          timespec="seconds"), "command": plan.command, "seconds": round(seconds, 1),
@@ -274,7 +274,7 @@ def tune_rank(ctx: RankContext, plan: TunePlan) -> dict:
                                "correctness": records[r.name].as_dict() if r.name in records else None}
                       for r in runners},
         "rows": rows,
-        "crossovers": tuned_configs.derive_crossovers(rows, ctx.world_size),
+        "crossovers": tuned.derive_crossovers(rows, ctx.world_size),
         "linear": linear,
     }
 
@@ -282,13 +282,13 @@ def tune_rank(ctx: RankContext, plan: TunePlan) -> dict:
 def write(data: dict, plan: TunePlan) -> str:
     """Rank 0: the config into the tuned-config folder; a smoke run's output beside it, never among the configs."""
     folder = plan.out_dir or settings.tuned_config_dir()
-    if data["format"] == tuned_configs.FORMAT:
-        return tuned_configs.write_config(data, folder)
+    if data["format"] == tuned.FORMAT:
+        return tuned.write_config(data, folder)
     folder = os.path.join(folder, "one_gpu_smoke")  # find_config reads *.json of the folder itself only
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"one_gpu_w{data['key']['world_size']}.json")
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(tuned_configs.json_safe(data), f, indent=1, sort_keys=True)
+        json.dump(tuned.json_safe(data), f, indent=1, sort_keys=True)
     return path
 
 

@@ -37,7 +37,7 @@ from types import SimpleNamespace
 
 import torch
 
-from .compile_ops import collective, nccl_symmetric, tuned_configs
+from .compile_ops import collective, nccl_symmetric, tuned
 from .compile_ops import workspace as workspaces
 from .compile_ops.backend import GatherCall
 from .compile_ops.barrier import P2P, slots
@@ -48,7 +48,7 @@ from .compile_ops.flag import launcher as flag_launcher
 from .compile_ops.groups import GroupFacts
 from .compile_ops.nccl_symmetric import NCCL_SYMMETRIC
 from .compile_ops.program_order import ProgramOrder
-from .compile_ops.tuned_configs import CorrectnessRecord
+from .compile_ops.tuned import CorrectnessRecord
 from .kernels import flag as flag_protocol
 from .kernels.barrier import signal_pad_bytes
 from .kernels.flag import MAX_SLAB_BYTES as FLAG_MAX_SLAB_BYTES
@@ -74,9 +74,9 @@ def sleep(cycles: int) -> None:
         torch.cuda._sleep(cycles)
 
 
-def device_key(ctx) -> tuned_configs.DeviceKey:
+def device_key(ctx) -> tuned.DeviceKey:
     """This machine's key; every rank must have the same GPU model (one config describes one card)."""
-    key = tuned_configs.local_device_key()
+    key = tuned.local_device_key()
     names = ctx.gather(key.gpu)
     if len(set(names)) != 1:
         raise RuntimeError(f"tpfuse tune: the ranks have different GPU models {names}; a config describes one")

@@ -85,9 +85,9 @@ def selection_line(device: str, world_size: int) -> str:
     (docs/tuning.md); the op's ranks agree on it when their group is set up."""
     if device != "cuda":
         return "tuned config: none applies (CPU tensors run gloo; tuned configs choose between the CUDA backends)"
-    from ..compile_ops import tuned_configs
+    from ..compile_ops import tuned
 
-    return f"tuned config (W={world_size}): {tuned_configs.local_selection(world_size).describe()}"
+    return f"tuned config (W={world_size}): {tuned.local_selection(world_size).describe()}"
 
 
 def run(spec: str, nproc: int = 2, dump_dir: str = "tpfuse_dumps", device: str = "cpu",

@@ -22,7 +22,7 @@ import functools
 import torch
 
 from .. import config as settings
-from . import launchers, tuned_configs
+from . import launchers, tuned
 from .backend import DEPENDS_ON_T, Backend, GatherBackend, GatherCall
 from .barrier import MULTIMEM, P2P
 from .collective import GLOO, NCCL
@@ -150,14 +150,14 @@ def planned_backend(device_type: str, dtype: torch.dtype, tokens: int | None, hi
     T, or ``none`` where the call would raise.  Derived from the backends' own refusals
     (the order of ``choose``, the same forcing), with the local GPU model standing in for
     the group's agreed facts, the tuned config this process finds
-    (``tuned_configs.local_selection``) for the one the group will agree on, and every group
+    (``tuned.local_selection``) for the one the group will agree on, and every group
     assumed able to push: a prediction for the reports.  The op decides at run time from the
     group's agreed facts, and the passes
     never make a correctness decision from it.
     """
     name = local_device_name()
     # the tuned config this process finds stands in for the one the group will agree on (docs/tuning.md)
-    selection = tuned_configs.local_selection(len(hidden_widths), name) if device_type == "cuda" else None
+    selection = tuned.local_selection(len(hidden_widths), name) if device_type == "cuda" else None
     facts = GroupFacts(True, "", 0, name, selection)
     call = GatherCall(device_type, dtype, tokens, tuple(hidden_widths), None, forced_backend(), planned_facts=facts)
     try:

@@ -36,7 +36,7 @@ class GroupFacts:
     reason: str  # why push is off ("" when on)
     max_blocks: int = 0  # grid cap: min multiprocessor count, and what the signal pads hold
     device_name: str = ""  # the GPU model, when every rank has the same one ("" otherwise)
-    #: the tuned config's selection every rank agreed on (tuned_configs.Selection); None: the default
+    #: the tuned config's selection every rank agreed on (tuned.Selection); None: the default
     selection: object = None
 
 

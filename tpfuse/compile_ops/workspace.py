@@ -6,7 +6,7 @@ What lives here is the group's, not a protocol's:
   host, the smallest multiprocessor count (the grid cap) and the GPU model.
   The backends' refusals read only these agreed facts, so every rank takes
   the same path (docs/contract.md §2).  With them, the tuned config every
-  rank agreed on (tuned_configs.py, docs/tuning.md): its crossovers and
+  rank agreed on (tuned/, docs/tuning.md): its crossovers and
   linear constants, or the default.
 - **Signal pads**: a small symmetric allocation, never freed or regrown, whose
   pads hold the barrier protocol's counters.  They are made here, with the
@@ -46,7 +46,7 @@ import torch.distributed as dist
 from .. import config as settings
 from ..kernels.barrier import blocks_that_fit, signal_pad_bytes
 from ..kernels.failure import STATUS_WORDS
-from . import failures, tuned_configs
+from . import failures, tuned
 from .groups import Group, GroupFacts, all_gather_single
 from .program_order import ProgramOrder
 
@@ -214,7 +214,7 @@ def _establish_facts(group: Group, device: torch.device, reason: str) -> Workspa
     if not agree(ok, group, device) and ok:
         ws.facts = GroupFacts(False, "symmetric memory setup failed on a peer")
     if ws.facts.push_ok:  # the same on every rank here: every rank agrees on the tuned config, or none does
-        ws.facts.selection = tuned_configs.group_selection(group, ws.facts.device_name)
+        ws.facts.selection = tuned.group_selection(group, ws.facts.device_name)
     return ws
 
 

@@ -74,10 +74,10 @@ def selection_cache_key() -> str:
 
     A compiled graph depends on it: the linear rule's constants, and the backend the report plans
     (``dispatch.planned_backend``), so the pass's cache key holds it (manager.py's ``uuid``)."""
-    from ..compile_ops import dispatch, linear_cost, tuned_configs
+    from ..compile_ops import dispatch, linear_cost, tuned
 
     names = sorted({linear_cost.compile_time_device_name(), dispatch.local_device_name()})
-    return ",".join(tuned_configs.selection_key(name) for name in names)
+    return ",".join(tuned.selection_key(name) for name in names)
 
 
 def _tokens(shape) -> object:
@@ -173,9 +173,9 @@ def graph_verdict(tuned, default):
 def _tuned_constants(device_name: str, world_size: int) -> dict:
     """The linear rule's constants of the tuned config this process finds for (GPU model, W), where it has
     them: it stands in for the one the group will agree on, as the GPU model does (docs/tuning.md)."""
-    from ..compile_ops import tuned_configs
+    from ..compile_ops import tuned
 
-    selection = tuned_configs.local_selection(world_size, device_name)
+    selection = tuned.local_selection(world_size, device_name)
     if selection.linear_constants is None:
         return {}
     return {"constants": selection.linear_constants, "constants_from": selection.config_path}

@@ -22,7 +22,7 @@ class P2PBackend(PushBackend):
     name = Backend.P2P.value
     #: which kernel variant it launches: stores through peer pointers
     multimem = False
-    #: the tuned config's crossover (tuned_configs.CROSSOVERS) that caps the outputs ``auto`` gives it
+    #: the tuned config's crossover (tuned.CROSSOVERS) that caps the outputs ``auto`` gives it
     crossover = "p2p"
 
     def facts_refusal(self, call: GatherCall, facts) -> str:

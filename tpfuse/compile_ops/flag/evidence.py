@@ -59,7 +59,7 @@ def flag_limit(device_name: str, world_size: int, selection=None) -> tuple[int, 
 
     In order: ``TPFUSE_FLAG_MAX_BYTES`` (benchmarks, tuning, tests; set alike on every rank); the
     tuned config's flag crossover, where ``selection`` (the group's agreed
-    ``tuned_configs.Selection``) holds one, which it does only where the protocol passed its stress
+    ``tuned.Selection``) holds one, which it does only where the protocol passed its stress
     on that machine (docs/tuning.md); else ``FLAG_CROSSOVER``, per (device name, W): the measured
     crossover and the multi-GPU suite log.  ``auto`` takes the protocol from the table only where
     both are there: a (device, W) not in the table was never measured, and one without a suite

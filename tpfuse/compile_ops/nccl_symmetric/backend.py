@@ -5,7 +5,7 @@ NCCL's classic path.  Its refusal, in the three steps of push_backend.py, each r
 
 1. the call: forcing, and the group (windows register on a ProcessGroupNCCL: "not a CUDA group");
 2. the agreed facts, under ``auto`` only: the tuned config every rank agreed on must hold a passing
-   nccl_symmetric record and a crossover for it (tuned_configs.CROSSOVERS), and the output must be within
+   nccl_symmetric record and a crossover for it (tuned.CROSSOVERS), and the output must be within
    that crossover: ``auto`` never takes it by default.  ``TPFUSE_BACKEND=nccl_symmetric`` skips this step;
 3. the group's windows (windows.py): made or grown collectively, never under graph capture, and only where
    every rank's NCCL (2.27 or later), torch (a ``register_mem_pool`` that takes ``symm``) and
@@ -31,7 +31,7 @@ class NcclSymmetricBackend(GatherBackend):
     name = Backend.NCCL_SYMMETRIC.value
     devices = ("cuda",)
     takes_fused_linear = False
-    #: the tuned config's crossover (tuned_configs.CROSSOVERS) that caps the outputs ``auto`` gives it
+    #: the tuned config's crossover (tuned.CROSSOVERS) that caps the outputs ``auto`` gives it
     crossover = "nccl_symmetric"
 
     def refusal(self, call: GatherCall) -> str:
