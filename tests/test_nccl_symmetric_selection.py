@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from test_tuned_configs import make_config, record
 from tpfuse import tune_gpu
-from tpfuse.compile_ops import dispatch, launchers, tuned_configs
+from tpfuse.compile_ops import dispatch, launchers, tuned
 from tpfuse.compile_ops import workspace as workspaces
 from tpfuse.compile_ops.backend import Backend, GatherCall
 from tpfuse.compile_ops.barrier import slots
@@ -95,7 +95,7 @@ def symmetric_config(**record_change):
 
 
 def selection_of(data, path="/cfg/fake.json"):
-    return tuned_configs.selection_of(tuned_configs.parse_config(data, path), "user tuned config")
+    return tuned.selection_of(tuned.parse_config(data, path), "user tuned config")
 
 
 def choose(ws, tokens, width=1024):
@@ -206,7 +206,7 @@ def test_no_collective_under_graph_capture(software, monkeypatch):
 
 
 def test_auto_never_takes_it_by_default(fake_cuda, software, monkeypatch):
-    ws = fake_cuda(fake_workspace(tuned_configs.selection_of(None)))
+    ws = fake_cuda(fake_workspace(tuned.selection_of(None)))
     assert choose(ws, 1) == Backend.P2P
     monkeypatch.setenv("TPFUSE_PUSH_MAX_BYTES", str(1 << 10))  # p2p refuses: the next is nccl, not nccl_symmetric
     assert choose(ws, 64) == Backend.NCCL
@@ -247,7 +247,7 @@ def test_a_record_that_does_not_pass_keeps_auto_off_it(fake_cuda, software, brok
 
 
 def test_forcing_takes_it_without_a_config_or_raises_what_is_missing(fake_cuda, software, monkeypatch):
-    ws = fake_cuda(fake_workspace(tuned_configs.selection_of(None)))
+    ws = fake_cuda(fake_workspace(tuned.selection_of(None)))
     monkeypatch.setenv("TPFUSE_BACKEND", "nccl_symmetric")
     assert choose(ws, 1) == Backend.NCCL_SYMMETRIC
     assert choose(ws, 4096) == Backend.NCCL_SYMMETRIC  # no crossover when forced: the windows grow
@@ -267,7 +267,7 @@ def test_forcing_takes_it_without_a_config_or_raises_what_is_missing(fake_cuda, 
     (lambda mp: mp.setenv("NCCL_NVLS_ENABLE", "1"), "NCCL_NVLS_ENABLE is not 0"),
 ])
 def test_a_forced_call_raises_the_agreed_reason(fake_cuda, software, monkeypatch, change, why):
-    ws = fake_cuda(fake_workspace(tuned_configs.selection_of(None)))
+    ws = fake_cuda(fake_workspace(tuned.selection_of(None)))
     monkeypatch.setenv("TPFUSE_BACKEND", "nccl_symmetric")
     change(monkeypatch)
     with pytest.raises(RuntimeError) as err:
@@ -278,7 +278,7 @@ def test_a_forced_call_raises_the_agreed_reason(fake_cuda, software, monkeypatch
 
 def test_the_fused_op_is_not_forced_onto_it(fake_cuda, software, monkeypatch):
     """No fused kernel here: a fused call chooses as under auto, and its gather (where it runs one) is forced."""
-    ws = fake_cuda(fake_workspace(tuned_configs.selection_of(None)))
+    ws = fake_cuda(fake_workspace(tuned.selection_of(None)))
     monkeypatch.setenv("TPFUSE_BACKEND", "nccl_symmetric")
     fused = dispatch.choose_backend("cuda", torch.bfloat16, [1024, 1024], ws.group, 1, fused_linear=True)
     assert fused == Backend.P2P
@@ -294,12 +294,12 @@ def planning(monkeypatch, tmp_path, software):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(dispatch, "local_device_name", lambda: GPU)
     data = symmetric_config()
-    data["key"] = tuned_configs.local_device_key(GPU).as_dict(2)
-    path = tuned_configs.write_config(data, str(tmp_path))
+    data["key"] = tuned.local_device_key(GPU).as_dict(2)
+    path = tuned.write_config(data, str(tmp_path))
     monkeypatch.setenv("TPFUSE_TUNED_CONFIG_DIR", str(tmp_path))
-    tuned_configs.forget()
+    tuned.forget()
     yield path
-    tuned_configs.forget()
+    tuned.forget()
 
 
 def test_the_plan_names_it_and_the_config_that_decided(planning, monkeypatch):
@@ -337,18 +337,18 @@ def test_the_tune_runner_is_the_backends_code():
     for copy in ("register_mem_pool", "all_gather", "MemPool", "nccl.version"):
         assert copy not in source, copy
     assert tune_gpu.NcclSymmetricRunner.name == NCCL_SYMMETRIC.name == "nccl_symmetric"
-    assert NCCL_SYMMETRIC.name in tuned_configs.PROTOCOLS and NCCL_SYMMETRIC.crossover in tuned_configs.CROSSOVERS
+    assert NCCL_SYMMETRIC.name in tuned.PROTOCOLS and NCCL_SYMMETRIC.crossover in tuned.CROSSOVERS
 
 
 def test_one_name_per_backend_in_the_config_format():
     """The config's protocols and crossovers are the registered backends' names (p2p_entry_elided: p2p with the
     entry barrier a pass elides)."""
     names = {b.name for b in dispatch.BACKENDS}
-    assert set(tuned_configs.PROTOCOLS) - {"p2p_entry_elided"} <= names
-    assert set(tuned_configs.CROSSOVERS) <= names
+    assert set(tuned.PROTOCOLS) - {"p2p_entry_elided"} <= names
+    assert set(tuned.CROSSOVERS) <= names
     assert all({candidate, baseline, needs} <= names for candidate, baseline, _, needs in
-               tuned_configs.CROSSOVERS.values())
-    assert os.path.isfile(os.path.join(os.path.dirname(tuned_configs.__file__), "nccl_symmetric", "backend.py"))
+               tuned.CROSSOVERS.values())
+    assert os.path.isfile(os.path.join(os.path.dirname(dispatch.__file__), "nccl_symmetric", "backend.py"))
 
 
 def test_the_report_counts_no_saved_barrier_for_it():

@@ -10,11 +10,11 @@ import torch
 
 from multiproc import run_ranks
 from tpfuse import tune
-from tpfuse.compile_ops import tuned_configs
+from tpfuse.compile_ops import tuned
 from tpfuse.compile_ops.linear_constants import LinearConstants
-from tpfuse.compile_ops.tuned_configs import CorrectnessRecord, DeviceKey
+from tpfuse.compile_ops.tuned import CorrectnessRecord, DeviceKey
 
-KEY = DeviceKey("FAKE GPU 80GB", "nvlink-all-to-all", torch.__version__, "2.27.3", tuned_configs.tpfuse_version())
+KEY = DeviceKey("FAKE GPU 80GB", "nvlink-all-to-all", torch.__version__, "2.27.3", tuned.tpfuse_version())
 TRUTH = LinearConstants(3e12, 100, 0.8, 3.0, 0.9, 8.0, 500e9, 6.0, 200e9)
 #: the fake machine: the flag protocol wins up to a 16 KiB slab, the barrier push up to 1 MiB of output
 FLAG_WINS_UP_TO, PUSH_WINS_UP_TO = 16 << 10, 1 << 20
@@ -112,23 +112,23 @@ def test_a_dry_run_writes_a_config_that_selection_then_follows(tmp_path, capfd):
     progress = capfd.readouterr().out
     assert "tune: [  1/" in progress and "stress flag: passes" in progress and "linear rule: fitted" in progress
 
-    cfg = tuned_configs.load_config(path)
+    cfg = tuned.load_config(path)
     assert cfg.rows[0]["graph"]["flag"] == 3.5  # the slowest rank's
     assert cfg.protocols["nccl_symmetric"]["unavailable"] == "rank 1: NCCL 2.21 has no symmetric kernels"
     assert cfg.protocols["flag"]["correctness"].control_detected  # caught on rank 1 only
-    chosen = tuned_configs.selection_for(KEY, 2, None, [("user tuned config", str(tmp_path))])
+    chosen = tuned.selection_for(KEY, 2, None, [("user tuned config", str(tmp_path))])
     assert chosen.config_path == path
     assert chosen.crossovers == {"flag": FLAG_WINS_UP_TO, "p2p": 512 << 10}  # the grid's largest <= 1 MiB
     for name, value in TRUTH.as_dict().items():
         assert getattr(chosen.linear_constants, name) == pytest.approx(value, rel=1e-6), name
     assert f"user tuned config {path}" in chosen.describe() and "cpu-test-host" in chosen.describe()
     # another key (another W) does not take it
-    assert tuned_configs.selection_for(KEY, 4, None, [("user", str(tmp_path))]).config_path is None
+    assert tuned.selection_for(KEY, 4, None, [("user", str(tmp_path))]).config_path is None
 
 
 def test_a_dry_run_whose_flag_control_escapes_writes_a_config_auto_uses_without_the_flag(tmp_path):
     path = run_ranks(2, tune.spawned_rank, dry_plan(tmp_path, runners_whose_flag_control_escapes), timeout=240)[0]
-    chosen = tuned_configs.selection_for(KEY, 2, None, [("user", str(tmp_path))])
+    chosen = tuned.selection_for(KEY, 2, None, [("user", str(tmp_path))])
     assert chosen.config_path == path and "flag" not in chosen.crossovers
     assert "flag crossover unused (flag: the negative control (fake control) was not detected" in chosen.why
 
@@ -141,7 +141,7 @@ def _select(rank, world_size, folders):
     import torch.distributed as dist
 
     group = resolve_group(dist.group.WORLD.group_name)
-    chosen = tuned_configs.selection_for(KEY, world_size, group, [("user tuned config", folders[rank])])
+    chosen = tuned.selection_for(KEY, world_size, group, [("user tuned config", folders[rank])])
     return chosen.config_path, chosen.crossovers, chosen.why
 
 
@@ -150,7 +150,7 @@ def _config(folder, host):
 
     data = make_config(key=KEY)
     data["measured"]["host"] = host
-    return tuned_configs.write_config(data, folder)
+    return tuned.write_config(data, folder)
 
 
 def test_ranks_with_the_same_config_agree_wherever_it_lies(tmp_path):
@@ -188,13 +188,13 @@ def test_the_command_refuses_bad_arguments_and_a_machine_without_gpus(capsys, mo
 
 def test_the_smoke_output_is_written_beside_the_configs_never_among_them(tmp_path):
     plan = dry_plan(tmp_path)
-    data = json.loads(json.dumps(tuned_configs.json_safe(tuned_configs_sample())))
-    data["format"] = tuned_configs.SMOKE_FORMAT
+    data = json.loads(json.dumps(tuned.json_safe(tuned_configs_sample())))
+    data["format"] = tuned.SMOKE_FORMAT
     path = tune.write(data, plan)
     assert os.path.dirname(path) == os.path.join(str(tmp_path), "one_gpu_smoke")
-    with pytest.raises(tuned_configs.ConfigError, match="not a config"):
-        tuned_configs.load_config(path)
-    assert tuned_configs.find_config(KEY, 2, [("user", str(tmp_path))])[0] is None
+    with pytest.raises(tuned.ConfigError, match="not a config"):
+        tuned.load_config(path)
+    assert tuned.find_config(KEY, 2, [("user", str(tmp_path))])[0] is None
 
 
 def tuned_configs_sample():

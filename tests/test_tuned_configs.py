@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from tpfuse import config
-from tpfuse.compile_ops import crossover_rule, linear_cost, tuned_configs
+from tpfuse.compile_ops import crossover_rule, linear_cost, tuned
 from tpfuse.compile_ops.linear_constants import LinearConstants, fit
-from tpfuse.compile_ops.tuned_configs import ConfigError, DeviceKey
+from tpfuse.compile_ops.tuned import ConfigError, DeviceKey
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KEY = DeviceKey("FAKE GPU 80GB", "nvlink-all-to-all", "2.11.0+cu128", "2.27.3", tuned_configs.tpfuse_version())
+KEY = DeviceKey("FAKE GPU 80GB", "nvlink-all-to-all", "2.11.0+cu128", "2.27.3", tuned.tpfuse_version())
 TRUTH = LinearConstants(3e12, 100, 0.8, 3.0, 0.9, 8.0, 500e9, 6.0, 200e9)
 
 
@@ -37,7 +37,7 @@ def make_config(key=KEY, world_size=2, **change):
     """A valid config: the flag protocol no slower up to a 16 KiB slab, the barrier push up to 128 KiB of output."""
     rows = [row(1, 1024, 2.0, 4.0, 20.0), row(8, 1024, 3.0, 4.0, 20.0), row(32, 1024, 9.0, 5.0, 20.0),
             row(128, 1024, None, 30.0, 20.0)]
-    data = {"format": tuned_configs.FORMAT, "format_version": tuned_configs.FORMAT_VERSION,
+    data = {"format": tuned.FORMAT, "format_version": tuned.FORMAT_VERSION,
             "key": key.as_dict(world_size),
             "measured": {"host": "gpu-host-a", "date": "2026-12-01T10:00:00+00:00"},
             "protocols": {"flag": {"unavailable": "", "correctness": record()},
@@ -63,7 +63,7 @@ def write(folder, name, data):
 
 
 def test_a_valid_config_parses_and_its_crossovers_match_its_rows():
-    cfg = tuned_configs.parse_config(make_config(), "a.json")
+    cfg = tuned.parse_config(make_config(), "a.json")
     assert cfg.key == KEY and cfg.world_size == 2
     assert cfg.crossovers == {"flag": 16 << 10, "p2p": 128 << 10}
     assert math.isnan(cfg.rows[-1]["graph"]["flag"])  # null: the flag protocol did not run that row
@@ -78,7 +78,7 @@ def _broken(change):
 
 @pytest.mark.parametrize("change, message", [
     (lambda d: d.update(format="something"), "format 'something'; accepted is 'tpfuse-tuned-config'"),
-    (lambda d: d.update(format=tuned_configs.SMOKE_FORMAT), "a one-GPU smoke output"),
+    (lambda d: d.update(format=tuned.SMOKE_FORMAT), "a one-GPU smoke output"),
     (lambda d: d.update(format_version=99), "format_version 99; this tpfuse reads 2"),
     (lambda d: d["key"].pop("nccl"), "key: missing 'nccl'"),
     (lambda d: d["key"].update(world_size=16), "world_size: 16; accepted are 2..8"),
@@ -98,24 +98,24 @@ def _broken(change):
 ])
 def test_a_broken_config_says_which_file_which_field_and_what_is_accepted(change, message):
     with pytest.raises(ConfigError) as err:
-        tuned_configs.parse_config(_broken(change), "/x/broken.json")
+        tuned.parse_config(_broken(change), "/x/broken.json")
     assert str(err.value).startswith("/x/broken.json") and message in str(err.value), str(err.value)
 
 
 def test_a_file_that_is_not_json_or_not_there_says_so(tmp_path):
     path = write(tmp_path, "bad.json", '{"format": ')
     with pytest.raises(ConfigError, match=r"bad.json: not JSON \(Expecting value at line 1"):
-        tuned_configs.load_config(path)
+        tuned.load_config(path)
     with pytest.raises(ConfigError, match="missing.json: cannot be read"):
-        tuned_configs.load_config(os.path.join(tmp_path, "missing.json"))
+        tuned.load_config(os.path.join(tmp_path, "missing.json"))
 
 
 def test_write_refuses_what_it_could_not_read_back_and_names_files_by_key(tmp_path):
-    path = tuned_configs.write_config(make_config(), str(tmp_path))
+    path = tuned.write_config(make_config(), str(tmp_path))
     assert os.path.basename(path) == "fake-gpu-80gb_w2_nvlink-all-to-all.json"
-    assert tuned_configs.load_config(path).key == KEY
+    assert tuned.load_config(path).key == KEY
     with pytest.raises(ConfigError, match="a crossover claims"):
-        tuned_configs.write_config(_broken(lambda d: d["crossovers"].update(flag=1)), str(tmp_path))
+        tuned.write_config(_broken(lambda d: d["crossovers"].update(flag=1)), str(tmp_path))
 
 
 def test_the_rule_is_the_documented_one_on_the_committed_h200_log():
@@ -126,7 +126,7 @@ def test_the_rule_is_the_documented_one_on_the_committed_h200_log():
     rows = [{"T": r["T"], "width": r["width"],
              **{m: {names[k]: v for k, v in r[m].items() if k in names} for m in crossover_rule.MODES}}
             for r in log["rows"]]
-    assert tuned_configs.derive_crossovers(rows, 2)["flag"] == 0
+    assert tuned.derive_crossovers(rows, 2)["flag"] == 0
     assert crossover_rule.crossover(crossover_rule.judge_all(log["rows"])) == 0
 
 
@@ -143,9 +143,9 @@ def test_the_rule_is_the_documented_one_on_the_committed_h200_log():
 ])
 def test_the_key_holds_gpu_w_topology_and_versions(other, why):
     here = DeviceKey(**{**KEY.__dict__, **other})
-    found = tuned_configs.mismatch(KEY, 2, here, 2)
+    found = tuned.mismatch(KEY, 2, here, 2)
     assert found.startswith(why) and bool(found) == bool(why), found
-    assert tuned_configs.mismatch(KEY, 2, KEY, 4) == "measured for W 2, this is 4"
+    assert tuned.mismatch(KEY, 2, KEY, 4) == "measured for W 2, this is 4"
 
 
 TOPO_NVLINK = """\
@@ -161,18 +161,18 @@ Legend:
 
 
 def test_the_topology_is_read_from_nvidia_smi_or_unknown():
-    assert tuned_configs.parse_topo_matrix(TOPO_NVLINK) == "nvlink-all-to-all"
+    assert tuned.parse_topo_matrix(TOPO_NVLINK) == "nvlink-all-to-all"
     pcie = TOPO_NVLINK.replace("NV18", "SYS")
-    assert tuned_configs.parse_topo_matrix(pcie) == "pcie"
+    assert tuned.parse_topo_matrix(pcie) == "pcie"
     partial = TOPO_NVLINK.replace("GPU0\t X \tNV18", "GPU0\t X \tPIX")
-    assert tuned_configs.parse_topo_matrix(partial) == "nvlink-partial"
-    assert tuned_configs.parse_topo_matrix(TOPO_NVLINK.replace("NV18", "??")) == "unknown"
-    assert tuned_configs.parse_topo_matrix("No devices were found") == "unknown"
-    assert tuned_configs.classify_links([]) == "single-gpu"
+    assert tuned.parse_topo_matrix(partial) == "nvlink-partial"
+    assert tuned.parse_topo_matrix(TOPO_NVLINK.replace("NV18", "??")) == "unknown"
+    assert tuned.parse_topo_matrix("No devices were found") == "unknown"
+    assert tuned.classify_links([]) == "single-gpu"
 
 
 def test_without_a_gpu_the_key_names_none_and_nothing_matches():
-    key = tuned_configs.local_device_key("")
+    key = tuned.local_device_key("")
     assert key.gpu == "" and key.topology == "unknown" and key.torch == torch.__version__
 
 
@@ -182,18 +182,18 @@ def test_without_a_gpu_the_key_names_none_and_nothing_matches():
 def test_the_user_folder_wins_then_the_shipped_one_then_the_default(tmp_path):
     user, shipped = str(tmp_path / "user"), str(tmp_path / "shipped")
     dirs = [("user tuned config", user), ("shipped config", shipped)]
-    default = tuned_configs.selection_for(KEY, 2, None, dirs)
+    default = tuned.selection_for(KEY, 2, None, dirs)
     assert default.config_path is None and default.crossovers == {} and default.linear_constants is None
     assert "no tuned config" in default.describe() and "barrier push" in default.describe()
 
     shipped_path = write(shipped, "h.json", make_config())
-    chosen = tuned_configs.selection_for(KEY, 2, None, dirs)
+    chosen = tuned.selection_for(KEY, 2, None, dirs)
     assert chosen.config_path == shipped_path and chosen.describe().startswith(f"shipped config {shipped_path}")
 
     faster = make_config(crossovers={"flag": 16 << 10, "p2p": 128 << 10})
     faster["measured"]["host"] = "user-host"
     user_path = write(user, "mine.json", faster)
-    chosen = tuned_configs.selection_for(KEY, 2, None, dirs)
+    chosen = tuned.selection_for(KEY, 2, None, dirs)
     assert chosen.config_path == user_path and chosen.describe().startswith(f"user tuned config {user_path}")
     assert chosen.crossovers == {"flag": 16 << 10, "p2p": 128 << 10} and chosen.linear_constants == TRUTH
     assert "flag protocol up to 16384-byte slabs" in chosen.why and "user-host" in chosen.why
@@ -204,7 +204,7 @@ def test_a_user_file_for_another_setup_or_broken_falls_through_with_a_note(tmp_p
     write(user, "old_torch.json", make_config(DeviceKey(**{**KEY.__dict__, "torch": "2.9.1"})))
     write(user, "broken.json", "not json")
     shipped_path = write(shipped, "h.json", make_config())
-    found, what, notes = tuned_configs.find_config(KEY, 2, [("user tuned config", user), ("shipped config", shipped)])
+    found, what, notes = tuned.find_config(KEY, 2, [("user tuned config", user), ("shipped config", shipped)])
     assert found.path == shipped_path and what == "shipped config"
     assert any("broken.json: not JSON" in n for n in notes) and any("torch 2.9.1" in n for n in notes), notes
     assert "ignored a tuned config" in caplog.text
@@ -215,7 +215,7 @@ def test_of_two_matching_files_the_most_recently_measured_decides(tmp_path):
     newer["measured"]["date"] = "2026-12-02T10:00:00+00:00"
     write(tmp_path, "b_older.json", older)
     newer_path = write(tmp_path, "a_newer.json", newer)
-    assert tuned_configs.find_config(KEY, 2, [("user", str(tmp_path))])[0].path == newer_path
+    assert tuned.find_config(KEY, 2, [("user", str(tmp_path))])[0].path == newer_path
 
 
 def test_the_user_folder_follows_the_variable_then_xdg_then_home(monkeypatch, tmp_path):
@@ -227,7 +227,7 @@ def test_the_user_folder_follows_the_variable_then_xdg_then_home(monkeypatch, tm
     assert config.tuned_config_dir() == str(tmp_path / "home" / ".cache" / "tpfuse")
     monkeypatch.setenv("TPFUSE_TUNED_CONFIG_DIR", str(tmp_path / "mine"))
     assert config.tuned_config_dir() == str(tmp_path / "mine")
-    assert tuned_configs.search_dirs()[0] == ("user tuned config", str(tmp_path / "mine"))
+    assert tuned.search_dirs()[0] == ("user tuned config", str(tmp_path / "mine"))
 
 
 # --------------------------------------------------------------------------- only what passed
@@ -244,7 +244,7 @@ def test_a_crossover_is_used_only_when_its_protocol_passed_its_stress(tmp_path, 
     data = make_config()
     data["protocols"]["flag"]["correctness"].update(broken)
     write(tmp_path, "c.json", data)
-    chosen = tuned_configs.selection_for(KEY, 2, None, [("user", str(tmp_path))])
+    chosen = tuned.selection_for(KEY, 2, None, [("user", str(tmp_path))])
     assert "flag" not in chosen.crossovers and chosen.crossovers["p2p"] == 128 << 10
     assert f"flag crossover unused (flag: {why}" in chosen.why, chosen.why
 
@@ -254,7 +254,7 @@ def test_no_record_or_an_unavailable_protocol_counts_as_not_passed(tmp_path):
     data["protocols"]["nccl"]["correctness"] = None
     data["linear"]["correctness"]["mismatches"] = 1
     write(tmp_path, "c.json", data)
-    chosen = tuned_configs.selection_for(KEY, 2, None, [("user", str(tmp_path))])
+    chosen = tuned.selection_for(KEY, 2, None, [("user", str(tmp_path))])
     assert "p2p" not in chosen.crossovers and "nccl: no correctness record" in chosen.why
     assert chosen.linear_constants is None and "linear constants unused (fused_linear: 1 wrong" in chosen.why
 
@@ -300,17 +300,17 @@ def test_the_package_ships_its_configs_folder_and_every_shipped_config_parses():
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         package_data = tomllib.load(f)["tool"]["setuptools"]["package-data"]["tpfuse"]
     assert "configs/*.json" in package_data
-    assert os.path.isdir(tuned_configs.SHIPPED_DIR)
-    for name in os.listdir(tuned_configs.SHIPPED_DIR):
+    assert os.path.isdir(tuned.SHIPPED_DIR)
+    for name in os.listdir(tuned.SHIPPED_DIR):
         if name.endswith(".json"):
-            cfg = tuned_configs.load_config(os.path.join(tuned_configs.SHIPPED_DIR, name))
+            cfg = tuned.load_config(os.path.join(tuned.SHIPPED_DIR, name))
             assert all(not cfg.record_failure(p) for p in ("flag", "p2p", "nccl")), name
 
 
 def test_a_smoke_output_is_never_a_config(tmp_path):
-    smoke = copy.deepcopy(make_config(format=tuned_configs.SMOKE_FORMAT))
+    smoke = copy.deepcopy(make_config(format=tuned.SMOKE_FORMAT))
     write(tmp_path, "one_gpu_w2.json", smoke)
-    chosen = tuned_configs.selection_for(KEY, 2, None, [("user", str(tmp_path))])
+    chosen = tuned.selection_for(KEY, 2, None, [("user", str(tmp_path))])
     assert chosen.config_path is None
 
 
@@ -319,8 +319,8 @@ def test_a_crossover_the_file_leaves_out_is_not_a_zero_byte_cap(tmp_path):
     protocol (p2p uncapped, no flag protocol), never a 0-byte cap that would send every gather to NCCL."""
     user = str(tmp_path / "user")
     write(user, "partial.json", make_config(crossovers={"flag": 16 << 10}))
-    chosen = tuned_configs.selection_for(KEY, 2, None, [("user tuned config", user)])
+    chosen = tuned.selection_for(KEY, 2, None, [("user tuned config", user)])
     assert chosen.crossovers == {"flag": 16 << 10}, chosen.crossovers
     assert "p2p crossover not in the file" in chosen.why, chosen.why
-    whole = tuned_configs.selection_for(KEY, 2, None, [("user tuned config", str(tmp_path / "none"))])
+    whole = tuned.selection_for(KEY, 2, None, [("user tuned config", str(tmp_path / "none"))])
     assert "p2p" not in whole.crossovers  # the control: the default has no p2p cap either

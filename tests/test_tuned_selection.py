@@ -1,6 +1,6 @@
 """A tuned config decides ``auto`` (docs/tuning.md, "What ``auto`` reads"): a dry run of ``python -m tpfuse tune``
 on 2 gloo ranks (fake timer, fake runners) writes a config; the ranks agree on it at set-up
-(``tuned_configs.group_selection``, what the workspace keeps in its facts), and then the flag backend's limit,
+(``tuned.group_selection``, what the workspace keeps in its facts), and then the flag backend's limit,
 the p2p backend's crossover with NCCL, ``dispatch.planned_backend`` and the linear rule follow it, each naming the
 config and its path.  A rank that found another config makes every rank fall back to the default, saying so.
 The passes' cache key changes with the config the process finds.
@@ -17,11 +17,12 @@ import torch
 from multiproc import run_ranks
 from test_tune import TRUTH, fake_probe, fake_runners, fake_timer
 from tpfuse import tune
-from tpfuse.compile_ops import dispatch, linear_cost, tuned_configs
+from tpfuse.compile_ops import dispatch, linear_cost
 from tpfuse.compile_ops.backend import GatherCall
 from tpfuse.compile_ops.barrier import P2P
 from tpfuse.compile_ops.flag import FLAG
 from tpfuse.compile_ops.groups import GroupFacts
+from tpfuse.compile_ops.tuned import forget, group_selection, local_device_key, selection_for, write_config
 
 GPU = "FAKE GPU 80GB"
 #: the fake machine of test_tune: the flag protocol no slower up to 16 KiB slabs; the barrier push up to
@@ -31,7 +32,7 @@ FLAG_UP_TO, P2P_UP_TO = 16 << 10, 512 << 10
 
 def this_machine(ctx):
     """The key this process computes for a GPU named ``GPU``: the one the set-up looks the config up by."""
-    return tuned_configs.local_device_key(GPU)
+    return local_device_key(GPU)
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +53,10 @@ def finds(monkeypatch):
         monkeypatch.setenv("TPFUSE_TUNED_CONFIG_DIR", folder)
         monkeypatch.setattr(dispatch, "local_device_name", lambda: gpu or "")
         monkeypatch.setattr(linear_cost, "compile_time_device_name", lambda: gpu or "")
-        tuned_configs.forget()
+        forget()
 
     yield use
-    tuned_configs.forget()
+    forget()
 
 
 def _call(tokens, width, selection, W=2):
@@ -78,7 +79,7 @@ def _agree(rank, world_size, folders):
     from tpfuse.compile_ops.groups import resolve_group
 
     os.environ["TPFUSE_TUNED_CONFIG_DIR"] = folders[rank]
-    selection = tuned_configs.group_selection(resolve_group(dist.group.WORLD.group_name), GPU)
+    selection = group_selection(resolve_group(dist.group.WORLD.group_name), GPU)
     return selection.config_path, selection.source(), selection.describe(), _decisions(selection)
 
 
@@ -110,7 +111,7 @@ def test_a_rank_that_found_no_config_makes_every_rank_take_the_default_and_say_s
 
 def test_a_forced_backend_ignores_the_config(tuned):
     folder, _ = tuned
-    selection = tuned_configs.selection_for(this_machine(None), 2, None, [("user tuned config", folder)])
+    selection = selection_for(this_machine(None), 2, None, [("user tuned config", folder)])
     call = _call(256, 1024, selection)
     forced = GatherCall(call.device_type, call.dtype, call.tokens, call.hidden_widths, None, "p2p",
                         planned_facts=call.planned_facts)
@@ -135,7 +136,7 @@ def test_planned_backend_follows_the_config_this_process_finds(tuned, finds, tmp
 
 def test_the_linear_rule_takes_the_configs_constants(tuned):
     folder, path = tuned
-    selection = tuned_configs.selection_for(this_machine(None), 2, None, [("user tuned config", folder)])
+    selection = selection_for(this_machine(None), 2, None, [("user tuned config", folder)])
     args = (32, 4096, [64128, 64128], "bfloat16")
     assert linear_cost.decide(*args, device_name=GPU).rule == "not_measured"  # the default: not this card
     decision = linear_cost.decide(*args, device_name=GPU, constants=selection.linear_constants,
@@ -165,7 +166,7 @@ def test_the_pass_cache_key_changes_with_the_config_this_process_finds(tuned, fi
     other = str(tmp_path / "other")
     data = make_config(key=this_machine(None))
     data["measured"]["host"] = "another-host"
-    tuned_configs.write_config(data, other)
+    write_config(data, other)
     finds(other)
     assert key()[0] not in (without[0], with_config[0])
     finds(folder, gpu=None)  # no GPU: no config applies, the default's key
@@ -181,7 +182,7 @@ def test_the_pass_fuses_only_where_a_rank_without_the_config_would_too(tuned):
     from tpfuse.passes.linear_fusion import graph_verdict
 
     folder, path = tuned
-    selection = tuned_configs.selection_for(this_machine(None), 2, None, [("user tuned config", folder)])
+    selection = selection_for(this_machine(None), 2, None, [("user tuned config", folder)])
     args = (32, 4096, [64128, 64128], "bfloat16")
     tuned_rule = linear_cost.decide(*args, device_name=GPU, constants=selection.linear_constants,
                                     constants_from=path)

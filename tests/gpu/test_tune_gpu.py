@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tpfuse import tune
-from tpfuse.compile_ops import tuned_configs
+from tpfuse.compile_ops import tuned
 
 
 @pytest.mark.gpu
@@ -28,15 +28,15 @@ def test_the_one_gpu_smoke_run_measures_everything_and_writes_no_config(tmp_path
     path = os.path.join(str(tmp_path), "one_gpu_smoke", f"one_gpu_w{W}.json")
     with open(path) as f:
         data = json.load(f)
-    assert data["format"] == tuned_configs.SMOKE_FORMAT and data["key"]["world_size"] == W
+    assert data["format"] == tuned.SMOKE_FORMAT and data["key"]["world_size"] == W
     for name in ("flag", "p2p"):
         record = data["protocols"][name]["correctness"]
         assert record["calls"] >= 1000 and record["mismatches"] == 0 and record["control_detected"], (name, record)
     flag_served = [r for r in data["rows"] if r["T"] * r["width"] * 2 <= 256 << 10]
     assert all(r[m]["flag"] > 0 for r in flag_served for m in ("graph", "eager"))
     assert all(r[m]["p2p"] > 0 for r in data["rows"] for m in ("graph", "eager"))
-    with pytest.raises(tuned_configs.ConfigError, match="not a config"):
-        tuned_configs.load_config(path)
+    with pytest.raises(tuned.ConfigError, match="not a config"):
+        tuned.load_config(path)
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".json")]  # nothing among the configs
 
 
@@ -47,11 +47,11 @@ def test_a_real_tune_writes_a_config_that_selection_follows(tmp_path, capsys):
     out = capsys.readouterr().out
     print(out)
     (name,) = [n for n in os.listdir(tmp_path) if n.endswith(".json")]
-    config = tuned_configs.load_config(os.path.join(str(tmp_path), name))
+    config = tuned.load_config(os.path.join(str(tmp_path), name))
     for protocol in ("flag", "p2p", "p2p_entry_elided", "nccl"):
         assert not config.record_failure(protocol), config.record_failure(protocol)
-    key = tuned_configs.local_device_key(torch.cuda.get_device_name(0))
-    chosen = tuned_configs.selection_for(key, 2, None, [("user tuned config", str(tmp_path))])
+    key = tuned.local_device_key(torch.cuda.get_device_name(0))
+    chosen = tuned.selection_for(key, 2, None, [("user tuned config", str(tmp_path))])
     print(chosen.describe())
     # nccl_symmetric's crossover counts only where this host has NCCL symmetric windows and its record passed
     symmetric = {"nccl_symmetric"} if not config.record_failure("nccl_symmetric") else set()
