@@ -141,15 +141,15 @@ def _decision(linear_cost, lhs: Node, k: int, match: GatherMatch):
     args = (k, widths, str(match.dtype).removeprefix("torch."), match.dtype.itemsize)
     device_name = linear_cost.compile_time_device_name()
 
-    def rule(**tuned):
+    def rule(**constants):
         if isinstance(tokens, int):
-            return linear_cost.decide(tokens, *args, device_name=device_name, **tuned)
-        return linear_cost.decide_range(*_token_range(lhs, tokens), *args, device_name=device_name, **tuned)
+            return linear_cost.decide(tokens, *args, device_name=device_name, **constants)
+        return linear_cost.decide_range(*_token_range(lhs, tokens), *args, device_name=device_name, **constants)
 
-    tuned = _tuned_constants(device_name, len(widths))
-    if not tuned:
+    tuned_constants = _tuned_constants(device_name, len(widths))
+    if not tuned_constants:
         return rule()
-    return graph_verdict(rule(**tuned), rule())
+    return graph_verdict(rule(**tuned_constants), rule())
 
 
 def graph_verdict(tuned, default):
