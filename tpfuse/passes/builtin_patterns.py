@@ -243,6 +243,8 @@ def match_view(site: GatherSite) -> Candidate | Reject | None:
     if raw:
         return _raw_use_reject(raw)
     out_shape = facts.shape(view)
+    if facts.same_size(out_shape[-1], site.hidden_width):
+        return None  # the rows stay rows of w columns (a gather along dim 0): not this form
     lead = site.local_shape[:-1]
     if not facts.same_size(facts.product(lead), 1):
         return Reject(

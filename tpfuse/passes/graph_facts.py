@@ -60,7 +60,11 @@ SLICES = op_overloads("slice.Tensor")
 NARROWS = op_overloads("narrow.default")
 CATS = op_overloads("cat.default")
 COPIES = op_overloads("copy.default")
-FRESH = op_overloads("empty.memory_format", "empty_like.default", "empty_strided.default", "new_empty.default")
+FRESH = op_overloads("empty.memory_format", "empty_like.default", "empty_strided.default", "new_empty.default",
+                     # filled with a constant: a copy of the same shape overwrites every element all the same
+                     # (``[torch.zeros_like(y) for _ in range(W)]`` before ``dist.all_gather``)
+                     "zeros_like.default", "ones_like.default", "full_like.default", "zeros.default",
+                     "ones.default", "full.default", "new_zeros.default", "new_ones.default", "new_full.default")
 MATMULS = op_overloads("mm.default")
 ADDMMS = op_overloads("addmm.default")
 
@@ -195,7 +199,8 @@ def is_copy_into_fresh(node: Node) -> bool:
 
     AOT graphs of in-place c10d code (``all_gather_into_tensor(out, y)``,
     ``all_gather(list, y)``) write the result into the user's fresh buffer
-    this way; Inductor later removes the copy."""
+    this way; Inductor later removes the copy.  The buffer may be empty or
+    constant-filled (``zeros_like``, ``full``, ...): the copy overwrites all of it."""
     if node.op != "call_function" or node.target not in COPIES or len(node.args) < 2:
         return False
     dst, src = node.args[0], node.args[1]

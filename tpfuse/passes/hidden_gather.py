@@ -128,7 +128,8 @@ class _SiteReader:
 
 
 def find_producer(local: Node) -> Producer:
-    """``mm``/``addmm`` of a transposed graph input (behind reshapes), else "other"."""
+    """``mm``/``addmm`` of a transposed graph input (behind reshapes), else "other" (an ``addmm``
+    that scales, too)."""
     node, reshapes = local, []
     while isinstance(node, Node) and facts.is_reshape(node):
         reshapes.append(node.name)
@@ -136,7 +137,7 @@ def find_producer(local: Node) -> Producer:
     if not isinstance(node, Node) or node.op != "call_function":
         op = node.op if isinstance(node, Node) else type(node).__name__
         return Producer("other", getattr(node, "name", str(node)), op)
-    if node.target in facts.MATMULS or node.target in facts.ADDMMS:
+    if (node.target in facts.MATMULS or node.target in facts.ADDMMS) and not _scaled(node):
         is_addmm = node.target in facts.ADDMMS
         bias, lhs, rhs = (node.args[0], *node.args[1:3]) if is_addmm else (None, *node.args[:2])
         weight = _transposed_input(rhs)
@@ -146,6 +147,12 @@ def find_producer(local: Node) -> Producer:
                 input=_name(lhs), weight=weight.name, bias=_name(bias), reshapes=tuple(reshapes),
             )
     return Producer("other", node.name, facts.target_name(node))
+
+
+def _scaled(node: Node) -> bool:
+    """``addmm(b, x, W.T, beta=, alpha=)`` with a factor other than 1 computes ``beta*b + alpha*(x @ W.T)``,
+    not a linear layer: a fused linear of ``(x, W, b)`` would drop the factors."""
+    return any(node.kwargs.get(name, 1) != 1 for name in ("beta", "alpha"))
 
 
 def _transposed_input(node) -> Node | None:

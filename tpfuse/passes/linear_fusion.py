@@ -11,6 +11,7 @@ For every rewritten gather whose producer is a column linear
 
 - the linear's output feeds only the gather (through the reshapes that the
   producer record names): otherwise fusing would compute the linear twice;
+- those reshapes keep the linear's last dim (its output columns are the gathered columns);
 - the bias, if any, is a ``[w]`` vector (``addmm`` also broadcasts ``[T, w]``);
 - the reduction dim K is a static, positive int;
 - the cost rule ``compile_ops.linear_cost.decide(T, K, widths, dtype, device_name=...)``
@@ -118,6 +119,9 @@ def decide(match: GatherMatch, graph: Graph):
             users = ", ".join(sorted(u.name for u in node.users))
             why = f"not fused [shape]: {node.name} is also used by {users}; fusing would compute the linear twice"
             return why, why, False
+    regrouped = _columns_regrouped(linear, chain)
+    if regrouped:
+        return regrouped, regrouped, False
     k = facts.shape(lhs)[-1] if facts.shape(lhs) else None
     if not isinstance(k, int) or k <= 0:
         why = f"not fused [shape]: the reduction dim K={k} is not a static positive int"
@@ -131,6 +135,23 @@ def decide(match: GatherMatch, graph: Graph):
     decision = _decision(linear_cost, lhs, k, match)
     text = str(decision)
     return text, (None if decision.fuse else text), decision.fuse
+
+
+def _columns_regrouped(linear: Node, chain: list[Node]) -> str | None:
+    """Why the gathered slab's columns are not the linear's, or None.
+
+    The fused op gathers ``linear(x, W, b)`` by its output columns and reshapes the result's
+    leading dims.  That is the gather of the slab only where the reshapes between the linear and
+    the gather keep its last dim: ``[T, N] -> [B, S, N]``.  A reshape that changes the last dim
+    (``[T, N] -> [T, 2, N/2]``, then a gather of the halves) interleaves other columns."""
+    if not chain:
+        return None
+    local, columns = chain[0], facts.shape(linear)[-1]
+    if facts.same_size(facts.shape(local)[-1], columns):
+        return None
+    return (f"not fused [shape]: {local.name} reshapes the linear's output to {list(facts.shape(local))}; "
+            f"its last dim is not the linear's {columns} output columns, so the gathered columns are not "
+            "the linear's")
 
 
 def _decision(linear_cost, lhs: Node, k: int, match: GatherMatch):
@@ -232,13 +253,23 @@ def _rewrite(graph: Graph, gather: Node, m: GatherMatch, nodes: dict) -> Node:
         fused.meta["val"] = _fake_value(fused, want)
         new = fused
         if not facts.same_shape(facts.shape(fused), tuple(want.shape)):
-            new = graph.call_function(torch.ops.aten.reshape.default, (fused, list(want.shape)))
+            new = graph.call_function(torch.ops.aten.reshape.default, (fused, _gathered_size(gather)))
             new.meta["val"] = want
     gather.replace_all_uses_with(new)
     for node in (gather, *chain, linear, transposed):
         if isinstance(node, Node) and not node.users:
             graph.erase_node(node)
     return new
+
+
+def _gathered_size(gather: Node) -> list:
+    """The gather's output size as graph values: its slab's own reshape sizes (a symbolic leading dim
+    stays the graph value that names it; a raw SymInt in a node's arguments is no graph value and
+    fails when the code runs), the last one widened to the gathered width."""
+    local, total = gather.args[0], facts.shape(gather)[-1]
+    if isinstance(local, Node) and facts.is_reshape(local):
+        return [*local.args[1][:-1], total]
+    return list(facts.shape(gather))
 
 
 def _fake_value(node: Node, want):
