@@ -16,6 +16,7 @@ order of value (docs/benchmarks.md, "Multi-GPU runs: one script"):
 - ``stress``: the barrier-elision stress at W and the one-GPU emulation files of tests/gpu;
 - ``elimination``: the vocab-parallel reductions over NCCL at W (tests/gpu/test_reduce_hidden_gpu.py)
   and the one-GPU tests of their Triton kernels and of the fused LM head's (test_lm_head_reduce_gpu.py);
+  then the rank-consistency checks the CPU cannot reach (tests/gpu/test_trust_review_gpu.py, two ranks);
 - ``perf``: the nccl_symmetric backend's multi-GPU tests at W (tests/gpu/test_nccl_symmetric.py: they
   skip, naming why, where the host cannot register NCCL symmetric windows), ``bench_gather.py`` (T in
   1,8,32,128,512 x widths 1024,4096,32064, under torchrun; its ``nccl_symmetric`` column) and the
@@ -81,7 +82,9 @@ MULTIMEM_OFF = {"TPFUSE_ENABLE_MULTIMEM": "0"}
 #:   flag:        environment 30 + flag suite 430 + suite verdict 45 + --check 45   = 550 (+20) = 570
 #:                (at W=4 the suite runs its W=2 tests too: it must run whole to count as evidence)
 #:   stress:      environment 30 + barrier-elision stress 300 + one-GPU files 220    = 550 (+15) = 565
-#:   elimination: environment 30 + reduce_hidden 200 + one-GPU kernels 250           = 480 (+15) = 495
+#:   elimination: environment 30 + reduce_hidden 200 + one-GPU kernels 250 + trust review 60
+#:                                                                                 = 540 (+20) = 560
+#:                (trust review: tests/gpu/test_trust_review_gpu.py, at W=2 only; not yet timed on a GPU)
 #:   perf:        environment 30 + nccl_symmetric tests 150 + bench_gather 300 + derive 30 = 510 (+20) = 530
 #:                (bench_gather: 270 before its nccl_symmetric column, about a sixth more timings)
 #:   e2e:         environment 30 + elimination (probe 10) 150 + HF 210 + EAGLE 120  = 520 (+25) = 545
@@ -186,6 +189,8 @@ def elimination(plan: Plan) -> list[Step]:
         Step("vocab_kernels_one_gpu",
              pytest("tests/gpu/test_vocab_reduce_gpu.py", "tests/gpu/test_vocab_softmax_gpu.py",
                     "tests/gpu/test_lm_head_reduce_gpu.py", python=py), 250),
+        # rank consistency the CPU tests cannot reach: two NCCL ranks, whatever W (tests/test_trust_review.py)
+        Step("trust_review_gpu", pytest("tests/gpu/test_trust_review_gpu.py", python=py), 60),
     ]
 
 

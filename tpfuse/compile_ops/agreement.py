@@ -7,11 +7,21 @@ as its entry.  Each rank checks its own view before any communication
 gloo aborts the processes on a size mismatch, and equal byte counts with other
 meanings (fp32 width 4 against bf16 width 8) would be silent garbage.
 
-So the c10d path first all-gathers a fixed-size **signature** of the call (9
-int64 words per rank; the same size whatever the ranks disagree on, so this
-exchange itself can never mismatch), and every rank compares all of them.  On
-disagreement every rank raises the same ``ValueError`` naming the ranks and
-their values, before the payload moves: no abort, no hang, no garbage.  A
+So the c10d path first all-gathers a fixed-size **signature** of the call
+(``WORDS`` int64 words per rank; the same size whatever the ranks disagree on,
+so this exchange itself can never mismatch), and every rank compares all of
+them.  On disagreement every rank raises the same ``ValueError`` naming the
+ranks and their values, before the payload moves: no abort, no hang, no garbage.
+
+Besides the call's shape the signature carries what else decides how a rank's
+call pairs with its peers': the op (the gather, or the fused linear and its K),
+the ``TPFUSE_*`` settings that steer dispatch (``RANK_CONSISTENT_VARIABLES``),
+and whether the call is the forward of an autograd graph (its backward is a
+collective: a rank that wants a gradient while its peer does not would wait in
+it alone).  And it carries whether this rank's own checks refused the call
+(``local_check``): the checks run before the exchange, their verdict travels
+with the signature, and a call one rank refuses is refused by every rank, each
+naming the rank and its reason (docs/contract.md §4).  A
 rank-local "already checked" cache would not be safe (one rank may think a shape
 known while its peer thinks it new, and only one would enter the exchange), so
 the check runs on every call it covers.
@@ -28,7 +38,7 @@ only ever pairs identical calls moves data and is not detected (docs/op.md,
 Where it runs (docs/op.md, "Agreement across ranks"): the op calls it first, on
 every call it covers, before any check that could raise on one rank only and
 before any collective set-up (a workspace, a slot that grows):
-- CPU tensors (gloo): always; one extra collective of ``64 · W`` bytes.
+- CPU tensors (gloo): always; one extra collective of ``8 · WORDS · W`` bytes.
 - CUDA tensors, every backend (nccl, flag, p2p, multimem): with
   ``TPFUSE_CHECK=1``, outside CUDA-graph capture (it reads the signatures on the
   host: a device synchronisation per call, so it is a debugging mode).
@@ -36,36 +46,151 @@ before any collective set-up (a workspace, a slot that grows):
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
+import threading
 import weakref
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
+from .. import config as settings
 from .groups import Group, all_gather_single
 from .validation import check_widths
 
-#: int64 words per rank: a marker, then what must agree (the call number last), then this rank's width
-WORDS = 9
-_AGREE = WORDS - 1  # the words that every rank must present alike
-_CALL = WORDS - 2
-_MARKER = 0x7470667573650002  # "tpfuse", version 2 (version 1 had no call number)
+#: The variables that decide how a call pairs with its peers' calls: the backend, the flag protocol's and the
+#: push's size limits, the fused linear's choice, the push kernels' grid and chunking.  Every rank must have
+#: them alike (docs/api.md).  Not here: ``TPFUSE_CHECK`` (ranks that differ on it show it by their call
+#: numbers), ``TPFUSE_DISABLE_PUSH`` (the group's set-up agrees on it: one rank's sends every rank to NCCL),
+#: the timeouts, warps, the flag kernel's tile (any flag grid pairs with any other, kernels/flag/gather.py)
+#: and the watchdog, which change nothing a peer sees.
+RANK_CONSISTENT_VARIABLES = ("TPFUSE_BACKEND", "TPFUSE_PUSH_MAX_BYTES", "TPFUSE_ENABLE_MULTIMEM",
+                             "TPFUSE_FLAG_MAX_BYTES", "TPFUSE_LINEAR_PUSH", "TPFUSE_PUSH_BLOCKS_PER_SM",
+                             "TPFUSE_PUSH_BLOCK_V", "TPFUSE_PUSH_CHUNK_TILES")
+
+#: int64 words per rank: a marker, what must agree (the call number last), this rank's refusal and its width
+WORDS = 13
+(_MARK, _OP, _DTYPE, _ELEMENT, _LEAD, _RANK_OF_LEAD, _WIDTHS, _TOTAL, _SETTINGS, _GRAD, _CALL,
+ _REFUSED, _WIDTH) = range(WORDS)
+_AGREE = _CALL + 1  # words [0, _AGREE) must be alike on every rank
+_MARKER = 0x7470667573650003  # "tpfuse", version 3 (2 had no op, settings, gradient or refusal)
+#: the width word of a scalar (the op refuses it) and of a call whose op checks the width itself
+_SCALAR, _NOT_HELD = -1, -2
 
 # Checked calls made so far, per process group object: keyed by the object, not the name,
 # because a group destroyed and created again may reuse the name and must count from 0.
 _calls: "weakref.WeakKeyDictionary[dist.ProcessGroup, int]" = weakref.WeakKeyDictionary()
+_autograd = threading.local()
 
 
 def _digest(value) -> int:
     return int.from_bytes(hashlib.sha256(repr(value).encode()).digest()[:8], "little") >> 2
 
 
+@contextlib.contextmanager
+def forward_of_a_graph():
+    """Within: the op's calls are the forward of an autograd graph, whose backward is a collective."""
+    previous = getattr(_autograd, "forward", False)
+    _autograd.forward = True
+    try:
+        yield
+    finally:
+        _autograd.forward = previous
+
+
+def expects_backward() -> bool:
+    """Whether this call is the forward of an autograd graph (``forward_of_a_graph``)."""
+    return getattr(_autograd, "forward", False)
+
+
+def dispatch_settings() -> tuple[tuple[str, str], ...]:
+    """This rank's ``RANK_CONSISTENT_VARIABLES`` as the op will use them: (name, value) in a fixed order, a
+    value that does not parse marked invalid with its error (the op raises that error once the ranks agree)."""
+    values = []
+    for name in RANK_CONSISTENT_VARIABLES:
+        try:
+            value = settings.get(name)
+            text = repr(value.lower() if isinstance(value, str) else value)
+        except ValueError as err:  # its message names the raw value
+            text = f"invalid ({str(err).removeprefix('tpfuse: ')})"
+        values.append((name, text))
+    return tuple(values)
+
+
+@functools.lru_cache(maxsize=64)
+def _settings_digest(values: tuple) -> int:
+    return _digest(values)
+
+
+def settings_digest() -> int:
+    """One word for this rank's ``dispatch_settings()``: equal words, equal settings."""
+    return _settings_digest(dispatch_settings())
+
+
+def settings_apart(every_rank: list[tuple[tuple[str, str], ...]]) -> str:
+    """The settings that differ between the ranks (``dispatch_settings()`` of each, in rank order), each
+    rank's value named; "" when none does."""
+    differing = _differing(every_rank)
+    return "; ".join(f"rank {r}:" + _settings_text(values, differing)
+                     for r, values in enumerate(every_rank)) if differing else ""
+
+
+def _differing(every_rank) -> list[int]:
+    """The positions of the settings whose values differ between the ranks."""
+    return [i for i in range(len(every_rank[0])) if len({values[i] for values in every_rank}) > 1]
+
+
+def _settings_text(values, shown: list[int]) -> str:
+    return "".join(f", {values[i][0]}={values[i][1]}" for i in shown).removeprefix(",")
+
+
+@dataclass(frozen=True)
+class CallView:
+    """One rank's view of one call: what every rank must present alike, and this rank's own slab width."""
+
+    op: str
+    dtype: torch.dtype
+    lead: tuple[int, ...]
+    hidden_widths: tuple[int, ...]
+    width: int  # this rank's slab width, held to its entry; _SCALAR, or _NOT_HELD where the op's own check holds it
+    needs_grad: bool
+    settings: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def of_gather(cls, x: torch.Tensor, hidden_widths, needs_grad: bool = False) -> "CallView":
+        """The gather of ``x``: leading dims and width; a scalar (refused after this check) has none."""
+        lead, width = ((), _SCALAR) if x.dim() == 0 else (tuple(int(d) for d in x.shape[:-1]), int(x.shape[-1]))
+        return cls("all_gather_hidden", x.dtype, lead, _ints(hidden_widths), width, needs_grad, dispatch_settings())
+
+    @classmethod
+    def of_linear(cls, x: torch.Tensor, hidden_widths, needs_grad: bool = False) -> "CallView":
+        """The fused linear on ``x [..., K]``: every rank passes the same x; each weight's rows are its own check."""
+        lead, k = ((), _SCALAR) if x.dim() == 0 else (tuple(int(d) for d in x.shape[:-1]), int(x.shape[-1]))
+        return cls(f"linear_all_gather_hidden (K={k})", x.dtype, lead, _ints(hidden_widths), _NOT_HELD, needs_grad,
+                   dispatch_settings())
+
+    def words(self, call: int, refused: bool) -> list[int]:
+        widths = self.hidden_widths
+        return [_MARKER, _digest(self.op), _digest(str(self.dtype)), self.dtype.itemsize, _digest(self.lead),
+                len(self.lead), _digest(widths), sum(widths), _settings_digest(self.settings), int(self.needs_grad),
+                call, int(refused), self.width]
+
+    def described(self) -> tuple:
+        """What the message shows of this view (plain values: they travel by all_gather_object)."""
+        return (self.op, str(self.dtype).removeprefix("torch."), list(self.lead), list(self.hidden_widths),
+                self.width, self.needs_grad, self.settings)
+
+
+def _ints(values) -> tuple[int, ...]:
+    return tuple(int(v) for v in values)
+
+
 def signature(x: torch.Tensor, hidden_widths: list[int], call: int = 0) -> list[int]:
-    """This rank's view of its ``call``-th call on a group, as 9 words (dtype, leading dims and widths
-    also in plain values)."""
-    lead, width = _view(x)
-    return [_MARKER, _digest(str(x.dtype)), x.element_size(), _digest(lead), len(lead),
-            _digest(tuple(int(w) for w in hidden_widths)), sum(int(w) for w in hidden_widths), call, width]
+    """This rank's view of its ``call``-th gather on a group, as ``WORDS`` words."""
+    return CallView.of_gather(x, hidden_widths).words(call, refused=False)
 
 
 def next_call(pg: dist.ProcessGroup) -> int:
@@ -75,51 +200,110 @@ def next_call(pg: dist.ProcessGroup) -> int:
     return call
 
 
-def _view(x: torch.Tensor) -> tuple[tuple[int, ...], int]:
-    """Leading dims and width; a scalar (which the op refuses after this check) has none and width -1."""
-    if x.dim() == 0:
-        return (), -1
-    return tuple(int(d) for d in x.shape[:-1]), int(x.shape[-1])
+# Runtime only, never traced: where a compiled frame falls back to eager, Dynamo compiles the frames it
+# calls, the op's implementation among them, and object collectives cannot be traced.
+@torch.compiler.disable
+def check(x: torch.Tensor, hidden_widths: list[int], group: Group, local_check: Callable[[], None] | None = None,
+          view: CallView | None = None) -> None:
+    """Collective: raise on every rank unless every rank means the same call and none refuses it.
 
-
-def check(x: torch.Tensor, hidden_widths: list[int], group: Group) -> None:
-    """Collective: raise the same ``ValueError`` on every rank unless every rank means the same call."""
+    ``local_check`` raises where this rank's own view refuses the call (default: the widths' check); it
+    runs before the exchange, and its verdict is agreed.  ``view`` is the call's (default: the gather of
+    ``x``); the exchange runs on ``x``'s device."""
+    if local_check is None:
+        local_check = functools.partial(check_widths, hidden_widths)
     if group.backend == "fake":  # torch's testing backend moves nothing: there is nothing to agree on
+        local_check()
         return
+    view = view or CallView.of_gather(x, hidden_widths, expects_backward())
+    refusal = _refusal(local_check)
     # Counted before the exchange, refused calls too: every rank that enters the exchange counts it.
     call = next_call(group.pg)
-    mine = torch.tensor(signature(x, hidden_widths, call), dtype=torch.int64, device=x.device)
+    mine = torch.tensor(view.words(call, refusal is not None), dtype=torch.int64, device=x.device)
     everyone = torch.empty(group.world_size * WORDS, dtype=torch.int64, device=x.device)
     all_gather_single(everyone, mine, group=group.pg)
     table = everyone.view(group.world_size, WORDS).tolist()
-    # Plain values for the message: every rank's dtype, leading dims and widths, gathered
-    # only when something disagrees (the common case pays for the 9 words alone).
+    # Plain values for the messages are gathered only when something is wrong (the common case pays for
+    # the signature alone); every rank sees the same table, so every rank enters those exchanges too.
     if all(row[:_AGREE] == table[0][:_AGREE] for row in table):
-        if all(row[_AGREE] == -1 for row in table):
-            return  # every rank passed a scalar: they agree, and the op's own check refuses it everywhere
-        # Every rank passed the same list: if the list itself is invalid, every rank says so alike.
-        check_widths(hidden_widths)
-        if all(row[_AGREE] == hidden_widths[r] for r, row in enumerate(table)):
+        if any(row[_WIDTH] != _SCALAR for row in table):  # scalars everywhere: every rank's own check says so
+            check_widths(hidden_widths)  # every rank passed this list: if it is invalid itself, every rank says so
+        if _widths_held(table, hidden_widths):
+            if any(row[_REFUSED] for row in table):
+                _raise_refusal(refusal, group, call)
             return
     views = [None] * group.world_size
-    lead, width = _view(x)
-    dist.all_gather_object(views, (str(x.dtype).removeprefix("torch."), list(lead), list(hidden_widths), width),
-                           group=group.pg)
+    dist.all_gather_object(views, view.described(), group=group.pg)
     raise ValueError(describe(views, [row[_CALL] for row in table], group.name))
+
+
+def _refusal(local_check: Callable[[], None]) -> Exception | None:
+    """What this rank's own checks raise for the call, or None."""
+    try:
+        local_check()
+    except Exception as err:  # noqa: BLE001 - every refusal is agreed before it is raised
+        return err
+    return None
+
+
+def _widths_held(table: list[list[int]], hidden_widths: list[int]) -> bool:
+    """Every rank's slab is as wide as its entry (where the op's own check does not hold it; a list of the wrong
+    length is the same on every rank, and every rank's own check refuses it)."""
+    if len(hidden_widths) != len(table):
+        return True
+    return all(row[_WIDTH] in (_SCALAR, _NOT_HELD) or row[_WIDTH] == hidden_widths[r] for r, row in enumerate(table))
+
+
+#: the errors a refusal raises on the ranks that did not refuse, by the refusing rank's error's name
+_ERRORS = {"ValueError": ValueError, "TypeError": TypeError, "RuntimeError": RuntimeError}
+
+
+def _raise_refusal(refusal: Exception | None, group: Group, call: int) -> None:
+    """Some rank's own checks refused the call: that rank raises its error, every other rank one naming it."""
+    reasons = [None] * group.world_size
+    mine = None if refusal is None else (type(refusal).__name__, str(refusal))
+    dist.all_gather_object(reasons, mine, group=group.pg)
+    if refusal is not None:
+        raise refusal
+    refused = [(r, reason) for r, reason in enumerate(reasons) if reason is not None]
+    parts = "; ".join(f"rank {r}: {message}" for r, (_, message) in refused)
+    raise _ERRORS.get(refused[0][1][0], ValueError)(
+        f"tpfuse: rank(s) {[r for r, _ in refused]} of group {group.name!r} refused call {call} on it (numbered "
+        f"alike on every rank), so every rank refuses it, before any payload moves: {parts}")
 
 
 def describe(views, calls: list[int], group_name: str) -> str:
     """The message every rank raises: where the ranks are in their calls on the group, and each one's view."""
-    parts = [f"rank {r}: dtype {d}, leading dims {lead}, hidden_widths {widths}, x.shape[-1]={w}"
-             for r, (d, lead, widths, w) in enumerate(views)]
+    show_op = len({view[0] for view in views}) > 1
+    show_grad = len({view[5] for view in views}) > 1
+    differing = _differing([view[6] for view in views])
+    parts = [f"rank {r}: {_one_view(view, show_op, show_grad, differing)}" for r, view in enumerate(views)]
     rule = (". Every rank must pass the same dtype, leading dims and hidden_widths, and a slab as wide as its "
             "own entry (pass hidden_widths when the ranks' widths differ).")
+    if show_grad:
+        rule += (" A gradient must be wanted on every rank or on none: the backward is a reduce-scatter that "
+                 "every rank must join.")
+    if differing:
+        rule += " The TPFUSE_* settings that steer dispatch must be alike on every rank (docs/api.md)."
     if all(c == calls[0] for c in calls):
         # The ranks' calls pair in order, so a skipped or added call surfaces at the first pair that differs.
+        calls_differ = len({tuple(map(repr, view[:5])) for view in views}) > 1
         return (f"tpfuse: at call {calls[0]} of group {group_name!r} (numbered alike on every rank) the ranks "
-                "disagree on the gather: " + "; ".join(parts) + rule + " Calls on a group pair in order: where "
-                "the ranks run the same code, a rank skipped or added this call or an earlier one.")
+                "disagree on the gather: " + "; ".join(parts) + rule + (" Calls on a group pair in order: where "
+                "the ranks run the same code, a rank skipped or added this call or an earlier one."
+                                                                        if calls_differ else ""))
     return f"tpfuse: {_calls_apart(calls, group_name)}; the ranks disagree on the gather: " + "; ".join(parts) + rule
+
+
+def _one_view(view, show_op: bool, show_grad: bool, settings_shown: list[int]) -> str:
+    """One rank's part of the message: its call, and what differs between the ranks besides."""
+    op, dtype, lead, widths, width, needs_grad, values = view
+    text = (f"{op}, " if show_op else "") + f"dtype {dtype}, leading dims {lead}, hidden_widths {widths}"
+    if width != _NOT_HELD:
+        text += f", x.shape[-1]={width}"
+    if show_grad:
+        text += ", a gradient wanted" if needs_grad else ", no gradient wanted"
+    return text + ("," + _settings_text(values, settings_shown) if settings_shown else "")
 
 
 def _calls_apart(calls: list[int], group_name: str) -> str:

@@ -60,8 +60,9 @@ def _all_gather_hidden_impl(
     variables, device = settings.raw_dispatch_values(), x.device
     if agreement_applies(device.type, group, variables[-1]):
         # Collective, on every call and before anything that could raise on one rank only or
-        # set up shared state: ranks that disagree all raise here (agreement.py).
-        agreement.check(x, hidden_widths, group)
+        # set up shared state: ranks that disagree all raise here, and so do the peers of a rank
+        # whose own checks refuse the call (agreement.py).
+        agreement.check(x, hidden_widths, group, lambda: check_gather_args(x, hidden_widths, group, slot))
     key = (group_name, tuple(hidden_widths), x.shape, x.dtype, device, slot, skip_entry_sync, zero_copy, variables)
     kept = launchers.find(key, group)
     if kept is not None:  # this call shape was checked and dispatched before (launchers.py)
@@ -116,7 +117,8 @@ class _GatherHidden(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, hidden_widths, group_name, slot, skip_entry_sync, zero_copy):
         ctx.hidden_widths, ctx.group_name, ctx.local_width = hidden_widths, group_name, x.shape[-1]
-        with torch._C._AutoDispatchBelowAutograd():
+        # Where the ranks check agreement they also agree that this call has a backward (a collective).
+        with torch._C._AutoDispatchBelowAutograd(), agreement.forward_of_a_graph():
             return torch.ops.tpfuse.all_gather_hidden.default(
                 x, hidden_widths, group_name, slot, skip_entry_sync, zero_copy
             )

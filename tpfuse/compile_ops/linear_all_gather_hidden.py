@@ -28,9 +28,17 @@ with the same meaning (only a pass that proved them sets them; ``zero_copy``
 is honoured by the fused P2P kernel and the gather, and only where the op's
 Inductor lowering keeps the result's storage: ``inductor_lowering.py``).
 
-Autograd: when a gradient is needed the op runs as its composite (``linear``,
-then ``all_gather_hidden``), so the backward is ``reduce_scatter_hidden`` then
-``linear``'s backward; the fused kernel serves calls that need no graph.
+Autograd: the forward is the op itself, whether or not a gradient is wanted,
+so every rank runs the same kernels (a rank that wants a gradient must not
+take the unfused composite while its peer takes the fused kernel: the two
+pair their barriers differently, docs/contract.md §2).  The backward is
+``reduce_scatter_hidden`` (rank r gets the sum over ranks of band r of the
+gradient), then ``linear``'s backward on this rank's band.
+
+Agreement: where the ranks check that they mean the same call (gloo; CUDA with
+``TPFUSE_CHECK=1``), the op's own checks of x, the weight and the bias run
+before that exchange and are agreed, so a call one rank refuses is refused by
+every rank (agreement.py).
 """
 
 from __future__ import annotations
@@ -41,7 +49,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import inductor_lowering
+from .. import config as settings
+from . import agreement, inductor_lowering
+from .all_gather_hidden import agreement_applies
 from .backend import GatherCall
 from .dispatch import choose, forced_backend
 from .groups import group_name_of, resolve_group
@@ -57,6 +67,12 @@ _lib.define(
 def _linear_all_gather_hidden_impl(x, weight, bias, hidden_widths, group_name, slot=-1, skip_entry_sync=False,
                                    zero_copy=False):
     group = resolve_group(group_name)
+    if agreement_applies(x.device.type, group, settings.raw_dispatch_values()[-1]):
+        # Collective and first: this rank's checks are agreed, so no rank raises while its peers
+        # wait in the gather (agreement.py).
+        agreement.check(x, hidden_widths, group,
+                        lambda: check_linear_args(x, weight, bias, hidden_widths, group, slot),
+                        agreement.CallView.of_linear(x, hidden_widths, agreement.expects_backward()))
     check_linear_args(x, weight, bias, hidden_widths, group, slot)
     if x.device.type == "cuda":
         call = GatherCall.of(x, hidden_widths, group, forced_backend(), fused_linear=True)
@@ -82,15 +98,40 @@ def _(x, weight, bias, hidden_widths, group_name, slot=-1, skip_entry_sync=False
     return x.new_empty(*x.shape[:-1], sum(hidden_widths))
 
 
+class _LinearGatherHidden(torch.autograd.Function):
+    """Forward: the op below autograd, the same kernels as without a gradient.  Backward: the reduce-scatter
+    over the hidden axis, then ``linear``'s backward on this rank's band."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, hidden_widths, group_name, slot, skip_entry_sync, zero_copy):
+        ctx.save_for_backward(x, weight)
+        ctx.hidden_widths, ctx.group_name, ctx.has_bias = hidden_widths, group_name, bias is not None
+        with torch._C._AutoDispatchBelowAutograd(), agreement.forward_of_a_graph():
+            return torch.ops.tpfuse.linear_all_gather_hidden.default(
+                x, weight, bias, hidden_widths, group_name, slot, skip_entry_sync, zero_copy)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        width, k = weight.shape
+        # Every rank that runs this backward joins the reduce-scatter, whichever inputs want a gradient here.
+        grad_band = torch.ops.tpfuse.reduce_scatter_hidden.default(grad.contiguous(), ctx.hidden_widths, width,
+                                                                   ctx.group_name)
+        rows = grad_band.reshape(-1, width)
+        needs = ctx.needs_input_grad
+        grad_x = grad_band.matmul(weight) if needs[0] else None
+        grad_weight = rows.t().matmul(x.reshape(-1, k)) if needs[1] else None
+        grad_bias = rows.sum(0) if ctx.has_bias and needs[2] else None
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None
+
+
 def _linear_all_gather_hidden_autograd(x, weight, bias, hidden_widths, group_name, slot=-1,
                                        skip_entry_sync=False, zero_copy=False):
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
     if needs_grad:
-        # The composite, under autograd: linear's backward after the gather's (reduce_scatter_hidden).
-        y = F.linear(x, weight, bias)
-        return torch.ops.tpfuse.all_gather_hidden.default(y, hidden_widths, group_name, slot, skip_entry_sync,
-                                                          zero_copy)
+        return _LinearGatherHidden.apply(x, weight, bias, hidden_widths, group_name, slot, skip_entry_sync,
+                                         zero_copy)
     with torch._C._AutoDispatchBelowAutograd():
         return torch.ops.tpfuse.linear_all_gather_hidden.default(
             x, weight, bias, hidden_widths, group_name, slot, skip_entry_sync, zero_copy)

@@ -46,7 +46,7 @@ import torch.distributed as dist
 from .. import config as settings
 from ..kernels.barrier import blocks_that_fit, signal_pad_bytes
 from ..kernels.failure import STATUS_WORDS
-from . import failures, tuned
+from . import agreement, failures, tuned
 from .groups import Group, GroupFacts, all_gather_single
 from .program_order import ProgramOrder
 
@@ -194,7 +194,9 @@ def _establish_facts(group: Group, device: torch.device, reason: str) -> Workspa
     sms = torch.cuda.get_device_properties(device).multi_processor_count * per_sm if not reason else 0
     name = torch.cuda.get_device_name(device) if not reason else ""
     name_id = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little") >> 2
-    table = _all_gather_ints([0 if reason else 1, _host_id(), sms, name_id], group, device)
+    table = _all_gather_ints([0 if reason else 1, _host_id(), sms, name_id, agreement.settings_digest()], group,
+                             device)
+    _refuse_settings_apart(table[:, 4], group)
     if not bool(table[:, 0].all()):
         bad = [r for r in range(group.world_size) if not table[r, 0]]
         why = reason or "peer cannot use symmetric memory"
@@ -216,6 +218,21 @@ def _establish_facts(group: Group, device: torch.device, reason: str) -> Workspa
     if ws.facts.push_ok:  # the same on every rank here: every rank agrees on the tuned config, or none does
         ws.facts.selection = tuned.group_selection(group, ws.facts.device_name)
     return ws
+
+
+def _refuse_settings_apart(digests: torch.Tensor, group: Group) -> None:
+    """Every rank raises, naming each rank's values, where the ranks' dispatch settings differ: a CUDA call
+    without ``TPFUSE_CHECK=1`` exchanges nothing before its kernels, so settings that differ would make the
+    ranks choose different backends or grids, whose barriers pair wrongly (docs/contract.md §2).  Checked
+    here, once per group; a variable changed later is checked per call only with ``TPFUSE_CHECK=1``."""
+    if bool((digests == digests[0]).all()):
+        return
+    every_rank = [None] * group.world_size
+    dist.all_gather_object(every_rank, agreement.dispatch_settings(), group=group.pg)
+    raise RuntimeError(
+        f"tpfuse: the ranks of group {group.name!r} have different settings that steer dispatch "
+        f"({agreement.settings_apart(every_rank)}); set them alike on every rank (docs/api.md). The group's "
+        "tpfuse workspace is not set up: every call that would set it up raises this until the settings agree.")
 
 
 def _make_signal_pads(ws: Workspace) -> None:
