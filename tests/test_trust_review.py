@@ -279,3 +279,25 @@ def test_a_kept_nccl_symmetric_launcher_follows_the_group_s_current_windows(monk
     state.slab_bytes = 2 << 20
     assert torch.equal(launch(x + 1), torch.cat([x + 1, x + 1], -1))
     assert used[-1] == (state.recv.data_ptr(), state.send.data_ptr()), "the kept launcher used retired windows"
+
+
+# --------------------------------------------------------------------------- switches that parse
+
+
+@pytest.mark.parametrize("name", ["TPFUSE_CHECK", "TPFUSE_DISABLE_PUSH", "TPFUSE_ENABLE_MULTIMEM"])
+def test_a_switch_with_an_unknown_value_is_an_error_not_a_guess(monkeypatch, name):
+    """Before, TPFUSE_CHECK=off turned the check on (any text but 0/false/no was on) and
+    TPFUSE_ENABLE_MULTIMEM=true left multicast off without a word."""
+    from tpfuse import config
+
+    for value, meant in (("1", True), ("0", False), ("", False)):  # the controls: the spellings the docs use
+        monkeypatch.setenv(name, value)
+        assert config.get(name) is meant, (name, value)
+    for value in ("off", "true", "enable", "2"):
+        if name != "TPFUSE_ENABLE_MULTIMEM" and value in ("off", "true"):
+            monkeypatch.setenv(name, value)
+            assert config.get(name) is (value == "true"), (name, value)  # the words a switch also takes
+            continue
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ValueError, match=rf"{name}='{value}' must be 1"):
+            config.get(name)

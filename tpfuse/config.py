@@ -31,8 +31,22 @@ class Variable:
     doc: str
 
 
+_ON, _OFF = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
 def _flag(raw: str) -> bool:
-    return raw.strip().lower() not in ("", "0", "false", "no")
+    # Anything else is refused: "off" read as "not empty, so on" would turn a switch the wrong way.
+    value = raw.strip().lower()
+    if value not in _ON + _OFF:
+        raise ValueError("must be 1 or 0 (also true/false, yes/no, on/off)")
+    return value in _ON
+
+
+def _one_or_zero(raw: str) -> bool:
+    value = raw.strip()
+    if value not in ("1", "0", ""):
+        raise ValueError("must be 1 (allow it) or 0")
+    return value == "1"
 
 
 def _positive_int(raw: str) -> int:
@@ -64,7 +78,7 @@ VARIABLES = {v.name: v for v in (
              "1: the cross-rank agreement check on CUDA calls too, every path (docs/op.md)"),
     Variable("TPFUSE_PUSH_MAX_BYTES", str(256 << 20), _positive_int,
              "above this output size auto leaves the gather to NCCL"),
-    Variable("TPFUSE_ENABLE_MULTIMEM", "0", lambda raw: raw.strip() == "1",
+    Variable("TPFUSE_ENABLE_MULTIMEM", "0", _one_or_zero,
              "1 allows NVLink multicast where every rank has an address (docs/safety.md)"),
     Variable("TPFUSE_FLAG_MAX_BYTES", None, lambda raw: max(0, int(raw)),
              "the flag protocol's crossover for this run, in slab bytes (unset: the measured table)"),
