@@ -9,6 +9,8 @@ numbers of the same forms on real gloo ranks: ``test_pre_grad_losses_gloo.py``.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -199,7 +201,7 @@ def test_dtensor_colwise_gather_goes_with_its_loss_and_keeps_the_local_slice(wor
     lines, text, records = _rewrite(loss, h, t)
     assert lines == ["rewrote cross_entropy: tpfuse::cross_entropy_hidden of linear"]
     assert _gathers(text) == []
-    assert "to_local_1 = to_local(linear)" in text
+    assert re.search(r"^to_local(_\d+)? = to_local\(linear\)$", text, re.M)  # the slab, not a gather
     # DTensor's Shard -> Replicate backward is a local slice: the op's own gradient, nothing summed
     assert "cross_entropy_hidden.default(flatten, view_1, [8, 8], '0', -100, 'mean', 0.0)" in text
     assert "sum_grad_over_ranks" not in text
@@ -286,7 +288,8 @@ def test_dtensor_as_earlier_dynamo_writes_it(world, grad_placements):
     gm.graph.lint()
     if grad is None:
         assert lines == ["rewrote cross_entropy: tpfuse::cross_entropy_hidden of sharded"]
-        assert "prim_" not in torch_ir_text(gm) and "sum_grad_over_ranks" not in torch_ir_text(gm)
+        after = torch_ir_text(gm)  # Dynamo 2.11 also writes the input's from_local as prim_from_local: it stays
+        assert "prim_redistribute" not in after and "prim_to_local" not in after and "sum_grad_over_ranks" not in after
     else:
-        assert lines[0].startswith("kept cross_entropy: prim_to_local(grad_placements=")
+        assert lines[0].startswith("kept cross_entropy: to_local(grad_placements="), lines  # the method's own name
         assert torch_ir_text(gm) == before

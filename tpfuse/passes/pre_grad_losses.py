@@ -267,7 +267,10 @@ def _dtensor_call(node: Node, method: str) -> tuple[tuple, dict] | None:
 
 
 def _name(node: Node) -> str:
-    return node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
+    """The DTensor method ``node`` calls, as the user wrote it (torch 2.11's ``prim_to_local`` reads ``to_local``)."""
+    if node.op == "call_method":
+        return node.target
+    return getattr(node.target, "__name__", str(node.target)).removeprefix("prim_")
 
 
 def _replicates(node) -> bool:
