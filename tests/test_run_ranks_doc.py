@@ -3,6 +3,7 @@ what the page says it prints."""
 
 from __future__ import annotations
 
+import os
 import pathlib
 import re
 import subprocess
@@ -25,7 +26,10 @@ def test_the_documented_script_prints_what_the_page_says(tmp_path):
     (printed,) = re.findall(r"`python my_gather\.py` prints `(.*?)`", section)
     path = tmp_path / "my_gather.py"
     path.write_text(script, encoding="utf-8")
-    proc = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    # tpfuse importable from the script's folder whether installed (CI) or run from the checkout (PYTHONPATH=.)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == printed
     # the gather is real: rank 1's slab is ones, so a result of one rank's slab alone would differ
