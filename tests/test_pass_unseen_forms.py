@@ -130,6 +130,15 @@ def gathered_then_mutated(x, w):
     return h
 
 
+def gather_of_gathered(x, w):
+    """Two hidden gathers in a row (here both on one group; over the two axes of a 2-D mesh in real
+    code): the second gathers the first's output."""
+    h = funcol.all_gather_tensor(x @ w.t(), gather_dim=-1, group=group())
+    parts = [torch.empty_like(h) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, h)
+    return torch.cat(parts, -1)
+
+
 def relu_after_gather(x, w):  # Inductor pushes the relu through the cat onto every band
     return torch.relu(funcol.all_gather_tensor(x @ w.t(), gather_dim=-1, group=group()))
 
@@ -267,6 +276,8 @@ W2_CASES = {
     "decode_view_bf16": Case(decode_view, dtype=torch.bfloat16, patterns=VIEW, producer=LINEAR),
     "gathered_then_mutated": Case(gathered_then_mutated, patterns=SPLIT, producer=LINEAR),
     "relu_after_gather": Case(relu_after_gather, patterns=SPLIT, producer=LINEAR),
+    "gather_of_gathered": Case(gather_of_gathered, patterns=("split_cat", "narrow_cat")),
+    "gather_of_gathered_aot": Case(gather_of_gathered, backend="aot_eager", patterns=("split_cat", "narrow_cat")),
     # linear spellings
     "nn_linear_bias_3d_bf16": Case(nn_linear_bias_3d, dtype=torch.bfloat16, three_d=True, patterns=SPLIT,
                                    producer=LINEAR),
@@ -466,7 +477,7 @@ def _scenarios(rank: int, world_size: int) -> dict:
     x = torch.randn(TOKENS, K, generator=torch.Generator().manual_seed(1))
     w = torch.randn(WIDTH, K, generator=torch.Generator().manual_seed(100 + rank))
     if world_size == 4:
-        return {"two_groups": _two_groups(rank, x, w)}
+        return _two_groups(rank, x, w)
     if world_size == 3:
         return {"dynamic_true": _scenario(_LinearGather(rank), torch.randn(2, 5, K), backend="aot_eager",
                                           dynamic=True)}
@@ -481,7 +492,8 @@ def _scenarios(rank: int, world_size: int) -> dict:
 
 
 def _two_groups(rank, x, w) -> dict:
-    """Two groups of two, crossed ([0, 1], [2, 3] and [0, 2], [1, 3]): one graph gathers on both."""
+    """Two groups of two, crossed ([0, 1], [2, 3] and [0, 2], [1, 3]): one graph gathers on both, side by
+    side, and then in a row (the columns sharded over both axes of a 2 x 2 mesh)."""
     pairs = [dist.new_group(ranks) for ranks in ([0, 1], [2, 3], [0, 2], [1, 3])]
     mine, crossed = pairs[rank // 2], pairs[2 + rank % 2]
 
@@ -490,7 +502,13 @@ def _two_groups(rank, x, w) -> dict:
         return (funcol.all_gather_tensor(y, gather_dim=-1, group=mine),
                 funcol.all_gather_tensor(y * 2, gather_dim=-1, group=crossed))
 
-    return _scenario(two_groups, x, w, backend="aot_eager")  # four ranks on two cores: no Inductor start-up
+    def in_a_row(x, w):
+        h = funcol.all_gather_tensor(x @ w.t(), gather_dim=-1, group=crossed)
+        return funcol.all_gather_tensor(h, gather_dim=-1, group=mine)
+
+    # four ranks on two cores: aot_eager, no Inductor start-up
+    return {"two_groups": _scenario(two_groups, x, w, backend="aot_eager"),
+            "in_a_row": _scenario(in_a_row, x, w, backend="aot_eager")}
 
 
 def _training(x, w) -> dict:
@@ -621,7 +639,8 @@ def test_w3_dynamic(w3):
 
 
 def test_w4_two_groups_in_one_graph(w4):
-    # the second gather's slab is y * 2: its producer is "other"
-    _check_scenario(w4, "two_groups", ["split_cat", "split_cat"], producers=[LINEAR, "other"])
-    for rank, results in enumerate(w4):
-        assert len(results["scenarios"]["two_groups"]["groups"]) == 2, rank
+    # the second gather's slab is y * 2, or the first gather's output: its producer is "other"
+    for name in ("two_groups", "in_a_row"):
+        _check_scenario(w4, name, ["split_cat", "split_cat"], producers=[LINEAR, "other"])
+        for rank, results in enumerate(w4):
+            assert len(results["scenarios"][name]["groups"]) == 2, (rank, name)

@@ -320,11 +320,12 @@ def _region(site: GatherSite, candidate: Candidate) -> tuple[Node, ...]:
 
 def rewrite_hidden_gathers(graph: Graph, found: list[Found]) -> list[GatherMatch]:
     """Replace each match's output by its pattern's replacement; drop the dead region."""
-    rewritten = []
+    rewritten, replaced = [], {}
     for match in found:
-        site, candidate = match.site, match.candidate
+        site, candidate = _after_earlier_rewrites(match.site, match.candidate, replaced)
         new = match.pattern.replacement(graph, site, candidate, match.record.skip_entry_sync)
         candidate.output.replace_all_uses_with(new)
+        replaced[candidate.output] = new
         _erase_dead(_region(site, candidate))
         added = [n for n in _upstream(new) if n.op == "call_function"]
         ops = [n for n in added if n.target is _GATHER_OP()]
@@ -336,6 +337,23 @@ def rewrite_hidden_gathers(graph: Graph, found: list[Found]) -> list[GatherMatch
             after=tuple(node_line(n) for n in added),
         ))
     return rewritten
+
+
+def _after_earlier_rewrites(site: GatherSite, candidate: Candidate, replaced: dict) -> tuple:
+    """The site and candidate with the outputs of earlier rewrites read as what replaced them.
+
+    Every match is found before any is rewritten, so a gather of a gathered tensor (two hidden
+    gathers in a row, e.g. over both axes of a 2-D mesh) names the first gather's output as its
+    slab; that node is erased by the first rewrite, and a replacement reading it would compute
+    from a node no longer in the graph."""
+    if not replaced:
+        return site, candidate
+
+    def now(node):
+        return replaced.get(node, node) if isinstance(node, Node) else node
+
+    return (replace(site, local=now(site.local)),
+            replace(candidate, inputs=tuple(now(n) for n in candidate.inputs)))
 
 
 def _GATHER_OP():
