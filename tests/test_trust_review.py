@@ -217,16 +217,22 @@ def _set_up_settings(rank, world_size):
     from tpfuse.compile_ops.groups import resolve_group
 
     out = {}
-    for name, value in (("alike", None), ("block_v", "128" if rank == 1 else None)):
-        group = resolve_group(dist.new_group([0, 1]).group_name)
-        _env("TPFUSE_PUSH_BLOCK_V", value)
+    cases = (("alike", "TPFUSE_PUSH_BLOCK_V", None), ("block_v", "TPFUSE_PUSH_BLOCK_V", "128" if rank == 1 else None),
+             # read by the set-up itself: a bad value on one rank must not raise there alone
+             ("bad_timeout", "TPFUSE_BARRIER_TIMEOUT_S", "soon" if rank == 1 else None),
+             ("bad_switch", "TPFUSE_DISABLE_PUSH", "maybe" if rank == 0 else None))
+    groups = [resolve_group(dist.new_group([0, 1], timeout=datetime.timedelta(seconds=GIVE_UP_S)).group_name)
+              for _ in cases]
+    for group, (name, variable, value) in zip(groups, cases):
+        _env(variable, value)
         try:
             ws = workspace._establish(group, torch.device("cpu"))
             out[name] = ("ok", ws.facts.reason)
         except Exception as err:  # noqa: BLE001
             out[name] = (type(err).__name__, str(err))
         finally:
-            _env("TPFUSE_PUSH_BLOCK_V", None)
+            _env(variable, None)
+        dist.barrier()
     return out
 
 
@@ -236,7 +242,11 @@ def test_the_group_set_up_refuses_settings_that_differ():
         assert r["alike"] == ("ok", "rank(s) [0, 1]: no CUDA device"), r  # the control: settings alike
         kind, message = r["block_v"]
         assert kind == "RuntimeError" and "TPFUSE_PUSH_BLOCK_V" in message and "rank 1" in message, r
-    assert results[0]["block_v"] == results[1]["block_v"]
+        for case, says in (("bad_timeout", "rank 1: tpfuse: TPFUSE_BARRIER_TIMEOUT_S='soon'"),
+                           ("bad_switch", "rank 0: tpfuse: TPFUSE_DISABLE_PUSH='maybe' must be 1")):
+            assert r[case][0] == "ValueError" and says in r[case][1], (case, r)
+    for case in ("block_v", "bad_timeout", "bad_switch"):
+        assert results[0][case] == results[1][case], case
 
 
 # --------------------------------------------------------------------------- nccl_symmetric's kept launcher

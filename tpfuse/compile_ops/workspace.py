@@ -108,7 +108,11 @@ def _host_id() -> int:
 
 def _local_reason(group: Group, device: torch.device) -> str:
     """Why this rank alone cannot push ("" if it can)."""
-    if settings.get("TPFUSE_DISABLE_PUSH"):
+    try:
+        disabled = settings.get("TPFUSE_DISABLE_PUSH")
+    except ValueError:  # refused on every rank in the set-up's exchange (_bad_setting), not here alone
+        disabled = False
+    if disabled:
         return "TPFUSE_DISABLE_PUSH is set"
     if group.world_size < 2:
         return "a group of one rank needs no push"
@@ -188,14 +192,18 @@ def _establish(group: Group, device: torch.device) -> Workspace:
 
 
 def _establish_facts(group: Group, device: torch.device, reason: str) -> Workspace:
+    # Every setting the set-up reads, read before its first exchange: a bad value on one rank must not
+    # raise there while its peers wait in the exchange; it travels in the table and every rank raises.
+    bad_setting = _bad_setting()
     # Grid cap: resident blocks.  TPFUSE_PUSH_BLOCKS_PER_SM (default 2) must be
     # set alike on every rank; the minimum over ranks is used.
-    per_sm = settings.get("TPFUSE_PUSH_BLOCKS_PER_SM")
+    per_sm = 0 if bad_setting else settings.get("TPFUSE_PUSH_BLOCKS_PER_SM")
     sms = torch.cuda.get_device_properties(device).multi_processor_count * per_sm if not reason else 0
     name = torch.cuda.get_device_name(device) if not reason else ""
     name_id = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little") >> 2
-    table = _all_gather_ints([0 if reason else 1, _host_id(), sms, name_id, agreement.settings_digest()], group,
-                             device)
+    table = _all_gather_ints([0 if reason else 1, _host_id(), sms, name_id, agreement.settings_digest(),
+                              1 if bad_setting else 0], group, device)
+    _refuse_bad_settings(table[:, 5], bad_setting, group)
     _refuse_settings_apart(table[:, 4], group)
     if not bool(table[:, 0].all()):
         bad = [r for r in range(group.world_size) if not table[r, 0]]
@@ -218,6 +226,32 @@ def _establish_facts(group: Group, device: torch.device, reason: str) -> Workspa
     if ws.facts.push_ok:  # the same on every rank here: every rank agrees on the tuned config, or none does
         ws.facts.selection = tuned.group_selection(group, ws.facts.device_name)
     return ws
+
+
+#: the variables the set-up reads (besides the dispatch settings, which it compares)
+_SET_UP_VARIABLES = ("TPFUSE_DISABLE_PUSH", "TPFUSE_PUSH_BLOCKS_PER_SM", "TPFUSE_BARRIER_TIMEOUT_S", "TPFUSE_WATCHDOG",
+                     "TPFUSE_WATCHDOG_INTERVAL_S")
+
+
+def _bad_setting() -> str:
+    """The error of the first variable the set-up reads that does not parse here ("" when all do)."""
+    for name in _SET_UP_VARIABLES:
+        try:
+            settings.get(name)
+        except ValueError as err:
+            return str(err)
+    return ""
+
+
+def _refuse_bad_settings(bad: torch.Tensor, mine: str, group: Group) -> None:
+    """Every rank raises where some rank's set-up variables do not parse, naming the ranks and their errors."""
+    if not bool(bad.any()):
+        return
+    every_rank = [None] * group.world_size
+    dist.all_gather_object(every_rank, mine, group=group.pg)
+    named = "; ".join(f"rank {r}: {error}" for r, error in enumerate(every_rank) if error)
+    raise ValueError(f"tpfuse: a setting of group {group.name!r}'s workspace does not parse ({named}); the "
+                     "workspace is not set up on any rank")
 
 
 def _refuse_settings_apart(digests: torch.Tensor, group: Group) -> None:
