@@ -10,12 +10,14 @@ group brings the ranks back together before the next case. After the cases, one 
 a fresh group must still work.
 
 Then what the review found clean, kept as tests: subgroups of some ranks, the group given as
-None, by name or as an object, strided and offset inputs, T = 0, and the agreed settings at a
-group's set-up (docs/safety.md, "Rank consistency of the choice").
+None, by name or as an object, strided and offset inputs, T = 0. The group's set-up (its facts'
+exchange, run here on gloo) agrees on the settings: where they differ, or one does not parse on
+one rank, every rank raises (docs/safety.md, "Rank consistency of the choice").
 
 The nccl_symmetric launcher is checked on the CPU with a stand-in workspace: a kept launcher
 must move a call through the group's current windows, never the ones it saw when it was made
-(keeping launchers is rank-local, the windows are not).
+(keeping launchers is rank-local, the windows are not). Last, the switches (TPFUSE_CHECK and
+the like) refuse a value they do not know instead of guessing.
 """
 
 import datetime
