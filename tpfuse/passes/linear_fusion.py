@@ -12,6 +12,9 @@ For every rewritten gather whose producer is a column linear
 - the linear's output feeds only the gather (through the reshapes that the
   producer record names): otherwise fusing would compute the linear twice;
 - those reshapes keep the linear's last dim (its output columns are the gathered columns);
+- the gathered columns are not trimmed by 1 to W-1 after the gather, as torch's uneven
+  ``Shard`` does (the ranks with a narrower shard gather ``pad(linear)``, cannot fuse, and
+  every rank must run the same op);
 - the bias, if any, is a ``[w]`` vector (``addmm`` also broadcasts ``[T, w]``);
 - the reduction dim K is a static, positive int;
 - the cost rule ``compile_ops.linear_cost.decide(T, K, widths, dtype, device_name=...)``
@@ -119,9 +122,10 @@ def decide(match: GatherMatch, graph: Graph):
             users = ", ".join(sorted(u.name for u in node.users))
             why = f"not fused [shape]: {node.name} is also used by {users}; fusing would compute the linear twice"
             return why, why, False
-    regrouped = _columns_regrouped(linear, chain)
-    if regrouped:
-        return regrouped, regrouped, False
+    refused = (_columns_regrouped(linear, chain)
+               or _uneven_shards(nodes.get(match.replacement or match.output), len(match.hidden_widths)))
+    if refused:
+        return refused, refused, False
     k = facts.shape(lhs)[-1] if facts.shape(lhs) else None
     if not isinstance(k, int) or k <= 0:
         why = f"not fused [shape]: the reduction dim K={k} is not a static positive int"
@@ -152,6 +156,30 @@ def _columns_regrouped(linear: Node, chain: list[Node]) -> str | None:
     return (f"not fused [shape]: {local.name} reshapes the linear's output to {list(facts.shape(local))}; "
             f"its last dim is not the linear's {columns} output columns, so the gathered columns are not "
             "the linear's")
+
+
+def _uneven_shards(gathered: Node | None, world_size: int) -> str | None:
+    """Why the gathered columns look unevenly sharded, or None.
+
+    torch's ``Shard`` of a width V that W does not divide (DTensor's ``full_tensor()``,
+    ``redistribute(Replicate())``) gives every rank ``ceil(V/W)`` columns, padding the narrower
+    shards before the gather, and trims the ``W*ceil(V/W) - V`` (1 to W-1) padded columns after
+    it.  Only the ranks with a full shard hold the linear next to the gather; the others gather
+    ``pad(linear)`` and would not fuse, and every rank must run the same op (the ranks pair their
+    calls, docs/contract.md).  No rank sees its peers' graphs, but every rank sees the trim: one
+    ``[..., :n]``, the gathered columns' only use, that drops 1 to W-1 of them."""
+    users = list(gathered.users) if isinstance(gathered, Node) else []
+    if len(users) != 1 or users[0].target in facts.SPLITS:
+        return None
+    bands = facts.bands_of_user(gathered, users[0])
+    if not bands or bands[0].dim != facts.ndim(gathered) - 1 or not facts.same_size(bands[0].start, 0):
+        return None
+    total, kept = facts.shape(gathered)[-1], bands[0].length
+    if not (isinstance(total, int) and isinstance(kept, int) and 0 < total - kept < world_size):
+        return None
+    return (f"not fused [shape]: {users[0].name} keeps {kept} of the {total} gathered columns, as torch's "
+            "uneven Shard does: a rank with a narrower shard pads it before its gather and would not fuse, "
+            "and every rank must run the same op")
 
 
 def _decision(linear_cost, lhs: Node, k: int, match: GatherMatch):
