@@ -235,7 +235,26 @@ def _set_up_settings(rank, world_size):
         finally:
             _env(variable, None)
         dist.barrier()
+    out["dispatch"] = _dispatch_settings(rank)
     return out
+
+
+def _dispatch_settings(rank):
+    """The agreement the op runs before a CUDA call's first dispatch on a group (agreement.agree_on_settings),
+    here on gloo: settings apart raise on every rank; settings alike are agreed once and not exchanged again."""
+    from tpfuse.compile_ops import agreement
+    from tpfuse.compile_ops.groups import resolve_group
+
+    group = resolve_group(dist.new_group([0, 1], timeout=datetime.timedelta(seconds=GIVE_UP_S)).group_name)
+    _env("TPFUSE_BACKEND", "nccl" if rank == 1 else None)
+    apart = _outcome(lambda: agreement.agree_on_settings(group, torch.device("cpu")))
+    _env("TPFUSE_BACKEND", None)
+    dist.barrier()
+    alike = _outcome(lambda: agreement.agree_on_settings(group, torch.device("cpu")))
+    # Agreed now: rank 0 asks again alone, and must not wait in an exchange (its peer makes none).
+    again = _outcome(lambda: agreement.agree_on_settings(group, torch.device("cpu")) if rank == 0 else None)
+    dist.barrier()
+    return {"apart": apart[:2], "alike": alike[:2], "again": again}
 
 
 def test_the_group_set_up_refuses_settings_that_differ():
@@ -249,6 +268,12 @@ def test_the_group_set_up_refuses_settings_that_differ():
             assert r[case][0] == "ValueError" and says in r[case][1], (case, r)
     for case in ("block_v", "bad_timeout", "bad_switch"):
         assert results[0][case] == results[1][case], case
+    for r in results:
+        dispatch = r["dispatch"]
+        assert dispatch["apart"][0] == "RuntimeError" and "TPFUSE_BACKEND='nccl'" in dispatch["apart"][1], dispatch
+        assert dispatch["alike"] == ("ok", None) and dispatch["again"][:2] == ("ok", None), dispatch
+        assert dispatch["again"][2] < GIVE_UP_S, dispatch
+    assert results[0]["dispatch"]["apart"] == results[1]["dispatch"]["apart"]
 
 
 # --------------------------------------------------------------------------- nccl_symmetric's kept launcher

@@ -3,8 +3,9 @@
 - The fused linear op with a gradient wanted on one rank only: the forward must run the same
   kernels on every rank (before, the rank that wanted a gradient ran cuBLAS and the barrier
   gather while its peer ran the fused linear + push, whose barriers pair differently).
-- Settings that steer dispatch, different on one rank: the group's set-up refuses on every rank,
-  naming them (a CUDA call without TPFUSE_CHECK=1 exchanges nothing before its kernels).
+- Settings that steer dispatch, different on one rank: refused on every rank, naming them, before
+  the first dispatch on the group (a CUDA call without TPFUSE_CHECK=1 exchanges nothing before its
+  kernels).
 - TPFUSE_CHECK=1: a weight that one rank refuses is refused by every rank on CUDA too.
 - nccl_symmetric: after the windows grew, a rank that dropped its kept launchers and a peer that
   kept its own still move a call through the same (current) windows.
@@ -72,25 +73,32 @@ def _linear_grad_on_one_rank(rank, world_size):
     return out
 
 
-def _settings_apart_at_set_up(rank, world_size):
+def _settings_apart_at_dispatch(rank, world_size):
+    """A variable set on one rank only: the push grid (TPFUSE_PUSH_BLOCK_V, p2p forced on both), and the
+    backend itself (rank 1 forces nccl while rank 0 is on auto: before, rank 0 set a workspace up, a
+    collective, while rank 1 ran NCCL's gather).  Each on a fresh group, then the same call with the
+    settings alike on the same group (the control)."""
     import torch.distributed as dist
 
-    os.environ["TPFUSE_BACKEND"] = "p2p"
-    name = dist.new_group(list(range(world_size))).group_name
     x = torch.ones(4, 1024, dtype=torch.bfloat16, device="cuda")
     out = {}
-    if rank == 1:
-        os.environ["TPFUSE_PUSH_BLOCK_V"] = "128"
-    try:
-        torch.ops.tpfuse.all_gather_hidden(x, [1024] * world_size, name)
-        out["apart"] = None
-    except RuntimeError as err:
-        out["apart"] = str(err)
-    os.environ.pop("TPFUSE_PUSH_BLOCK_V", None)
-    quiesce()
-    y = torch.ops.tpfuse.all_gather_hidden(x * (rank + 1), [1024] * world_size, name)
-    out["alike"] = torch.equal(y, torch.cat([x * (r + 1) for r in range(world_size)], -1))
-    os.environ.pop("TPFUSE_BACKEND")
+    for case, common, one_rank in (("block_v", {"TPFUSE_BACKEND": "p2p"}, {"TPFUSE_PUSH_BLOCK_V": "128"}),
+                                   ("backend", {}, {"TPFUSE_BACKEND": "nccl"})):
+        name = dist.new_group(list(range(world_size))).group_name
+        os.environ.update({**common, **(one_rank if rank == 1 else {})})
+        try:
+            torch.ops.tpfuse.all_gather_hidden(x, [1024] * world_size, name)
+            out[case] = None
+        except RuntimeError as err:
+            out[case] = str(err)
+        for variable in one_rank:
+            os.environ.pop(variable, None)
+        quiesce()
+        y = torch.ops.tpfuse.all_gather_hidden(x * (rank + 1), [1024] * world_size, name)
+        out[case + "_alike"] = torch.equal(y, torch.cat([x * (r + 1) for r in range(world_size)], -1))
+        for variable in common:
+            os.environ.pop(variable)
+        quiesce()
     return out
 
 
@@ -143,7 +151,7 @@ def _windows_after_one_rank_drops_its_launchers(rank, world_size):
 
 def _every_scenario(rank, world_size):
     os.environ["TPFUSE_BARRIER_TIMEOUT_S"] = "30"
-    scenarios = {"linear_grad": _linear_grad_on_one_rank, "settings": _settings_apart_at_set_up,
+    scenarios = {"linear_grad": _linear_grad_on_one_rank, "settings": _settings_apart_at_dispatch,
                  "checked_linear": _checked_linear_refusal, "windows": _windows_after_one_rank_drops_its_launchers}
     out = {}
     for name, scenario in scenarios.items():
@@ -164,11 +172,12 @@ def test_linear_op_with_a_gradient_on_one_rank_runs_the_same_kernels_everywhere(
         assert res["grad_weight_close"], (rank, res)
 
 
-def test_settings_that_differ_refuse_the_group_set_up_on_every_rank(results):
+@pytest.mark.parametrize("case, says", [("block_v", "TPFUSE_PUSH_BLOCK_V=128"), ("backend", "TPFUSE_BACKEND='nccl'")])
+def test_settings_that_differ_are_refused_on_every_rank_before_dispatch(results, case, says):
     for rank, res in enumerate(r["settings"] for r in results):
-        assert res["apart"] and "TPFUSE_PUSH_BLOCK_V" in res["apart"] and "rank 1" in res["apart"], (rank, res)
-        assert res["alike"], (rank, res)  # the control: settings alike, the same call runs
-    assert results[0]["settings"]["apart"] == results[1]["settings"]["apart"]
+        assert res[case] and says in res[case] and "rank 1" in res[case], (rank, res)
+        assert res[case + "_alike"], (rank, res)  # the control: settings alike, the same call runs
+    assert results[0]["settings"][case] == results[1]["settings"][case]
 
 
 def test_checked_cuda_linear_call_one_rank_refuses_is_refused_everywhere(results):

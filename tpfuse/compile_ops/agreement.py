@@ -138,6 +138,43 @@ def settings_apart(every_rank: list[tuple[tuple[str, str], ...]]) -> str:
                      for r, values in enumerate(every_rank)) if differing else ""
 
 
+def settings_apart_message(group_name: str, every_rank) -> str:
+    """The error every rank raises where the ranks' ``dispatch_settings()`` (in rank order) differ."""
+    return (f"tpfuse: the ranks of group {group_name!r} have different settings that steer dispatch "
+            f"({settings_apart(every_rank)}); set them alike on every rank (docs/api.md). Nothing was sent.")
+
+
+#: the settings digest each process group agreed on (agree_on_settings), per group object
+_agreed_settings: "weakref.WeakKeyDictionary[dist.ProcessGroup, int]" = weakref.WeakKeyDictionary()
+
+
+@torch.compiler.disable
+def agree_on_settings(group: Group, device: torch.device) -> None:
+    """Collective where this rank's dispatch settings are not yet agreed on ``group``: at the group's first
+    CUDA dispatch, and again after they changed.  Every rank raises, naming each rank's values, where they
+    differ.  Without it a CUDA call exchanges nothing before its kernels, and settings that differ would
+    have the ranks try other backends: one setting up a workspace (a collective) while its peer runs NCCL's
+    gather, or two protocols whose barriers pair wrongly (docs/contract.md §2).
+
+    The op calls it where it dispatches a call shape for the first time, which every rank does at the same
+    call; a variable changed on every rank alike is agreed again there.  Under graph capture nothing is
+    exchanged (the host cannot read the answer): capture after an eager warm-up, which agrees."""
+    digest = settings_digest()
+    if _agreed_settings.get(group.pg) == digest or group.backend == "fake":
+        return
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return
+    mine = torch.tensor([digest], dtype=torch.int64, device=device)
+    everyone = torch.empty(group.world_size, dtype=torch.int64, device=device)
+    all_gather_single(everyone, mine, group=group.pg)
+    if len(set(everyone.tolist())) == 1:
+        _agreed_settings[group.pg] = digest
+        return
+    every_rank = [None] * group.world_size
+    dist.all_gather_object(every_rank, dispatch_settings(), group=group.pg)
+    raise RuntimeError(settings_apart_message(group.name, every_rank))
+
+
 def _differing(every_rank) -> list[int]:
     """The positions of the settings whose values differ between the ranks."""
     return [i for i in range(len(every_rank[0])) if len({values[i] for values in every_rank}) > 1]

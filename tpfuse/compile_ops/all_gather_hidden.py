@@ -70,6 +70,8 @@ def _all_gather_hidden_impl(
         chosen[name] += 1
         return launch(x)
     check_gather_args(x, hidden_widths, group, slot)
+    if device.type == "cuda":  # collective where not yet agreed: every rank dispatches on the same settings
+        agreement.agree_on_settings(group, device)
     backend = choose(GatherCall.of(x, hidden_widths, group, forced_backend()))
     launch = backend.prepare(x, hidden_widths, group, slot, skip_entry_sync, zero_copy)
     if not (x.is_cuda and torch.cuda.is_current_stream_capturing()):

@@ -75,6 +75,7 @@ def _linear_all_gather_hidden_impl(x, weight, bias, hidden_widths, group_name, s
                         agreement.CallView.of_linear(x, hidden_widths, agreement.expects_backward()))
     check_linear_args(x, weight, bias, hidden_widths, group, slot)
     if x.device.type == "cuda":
+        agreement.agree_on_settings(group, x.device)  # collective where not yet agreed (agreement.py)
         call = GatherCall.of(x, hidden_widths, group, forced_backend(), fused_linear=True)
         launch = choose(call).prepare_linear(x, weight, bias, hidden_widths, group, slot, skip_entry_sync,
                                              zero_copy and inductor_lowering.is_registered())

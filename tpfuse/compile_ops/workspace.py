@@ -255,18 +255,15 @@ def _refuse_bad_settings(bad: torch.Tensor, mine: str, group: Group) -> None:
 
 
 def _refuse_settings_apart(digests: torch.Tensor, group: Group) -> None:
-    """Every rank raises, naming each rank's values, where the ranks' dispatch settings differ: a CUDA call
-    without ``TPFUSE_CHECK=1`` exchanges nothing before its kernels, so settings that differ would make the
-    ranks choose different backends or grids, whose barriers pair wrongly (docs/contract.md §2).  Checked
-    here, once per group; a variable changed later is checked per call only with ``TPFUSE_CHECK=1``."""
+    """Every rank raises, naming each rank's values, where the ranks' dispatch settings differ: the op agrees
+    on them before it dispatches (agreement.agree_on_settings); this holds for every other caller that sets
+    a workspace up (the tune, the benchmarks), whose kernels would pair wrongly (docs/contract.md §2)."""
     if bool((digests == digests[0]).all()):
         return
     every_rank = [None] * group.world_size
     dist.all_gather_object(every_rank, agreement.dispatch_settings(), group=group.pg)
-    raise RuntimeError(
-        f"tpfuse: the ranks of group {group.name!r} have different settings that steer dispatch "
-        f"({agreement.settings_apart(every_rank)}); set them alike on every rank (docs/api.md). The group's "
-        "tpfuse workspace is not set up: every call that would set it up raises this until the settings agree.")
+    raise RuntimeError(agreement.settings_apart_message(group.name, every_rank) + " The group's tpfuse workspace "
+                       "is not set up: every call that would set it up raises this until the settings agree.")
 
 
 def _make_signal_pads(ws: Workspace) -> None:
