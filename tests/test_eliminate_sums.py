@@ -222,7 +222,10 @@ softmax_stats_hidden = tpfuse.softmax_stats_hidden(clone_1, squeeze_1, [8, 8], '
 getitem_3 = getitem(softmax_stats_hidden, 1)
 getitem_4 = getitem(softmax_stats_hidden, 2)
 sub_2 = sub.Tensor(getitem_4, getitem_3)
-unsqueeze_1 = unsqueeze(sub_2, -1)
+isinf = isinf(getitem_3)
+scalar_tensor = scalar_tensor(nan, dtype=float32)
+where = where.self(isinf, scalar_tensor, sub_2)
+unsqueeze_1 = unsqueeze(where, -1)
 squeeze = squeeze.dim(unsqueeze_1, -1)
 return [squeeze]""")
 
@@ -244,7 +247,10 @@ softmax_stats_hidden = tpfuse.softmax_stats_hidden(mm, squeeze_1, [8, 8], '0')
 getitem_3 = getitem(softmax_stats_hidden, 1)
 getitem_4 = getitem(softmax_stats_hidden, 2)
 sub_2 = sub.Tensor(getitem_4, getitem_3)
-unsqueeze_1 = unsqueeze(sub_2, -1)
+isinf = isinf(getitem_3)
+scalar_tensor_2 = scalar_tensor(nan, dtype=float32)
+where_2 = where.self(isinf, scalar_tensor_2, sub_2)
+unsqueeze_1 = unsqueeze(where_2, -1)
 squeeze = squeeze.dim(unsqueeze_1, 1)
 neg = neg(squeeze)
 full_default_1 = full([], 0.0, dtype=float32)
@@ -287,7 +293,10 @@ softmax_stats_hidden = tpfuse.softmax_stats_hidden(view_4, squeeze_1, [64, 64], 
 getitem_3 = getitem(softmax_stats_hidden, 1)
 getitem_4 = getitem(softmax_stats_hidden, 2)
 sub_2 = sub.Tensor(getitem_4, getitem_3)
-unsqueeze_1 = unsqueeze(sub_2, -1)
+isinf = isinf(getitem_3)
+scalar_tensor_2 = scalar_tensor(nan, dtype=float32)
+where_2 = where.self(isinf, scalar_tensor_2, sub_2)
+unsqueeze_1 = unsqueeze(where_2, -1)
 squeeze = squeeze.dim(unsqueeze_1, 1)
 neg = neg(squeeze)
 full_default_1 = full([], 0.0, dtype=float32)
@@ -299,17 +308,26 @@ return [div]""")
     def test_entropy_dynamic_T(self):
         h = _h(5)
         torch._dynamo.mark_dynamic(h, 0)  # T alone: dynamic=True would make the widths symbolic too
-        text, rep = capture(entropy, h, _w())
+        text, rep = capture(entropy, h, _w(WIDE))  # its partials include the row's min (a column of -inf)
         self.assertTrue(no_full_width_gather(text))
         self.assertEqual([e.consumers for e in rep.eliminations], [("entropy",)])
         self.assertExpectedInline(after(text), """\
 inputs: arg0_1, arg1_1, arg2_1
 permute = permute(arg0_1, [1, 0])
 mm = mm(arg1_1, permute)
-softmax_stats_hidden = tpfuse.softmax_stats_hidden(mm, None, [8, 8], '0', -100, False, True)
+softmax_stats_hidden = tpfuse.softmax_stats_hidden(mm, None, [64, 64], '0', -100, False, True)
+getitem_3 = getitem(softmax_stats_hidden, 1)
 getitem_6 = getitem(softmax_stats_hidden, 4)
+max_hidden = tpfuse.max_hidden(mm, [64, 64], '0', False)
+getitem_7 = getitem(max_hidden, 0)
+eq_15 = eq.Scalar(getitem_7, -inf)
 neg_1 = neg(getitem_6)
-neg = neg(neg_1)
+scalar_tensor = scalar_tensor(nan, dtype=float32)
+where = where.self(eq_15, scalar_tensor, neg_1)
+isinf = isinf(getitem_3)
+scalar_tensor_1 = scalar_tensor(nan, dtype=float32)
+where_1 = where.self(isinf, scalar_tensor_1, where)
+neg = neg(where_1)
 return [neg]""")
 
     def test_control_logits_also_returned(self):
@@ -344,7 +362,10 @@ softmax_stats_hidden = tpfuse.softmax_stats_hidden(mm, squeeze, [64, 64], '0')
 getitem_3 = getitem(softmax_stats_hidden, 1)
 getitem_4 = getitem(softmax_stats_hidden, 2)
 sub_2 = sub.Tensor(getitem_4, getitem_3)
-unsqueeze_1 = unsqueeze(sub_2, -1)
+isinf = isinf(getitem_3)
+scalar_tensor = scalar_tensor(nan, dtype=float32)
+where = where.self(isinf, scalar_tensor, sub_2)
+unsqueeze_1 = unsqueeze(where, -1)
 return [getitem_8, unsqueeze_1]""")
 
     def test_control_class_index_computed_from_the_logits(self):
@@ -394,7 +415,10 @@ getitem_4 = getitem(softmax_stats_hidden, 2)
 exp_1 = exp(getitem_4)
 exp_2 = exp(getitem_3)
 div_3 = div.Tensor(exp_1, exp_2)
-unsqueeze_1 = unsqueeze(div_3, -1)
+isinf = isinf(getitem_3)
+scalar_tensor = scalar_tensor(nan, dtype=float32)
+where = where.self(isinf, scalar_tensor, div_3)
+unsqueeze_1 = unsqueeze(where, -1)
 return [unsqueeze_1]""")
 
     def test_draft_topk_after_tensor_temperature_dynamic_T(self):
@@ -427,7 +451,11 @@ exp_1 = exp(sub_12)
 exp_2 = exp(getitem_5)
 unsqueeze_1 = unsqueeze(exp_2, -1)
 div_3 = div.Tensor(exp_1, unsqueeze_1)
-return [div_3, getitem_10]""")
+isinf = isinf(getitem_5)
+unsqueeze_2 = unsqueeze(isinf, -1)
+scalar_tensor = scalar_tensor(nan, dtype=float32)
+where = where.self(unsqueeze_2, scalar_tensor, div_3)
+return [where, getitem_10]""")
 
     def test_log_softmax_times_inverse_temperature(self):
         text, rep = capture(log_softmax_times_inverse_temperature, _h(), _w(), _t())
@@ -548,7 +576,8 @@ def _rel_error(ours, ref):
 def _inputs(fn, takes_targets, high, T, lead, rank):
     g = torch.Generator().manual_seed(11)  # the same hidden states and targets on every rank
     h = torch.randn(*lead, T, 16, generator=g)
-    args = [h, (torch.randn(8, 16, generator=torch.Generator().manual_seed(20 + rank)) / 2)]
+    rows = WIDE if fn is entropy else 8  # the entropy's partials include the row's min (the cost rule)
+    args = [h, (torch.randn(rows, 16, generator=torch.Generator().manual_seed(20 + rank)) / 2)]
     if takes_targets:
         t = torch.randint(0, high, (*lead, T), generator=g)
         if fn in (cross_entropy_mean, causal_lm_loss):

@@ -50,8 +50,9 @@ off before post-grad passes run; its loss is written with ``tpfuse.cross_entropy
 
 from __future__ import annotations
 
+import math
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.fx import Node
@@ -235,11 +236,14 @@ def _computed_only_from(node: Node, source: Node) -> list[Node] | None:
 @dataclass(frozen=True)
 class Terminal:
     """A per-row value read from the softmaxes: ``kind`` in logsumexp, logprob, sum_logprobs,
-    neg_entropy; ``keepdim``: the row axis is kept (size 1)."""
+    neg_entropy; ``keepdim``: the row axis is kept (size 1); ``raw``: its softmax shifts the row
+    by its raw max (``amax``, as log_softmax and softmax do), not by torch.logsumexp's guarded
+    shift, so a row whose max is infinite is NaN (``_replacement``)."""
 
     kind: str
     node: Node
     keepdim: bool
+    raw: bool = True
 
 
 @dataclass
@@ -249,6 +253,8 @@ class _Reading:
     index: Node | None = None  # the class index of the logprob and prob terminals ([..., 1])
     topk: tuple | None = None  # (k, largest, sorted) of the topk terminals
     problem: str | None = None
+    fewer_rows: bool = False  # the class index may have fewer rows than the logits (``_read_index``)
+    raw: dict = field(default_factory=dict)  # log-softmax or probabilities -> its softmax shifts by the raw max
 
     def fail(self, why: str) -> None:
         self.problem = self.problem or why
@@ -269,6 +275,7 @@ def _read(softmaxes: list[Softmax], ndim: int) -> _Reading:
     reading = _Reading([], [])
     log_softmaxes = [ls for s in softmaxes for ls in _log_softmaxes(s)]
     probabilities = [p for s in softmaxes for p in _probabilities(s)]
+    reading.raw.update((n, not s.shift_nodes) for s in softmaxes for n in (*_log_softmaxes(s), *_probabilities(s)))
     products = {}
     for s in softmaxes:
         reading.nodes += s.nodes
@@ -289,19 +296,27 @@ def _read(softmaxes: list[Softmax], ndim: int) -> _Reading:
             reading.fail(f"the product {product.name} of the softmax and the log-softmax is used other than "
                          "by a sum over the last axis")
             continue
-        _terminal(reading, "neg_entropy", total)
+        _terminal(reading, "neg_entropy", total, raw=any(reading.raw.get(a, False) for a in product.args[:2]))
     _check_inner_users(softmaxes, log_softmaxes, probabilities, reading)
     return reading
 
 
 def _read_logsumexp(s: Softmax, reading: _Reading) -> None:
-    if s.log is None or s.keepdim or s.scale is not None:
+    """``add(log, squeeze(shift))``, or ``add(log, shift)`` with keepdim: torch.logsumexp (its shift
+    guarded), or the same written by hand with the raw max (NaN where the max is infinite)."""
+    if s.log is None or s.scale is not None:
+        return
+    raw = not s.shift_nodes
+    if s.keepdim:
+        for add in s.log.users:
+            if _is(add, ADD) and set(add.args[:2]) == {s.log, s.shift}:
+                _terminal(reading, "logsumexp", add, keepdim=True, raw=raw)
         return
     for squeeze in [u for u in s.shift.users if _is(u, SQUEEZE)]:
         for add in squeeze.users:
             if _is(add, ADD) and set(add.args[:2]) == {s.log, squeeze}:
                 reading.nodes.append(squeeze)
-                _terminal(reading, "logsumexp", add)
+                _terminal(reading, "logsumexp", add, raw=raw)
 
 
 def _read_index(user: Node, reading: _Reading) -> None:
@@ -313,6 +328,10 @@ def _read_index(user: Node, reading: _Reading) -> None:
     shape = facts.shape(index)
     if shape is None or not facts.same_size(shape[-1], 1):
         reading.fail(f"{user.name} gathers {shape[-1] if shape else '?'} classes per row; one is supported")
+    elif not facts.same_shape(shape[:-1], facts.shape(user.args[0])[:-1]):
+        # torch.gather reads the first rows, as many as its index has (a static index at a dynamic T, a
+        # second symbol for the same T): the replacement pads the index and keeps those rows
+        reading.fewer_rows = True
     reading.index = index
 
 
@@ -320,18 +339,19 @@ def _read_probability_user(p: Node, user: Node, ndim: int, reading: _Reading, co
     """A use of the probabilities ``p``: gathered at a class index, a top-k, or either after one conversion."""
     if _is(user, CONVERT) and not converted:
         reading.nodes.append(user)
+        reading.raw[user] = reading.raw.get(p, True)
         for inner in user.users:
             _read_probability_user(user, inner, ndim, reading, converted=True)
     elif _is(user, GATHER) and user.args[0] is p and _last_dims(user.args[1], ndim):
         _read_index(user, reading)
-        _terminal(reading, "prob", user, keepdim=True)
+        _terminal(reading, "prob", user, keepdim=True, raw=reading.raw.get(p, True))
     elif _is(user, TOPK) and user.args[0] is p and _last_dims(facts.arg(user, 2, "dim", -1), ndim):
-        _read_topk(user, reading)
+        _read_topk(user, reading, raw=reading.raw.get(p, True))
     else:
         reading.fail(f"the softmax {p.name} is also used by {facts.describe(user)}")
 
 
-def _read_topk(user: Node, reading: _Reading) -> None:
+def _read_topk(user: Node, reading: _Reading, raw: bool) -> None:
     k = facts.arg(user, 1, "k", None)
     chosen = (k, bool(facts.arg(user, 3, "largest", True)), bool(facts.arg(user, 4, "sorted", True)))
     items = [u for u in user.users if u.op == "call_function" and u.target is operator.getitem]
@@ -344,24 +364,25 @@ def _read_topk(user: Node, reading: _Reading) -> None:
     reading.topk = chosen
     reading.nodes.append(user)
     for item in items:
-        _terminal(reading, ("topk_values", "topk_indices")[item.args[1]], item)
+        _terminal(reading, ("topk_values", "topk_indices")[item.args[1]], item, raw=raw)
 
 
 def _read_log_softmax_user(ls: Node, user: Node, probabilities, ndim, reading: _Reading, products) -> None:
     if _is(user, GATHER) and user.args[0] is ls and _last_dims(user.args[1], ndim):
         _read_index(user, reading)
-        _terminal(reading, "logprob", user, keepdim=True)
+        _terminal(reading, "logprob", user, keepdim=True, raw=reading.raw.get(ls, True))
     elif _is(user, SUM) and _last_dims(facts.arg(user, 1, "dim", []), ndim):
-        _terminal(reading, "sum_logprobs", user, keepdim=bool(facts.arg(user, 2, "keepdim", False)))
+        _terminal(reading, "sum_logprobs", user, keepdim=bool(facts.arg(user, 2, "keepdim", False)),
+                  raw=reading.raw.get(ls, True))
     elif _is(user, MUL) and any(a in probabilities for a in user.args[:2]) and ls in user.args[:2]:
         products[user] = None
     else:
         reading.fail(f"the log-softmax {ls.name} is also used by {facts.describe(user)}")
 
 
-def _terminal(reading: _Reading, kind: str, node: Node, keepdim: bool = False) -> None:
+def _terminal(reading: _Reading, kind: str, node: Node, keepdim: bool = False, raw: bool = True) -> None:
     if node not in [t.node for t in reading.terminals]:
-        reading.terminals.append(Terminal(kind, node, keepdim))
+        reading.terminals.append(Terminal(kind, node, keepdim, raw))
         reading.nodes.append(node)
 
 
@@ -380,7 +401,7 @@ def _check_inner_users(softmaxes, log_softmaxes, probabilities, reading: _Readin
 
 
 def _replacement(band, *inputs, hidden_widths, group_name, valid_columns, plan, vocab, with_logit_sum,
-                 with_entropy, scale, topk):
+                 with_entropy, scale, topk, fewer_rows=False):
     """The terminals' values from this rank's band (traced into the graph by the framework)."""
     if scale is not None:  # a scaled softmax: the band of S = M / d (M * d), bit for bit
         op, factor = scale
@@ -388,28 +409,50 @@ def _replacement(band, *inputs, hidden_widths, group_name, valid_columns, plan, 
             factor, inputs = inputs[0], inputs[1:]
         band = band / factor if op == "div" else band * factor
     target = inputs[0].squeeze(-1) if inputs else None
+    index_rows = target.shape if target is not None else None
+    if fewer_rows:  # class 0 in the rows past the index's: computed, then dropped
+        target = torch.constant_pad_nd(target, [p for n, full in zip(reversed(index_rows), reversed(band.shape[:-1]))
+                                                for p in (0, full - n)], 0)
     shift, log_sum, target_logit, logit_sum, entropy = torch.ops.tpfuse.softmax_stats_hidden(
         band, target, hidden_widths, group_name, -100, with_logit_sum, with_entropy, valid_columns)
     if topk is not None:  # the softmax is monotone in the logits: the same classes, exactly
         k, largest, is_sorted = topk
         top_values, top_indices = torch.ops.tpfuse.topk_hidden(band, k, hidden_widths, group_name, largest,
                                                                is_sorted, valid_columns)
+    if with_entropy:
+        # the program sums p * log p, which is 0 * (-inf) = NaN at a column of -inf (a masked class), where
+        # the statistics count 0: the row's min tells those rows
+        row_min = torch.ops.tpfuse.max_hidden(band, hidden_widths, group_name, False, valid_columns)[0]
     values = {"logsumexp": lambda: shift + log_sum,
               "logprob": lambda: target_logit - log_sum,
               # exp(x - c) / S as torch computes it, S = exp(log_sum)
               "prob": lambda: torch.exp(target_logit) / torch.exp(log_sum),
               "sum_logprobs": lambda: logit_sum - vocab * log_sum,  # sum_c (x_c - shift) - V log_sum
-              "neg_entropy": lambda: -entropy,
+              "neg_entropy": lambda: torch.where(row_min == -math.inf, math.nan, -entropy),
               "topk_values": lambda: (torch.exp(top_values.float() - shift.unsqueeze(-1))
                                       / torch.exp(log_sum).unsqueeze(-1)),
               "topk_indices": lambda: top_indices}
     out = []
-    for kind, keepdim, dtype in plan:
+    for kind, keepdim, dtype, raw in plan:
         value = values[kind]()
+        if raw and kind != "topk_indices":
+            value = _nan_where_the_max_is_infinite(value, log_sum)
+        if fewer_rows and kind in ("logprob", "prob"):  # torch.gather's rows: the index's
+            value = value[tuple(slice(0, n) for n in index_rows)]
         value = value.unsqueeze(-1) if keepdim else value
         # prims' conversion, as post-grad graphs spell it (Inductor lowers no aten._to_copy there)
         out.append(value if value.dtype == dtype else torch.ops.prims.convert_element_type(value, dtype))
     return tuple(out)
+
+
+def _nan_where_the_max_is_infinite(value, log_sum):
+    """NaN in the rows whose max is +-inf, as a softmax shifted by its raw max computes them (``x - max``
+    is ``inf - inf`` there).  The statistics' shift is torch.logsumexp's guarded one (0 where the max is
+    infinite), so they are finite there; ``log_sum`` tells those rows: +-inf exactly there, since every
+    other row's sum of ``exp(x - max)`` lies in [1, V]."""
+    infinite = torch.isinf(log_sum)
+    infinite = infinite.unsqueeze(-1) if value.dim() > infinite.dim() else infinite
+    return torch.where(infinite, math.nan, value)
 
 
 def _logits_of(site: ReductionSite) -> Node | None:
@@ -435,6 +478,9 @@ def match_softmax(site: ReductionSite) -> Elimination | Reject | None:
     reading = _read(softmaxes, facts.ndim(logits))
     if reading.problem is None and not reading.terminals:
         reading.fail("no per-row value is read from the softmax")
+    if site.dtype not in vocab_parallel_loss.LOGIT_DTYPES:  # float64: float32 statistics would change it
+        accepted = ", ".join(str(d).removeprefix("torch.") for d in vocab_parallel_loss.LOGIT_DTYPES)
+        reading.fail(f"the logits are {site.dtype}; the statistics take {accepted}")
     if reading.topk is not None and isinstance(reading.topk[0], int) and not 1 <= reading.topk[0] <= site.columns:
         reading.fail(f"topk of the softmax: k={reading.topk[0]} is outside 1..{site.columns}")
     scale = mine[0].scale
@@ -466,7 +512,7 @@ def _reads(node: Node, source: Node) -> bool:
 
 def _elimination(site, softmaxes, reading: _Reading) -> Elimination:
     kinds = [t.kind for t in reading.terminals]
-    plan = tuple((t.kind, t.keepdim, facts.val(t.node).dtype) for t in reading.terminals)
+    plan = tuple((t.kind, t.keepdim, facts.val(t.node).dtype, t.raw) for t in reading.terminals)
     with_logit_sum, with_entropy = "sum_logprobs" in kinds, "neg_entropy" in kinds
     users = set(site.value.users)
     claims = tuple(dict.fromkeys(n for s in softmaxes for n in (s.amax, s.centred, *s.scale_nodes[:1])
@@ -475,7 +521,8 @@ def _elimination(site, softmaxes, reading: _Reading) -> Elimination:
     factor = scale[1] if scale is not None and isinstance(scale[1], Node) else None
     inputs = tuple(n for n in (factor, reading.index) if n is not None)
     words = 2 + int(reading.index is not None) + int(with_logit_sum) + int(with_entropy)
-    partials = ((words, torch.float32),) + (((2 * reading.topk[0], torch.int32),) if reading.topk else ())
+    partials = ((words, torch.float32),) + (((2 * reading.topk[0], torch.int32),) if reading.topk else ()) \
+        + (((2, torch.int32),) if with_entropy else ())  # the row's min: a column of -inf
     name = "+".join(dict.fromkeys({"logsumexp": "logsumexp", "logprob": "log_softmax gather", "prob": "softmax gather",
                                    "sum_logprobs": "log_softmax sum", "neg_entropy": "entropy",
                                    "topk_values": "softmax topk", "topk_indices": "softmax topk"}[k] for k in kinds))
@@ -489,8 +536,8 @@ def _elimination(site, softmaxes, reading: _Reading) -> Elimination:
         extra=(("plan", plan), ("vocab", site.columns), ("with_logit_sum", with_logit_sum),
                ("with_entropy", with_entropy),
                ("scale", None if scale is None else (scale[0], None if factor is not None else scale[1])),
-               ("topk", reading.topk)),
-        partials=partials if reading.topk else partials[0],
+               ("topk", reading.topk), ("fewer_rows", reading.fewer_rows)),
+        partials=partials if len(partials) > 1 else partials[0],
     )
 
 

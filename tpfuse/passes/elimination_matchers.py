@@ -76,7 +76,10 @@ class ReductionSite:
         return facts.val(self.value).dtype
 
     def reduces_hidden_axis(self, dims: Any) -> bool:
-        """``dims`` (an int or a list, as the consumer spells it) is exactly the last axis."""
+        """``dims`` (an int or a list, as the consumer spells it) is exactly the last axis; or, of a
+        1-D value, every axis (``logits[0, -1].argmax()``: ``dim=None``, ``amax(dim=[])``)."""
+        if (dims is None or (isinstance(dims, (list, tuple)) and not dims)) and self.ndim == 1:
+            return True
         if isinstance(dims, int):
             dims = [dims]
         if not isinstance(dims, (list, tuple)) or len(dims) != 1 or not isinstance(dims[0], int):

@@ -73,13 +73,27 @@ def _prefix_slice(user: Node, chain: Node) -> tuple[bool, int | None, str | None
         return False, None, None
     start, end, step = (facts.arg(user, 2, "start", 0), facts.arg(user, 3, "end", None),
                         facts.arg(user, 4, "step", 1))
+    width = facts.shape(chain)[-1]
+    start, end = _from_the_front(start, width), _from_the_front(end, width)
     if start not in (0, None) or step != 1 or not isinstance(end, (int, type(None))):
         return False, None, (f"{user.name} slices columns [{start}:{end}:{step}] of the gathered axis; only a "
                              "prefix slice [..., :V] with a literal V moves to the ranks")
-    width = facts.shape(chain)[-1]
     if end is None or (isinstance(width, int) and end >= width):
         return True, None, None
+    if end < 0:  # only where the width is symbolic (``_from_the_front``)
+        return False, None, f"{user.name} ends {-end} columns before the end of a gathered axis of symbolic width"
+    if end == 0:
+        return False, None, f"{user.name} keeps no column of the gathered axis"
     return True, end, None
+
+
+def _from_the_front(bound, width):
+    """A slice bound counted from the first column, as torch reads it (``[..., :-3]`` ends at
+    ``width - 3``, a start before the first column starts at 0); a negative bound of a symbolic
+    width stays as it is (and is refused: the ranks would not know where it ends)."""
+    if not isinstance(bound, int) or bound >= 0 or not isinstance(width, int):
+        return bound
+    return max(0, bound + width)
 
 
 def _elementwise_step(user: Node, chain: Node, gather: Node, positions) -> str | None:
