@@ -117,6 +117,30 @@ class UnseenFormGraphs(TestCase):
         self.assertEqual([e.consumers for e in rep.eliminations], [("logsumexp",)])
         self.assertNotIn("all_gather", after(text))
 
+    def test_two_gathers_meeting_in_one_reduction_keep_one(self):
+        # contrastive decoding: each gather's walk reached the argmax, both were rewritten, and the second
+        # rewrite read the first one's erased nodes (a compile error); now the first goes, the second stays
+        # for the band the first one's replacement cuts from it
+        text, rep = capture(lambda h, w, h2, w2: (logits_of(h, w) - 0.5 * logits_of(h2, w2)).argmax(-1),
+                            _h(), _w(), _h(), _w())
+        self.assertEqual([e.consumers for e in rep.eliminations], [("argmax",)])
+        self.assertEqual([n.reason for n in rep.near_misses], [
+            "gather kept: argmax (argmax) also reads the logits of all_gather_hidden_default, whose gather is "
+            "eliminated there; its replacement cuts these logits to each rank's band"])
+        self.assertExpectedInline(after(text), """\
+inputs: arg0_1, arg1_1, arg2_1, arg3_1
+permute = permute(arg0_1, [1, 0])
+mm = mm(arg1_1, permute)
+permute_1 = permute(arg2_1, [1, 0])
+mm_1 = mm(arg3_1, permute_1)
+all_gather_hidden_default_1 = tpfuse.all_gather_hidden(mm_1, [40, 40], '0')
+mul = mul.Tensor(all_gather_hidden_default_1, 0.5)
+hidden_band = tpfuse.hidden_band(mul, [40, 40], 40, '0')
+sub_1 = sub.Tensor(mm, hidden_band)
+max_hidden = tpfuse.max_hidden(sub_1, [40, 40], '0')
+getitem_5 = getitem(max_hidden, 1)
+return [getitem_5]""")
+
     def test_argmax_of_one_row_without_a_dim_is_eliminated(self):
         text, rep = capture(lambda h, w: (logits_of(h, w)[-1].argmax(), logits_of(h, w)[0].amin()), _h(), _w())
         self.assertEqual(sorted(e.consumers for e in rep.eliminations), [("amin",), ("argmax",)])
@@ -179,10 +203,13 @@ def exact_forms(W):
         _topk("ties of 0 and 1, topk", lambda l, x: (l > 0).float(), 4),
         Form("accuracy", lambda h, w, x: (lg(h, w).argmax(-1) == x["t"].clamp(min=0)).float().mean()),
         Form("one row, argmax without a dim", lambda h, w, x: lg(h, w)[-1].argmax()),
+        # two LM heads' logits meet in one argmax: the first gather goes, the second stays (EXACT_KEPT)
+        Form("contrastive, two gathers", lambda h, w, x: (lg(h, w) - 0.5 * lg(h.flip(0), w.flip(0))).argmax(-1)),
     ]
 
 
-EXACT_ELIMINATED = ["argmax"] * 10 + ["argmin"] * 2 + ["amax", "max.dim", "max.dim", "min.dim"] + ["topk"] * 6
+EXACT_ELIMINATED = ["argmax"] * 11 + ["argmin"] * 2 + ["amax", "max.dim", "max.dim", "min.dim"] + ["topk"] * 6
+EXACT_KEPT = "also reads the logits of all_gather_hidden_default"
 
 
 def sum_forms(W):
@@ -490,12 +517,14 @@ def test_the_exact_forms_are_eliminated(ranks):
     for results in ranks:
         for group in [g for g in results if g.startswith("exact")]:
             r = results[group]
+            kept = [n for n in r["near_misses"] if EXACT_KEPT not in n]
+            assert len(kept) == len(r["near_misses"]) - 1, r["near_misses"]
             if group == "exact, aot_eager":  # upcasts of float16 arrive as _to_copy there: kept
                 assert r["gathers_eliminated"] == len(EXACT_ELIMINATED) - 3, (group, r)
-                assert [("_to_copy" in n) for n in r["near_misses"]] == [True] * 3, r["near_misses"]
+                assert [("_to_copy" in n) for n in kept] == [True] * 3, kept
                 continue
             assert r["eliminated"] == sorted(EXACT_ELIMINATED), (group, r["eliminated"])
-            assert r["near_misses"] == [], (group, r["near_misses"])
+            assert kept == [], (group, kept)
 
 
 def test_the_sum_forms_are_eliminated(ranks):

@@ -117,11 +117,36 @@ def find_gather_eliminations(graph: Graph, matchers: list[EliminationMatcher]) -
         return result
     positions = node_positions(graph)
     reductions = named_reductions(matchers)
+    taken: dict[Node, Node] = {}  # node -> the gather whose elimination rewrites it
     for gather in gathers:
         known = _gather_facts(gather)
         if known is not None:
+            found = len(result.found)
             _find_one(gather, *known, matchers, positions, reductions, result)
+            if len(result.found) > found:
+                _one_gather_per_node(result, taken)
     return result
+
+
+def _one_gather_per_node(result: EliminationFind, taken: dict) -> None:
+    """Keep the gather just found when its elimination would rewrite a node that an earlier gather's
+    elimination rewrites too: two gathers meeting in one reduction (``(a - 0.5 * b).argmax(-1)``,
+    two models' logits).  The earlier elimination cuts this gather's logits to its band
+    (``tpfuse::hidden_band``), so they must stay; rewriting the node twice would leave the second
+    rewrite reading the first one's erased nodes."""
+    item = result.found[-1]
+    nodes = {n for site, e in zip(item.sites, item.eliminations)
+             for n in (*site.steps, site.consumer, *e.claims, *e.region, *(o for o in e.outputs if o is not None))}
+    shared = sorted((n for n in nodes if n in taken), key=lambda n: n.name)
+    if not shared:
+        taken.update(dict.fromkeys(nodes, item.gather))
+        return
+    result.found.pop()
+    other = taken[shared[0]]
+    result.near_misses.append(NearMiss(
+        "gather_elimination", f"gather kept: {facts.describe(shared[0])} also reads the logits of {other.name}, "
+        f"whose gather is eliminated there; its replacement cuts these logits to each rank's band",
+        (item.gather.name, shared[0].name), doc=DOC))
 
 
 def _find_one(gather, local, widths, group, matchers, positions, reductions, result: EliminationFind) -> None:
