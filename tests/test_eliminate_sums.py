@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 
 import pytest
@@ -311,7 +312,10 @@ return [div]""")
         text, rep = capture(entropy, h, _w(WIDE))  # its partials include the row's min (a column of -inf)
         self.assertTrue(no_full_width_gather(text))
         self.assertEqual([e.consumers for e in rep.eliminations], [("entropy",)])
-        self.assertExpectedInline(after(text), """\
+        # the new eq node's suffix counts the eq nodes of the dynamic T's guards before it, which
+        # differ between torch releases (2.11 writes two more): named by its role instead
+        text = re.sub(r"\beq_\d+\b", "eq_of_the_min", after(text))
+        self.assertExpectedInline(text, """\
 inputs: arg0_1, arg1_1, arg2_1
 permute = permute(arg0_1, [1, 0])
 mm = mm(arg1_1, permute)
@@ -320,10 +324,10 @@ getitem_3 = getitem(softmax_stats_hidden, 1)
 getitem_6 = getitem(softmax_stats_hidden, 4)
 max_hidden = tpfuse.max_hidden(mm, [64, 64], '0', False)
 getitem_7 = getitem(max_hidden, 0)
-eq_15 = eq.Scalar(getitem_7, -inf)
+eq_of_the_min = eq.Scalar(getitem_7, -inf)
 neg_1 = neg(getitem_6)
 scalar_tensor = scalar_tensor(nan, dtype=float32)
-where = where.self(eq_15, scalar_tensor, neg_1)
+where = where.self(eq_of_the_min, scalar_tensor, neg_1)
 isinf = isinf(getitem_3)
 scalar_tensor_1 = scalar_tensor(nan, dtype=float32)
 where_1 = where.self(isinf, scalar_tensor_1, where)
