@@ -509,19 +509,22 @@ class EmulatedRanks:
         returns each rank's result.
 
         ``after(rank, result)`` runs on that rank's stream right after its launch: a check there sees the
-        result as the rank would use it, before the peers' late stores (a check after the join would not)."""
+        result as the rank would use it, before the peers' late stores (a check after the join would not).
+        It is issued once every rank's kernel is: a kernel's first use may load its module (CUDA's lazy
+        loading), and that load can wait for the kernels running, among them a rank's kernel spinning for
+        a peer the host has not launched yet."""
         main = torch.cuda.current_stream()
         results = [None] * self.W
         for r in range(self.W):
             self.streams[r].wait_stream(main)  # inputs and outputs are ready
             with torch.cuda.stream(self.streams[r]):
                 sleep(delays[r] if delays else 0)
-                if r == skip:
-                    continue
-                results[r] = self.launcher(r, xs[r], kind)(xs[r], None if outs is None else outs[r])
-                if after is not None:
-                    after(r, results[r])
+                if r != skip:
+                    results[r] = self.launcher(r, xs[r], kind)(xs[r], None if outs is None else outs[r])
         for r in range(self.W):
+            if after is not None and r != skip:
+                with torch.cuda.stream(self.streams[r]):  # still right after this rank's kernel on its stream
+                    after(r, results[r])
             main.wait_stream(self.streams[r])
         return results
 
