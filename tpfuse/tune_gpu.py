@@ -59,6 +59,9 @@ STRESS_SHAPES = ((1, 4096), (32, 4096))
 RING = 8
 #: per-rank delay before each stressed call, GPU cycles (up to ~10 µs): the ranks drift against each other
 MAX_DELAY_CYCLES = 20_000
+#: and now and then a rank comes late (~1 ms, longer than the host takes to issue a call on every rank):
+#: its peers then finish, and check, before it has even started, whatever order the host issued them in
+LATE_CYCLES, LATE_CHANCE = 2_000_000, 1 / 8
 BF16 = torch.bfloat16
 
 
@@ -67,6 +70,12 @@ def bits(seed: int, shape, device) -> torch.Tensor:
     every rank's input, hence the reference, without communicating."""
     g = torch.Generator(device=device).manual_seed(seed)
     return torch.randint(-(2**15), 2**15 - 1, shape, generator=g, dtype=torch.int16, device=device).view(BF16)
+
+
+def call_delay(rng: random.Random) -> int:
+    """One rank's delay before one stressed call, GPU cycles; the stress and its negative control draw
+    from the same delays, so a control that is caught shows what the stress's check can see."""
+    return LATE_CYCLES if rng.random() < LATE_CHANCE else rng.randint(0, MAX_DELAY_CYCLES)
 
 
 def sleep(cycles: int) -> None:
@@ -196,7 +205,7 @@ class GatherRunner:
         cases, wrong = self._cases(seed), torch.zeros((), dtype=torch.int64, device=self.device)
         for j in range(calls):
             x, reference = cases[j % RING]
-            sleep(rng.randint(0, MAX_DELAY_CYCLES))
+            sleep(call_delay(rng))
             wrong += (gather(x).view(torch.int16) != reference).any()
         torch.cuda.synchronize()
         return int(wrong)
@@ -586,7 +595,7 @@ class EmulatedRunner:
 
         for j in range(calls):
             ranks, xs, outs, reference = cases[j % RING]
-            delays = [rng.randint(0, MAX_DELAY_CYCLES) for _ in range(self.W)]
+            delays = [call_delay(rng) for _ in range(self.W)]
             ranks.run(kind, xs, outs, delays, lambda r, result: check(r, result, reference))
         torch.cuda.synchronize()
         return int(wrong.sum())
