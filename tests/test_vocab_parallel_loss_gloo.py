@@ -41,6 +41,11 @@ def _logits(lead, vocab, dtype, seed, kind="normal"):
         flat[1, : vocab // 2] = -math.inf  # the first half -inf: whole slabs of low ranks hold only -inf
         flat[2, 1] = -math.inf             # -inf at a target (set below): loss +inf
         flat[3, :] = flat[3, 0]            # all equal
+    if kind == "pos_inf" and flat.shape[0] >= 4:
+        flat[0, -1] = math.inf             # +inf on the last rank, in an ignored row: its loss is 0
+        flat[1, 0] = math.inf              # +inf on the first rank, the target elsewhere: NaN, as torch
+        flat[2, 1] = math.inf              # +inf at the target (set below): NaN
+        flat[3, :2] = math.inf             # two +inf
     if kind == "large":
         x = x + 3e4 if dtype == torch.float16 else x * 1000 + 1e6
     return x.to(dtype)
@@ -51,7 +56,7 @@ def _targets(lead, vocab, seed, ignore_index=IGNORE, kind="normal"):
     t = torch.randint(0, vocab, lead, generator=g)
     flat = t.view(-1)
     flat[::4] = ignore_index  # a quarter of the rows ignored
-    if kind == "neg_inf" and flat.numel() >= 4:
+    if kind in ("neg_inf", "pos_inf") and flat.numel() >= 4:
         flat[2] = 1
     return t
 
@@ -137,6 +142,9 @@ def _forward_backward_cases(world_size):
     for name in ("logsumexp", "logprobs", "mean", "none", "entropy"):
         cases.append((f"{name}-neg-inf", name, (6,), uneven, torch.float32, "neg_inf", {}))
         cases.append((f"{name}-large", name, (5,), even, torch.float32, "large", {}))
+    for name in ("logsumexp", "logprobs", "mean", "none", "entropy"):  # torch: NaN across a row with +inf
+        cases.append((f"{name}-pos-inf", name, (6,), uneven, torch.float32, "pos_inf", {}))
+    cases.append(("none-pos-inf-smoothing", "none", (6,), uneven, torch.float32, "pos_inf", {"label_smoothing": 0.1}))
     cases += [
         ("mean-fp16-large", "mean", (5,), uneven, torch.float16, "large", {}),
         ("none-T=1", "none", (1,), uneven, torch.bfloat16, "normal", {}),

@@ -334,8 +334,9 @@ def _stats_backward_impl(grad_log_sum, grad_target_logit, grad_logit_sum, grad_e
 
 def finish_logprobs(log_sum: Tensor, target_logit: Tensor, target: Tensor, vocab: int, ignore_index: int) -> Tensor:
     """log_softmax[target] = (x[target] - shift) - log_sum: 0 where target == ignore_index; NaN for
-    an index outside [0, vocab)."""
-    valid = (target >= 0) & (target < vocab)
+    an index outside [0, vocab), and NaN for a row that holds +inf (``log_sum = +inf``): torch's
+    log_softmax is NaN across such a row, even where the target's logit is finite."""
+    valid = (target >= 0) & (target < vocab) & (log_sum != math.inf)
     logprobs = torch.where(valid, target_logit - log_sum, math.nan)
     return torch.where(target == ignore_index, 0.0, logprobs)
 

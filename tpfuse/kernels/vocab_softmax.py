@@ -321,7 +321,8 @@ def finish_kernel(
         target = tl.load(target_ptr + r, mask=live, other=0).to(tl.int64)
         log_sum = tl.load(log_sum_ptr + r, mask=live, other=0.0)
         logprob = tl.load(target_logit_ptr + r, mask=live, other=0.0) - log_sum
-        logprob = tl.where((target >= 0) & (target < vocab), logprob, float("nan"))
+        # NaN for an index outside the vocabulary, and for a row that holds +inf (log_sum = +inf), as torch
+        logprob = tl.where((target >= 0) & (target < vocab) & (log_sum != float("inf")), logprob, float("nan"))
         ignored = target == ignore_index
         logprob = tl.where(ignored, 0.0, logprob)
         if MODE == 3:
