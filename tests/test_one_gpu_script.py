@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "one_gpu.sh")
 SAFETY = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
           "TPFUSE_ENABLE_MULTIMEM": "0"}
-STEPS = {"suite": ["suite_pytest"], "gpu": ["gpu_pytest"], "tune": ["tune_gpu_tests", "tune_one_gpu"], "lm_head": ["bench_lm_head_fusion"]}
+STEPS = {"suite_a": ["suite_a_pytest"], "suite_b": ["suite_b_pytest"], "gpu": ["gpu_pytest"], "tune": ["tune_gpu_tests", "tune_one_gpu"], "lm_head": ["bench_lm_head_fusion"]}
 
 STAND_IN = """#!/usr/bin/env bash
 # the header's version line asks python -c: answer it like a real interpreter would
@@ -44,7 +44,8 @@ def _run(tmp_path, group, rc=0, env_extra=None):
     return proc, out
 
 
-@pytest.mark.parametrize("group", ["suite", "gpu", "tune", "lm_head"], ids=["suite", "tests-folder-of-the-device", "tune", "lm_head"])
+@pytest.mark.parametrize("group", ["suite_a", "suite_b", "gpu", "tune", "lm_head"],
+                         ids=["suite_a", "suite_b", "tests-folder-of-the-device", "tune", "lm_head"])
 def test_each_step_runs_with_the_no_multicast_environment_and_logs(tmp_path, group):
     proc, out = _run(tmp_path, group)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -61,15 +62,24 @@ def test_all_runs_every_group_in_order(tmp_path):
     proc, out = _run(tmp_path, "all")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     order = [line.split()[0] for line in proc.stdout.splitlines() if "rc=" in line]
-    assert order == STEPS["suite"] + STEPS["gpu"] + STEPS["tune"] + STEPS["lm_head"]
+    assert order == STEPS["suite_a"] + STEPS["suite_b"] + STEPS["gpu"] + STEPS["tune"] + STEPS["lm_head"]
 
 
 def test_the_suite_and_gpu_steps_cover_the_whole_test_folder(tmp_path):
+    """The two suite halves and tests/gpu name every test file exactly once."""
     _, out = _run(tmp_path, "all")
     argv = {name: next(line for line in (out / f"{name}.log").read_text().splitlines() if line.startswith("ARGV"))
-            for name in ("suite_pytest", "gpu_pytest")}
-    assert argv["suite_pytest"].split()[1:] == ["-m", "pytest", "-v", "-rfE", "-n", "12", "-p", "no:cacheprovider",
-                                                "tests", "--ignore=tests/gpu"]
+            for name in ("suite_a_pytest", "suite_b_pytest", "gpu_pytest")}
+    flags = ["-m", "pytest", "-v", "-rfE", "-n", "12", "-p", "no:cacheprovider"]
+    halves = []
+    for name in ("suite_a_pytest", "suite_b_pytest"):
+        words = argv[name].split()[1:]
+        assert words[:len(flags)] == flags, words
+        halves.append([os.path.relpath(os.path.join(ROOT, w), ROOT) for w in words[len(flags):]])
+    files = sorted(f"tests/{n}" for n in os.listdir(os.path.join(ROOT, "tests"))
+                   if n.startswith("test_") and n.endswith(".py"))
+    assert sorted(halves[0] + halves[1]) == files
+    assert not set(halves[0]) & set(halves[1]) and halves[0] and halves[1]
     assert argv["gpu_pytest"].split()[1:] == ["-m", "pytest", "-v", "-rfE", "-n", "8", "-p", "no:cacheprovider",
                                               "tests/gpu"]
 
@@ -89,5 +99,5 @@ def test_an_inherited_multicast_setting_is_overridden(tmp_path):
 def test_an_unknown_group_is_refused_naming_the_accepted_ones(tmp_path):
     proc, out = _run(tmp_path, "everything")
     assert proc.returncode == 2
-    assert "'everything'" in proc.stderr and "suite, gpu, tune, lm_head, all" in proc.stderr
+    assert "'everything'" in proc.stderr and "suite_a, suite_b, gpu, tune, lm_head, all" in proc.stderr
     assert not out.exists()
