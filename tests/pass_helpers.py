@@ -53,6 +53,16 @@ def fake_world(world_size: int):
         dist.destroy_process_group()
 
 
+class FakeWorld:
+    """A test case mixin: every test runs in ``fake_world(WORLD_SIZE)``; ``class T(FakeWorld, TestCase)``."""
+
+    WORLD_SIZE = 2
+
+    def setUp(self):
+        super().setUp()
+        self.enterContext(fake_world(self.WORLD_SIZE))
+
+
 def _arg(a) -> str:
     if isinstance(a, Node):
         return a.name

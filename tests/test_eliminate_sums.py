@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from expecttest import TestCase
 
 from multiproc import run_ranks
-from pass_helpers import capture, dynamo_graph, fake_world, torch_ir_text
+from pass_helpers import FakeWorld, capture, dynamo_graph, torch_ir_text
 
 #: docs/passes.md, "Gather elimination: the sum family's error" (relative to the largest |reference|)
 BOUND = 1e-5
@@ -181,15 +181,8 @@ def _ancestors(node, depth=8):
     return found
 
 
-class SumFamilyGraphs(TestCase):
+class SumFamilyGraphs(FakeWorld, TestCase):
     maxDiff = None
-
-    def setUp(self):
-        self._world = fake_world(2)
-        self._world.__enter__()
-
-    def tearDown(self):
-        self._world.__exit__(None, None, None)
 
     def test_logsumexp(self):
         text, rep = capture(logsumexp, _h(), _w())
@@ -511,15 +504,8 @@ def tp_training_loss_logits(h, w):
     return tpfuse.all_gather_hidden(h @ w.t(), dist.group.WORLD).float()
 
 
-class BeforeAutograd(TestCase):
+class BeforeAutograd(FakeWorld, TestCase):
     maxDiff = None
-
-    def setUp(self):
-        self._world = fake_world(2)
-        self._world.__enter__()
-
-    def tearDown(self):
-        self._world.__exit__(None, None, None)
 
     def _rewrite(self, fn, requires_grad=True):
         from tpfuse.passes.pre_grad_losses import rewrite_cross_entropy

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from expecttest import TestCase
 
 from multiproc import run_ranks
-from pass_helpers import capture, fake_world
+from pass_helpers import FakeWorld, capture
 
 #: columns per rank: wide enough that every eliminated form's partials save half a row's bytes
 VOCAB_PER_RANK = 40
@@ -60,15 +60,8 @@ def _w():
     return torch.randn(VOCAB_PER_RANK, 16)
 
 
-class UnseenFormGraphs(TestCase):
+class UnseenFormGraphs(FakeWorld, TestCase):
     maxDiff = None
-
-    def setUp(self):
-        self._world = fake_world(2)
-        self._world.__enter__()
-
-    def tearDown(self):
-        self._world.__exit__(None, None, None)
 
     def _kept(self, rep, *words):
         self.assertEqual(rep.eliminations, [])

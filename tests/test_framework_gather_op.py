@@ -18,23 +18,19 @@ import tpfuse
 from tpfuse.passes import AnchorArgs, FusionPattern, PatternError
 
 from multiproc import run_ranks
-from pass_helpers import capture, fake_world
+from pass_helpers import FakeWorld, capture
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 import framework_gather_op as fw  # noqa: E402
 
 
-class TestFrameworkGatherGraphs(TestCase):
+class TestFrameworkGatherGraphs(FakeWorld, TestCase):
     maxDiff = None
 
     def setUp(self):
-        self._world = fake_world(2)
-        self._world.__enter__()
+        super().setUp()
         fw.FRAMEWORK_GROUPS[fw.GROUP] = dist.group.WORLD
-
-    def tearDown(self):
-        fw.FRAMEWORK_GROUPS.clear()
-        self._world.__exit__(None, None, None)
+        self.addCleanup(fw.FRAMEWORK_GROUPS.clear)
 
     def _head(self):
         return fw.VocabParallelHead(0, 2), torch.randn(5, fw.HIDDEN)

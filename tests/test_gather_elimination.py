@@ -32,7 +32,7 @@ from expecttest import TestCase
 
 import tpfuse
 from multiproc import run_ranks
-from pass_helpers import capture, fake_world
+from pass_helpers import FakeWorld, capture, fake_world
 from tpfuse.passes.computed_from import RANDOM_REACH
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
@@ -223,15 +223,8 @@ def no_full_width_gather(text: str) -> bool:
     return "all_gather" not in after(text)
 
 
-class EliminationGraphs(TestCase):
+class EliminationGraphs(FakeWorld, TestCase):
     maxDiff = None
-
-    def setUp(self):
-        self._world = fake_world(2)
-        self._world.__enter__()
-
-    def tearDown(self):
-        self._world.__exit__(None, None, None)
 
     def test_argmax_with_temperature(self):
         text, rep = capture(greedy_with_temperature, _h(), _w())
@@ -533,16 +526,9 @@ def lm_head_then_next_gather(h, w, emb, w2):
     return funcol.all_gather_tensor(emb[token] @ w2.t(), gather_dim=1, group=dist.group.WORLD)
 
 
-class BarrierElisionSeesTheInnerGather(TestCase):
+class BarrierElisionSeesTheInnerGather(FakeWorld, TestCase):
     """The reductions exchange through ``tpfuse::all_gather_hidden`` inside the op, on a slot
     chosen when it runs; a gather they may run just before must keep its entry barrier."""
-
-    def setUp(self):
-        self._world = fake_world(2)
-        self._world.__enter__()
-
-    def tearDown(self):
-        self._world.__exit__(None, None, None)
 
     def _last_decision(self):
         _, rep = capture(lm_head_then_next_gather, _h(), _w(), torch.randn(2 * VOCAB_PER_RANK, 16),

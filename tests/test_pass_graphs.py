@@ -14,7 +14,7 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 from expecttest import TestCase
 
-from pass_helpers import capture, fake_world, normalise_placeholders, torch_cannot_trace_unbacked_gather
+from pass_helpers import FakeWorld, capture, normalise_placeholders, torch_cannot_trace_unbacked_gather
 
 
 def _world():
@@ -130,14 +130,7 @@ class PassGraphTestBase(TestCase):
     maxDiff = None
 
 
-class TestFormsW2(PassGraphTestBase):
-    def setUp(self):
-        self._world = fake_world(2)
-        self._world.__enter__()
-
-    def tearDown(self):
-        self._world.__exit__(None, None, None)
-
+class TestFormsW2(FakeWorld, PassGraphTestBase):
     def test_funcol_split_cat_negative_dim(self):
         text, rep = capture(funcol_gather, torch.randn(4, 16), _w())
         self.assertEqual([m.pattern for m in rep.matches], ["split_cat"])
@@ -502,13 +495,8 @@ return [mm_1]""")
         self.assertIn("only_after_linear=True", rep.near_misses[0].reason)
 
 
-class TestFormsW4(PassGraphTestBase):
-    def setUp(self):
-        self._world = fake_world(4)
-        self._world.__enter__()
-
-    def tearDown(self):
-        self._world.__exit__(None, None, None)
+class TestFormsW4(FakeWorld, PassGraphTestBase):
+    WORLD_SIZE = 4
 
     def test_funcol_split_cat(self):
         text, rep = capture(funcol_gather, torch.randn(4, 16), _w())

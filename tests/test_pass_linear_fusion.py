@@ -17,7 +17,7 @@ import torch.distributed._functional_collectives as funcol
 import pytest
 from expecttest import TestCase
 
-from pass_helpers import capture, fake_world
+from pass_helpers import FakeWorld, capture
 from tpfuse.compile_ops import linear_cost
 
 H200 = "NVIDIA H200"
@@ -77,15 +77,8 @@ def _near(rep):
     return "\n".join(f"{n.pattern}: {n.reason}" for n in rep.near_misses)
 
 
-class TestLinearFusionW2(TestCase):
+class TestLinearFusionW2(FakeWorld, TestCase):
     maxDiff = None
-
-    def setUp(self):
-        self._world = fake_world(2)
-        self._world.__enter__()
-
-    def tearDown(self):
-        self._world.__exit__(None, None, None)
 
     def test_off_by_default(self):
         x, w = torch.randn(4, 16, dtype=torch.bfloat16), torch.randn(8, 16, dtype=torch.bfloat16)
@@ -223,15 +216,10 @@ linear_all_gather_hidden_default_1: the result (or a view of it) is a graph outp
         self.assertIn("[predicted_faster]", str(Report([rep])))
 
 
-class TestLinearFusionW4(TestCase):
+class TestLinearFusionW4(FakeWorld, TestCase):
     maxDiff = None
 
-    def setUp(self):
-        self._world = fake_world(4)
-        self._world.__enter__()
-
-    def tearDown(self):
-        self._world.__exit__(None, None, None)
+    WORLD_SIZE = 4
 
     def test_mlp_projection_w4_decode_not_fused(self):
         # Llama-8B MLP-sized column projection at W=4, T=1: a narrow band (32-column tiles), measured
@@ -287,13 +275,8 @@ class TestLinearFusionW4(TestCase):
             _decisions(rep))
 
 
-class TestLinearFusionW8(TestCase):
-    def setUp(self):
-        self._world = fake_world(8)
-        self._world.__enter__()
-
-    def tearDown(self):
-        self._world.__exit__(None, None, None)
+class TestLinearFusionW8(FakeWorld, TestCase):
+    WORLD_SIZE = 8
 
     def test_unmeasured_world_size_is_not_fused(self):
         # An LM head band at W=8: the rule's gather latency was measured at W=2 and 4 only.

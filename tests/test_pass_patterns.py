@@ -24,7 +24,7 @@ from tpfuse.passes.builtin_patterns import gather_hidden_replacement, match_spli
 from tpfuse.passes.manager import PassConfig
 
 from multiproc import run_ranks
-from pass_helpers import capture, fake_world
+from pass_helpers import FakeWorld, capture, fake_world
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 import padded_vocab_head as pv  # noqa: E402
@@ -164,15 +164,8 @@ def test_rank_dependent_pattern_puts_the_rank_in_the_key():
 # ---- priority and the worked example as graphs ------------------------------------------
 
 
-class TestPatternGraphs(TestCase):
+class TestPatternGraphs(FakeWorld, TestCase):
     maxDiff = None
-
-    def setUp(self):
-        self._world = fake_world(2)
-        self._world.__enter__()
-
-    def tearDown(self):
-        self._world.__exit__(None, None, None)
 
     def test_priority_decides_between_conflicting_patterns(self):
         def gather(x, w):
