@@ -530,9 +530,8 @@ sum_grad_over_ranks_default = sum_grad_over_ranks.default(cross_entropy_hidden_d
     def test_control_logits_also_returned(self):
         lines, text = self._rewrite(logits_and_training_loss)
         # the loss is split onto the slabs; the gather stays for the returned logits (docs/passes.md, "Training")
-        self.assertEqual(lines, ["split cross_entropy: tpfuse::cross_entropy_hidden of matmul; gather kept: the "
-                                 "gathered logits are also used by the graph output; the loss is split (computed "
-                                 "on each rank's slab)"])
+        self.assertEqual(lines, ["split cross_entropy: tpfuse::cross_entropy_hidden of matmul; the gather stays "
+                                 "before autograd for its other use, the graph output"])
         self.assertIn("all_gather_hidden", text)
 
     def test_control_no_gradient_is_left_to_the_post_grad_matchers(self):

@@ -258,7 +258,8 @@ def test_control_logits_returned_keep_the_gather_and_split_the_loss(gloo_w2, nam
         result = rank[name]
         assert result["eliminated"] == []
         (reason,) = result["split"]
-        assert reason.startswith("gather kept: the gathered logits are also used by the graph output")
+        assert reason == ("loss split (computed on each rank's slab); the gather stays before autograd for its "
+                          "other use, the graph output")
         forward, _ = result["graphs"]
         assert any("all_gather" in line for line in _full_width(forward)), forward
         assert "tpfuse.softmax_stats_hidden.default" in forward
@@ -357,8 +358,8 @@ def test_hf_llama_training_forward_keeps_the_gather_for_its_logits(hf_w2):
     for rank in hf_w2:
         result = rank["hf_forward"]
         assert result["eliminated"] == []
-        assert [r.split(";")[0] for r in result["split"]] == \
-            ["gather kept: the gathered logits are also used by the graph output"]
+        assert [r.split("; ")[1] for r in result["split"]] == \
+            ["the gather stays before autograd for its other use, the graph output"]
         forward, _ = result["graphs"]
         assert any("all_gather" in line for line in _full_width(forward))
         assert max(result["errors"]) <= BOUND, result["errors"]

@@ -161,8 +161,8 @@ def test_control_no_gradient_is_left_to_the_post_grad_matchers(world):
 @needs_funcol_backward
 def test_logits_returned_split_the_loss_and_keep_the_gather(world):
     lines, text, records = _rewrite(funcol_logits_returned, *_inputs())
-    assert lines == ["split cross_entropy: tpfuse::cross_entropy_hidden of y; gather kept: the gathered logits are "
-                     "also used by the graph output; the loss is split (computed on each rank's slab)"]
+    assert lines == ["split cross_entropy: tpfuse::cross_entropy_hidden of y; the gather stays before autograd "
+                     "for its other use, the graph output"]
     assert "all_gather_into_tensor" in text and "cross_entropy_hidden.default(" in text
     assert [type(r).__name__ for r in records] == ["NearMiss"]
 

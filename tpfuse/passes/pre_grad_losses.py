@@ -474,12 +474,17 @@ def rewrite_cross_entropy(graph: Graph, dry_run: bool = False, records: list | N
 def _line(loss: Node, chain: Chain, other: Node | None, dry_run: bool) -> str:
     verb = ("would split" if dry_run else "split") if other is not None else ("would rewrite" if dry_run else "rewrote")
     line = f"{verb} {loss.name}: tpfuse::cross_entropy_hidden of {chain.gather.slab_of.name}"
-    return line if other is None else f"{line}; {_kept_for(other)}"
+    return line if other is None else f"{line}; {_gather_stays_for(other)}"
+
+
+def _gather_stays_for(other: Node) -> str:
+    # Only what this pass did: the passes after autograd may still eliminate the gather for that other
+    # use (an argmax, say), and their own line in the report says whether they did.
+    return f"the gather stays before autograd for its other use, {_describe(other)}"
 
 
 def _kept_for(other: Node) -> str:
-    return (f"gather kept: the gathered logits are also used by {_describe(other)}; the loss is split "
-            "(computed on each rank's slab)")
+    return f"loss split (computed on each rank's slab); {_gather_stays_for(other)}"
 
 
 def _replace_loss(graph: Graph, node: Node, chain: Chain, options: dict) -> Node:
