@@ -67,6 +67,24 @@ def tuner():
     return None
 
 
+def _check_tune_arguments(tune_main, argv: list[str]) -> None:
+    """Parse the tuner's arguments with its own parser first, its complaint raised as one line: argparse would
+    print the usage before it. Only where ``tune_main`` is its module's ``main`` beside a ``parser()``."""
+    module = sys.modules.get(getattr(tune_main, "__module__", None) or "")
+    make = getattr(module, "parser", None)
+    if getattr(module, "main", None) is not tune_main or not callable(make):
+        return
+    parser = make()
+
+    def error(message: str):
+        if "unrecognized arguments" in message:
+            message += f"; accepted: {_accepted(parser)}"
+        raise CommandError(message)
+
+    parser.error = error
+    parser.parse_args(argv)
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="run tpfuse on spawned ranks and check the results")
     _verbosity(p, "verbose")
@@ -158,7 +176,9 @@ def _run(args) -> int:
         return explain.run(args.entry, args.nproc, args.dump_dir, args.device, args.timeout,
                            args.fuse_linear, args.zero_copy, not args.keep_gathers)
     if args.command == "tune":
-        return tuner()(args.tune_args)
+        tune_main = tuner()
+        _check_tune_arguments(tune_main, args.tune_args)
+        return tune_main(args.tune_args)
     from . import bench
 
     return bench.run(args.nproc, args.out, args.only)

@@ -97,8 +97,10 @@ def run(spec: str, nproc: int = 2, dump_dir: str = "tpfuse_dumps", device: str =
 
     try:
         load_entry(spec)  # fail here, with one clear message, not once per rank
-    except Exception as err:  # noqa: BLE001 - any failure to load is the entry's problem
+    except (Exception, SystemExit) as err:  # noqa: BLE001 - any failure to load is the entry's problem
+        # SystemExit too: a module that calls sys.exit() on import would end the command without a word
         raise EntryError(_one_line(err)) from err
+    _check_gpus(device, nproc)
     dump_dir = str(pathlib.Path(dump_dir).resolve())
     backend = "nccl" if device == "cuda" else "gloo"
     print(f"tpfuse explain {spec}: {nproc} {backend} ranks, dumps in {dump_dir}")
@@ -120,6 +122,17 @@ def run(spec: str, nproc: int = 2, dump_dir: str = "tpfuse_dumps", device: str =
     gone = f", {eliminated} of them eliminated (not gathered at all)" if eliminated else ""
     print(f"\n{matches} gather(s) rewritten{gone}, {near} near-miss(es); before/after code: {dump_dir}")
     return 1 if differing else 0
+
+
+def _check_gpus(device: str, nproc: int) -> None:
+    """Refuse ``--device cuda`` without a GPU per rank here, as demo does, not as each spawned rank's
+    own failure to select its device."""
+    import torch
+
+    found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device == "cuda" and found < nproc:
+        raise CommandError(f"--device cuda --nproc {nproc} needs {nproc} GPUs, found {found}; "
+                           "accepted: --nproc up to the GPUs present, or --device cpu")
 
 
 def _one_line(err: BaseException) -> str:

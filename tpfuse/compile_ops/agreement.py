@@ -197,10 +197,12 @@ class CallView:
     settings: tuple[tuple[str, str], ...]
 
     @classmethod
-    def of_gather(cls, x: torch.Tensor, hidden_widths, needs_grad: bool = False) -> "CallView":
-        """The gather of ``x``: leading dims and width; a scalar (refused after this check) has none."""
+    def of_gather(cls, x: torch.Tensor, hidden_widths, needs_grad: bool = False,
+                  op: str = "all_gather_hidden") -> "CallView":
+        """The gather of ``x``: leading dims and width; a scalar (refused after this check) has none.  ``op``
+        names the call with the arguments its peers must pass alike (a reduction's k, its target, ...)."""
         lead, width = ((), _SCALAR) if x.dim() == 0 else (tuple(int(d) for d in x.shape[:-1]), int(x.shape[-1]))
-        return cls("all_gather_hidden", x.dtype, lead, _ints(hidden_widths), width, needs_grad, dispatch_settings())
+        return cls(op, x.dtype, lead, _ints(hidden_widths), width, needs_grad, dispatch_settings())
 
     @classmethod
     def of_linear(cls, x: torch.Tensor, hidden_widths, needs_grad: bool = False) -> "CallView":
@@ -211,8 +213,10 @@ class CallView:
 
     def words(self, call: int, refused: bool) -> list[int]:
         widths = self.hidden_widths
+        # the sum folded into 62 bits: widths near 2**62 must reach the checks' own messages, not overflow here
         return [_MARKER, _digest(self.op), _digest(str(self.dtype)), self.dtype.itemsize, _digest(self.lead),
-                len(self.lead), _digest(widths), sum(widths), _settings_digest(self.settings), int(self.needs_grad),
+                len(self.lead), _digest(widths), sum(widths) % (1 << 62), _settings_digest(self.settings),
+                int(self.needs_grad),
                 call, int(refused), self.width]
 
     def described(self) -> tuple:
@@ -241,14 +245,15 @@ def next_call(pg: dist.ProcessGroup) -> int:
 # calls, the op's implementation among them, and object collectives cannot be traced.
 @torch.compiler.disable
 def check(x: torch.Tensor, hidden_widths: list[int], group: Group, local_check: Callable[[], None] | None = None,
-          view: CallView | None = None) -> None:
+          view: CallView | None = None, widths_rule: Callable[[list[int]], None] = check_widths) -> None:
     """Collective: raise on every rank unless every rank means the same call and none refuses it.
 
-    ``local_check`` raises where this rank's own view refuses the call (default: the widths' check); it
+    ``local_check`` raises where this rank's own view refuses the call (default: ``widths_rule``); it
     runs before the exchange, and its verdict is agreed.  ``view`` is the call's (default: the gather of
-    ``x``); the exchange runs on ``x``'s device."""
+    ``x``); the exchange runs on ``x``'s device.  ``widths_rule`` is what a valid list is (the gather's
+    default: positive widths; the softmax reductions also take 0)."""
     if local_check is None:
-        local_check = functools.partial(check_widths, hidden_widths)
+        local_check = functools.partial(widths_rule, hidden_widths)
     if group.backend == "fake":  # torch's testing backend moves nothing: there is nothing to agree on
         local_check()
         return
@@ -264,8 +269,10 @@ def check(x: torch.Tensor, hidden_widths: list[int], group: Group, local_check: 
     # the signature alone); every rank sees the same table, so every rank enters those exchanges too.
     if all(row[:_AGREE] == table[0][:_AGREE] for row in table):
         if any(row[_WIDTH] != _SCALAR for row in table):  # scalars everywhere: every rank's own check says so
-            check_widths(hidden_widths)  # every rank passed this list: if it is invalid itself, every rank says so
-        if _widths_held(table, hidden_widths):
+            widths_rule(hidden_widths)  # every rank passed this list: if it is invalid itself, every rank says so
+        # every rank refusing the same call (all slabs narrower than their entries, say) is no disagreement:
+        # each rank raises its own reason
+        if _widths_held(table, hidden_widths) or all(row[_REFUSED] for row in table):
             if any(row[_REFUSED] for row in table):
                 _raise_refusal(refusal, group, call)
             return

@@ -53,6 +53,12 @@ def group_name_of(group: "dist.ProcessGroup | str | None") -> str:
         group = dist.group.WORLD
     if isinstance(group, dist.ProcessGroup):
         return group.group_name
+    if type(group) is int and group == getattr(dist.GroupMember, "NON_GROUP_MEMBER", None):
+        # what dist.new_group returns on the ranks outside the group: a plain int, not a type mistake
+        raise ValueError(
+            "tpfuse: this rank is not a member of the group (dist.new_group returned "
+            "GroupMember.NON_GROUP_MEMBER here); accepted: call the op on the group's own ranks only"
+        )
     raise TypeError(
         f"tpfuse: group must be a ProcessGroup, a group name (str) or None, "
         f"got {type(group).__name__}"

@@ -56,7 +56,7 @@ from torch import Tensor
 
 from .groups import Group, group_name_of, resolve_group
 from .validation import (check_device_matches_group, check_not_scalar, check_one_width_per_rank, check_widths,
-                         world_size_of)
+                         whole_widths, world_size_of)
 
 #: the dtypes of x the ops accept; a value travels as its own bits in one int32 word
 VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -150,24 +150,44 @@ def _check_slab(x: Tensor, hidden_widths: Sequence[int], group: Group) -> None:
     check_device_matches_group(x.device.type, group)
 
 
-def _agree(x: Tensor, hidden_widths: list[int], group: Group) -> None:
-    """Where the gather checks that the ranks mean the same call, check it here too, first, so a
-    call that one rank would refuse (its slab not as wide as its entry) is refused by every rank."""
+def _check_no_gradient(x: Tensor, what: str) -> None:
+    if x.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"tpfuse: {what} has no gradient; accepted are inputs that do not require grad "
+                         f"(for a gradient, reduce tpfuse.all_gather_hidden(x, group) with torch instead)")
+
+
+def _agree(x: Tensor, hidden_widths: list[int], group: Group, local_check, call: str) -> None:
+    """Where the gather checks that the ranks mean the same call, check it here too, first, with every check
+    of this rank's own as ``local_check``: a call that one rank refuses (a dtype, a k out of range, a slab not
+    as wide as its entry) is refused by every rank, and arguments that differ between the ranks (``call``:
+    the op with its k, largest and valid_columns) too, where each rank would merge candidates its peers
+    chose by other rules (docs/contract.md §4)."""
     from .. import config as settings
     from . import agreement
     from .all_gather_hidden import agreement_applies  # the gather's own rule of where it checks
 
     if agreement_applies(x.device.type, group, settings.raw_dispatch_values()[-1]):
-        agreement.check(x, hidden_widths, group)
+        agreement.check(x, hidden_widths, group, local_check, agreement.CallView.of_gather(x, hidden_widths, op=call))
+    else:
+        local_check()
 
 
-def _prepare(x: Tensor, hidden_widths: list[int], group_name: str, valid_columns: int | None):
-    """Every check, in the order that keeps ranks together; returns (group, columns, local valid slab)."""
-    _check_shape_and_dtype(x)
+def _prepare(x: Tensor, hidden_widths: list[int], group_name: str, valid_columns: int | None, op: str,
+             largest: bool, k: int | None = None):
+    """Every check, agreed before any exchange; returns (group, columns, local valid slab)."""
     group = resolve_group(group_name)
-    _agree(x, hidden_widths, group)
+
+    def local_check():
+        _check_shape_and_dtype(x)
+        _check_no_gradient(x, op)
+        columns = _columns(hidden_widths, valid_columns)
+        if k is not None:
+            _check_k(k, columns)
+        _check_slab(x, hidden_widths, group)
+
+    k_text = "" if k is None else f"k={k}, "
+    _agree(x, hidden_widths, group, local_check, f"{op}({k_text}largest={largest}, valid_columns={valid_columns})")
     columns = _columns(hidden_widths, valid_columns)
-    _check_slab(x, hidden_widths, group)
     width = valid_width(hidden_widths, group.rank, columns)
     return group, columns, x[..., :width]
 
@@ -233,7 +253,7 @@ def _merge_best(bits: Tensor, indices: Tensor, dtype: torch.dtype, largest: bool
 
 def _max_hidden_impl(x: Tensor, hidden_widths: list[int], group_name: str, largest: bool = True,
                      valid_columns: int | None = None) -> tuple[Tensor, Tensor]:
-    group, columns, local = _prepare(x, hidden_widths, group_name, valid_columns)
+    group, columns, local = _prepare(x, hidden_widths, group_name, valid_columns, "max_hidden", largest)
     if local.is_cuda:  # Triton kernels (reduce_kernels.py); the composition below is their reference
         from . import reduce_kernels
         return reduce_kernels.max_hidden(local, band_offset(hidden_widths, group.rank),
@@ -287,8 +307,7 @@ def _merge_topk(bits: Tensor, indices: Tensor, k: int, dtype: torch.dtype, large
 
 def _topk_hidden_impl(x: Tensor, k: int, hidden_widths: list[int], group_name: str, largest: bool = True,
                       sorted: bool = True, valid_columns: int | None = None) -> tuple[Tensor, Tensor]:  # noqa: A002
-    group, columns, local = _prepare(x, hidden_widths, group_name, valid_columns)
-    _check_k(k, columns)
+    group, columns, local = _prepare(x, hidden_widths, group_name, valid_columns, "topk_hidden", largest, k)
     if local.is_cuda:  # Triton kernels up to their largest k (reduce_kernels.py); the same choice on every rank
         from . import reduce_kernels
         if k <= reduce_kernels.MAX_TOPK:
@@ -362,14 +381,15 @@ class MaxHidden(NamedTuple):
 
 
 def _call_args(x: Tensor, group, hidden_widths: Sequence[int] | None, what: str) -> tuple[str, list[int]]:
-    check_not_scalar(x)
-    if x.requires_grad and torch.is_grad_enabled():
-        raise ValueError(f"tpfuse: {what} has no gradient; accepted are inputs that do not require grad "
-                         f"(for a gradient, reduce tpfuse.all_gather_hidden(x, group) with torch instead)")
+    if torch.compiler.is_compiling():  # tracing is rank-local: refuse here, where the message reaches the user
+        check_not_scalar(x)
+        _check_no_gradient(x, what)
+    # Eager, the op refuses both, after the ranks agree (a scalar on one rank gets widths of -1, as the
+    # gather's wrapper gives it): raised here, on one rank only, they would strand its peers in the exchange.
     name = group_name_of(group)
     if hidden_widths is None:
-        hidden_widths = [x.shape[-1]] * world_size_of(name)
-    return name, [int(w) for w in hidden_widths]
+        return name, [int(x.shape[-1]) if x.dim() else -1] * world_size_of(name)
+    return name, whole_widths(hidden_widths)
 
 
 def max_hidden(x: Tensor, group=None, hidden_widths: Sequence[int] | None = None, *,

@@ -10,6 +10,7 @@ dispatch takes another (backend.py).
 
 from __future__ import annotations
 
+import numbers
 from typing import Sequence
 
 import torch
@@ -61,6 +62,20 @@ def check_widths(hidden_widths: Sequence[int]) -> None:
             f"tpfuse: hidden_widths={list(hidden_widths)} has width(s) {bad} <= 0; "
             "every rank must contribute a positive number of columns"
         )
+
+
+def whole_widths(hidden_widths: Sequence) -> list[int]:
+    """A ``hidden_widths`` the caller gave, as ints: an entry that is not a whole number (3.7, even 4.0) is
+    refused, never rounded (the ops' schemas take ``int[]``)."""
+    widths = []
+    for w in hidden_widths:
+        whole = isinstance(w, (numbers.Integral, torch.SymInt)) or (
+            isinstance(w, torch.Tensor) and w.numel() == 1 and not (w.is_floating_point() or w.is_complex()))
+        if not whole:
+            raise TypeError(f"tpfuse: hidden_widths={list(hidden_widths)} holds {w!r} ({type(w).__name__}); "
+                            "accepted are whole numbers (int), one width per rank")
+        widths.append(int(w))
+    return widths
 
 
 def check_one_width_per_rank(hidden_widths: Sequence[int], group: Group) -> None:

@@ -47,7 +47,9 @@ row's result is NaN.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from typing import Sequence
 
 import torch
@@ -56,7 +58,8 @@ from torch import Tensor
 from .. import config as settings
 from . import softmax_kernels
 from .groups import Group, group_name_of, resolve_group
-from .validation import check_device_matches_group, check_not_scalar, check_one_width_per_rank, world_size_of
+from .validation import (check_device_matches_group, check_not_scalar, check_one_width_per_rank, whole_widths,
+                         world_size_of)
 
 #: the dtypes of x the ops accept: everything is computed in float32, as ``logits.float()`` does
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -164,6 +167,59 @@ def _check_on_group(x: Tensor, target: Tensor | None, hidden_widths: Sequence[in
         # TPFUSE_CHECK=1 outside graph capture; otherwise an out-of-range class index yields a
         # NaN row (no rank owns it), documented in docs/passes.md.
         _check_target_values(target, sum(valid_widths(hidden_widths, valid_columns)), ignore_index)
+
+
+#: a public op's own checks (the loss options) that the statistics' agreement runs with its own, on this thread
+_public_checks = threading.local()
+
+
+@contextlib.contextmanager
+def _agreed_with_the_statistics(check):
+    """Within: ``check`` runs among the statistics' checks, whose verdict the ranks agree on before any
+    exchange; raised before them, on one rank only, it would strand the peers in the exchange (docs/contract.md §4)."""
+    previous = getattr(_public_checks, "check", None)
+    _public_checks.check = check
+    try:
+        yield
+    finally:
+        _public_checks.check = previous
+
+
+def _check_on_group_agreed(x: Tensor, target: Tensor | None, hidden_widths: Sequence[int], group: Group,
+                      ignore_index: int, valid_columns: int | None, with_logit_sum: bool, with_entropy: bool) -> None:
+    """``_check_on_group`` and the public op's checks, agreed across the ranks where the gather's agreement runs:
+    a call one rank refuses (a class index outside the vocabulary, a dtype, a width) is refused by every rank,
+    and so is a call whose arguments differ between the ranks (the target, ignore_index, valid_columns, the
+    statistics asked for), where each rank would merge partials its peers computed for another call."""
+    from . import agreement
+    from .all_gather_hidden import agreement_applies  # the gather's own rule of where it checks
+
+    extra = getattr(_public_checks, "check", None)
+
+    def local_check():
+        _check_on_group(x, target, hidden_widths, group, ignore_index, valid_columns)
+        if extra is not None:
+            extra()
+
+    if not agreement_applies(x.device.type, group, settings.raw_dispatch_values()[-1]):
+        local_check()
+        return
+    call = (f"softmax statistics (target {_target_checksum(target)}, ignore_index={ignore_index}, "
+            f"valid_columns={valid_columns}, logit sum (label smoothing) {with_logit_sum}, entropy {with_entropy})")
+    agreement.check(x, list(hidden_widths), group, local_check, agreement.CallView.of_gather(x, hidden_widths, op=call),
+                    widths_rule=check_vocab_widths)
+
+
+def _target_checksum(target: Tensor | None) -> str:
+    """Two words that differ where the ranks' targets differ (the sum, and the sum weighted by position)."""
+    if target is None:
+        return "none"
+    try:
+        values = target.detach().reshape(-1).to(torch.int64)
+        weights = torch.arange(1, values.numel() + 1, dtype=torch.int64, device=values.device)
+        return f"checksum {int(values.sum())}/{int((values * weights).sum())}"
+    except Exception as err:  # noqa: BLE001 - a target that cannot be read is refused by the checks, agreed
+        return f"unreadable ({type(err).__name__})"
 
 
 def _checking_device_values() -> bool:
@@ -301,7 +357,7 @@ def _offset(hidden_widths: Sequence[int], rank: int) -> int:
 def _stats_impl(x, target, hidden_widths, group_name, ignore_index=-100, with_logit_sum=False, with_entropy=False,
                 valid_columns=None):
     group = resolve_group(group_name)
-    _check_on_group(x, target, hidden_widths, group, ignore_index, valid_columns)
+    _check_on_group_agreed(x, target, hidden_widths, group, ignore_index, valid_columns, with_logit_sum, with_entropy)
     hidden_widths = valid_widths(hidden_widths, valid_columns)
     x = x[..., :hidden_widths[group.rank]]  # this rank's columns below V
     if x.is_cuda:  # one kernel per step and no host sync (softmax_kernels.py); the CPU keeps the composition
@@ -371,9 +427,9 @@ def _target_logprobs_impl(x, target, hidden_widths, group_name, ignore_index=-10
 
 def _cross_entropy_impl(x, target, hidden_widths, group_name, ignore_index=-100, reduction="mean",
                         label_smoothing=0.0):
-    check_loss_options(reduction, label_smoothing)
-    _, log_sum, target_logit, logit_sum, _ = _stats_impl(x, target, hidden_widths, group_name, ignore_index,
-                                                         with_logit_sum=label_smoothing > 0)
+    with _agreed_with_the_statistics(lambda: check_loss_options(reduction, label_smoothing)):
+        _, log_sum, target_logit, logit_sum, _ = _stats_impl(x, target, hidden_widths, group_name, ignore_index,
+                                                             with_logit_sum=label_smoothing > 0)
     if x.is_cuda:  # one launch for the pointwise steps and the reduction (softmax_kernels.py)
         return softmax_kernels.finish(log_sum, target_logit, logit_sum, target, sum(hidden_widths), ignore_index,
                                       reduction, label_smoothing)
@@ -547,12 +603,15 @@ def _cross_entropy_autograd(x, target, hidden_widths, group_name, ignore_index=-
     if not _needs_grad(x):
         return _below_autograd(torch.ops.tpfuse.cross_entropy_hidden.default,
                                x, target, hidden_widths, group_name, ignore_index, reduction, label_smoothing)
-    check_loss_options(reduction, label_smoothing)
-    if x.is_cuda and softmax_kernels.plain(x, target):  # eager: ~20 fewer ops per step (docs in the class)
-        return _CrossEntropyOnDevice.apply(x, target, hidden_widths, group_name, ignore_index, reduction,
-                                           label_smoothing)
-    _, log_sum, target_logit, logit_sum, _ = _stats(x, target, hidden_widths, group_name, ignore_index,
-                                                    with_logit_sum=label_smoothing > 0)
+    options = lambda: check_loss_options(reduction, label_smoothing)  # noqa: E731
+    if not softmax_kernels.plain(x, target):
+        options()  # traced: the statistics below are not run here, and tracing is rank-local anyway
+    with _agreed_with_the_statistics(options):  # eager: raised before the exchange, one rank would strand its peers
+        if x.is_cuda and softmax_kernels.plain(x, target):  # eager: ~20 fewer ops per step (docs in the class)
+            return _CrossEntropyOnDevice.apply(x, target, hidden_widths, group_name, ignore_index, reduction,
+                                               label_smoothing)
+        _, log_sum, target_logit, logit_sum, _ = _stats(x, target, hidden_widths, group_name, ignore_index,
+                                                        with_logit_sum=label_smoothing > 0)
     return finish_cross_entropy(log_sum, target_logit, logit_sum, target, sum(hidden_widths), ignore_index,
                                 reduction, label_smoothing)
 
@@ -629,10 +688,13 @@ _lib.impl("sum_grad_over_ranks", _sum_grad_over_ranks_autograd, "Autograd")
 # --------------------------------------------------------------------------- public wrappers
 
 def _widths(x: Tensor, group_name: str, hidden_widths: Sequence[int] | None) -> list[int]:
-    check_not_scalar(x, "vocabulary")
+    if torch.compiler.is_compiling():  # tracing is rank-local: refuse here, where the message reaches the user
+        check_not_scalar(x, "vocabulary")
     if hidden_widths is None:
-        return [x.shape[-1]] * world_size_of(group_name)
-    return list(hidden_widths)
+        # Eager, a scalar gets widths of -1 and the op refuses it after the ranks agree (as the gather's
+        # wrapper does): raised here, on one rank only, it would strand its peers in the exchange.
+        return [x.shape[-1] if x.dim() else -1] * world_size_of(group_name)
+    return whole_widths(hidden_widths)
 
 
 def logsumexp_hidden(x: Tensor, group=None, hidden_widths: Sequence[int] | None = None) -> Tensor:
