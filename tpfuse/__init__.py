@@ -33,4 +33,5 @@ __all__ = [
     "FusionPattern", "AnchorArgs", "Candidate", "Reject", "Precondition", "Example",
     "register_pattern", "unregister_pattern", "registered_patterns", "pattern_scope",
     "cross_entropy_hidden", "entropy_hidden", "logsumexp_hidden", "target_logprobs_hidden",
+    "argmax_hidden", "argmin_hidden", "max_hidden", "min_hidden", "topk_hidden",
 ]
