@@ -26,10 +26,13 @@ DOC = "docs/passes.md#gather-elimination"
 MOVES_ELEMENTS = ROW_OPS | facts.op_overloads(
     "expand.default", "as_strided.default", "narrow.default", "split.Tensor", "split_with_sizes.default",
     "unfold.default", "flip.default", "roll.default", "repeat.default", "clone.default", "cat.default")
-#: reductions a near-miss may name (over any axis): what the built-in matchers reduce, and sums
+#: reductions a near-miss may name (over any axis): what the built-in matchers reduce, and sums; a softmax and
+#: a log-softmax as graphs that Inductor does not decompose hold them (aot_eager, a training forward), which the
+#: sum family's matchers, written for the decomposed softmax, do not read
 REDUCTIONS = facts.op_overloads(
     "argmax.default", "argmin.default", "max.dim", "min.dim", "max.default", "min.default", "amax.default",
-    "amin.default", "topk.default", "sort.default", "sort.stable", "logsumexp.default", "sum.dim_IntList")
+    "amin.default", "topk.default", "sort.default", "sort.stable", "logsumexp.default", "sum.dim_IntList",
+    "_softmax.default", "_log_softmax.default")
 #: how many nodes the near-miss search follows from a consumer
 NEAR_MISS_REACH = 64
 
