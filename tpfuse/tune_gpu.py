@@ -78,6 +78,15 @@ def call_delay(rng: random.Random) -> int:
     return LATE_CYCLES if rng.random() < LATE_CHANCE else rng.randint(0, MAX_DELAY_CYCLES)
 
 
+def preload_delay_kernel() -> None:
+    """Load the delay kernel now, while nothing runs.  CUDA loads a runtime kernel lazily, at its first
+    launch, and that load can wait for the kernels running (CUDA's lazy loading): on one GPU, a rank's
+    kernel spinning for a peer whose launch the host has not issued yet would then wait forever, and the
+    load with it.  (The protocols' Triton kernels are loaded when their launchers are made.)"""
+    torch.cuda._sleep(1)
+    torch.cuda.synchronize()
+
+
 def sleep(cycles: int) -> None:
     if cycles:
         torch.cuda._sleep(cycles)
@@ -460,6 +469,7 @@ class EmulatedRanks:
         self.workspaces = [self._rank(r, blocks, buffer_args, ordered) for r in range(self.W)]
         self.streams = [torch.cuda.Stream(self.device) for _ in range(self.W)]
         self._launchers = {}
+        preload_delay_kernel()
 
     def _rank(self, rank: int, blocks: int, buffer_args: tuple, ordered: bool) -> workspaces.Workspace:
         status, view, ptr = workspaces.new_status()
