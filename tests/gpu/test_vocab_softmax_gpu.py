@@ -214,6 +214,19 @@ def _eager_checks(rank, world_size):
             p, logp = torch.softmax(xf, -1), torch.log_softmax(xf, -1)
             results[f"lse/entropy T={T} {dtype}"] = (_rel_error(lse, torch.logsumexp(xf, -1)) <= 1e-6,
                                                      _rel_error(ent, -(p * logp).sum(-1)) <= 1e-4)
+    # rows that hold +inf: torch's log_softmax is NaN across such a row, so are the loss and the log-probability,
+    # also where the target's logit is finite (the finish kernel's rule); an ignored row stays 0
+    slab = torch.randn(4, vocab, device="cuda", generator=torch.Generator(device="cuda").manual_seed(11))
+    slab[0, 5], slab[1, 7], slab[3, 9] = math.inf, math.inf, math.inf
+    target = torch.tensor([5, 3, 2, IGNORE], device="cuda")
+    with torch.no_grad():
+        for reduction in ("none", "sum"):
+            loss = tpfuse.cross_entropy_hidden(slab, target, group, reduction=reduction)
+            ref = F.cross_entropy(slab, target, reduction=reduction)
+            results[f"+inf rows ce {reduction}"] = (bool(torch.isnan(loss).any()), _rel_error(loss, ref) <= 1e-5)
+        logprobs = tpfuse.target_logprobs_hidden(slab, target, group)
+        picked = torch.log_softmax(slab, -1).gather(-1, target.clamp(min=0)[:, None])[:, 0]
+        results["+inf rows logprobs"] = (_rel_error(logprobs, torch.where(target == IGNORE, 0.0, picked)) <= 1e-5,)
     return results
 
 
