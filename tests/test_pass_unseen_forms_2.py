@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
 from multiproc import run_ranks
+from test_pass_unseen_forms import _fusion_forced
 
 K, WIDTH, TOKENS = 16, 8, 6  # input features, columns per rank, tokens
 _GROUPS: dict = {}  # made on every rank before any compile: name -> process group
@@ -235,6 +236,17 @@ def empty_width(x, w):  # a [T, 0] slab on every rank
     return gather_last(x @ w[:0].t())
 
 
+_TRANSPOSED = {}  # a [w, K] weight stored as the transpose of a [K, w] tensor, made on every rank
+
+
+def weight_given_transposed(x, w):  # a non-contiguous weight, lifted as a graph input
+    return gather_last(x @ _TRANSPOSED["weight"].t())
+
+
+def nn_linear_3d(x, w):
+    return gather_last(torch.nn.functional.linear(x, w, torch.arange(w.shape[0], dtype=x.dtype)))
+
+
 # --------------------------------------------------------------------------- must not be rewritten
 
 
@@ -276,6 +288,7 @@ class Case:
     tokens: int = TOKENS
     group: str | None = None  # a subgroup of _GROUPS; only its ranks run the case
     world: int | None = None  # the group's size when not the world's
+    fused: bool | None = None  # fuse_linear=True with the cost rule forced to fuse: whether each match fused
 
 
 SPLIT, NARROW, REARRANGE, VIEW = ("split_cat",), ("narrow_cat",), ("rearrange",), ("view",)
@@ -328,6 +341,32 @@ W2_CASES = {
     "list_stack_flatten": Case(list_stack_flatten, near_miss="not by a single cat"),
     "mesh_as_group": Case(mesh_as_group, patterns=SPLIT),
     "empty_width": Case(empty_width, near_miss="hidden width 0 is empty"),
+    # the fused linear, its cost rule forced to fuse (which shapes fuse is the rule's business,
+    # tests/test_pass_linear_fusion.py); what a fused graph computes is the rewrite's
+    "fused_dim_from_ndim": Case(dim_from_ndim, patterns=SPLIT, fused=True),
+    "fused_weight_given_transposed": Case(weight_given_transposed, patterns=SPLIT, fused=True),
+    "fused_cast_before_gather": Case(cast_before_gather, patterns=SPLIT, fused=False),
+    "fused_cast_both_ways_bf16": Case(cast_both_ways, dtype=torch.bfloat16, patterns=SPLIT, fused=False),
+    "fused_layers_in_a_loop": Case(layers_in_a_loop, patterns=SPLIT * 3, fused=True),
+    "fused_layers_in_a_loop_inductor": Case(layers_in_a_loop, backend="inductor", patterns=SPLIT * 3, fused=True),
+    "fused_local_mutated_after_gather": Case(local_mutated_after_gather, patterns=SPLIT, fused=False,
+                                             near_miss="fusing would compute the linear twice"),
+    "fused_two_gathers_same_slab": Case(two_gathers_same_slab, patterns=SPLIT * 2, fused=False,
+                                        near_miss="fusing would compute the linear twice"),
+    "fused_bias_after_gather": Case(bias_after_gather, patterns=SPLIT, fused=True),
+    "fused_transposed_slab": Case(transposed_slab, patterns=SPLIT, fused=False),
+    "fused_column_slice_slab": Case(column_slice_slab, patterns=SPLIT, fused=False),
+    "fused_no_tokens": Case(dim_from_ndim, tokens=0, patterns=SPLIT, fused=True),
+    "fused_3d_no_tokens": Case(nn_linear_3d, three_d=True, tokens=0, patterns=SPLIT, fused=True),
+    "fused_3d_one_token_bf16": Case(nn_linear_3d, three_d=True, tokens=1, dtype=torch.bfloat16, patterns=SPLIT,
+                                    fused=True),
+    "fused_one_token_inductor": Case(dim_from_ndim, backend="inductor", tokens=1, patterns=VIEW, fused=True),
+    "fused_dtensor_shard_minus_1": Case(dtensor_shard_minus_1, patterns=SPLIT, fused=True),
+    "fused_hooked_module": Case(hooked_module, patterns=SPLIT, fused=True),
+    "fused_under_no_grad": Case(under_no_grad, patterns=SPLIT, fused=True),
+    "fused_list_cat_then_float_bf16": Case(list_cat_then_float, dtype=torch.bfloat16, patterns=NARROW, fused=True),
+    "fused_rearrange_3d_bf16": Case(into_rearrange_3d, dtype=torch.bfloat16, three_d=True, patterns=REARRANGE,
+                                    fused=True),
     # near-misses: left as they are, with the reason
     "rows_dim_minus_2": Case(rows_dim_minus_2, near_miss="rank bands on dim 0: a gather along dim 0"),
     "cat_with_extra": Case(cat_with_extra, near_miss="with other tensors, or not all of them"),
@@ -375,15 +414,17 @@ def _run_case(rank: int, case: Case) -> dict:
     import tpfuse
 
     _GROUPS["current"] = _GROUPS[case.group] if case.group else dist.group.WORLD
-    outs = {}
-    for label, backend in (("off", case.backend), ("on", tpfuse.backend(case.backend))):
-        torch._dynamo.reset()
-        tpfuse.report()
-        outs[label] = torch.compile(case.form, backend=backend)(*_inputs(rank, case))
+    outs, on = {}, tpfuse.backend(case.backend, fuse_linear=case.fused is not None)
+    with _fusion_forced(case.fused is not None):
+        for label, backend in (("off", case.backend), ("on", on)):
+            torch._dynamo.reset()
+            tpfuse.report()
+            outs[label] = torch.compile(case.form, backend=backend)(*_inputs(rank, case))
     rep = tpfuse.report()
     return {
         "equal": _same(outs["off"], outs["on"]),
         "patterns": [m.pattern for m in rep.matches],
+        "fused": [bool(m.linear_fusion and m.linear_fusion.startswith("fused")) for m in rep.matches],
         "worlds": [m.world_size for m in rep.matches],
         "near_misses": [f"{n.pattern}: {n.reason}" for n in rep.near_misses],
     }
@@ -404,6 +445,7 @@ def _run_cases(rank: int, world_size: int, cases: dict) -> dict:
         for name, ranks in (("tail", [1, 2]), ("ends", [0, 2]), ("head", [0, 1])):
             _GROUPS[name] = dist.new_group(ranks)
     _HOOKED["layer"] = _hooked(rank)
+    _TRANSPOSED["weight"] = torch.randn(K, WIDTH, generator=torch.Generator().manual_seed(500 + rank)).t()
     torch._dynamo.config.cache_size_limit = 256
     inductor_config.fx_graph_cache = False
     torch._functorch.config.enable_autograd_cache = False
@@ -439,10 +481,12 @@ def _check_case(name: str, case: Case, per_rank: list[dict], world: int) -> None
         assert r["equal"], f"rank {rank}: the output differs from the compile without tpfuse: {r}"
         assert r["patterns"] == list(case.patterns), (rank, r)
         assert set(r["worlds"]) <= {case.world or world}, (rank, r)
+        if case.fused is not None:
+            assert r["fused"] == [case.fused] * len(case.patterns), (rank, r)
         if case.near_miss is None:
             assert r["near_misses"] == [], (rank, r)
         else:
-            assert len(r["near_misses"]) == 1 and case.near_miss in r["near_misses"][0], (rank, r)
+            assert r["near_misses"] and all(case.near_miss in n for n in r["near_misses"]), (rank, r)
 
 
 @pytest.mark.parametrize("name", list(W2_CASES))

@@ -320,12 +320,13 @@ def _region(site: GatherSite, candidate: Candidate) -> tuple[Node, ...]:
 
 def rewrite_hidden_gathers(graph: Graph, found: list[Found]) -> list[GatherMatch]:
     """Replace each match's output by its pattern's replacement; drop the dead region."""
-    rewritten, replaced = [], {}
+    rewritten, replaced, renames = [], {}, {}
     for match in found:
         site, candidate = _after_earlier_rewrites(match.site, match.candidate, replaced)
         new = match.pattern.replacement(graph, site, candidate, match.record.skip_entry_sync)
         candidate.output.replace_all_uses_with(new)
         replaced[candidate.output] = new
+        renames[candidate.output.name] = new.name
         _erase_dead(_region(site, candidate))
         added = [n for n in _upstream(new) if n.op == "call_function"]
         ops = [n for n in added if n.target is _GATHER_OP()]
@@ -336,7 +337,22 @@ def rewrite_hidden_gathers(graph: Graph, found: list[Found]) -> list[GatherMatch
             hidden_widths=widths,
             after=tuple(node_line(n) for n in added),
         ))
-    return rewritten
+    return [replace(m, producer=renamed_producer(m.producer, renames)) for m in rewritten]
+
+
+def renamed_producer(producer: Producer, renames: dict[str, str]) -> Producer:
+    """The producer with the operands that earlier rewrites replaced named by their replacements.
+
+    Every match is found before any is rewritten, so a linear that reads an earlier gather's
+    output (layers in a row, where Inductor drops the no-op slice between them) names that
+    output; the earlier rewrite erased it, and the fused linear, which looks its operands up by
+    name, would find none and be left out without a word."""
+    def now(name):
+        while name in renames:
+            name = renames[name]
+        return name
+
+    return replace(producer, input=now(producer.input), bias=now(producer.bias))
 
 
 def _after_earlier_rewrites(site: GatherSite, candidate: Candidate, replaced: dict) -> tuple:

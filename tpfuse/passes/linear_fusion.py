@@ -233,12 +233,15 @@ def _tuned_constants(device_name: str, world_size: int) -> dict:
 def fuse_linear_gathers(graph: Graph, matches: list[GatherMatch], near_misses: list[NearMiss],
                         dry_run: bool = False) -> list[GatherMatch]:
     """Decide (and unless ``dry_run``, apply) the fused rewrite for every match; returns the updated records."""
-    out = []
+    from .hidden_gather import renamed_producer
+
+    out, renames = [], {}
     nodes = {n.name: n for n in graph.nodes}
     for m in matches:
         if m.replacement is None and not dry_run:
             out.append(m)
             continue
+        m = replace(m, producer=renamed_producer(m.producer, renames))  # an earlier fused gather's input
         text, near_miss, fuse = decide(m, graph)
         if text is None:
             out.append(m)
@@ -253,6 +256,7 @@ def fuse_linear_gathers(graph: Graph, matches: list[GatherMatch], near_misses: l
             out.append(replace(m, linear_fusion="not fused [shape]: no tpfuse gather in the replacement"))
             continue
         new = _rewrite(graph, gather, m, nodes)
+        renames[gather.name] = new.name
         replacement = new.name if nodes.get(m.replacement) is gather else m.replacement
         out.append(replace(m, linear_fusion=text, replacement=replacement,
                            after=tuple(_line(n) for n in _added(new)) + m.after[1:]))
