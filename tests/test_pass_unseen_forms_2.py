@@ -247,6 +247,23 @@ def nn_linear_3d(x, w):
     return gather_last(torch.nn.functional.linear(x, w, torch.arange(w.shape[0], dtype=x.dtype)))
 
 
+def width_one(x, w):  # one column per rank
+    return gather_last(x @ w[:1].t())
+
+
+def reversed_mesh(x, w):  # a 1-D mesh that lists the ranks last to first
+    from torch.distributed.tensor import DTensor, Shard
+
+    return DTensor.from_local(x @ w.t(), _GROUPS["reversed_mesh"], [Shard(-1)], run_check=False).full_tensor()
+
+
+def layers_3d(x, w):  # [B, T, H] activations through three column layers
+    h = x
+    for _ in range(3):
+        h = gather_last(torch.nn.functional.linear(h[..., :K], w))
+    return h
+
+
 # --------------------------------------------------------------------------- must not be rewritten
 
 
@@ -288,7 +305,8 @@ class Case:
     tokens: int = TOKENS
     group: str | None = None  # a subgroup of _GROUPS; only its ranks run the case
     world: int | None = None  # the group's size when not the world's
-    fused: bool | None = None  # fuse_linear=True with the cost rule forced to fuse: whether each match fused
+    fused: bool | tuple[bool, ...] | None = None  # fuse_linear=True, the cost rule forced to fuse: whether
+    # every match (or each, in order) fused
 
 
 SPLIT, NARROW, REARRANGE, VIEW = ("split_cat",), ("narrow_cat",), ("rearrange",), ("view",)
@@ -367,6 +385,8 @@ W2_CASES = {
     "fused_list_cat_then_float_bf16": Case(list_cat_then_float, dtype=torch.bfloat16, patterns=NARROW, fused=True),
     "fused_rearrange_3d_bf16": Case(into_rearrange_3d, dtype=torch.bfloat16, three_d=True, patterns=REARRANGE,
                                     fused=True),
+    "width_one": Case(width_one, patterns=SPLIT),
+    "fused_layers_3d_inductor": Case(layers_3d, backend="inductor", three_d=True, patterns=SPLIT * 3, fused=True),
     # near-misses: left as they are, with the reason
     "rows_dim_minus_2": Case(rows_dim_minus_2, near_miss="rank bands on dim 0: a gather along dim 0"),
     "cat_with_extra": Case(cat_with_extra, near_miss="with other tensors, or not all of them"),
@@ -388,6 +408,15 @@ W3_CASES = {
     "ranks_list_reversed": Case(ranks_list_reversed, group="tail", world=2, patterns=SPLIT),
     "list_into_views_of_one_buffer": W2_CASES["list_into_views_of_one_buffer"],
     "band_mutated_before_cat": W2_CASES["band_mutated_before_cat"],
+    "width_one": Case(width_one, patterns=SPLIT),
+    "decode_3d_one_token": Case(dim_from_ndim, three_d=True, tokens=1, patterns=SPLIT),
+    "reversed_mesh": Case(reversed_mesh, patterns=SPLIT),
+    "fused_subgroup_tail": Case(dim_from_ndim, group="tail", world=2, patterns=SPLIT, fused=True),
+    "fused_subgroup_ends_rearrange": Case(into_rearrange_contiguous_view, group="ends", world=2,
+                                          patterns=REARRANGE, fused=True),
+    # h[..., :K] of 24 gathered columns is a strided 3-D input: aten's linear runs it as a bmm, which
+    # is no column linear the pass reads (producer "other"); the first layer's mm fuses
+    "fused_layers_3d": Case(layers_3d, three_d=True, patterns=SPLIT * 3, fused=(True, False, False)),
     "subgroup_head_reversed_chunks": Case(rotated_order, group="head", world=2, near_miss="in rank order"),
 }
 
@@ -444,6 +473,9 @@ def _run_cases(rank: int, world_size: int, cases: dict) -> dict:
     if world_size == 3:  # every rank makes every group, in one order
         for name, ranks in (("tail", [1, 2]), ("ends", [0, 2]), ("head", [0, 1])):
             _GROUPS[name] = dist.new_group(ranks)
+        from torch.distributed.device_mesh import DeviceMesh
+
+        _GROUPS["reversed_mesh"] = DeviceMesh("cpu", torch.tensor([2, 1, 0]))
     _HOOKED["layer"] = _hooked(rank)
     _TRANSPOSED["weight"] = torch.randn(K, WIDTH, generator=torch.Generator().manual_seed(500 + rank)).t()
     torch._dynamo.config.cache_size_limit = 256
@@ -482,7 +514,8 @@ def _check_case(name: str, case: Case, per_rank: list[dict], world: int) -> None
         assert r["patterns"] == list(case.patterns), (rank, r)
         assert set(r["worlds"]) <= {case.world or world}, (rank, r)
         if case.fused is not None:
-            assert r["fused"] == [case.fused] * len(case.patterns), (rank, r)
+            want = case.fused if isinstance(case.fused, tuple) else (case.fused,) * len(case.patterns)
+            assert r["fused"] == list(want), (rank, r)
         if case.near_miss is None:
             assert r["near_misses"] == [], (rank, r)
         else:
@@ -497,3 +530,33 @@ def test_w2(w2, name):
 @pytest.mark.parametrize("name", list(W3_CASES))
 def test_w3(w3, name):
     _check_case(name, W3_CASES[name], w3, 3)
+
+
+# --------------------------------------------------------------------------- a group that disagrees with the widths
+
+
+def _world_gather(x, w):
+    return funcol.all_gather_tensor(x @ w.t(), gather_dim=-1, group=dist.group.WORLD)
+
+
+def test_group_of_another_size_than_the_gather_is_kept():
+    """A gather of 3 slabs whose group argument names a group of 2 ranks (a graph another pass
+    edited, or a custom op's wrong arguments): the op would be given 3 widths for 2 ranks, so the
+    pass keeps it and says why; the same graph with its own group is rewritten (the control)."""
+    from pass_helpers import capture, fake_world
+
+    with fake_world(3):
+        pair = dist.new_group([0, 1])
+
+        def to_the_pair(graph):
+            for node in graph.nodes:
+                if node.op == "call_function" and "all_gather_into_tensor" in str(node.target):
+                    node.args = (node.args[0], node.args[1], pair.group_name)
+
+        args = torch.randn(4, K), torch.randn(WIDTH, K)
+        _, edited = capture(_world_gather, *args, mutate=to_the_pair)
+        _, control = capture(_world_gather, *args)
+    assert edited.matches == [], edited
+    assert [n.reason for n in edited.near_misses] == [
+        f"the gather moves 3 slabs but group {pair.group_name!r} has 2 ranks"], edited
+    assert [m.pattern for m in control.matches] == ["split_cat"] and control.near_misses == [], control
