@@ -489,7 +489,36 @@ def _run_cases(rank: int, world_size: int, cases: dict) -> dict:
             results[name] = _run_case(rank, case)
         except Exception:  # noqa: BLE001 - recorded: the case's own test fails with it
             results[name] = {"error": traceback.format_exc()}
+    if world_size == 2:
+        results["training_layers"] = _training_layers(rank)
     return results
+
+
+def _training_layers(rank: int) -> dict:
+    """Three column layers with autograd gathers, every one fused (Inductor), a loss and its
+    gradients: the fused layers chained (each reads the previous fused output) train bit-exactly."""
+    import tpfuse
+
+    def step(x, w):
+        h = x
+        for _ in range(3):
+            h = funcol.all_gather_tensor_autograd(h[..., :K] @ w.t(), gather_dim=-1, group=group())
+        return (h * torch.arange(h.shape[-1], dtype=h.dtype)).sum()
+
+    _GROUPS["current"] = dist.group.WORLD
+    x, weight = _inputs(rank, Case(step))
+    out = {}
+    with _fusion_forced(True):
+        for label, backend in (("off", "inductor"), ("on", tpfuse.backend(fuse_linear=True))):
+            torch._dynamo.reset()
+            tpfuse.report()
+            w, xs = weight.clone().requires_grad_(), x.clone().requires_grad_()
+            loss = torch.compile(step, backend=backend)(xs, w)
+            loss.backward()
+            out[label] = (loss.detach(), w.grad, xs.grad)
+    rep = tpfuse.report()
+    return {"equal": _same(out["off"], out["on"]), "fused": [m.linear_fusion for m in rep.matches],
+            "near_misses": [n.reason for n in rep.near_misses]}
 
 
 # --------------------------------------------------------------------------- the checks
@@ -560,3 +589,11 @@ def test_group_of_another_size_than_the_gather_is_kept():
     assert [n.reason for n in edited.near_misses] == [
         f"the gather moves 3 slabs but group {pair.group_name!r} has 2 ranks"], edited
     assert [m.pattern for m in control.matches] == ["split_cat"] and control.near_misses == [], control
+
+
+def test_w2_training_through_fused_layers(w2):
+    for rank, results in enumerate(w2):
+        r = results["training_layers"]
+        assert r["equal"], (rank, r)
+        assert [f is not None and f.startswith("fused") for f in r["fused"]] == [True] * 3, (rank, r)
+        assert r["near_misses"] == [], (rank, r)
