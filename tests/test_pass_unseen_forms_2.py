@@ -291,6 +291,33 @@ def strided_bands(x, w):  # every other row: not a rank band
     return torch.cat([rows[0::2], rows[1::2]], dim=-1)
 
 
+def slab_1d_last(x, w):  # gather_dim=-1 of a 1-D slab: funcol cuts and cats on that same dim 0
+    return gather_last(x[0] @ w.t())
+
+
+def buffer_read_before_gather(x, w):  # the list's buffers are read before the gather overwrites them
+    y = x @ w.t()
+    parts = [torch.ones_like(y) * (k + 1) for k in range(_world())]
+    before = parts[0].sum() + parts[-1].sum()
+    dist.all_gather(parts, y, group=group())
+    return torch.cat(parts, -1) + before
+
+
+def one_buffer_twice(x, w):  # the same buffer in every slot: each rank's slab lands in it in turn
+    y = x @ w.t()
+    buf = torch.empty_like(y)
+    parts = [buf] * _world()
+    dist.all_gather(parts, y, group=group())
+    return torch.cat(parts, -1)
+
+
+def list_cat_rotated(x, w):  # the gathered list concatenated from its second entry on
+    y = x @ w.t()
+    parts = [torch.empty_like(y) for _ in range(_world())]
+    dist.all_gather(parts, y, group=group())
+    return torch.cat([*parts[1:], parts[0]], -1)
+
+
 # --------------------------------------------------------------------------- the cases
 
 
@@ -387,7 +414,15 @@ W2_CASES = {
                                     fused=True),
     "width_one": Case(width_one, patterns=SPLIT),
     "fused_layers_3d_inductor": Case(layers_3d, backend="inductor", three_d=True, patterns=SPLIT * 3, fused=True),
+    "slab_1d_last": Case(slab_1d_last, patterns=SPLIT),
+    "slab_1d_last_inductor": Case(slab_1d_last, backend="inductor", patterns=SPLIT),
+    # the copies into buffers read before stay in the AOT graph (kept); Inductor's graph has none
+    "buffer_read_before_gather": Case(buffer_read_before_gather, near_miss="not by a single cat"),
+    "buffer_read_before_gather_inductor": Case(buffer_read_before_gather, backend="inductor", patterns=NARROW),
     # near-misses: left as they are, with the reason
+    "one_buffer_twice": Case(one_buffer_twice, near_miss="not by a single cat"),
+    "one_buffer_twice_inductor": Case(one_buffer_twice, backend="inductor", near_miss="not by a single cat"),
+    "list_cat_rotated_inductor": Case(list_cat_rotated, backend="inductor", near_miss="in rank order"),
     "rows_dim_minus_2": Case(rows_dim_minus_2, near_miss="rank bands on dim 0: a gather along dim 0"),
     "cat_with_extra": Case(cat_with_extra, near_miss="with other tensors, or not all of them"),
     "some_bands_only": Case(some_bands_only, near_miss="rank bands of 6 rows in rank order"),
@@ -417,6 +452,9 @@ W3_CASES = {
     # h[..., :K] of 24 gathered columns is a strided 3-D input: aten's linear runs it as a bmm, which
     # is no column linear the pass reads (producer "other"); the first layer's mm fuses
     "fused_layers_3d": Case(layers_3d, three_d=True, patterns=SPLIT * 3, fused=(True, False, False)),
+    "one_buffer_twice": W2_CASES["one_buffer_twice"],
+    "list_cat_rotated": Case(list_cat_rotated,
+                             near_miss="rank bands of 6 rows in rank order (got starts ['6', '12', '0'])"),
     "subgroup_head_reversed_chunks": Case(rotated_order, group="head", world=2, near_miss="in rank order"),
 }
 
