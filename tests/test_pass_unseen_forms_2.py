@@ -16,7 +16,7 @@ sees the same post-grad graph, without Inductor's start-up on two cores.
 from __future__ import annotations
 
 import traceback
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 import pytest
