@@ -318,6 +318,22 @@ def list_cat_rotated(x, w):  # the gathered list concatenated from its second en
     return torch.cat([*parts[1:], parts[0]], -1)
 
 
+def under_autocast(x, w):  # a CPU bf16 autocast region: the linear runs on cast copies
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return gather_last(x @ w.t())
+
+
+_PERSISTENT = {}  # a preallocated gather buffer, lifted as a mutated graph input
+
+
+def into_persistent_buffer(x, w):  # the gather lands in a buffer that outlives the call
+    y = x @ w.t()
+    out = _PERSISTENT["rows"][: _world() * y.shape[0]]
+    dist.all_gather_into_tensor(out, y, group=group())
+    h = out.view(_world(), y.shape[0], -1).permute(1, 0, 2).reshape(y.shape[0], -1)
+    return h, _PERSISTENT["rows"] + 0
+
+
 # --------------------------------------------------------------------------- the cases
 
 
@@ -419,7 +435,13 @@ W2_CASES = {
     # the copies into buffers read before stay in the AOT graph (kept); Inductor's graph has none
     "buffer_read_before_gather": Case(buffer_read_before_gather, near_miss="not by a single cat"),
     "buffer_read_before_gather_inductor": Case(buffer_read_before_gather, backend="inductor", patterns=NARROW),
+    "under_autocast_inductor": Case(under_autocast, backend="inductor", patterns=SPLIT),
+    # the autocast linear reads a cast of the weight, not the weight: no column linear to fuse
+    "fused_under_autocast": Case(under_autocast, patterns=SPLIT, fused=False),
     # near-misses: left as they are, with the reason
+    "into_persistent_buffer": Case(into_persistent_buffer, near_miss="rows are used (by copy (copy))"),
+    "into_persistent_buffer_inductor": Case(into_persistent_buffer, backend="inductor",
+                                            near_miss="rows are used (by slice_scatter (slice_scatter))"),
     "one_buffer_twice": Case(one_buffer_twice, near_miss="not by a single cat"),
     "one_buffer_twice_inductor": Case(one_buffer_twice, backend="inductor", near_miss="not by a single cat"),
     "list_cat_rotated_inductor": Case(list_cat_rotated, backend="inductor", near_miss="in rank order"),
@@ -515,6 +537,7 @@ def _run_cases(rank: int, world_size: int, cases: dict) -> dict:
 
         _GROUPS["reversed_mesh"] = DeviceMesh("cpu", torch.tensor([2, 1, 0]))
     _HOOKED["layer"] = _hooked(rank)
+    _PERSISTENT["rows"] = torch.zeros(world_size * TOKENS + 3, WIDTH)
     _TRANSPOSED["weight"] = torch.randn(K, WIDTH, generator=torch.Generator().manual_seed(500 + rank)).t()
     torch._dynamo.config.cache_size_limit = 256
     inductor_config.fx_graph_cache = False
