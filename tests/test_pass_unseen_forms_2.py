@@ -334,6 +334,16 @@ def into_persistent_buffer(x, w):  # the gather lands in a buffer that outlives 
     return h, _PERSISTENT["rows"] + 0
 
 
+def rearranged_layers(x, w):  # three layers, each gathered through all_gather_into_tensor + rearrange
+    h = x
+    for _ in range(3):
+        y = h[..., :K] @ w.t()
+        out = torch.empty(_world() * y.shape[0], y.shape[1], dtype=y.dtype)
+        dist.all_gather_into_tensor(out, y, group=group())
+        h = out.view(_world(), y.shape[0], -1).permute(1, 0, 2).reshape(y.shape[0], -1)
+    return h
+
+
 # --------------------------------------------------------------------------- the cases
 
 
@@ -438,6 +448,9 @@ W2_CASES = {
     "under_autocast_inductor": Case(under_autocast, backend="inductor", patterns=SPLIT),
     # the autocast linear reads a cast of the weight, not the weight: no column linear to fuse
     "fused_under_autocast": Case(under_autocast, patterns=SPLIT, fused=False),
+    "fused_rearranged_layers_inductor": Case(rearranged_layers, backend="inductor", patterns=REARRANGE * 3,
+                                             fused=True),
+    "fused_rearranged_layers": Case(rearranged_layers, patterns=REARRANGE * 3, fused=True),
     # near-misses: left as they are, with the reason
     "into_persistent_buffer": Case(into_persistent_buffer, near_miss="rows are used (by copy (copy))"),
     "into_persistent_buffer_inductor": Case(into_persistent_buffer, backend="inductor",
