@@ -24,6 +24,8 @@ gloo ranks at W=2 and W=3 with tpfuse and compared with the same function with t
 exact reductions bit for bit, top-k values bit for bit and its indices a valid top-k, the sum family within
 the bound of docs/passes.md ("Gather elimination: the sum family's error"), NaN and +-inf where torch has
 them, and every rank's outputs the same bits.  The comparisons are ``test_elimination_unseen_forms``'s.
+Where eager torch and Inductor without tpfuse disagree on a form (torch 2.11's Inductor rounds a bf16
+product once where eager rounds after each op), that form is judged against Inductor without tpfuse.
 
 Defects found here (each test named fails on the code before the fix):
 - the exchanges of two eliminated gathers ran in different orders on ranks whose graphs differ (DTensor pads
@@ -247,6 +249,21 @@ def odd_shape_forms(W):
 EMPTY_LOGSUMEXP_KEPT = "(sum), a reduction no matcher eliminates"
 
 
+def empty_softmax_keeps_its_max() -> bool:
+    """Whether Inductor's softmax decomposition takes the max of an empty tensor.  torch 2.11's skips it
+    (exp, sum, div), so at T = 0 every softmax-family form reads as the logsumexp above and is kept; the
+    gather then moves no bytes."""
+    from torch._inductor.decomposition import select_decomp_table
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    traced = make_fx(lambda x: torch.softmax(x, -1), decomposition_table=select_decomp_table())(torch.empty(0, 4))
+    return any(n.target is torch.ops.aten.amax.default for n in traced.graph.nodes)
+
+
+#: the forms of odd_shape_forms that read a softmax (its statistics), kept at T = 0 where the max is skipped
+SOFTMAX_FAMILY = {"log_softmax gather", "log_softmax gather+log_softmax sum", "entropy", "softmax topk"}
+
+
 def float16_forms(W):
     """float16 logits under Inductor, compared with Inductor without tpfuse."""
     lg = logits_of
@@ -306,14 +323,37 @@ def _agree(form, on, off, before) -> bool:
     return all(same(a, b) for a, b in zip(on, off))
 
 
-def _wrong(forms, calls, on, off, gathered) -> list[str]:
+def _wrong(forms, calls, on, off, gathered, compiled_before=False) -> list[str]:
+    """The forms whose outputs ``on`` disagree with ``off``; a top-k's indices are checked against what it
+    reads, run as written or (``compiled_before``) compiled by Inductor, as the reference was."""
     wrong = set()
     for args, outs_on, outs_off in zip(calls, on, off):
         for form, a, b in zip(forms, outs_on, outs_off):
-            before = form.before(gathered(*args[:2]), args[2]) if form.before else None
+            before = None
+            if form.before:
+                def read(h, w, x, form=form):
+                    return form.before(gathered(h, w), x)
+                if compiled_before:
+                    torch._dynamo.reset()
+                    read = torch.compile(read, fullgraph=True)
+                before = read(*args)
             if not _agree(form, a, b, before):
                 wrong.add(form.name)
     return sorted(wrong)
+
+
+def _judged_by_inductor(forms, calls, graph, on, eager, gathered, wrong):
+    """``wrong`` less the forms eager torch and Inductor without tpfuse disagree on, where tpfuse agrees
+    with the latter, and those forms.  Some torch versions' Inductor (2.11) rounds a bf16 product once where
+    eager rounds after each op (``emulate_precision_casts`` does not reach every such op): both compiles then
+    differ from eager by the same ulps, and the pass is judged against the compile without it."""
+    torch._dynamo.reset()
+    compiled_off = torch.compile(graph, fullgraph=True)
+    off = [compiled_off(*args) for args in calls]
+    torch_differs = set(_wrong(forms, calls, off, eager, gathered))
+    against_inductor = set(_wrong(forms, calls, on, off, gathered, compiled_before=True))
+    forgiven = {name for name in wrong if name in torch_differs and name not in against_inductor}
+    return sorted(set(wrong) - forgiven), sorted(forgiven)
 
 
 # --------------------------------------------------------------------------- one group on the ranks
@@ -366,7 +406,16 @@ def _run_group(forms, calls, gathered=logits_of, inner="inductor", reference="ea
             torch._dynamo.reset()
             graph = torch.compile(graph, fullgraph=True)
         off = [graph(*args) for args in calls]
-        return _summary(report, on, _wrong(forms, calls, on, off, gathered))
+        wrong, by_inductor = _wrong(forms, calls, on, off, gathered), []
+        if _on_any_rank(bool(wrong)) and reference == "eager" and inner == "inductor":  # its gathers run on all
+            wrong, by_inductor = _judged_by_inductor(forms, calls, graph, on, off, gathered, wrong)
+        return {**_summary(report, on, wrong), "judged_by_inductor": by_inductor}
+
+
+def _on_any_rank(flag: bool) -> bool:
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _calls(rank, W, dtype, rows_list):
@@ -586,15 +635,18 @@ def test_each_form_is_eliminated_or_kept_as_expected(ranks):
                 continue
             r, forms = results[group], forms_of(W)
             expected = _expected(forms)
+            empty_kept = 0
             if group == "T=0":  # the empty logsumexp is kept, with its reason
-                expected.remove("logsumexp")
-                assert [EMPTY_LOGSUMEXP_KEPT in n for n in r["near_misses"]] == [True], r["near_misses"]
+                kept_empty = {"logsumexp"} | (set() if empty_softmax_keeps_its_max() else SOFTMAX_FAMILY)
+                empty_kept = sum(1 for form in forms if set(form.eliminated) & kept_empty)
+                expected = [c for c in expected if c not in kept_empty]
+                assert [EMPTY_LOGSUMEXP_KEPT in n for n in r["near_misses"]] == [True] * empty_kept, r["near_misses"]
             assert r["eliminated"] == expected, (group, r["eliminated"], expected)
             kept = [form for form in forms if form.kept]
             reasons = " | ".join(r["near_misses"])
             for form in kept:
                 assert form.kept in reasons, (group, form.name, form.kept, reasons)
-            assert len(r["near_misses"]) == sum(form.gathers for form in kept) + (group == "T=0"), r["near_misses"]
+            assert len(r["near_misses"]) == sum(form.gathers for form in kept) + empty_kept, r["near_misses"]
 
 
 def test_uneven_vocabularies_keep_their_valid_columns(ranks):

@@ -20,6 +20,7 @@ import torch.distributed._functional_collectives as funcol
 
 import tpfuse
 from tpfuse.passes import manager
+from tpfuse.passes.dynamo_compat import allow_funcol_gather_tracing
 
 from pass_helpers import fake_world
 
@@ -80,7 +81,11 @@ def test_enable_in_main_thread_rewrites_a_compile_in_a_worker_thread(nothing_ins
 
 
 def test_without_enable_a_worker_compile_is_not_rewritten(nothing_installed):
-    """The control: the worker's graph above was rewritten because of enable(), nothing else."""
+    """The control: the worker's graph above was rewritten because of enable(), nothing else.
+
+    enable() also lets Dynamo trace funcol's hidden-axis gather where torch (2.11) refuses it; that
+    rule alone is applied here, so the control differs from the test above only in the pass."""
+    allow_funcol_gather_tracing()
     _in_worker(_compile_gather)
     assert tpfuse.report().graphs == []
 

@@ -30,6 +30,14 @@ GROUPS = ("correctness", "flag", "stress", "elimination", "perf", "e2e", "e2e_el
 E2E_WORKLOADS = {"greedy", "logprobs", "train_loss", "train_loss_only", "eagle_draft"}
 
 
+def _gpu_file_part() -> str:
+    """The GPU part of the suite log's name on this host: the first GPU's model where nvidia-smi lists one
+    (the script names the log after the card it ran on), else the GPU hosts' H200."""
+    driver = _driver()
+    model = driver.gpu_model()
+    return driver.file_part(model) if model else "h200"
+
+
 def _driver():
     spec = importlib.util.spec_from_file_location("multi_gpu", os.path.join(ROOT, "benchmarks", "multi_gpu.py"))
     module = importlib.util.module_from_spec(spec)
@@ -198,7 +206,7 @@ def test_the_flag_evidence_and_perf_steps(dry):
     W, text = dry
     steps = {s.name: s for s in parse(text)}
     suite = steps["flag_suite_log"].run.argv
-    assert suite[suite.index("--out") + 1].endswith(f"benchmarks/results/flag_suite_h200_w{W}.log")
+    assert suite[suite.index("--out") + 1].endswith(f"benchmarks/results/flag_suite_{_gpu_file_part()}_w{W}.log")
     verdict = steps["flag_suite_verdict"].run.argv
     assert suite[suite.index("--out") + 1] in verdict and verdict[-1] == str(W)
     assert steps["derive_crossover_check"].run.argv[-2:] == ["benchmarks/derive_crossover.py", "--check"]
@@ -267,7 +275,7 @@ def test_out_puts_every_file_under_the_folder(tmp_path):
     assert problems(text, 2) == []
     assert all(s.log.startswith(str(tmp_path) + os.sep) for s in steps)
     suite = next(s for s in steps if s.name == "flag_suite_log").run.argv
-    assert suite[suite.index("--out") + 1] == os.path.join(str(tmp_path), "flag_suite_h200_w2.log")
+    assert suite[suite.index("--out") + 1] == os.path.join(str(tmp_path), f"flag_suite_{_gpu_file_part()}_w2.log")
     assert not os.listdir(tmp_path)  # a dry run writes nothing
 
 

@@ -512,6 +512,10 @@ def _same(a, b) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and bool(torch.equal(a, b))
 
 
+#: torch 2.11's funcol.all_gather_tensor asserts this of its input; later torch makes the slab contiguous
+_FUNCOL_NEEDS_CONTIGUOUS = "Tensor must be contiguous for all_gather_tensor"
+
+
 def _run_case(rank: int, case: Case) -> dict:
     import tpfuse
 
@@ -521,7 +525,13 @@ def _run_case(rank: int, case: Case) -> dict:
         for label, backend in (("off", case.backend), ("on", on)):
             torch._dynamo.reset()
             tpfuse.report()
-            outs[label] = torch.compile(case.form, backend=backend)(*_inputs(rank, case))
+            try:
+                outs[label] = torch.compile(case.form, backend=backend)(*_inputs(rank, case))
+            except AssertionError as err:
+                if label == "off" and _FUNCOL_NEEDS_CONTIGUOUS in str(err):
+                    return {"unsupported": f"torch {torch.__version__}: {err} (the compile without tpfuse "
+                                           "raises it; later torch gathers a non-contiguous slab)"}
+                raise
     rep = tpfuse.report()
     return {
         "equal": _same(outs["off"], outs["on"]),
@@ -611,6 +621,10 @@ def w3():
 def _check_case(name: str, case: Case, per_rank: list[dict], world: int) -> None:
     ran = [(rank, results[name]) for rank, results in enumerate(per_rank) if name in results]
     assert len(ran) == (case.world or world), (name, [rank for rank, _ in ran])
+    unsupported = {r["unsupported"] for _, r in ran if "unsupported" in r}
+    if unsupported:  # this torch cannot run the form as written, with or without tpfuse
+        assert len(unsupported) == 1 and all("unsupported" in r for _, r in ran), ran
+        pytest.skip(unsupported.pop())
     for rank, r in ran:
         assert "error" not in r, f"rank {rank}:\n{r.get('error')}"
         assert r["equal"], f"rank {rank}: the output differs from the compile without tpfuse: {r}"
