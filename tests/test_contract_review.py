@@ -84,6 +84,15 @@ def _case_calls(rank):
         "ce_targets_differ": lambda g: ce(x, torch.tensor([0, 6 if odd else 5, 7]), g),
         "logprobs_widths_lists_differ": lambda g: tpfuse.target_logprobs_hidden(
             torch.ones(3, 5 if odd else 4), torch.tensor([3, 3, 3]), g, [3, 5] if odd else [4, 4]),
+        # a width that is not a whole number on rank 1 only: the op's schema (int[]) refused it there, before
+        # the op's own check, and the peer waited in that check's exchange
+        "gather_float_width": lambda g: tpfuse.all_gather_hidden(x, g, [4, 4.5] if odd else [4, 4]),
+        "gather_whole_float_width": lambda g: tpfuse.all_gather_hidden(x, g, [4.0, 4] if odd else [4, 4]),
+        "linear_float_width": lambda g: tpfuse.compile_ops.linear_all_gather_hidden(
+            x, torch.randn(4, 4, generator=torch.Generator().manual_seed(7 + rank)), None, g,
+            [4, 4.0] if odd else [4, 4]),
+        "argmax_float_width": lambda g: tpfuse.argmax_hidden(x, g, [4, 4.5] if odd else [4, 4]),
+        "lse_float_width": lambda g: tpfuse.logsumexp_hidden(x, g, [float("nan"), 4] if odd else [4, 4]),
     }
 
 
@@ -124,10 +133,17 @@ REFUSED = {
     "ce_ignore_index_differs": "ignore_index=9",
     "ce_targets_differ": "target checksum",
     "logprobs_widths_lists_differ": "rank 1: dtype float32, leading dims [3], hidden_widths [3, 5]",
+    "gather_float_width": "holds 4.5 (float); accepted are whole numbers (int)",
+    "gather_whole_float_width": "holds 4.0 (float); accepted are whole numbers (int)",
+    "linear_float_width": "holds 4.0 (float); accepted are whole numbers (int)",
+    "argmax_float_width": "holds 4.5 (float); accepted are whole numbers (int)",
+    "lse_float_width": "holds nan (float); accepted are whole numbers (int)",
 }
 
 #: the cases where rank 1 refused on its own view: its peer's message names it
-NAMED = ("argmax_grad", "ce_reduction", "ce_reduction_with_grad", "ce_label_smoothing", "ce_target_dtype")
+NAMED = ("argmax_grad", "ce_reduction", "ce_reduction_with_grad", "ce_label_smoothing", "ce_target_dtype",
+         "gather_float_width", "gather_whole_float_width", "linear_float_width", "argmax_float_width",
+         "lse_float_width")
 
 
 @pytest.mark.parametrize("case", sorted(REFUSED))
@@ -456,6 +472,7 @@ def _refusals_on_gpus(rank, world_size):
         "topk_k_out_of_range": lambda g: tpfuse.topk_hidden(x, 9 if odd else 3, g),
         "ce_reduction": lambda g: tpfuse.cross_entropy_hidden(x, target, g, reduction="avg" if odd else "mean"),
         "ce_targets_differ": lambda g: tpfuse.cross_entropy_hidden(x, target + int(odd), g),
+        "gather_float_width": lambda g: tpfuse.all_gather_hidden(x, g, [4, 4.5] if odd else [4, 4]),
     }
     groups = {name: dist.new_group([0, 1], timeout=datetime.timedelta(seconds=20)) for name in calls}
     out = {name: _outcome(lambda: call(groups[name]))[:2] for name, call in calls.items()}
@@ -468,8 +485,9 @@ def _refusals_on_gpus(rank, world_size):
 def test_a_cuda_call_one_rank_refuses_is_refused_by_every_rank_with_the_check():
     results = run_ranks(2, _refusals_on_gpus, backend="nccl", timeout=300)
     says = {"topk_k_out_of_range": "topk_hidden(k=9", "ce_reduction": "reduction='avg' is not accepted",
-            "ce_targets_differ": "target checksum"}
+            "ce_targets_differ": "target checksum", "gather_float_width": "accepted are whole numbers (int)"}
     for r in results:
         for case, text in says.items():
             kind, message = r[case]
-            assert kind == "ValueError" and text in message, (case, r[case])
+            assert kind == ("TypeError" if case == "gather_float_width" else "ValueError") and text in message, (
+                case, r[case])

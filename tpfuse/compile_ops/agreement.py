@@ -79,6 +79,9 @@ _AGREE = _CALL + 1  # words [0, _AGREE) must be alike on every rank
 _MARKER = 0x7470667573650003  # "tpfuse", version 3 (2 had no op, settings, gradient or refusal)
 #: the width word of a scalar (the op refuses it) and of a call whose op checks the width itself
 _SCALAR, _NOT_HELD = -1, -2
+#: the refusal word of a rank that refused its call before the op could be dispatched (``refuse_early``): its
+#: view is not the call's, so every rank raises the refusal rather than comparing the views
+_REFUSED_EARLY = 2
 
 # Checked calls made so far, per process group object: keyed by the object, not the name,
 # because a group destroyed and created again may reuse the name and must count from 0.
@@ -265,6 +268,8 @@ def check(x: torch.Tensor, hidden_widths: list[int], group: Group, local_check: 
     everyone = torch.empty(group.world_size * WORDS, dtype=torch.int64, device=x.device)
     all_gather_single(everyone, mine, group=group.pg)
     table = everyone.view(group.world_size, WORDS).tolist()
+    if any(row[_REFUSED] == _REFUSED_EARLY for row in table):  # a peer never reached its op (refuse_early)
+        _raise_refusal(refusal, group, call)
     # Plain values for the messages are gathered only when something is wrong (the common case pays for
     # the signature alone); every rank sees the same table, so every rank enters those exchanges too.
     if all(row[:_AGREE] == table[0][:_AGREE] for row in table):
@@ -279,6 +284,19 @@ def check(x: torch.Tensor, hidden_widths: list[int], group: Group, local_check: 
     views = [None] * group.world_size
     dist.all_gather_object(views, view.described(), group=group.pg)
     raise ValueError(describe(views, [row[_CALL] for row in table], group.name))
+
+
+@torch.compiler.disable
+def refuse_early(device: torch.device, group: Group, error: Exception) -> None:
+    """Collective: raise ``error``, which this rank's arguments earned before its op could be dispatched
+    (a width that is not a whole number: the op's schema takes ``int[]``), and on every peer, inside its
+    own check of the same call, an error naming it, rather than leave the peers waiting in that exchange."""
+    call = next_call(group.pg)
+    mine = [_MARKER] + [0] * (WORDS - 1)
+    mine[_CALL], mine[_REFUSED], mine[_WIDTH] = call, _REFUSED_EARLY, _NOT_HELD
+    everyone = torch.empty(group.world_size * WORDS, dtype=torch.int64, device=device)
+    all_gather_single(everyone, torch.tensor(mine, dtype=torch.int64, device=device), group=group.pg)
+    _raise_refusal(error, group, call)
 
 
 def _refusal(local_check: Callable[[], None]) -> Exception | None:

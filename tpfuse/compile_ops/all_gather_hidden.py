@@ -27,7 +27,7 @@ from .backend import GatherCall
 from .dispatch import choose, chosen, forced_backend
 from .groups import Group, group_name_of, resolve_group
 from .validation import (check_gather_args, check_gather_shapes, check_not_scalar, check_reduce_scatter_args,
-                         world_size_of)
+                         whole_widths, world_size_of)
 
 
 # The ops are registered through torch.library.Library rather than the
@@ -182,4 +182,20 @@ def all_gather_hidden(
         # check with its peers (every rank raises) rather than failing here alone; the op
         # refuses scalars after that check.
         hidden_widths = [x.shape[-1] if x.dim() else -1] * world_size_of(name)
-    return torch.ops.tpfuse.all_gather_hidden.default(x, list(hidden_widths), name)
+    return torch.ops.tpfuse.all_gather_hidden.default(x, agreed_whole_widths(x, name, hidden_widths), name)
+
+
+def agreed_whole_widths(x: Tensor, group_name: str, hidden_widths: Sequence) -> list[int]:
+    """``hidden_widths`` as ints, or its refusal (an entry that is not a whole number), raised on every rank
+    where the ranks agree on calls: the op's schema would raise it on this rank alone, before the op's own
+    check, and its peers would wait in that check's exchange for a rank that never comes."""
+    try:
+        return whole_widths(hidden_widths)
+    except TypeError as err:
+        if torch.compiler.is_compiling():  # tracing is rank-local: the message reaches the user unwrapped
+            raise
+        group = resolve_group(group_name)
+        device = x.device if isinstance(x, Tensor) else torch.device("cpu")
+        if group.backend != "fake" and agreement_applies(device.type, group, settings.raw_dispatch_values()[-1]):
+            agreement.refuse_early(device, group, err)
+        raise

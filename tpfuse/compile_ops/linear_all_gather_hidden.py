@@ -51,7 +51,7 @@ from torch import Tensor
 
 from .. import config as settings
 from . import agreement, inductor_lowering
-from .all_gather_hidden import agreement_applies
+from .all_gather_hidden import agreed_whole_widths, agreement_applies
 from .backend import GatherCall
 from .dispatch import choose, forced_backend
 from .groups import group_name_of, resolve_group
@@ -155,4 +155,5 @@ def linear_all_gather_hidden(
     name = group_name_of(group)
     if hidden_widths is None:
         hidden_widths = [weight.shape[0]] * world_size_of(name)
-    return torch.ops.tpfuse.linear_all_gather_hidden(x, weight, bias, list(hidden_widths), name)
+    return torch.ops.tpfuse.linear_all_gather_hidden(x, weight, bias, agreed_whole_widths(x, name, hidden_widths),
+                                                     name)

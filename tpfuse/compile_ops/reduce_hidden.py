@@ -56,7 +56,7 @@ from torch import Tensor
 
 from .groups import Group, group_name_of, resolve_group
 from .validation import (check_device_matches_group, check_not_scalar, check_one_width_per_rank, check_widths,
-                         whole_widths, world_size_of)
+                         world_size_of)
 
 #: the dtypes of x the ops accept; a value travels as its own bits in one int32 word
 VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -389,7 +389,9 @@ def _call_args(x: Tensor, group, hidden_widths: Sequence[int] | None, what: str)
     name = group_name_of(group)
     if hidden_widths is None:
         return name, [int(x.shape[-1]) if x.dim() else -1] * world_size_of(name)
-    return name, whole_widths(hidden_widths)
+    from .all_gather_hidden import agreed_whole_widths  # the gather's own rule, as _agree takes it
+
+    return name, agreed_whole_widths(x, name, hidden_widths)
 
 
 def max_hidden(x: Tensor, group=None, hidden_widths: Sequence[int] | None = None, *,

@@ -74,7 +74,7 @@ def whole_widths(hidden_widths: Sequence) -> list[int]:
         if not whole:
             raise TypeError(f"tpfuse: hidden_widths={list(hidden_widths)} holds {w!r} ({type(w).__name__}); "
                             "accepted are whole numbers (int), one width per rank")
-        widths.append(int(w))
+        widths.append(w if type(w) is int or isinstance(w, torch.SymInt) else int(w))  # a SymInt stays symbolic
     return widths
 
 

@@ -58,7 +58,7 @@ from torch import Tensor
 from .. import config as settings
 from . import softmax_kernels
 from .groups import Group, group_name_of, resolve_group
-from .validation import (check_device_matches_group, check_not_scalar, check_one_width_per_rank, whole_widths,
+from .validation import (check_device_matches_group, check_not_scalar, check_one_width_per_rank,
                          world_size_of)
 
 #: the dtypes of x the ops accept: everything is computed in float32, as ``logits.float()`` does
@@ -694,7 +694,9 @@ def _widths(x: Tensor, group_name: str, hidden_widths: Sequence[int] | None) -> 
         # Eager, a scalar gets widths of -1 and the op refuses it after the ranks agree (as the gather's
         # wrapper does): raised here, on one rank only, it would strand its peers in the exchange.
         return [x.shape[-1] if x.dim() else -1] * world_size_of(group_name)
-    return whole_widths(hidden_widths)
+    from .all_gather_hidden import agreed_whole_widths  # the gather's own rule, as the agreement takes it
+
+    return agreed_whole_widths(x, group_name, hidden_widths)
 
 
 def logsumexp_hidden(x: Tensor, group=None, hidden_widths: Sequence[int] | None = None) -> Tensor:
