@@ -242,10 +242,13 @@ def _match(pattern: FusionPattern, site: GatherSite):
 def _unrecognised(site: GatherSite, patterns: list[FusionPattern]) -> NearMiss:
     if site.wait is not None:
         used_by = ", ".join(facts.describe(u) for u in site.wait.users) or "nothing"
+        if facts.ndim(site.local) == 1:  # its dim 0 is its last axis: the gather stacks hidden columns, not rows
+            what, kept = "[W*w] columns of a 1-D slab", "its dim 0 is its hidden axis; the gather stays as it is"
+        else:
+            what, kept = "[W*T, ...] rows", "a gather along dim 0 stays as it is"
         return NearMiss(
             NO_PATTERN,
-            f"no pattern recognises how the gathered [W*T, ...] rows are used (by "
-            f"{used_by}); a gather along dim 0 stays as it is",
+            f"no pattern recognises how the gathered {what} are used (by {used_by}); {kept}",
             (site.gather.name, site.wait.name),
         )
     names = ", ".join(p.name for p in patterns)
