@@ -87,6 +87,7 @@ _REFUSED_EARLY = 2
 # because a group destroyed and created again may reuse the name and must count from 0.
 _calls: "weakref.WeakKeyDictionary[dist.ProcessGroup, int]" = weakref.WeakKeyDictionary()
 _autograd = threading.local()
+_begun = threading.local()
 
 
 def _digest(value) -> int:
@@ -241,7 +242,14 @@ def next_call(pg: dist.ProcessGroup) -> int:
     """This rank's number for its next checked call on ``pg`` (0 for the first), counted here."""
     call = _calls.get(pg, 0)
     _calls[pg] = call + 1
+    _begun.count = getattr(_begun, "count", 0) + 1
     return call
+
+
+def checks_begun() -> int:
+    """How many checks (on any group) this thread has begun: a call that raised with this unchanged never
+    reached its exchange, where its peers may wait (``refuse_early``)."""
+    return getattr(_begun, "count", 0)
 
 
 # Runtime only, never traced: where a compiled frame falls back to eager, Dynamo compiles the frames it
@@ -288,9 +296,10 @@ def check(x: torch.Tensor, hidden_widths: list[int], group: Group, local_check: 
 
 @torch.compiler.disable
 def refuse_early(device: torch.device, group: Group, error: Exception) -> None:
-    """Collective: raise ``error``, which this rank's arguments earned before its op could be dispatched
-    (a width that is not a whole number: the op's schema takes ``int[]``), and on every peer, inside its
-    own check of the same call, an error naming it, rather than leave the peers waiting in that exchange."""
+    """Collective: raise ``error``, which this rank's call raised before its check began (an argument the
+    op's schema cannot take, such as a width that is not a whole number for ``int[]``), and on every peer,
+    inside its own check of the same call, an error naming it, rather than leave the peers waiting in that
+    exchange."""
     call = next_call(group.pg)
     mine = [_MARKER] + [0] * (WORDS - 1)
     mine[_CALL], mine[_REFUSED], mine[_WIDTH] = call, _REFUSED_EARLY, _NOT_HELD

@@ -16,7 +16,7 @@ over ranks of column band ``r`` of the gradient.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -182,20 +182,36 @@ def all_gather_hidden(
         # check with its peers (every rank raises) rather than failing here alone; the op
         # refuses scalars after that check.
         hidden_widths = [x.shape[-1] if x.dim() else -1] * world_size_of(name)
-    return torch.ops.tpfuse.all_gather_hidden.default(x, agreed_whole_widths(x, name, hidden_widths), name)
+    def call():
+        return torch.ops.tpfuse.all_gather_hidden.default(x, whole_widths(hidden_widths), name)
+    return call() if torch.compiler.is_compiling() else refused_alike(x, name, call)
 
 
-def agreed_whole_widths(x: Tensor, group_name: str, hidden_widths: Sequence) -> list[int]:
-    """``hidden_widths`` as ints, or its refusal (an entry that is not a whole number), raised on every rank
-    where the ranks agree on calls: the op's schema would raise it on this rank alone, before the op's own
-    check, and its peers would wait in that check's exchange for a rank that never comes."""
+@torch.compiler.disable
+def refused_alike(x: Tensor, group_name: str, dispatch: Callable[[], Any]) -> Any:
+    """``dispatch()``: a public wrapper's eager call of its op.  Where it raises on this rank before the
+    op's agreement check began (an argument the op's schema cannot take: a width or a k that is not a whole
+    number, a target that is not a tensor), the peers, whose same call waits in that check's exchange, raise
+    too: this rank joins the exchange as a refusing rank first (``agreement.refuse_early``).
+
+    The wrappers call ``dispatch()`` itself while Dynamo traces (tracing is rank-local, so the message
+    reaches the user unwrapped); never traced, so that a frame Dynamo runs eagerly after a graph break
+    does not compile this one around the op."""
+    begun = agreement.checks_begun()
     try:
-        return whole_widths(hidden_widths)
-    except TypeError as err:
-        if torch.compiler.is_compiling():  # tracing is rank-local: the message reaches the user unwrapped
-            raise
-        group = resolve_group(group_name)
-        device = x.device if isinstance(x, Tensor) else torch.device("cpu")
-        if group.backend != "fake" and agreement_applies(device.type, group, settings.raw_dispatch_values()[-1]):
-            agreement.refuse_early(device, group, err)
+        return dispatch()
+    except Exception as err:
+        if agreement.checks_begun() == begun:
+            _refuse_on_every_rank(x, group_name, err)
         raise
+
+
+def _refuse_on_every_rank(x: Tensor, group_name: str, err: Exception) -> None:
+    """Raise ``err`` after the exchange of a refusing rank, where the ranks agree on calls; else return."""
+    try:
+        group = resolve_group(group_name)
+    except Exception:  # noqa: BLE001 - no group to tell: the caller raises its own error
+        return
+    device = x.device if isinstance(x, Tensor) else torch.device("cpu")
+    if group.backend != "fake" and agreement_applies(device.type, group, settings.raw_dispatch_values()[-1]):
+        agreement.refuse_early(device, group, err)

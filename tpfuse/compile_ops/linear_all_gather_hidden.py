@@ -51,11 +51,11 @@ from torch import Tensor
 
 from .. import config as settings
 from . import agreement, inductor_lowering
-from .all_gather_hidden import agreed_whole_widths, agreement_applies
+from .all_gather_hidden import agreement_applies, refused_alike
 from .backend import GatherCall
 from .dispatch import choose, forced_backend
 from .groups import group_name_of, resolve_group
-from .validation import check_linear_args, check_linear_shapes, world_size_of
+from .validation import check_linear_args, check_linear_shapes, whole_widths, world_size_of
 
 _lib = torch.library.Library("tpfuse", "FRAGMENT")
 _lib.define(
@@ -153,7 +153,7 @@ def linear_all_gather_hidden(
     ``weight`` is this rank's ``[w_rank, K]`` band; ``hidden_widths`` lists
     every rank's ``w_r`` (by default all equal to ``weight.shape[0]``)."""
     name = group_name_of(group)
-    if hidden_widths is None:
-        hidden_widths = [weight.shape[0]] * world_size_of(name)
-    return torch.ops.tpfuse.linear_all_gather_hidden(x, weight, bias, agreed_whole_widths(x, name, hidden_widths),
-                                                     name)
+    def call():
+        widths = [weight.shape[0]] * world_size_of(name) if hidden_widths is None else hidden_widths
+        return torch.ops.tpfuse.linear_all_gather_hidden(x, weight, bias, whole_widths(widths), name)
+    return call() if torch.compiler.is_compiling() else refused_alike(x, name, call)

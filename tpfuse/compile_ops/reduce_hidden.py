@@ -54,9 +54,10 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import Tensor
 
+from .all_gather_hidden import refused_alike
 from .groups import Group, group_name_of, resolve_group
 from .validation import (check_device_matches_group, check_not_scalar, check_one_width_per_rank, check_widths,
-                         world_size_of)
+                         whole_widths, world_size_of)
 
 #: the dtypes of x the ops accept; a value travels as its own bits in one int32 word
 VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -380,7 +381,7 @@ class MaxHidden(NamedTuple):
     indices: Tensor
 
 
-def _call_args(x: Tensor, group, hidden_widths: Sequence[int] | None, what: str) -> tuple[str, list[int]]:
+def _call_args(x: Tensor, group, hidden_widths: Sequence[int] | None, what: str) -> tuple[str, Sequence]:
     if torch.compiler.is_compiling():  # tracing is rank-local: refuse here, where the message reaches the user
         check_not_scalar(x)
         _check_no_gradient(x, what)
@@ -389,23 +390,25 @@ def _call_args(x: Tensor, group, hidden_widths: Sequence[int] | None, what: str)
     name = group_name_of(group)
     if hidden_widths is None:
         return name, [int(x.shape[-1]) if x.dim() else -1] * world_size_of(name)
-    from .all_gather_hidden import agreed_whole_widths  # the gather's own rule, as _agree takes it
-
-    return name, agreed_whole_widths(x, name, hidden_widths)
+    return name, hidden_widths  # made whole in the dispatch, so that a refusal reaches the peers (refused_alike)
 
 
 def max_hidden(x: Tensor, group=None, hidden_widths: Sequence[int] | None = None, *,
                valid_columns: int | None = None) -> MaxHidden:
     """``torch.max(cat_r(x_r, -1)[..., :valid_columns], -1)`` without the gather: (values, indices)."""
     name, widths = _call_args(x, group, hidden_widths, "max_hidden")
-    return MaxHidden(*torch.ops.tpfuse.max_hidden.default(x, widths, name, True, valid_columns))
+    def call():
+        return torch.ops.tpfuse.max_hidden.default(x, whole_widths(widths), name, True, valid_columns)
+    return MaxHidden(*(call() if torch.compiler.is_compiling() else refused_alike(x, name, call)))
 
 
 def min_hidden(x: Tensor, group=None, hidden_widths: Sequence[int] | None = None, *,
                valid_columns: int | None = None) -> MaxHidden:
     """``torch.min(cat_r(x_r, -1)[..., :valid_columns], -1)`` without the gather: (values, indices)."""
     name, widths = _call_args(x, group, hidden_widths, "min_hidden")
-    return MaxHidden(*torch.ops.tpfuse.max_hidden.default(x, widths, name, False, valid_columns))
+    def call():
+        return torch.ops.tpfuse.max_hidden.default(x, whole_widths(widths), name, False, valid_columns)
+    return MaxHidden(*(call() if torch.compiler.is_compiling() else refused_alike(x, name, call)))
 
 
 def argmax_hidden(x: Tensor, group=None, hidden_widths: Sequence[int] | None = None, *,
@@ -426,4 +429,6 @@ def topk_hidden(x: Tensor, k: int, group=None, hidden_widths: Sequence[int] | No
     """``torch.topk(cat_r(x_r, -1)[..., :valid_columns], k, -1, largest, sorted)`` without the gather;
     equal values come by increasing global index."""
     name, widths = _call_args(x, group, hidden_widths, "topk_hidden")
-    return MaxHidden(*torch.ops.tpfuse.topk_hidden.default(x, k, widths, name, largest, sorted, valid_columns))
+    def call():
+        return torch.ops.tpfuse.topk_hidden.default(x, k, whole_widths(widths), name, largest, sorted, valid_columns)
+    return MaxHidden(*(call() if torch.compiler.is_compiling() else refused_alike(x, name, call)))

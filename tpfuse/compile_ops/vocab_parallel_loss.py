@@ -57,8 +57,9 @@ from torch import Tensor
 
 from .. import config as settings
 from . import softmax_kernels
+from .all_gather_hidden import refused_alike
 from .groups import Group, group_name_of, resolve_group
-from .validation import (check_device_matches_group, check_not_scalar, check_one_width_per_rank,
+from .validation import (check_device_matches_group, check_not_scalar, check_one_width_per_rank, whole_widths,
                          world_size_of)
 
 #: the dtypes of x the ops accept: everything is computed in float32, as ``logits.float()`` does
@@ -694,9 +695,7 @@ def _widths(x: Tensor, group_name: str, hidden_widths: Sequence[int] | None) -> 
         # Eager, a scalar gets widths of -1 and the op refuses it after the ranks agree (as the gather's
         # wrapper does): raised here, on one rank only, it would strand its peers in the exchange.
         return [x.shape[-1] if x.dim() else -1] * world_size_of(group_name)
-    from .all_gather_hidden import agreed_whole_widths  # the gather's own rule, as the agreement takes it
-
-    return agreed_whole_widths(x, group_name, hidden_widths)
+    return whole_widths(hidden_widths)
 
 
 def logsumexp_hidden(x: Tensor, group=None, hidden_widths: Sequence[int] | None = None) -> Tensor:
@@ -705,15 +704,19 @@ def logsumexp_hidden(x: Tensor, group=None, hidden_widths: Sequence[int] | None 
     ``group``: a ProcessGroup, its name, or None for the default group.  ``hidden_widths``:
     every rank's width (a rank may hold 0 columns); by default all ranks hold ``x.shape[-1]``."""
     name = group_name_of(group)
-    return torch.ops.tpfuse.logsumexp_hidden.default(x, _widths(x, name, hidden_widths), name)
+    def call():
+        return torch.ops.tpfuse.logsumexp_hidden.default(x, _widths(x, name, hidden_widths), name)
+    return call() if torch.compiler.is_compiling() else refused_alike(x, name, call)
 
 
 def target_logprobs_hidden(x: Tensor, target: Tensor, group=None, hidden_widths: Sequence[int] | None = None,
                            ignore_index: int = -100) -> Tensor:
     """``log_softmax(cat_r(x_r).float(), -1).gather(-1, target)``, 0 where ``target == ignore_index``."""
     name = group_name_of(group)
-    return torch.ops.tpfuse.target_logprobs_hidden.default(x, target, _widths(x, name, hidden_widths), name,
-                                                           ignore_index)
+    def call():
+        return torch.ops.tpfuse.target_logprobs_hidden.default(x, target, _widths(x, name, hidden_widths), name,
+                                                               ignore_index)
+    return call() if torch.compiler.is_compiling() else refused_alike(x, name, call)
 
 
 def cross_entropy_hidden(x: Tensor, target: Tensor, group=None, hidden_widths: Sequence[int] | None = None,
@@ -723,11 +726,15 @@ def cross_entropy_hidden(x: Tensor, target: Tensor, group=None, hidden_widths: S
     The class axis is x's last; ``reduction="none"`` returns ``target``'s shape.  Differentiable:
     the gradient of each rank's slab is computed on that rank alone."""
     name = group_name_of(group)
-    return torch.ops.tpfuse.cross_entropy_hidden.default(x, target, _widths(x, name, hidden_widths), name,
-                                                         ignore_index, reduction, float(label_smoothing))
+    def call():
+        return torch.ops.tpfuse.cross_entropy_hidden.default(x, target, _widths(x, name, hidden_widths), name,
+                                                             ignore_index, reduction, float(label_smoothing))
+    return call() if torch.compiler.is_compiling() else refused_alike(x, name, call)
 
 
 def entropy_hidden(x: Tensor, group=None, hidden_widths: Sequence[int] | None = None) -> Tensor:
     """The softmax entropy ``-(p * log p).sum(-1)`` of ``cat_r(x_r).float()`` per row (0·log 0 = 0)."""
     name = group_name_of(group)
-    return torch.ops.tpfuse.entropy_hidden.default(x, _widths(x, name, hidden_widths), name)
+    def call():
+        return torch.ops.tpfuse.entropy_hidden.default(x, _widths(x, name, hidden_widths), name)
+    return call() if torch.compiler.is_compiling() else refused_alike(x, name, call)
